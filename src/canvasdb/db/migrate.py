@@ -1,0 +1,87 @@
+"""Schema migrations: ordered SQL files, each in its own transaction, recorded in the database.
+
+Two processes starting at once serialise on an advisory lock; the loser finds the
+work done. A released migration is never edited: its checksum is recorded, and a
+mismatch stops the start instead of silently running a different schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import psycopg
+
+from canvasdb.errors import MigrationError
+
+_LOCK_KEY = 0x63616E7644420001  # "canvDB" + 1: one advisory lock for all migrators
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def available() -> list[Migration]:
+    """The migrations shipped with this package, in order."""
+    found = []
+    for entry in resources.files("canvasdb.db.migrations").iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    return found
+
+
+def migrate(conninfo: str, *, migrations: list[Migration] | None = None) -> list[Migration]:
+    """Apply what is missing; return the migrations applied by this call."""
+    todo = available() if migrations is None else migrations
+    applied_now = []
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            rows = conn.execute("SELECT version, name, checksum FROM schema_migrations").fetchall()
+            done = {version: (name, checksum) for version, name, checksum in rows}
+            for migration in todo:
+                if migration.version in done:
+                    _, checksum = done[migration.version]
+                    if checksum != migration.checksum:
+                        raise MigrationError(
+                            f"migration {migration.version:04d}_{migration.name} differs from "
+                            "the one applied to this database",
+                            hint="released migrations are never edited; add a new one instead",
+                        )
+                    continue
+                with conn.transaction():
+                    conn.execute(migration.sql)  # type: ignore[arg-type]
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                        (migration.version, migration.name, migration.checksum),
+                    )
+                applied_now.append(migration)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+    return applied_now
+
+
+def applied(conninfo: str) -> list[tuple[int, str]]:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        exists = conn.execute("SELECT to_regclass('schema_migrations')").fetchone()
+        if exists is None or exists[0] is None:
+            return []
+        return [(v, n) for v, n in conn.execute(
+            "SELECT version, name FROM schema_migrations ORDER BY version")]

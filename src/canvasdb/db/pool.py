@@ -1,0 +1,106 @@
+"""The connection pool, and the tenant-scoped transaction every query runs in.
+
+Pooled connections run as ``canvasdb_app`` (SET ROLE on connect), a role without
+BYPASSRLS, so row-level security holds even if the login user owns the tables or
+is a superuser. Each transaction states its org with a transaction-local setting
+that the RLS policies read; it cannot leak into the next user of the connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from canvasdb.errors import CanvasdbError, Conflict, InvalidInput, NotFound, Unavailable
+
+APP_ROLE = "canvasdb_app"
+Connection = psycopg.AsyncConnection[dict[str, Any]]
+
+
+class Database:
+    """An async pool of connections to one canvasdb database; use as ``async with``."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 20,
+        statement_timeout_ms: int = 10_000,
+        timeout: float = 10.0,
+    ) -> None:
+        self.conninfo = conninfo
+        self._statement_timeout_ms = statement_timeout_ms
+        self.pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
+            conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            open=False,
+            configure=self._configure,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+        )
+
+    async def _configure(self, conn: Connection) -> None:
+        await conn.execute(f"SET ROLE {APP_ROLE}")
+        await conn.execute(
+            "SELECT set_config('statement_timeout', %s, false)", (str(self._statement_timeout_ms),)
+        )
+
+    async def open(self) -> Database:
+        try:
+            await self.pool.open(wait=True)
+        except PoolTimeout as exc:
+            raise Unavailable("cannot connect to PostgreSQL", hint=str(exc)) from None
+        return self
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def __aenter__(self) -> Database:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def transaction(self, org_id: UUID | None = None) -> AsyncIterator[Connection]:
+        """A transaction scoped to ``org_id`` (None: global tables only; RLS hides tenant rows)."""
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                if org_id is not None:
+                    await conn.execute(
+                        "SELECT set_config('canvasdb.org_id', %s, true)", (str(org_id),)
+                    )
+                yield conn
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+        except PoolTimeout as exc:
+            raise Unavailable("no database connection available", hint=str(exc)) from None
+
+
+def translate(exc: psycopg.Error) -> CanvasdbError:
+    """Map a database error to the canvasdb family, by SQLSTATE."""
+    if isinstance(exc, pg_errors.UniqueViolation):
+        return Conflict("already exists", constraint=exc.diag.constraint_name)
+    if isinstance(exc, pg_errors.ForeignKeyViolation):
+        return NotFound("a referenced object does not exist", constraint=exc.diag.constraint_name)
+    if isinstance(exc, pg_errors.CheckViolation | pg_errors.NotNullViolation):
+        return InvalidInput("a value is not allowed", constraint=exc.diag.constraint_name)
+    if isinstance(exc, pg_errors.SerializationFailure | pg_errors.DeadlockDetected):
+        return Conflict("concurrent change, try again", retry=True)
+    if isinstance(exc, pg_errors.QueryCanceled):
+        return Unavailable("the query took too long and was cancelled", retry=True)
+    if isinstance(exc, pg_errors.UntranslatableCharacter | pg_errors.InvalidTextRepresentation
+                  | pg_errors.CharacterNotInRepertoire | pg_errors.InvalidParameterValue):
+        return InvalidInput(f"invalid value: {exc.diag.message_primary}")
+    if isinstance(exc, psycopg.OperationalError):
+        return Unavailable("database unavailable", hint=str(exc).strip(), retry=True)
+    return CanvasdbError(f"database error ({exc.sqlstate})")

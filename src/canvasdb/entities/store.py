@@ -1,0 +1,448 @@
+"""Entities: schema-less JSON documents stored and read one by one, each change a new version.
+
+Every write is one transaction: lock the row, check access and the expected
+version, validate, then update the row and append its version row in a single
+statement. Reads are by id, by ids, or by page; nothing reads a whole project.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+from uuid import UUID, uuid4
+
+from canvasdb.db import Connection, Database
+from canvasdb.entities import history
+from canvasdb.entities.types import TypeRegistry, check_type_name
+from canvasdb.errors import Conflict, Gone, InvalidInput, NotFound, PayloadTooLarge
+from canvasdb.tenancy import Principal, check_project_access
+
+Op = Literal["create", "update", "delete", "undelete", "restore"]
+AsOf = int | datetime | None
+MAX_PAGE = 1000
+MAX_IDS = 100
+
+
+@dataclass(frozen=True)
+class Entity:
+    id: UUID
+    org_id: UUID
+    project_id: UUID
+    type: str
+    data: dict[str, Any]
+    version: int
+    deleted: bool
+    created_at: datetime
+    updated_at: datetime
+    created_by: UUID | None
+    updated_by: UUID | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id), "org_id": str(self.org_id), "project_id": str(self.project_id),
+            "type": self.type, "data": self.data, "version": self.version, "deleted": self.deleted,
+            "created_at": self.created_at.isoformat(), "updated_at": self.updated_at.isoformat(),
+            "created_by": _str(self.created_by), "updated_by": _str(self.updated_by),
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Version:
+    version: int
+    op: str
+    at: datetime
+    actor: UUID | None
+    deleted: bool
+    patch: list[dict[str, Any]] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "op": self.op, "at": self.at.isoformat(),
+                "actor": _str(self.actor), "deleted": self.deleted, "patch": self.patch}
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Any]
+    next: str | None  # opaque cursor for the next page, None at the end
+
+
+def _str(value: UUID | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def encode_data(data: object, max_bytes: int) -> str:
+    """``data`` as JSON text, refusing what PostgreSQL's jsonb or the size limit would not take."""
+    if not isinstance(data, dict):
+        raise InvalidInput("data must be a JSON object", pointer="/data")
+    try:
+        text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        size = len(text.encode("utf-8"))
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"data is not valid JSON: {exc}", pointer="/data") from None
+    except RecursionError:
+        raise InvalidInput("data is nested too deeply", pointer="/data") from None
+    if size > max_bytes:
+        raise PayloadTooLarge(f"data is {size} bytes; the limit is {max_bytes}", limit=max_bytes)
+    return text
+
+
+def _entity(row: dict[str, Any]) -> Entity:
+    return Entity(
+        id=row["id"], org_id=row["org_id"], project_id=row["project_id"], type=row["type"],
+        data=row["data"], version=row["version"], deleted=row["deleted"],
+        created_at=row["created_at"], updated_at=row["updated_at"],
+        created_by=row["created_by"], updated_by=row["updated_by"],
+    )  # fmt: skip
+
+
+# Appends the version row in the same statement as the change: one round trip a write.
+_UPDATE = """
+WITH u AS (
+    UPDATE entities SET data = %(data)s::jsonb, version = version + 1,
+        keyframe_version = CASE WHEN %(keyframe)s THEN version + 1 ELSE keyframe_version END,
+        deleted = %(deleted)s, updated_by = %(actor)s,
+        updated_at = greatest(clock_timestamp(), updated_at + interval '1 microsecond')
+    WHERE org_id = %(org)s AND id = %(id)s
+    RETURNING *
+), v AS (
+    INSERT INTO entity_versions (org_id, entity_id, version, op, at, actor, deleted, patch, keyframe)
+    SELECT org_id, id, version, %(op)s, updated_at, updated_by, deleted, %(patch)s::jsonb,
+        CASE WHEN %(keyframe)s THEN data END
+    FROM u
+)
+SELECT * FROM u
+"""
+
+_INSERT = """
+WITH e AS (
+    INSERT INTO entities (org_id, id, project_id, type, data, version, keyframe_version, deleted,
+                          created_at, updated_at, created_by, updated_by)
+    VALUES (%(org)s, %(id)s, %(project)s, %(type)s, %(data)s::jsonb, 1, 1, false,
+            clock_timestamp(), clock_timestamp(), %(actor)s, %(actor)s)
+    ON CONFLICT (org_id, id) DO NOTHING
+    RETURNING *
+), v AS (
+    INSERT INTO entity_versions (org_id, entity_id, version, op, at, actor, deleted, keyframe)
+    SELECT org_id, id, 1, 'create', created_at, created_by, false, data FROM e
+)
+SELECT * FROM e
+"""
+
+# The version rows needed to rebuild one version: from the nearest keyframe up to it.
+_REBUILD = """
+SELECT version, op, at, actor, deleted, patch, keyframe FROM entity_versions
+WHERE org_id = %(org)s AND entity_id = %(id)s AND version <= %(v)s AND version >= (
+    SELECT max(version) FROM entity_versions
+    WHERE org_id = %(org)s AND entity_id = %(id)s AND version <= %(v)s AND keyframe IS NOT NULL)
+ORDER BY version
+"""
+
+_VERSION_AT = """
+SELECT max(version) AS v FROM entity_versions WHERE org_id = %s AND entity_id = %s AND at <= %s
+"""
+
+
+class EntityStore:
+    """The Python API for entities. Every method checks the caller's access in its transaction."""
+
+    def __init__(
+        self,
+        db: Database,
+        types: TypeRegistry | None = None,
+        *,
+        max_data_bytes: int = 1024 * 1024,
+        keyframe_interval: int = 20,
+    ) -> None:
+        self.db = db
+        self.types = types or TypeRegistry(db)
+        self.max_data_bytes = max_data_bytes
+        self.keyframe_interval = keyframe_interval
+
+    # --- writes -------------------------------------------------------------------------------
+
+    async def create(
+        self, who: Principal, project_id: UUID, type: str, data: dict[str, Any], *,
+        id: UUID | None = None,
+    ) -> Entity:  # fmt: skip
+        check_type_name(type)
+        text = encode_data(data, self.max_data_bytes)
+        entity_id = id or uuid4()
+        async with self.db.transaction(who.org_id) as conn:
+            await check_project_access(conn, who, project_id, write=True)
+            await self.types.validate(conn, who, type, data)
+            cur = await conn.execute(_INSERT, {
+                "org": who.org_id, "id": entity_id, "project": project_id, "type": type,
+                "data": text, "actor": who.user_id,
+            })  # fmt: skip
+            row = await cur.fetchone()
+        if row is None:
+            raise Conflict(f"entity {entity_id} already exists", id=str(entity_id))
+        return _entity(row)
+
+    async def replace(
+        self, who: Principal, id: UUID, data: dict[str, Any], *, if_version: int | None = None
+    ) -> Entity:
+        encode_data(data, self.max_data_bytes)
+        return await self._change(who, id, "update", lambda cur: data, if_version=if_version)
+
+    async def patch(
+        self, who: Principal, id: UUID, merge: dict[str, Any], *, if_version: int | None = None
+    ) -> Entity:
+        """Apply an RFC 7396 JSON Merge Patch to ``data``."""
+        if not isinstance(merge, dict):
+            raise InvalidInput("a merge patch of data must be a JSON object", pointer="/data")
+        return await self._change(
+            who, id, "update", lambda cur: history.merge_patch(cur.data, merge),
+            if_version=if_version,
+        )
+
+    async def delete(self, who: Principal, id: UUID, *, if_version: int | None = None) -> Entity:
+        """Soft delete: a tombstone version. Deleting a deleted entity changes nothing."""
+        return await self._change(who, id, "delete", lambda cur: cur.data, if_version=if_version)
+
+    async def undelete(self, who: Principal, id: UUID) -> Entity:
+        """Bring a deleted entity back as it was. Undeleting a live entity changes nothing."""
+        return await self._change(who, id, "undelete", lambda cur: cur.data)
+
+    async def restore(self, who: Principal, id: UUID, version: int) -> Entity:
+        """Make an old version current again, as a new version (also undeletes)."""
+        async def old(conn: Connection, cur: Entity) -> dict[str, Any]:
+            if not 1 <= version <= cur.version:
+                raise NotFound(f"entity {id} has no version {version}")
+            data: dict[str, Any] = history.rebuild(await self._rebuild_rows(conn, who, id, version))
+            return data
+
+        return await self._change(who, id, "restore", old)
+
+    async def _change(
+        self, who: Principal, id: UUID, op: Op, compute: Any, *, if_version: int | None = None
+    ) -> Entity:
+        async with self.db.transaction(who.org_id) as conn:
+            current, keyframe_version = await self._locked(conn, who, id, write=True)
+            if if_version is not None and if_version != current.version:
+                raise Conflict(
+                    f"entity {id} is at version {current.version}, not {if_version}",
+                    current_version=current.version,
+                )
+            if op == "update" and current.deleted:
+                raise Gone(f"entity {id} is deleted; undelete or restore it first")
+            if op == "restore":
+                new_data = await compute(conn, current)
+            else:
+                new_data = compute(current)
+            deleted = op == "delete"
+            if new_data == current.data and deleted == current.deleted:
+                return current  # nothing changes, so no new version
+            text = encode_data(new_data, self.max_data_bytes)
+            if new_data is not current.data:
+                await self.types.validate(conn, who, current.type, new_data)
+            cur = await conn.execute(_UPDATE, {
+                "org": who.org_id, "id": id, "data": text, "deleted": deleted,
+                "actor": who.user_id, "op": op,
+                "patch": json.dumps(history.diff(current.data, new_data)),
+                "keyframe": current.version + 1 - keyframe_version >= self.keyframe_interval,
+            })  # fmt: skip
+            row = await cur.fetchone()
+        assert row is not None
+        return _entity(row)
+
+    async def _locked(
+        self, conn: Connection, who: Principal, id: UUID, *, write: bool
+    ) -> tuple[Entity, int]:
+        """The current row, locked against other writers, and its latest keyframe's version."""
+        cur = await conn.execute(
+            "SELECT * FROM entities WHERE org_id = %s AND id = %s FOR NO KEY UPDATE",
+            (who.org_id, id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"entity {id} not found")
+        await check_project_access(conn, who, row["project_id"], write=write, what="entity")
+        return _entity(row), int(row["keyframe_version"])
+
+    # --- reads --------------------------------------------------------------------------------
+
+    async def get(self, who: Principal, id: UUID, *, as_of: AsOf = None) -> Entity:
+        """The entity now, or as of a version number or a moment."""
+        async with self.db.transaction(who.org_id) as conn:
+            row = await self._readable(conn, who, id)
+            if as_of is None:
+                if row["deleted"]:
+                    raise Gone(f"entity {id} is deleted", version=row["version"])
+                return _entity(row)
+            version = await self._version_at(conn, who, id, as_of, latest=row["version"])
+            if version is None:
+                raise NotFound(f"entity {id} did not exist at {as_of}")
+            rows = await self._rebuild_rows(conn, who, id, version)
+        last = rows[-1]
+        return _entity({**row, "data": history.rebuild(rows), "version": last["version"],
+                        "deleted": last["deleted"], "updated_at": last["at"],
+                        "updated_by": last["actor"]})
+
+    async def get_many(self, who: Principal, ids: list[UUID]) -> list[Entity]:
+        """The live entities among ``ids`` that the caller can read, in the order asked."""
+        if len(ids) > MAX_IDS:
+            raise InvalidInput(f"at most {MAX_IDS} ids at once", pointer="/ids")
+        async with self.db.transaction(who.org_id) as conn:
+            if who.is_org_admin:
+                cur = await conn.execute(
+                    "SELECT * FROM entities WHERE org_id = %s AND id = ANY(%s) AND NOT deleted",
+                    (who.org_id, ids),
+                )
+            else:
+                cur = await conn.execute(
+                    "SELECT e.* FROM entities e JOIN project_members m ON m.org_id = e.org_id"
+                    " AND m.project_id = e.project_id AND m.user_id = %s"
+                    " WHERE e.org_id = %s AND e.id = ANY(%s) AND NOT e.deleted",
+                    (who.user_id, who.org_id, ids),
+                )
+            found = {r["id"]: _entity(r) for r in await cur.fetchall()}
+        return [found[i] for i in ids if i in found]
+
+    async def list(
+        self, who: Principal, project_id: UUID, *, type: str | None = None,
+        after: str | None = None, limit: int = 100, as_of: datetime | None = None,
+    ) -> Page:  # fmt: skip
+        """One page of a project's live entities (optionally of one type), ordered by id.
+
+        With ``as_of``, the entities as they were at that moment. Keyset pagination:
+        pass the returned ``next`` as ``after``.
+        """
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}", pointer="/limit")
+        if type is not None:
+            check_type_name(type)
+        cursor = _cursor(after)
+        async with self.db.transaction(who.org_id) as conn:
+            await check_project_access(conn, who, project_id, write=False)
+            if as_of is None:
+                return await self._page_now(conn, who, project_id, type, cursor, limit)
+            return await self._page_as_of(conn, who, project_id, type, cursor, limit, as_of)
+
+    async def _page_now(self, conn: Connection, who: Principal, project_id: UUID,
+                        type: str | None, cursor: UUID, limit: int) -> Page:
+        where = "org_id = %s AND project_id = %s AND id > %s AND NOT deleted"
+        params: list[Any] = [who.org_id, project_id, cursor]
+        if type is not None:
+            where += " AND type = %s"
+            params.append(type)
+        cur = await conn.execute(
+            f"SELECT * FROM entities WHERE {where} ORDER BY id LIMIT %s", [*params, limit + 1]
+        )
+        rows = await cur.fetchall()
+        items = [_entity(r) for r in rows[:limit]]
+        return Page(items, str(items[-1].id) if len(rows) > limit else None)
+
+    async def _page_as_of(self, conn: Connection, who: Principal, project_id: UUID,
+                          type: str | None, cursor: UUID, limit: int, as_of: datetime) -> Page:
+        items: list[Entity] = []
+        while len(items) < limit:
+            where = "org_id = %s AND project_id = %s AND id > %s AND created_at <= %s"
+            params: list[Any] = [who.org_id, project_id, cursor, as_of]
+            if type is not None:
+                where += " AND type = %s"
+                params.append(type)
+            cur = await conn.execute(
+                f"SELECT * FROM entities WHERE {where} ORDER BY id LIMIT %s", [*params, limit]
+            )
+            candidates = await cur.fetchall()
+            for row in candidates:
+                cursor = row["id"]
+                version = await self._version_at(conn, who, row["id"], as_of, latest=row["version"])
+                if version is None:
+                    continue
+                rows = await self._rebuild_rows(conn, who, row["id"], version)
+                if rows[-1]["deleted"]:
+                    continue
+                items.append(_entity({**row, "data": history.rebuild(rows), "version": version,
+                                      "deleted": False, "updated_at": rows[-1]["at"],
+                                      "updated_by": rows[-1]["actor"]}))
+                if len(items) == limit:
+                    break
+            if len(candidates) < limit:
+                return Page(items, None)
+        return Page(items, str(cursor))
+
+    async def history(
+        self, who: Principal, id: UUID, *, before: int | None = None, limit: int = 100
+    ) -> Page:
+        """The entity's versions, newest first, without their keyframes."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}", pointer="/limit")
+        async with self.db.transaction(who.org_id) as conn:
+            await self._readable(conn, who, id)
+            cur = await conn.execute(
+                "SELECT version, op, at, actor, deleted, patch FROM entity_versions"
+                " WHERE org_id = %s AND entity_id = %s AND version < %s"
+                " ORDER BY version DESC LIMIT %s",
+                (who.org_id, id, before if before is not None else 2**31 - 1, limit + 1),
+            )
+            rows = await cur.fetchall()
+        items = [Version(**r) for r in rows[:limit]]
+        return Page(items, str(items[-1].version) if len(rows) > limit else None)
+
+    async def diff(self, who: Principal, id: UUID, from_version: int, to_version: int) -> list[Any]:
+        """The RFC 6902 patch from one version's data to another's."""
+        async with self.db.transaction(who.org_id) as conn:
+            row = await self._readable(conn, who, id)
+            docs = []
+            for v in (from_version, to_version):
+                if not 1 <= v <= row["version"]:
+                    raise NotFound(f"entity {id} has no version {v}")
+                docs.append(history.rebuild(await self._rebuild_rows(conn, who, id, v)))
+        return history.diff(docs[0], docs[1])
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    async def _readable(self, conn: Connection, who: Principal, id: UUID) -> dict[str, Any]:
+        cur = await conn.execute("SELECT * FROM entities WHERE org_id = %s AND id = %s",
+                                 (who.org_id, id))
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"entity {id} not found")
+        await check_project_access(conn, who, row["project_id"], write=False, what="entity")
+        return row
+
+    async def _version_at(self, conn: Connection, who: Principal, id: UUID, as_of: AsOf,
+                          *, latest: int) -> int | None:
+        if isinstance(as_of, int):
+            if not 1 <= as_of <= latest:
+                raise NotFound(f"entity {id} has no version {as_of}")
+            return as_of
+        assert isinstance(as_of, datetime)
+        moment = as_of if as_of.tzinfo else as_of.replace(tzinfo=UTC)
+        row = await (await conn.execute(_VERSION_AT, (who.org_id, id, moment))).fetchone()
+        return None if row is None or row["v"] is None else int(row["v"])
+
+    async def _rebuild_rows(self, conn: Connection, who: Principal, id: UUID,
+                            version: int) -> list[dict[str, Any]]:
+        cur = await conn.execute(_REBUILD, {"org": who.org_id, "id": id, "v": version})
+        return await cur.fetchall()
+
+
+def parse_as_of(value: str | None) -> AsOf:
+    """``as_of`` as text: a version number or an ISO 8601 moment."""
+    if value is None or value == "":
+        return None
+    if value.isdigit() and len(value) <= 9:
+        return int(value)
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidInput("as_of must be a version number or an ISO 8601 time",
+                           pointer="query:as_of") from None
+
+
+def _cursor(after: str | None) -> UUID:
+    if after is None or after == "":
+        return UUID(int=0)
+    try:
+        return UUID(after)
+    except ValueError:
+        raise InvalidInput("after must be the `next` value of a previous page",
+                           pointer="/after") from None
+
+
+__all__ = ["Entity", "EntityStore", "Page", "Version", "encode_data", "parse_as_of"]

@@ -1,0 +1,169 @@
+"""The entity type registry: what modules declare about their entity types at run time.
+
+A type may carry a JSON Schema for ``data`` (checked on every write), which fields
+are text for search (with a weight A-D), which hold references to other entities
+(JSON paths such as ``$.depends_on[*]``), which feed the embedding, and a tag field
+for facets. Search and the graph read these declarations.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import jsonschema
+from jsonschema.exceptions import SchemaError, best_match
+from jsonschema.validators import validator_for
+
+from canvasdb.db import Connection, Database
+from canvasdb.errors import InvalidInput, NotFound
+from canvasdb.tenancy import Principal
+
+TYPE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}(\.[a-z][a-z0-9_-]{0,62}){0,4}$")
+FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62}){0,7}$")
+REFERENCE_PATH = re.compile(r"^\$(\.[A-Za-z_][A-Za-z0-9_]{0,62}(\[\*\])?){1,8}$")
+WEIGHTS = ("A", "B", "C", "D")
+_CACHE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class EntityType:
+    name: str
+    module: str = ""
+    json_schema: dict[str, Any] | None = None
+    text_fields: dict[str, str] = field(default_factory=dict)
+    reference_fields: list[str] = field(default_factory=list)
+    embed_fields: list[str] = field(default_factory=list)
+    tag_field: str | None = None
+    updated_at: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["updated_at"] = self.updated_at.isoformat() if self.updated_at else None
+        return out
+
+
+def check_type_name(name: object) -> str:
+    if not isinstance(name, str) or not TYPE_NAME.match(name):
+        raise InvalidInput(
+            "type must be lowercase dotted words such as 'board.node' or 'kanban.card'",
+            pointer="/type",
+        )
+    return name
+
+
+def check_definition(spec: EntityType) -> EntityType:
+    """Reject a declaration that later code could not use, naming the bad field."""
+    check_type_name(spec.name)
+    if len(spec.module) > 100:
+        raise InvalidInput("module is at most 100 characters", pointer="/module")
+    if spec.json_schema is not None:
+        try:
+            validator_for(spec.json_schema, default=jsonschema.Draft202012Validator).check_schema(
+                spec.json_schema
+            )
+        except SchemaError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path)
+            raise InvalidInput(f"not a valid JSON Schema: {exc.message}",
+                               pointer="/json_schema" + (f"/{where}" if where else "")) from None
+    for name, weight in spec.text_fields.items():
+        if not FIELD_NAME.match(name):
+            raise InvalidInput(f"bad text field name {name!r}", pointer=f"/text_fields/{name}")
+        if weight not in WEIGHTS:
+            raise InvalidInput("text field weight must be A, B, C or D",
+                               pointer=f"/text_fields/{name}")
+    for i, path in enumerate(spec.reference_fields):
+        if not REFERENCE_PATH.match(path):
+            raise InvalidInput("reference fields are JSON paths such as '$.parent' or "
+                               "'$.depends_on[*]'", pointer=f"/reference_fields/{i}")
+    for i, name in enumerate(spec.embed_fields):
+        if not FIELD_NAME.match(name):
+            raise InvalidInput(f"bad embed field name {name!r}", pointer=f"/embed_fields/{i}")
+    if spec.tag_field is not None and not FIELD_NAME.match(spec.tag_field):
+        raise InvalidInput("bad tag field name", pointer="/tag_field")
+    return spec
+
+
+def _pointer(path: Any) -> str:
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+
+
+class TypeRegistry:
+    """Registered types per org, and their compiled validators (cached by version)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._validators: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+    async def register(self, who: Principal, spec: EntityType) -> EntityType:
+        """Create or replace a type's declaration. Existing entities are not re-validated."""
+        who.require_org_admin()
+        check_definition(spec)
+        from psycopg.types.json import Jsonb
+
+        async with self.db.transaction(who.org_id) as conn:
+            row = await (await conn.execute(
+                "INSERT INTO entity_types (org_id, name, module, json_schema, text_fields,"
+                " reference_fields, embed_fields, tag_field) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
+                " ON CONFLICT (org_id, name) DO UPDATE SET module = EXCLUDED.module,"
+                " json_schema = EXCLUDED.json_schema, text_fields = EXCLUDED.text_fields,"
+                " reference_fields = EXCLUDED.reference_fields, embed_fields = EXCLUDED.embed_fields,"
+                " tag_field = EXCLUDED.tag_field, updated_at = clock_timestamp() RETURNING *",
+                (who.org_id, spec.name, spec.module,
+                 Jsonb(spec.json_schema) if spec.json_schema is not None else None,
+                 Jsonb(spec.text_fields), Jsonb(spec.reference_fields), Jsonb(spec.embed_fields),
+                 spec.tag_field),
+            )).fetchone()
+        assert row is not None
+        return _from_row(row)
+
+    async def list(self, who: Principal) -> list[EntityType]:
+        async with self.db.transaction(who.org_id) as conn:
+            cur = await conn.execute(
+                "SELECT * FROM entity_types WHERE org_id = %s ORDER BY name", (who.org_id,)
+            )
+            return [_from_row(r) for r in await cur.fetchall()]
+
+    async def get(self, who: Principal, name: str) -> EntityType:
+        async with self.db.transaction(who.org_id) as conn:
+            found = await self.lookup(conn, who, name)
+        if found is None:
+            raise NotFound(f"entity type {name!r} is not registered")
+        return found
+
+    async def lookup(self, conn: Connection, who: Principal, name: str) -> EntityType | None:
+        cur = await conn.execute(
+            "SELECT * FROM entity_types WHERE org_id = %s AND name = %s", (who.org_id, name)
+        )
+        row = await cur.fetchone()
+        return None if row is None else _from_row(row)
+
+    async def validate(self, conn: Connection, who: Principal, type_name: str, data: Any) -> None:
+        """InvalidInput naming the JSON pointer of the first bad field, if the type has a schema."""
+        spec = await self.lookup(conn, who, type_name)
+        if spec is None or spec.json_schema is None:
+            return
+        key = (who.org_id, spec.name, spec.updated_at)
+        validator = self._validators.get(key)
+        if validator is None:
+            cls = validator_for(spec.json_schema, default=jsonschema.Draft202012Validator)
+            validator = cls(spec.json_schema)
+            self._validators[key] = validator
+            if len(self._validators) > _CACHE_SIZE:
+                self._validators.popitem(last=False)
+        error = best_match(validator.iter_errors(data))
+        if error is not None:
+            pointer = "/data" + _pointer(error.absolute_path)
+            raise InvalidInput(f"data does not match the schema of {type_name}: {error.message}",
+                               pointer=pointer)
+
+
+def _from_row(row: dict[str, Any]) -> EntityType:
+    return EntityType(
+        name=row["name"], module=row["module"], json_schema=row["json_schema"],
+        text_fields=row["text_fields"], reference_fields=row["reference_fields"],
+        embed_fields=row["embed_fields"], tag_field=row["tag_field"], updated_at=row["updated_at"],
+    )  # fmt: skip

@@ -1,0 +1,75 @@
+"""Wiring shared by the CLI and the server: find or start the database, migrate, bootstrap."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from canvasdb.db import Database, EmbeddedPostgres, migrate
+from canvasdb.services import Services
+from canvasdb.settings import Settings
+from canvasdb.tenancy import Principal
+
+DEMO_ORG = "demo"
+DEMO_PROJECT = "demo"
+DEMO_USER = "admin@demo.local"
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    started_here: bool  # True when this call started the embedded server
+
+
+def embedded(settings: Settings) -> EmbeddedPostgres:
+    return EmbeddedPostgres(settings.pgdata)
+
+
+def database(settings: Settings, *, start: bool = True, run_migrations: bool = True) -> Target:
+    """The database URL: ``CANVASDB_DATABASE_URL``, or the embedded server (started if needed)."""
+    if settings.database_url:
+        target = Target(settings.database_url, started_here=False)
+    else:
+        pg = embedded(settings)
+        was_running = pg.status().running
+        url = pg.start() if start else pg.url()
+        target = Target(url, started_here=not was_running)
+    if run_migrations:
+        migrate(target.url)
+    return target
+
+
+@asynccontextmanager
+async def open_services(settings: Settings, url: str) -> AsyncIterator[Services]:
+    async with Database(url, min_size=1, max_size=4,
+                        statement_timeout_ms=settings.statement_timeout_ms) as db:
+        yield Services.build(settings, db)
+
+
+def operator(org_id: object) -> Principal:
+    """The local operator, acting as an owner of the org (CLI commands)."""
+    from uuid import UUID
+
+    return Principal(org_id=UUID(str(org_id)), user_id=None, org_role="owner")
+
+
+async def bootstrap(svc: Services) -> str | None:
+    """On first run: org ``demo``, its project, an owner and an admin token (saved, 0600).
+
+    Returns the admin token: the new one, or the one saved by an earlier run.
+    """
+    path = svc.settings.token_file
+    orgs = {o.slug for o in await svc.tenancy.list_orgs()}
+    if DEMO_ORG in orgs:
+        return path.read_text().strip() if path.exists() else None
+    user = await svc.tenancy.ensure_user(DEMO_USER, "Demo admin")
+    org = await svc.tenancy.create_org(DEMO_ORG, "Demo", owner=user)
+    await svc.tenancy.create_project(operator(org.id), DEMO_PROJECT, "Demo project")
+    _, token = await svc.tenancy.create_token(user, name="admin (created by canvasdb up)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return token

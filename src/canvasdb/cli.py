@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -109,12 +110,20 @@ def up(
         out.print(f"  saved in {settings.token_file}")
     config = uvicorn.Config(create_app(settings, database_url=target.url), host=host, port=port,
                             log_level=settings.log_level, lifespan="on")
+    # uvicorn handles SIGINT/SIGTERM (stop accepting, drain requests), then re-raises the
+    # signal to the handler it found: make that one a clean exit so the finally block runs.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_cleanly)
     try:
-        uvicorn.Server(config).run()  # handles SIGINT/SIGTERM: stops accepting, drains requests
+        uvicorn.Server(config).run()
     finally:
         if target.started_here:
             runtime.embedded(settings).stop()
             out.print("embedded PostgreSQL stopped")
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 @app.command()

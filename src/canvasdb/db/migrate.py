@@ -14,7 +14,7 @@ from importlib import resources
 
 import psycopg
 
-from canvasdb.errors import MigrationError
+from canvasdb.errors import MigrationError, Unavailable
 
 _LOCK_KEY = 0x63616E7644420001  # "canvDB" + 1: one advisory lock for all migrators
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -46,7 +46,7 @@ def migrate(conninfo: str, *, migrations: list[Migration] | None = None) -> list
     """Apply what is missing; return the migrations applied by this call."""
     todo = available() if migrations is None else migrations
     applied_now = []
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    with _connect(conninfo) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
             conn.execute(
@@ -66,20 +66,35 @@ def migrate(conninfo: str, *, migrations: list[Migration] | None = None) -> list
                             hint="released migrations are never edited; add a new one instead",
                         )
                     continue
-                with conn.transaction():
-                    conn.execute(migration.sql)  # type: ignore[arg-type]
-                    conn.execute(
-                        "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
-                        (migration.version, migration.name, migration.checksum),
-                    )
+                try:
+                    with conn.transaction():
+                        conn.execute(migration.sql)  # type: ignore[arg-type]
+                        conn.execute(
+                            "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                            (migration.version, migration.name, migration.checksum),
+                        )
+                except psycopg.Error as exc:
+                    raise MigrationError(
+                        f"migration {migration.version:04d}_{migration.name} failed and was rolled "
+                        f"back: {exc.diag.message_primary or exc}",
+                        hint="the database user needs to own the schema and create roles",
+                    ) from exc
                 applied_now.append(migration)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
     return applied_now
 
 
+def _connect(conninfo: str) -> psycopg.Connection:
+    try:
+        return psycopg.connect(conninfo, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise Unavailable(f"cannot connect to PostgreSQL: {str(exc).strip()}",
+                          hint="check CANVASDB_DATABASE_URL, or unset it for the embedded server") from None
+
+
 def applied(conninfo: str) -> list[tuple[int, str]]:
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    with _connect(conninfo) as conn:
         exists = conn.execute("SELECT to_regclass('schema_migrations')").fetchone()
         if exists is None or exists[0] is None:
             return []

@@ -1,0 +1,3 @@
+from canvasdb.cli import main
+
+main()

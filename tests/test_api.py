@@ -1,0 +1,140 @@
+"""The HTTP API end to end: the happy paths, headers and status codes."""
+
+from __future__ import annotations
+
+import httpx
+from conftest import Tenant
+
+from canvasdb.services import Services
+
+
+async def _entity(client: httpx.AsyncClient, t: Tenant, data: dict, type: str = "note") -> dict:
+    r = await client.post(f"/v1/orgs/{t.slug}/projects/main/entities", headers=t.headers,
+                          json={"type": type, "data": data})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+async def test_health_and_openapi(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json()["status"] == "ok"
+    spec = (await client.get("/openapi.json")).json()
+    for path in ["/v1/orgs", "/v1/orgs/{org}/projects", "/v1/orgs/{org}/entity-types",
+                 "/v1/orgs/{org}/projects/{project}/entities", "/v1/orgs/{org}/entities/{id}",
+                 "/v1/orgs/{org}/entities/{id}/history", "/v1/orgs/{org}/entities/{id}/diff",
+                 "/v1/orgs/{org}/entities/{id}/restore"]:
+        assert path in spec["paths"], path
+
+
+async def test_org_and_project_lifecycle(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    slug = f"new-{tenant.slug}"
+    r = await client.post("/v1/orgs", headers=tenant.headers, json={"slug": slug, "name": "New"})
+    assert r.status_code == 201 and r.json()["slug"] == slug
+    assert (await client.post("/v1/orgs", headers=tenant.headers, json={"slug": slug})).status_code == 409
+    r = await client.post(f"/v1/orgs/{slug}/projects", headers=tenant.headers, json={"slug": "board"})
+    assert r.status_code == 201
+    by_id = await client.post(f"/v1/orgs/{r.json()['id']}/projects", headers=tenant.headers,
+                              json={"slug": "second"})
+    assert by_id.status_code == 404, "the org id is not a project id"
+    listed = await client.get(f"/v1/orgs/{slug}/projects", headers=tenant.headers)
+    assert [p["slug"] for p in listed.json()["items"]] == ["board"]
+
+
+async def test_entity_crud_with_etags(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    h = tenant.headers
+    r = await client.post(f"/v1/orgs/{tenant.slug}/projects/main/entities", headers=h,
+                          json={"type": "kanban.card", "data": {"title": "a", "status": "todo"}})
+    assert r.status_code == 201 and r.headers["etag"] == '"1"'
+    eid = r.json()["id"]
+    assert r.headers["location"].endswith(f"/entities/{eid}")
+    url = f"/v1/orgs/{tenant.slug}/entities/{eid}"
+    got = await client.get(url, headers=h)
+    assert got.status_code == 200 and got.json()["data"] == {"title": "a", "status": "todo"}
+    put = await client.put(url, headers={**h, "If-Match": '"1"'}, json={"data": {"title": "b"}})
+    assert put.status_code == 200 and put.headers["etag"] == '"2"'
+    stale = await client.put(url, headers={**h, "If-Match": '"1"'}, json={"data": {"title": "c"}})
+    assert stale.status_code == 409
+    assert stale.headers["content-type"] == "application/problem+json"
+    assert stale.json()["current_version"] == 2
+    patch = await client.patch(url, headers={**h, "If-Match": 'W/"2"'},
+                               json={"data": {"status": "done", "title": None}})
+    assert patch.status_code == 200 and patch.json()["data"] == {"status": "done"}
+    deleted = await client.delete(url, headers=h)
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    gone = await client.get(url, headers=h)
+    assert gone.status_code == 410 and gone.json()["status"] == 410
+    back = await client.post(url + "/undelete", headers=h)
+    assert back.status_code == 200 and back.json()["version"] == 5
+    old = await client.get(url, headers=h, params={"as_of": "1"})
+    assert old.json()["data"] == {"title": "a", "status": "todo"} and old.headers["etag"] == '"1"'
+    at = (await client.get(url + "/history", headers=h)).json()["items"]
+    assert [v["op"] for v in at] == ["undelete", "delete", "update", "update", "create"]
+    then = await client.get(url, headers=h, params={"as_of": at[2]["at"]})
+    assert then.json()["version"] == 3
+    diff = await client.get(url + "/diff", headers=h, params={"from": 1, "to": 3})
+    assert diff.status_code == 200 and diff.json()["patch"]
+    restored = await client.post(url + "/restore", headers=h, params={"version": 1})
+    assert restored.json()["data"] == {"title": "a", "status": "todo"} and restored.json()["version"] == 6
+
+
+async def test_listing_pages_and_as_of(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    h = tenant.headers
+    ids = [(await _entity(client, tenant, {"i": i}, type="a" if i % 3 else "b"))["id"] for i in range(9)]
+    url = f"/v1/orgs/{tenant.slug}/projects/main/entities"
+    seen, after = [], None
+    while True:
+        params = {"limit": 4, "type": "a"} | ({"after": after} if after else {})
+        page = (await client.get(url, headers=h, params=params)).json()
+        seen += [e["id"] for e in page["items"]]
+        after = page["next"]
+        if after is None:
+            break
+    assert sorted(seen) == sorted(i for n, i in enumerate(ids) if n % 3)
+    many = await client.get(f"/v1/orgs/{tenant.slug}/entities", headers=h,
+                            params={"ids": ",".join(ids[:3])})
+    assert [e["id"] for e in many.json()["items"]] == ids[:3]
+
+
+async def test_entity_types_registry(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    h = tenant.headers
+    body = {"name": "kanban.card", "module": "kanban",
+            "json_schema": {"type": "object", "properties": {"status": {"enum": ["todo", "done"]}}},
+            "text_fields": {"title": "A", "body": "C"}, "reference_fields": ["$.depends_on[*]"],
+            "tag_field": "tags"}
+    r = await client.post(f"/v1/orgs/{tenant.slug}/entity-types", headers=h, json=body)
+    assert r.status_code == 201 and r.json()["text_fields"] == {"title": "A", "body": "C"}
+    listed = await client.get(f"/v1/orgs/{tenant.slug}/entity-types", headers=h)
+    assert [t["name"] for t in listed.json()["items"]] == ["kanban.card"]
+    bad = await client.post(f"/v1/orgs/{tenant.slug}/projects/main/entities", headers=h,
+                            json={"type": "kanban.card", "data": {"status": "nope"}})
+    assert bad.status_code == 422 and bad.json()["pointer"] == "/data/status"
+
+
+async def test_members_and_project_roles(client: httpx.AsyncClient, svc: Services, tenant: Tenant) -> None:
+    h = tenant.headers
+    email = f"v-{tenant.slug}@example.com"
+    r = await client.post(f"/v1/orgs/{tenant.slug}/members", headers=h, json={"email": email})
+    assert r.status_code == 201 and r.json()["role"] == "member"
+    _, token = await svc.tenancy.create_token(await svc.tenancy.user_by_email(email))
+    vh = {"Authorization": f"Bearer {token}"}
+    e = await _entity(client, tenant, {"n": 1})
+    url = f"/v1/orgs/{tenant.slug}/entities/{e['id']}"
+    assert (await client.get(url, headers=vh)).status_code == 404
+    grant = await client.put(f"/v1/orgs/{tenant.slug}/projects/main/members/{email}", headers=h,
+                             json={"role": "viewer"})
+    assert grant.status_code == 204
+    assert (await client.get(url, headers=vh)).status_code == 200
+    assert (await client.patch(url, headers=vh, json={"data": {"n": 2}})).status_code == 403
+    assert (await client.post(f"/v1/orgs/{tenant.slug}/projects", headers=vh,
+                              json={"slug": "mine"})).status_code == 403
+    listed = await client.get(f"/v1/orgs/{tenant.slug}/projects", headers=vh)
+    assert [p["slug"] for p in listed.json()["items"]] == ["main"]
+
+
+async def test_other_org_is_invisible(client: httpx.AsyncClient, tenant: Tenant, other_tenant: Tenant) -> None:
+    e = await _entity(client, other_tenant, {"secret": 1})
+    mine = await client.get(f"/v1/orgs/{tenant.slug}/entities/{e['id']}", headers=tenant.headers)
+    theirs = await client.get(f"/v1/orgs/{other_tenant.slug}/entities/{e['id']}", headers=tenant.headers)
+    missing = await client.get(f"/v1/orgs/no-such-org-{tenant.slug}/entities/{e['id']}", headers=tenant.headers)
+    assert mine.status_code == theirs.status_code == missing.status_code == 404
+    assert theirs.json()["detail"].replace(other_tenant.slug, "X") == \
+        missing.json()["detail"].replace(f"no-such-org-{tenant.slug}", "X")

@@ -1,0 +1,154 @@
+"""The ``canvasdb`` command, run as a user runs it: a subprocess with the server's settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import typer
+
+from canvasdb.cli import app
+
+CLI = [sys.executable, "-m", "canvasdb"]
+
+
+def run(env: dict[str, str], *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, input=input, timeout=120)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def env(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("cli-home")
+    return {**os.environ, "CANVASDB_DATABASE_URL": pg_url, "CANVASDB_HOME": str(home)}
+
+
+def test_every_command_has_help() -> None:
+    group = typer.main.get_command(app)
+    assert hasattr(group, "commands")
+
+    def walk(cmd: Any, path: str) -> list[str]:
+        missing = [] if (cmd.help or "").strip() else [path]
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                missing += walk(sub, f"{path} {name}")
+        return missing
+
+    assert walk(group, "canvasdb") == []
+    names = {" ".join(p) for p in [("db", "start"), ("db", "stop"), ("db", "status"), ("db", "url"),
+                                   ("db", "migrate"), ("org", "create"), ("org", "list"), ("user", "create"),
+                                   ("token", "create"), ("token", "revoke"), ("entity", "get"),
+                                   ("entity", "put"), ("entity", "history"), ("up",)]}
+    for name in names:
+        cmd: Any = group
+        for part in name.split():
+            cmd = cmd.commands[part]
+        assert cmd.help
+
+
+def test_org_token_entity_round_trip(env: dict[str, str]) -> None:
+    slug = f"cli-{os.getpid()}-{time.time_ns() % 10**6}"
+    run(env, "org", "create", slug, "--name", "CLI org")
+    listed = json.loads(run(env, "org", "list", "--json").stdout)
+    assert slug in [o["slug"] for o in listed]
+    token = run(env, "token", "create", "--org", slug, "--user", f"ops@{slug}.io", "--role", "admin").stdout
+    assert token.startswith("cdb_") and token.count("\n") == 1, "only the token, for scripts"
+    run(env, "project", "create", "--org", slug, "main")
+    created = json.loads(run(env, "entity", "put", "--org", slug, "--project", "main", "--type", "note",
+                             '{"title": "hello"}').stdout)
+    eid = created["id"]
+    run(env, "entity", "put", "--org", slug, "--id", eid, "-", input='{"title": "hello again"}')
+    got = json.loads(run(env, "entity", "get", "--org", slug, eid).stdout)
+    assert got["data"] == {"title": "hello again"} and got["version"] == 2
+    old = json.loads(run(env, "entity", "get", "--org", slug, eid, "--as-of", "1").stdout)
+    assert old["data"] == {"title": "hello"}
+    hist = json.loads(run(env, "entity", "history", "--org", slug, eid, "--json").stdout)
+    assert [v["version"] for v in hist] == [2, 1]
+    assert "update" in run(env, "entity", "history", "--org", slug, eid).stdout
+
+    # The token works against the API, then stops working once revoked.
+    from canvasdb.services import Services  # noqa: F401  (import check: CLI and API share settings)
+
+    assert run(env, "token", "revoke", token.strip()).stdout.strip() == "revoked"
+    again = run(env, "token", "revoke", token.strip(), check=False)
+    assert again.returncode == 1 and "Error:" in again.stderr
+
+
+def test_errors_are_one_clear_line(env: dict[str, str]) -> None:
+    bad = run(env, "entity", "get", "--org", "no-such-org", "not-a-uuid", check=False)
+    assert bad.returncode == 1 and bad.stderr.startswith("Error:") and "Traceback" not in bad.stderr
+    bad = run(env, "entity", "put", "--org", "no-such-org", "{not json", check=False)
+    assert bad.returncode == 1 and "not valid JSON" in bad.stderr
+    bad = run(env, "org", "create", "Not A Slug", check=False)
+    assert bad.returncode == 1 and "slug" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ready(proc: subprocess.Popen, port: int) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise AssertionError("canvasdb up did not become ready")
+
+
+def test_up_with_embedded_database(tmp_path: Path) -> None:
+    """`canvasdb up` on an empty home: embedded PostgreSQL, demo org, token; clean stop on SIGTERM."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
+    port = _free_port()
+    env |= {"CANVASDB_HOME": str(tmp_path / "home"), "CANVASDB_PORT": str(port)}
+    tokens = []
+    for _ in range(2):
+        proc = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            _wait_ready(proc, port)
+            token = (tmp_path / "home" / "admin-token").read_text().strip()
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/orgs/demo/projects/demo/entities",
+                           headers={"Authorization": f"Bearer {token}"},
+                           json={"type": "note", "data": {"hello": "world"}})
+            assert r.status_code == 201, r.text
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, output
+        assert token in output and "embedded PostgreSQL stopped" in output
+        tokens.append(token)
+        status = run(env, "db", "status", check=False)
+        assert status.returncode == 3 and "running: False" in status.stdout
+    assert tokens[0] == tokens[1], "the second run prints the saved token again"
+    assert oct((tmp_path / "home" / "admin-token").stat().st_mode & 0o777) == "0o600"
+
+
+def test_db_start_status_url_stop(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
+    env["CANVASDB_HOME"] = str(tmp_path / "home")
+    try:
+        assert "running:" in run(env, "db", "start").stdout
+        status = json.loads(run(env, "db", "status", "--json").stdout)
+        assert status["running"] is True and status["pid"] > 0
+        url = run(env, "db", "url").stdout.strip()
+        assert url == status["url"] and url.startswith("postgresql://")
+        assert run(env, "db", "migrate").stdout.strip() == "up to date"
+    finally:
+        assert run(env, "db", "stop").stdout.strip() == "stopped"
+    assert run(env, "db", "stop").stdout.strip() == "not running"

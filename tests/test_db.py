@@ -1,0 +1,59 @@
+"""Migrations: ordered, transactional, recorded, guarded against edits and concurrent starts."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from canvasdb.db import migrate
+from canvasdb.db.migrate import Migration, applied, available
+from canvasdb.errors import MigrationError
+
+
+@pytest.fixture
+def fresh_db(pg_url: str) -> Iterator[str]:
+    """An empty database in the test cluster."""
+    name = f"mig_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield make_conninfo(**{**conninfo_to_dict(pg_url), "dbname": name})
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def test_concurrent_starts_apply_each_migration_once(fresh_db: str) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: migrate(fresh_db), range(4)))
+    assert sorted(len(r) for r in results) == [0, 0, 0, len(available())]
+    assert applied(fresh_db) == [(m.version, m.name) for m in available()]
+
+
+def test_edited_migration_is_refused(fresh_db: str) -> None:
+    migrate(fresh_db)
+    first = available()[0]
+    edited = Migration(first.version, first.name, first.sql + "\n-- edited\n")
+    with pytest.raises(MigrationError, match="differs"):
+        migrate(fresh_db, migrations=[edited])
+
+
+def test_failed_migration_leaves_nothing(fresh_db: str) -> None:
+    migrate(fresh_db)
+    broken = Migration(9001, "broken", "CREATE TABLE half_done (x int); SELECT no_such_function();")
+    with pytest.raises(MigrationError, match="0009001_broken|9001_broken"):
+        migrate(fresh_db, migrations=[*available(), broken])
+    with psycopg.connect(fresh_db) as conn:
+        assert conn.execute("SELECT to_regclass('half_done')").fetchone() == (None,)
+    assert 9001 not in [v for v, _ in applied(fresh_db)]
+    migrate(fresh_db)  # the lock was released: a later start works
+
+
+def test_unreachable_database_is_a_clear_error() -> None:
+    from canvasdb.errors import Unavailable
+
+    with pytest.raises(Unavailable, match="cannot connect"):
+        migrate("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")

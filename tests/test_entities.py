@@ -1,0 +1,214 @@
+"""The entity store through its Python API: writes, history, as-of reads, access."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from uuid import uuid4
+
+import jsonpatch
+import pytest
+from conftest import KEYFRAME_INTERVAL, Tenant
+
+from canvasdb.entities import EntityType
+from canvasdb.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound, PayloadTooLarge
+from canvasdb.services import Services
+from canvasdb.tenancy import Principal
+
+
+async def test_create_get_with_client_id(svc: Services, tenant: Tenant) -> None:
+    eid = uuid4()
+    e = await svc.entities.create(tenant.owner, tenant.project_id, "kanban.card", {"title": "x"}, id=eid)
+    assert (e.id, e.version, e.deleted, e.created_by) == (eid, 1, False, tenant.owner_id)
+    got = await svc.entities.get(tenant.owner, eid)
+    assert got == e
+    with pytest.raises(Conflict):
+        await svc.entities.create(tenant.owner, tenant.project_id, "kanban.card", {}, id=eid)
+
+
+async def test_same_id_in_two_orgs_are_two_entities(svc: Services, tenant: Tenant,
+                                                    other_tenant: Tenant) -> None:
+    eid = uuid4()
+    await svc.entities.create(tenant.owner, tenant.project_id, "note", {"who": "a"}, id=eid)
+    await svc.entities.create(other_tenant.owner, other_tenant.project_id, "note", {"who": "b"}, id=eid)
+    assert (await svc.entities.get(tenant.owner, eid)).data == {"who": "a"}
+    assert (await svc.entities.get(other_tenant.owner, eid)).data == {"who": "b"}
+
+
+async def test_replace_patch_and_history(svc: Services, tenant: Tenant) -> None:
+    who = tenant.owner
+    e = await svc.entities.create(who, tenant.project_id, "note", {"a": 1, "b": {"c": 2, "d": 3}})
+    e2 = await svc.entities.patch(who, e.id, {"b": {"c": None, "e": 5}, "f": [1]})
+    assert e2.data == {"a": 1, "b": {"d": 3, "e": 5}, "f": [1]} and e2.version == 2
+    e3 = await svc.entities.replace(who, e.id, {"z": True})
+    assert e3.data == {"z": True} and e3.version == 3
+    same = await svc.entities.replace(who, e.id, {"z": True})
+    assert same.version == 3, "a write that changes nothing adds no version"
+    page = await svc.entities.history(who, e.id)
+    assert [(v.version, v.op) for v in page.items] == [(3, "update"), (2, "update"), (1, "create")]
+    assert page.items[1].patch and page.next is None
+    assert [op["op"] for op in page.items[0].patch or []]  # a real RFC 6902 patch
+    patch = await svc.entities.diff(who, e.id, 1, 3)
+    assert jsonpatch.apply_patch(e.data, patch) == {"z": True}
+    assert jsonpatch.apply_patch({"z": True}, await svc.entities.diff(who, e.id, 3, 1)) == e.data
+
+
+async def test_history_pages(svc: Services, tenant: Tenant) -> None:
+    e = await svc.entities.create(tenant.owner, tenant.project_id, "note", {"n": 0})
+    for n in range(1, 12):
+        await svc.entities.patch(tenant.owner, e.id, {"n": n})
+    first = await svc.entities.history(tenant.owner, e.id, limit=5)
+    assert [v.version for v in first.items] == [12, 11, 10, 9, 8] and first.next == "8"
+    second = await svc.entities.history(tenant.owner, e.id, before=int(first.next), limit=5)
+    assert [v.version for v in second.items] == [7, 6, 5, 4, 3]
+
+
+async def test_as_of_version_and_time_across_keyframes(svc: Services, tenant: Tenant) -> None:
+    who = tenant.owner
+    e = await svc.entities.create(who, tenant.project_id, "note", {"n": 0})
+    moments = [(1, e.updated_at)]
+    for n in range(1, 3 * KEYFRAME_INTERVAL + 2):
+        cur = await svc.entities.patch(who, e.id, {"n": n, f"k{n}": n})
+        moments.append((cur.version, cur.updated_at))
+    for version, at in moments:
+        by_version = await svc.entities.get(who, e.id, as_of=version)
+        by_time = await svc.entities.get(who, e.id, as_of=at)
+        assert by_version.data["n"] == version - 1 and by_version.version == version
+        assert by_time == by_version
+    with pytest.raises(NotFound):
+        await svc.entities.get(who, e.id, as_of=e.created_at - timedelta(seconds=1))
+    with pytest.raises(NotFound):
+        await svc.entities.get(who, e.id, as_of=999)
+    naive = moments[2][1].astimezone(UTC).replace(tzinfo=None)
+    assert (await svc.entities.get(who, e.id, as_of=naive)).version == 3, "naive times are UTC"
+
+
+async def test_delete_undelete_restore(svc: Services, tenant: Tenant) -> None:
+    who = tenant.owner
+    e = await svc.entities.create(who, tenant.project_id, "note", {"v": 1})
+    await svc.entities.patch(who, e.id, {"v": 2})
+    d = await svc.entities.delete(who, e.id)
+    assert d.deleted and d.version == 3 and d.data == {"v": 2}
+    assert (await svc.entities.delete(who, e.id)).version == 3, "deleting twice changes nothing"
+    with pytest.raises(Gone):
+        await svc.entities.get(who, e.id)
+    with pytest.raises(Gone):
+        await svc.entities.patch(who, e.id, {"v": 9})
+    page = await svc.entities.list(who, tenant.project_id)
+    assert e.id not in [x.id for x in page.items]
+    u = await svc.entities.undelete(who, e.id)
+    assert (u.deleted, u.version, u.data) == (False, 4, {"v": 2})
+    await svc.entities.delete(who, e.id)
+    r = await svc.entities.restore(who, e.id, 1)
+    assert (r.deleted, r.version, r.data) == (False, 6, {"v": 1})
+    ops = [v.op for v in (await svc.entities.history(who, e.id)).items]
+    assert ops == ["restore", "delete", "undelete", "delete", "update", "create"]
+    assert (await svc.entities.get(who, e.id, as_of=3)).deleted is True
+    with pytest.raises(NotFound):
+        await svc.entities.restore(who, e.id, 99)
+
+
+async def test_if_version_conflict_changes_nothing(svc: Services, tenant: Tenant) -> None:
+    e = await svc.entities.create(tenant.owner, tenant.project_id, "note", {"v": 1})
+    await svc.entities.patch(tenant.owner, e.id, {"v": 2}, if_version=1)
+    with pytest.raises(Conflict) as info:
+        await svc.entities.patch(tenant.owner, e.id, {"v": 3}, if_version=1)
+    assert info.value.fields["current_version"] == 2
+    assert (await svc.entities.get(tenant.owner, e.id)).data == {"v": 2}
+
+
+async def test_concurrent_writers_lose_nothing(svc: Services, tenant: Tenant) -> None:
+    e = await svc.entities.create(tenant.owner, tenant.project_id, "note", {})
+    await asyncio.gather(*(svc.entities.patch(tenant.owner, e.id, {f"k{i}": i}) for i in range(16)))
+    final = await svc.entities.get(tenant.owner, e.id)
+    assert final.version == 17 and final.data == {f"k{i}": i for i in range(16)}
+    versions = (await svc.entities.history(tenant.owner, e.id)).items
+    assert sorted(v.version for v in versions) == list(range(1, 18))
+    assert all(a.at > b.at for a, b in zip(versions, versions[1:], strict=False)), "times strictly increase"
+
+
+async def test_list_pages_by_type_and_as_of(svc: Services, tenant: Tenant) -> None:
+    who = tenant.owner
+    made = [await svc.entities.create(who, tenant.project_id, "a" if i % 2 else "b", {"i": i})
+            for i in range(25)]
+    before_change = datetime.now(UTC)
+    await svc.entities.delete(who, made[0].id)
+    await svc.entities.patch(who, made[1].id, {"i": 100})
+    seen, after = [], None
+    while True:
+        page = await svc.entities.list(who, tenant.project_id, limit=7, after=after)
+        seen += page.items
+        if page.next is None:
+            break
+        after = page.next
+    assert len(seen) == 24 and [x.id for x in seen] == sorted(x.id for x in seen)
+    only_a = await svc.entities.list(who, tenant.project_id, type="a", limit=100)
+    assert len(only_a.items) == 12 and {x.type for x in only_a.items} == {"a"}
+    then = await svc.entities.list(who, tenant.project_id, limit=100, as_of=before_change)
+    by_id = {x.id: x for x in then.items}
+    assert len(then.items) == 25 and by_id[made[1].id].data == {"i": 1} and made[0].id in by_id
+    with pytest.raises(InvalidInput):
+        await svc.entities.list(who, tenant.project_id, limit=0)
+
+
+async def test_get_many_skips_missing_and_deleted(svc: Services, tenant: Tenant) -> None:
+    a = await svc.entities.create(tenant.owner, tenant.project_id, "note", {"n": 1})
+    b = await svc.entities.create(tenant.owner, tenant.project_id, "note", {"n": 2})
+    await svc.entities.delete(tenant.owner, b.id)
+    got = await svc.entities.get_many(tenant.owner, [uuid4(), a.id, b.id])
+    assert [x.id for x in got] == [a.id]
+    with pytest.raises(InvalidInput):
+        await svc.entities.get_many(tenant.owner, [uuid4() for _ in range(101)])
+
+
+async def test_schema_validation_names_the_field(svc: Services, tenant: Tenant) -> None:
+    schema = {"type": "object", "required": ["title"], "properties": {
+        "title": {"type": "string"}, "status": {"enum": ["todo", "done"]},
+        "tags": {"type": "array", "items": {"type": "string"}}}}
+    await svc.types.register(tenant.owner, EntityType("kanban.card", module="kanban", json_schema=schema,
+                                                      text_fields={"title": "A"}))
+    ok = await svc.entities.create(tenant.owner, tenant.project_id, "kanban.card", {"title": "t"})
+    with pytest.raises(InvalidInput) as info:
+        await svc.entities.patch(tenant.owner, ok.id, {"tags": ["x", 3]})
+    assert info.value.fields["pointer"] == "/data/tags/1"
+    with pytest.raises(InvalidInput) as info:
+        await svc.entities.create(tenant.owner, tenant.project_id, "kanban.card", {"title": "t", "status": "?"})
+    assert info.value.fields["pointer"] == "/data/status"
+    assert (await svc.entities.get(tenant.owner, ok.id)).version == 1
+    with pytest.raises(InvalidInput):
+        await svc.types.register(tenant.owner, EntityType("bad.schema", json_schema={"type": 5}))
+    with pytest.raises(InvalidInput):
+        await svc.types.register(tenant.owner, EntityType("x.y", reference_fields=["depends_on"]))
+
+
+async def test_size_limit(svc: Services, tenant: Tenant) -> None:
+    limit = svc.entities.max_data_bytes
+    with pytest.raises(PayloadTooLarge):
+        await svc.entities.create(tenant.owner, tenant.project_id, "note", {"s": "x" * limit})
+    e = await svc.entities.create(tenant.owner, tenant.project_id, "note", {"s": "x" * (limit - 100)})
+    with pytest.raises(PayloadTooLarge):
+        await svc.entities.patch(tenant.owner, e.id, {"more": "y" * 200})
+    assert (await svc.entities.get(tenant.owner, e.id)).version == 1
+
+
+async def test_roles_inside_the_store(svc: Services, tenant: Tenant) -> None:
+    e = await svc.entities.create(tenant.owner, tenant.project_id, "note", {"n": 1})
+    viewer_id = await svc.tenancy.ensure_user(f"viewer-{tenant.slug}@example.com")
+    stranger_id = await svc.tenancy.ensure_user(f"member-{tenant.slug}@example.com")
+    for uid in (viewer_id, stranger_id):
+        await svc.tenancy.set_org_role(tenant.org_id, uid, "member")
+    await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, viewer_id, "viewer")
+    viewer = Principal(tenant.org_id, viewer_id, "member")
+    stranger = Principal(tenant.org_id, stranger_id, "member")
+    assert (await svc.entities.get(viewer, e.id)).data == {"n": 1}
+    with pytest.raises(Forbidden):
+        await svc.entities.patch(viewer, e.id, {"n": 2})
+    with pytest.raises(Forbidden):
+        await svc.entities.create(viewer, tenant.project_id, "note", {})
+    with pytest.raises(NotFound):
+        await svc.entities.get(stranger, e.id)
+    assert await svc.entities.get_many(stranger, [e.id]) == []
+    with pytest.raises(NotFound):
+        await svc.entities.list(stranger, tenant.project_id)
+    await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, viewer_id, "editor")
+    assert (await svc.entities.patch(viewer, e.id, {"n": 2})).updated_by == viewer_id

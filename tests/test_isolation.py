@@ -1,0 +1,109 @@
+"""Tenant isolation, enforced by PostgreSQL itself: the schema rules and row-level security."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from conftest import Tenant
+
+from canvasdb.db import Database
+from canvasdb.services import Services
+
+GLOBAL_TABLES = {"orgs", "users", "api_tokens", "schema_migrations"}
+
+
+def _tenant_tables(conn: psycopg.Connection) -> list[str]:
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') ORDER BY 1"
+    ).fetchall()
+    return [r[0] for r in rows if r[0] not in GLOBAL_TABLES]
+
+
+def test_every_tenant_table_is_keyed_and_guarded_by_org(pg_url: str) -> None:
+    """Walks the catalog: a new table without org_id-first PK or forced RLS fails here."""
+    with psycopg.connect(pg_url) as conn:
+        tables = _tenant_tables(conn)
+        assert {"entities", "entity_versions", "projects", "org_members"} <= set(tables)
+        problems = []
+        for table in tables:
+            first_pk = conn.execute(
+                "SELECT a.attname FROM pg_index i JOIN pg_attribute a"
+                " ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
+                " WHERE i.indrelid = %s::regclass AND i.indisprimary", (table,),
+            ).fetchone()
+            if first_pk is None or first_pk[0] != "org_id":
+                problems.append(f"{table}: primary key does not start with org_id")
+            enabled, forced = conn.execute(
+                "SELECT relrowsecurity, relforcerowsecurity FROM pg_class WHERE oid = %s::regclass",
+                (table,),
+            ).fetchone()  # type: ignore[misc]
+            if not (enabled and forced):
+                problems.append(f"{table}: row-level security not enabled and forced")
+            policies = conn.execute(
+                "SELECT qual, with_check FROM pg_policies WHERE tablename = %s", (table,)
+            ).fetchall()
+            if not any("current_org_id()" in (q or "") and "current_org_id()" in (w or "")
+                       for q, w in policies):
+                problems.append(f"{table}: no policy on org_id = current_org_id()")
+        assert problems == []
+
+
+def test_app_role_cannot_bypass_rls(pg_url: str) -> None:
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute(
+            "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = 'canvasdb_app'"
+        ).fetchone()
+    assert row == (False, False)
+
+
+async def test_wrong_org_setting_sees_nothing(db: Database, svc: Services, tenant: Tenant,
+                                              other_tenant: Tenant) -> None:
+    """Even a query that forgets the org filter sees only the transaction's org."""
+    mine = await svc.entities.create(tenant.owner, tenant.project_id, "note", {"secret": "a"})
+    theirs = await svc.entities.create(other_tenant.owner, other_tenant.project_id, "note", {"x": 1})
+    async with db.transaction(other_tenant.org_id) as conn:
+        # No org filter at all: the application check is bypassed on purpose.
+        rows = await (await conn.execute("SELECT id FROM entities WHERE id = %s", (mine.id,))).fetchall()
+        assert rows == []
+        versions = await (await conn.execute(
+            "SELECT count(*) AS n FROM entity_versions WHERE entity_id = %s", (mine.id,))).fetchone()
+        assert versions == {"n": 0}
+        own = await (await conn.execute("SELECT id FROM entities WHERE id = %s", (theirs.id,))).fetchall()
+        assert [r["id"] for r in own] == [theirs.id]
+    async with db.transaction() as conn:  # no org at all: nothing of any tenant
+        total = await (await conn.execute("SELECT count(*) AS n FROM entities")).fetchone()
+        assert total == {"n": 0}
+
+
+async def test_cannot_write_into_another_org(db: Database, tenant: Tenant, other_tenant: Tenant) -> None:
+    from canvasdb.errors import CanvasdbError
+
+    with pytest.raises(CanvasdbError):
+        async with db.transaction(other_tenant.org_id) as conn:
+            await conn.execute(
+                "INSERT INTO projects (org_id, slug, name) VALUES (%s, 'sneaky', 'x')", (tenant.org_id,)
+            )
+    async with db.transaction(tenant.org_id) as conn:
+        cur = await conn.execute("SELECT slug FROM projects WHERE org_id = %s", (tenant.org_id,))
+        assert [r["slug"] for r in await cur.fetchall()] == ["main"]
+
+
+async def test_org_setting_does_not_leak_to_next_transaction(db: Database, tenant: Tenant) -> None:
+    async with db.transaction(tenant.org_id) as conn:
+        await conn.execute("SELECT 1")
+    for _ in range(5):  # every pooled connection
+        async with db.transaction() as conn:
+            row = await (await conn.execute("SELECT current_org_id() AS org")).fetchone()
+            assert row == {"org": None}
+
+
+async def test_update_cannot_move_rows_to_another_org(db: Database, svc: Services, tenant: Tenant,
+                                                     other_tenant: Tenant) -> None:
+    from canvasdb.errors import CanvasdbError
+
+    e = await svc.entities.create(tenant.owner, tenant.project_id, "note", {"a": 1})
+    with pytest.raises(CanvasdbError):
+        async with db.transaction(tenant.org_id) as conn:
+            await conn.execute("UPDATE entities SET org_id = %s WHERE id = %s", (other_tenant.org_id, e.id))
+    assert (await svc.entities.get(tenant.owner, e.id)).org_id == tenant.org_id

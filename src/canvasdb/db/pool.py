@@ -15,12 +15,14 @@ from uuid import UUID
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from canvasdb.errors import CanvasdbError, Conflict, InvalidInput, NotFound, Unavailable
 
 APP_ROLE = "canvasdb_app"
+_SET_ORG = "SELECT set_config('canvasdb.org_id', %s, true)"
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 
 
@@ -73,13 +75,22 @@ class Database:
     @asynccontextmanager
     async def transaction(self, org_id: UUID | None = None) -> AsyncIterator[Connection]:
         """A transaction scoped to ``org_id`` (None: global tables only; RLS hides tenant rows)."""
+        # Pipeline mode: BEGIN and the org setting travel with the first query, and COMMIT
+        # with the last one when its result is read after the block (one round trip saved
+        # at each end). Code inside the block reads results as usual.
         try:
-            async with self.pool.connection() as conn, conn.transaction():
-                if org_id is not None:
-                    await conn.execute(
-                        "SELECT set_config('canvasdb.org_id', %s, true)", (str(org_id),)
-                    )
-                yield conn
+            async with self.pool.connection() as conn:
+                try:
+                    async with conn.pipeline():
+                        await conn.execute(b"BEGIN")
+                        if org_id is not None:
+                            await conn.execute(_SET_ORG, (str(org_id),))
+                        yield conn
+                        await conn.execute(b"COMMIT")
+                except BaseException:
+                    if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                        await conn.rollback()
+                    raise
         except psycopg.Error as exc:
             raise translate(exc) from exc
         except PoolTimeout as exc:

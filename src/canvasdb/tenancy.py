@@ -298,8 +298,15 @@ async def check_project_access(
     conn: Connection, who: Principal, project_id: UUID, *, write: bool, what: str = "project"
 ) -> None:
     """NotFound when the caller cannot read the project, Forbidden when it may only read."""
-    role = await project_role(conn, who, project_id)
-    if role is None:
+    role = None if who.is_org_admin else await project_role(conn, who, project_id)
+    require_project_role(who, role, write=write, what=what)
+
+
+def require_project_role(who: Principal, member_role: str | None, *, write: bool, what: str) -> None:
+    """Judge access from the caller's project role (``member_role`` matters for members only)."""
+    if who.is_org_admin:
+        return
+    if member_role is None:
         raise NotFound(f"{what} not found")
-    if write and role == "viewer":
+    if write and member_role == "viewer":
         raise Forbidden(f"a viewer may read this {what} but not change it")

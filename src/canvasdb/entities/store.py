@@ -15,9 +15,9 @@ from uuid import UUID, uuid4
 
 from canvasdb.db import Connection, Database
 from canvasdb.entities import history
-from canvasdb.entities.types import TypeRegistry, check_type_name
+from canvasdb.entities.types import EntityType, TypeRegistry, check_type_name, type_from_json
 from canvasdb.errors import Conflict, Gone, InvalidInput, NotFound, PayloadTooLarge
-from canvasdb.tenancy import Principal, check_project_access
+from canvasdb.tenancy import Principal, check_project_access, require_project_role
 
 Op = Literal["create", "update", "delete", "undelete", "restore"]
 AsOf = int | datetime | None
@@ -139,6 +139,10 @@ WHERE org_id = %(org)s AND entity_id = %(id)s AND version <= %(v)s AND version >
 ORDER BY version
 """
 
+# The caller's project role, for members (owners and admins reach every project).
+_ROLE_COLUMN = """(SELECT m.role FROM project_members m WHERE m.org_id = e.org_id
+    AND m.project_id = e.project_id AND m.user_id = %(user)s) AS member_role"""
+
 _VERSION_AT = """
 SELECT max(version) AS v FROM entity_versions WHERE org_id = %s AND entity_id = %s AND at <= %s
 """
@@ -176,7 +180,7 @@ class EntityStore:
                 "org": who.org_id, "id": entity_id, "project": project_id, "type": type,
                 "data": text, "actor": who.user_id,
             })  # fmt: skip
-            row = await cur.fetchone()
+        row = await cur.fetchone()  # read after COMMIT: both went in one round trip
         if row is None:
             raise Conflict(f"entity {entity_id} already exists", id=str(entity_id))
         return _entity(row)
@@ -220,7 +224,7 @@ class EntityStore:
         self, who: Principal, id: UUID, op: Op, compute: Any, *, if_version: int | None = None
     ) -> Entity:
         async with self.db.transaction(who.org_id) as conn:
-            current, keyframe_version = await self._locked(conn, who, id, write=True)
+            current, keyframe_version, spec = await self._locked(conn, who, id, write=True)
             if if_version is not None and if_version != current.version:
                 raise Conflict(
                     f"entity {id} is at version {current.version}, not {if_version}",
@@ -237,30 +241,33 @@ class EntityStore:
                 return current  # nothing changes, so no new version
             text = encode_data(new_data, self.max_data_bytes)
             if new_data is not current.data:
-                await self.types.validate(conn, who, current.type, new_data)
+                self.types.check(who, spec, new_data)
             cur = await conn.execute(_UPDATE, {
                 "org": who.org_id, "id": id, "data": text, "deleted": deleted,
                 "actor": who.user_id, "op": op,
                 "patch": json.dumps(history.diff(current.data, new_data)),
                 "keyframe": current.version + 1 - keyframe_version >= self.keyframe_interval,
             })  # fmt: skip
-            row = await cur.fetchone()
+        row = await cur.fetchone()  # read after COMMIT: both went in one round trip
         assert row is not None
         return _entity(row)
 
     async def _locked(
         self, conn: Connection, who: Principal, id: UUID, *, write: bool
-    ) -> tuple[Entity, int]:
-        """The current row, locked against other writers, and its latest keyframe's version."""
+    ) -> tuple[Entity, int, EntityType | None]:
+        """The current row, locked against other writers; its keyframe's version; its type."""
         cur = await conn.execute(
-            "SELECT * FROM entities WHERE org_id = %s AND id = %s FOR NO KEY UPDATE",
-            (who.org_id, id),
+            f"SELECT e.*, {_ROLE_COLUMN}, to_jsonb(t) AS entity_type FROM entities e"
+            " LEFT JOIN entity_types t ON t.org_id = e.org_id AND t.name = e.type"
+            " WHERE e.org_id = %(org)s AND e.id = %(id)s FOR NO KEY UPDATE OF e",
+            {"org": who.org_id, "id": id, "user": who.user_id},
         )
         row = await cur.fetchone()
         if row is None:
             raise NotFound(f"entity {id} not found")
-        await check_project_access(conn, who, row["project_id"], write=write, what="entity")
-        return _entity(row), int(row["keyframe_version"])
+        require_project_role(who, row["member_role"], write=write, what="entity")
+        spec = None if row["entity_type"] is None else type_from_json(row["entity_type"])
+        return _entity(row), int(row["keyframe_version"]), spec
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -397,12 +404,14 @@ class EntityStore:
     # --- helpers ------------------------------------------------------------------------------
 
     async def _readable(self, conn: Connection, who: Principal, id: UUID) -> dict[str, Any]:
-        cur = await conn.execute("SELECT * FROM entities WHERE org_id = %s AND id = %s",
-                                 (who.org_id, id))
+        cur = await conn.execute(
+            f"SELECT e.*, {_ROLE_COLUMN} FROM entities e WHERE e.org_id = %(org)s AND e.id = %(id)s",
+            {"org": who.org_id, "id": id, "user": who.user_id},
+        )
         row = await cur.fetchone()
         if row is None:
             raise NotFound(f"entity {id} not found")
-        await check_project_access(conn, who, row["project_id"], write=False, what="entity")
+        require_project_role(who, row["member_role"], write=False, what="entity")
         return row
 
     async def _version_at(self, conn: Connection, who: Principal, id: UUID, as_of: AsOf,

@@ -143,7 +143,10 @@ class TypeRegistry:
 
     async def validate(self, conn: Connection, who: Principal, type_name: str, data: Any) -> None:
         """InvalidInput naming the JSON pointer of the first bad field, if the type has a schema."""
-        spec = await self.lookup(conn, who, type_name)
+        self.check(who, await self.lookup(conn, who, type_name), data)
+
+    def check(self, who: Principal, spec: EntityType | None, data: Any) -> None:
+        """Validate ``data`` against an already loaded type (None: unregistered, anything goes)."""
         if spec is None or spec.json_schema is None:
             return
         key = (who.org_id, spec.name, spec.updated_at)
@@ -157,8 +160,13 @@ class TypeRegistry:
         error = best_match(validator.iter_errors(data))
         if error is not None:
             pointer = "/data" + _pointer(error.absolute_path)
-            raise InvalidInput(f"data does not match the schema of {type_name}: {error.message}",
+            raise InvalidInput(f"data does not match the schema of {spec.name}: {error.message}",
                                pointer=pointer)
+
+
+def type_from_json(row: dict[str, Any]) -> EntityType:
+    """A type from ``to_jsonb(entity_types)`` (timestamps arrive as text)."""
+    return _from_row({**row, "updated_at": datetime.fromisoformat(row["updated_at"])})
 
 
 def _from_row(row: dict[str, Any]) -> EntityType:

@@ -147,6 +147,18 @@ async def test_list_pages_by_type_and_as_of(svc: Services, tenant: Tenant) -> No
     then = await svc.entities.list(who, tenant.project_id, limit=100, as_of=before_change)
     by_id = {x.id: x for x in then.items}
     assert len(then.items) == 25 and by_id[made[1].id].data == {"i": 1} and made[0].id in by_id
+    paged, after = [], None
+    while True:
+        page = await svc.entities.list(who, tenant.project_id, type="a", limit=5, after=after, as_of=before_change)
+        paged += page.items
+        if (after := page.next) is None:
+            break
+    assert [x.id for x in paged] == sorted(x.id for x in made if x.type == "a")
+    assert all(x.version == 1 for x in paged)
+    now = await svc.entities.list(who, tenant.project_id, limit=100, as_of=datetime.now(UTC))
+    assert made[0].id not in {x.id for x in now.items} and len(now.items) == 24
+    before_all = await svc.entities.list(who, tenant.project_id, as_of=made[0].created_at - timedelta(seconds=1))
+    assert before_all.items == [] and before_all.next is None
     with pytest.raises(InvalidInput):
         await svc.entities.list(who, tenant.project_id, limit=0)
 

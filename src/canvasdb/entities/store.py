@@ -119,8 +119,9 @@ _INSERT = """
 WITH e AS (
     INSERT INTO entities (org_id, id, project_id, type, data, version, keyframe_version, deleted,
                           created_at, updated_at, created_by, updated_by)
-    VALUES (%(org)s, %(id)s, %(project)s, %(type)s, %(data)s::jsonb, 1, 1, false,
-            clock_timestamp(), clock_timestamp(), %(actor)s, %(actor)s)
+    SELECT %(org)s, %(id)s, %(project)s, %(type)s, %(data)s::jsonb, 1, 1, false,
+           now.t, now.t, %(actor)s, %(actor)s
+    FROM (SELECT clock_timestamp() AS t) now
     ON CONFLICT (org_id, id) DO NOTHING
     RETURNING *
 ), v AS (
@@ -142,6 +143,25 @@ ORDER BY version
 # The caller's project role, for members (owners and admins reach every project).
 _ROLE_COLUMN = """(SELECT m.role FROM project_members m WHERE m.org_id = e.org_id
     AND m.project_id = e.project_id AND m.user_id = %(user)s) AS member_role"""
+
+# One page of a project as it was at time t: per entity, the rows from the keyframe
+# at or before its version at t up to that version (entities made after t are skipped).
+_PAGE_AS_OF = """
+SELECT c.id, c.org_id, c.project_id, c.type, c.created_at, c.created_by,
+       v.version, v.at, v.actor, v.deleted, v.patch, v.keyframe
+FROM (SELECT id, org_id, project_id, type, created_at, created_by FROM entities
+      WHERE org_id = %(org)s AND project_id = %(project)s AND id > %(after)s
+        AND created_at <= %(t)s {type_filter}
+      ORDER BY id LIMIT %(n)s) c
+CROSS JOIN LATERAL (SELECT max(version) AS target FROM entity_versions
+                    WHERE org_id = c.org_id AND entity_id = c.id AND at <= %(t)s) tv
+CROSS JOIN LATERAL (SELECT max(version) AS kf FROM entity_versions
+                    WHERE org_id = c.org_id AND entity_id = c.id AND version <= tv.target
+                      AND keyframe IS NOT NULL) kv
+JOIN entity_versions v ON v.org_id = c.org_id AND v.entity_id = c.id
+                      AND v.version BETWEEN kv.kf AND tv.target
+ORDER BY c.id, v.version
+"""
 
 _VERSION_AT = """
 SELECT max(version) AS v FROM entity_versions WHERE org_id = %s AND entity_id = %s AND at <= %s
@@ -345,30 +365,27 @@ class EntityStore:
     async def _page_as_of(self, conn: Connection, who: Principal, project_id: UUID,
                           type: str | None, cursor: UUID, limit: int, as_of: datetime) -> Page:
         items: list[Entity] = []
+        params = {"org": who.org_id, "project": project_id, "type": type, "t": _aware(as_of),
+                  "n": limit}
+        query = _PAGE_AS_OF.format(type_filter="AND type = %(type)s" if type is not None else "")
         while len(items) < limit:
-            where = "org_id = %s AND project_id = %s AND id > %s AND created_at <= %s"
-            params: list[Any] = [who.org_id, project_id, cursor, as_of]
-            if type is not None:
-                where += " AND type = %s"
-                params.append(type)
-            cur = await conn.execute(
-                f"SELECT * FROM entities WHERE {where} ORDER BY id LIMIT %s", [*params, limit]
-            )
-            candidates = await cur.fetchall()
-            for row in candidates:
-                cursor = row["id"]
-                version = await self._version_at(conn, who, row["id"], as_of, latest=row["version"])
-                if version is None:
+            cur = await conn.execute(query, {**params, "after": cursor})
+            rows = await cur.fetchall()
+            if not rows:
+                return Page(items, None)
+            by_entity: dict[UUID, list[dict[str, Any]]] = {}
+            for row in rows:
+                by_entity.setdefault(row["id"], []).append(row)
+            for entity_id, versions in by_entity.items():
+                cursor = entity_id
+                last = versions[-1]
+                if last["deleted"]:
                     continue
-                rows = await self._rebuild_rows(conn, who, row["id"], version)
-                if rows[-1]["deleted"]:
-                    continue
-                items.append(_entity({**row, "data": history.rebuild(rows), "version": version,
-                                      "deleted": False, "updated_at": rows[-1]["at"],
-                                      "updated_by": rows[-1]["actor"]}))
+                items.append(_entity({**last, "data": history.rebuild(versions), "updated_at": last["at"],
+                                      "updated_by": last["actor"]}))
                 if len(items) == limit:
                     break
-            if len(candidates) < limit:
+            if len(by_entity) < limit:
                 return Page(items, None)
         return Page(items, str(cursor))
 
@@ -421,14 +438,18 @@ class EntityStore:
                 raise NotFound(f"entity {id} has no version {as_of}")
             return as_of
         assert isinstance(as_of, datetime)
-        moment = as_of if as_of.tzinfo else as_of.replace(tzinfo=UTC)
-        row = await (await conn.execute(_VERSION_AT, (who.org_id, id, moment))).fetchone()
+        row = await (await conn.execute(_VERSION_AT, (who.org_id, id, _aware(as_of)))).fetchone()
         return None if row is None or row["v"] is None else int(row["v"])
 
     async def _rebuild_rows(self, conn: Connection, who: Principal, id: UUID,
                             version: int) -> list[dict[str, Any]]:
         cur = await conn.execute(_REBUILD, {"org": who.org_id, "id": id, "v": version})
         return await cur.fetchall()
+
+
+def _aware(moment: datetime) -> datetime:
+    """A time without a zone is taken as UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def parse_as_of(value: str | None) -> AsOf:

@@ -72,6 +72,17 @@ class Database:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def one(self, query: str, params: Any) -> dict[str, Any] | None:
+        """Run one statement on its own (autocommit) and return its first row, if any."""
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(query, params)
+                return await cur.fetchone()
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+        except PoolTimeout as exc:
+            raise Unavailable("no database connection available", hint=str(exc)) from None
+
     @asynccontextmanager
     async def transaction(self, org_id: UUID | None = None) -> AsyncIterator[Connection]:
         """A transaction scoped to ``org_id`` (None: global tables only; RLS hides tenant rows)."""
@@ -109,9 +120,10 @@ def translate(exc: psycopg.Error) -> CanvasdbError:
         return Conflict("concurrent change, try again", retry=True)
     if isinstance(exc, pg_errors.QueryCanceled):
         return Unavailable("the query took too long and was cancelled", retry=True)
-    if isinstance(exc, pg_errors.UntranslatableCharacter | pg_errors.InvalidTextRepresentation
-                  | pg_errors.CharacterNotInRepertoire | pg_errors.InvalidParameterValue):
-        return InvalidInput(f"invalid value: {exc.diag.message_primary}")
+    if isinstance(exc, pg_errors.DataError):
+        # Class 22 (bad text, bad encoding, bad values), and psycopg's own refusal of NUL
+        # characters in text parameters, which never reaches the server (no SQLSTATE).
+        return InvalidInput(f"invalid value: {exc.diag.message_primary or exc}")
     if isinstance(exc, psycopg.OperationalError):
         return Unavailable("database unavailable", hint=str(exc).strip(), retry=True)
     return CanvasdbError(f"database error ({exc.sqlstate})")

@@ -7,15 +7,17 @@ statement. Reads are by id, by ids, or by page; nothing reads a whole project.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID, uuid4
 
 from canvasdb.db import Connection, Database
 from canvasdb.entities import history
-from canvasdb.entities.types import EntityType, TypeRegistry, check_type_name, type_from_json
+from canvasdb.entities.types import TypeRegistry, check_type_name, type_from_json
 from canvasdb.errors import Conflict, Gone, InvalidInput, NotFound, PayloadTooLarge
 from canvasdb.tenancy import Principal, check_project_access, require_project_role
 
@@ -23,6 +25,7 @@ Op = Literal["create", "update", "delete", "undelete", "restore"]
 AsOf = int | datetime | None
 MAX_PAGE = 1000
 MAX_IDS = 100
+MAX_DEPTH = 100  # nesting of objects and arrays in data; history, diffs and JSON output recurse
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,13 @@ def encode_data(data: object, max_bytes: int) -> str:
     """``data`` as JSON text, refusing what PostgreSQL's jsonb or the size limit would not take."""
     if not isinstance(data, dict):
         raise InvalidInput("data must be a JSON object", pointer="/data")
+    stack: list[tuple[Any, int]] = [(data, 1)]  # objects and arrays, walked without recursion
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidInput(f"data is nested more than {MAX_DEPTH} levels deep", pointer="/data")
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     try:
         text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         size = len(text.encode("utf-8"))
@@ -96,24 +106,6 @@ def _entity(row: dict[str, Any]) -> Entity:
         created_by=row["created_by"], updated_by=row["updated_by"],
     )  # fmt: skip
 
-
-# Appends the version row in the same statement as the change: one round trip a write.
-_UPDATE = """
-WITH u AS (
-    UPDATE entities SET data = %(data)s::jsonb, version = version + 1,
-        keyframe_version = CASE WHEN %(keyframe)s THEN version + 1 ELSE keyframe_version END,
-        deleted = %(deleted)s, updated_by = %(actor)s,
-        updated_at = greatest(clock_timestamp(), updated_at + interval '1 microsecond')
-    WHERE org_id = %(org)s AND id = %(id)s
-    RETURNING *
-), v AS (
-    INSERT INTO entity_versions (org_id, entity_id, version, op, at, actor, deleted, patch, keyframe)
-    SELECT org_id, id, version, %(op)s, updated_at, updated_by, deleted, %(patch)s::jsonb,
-        CASE WHEN %(keyframe)s THEN data END
-    FROM u
-)
-SELECT * FROM u
-"""
 
 _INSERT = """
 WITH e AS (
@@ -140,10 +132,6 @@ WHERE org_id = %(org)s AND entity_id = %(id)s AND version <= %(v)s AND version >
 ORDER BY version
 """
 
-# The caller's project role, for members (owners and admins reach every project).
-_ROLE_COLUMN = """(SELECT m.role FROM project_members m WHERE m.org_id = e.org_id
-    AND m.project_id = e.project_id AND m.user_id = %(user)s) AS member_role"""
-
 # One page of a project as it was at time t: per entity, the rows from the keyframe
 # at or before its version at t up to that version (entities made after t are skipped).
 _PAGE_AS_OF = """
@@ -153,8 +141,9 @@ FROM (SELECT id, org_id, project_id, type, created_at, created_by FROM entities
       WHERE org_id = %(org)s AND project_id = %(project)s AND id > %(after)s
         AND created_at <= %(t)s {type_filter}
       ORDER BY id LIMIT %(n)s) c
-CROSS JOIN LATERAL (SELECT max(version) AS target FROM entity_versions
-                    WHERE org_id = c.org_id AND entity_id = c.id AND at <= %(t)s) tv
+CROSS JOIN LATERAL (SELECT version AS target FROM entity_versions
+                    WHERE org_id = c.org_id AND entity_id = c.id AND at <= %(t)s
+                    ORDER BY version DESC LIMIT 1) tv
 CROSS JOIN LATERAL (SELECT max(version) AS kf FROM entity_versions
                     WHERE org_id = c.org_id AND entity_id = c.id AND version <= tv.target
                       AND keyframe IS NOT NULL) kv
@@ -163,9 +152,16 @@ JOIN entity_versions v ON v.org_id = c.org_id AND v.entity_id = c.id
 ORDER BY c.id, v.version
 """
 
+# Version times increase with versions: walk the primary key back to the first one at or before t.
 _VERSION_AT = """
-SELECT max(version) AS v FROM entity_versions WHERE org_id = %s AND entity_id = %s AND at <= %s
+SELECT version AS v FROM entity_versions WHERE org_id = %s AND entity_id = %s AND at <= %s
+ORDER BY version DESC LIMIT 1
 """
+
+_READ = "SELECT * FROM entity_read(%s, %s, %s)"
+_WRITE = """SELECT * FROM entity_write(%(org)s, %(id)s, %(expected)s, %(data)s::jsonb, %(deleted)s,
+    %(op)s, %(actor)s, %(patch)s::jsonb, %(keyframe)s)"""
+_WRITE_ATTEMPTS = 200
 
 
 class EntityStore:
@@ -232,10 +228,11 @@ class EntityStore:
 
     async def restore(self, who: Principal, id: UUID, version: int) -> Entity:
         """Make an old version current again, as a new version (also undeletes)."""
-        async def old(conn: Connection, cur: Entity) -> dict[str, Any]:
+        async def old(cur: Entity) -> dict[str, Any]:
             if not 1 <= version <= cur.version:
                 raise NotFound(f"entity {id} has no version {version}")
-            data: dict[str, Any] = history.rebuild(await self._rebuild_rows(conn, who, id, version))
+            async with self.db.transaction(who.org_id) as conn:
+                data: dict[str, Any] = history.rebuild(await self._rebuild_rows(conn, who, id, version))
             return data
 
         return await self._change(who, id, "restore", old)
@@ -243,8 +240,14 @@ class EntityStore:
     async def _change(
         self, who: Principal, id: UUID, op: Op, compute: Any, *, if_version: int | None = None
     ) -> Entity:
-        async with self.db.transaction(who.org_id) as conn:
-            current, keyframe_version, spec = await self._locked(conn, who, id, write=True)
+        """Read, compute the new data, write if nobody wrote in between; else read again.
+
+        Two round trips and no lock held while Python works. A write conditioned on
+        ``if_version`` is not retried: losing the race is the conflict it asked about.
+        """
+        for attempt in range(_WRITE_ATTEMPTS):
+            row = await self._read(who, id, write=True)
+            current = _entity(row)
             if if_version is not None and if_version != current.version:
                 raise Conflict(
                     f"entity {id} is at version {current.version}, not {if_version}",
@@ -252,53 +255,47 @@ class EntityStore:
                 )
             if op == "update" and current.deleted:
                 raise Gone(f"entity {id} is deleted; undelete or restore it first")
-            if op == "restore":
-                new_data = await compute(conn, current)
-            else:
-                new_data = compute(current)
+            new_data = await compute(current) if op == "restore" else compute(current)
             deleted = op == "delete"
-            if new_data == current.data and deleted == current.deleted:
+            if deleted == current.deleted and history.same(new_data, current.data):
                 return current  # nothing changes, so no new version
             text = encode_data(new_data, self.max_data_bytes)
             if new_data is not current.data:
+                spec = None if row["entity_type"] is None else type_from_json(row["entity_type"])
                 self.types.check(who, spec, new_data)
-            cur = await conn.execute(_UPDATE, {
-                "org": who.org_id, "id": id, "data": text, "deleted": deleted,
-                "actor": who.user_id, "op": op,
-                "patch": json.dumps(history.diff(current.data, new_data)),
-                "keyframe": current.version + 1 - keyframe_version >= self.keyframe_interval,
+            done = await self.db.one(_WRITE, {
+                "org": who.org_id, "id": id, "expected": current.version, "data": text,
+                "deleted": deleted, "op": op, "actor": who.user_id,
+                "patch": json.dumps(history.diff(current.data, new_data), ensure_ascii=False),
+                "keyframe": current.version + 1 - row["keyframe_version"] >= self.keyframe_interval,
             })  # fmt: skip
-        row = await cur.fetchone()  # read after COMMIT: both went in one round trip
-        assert row is not None
-        return _entity(row)
+            if done is not None:
+                return replace(current, data=done["data"], version=done["version"], deleted=deleted,
+                               updated_at=done["updated_at"], updated_by=who.user_id)
+            if if_version is not None:
+                raise Conflict(f"entity {id} changed while this write was prepared",
+                               current_version=current.version + 1)
+            await asyncio.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
+        raise Conflict(f"entity {id} is changing too fast to write; try again", retry=True)
 
-    async def _locked(
-        self, conn: Connection, who: Principal, id: UUID, *, write: bool
-    ) -> tuple[Entity, int, EntityType | None]:
-        """The current row, locked against other writers; its keyframe's version; its type."""
-        cur = await conn.execute(
-            f"SELECT e.*, {_ROLE_COLUMN}, to_jsonb(t) AS entity_type FROM entities e"
-            " LEFT JOIN entity_types t ON t.org_id = e.org_id AND t.name = e.type"
-            " WHERE e.org_id = %(org)s AND e.id = %(id)s FOR NO KEY UPDATE OF e",
-            {"org": who.org_id, "id": id, "user": who.user_id},
-        )
-        row = await cur.fetchone()
+    async def _read(self, who: Principal, id: UUID, *, write: bool) -> dict[str, Any]:
+        """The entity's row in one round trip, after checking the caller's project role."""
+        row = await self.db.one(_READ, (who.org_id, id, who.user_id))
         if row is None:
             raise NotFound(f"entity {id} not found")
         require_project_role(who, row["member_role"], write=write, what="entity")
-        spec = None if row["entity_type"] is None else type_from_json(row["entity_type"])
-        return _entity(row), int(row["keyframe_version"]), spec
+        return row
 
     # --- reads --------------------------------------------------------------------------------
 
     async def get(self, who: Principal, id: UUID, *, as_of: AsOf = None) -> Entity:
         """The entity now, or as of a version number or a moment."""
+        row = await self._read(who, id, write=False)
+        if as_of is None:
+            if row["deleted"]:
+                raise Gone(f"entity {id} is deleted", version=row["version"])
+            return _entity(row)
         async with self.db.transaction(who.org_id) as conn:
-            row = await self._readable(conn, who, id)
-            if as_of is None:
-                if row["deleted"]:
-                    raise Gone(f"entity {id} is deleted", version=row["version"])
-                return _entity(row)
             version = await self._version_at(conn, who, id, as_of, latest=row["version"])
             if version is None:
                 raise NotFound(f"entity {id} did not exist at {as_of}")
@@ -395,8 +392,8 @@ class EntityStore:
         """The entity's versions, newest first, without their keyframes."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}", pointer="/limit")
+        await self._read(who, id, write=False)
         async with self.db.transaction(who.org_id) as conn:
-            await self._readable(conn, who, id)
             cur = await conn.execute(
                 "SELECT version, op, at, actor, deleted, patch FROM entity_versions"
                 " WHERE org_id = %s AND entity_id = %s AND version < %s"
@@ -409,8 +406,8 @@ class EntityStore:
 
     async def diff(self, who: Principal, id: UUID, from_version: int, to_version: int) -> list[Any]:
         """The RFC 6902 patch from one version's data to another's."""
+        row = await self._read(who, id, write=False)
         async with self.db.transaction(who.org_id) as conn:
-            row = await self._readable(conn, who, id)
             docs = []
             for v in (from_version, to_version):
                 if not 1 <= v <= row["version"]:
@@ -419,17 +416,6 @@ class EntityStore:
         return history.diff(docs[0], docs[1])
 
     # --- helpers ------------------------------------------------------------------------------
-
-    async def _readable(self, conn: Connection, who: Principal, id: UUID) -> dict[str, Any]:
-        cur = await conn.execute(
-            f"SELECT e.*, {_ROLE_COLUMN} FROM entities e WHERE e.org_id = %(org)s AND e.id = %(id)s",
-            {"org": who.org_id, "id": id, "user": who.user_id},
-        )
-        row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"entity {id} not found")
-        require_project_role(who, row["member_role"], write=False, what="entity")
-        return row
 
     async def _version_at(self, conn: Connection, who: Principal, id: UUID, as_of: AsOf,
                           *, latest: int) -> int | None:

@@ -56,7 +56,7 @@ def parse_if_match(value: str | None) -> int | None:
     if value is None or value.strip() == "*":
         return None
     raw = value.strip().removeprefix("W/").strip('"')
-    if not raw.isdigit() or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:  # not '²': int() refuses it
         raise BadRequest('If-Match must be an ETag from this API, such as "3"')
     return int(raw)
 

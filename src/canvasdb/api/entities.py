@@ -7,14 +7,18 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from canvasdb.api.deps import Svc, Who, parse_id, parse_if_match
 from canvasdb.entities import Entity, parse_as_of
+from canvasdb.entities.store import encode_data
 from canvasdb.errors import InvalidInput
 
 router = APIRouter(prefix="/v1/orgs/{org}", tags=["entities"])
 IfMatch = Annotated[str | None, Header(alias="If-Match")]
+# Version numbers and ISO 8601 times are ASCII; refusing the rest here keeps Unicode digits
+# such as '²' (which str.isdigit accepts and int() does not) away from parse_as_of.
+ASCII = r"^[ -~]*$"
 
 
 class EntityIn(BaseModel):
@@ -22,6 +26,14 @@ class EntityIn(BaseModel):
     id: UUID | None = Field(default=None, description="client-chosen id; generated if absent")
     type: str = Field(max_length=200, examples=["kanban.card"])
     data: dict[str, Any] = Field(examples=[{"title": "Ship it", "status": "todo"}])
+
+    @field_validator("id")
+    @classmethod
+    def _not_nil(cls, value: UUID | None) -> UUID | None:
+        # Pages start after the nil UUID: an entity with that id would never be listed.
+        if value is not None and value.int == 0:
+            raise ValueError("id must not be the nil UUID")
+        return value
 
 
 class DataIn(BaseModel):
@@ -49,7 +61,7 @@ async def list_entities(
     type: Annotated[str | None, Query(max_length=200)] = None,
     after: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    as_of: Annotated[str | None, Query(max_length=64, description="ISO 8601 time")] = None,
+    as_of: Annotated[str | None, Query(max_length=64, pattern=ASCII, description="ISO 8601 time")] = None,
 ) -> dict[str, Any]:  # fmt: skip
     """One page of the project's entities (of a type), by id; ``as_of`` lists them as they were."""
     moment = parse_as_of(as_of)
@@ -73,7 +85,8 @@ async def get_entities(
 @router.get("/entities/{id}")
 async def get_entity(
     org: str, id: str, svc: Svc, who: Who,
-    as_of: Annotated[str | None, Query(max_length=64, description="version or ISO 8601 time")] = None,
+    as_of: Annotated[str | None, Query(max_length=64, pattern=ASCII,
+                                       description="version or ISO 8601 time")] = None,
 ) -> JSONResponse:  # fmt: skip
     return _one(await svc.entities.get(who, parse_id(id), as_of=parse_as_of(as_of)))
 
@@ -90,6 +103,7 @@ async def replace_entity(org: str, id: str, body: DataIn, svc: Svc, who: Who,
 async def patch_entity(org: str, id: str, body: DataIn, svc: Svc, who: Who,
                        if_match: IfMatch = None) -> JSONResponse:
     """JSON Merge Patch (RFC 7396) of ``data``: members set to null are removed."""
+    encode_data(body.data, svc.entities.max_data_bytes)  # too deep or large: refused before merging
     entity = await svc.entities.patch(who, parse_id(id), body.data, if_version=parse_if_match(if_match))
     return _one(entity)
 

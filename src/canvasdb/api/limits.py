@@ -24,15 +24,16 @@ class BodySizeLimit:
         overflow = False
 
         async def counted_receive() -> Message:
-            # A streamed body that grows too large is cut off here; whatever the app then
-            # answers about the truncated body is replaced by a 413 in guarded_send.
+            # A streamed body that grows too large is cut off here, as a disconnect: a body
+            # that merely ended could be a complete document (then padding) and be acted on.
+            # Whatever the app answers is replaced by a 413 in guarded_send.
             nonlocal seen, overflow
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     overflow = True
-                    return {"type": "http.request", "body": b"", "more_body": False}
+                    return {"type": "http.disconnect"}
             return message
 
         async def guarded_send(message: Message) -> None:

@@ -52,7 +52,7 @@ class Org:
 
 
 def check_slug(slug: str, what: str = "slug") -> str:
-    if not isinstance(slug, str) or not SLUG.match(slug):
+    if not isinstance(slug, str) or not SLUG.fullmatch(slug):
         raise InvalidInput(
             f"{what} must be 1-63 lowercase letters, digits or '-', starting with a letter or digit",
             pointer=f"/{what}",
@@ -121,7 +121,7 @@ class Tenancy:
 
     async def ensure_user(self, email: str, name: str = "") -> UUID:
         """The user with this email, created if missing."""
-        if not isinstance(email, str) or not EMAIL.match(email):
+        if not isinstance(email, str) or not EMAIL.fullmatch(email):
             raise InvalidInput("email must look like name@host", pointer="/email")
         async with self.db.transaction() as conn:
             row = await (await conn.execute(
@@ -167,10 +167,10 @@ class Tenancy:
         async with self.db.transaction() as conn:
             cur = await conn.execute(
                 "UPDATE api_tokens SET revoked_at = now() WHERE revoked_at IS NULL "
-                "AND (token_hash = %s OR id = %s)",
+                "AND (token_hash = %s OR id = %s) RETURNING id",
                 (hash_token(token_or_id), token_id),
             )
-            return cur.rowcount > 0
+            return bool(await cur.fetchall())
 
     async def authenticate(self, token: str | None) -> UUID:
         """The user behind a live token, or Unauthorized."""
@@ -232,7 +232,7 @@ class Tenancy:
             )).fetchone()
             if row is None:
                 raise NotFound(f"project {ref!r} not found")
-            await check_project_access(conn, who, row["id"], write=write)
+            await check_project_access(conn, who, row["id"], write=write, what=f"project {ref!r}")
         return UUID(str(row["id"]))
 
     async def list_projects(self, who: Principal) -> list[dict[str, Any]]:

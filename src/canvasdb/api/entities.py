@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from canvasdb.api.deps import Svc, Who, parse_id, parse_if_match
 from canvasdb.entities import Entity, parse_as_of
-from canvasdb.entities.store import encode_data
 from canvasdb.errors import InvalidInput
 
 router = APIRouter(prefix="/v1/orgs/{org}", tags=["entities"])
@@ -103,7 +102,6 @@ async def replace_entity(org: str, id: str, body: DataIn, svc: Svc, who: Who,
 async def patch_entity(org: str, id: str, body: DataIn, svc: Svc, who: Who,
                        if_match: IfMatch = None) -> JSONResponse:
     """JSON Merge Patch (RFC 7396) of ``data``: members set to null are removed."""
-    encode_data(body.data, svc.entities.max_data_bytes)  # too deep or large: refused before merging
     entity = await svc.entities.patch(who, parse_id(id), body.data, if_version=parse_if_match(if_match))
     return _one(entity)
 

@@ -211,8 +211,7 @@ class EntityStore:
         self, who: Principal, id: UUID, merge: dict[str, Any], *, if_version: int | None = None
     ) -> Entity:
         """Apply an RFC 7396 JSON Merge Patch to ``data``."""
-        if not isinstance(merge, dict):
-            raise InvalidInput("a merge patch of data must be a JSON object", pointer="/data")
+        encode_data(merge, self.max_data_bytes)  # too large or too deep: refused before merging
         return await self._change(
             who, id, "update", lambda cur: history.merge_patch(cur.data, merge),
             if_version=if_version,
@@ -283,7 +282,7 @@ class EntityStore:
         row = await self.db.one(_READ, (who.org_id, id, who.user_id))
         if row is None:
             raise NotFound(f"entity {id} not found")
-        require_project_role(who, row["member_role"], write=write, what="entity")
+        require_project_role(who, row["member_role"], write=write, what=f"entity {id}")
         return row
 
     # --- reads --------------------------------------------------------------------------------
@@ -442,7 +441,7 @@ def parse_as_of(value: str | None) -> AsOf:
     """``as_of`` as text: a version number or an ISO 8601 moment."""
     if value is None or value == "":
         return None
-    if value.isdigit() and len(value) <= 9:
+    if value.isascii() and value.isdigit() and len(value) <= 9:
         return int(value)
     try:
         return datetime.fromisoformat(value)

@@ -17,6 +17,9 @@ from typing import Any
 import jsonschema
 from jsonschema.exceptions import SchemaError, best_match
 from jsonschema.validators import validator_for
+from referencing import Registry, Resource
+from referencing.exceptions import Unresolvable
+from referencing.jsonschema import DRAFT202012
 
 from canvasdb.db import Connection, Database
 from canvasdb.errors import InvalidInput, NotFound
@@ -46,45 +49,76 @@ class EntityType:
         return out
 
 
-def check_type_name(name: object) -> str:
-    if not isinstance(name, str) or not TYPE_NAME.match(name):
+def check_type_name(name: object, pointer: str = "/type") -> str:
+    if not isinstance(name, str) or not TYPE_NAME.fullmatch(name):
         raise InvalidInput(
             "type must be lowercase dotted words such as 'board.node' or 'kanban.card'",
-            pointer="/type",
+            pointer=pointer,
         )
     return name
 
 
 def check_definition(spec: EntityType) -> EntityType:
     """Reject a declaration that later code could not use, naming the bad field."""
-    check_type_name(spec.name)
+    check_type_name(spec.name, pointer="/name")
     if len(spec.module) > 100:
         raise InvalidInput("module is at most 100 characters", pointer="/module")
     if spec.json_schema is not None:
-        try:
-            validator_for(spec.json_schema, default=jsonschema.Draft202012Validator).check_schema(
-                spec.json_schema
-            )
-        except SchemaError as exc:
-            where = "/".join(str(p) for p in exc.absolute_path)
-            raise InvalidInput(f"not a valid JSON Schema: {exc.message}",
-                               pointer="/json_schema" + (f"/{where}" if where else "")) from None
+        _check_schema(spec.json_schema)
     for name, weight in spec.text_fields.items():
-        if not FIELD_NAME.match(name):
+        if not FIELD_NAME.fullmatch(name):
             raise InvalidInput(f"bad text field name {name!r}", pointer=f"/text_fields/{name}")
         if weight not in WEIGHTS:
             raise InvalidInput("text field weight must be A, B, C or D",
                                pointer=f"/text_fields/{name}")
     for i, path in enumerate(spec.reference_fields):
-        if not REFERENCE_PATH.match(path):
+        if not REFERENCE_PATH.fullmatch(path):
             raise InvalidInput("reference fields are JSON paths such as '$.parent' or "
                                "'$.depends_on[*]'", pointer=f"/reference_fields/{i}")
     for i, name in enumerate(spec.embed_fields):
-        if not FIELD_NAME.match(name):
+        if not FIELD_NAME.fullmatch(name):
             raise InvalidInput(f"bad embed field name {name!r}", pointer=f"/embed_fields/{i}")
-    if spec.tag_field is not None and not FIELD_NAME.match(spec.tag_field):
+    if spec.tag_field is not None and not FIELD_NAME.fullmatch(spec.tag_field):
         raise InvalidInput("bad tag field name", pointer="/tag_field")
     return spec
+
+
+def _validator(schema: dict[str, Any]) -> Any:
+    """A validator that resolves ``$ref`` only inside the schema: nothing is ever fetched."""
+    cls = validator_for(schema, default=jsonschema.Draft202012Validator)
+    return cls(schema, registry=Registry())
+
+
+def _check_schema(schema: dict[str, Any]) -> None:
+    """A valid JSON Schema whose every ``$ref`` points inside itself and resolves."""
+    try:
+        validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        raise InvalidInput(f"not a valid JSON Schema: {exc.message}",
+                           pointer="/json_schema" + (f"/{where}" if where else "")) from None
+    resource = Resource.from_contents(schema, default_specification=DRAFT202012)  # honours $schema
+    resolver = Registry().resolver_with_root(resource)
+    stack: list[tuple[Any, str]] = [(schema, "/json_schema")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                if not ref.startswith("#"):
+                    raise InvalidInput("a $ref must point inside the schema ('#/...'): nothing "
+                                       "is fetched from elsewhere", pointer=f"{where}/$ref")
+                try:
+                    resolver.lookup(ref)
+                except Unresolvable:
+                    raise InvalidInput(f"$ref {ref!r} does not resolve", pointer=f"{where}/$ref") from None
+            stack.extend((v, f"{where}/{_escape(str(k))}") for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}/{i}") for i, v in enumerate(node))
+
+
+def _escape(part: str) -> str:
+    return part.replace("~", "~0").replace("/", "~1")
 
 
 def _pointer(path: Any) -> str:
@@ -152,12 +186,15 @@ class TypeRegistry:
         key = (who.org_id, spec.name, spec.updated_at)
         validator = self._validators.get(key)
         if validator is None:
-            cls = validator_for(spec.json_schema, default=jsonschema.Draft202012Validator)
-            validator = cls(spec.json_schema)
+            validator = _validator(spec.json_schema)
             self._validators[key] = validator
             if len(self._validators) > _CACHE_SIZE:
                 self._validators.popitem(last=False)
-        error = best_match(validator.iter_errors(data))
+        try:
+            error = best_match(validator.iter_errors(data))
+        except Unresolvable as exc:  # a type registered before refs were checked
+            raise InvalidInput(f"the schema of {spec.name} has a $ref that does not resolve: {exc}",
+                               pointer="/data") from None
         if error is not None:
             pointer = "/data" + _pointer(error.absolute_path)
             raise InvalidInput(f"data does not match the schema of {spec.name}: {error.message}",

@@ -7,21 +7,26 @@ statement. Reads are by id, by ids, or by page; nothing reads a whole project.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 from uuid import UUID, uuid4
 
 from canvasdb.db import Connection, Database
 from canvasdb.entities import history
 from canvasdb.entities.types import TypeRegistry, check_type_name, type_from_json
-from canvasdb.errors import Conflict, Gone, InvalidInput, NotFound, PayloadTooLarge
+from canvasdb.errors import (
+    CanvasdbError,
+    Conflict,
+    Forbidden,
+    Gone,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+)
 from canvasdb.tenancy import Principal, check_project_access, require_project_role
 
-Op = Literal["create", "update", "delete", "undelete", "restore"]
 AsOf = int | datetime | None
 MAX_PAGE = 1000
 MAX_IDS = 100
@@ -98,6 +103,21 @@ def encode_data(data: object, max_bytes: int) -> str:
     return text
 
 
+def _refusal(outcome: str, id: UUID, version: int | None, max_bytes: int) -> CanvasdbError:
+    """The error for an ``entity_change`` outcome that wrote nothing."""
+    if outcome == "not_found":
+        return NotFound(f"entity {id} not found")
+    if outcome == "forbidden":
+        return Forbidden(f"a viewer may read entity {id} but not change it")
+    if outcome == "conflict":
+        return Conflict(f"entity {id} is at version {version}", current_version=version)
+    if outcome == "gone":
+        return Gone(f"entity {id} is deleted; undelete or restore it first")
+    if outcome == "too_large":
+        return PayloadTooLarge(f"the merged data would be over {max_bytes} bytes", limit=max_bytes)
+    return CanvasdbError(f"unexpected outcome {outcome!r} writing entity {id}")
+
+
 def _entity(row: dict[str, Any]) -> Entity:
     return Entity(
         id=row["id"], org_id=row["org_id"], project_id=row["project_id"], type=row["type"],
@@ -159,9 +179,9 @@ ORDER BY version DESC LIMIT 1
 """
 
 _READ = "SELECT * FROM entity_read(%s, %s, %s)"
-_WRITE = """SELECT * FROM entity_write(%(org)s, %(id)s, %(expected)s, %(data)s::jsonb, %(deleted)s,
-    %(op)s, %(actor)s, %(patch)s::jsonb, %(keyframe)s)"""
-_WRITE_ATTEMPTS = 200
+_CHANGE = """SELECT * FROM entity_change(%(org)s, %(id)s, %(actor)s, %(admin)s, %(op)s,
+    %(value)s::jsonb, %(if_version)s, %(validated_at)s, %(keyframe_interval)s, %(max_bytes)s)"""
+_VALIDATE_ATTEMPTS = 50
 
 
 class EntityStore:
@@ -204,78 +224,55 @@ class EntityStore:
     async def replace(
         self, who: Principal, id: UUID, data: dict[str, Any], *, if_version: int | None = None
     ) -> Entity:
-        encode_data(data, self.max_data_bytes)
-        return await self._change(who, id, "update", lambda cur: data, if_version=if_version)
+        return await self._change(who, id, "replace", encode_data(data, self.max_data_bytes),
+                                  if_version=if_version)
 
     async def patch(
         self, who: Principal, id: UUID, merge: dict[str, Any], *, if_version: int | None = None
     ) -> Entity:
         """Apply an RFC 7396 JSON Merge Patch to ``data``."""
-        encode_data(merge, self.max_data_bytes)  # too large or too deep: refused before merging
-        return await self._change(
-            who, id, "update", lambda cur: history.merge_patch(cur.data, merge),
-            if_version=if_version,
-        )
+        return await self._change(who, id, "merge", encode_data(merge, self.max_data_bytes),
+                                  if_version=if_version)
 
     async def delete(self, who: Principal, id: UUID, *, if_version: int | None = None) -> Entity:
         """Soft delete: a tombstone version. Deleting a deleted entity changes nothing."""
-        return await self._change(who, id, "delete", lambda cur: cur.data, if_version=if_version)
+        return await self._change(who, id, "delete", None, if_version=if_version)
 
     async def undelete(self, who: Principal, id: UUID) -> Entity:
         """Bring a deleted entity back as it was. Undeleting a live entity changes nothing."""
-        return await self._change(who, id, "undelete", lambda cur: cur.data)
+        return await self._change(who, id, "undelete", None)
 
     async def restore(self, who: Principal, id: UUID, version: int) -> Entity:
         """Make an old version current again, as a new version (also undeletes)."""
-        async def old(cur: Entity) -> dict[str, Any]:
-            if not 1 <= version <= cur.version:
-                raise NotFound(f"entity {id} has no version {version}")
-            async with self.db.transaction(who.org_id) as conn:
-                data: dict[str, Any] = history.rebuild(await self._rebuild_rows(conn, who, id, version))
-            return data
-
-        return await self._change(who, id, "restore", old)
+        latest = (await self._read(who, id, write=True))["version"]
+        if not 1 <= version <= latest:
+            raise NotFound(f"entity {id} has no version {version}")
+        async with self.db.transaction(who.org_id) as conn:
+            old = history.rebuild(await self._rebuild_rows(conn, who, id, version))
+        return await self._change(who, id, "restore", json.dumps(old, ensure_ascii=False))
 
     async def _change(
-        self, who: Principal, id: UUID, op: Op, compute: Any, *, if_version: int | None = None
+        self, who: Principal, id: UUID, op: str, value: str | None, *, if_version: int | None = None
     ) -> Entity:
-        """Read, compute the new data, write if nobody wrote in between; else read again.
-
-        Two round trips and no lock held while Python works. A write conditioned on
-        ``if_version`` is not retried: losing the race is the conflict it asked about.
-        """
-        for attempt in range(_WRITE_ATTEMPTS):
-            row = await self._read(who, id, write=True)
-            current = _entity(row)
-            if if_version is not None and if_version != current.version:
-                raise Conflict(
-                    f"entity {id} is at version {current.version}, not {if_version}",
-                    current_version=current.version,
-                )
-            if op == "update" and current.deleted:
-                raise Gone(f"entity {id} is deleted; undelete or restore it first")
-            new_data = await compute(current) if op == "restore" else compute(current)
-            deleted = op == "delete"
-            if deleted == current.deleted and history.same(new_data, current.data):
-                return current  # nothing changes, so no new version
-            text = encode_data(new_data, self.max_data_bytes)
-            if new_data is not current.data:
-                spec = None if row["entity_type"] is None else type_from_json(row["entity_type"])
-                self.types.check(who, spec, new_data)
-            done = await self.db.one(_WRITE, {
-                "org": who.org_id, "id": id, "expected": current.version, "data": text,
-                "deleted": deleted, "op": op, "actor": who.user_id,
-                "patch": json.dumps(history.diff(current.data, new_data), ensure_ascii=False),
-                "keyframe": current.version + 1 - row["keyframe_version"] >= self.keyframe_interval,
-            })  # fmt: skip
-            if done is not None:
-                return replace(current, data=done["data"], version=done["version"], deleted=deleted,
-                               updated_at=done["updated_at"], updated_by=who.user_id)
-            if if_version is not None:
-                raise Conflict(f"entity {id} changed while this write was prepared",
-                               current_version=current.version + 1)
-            await asyncio.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
-        raise Conflict(f"entity {id} is changing too fast to write; try again", retry=True)
+        """One call of ``entity_change``; two when the type's schema must check the new data."""
+        params = {
+            "org": who.org_id, "id": id, "actor": who.user_id, "admin": who.is_org_admin, "op": op,
+            "value": value, "if_version": if_version, "validated_at": None,
+            "keyframe_interval": self.keyframe_interval, "max_bytes": self.max_data_bytes,
+        }  # fmt: skip
+        for _ in range(_VALIDATE_ATTEMPTS):
+            row = await self.db.one(_CHANGE, params)
+            assert row is not None
+            outcome = row["outcome"]
+            if outcome in ("done", "unchanged"):
+                return _entity({**{k[2:]: v for k, v in row.items() if k.startswith("r_")},
+                                "org_id": who.org_id, "id": id})
+            if outcome != "validate":
+                raise _refusal(outcome, id, row["r_version"], self.max_data_bytes)
+            # The schema says yes or raises; then write, if the entity is still at that version.
+            self.types.check(who, type_from_json(row["r_type_json"]), row["r_data"])
+            params["validated_at"] = row["r_version"]
+        raise Conflict(f"entity {id} is changing too fast to validate and write; try again", retry=True)
 
     async def _read(self, who: Principal, id: UUID, *, write: bool) -> dict[str, Any]:
         """The entity's row in one round trip, after checking the caller's project role."""
@@ -411,8 +408,11 @@ class EntityStore:
             for v in (from_version, to_version):
                 if not 1 <= v <= row["version"]:
                     raise NotFound(f"entity {id} has no version {v}")
-                docs.append(history.rebuild(await self._rebuild_rows(conn, who, id, v)))
-        return history.diff(docs[0], docs[1])
+                docs.append(json.dumps(history.rebuild(await self._rebuild_rows(conn, who, id, v))))
+            cur = await conn.execute("SELECT jsonb_diff(%s::jsonb, %s::jsonb) AS patch", docs)
+            found = await cur.fetchone()
+        assert found is not None
+        return list(found["patch"])
 
     # --- helpers ------------------------------------------------------------------------------
 

@@ -38,6 +38,9 @@ _TUNING = {
     "max_wal_size": "4GB",
     "checkpoint_timeout": "15min",
     "jit": "off",
+    # Random updates write a full page image on their first touch after a checkpoint;
+    # compressed (pglz: the wheel has no lz4), that is most of their WAL saved.
+    "wal_compression": "pglz",
     "log_min_messages": "warning",
 }
 
@@ -65,6 +68,9 @@ class EmbeddedPostgres:
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb()
         if not self.status().running:
+            port = self._conf_port()
+            if port is not None:
+                self._write_conf(self.pgdata, port)  # a newer canvasdb may tune differently
             self._prepare_runtime_dirs()
             self._run(
                 "pg_ctl", "-D", str(self.pgdata), "-l", str(self.log_file), "-w", "-t", str(timeout),
@@ -130,20 +136,23 @@ class EmbeddedPostgres:
             "initdb", "-D", str(staging), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8",
             "--locale=C", "--data-checksums",
         )  # fmt: skip
-        port = _free_port()
+        self._write_conf(staging, _free_port())
+        with (staging / "postgresql.conf").open("a") as fh:
+            fh.write(f"\ninclude_if_exists = '{_CONF_NAME}'\n")
+        if self.pgdata.exists() and not any(self.pgdata.iterdir()):
+            self.pgdata.rmdir()
+        staging.rename(self.pgdata)
+
+    def _write_conf(self, pgdata: Path, port: int) -> None:
+        """The settings canvasdb owns, in their own include file; the port is kept for good."""
         conf = {
             **_TUNING,
             "listen_addresses": "'127.0.0.1'",
             "port": str(port),
             "unix_socket_directories": f"'{self._socket_dir(port)}'",
         }
-        (staging / _CONF_NAME).write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
-        with (staging / "postgresql.conf").open("a") as fh:
-            fh.write(f"\ninclude_if_exists = '{_CONF_NAME}'\n")
-        self._chown(staging / _CONF_NAME)
-        if self.pgdata.exists() and not any(self.pgdata.iterdir()):
-            self.pgdata.rmdir()
-        staging.rename(self.pgdata)
+        (pgdata / _CONF_NAME).write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
+        self._chown(pgdata / _CONF_NAME)
 
     def _ensure_database(self) -> None:
         import psycopg

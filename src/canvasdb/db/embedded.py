@@ -38,9 +38,6 @@ _TUNING = {
     "max_wal_size": "4GB",
     "checkpoint_timeout": "15min",
     "jit": "off",
-    # Random updates write a full page image on their first touch after a checkpoint;
-    # compressed (pglz: the wheel has no lz4), that is most of their WAL saved.
-    "wal_compression": "pglz",
     "log_min_messages": "warning",
 }
 

@@ -655,9 +655,10 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 
 NOTES = [
     "bench_raw is CREATE TABLE (LIKE entities INCLUDING DEFAULTS): same columns, no primary key or "
-    "indexes, no RLS, no history table; a raw INSERT is one autocommit statement, while "
-    "EntityStore.patch is a transaction that reads and locks the row, computes the JSON diff in "
-    "Python, then updates the row and appends the version row.",
+    "indexes, no RLS, no history table; a raw INSERT is one autocommit statement appending to the "
+    "table, while EntityStore.patch is one call of entity_change: lock a random row, merge, "
+    "compute the RFC 6902 patch, update the row in place and append the version row (two tuples, "
+    "a primary-key entry, and a full-page image on the first touch of a page after a checkpoint).",
     "All clients (asyncio, one process) share the machine's CPUs with PostgreSQL.",
     "Latencies are client-side wall times; p50/p99 by nearest rank. CPU/op is this Python "
     "process's CPU time (all threads) per operation: the client-side cost, PostgreSQL's not included.",

@@ -57,8 +57,10 @@ async def db(pg_url: str) -> AsyncIterator[Database]:
 
 
 @pytest.fixture(scope="session")
-def svc(settings: Settings, db: Database) -> Services:
-    return Services.build(settings, db)
+async def svc(settings: Settings, db: Database) -> AsyncIterator[Services]:
+    services = Services.build(settings, db)
+    yield services
+    await services.close()
 
 
 @dataclass

@@ -45,7 +45,11 @@ def database(settings: Settings, *, start: bool = True, run_migrations: bool = T
 async def open_services(settings: Settings, url: str) -> AsyncIterator[Services]:
     async with Database(url, min_size=1, max_size=4,
                         statement_timeout_ms=settings.statement_timeout_ms) as db:
-        yield Services.build(settings, db)
+        svc = Services.build(settings, db)
+        try:
+            yield svc
+        finally:
+            await svc.close()
 
 
 def operator(org_id: object) -> Principal:

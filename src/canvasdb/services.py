@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from canvasdb.db import Database
+from canvasdb.documents import DocumentStore, UpdateLog
 from canvasdb.entities import EntityStore, TypeRegistry
 from canvasdb.settings import Settings
 from canvasdb.tenancy import Tenancy
@@ -17,10 +18,19 @@ class Services:
     tenancy: Tenancy
     types: TypeRegistry
     entities: EntityStore
+    documents: DocumentStore
 
     @classmethod
     def build(cls, settings: Settings, db: Database) -> Services:
         types = TypeRegistry(db)
         store = EntityStore(db, types, max_data_bytes=settings.max_data_bytes,
                             keyframe_interval=settings.keyframe_interval)
-        return cls(settings, db, Tenancy(db), types, store)
+        log = UpdateLog(db, window=settings.group_commit_window_ms / 1000,
+                        max_batch=settings.group_commit_max_batch)
+        documents = DocumentStore(db, log, cache_bytes=settings.doc_cache_bytes,
+                                  max_update_bytes=settings.max_update_bytes)
+        return cls(settings, db, Tenancy(db), types, store, documents)
+
+    async def close(self) -> None:
+        """Finish pending work (appends waiting for their commit) before the pool closes."""
+        await self.documents.close()

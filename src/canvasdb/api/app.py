@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from canvasdb import __version__
-from canvasdb.api import entities, problems, tenants
+from canvasdb.api import documents, entities, problems, tenants
 from canvasdb.api.deps import Svc
 from canvasdb.api.limits import BodySizeLimit
 from canvasdb.db import Database
@@ -33,7 +33,10 @@ def create_app(settings: Settings, *, database_url: str | None = None,
                       statement_timeout_ms=settings.statement_timeout_ms)
         async with db:
             app.state.services = Services.build(settings, db)
-            yield
+            try:
+                yield
+            finally:
+                await app.state.services.close()
 
     app = FastAPI(title="canvasdb", version=__version__, lifespan=lifespan,
                   description="Entities with full history, for a collaborative whiteboard platform.")
@@ -42,6 +45,7 @@ def create_app(settings: Settings, *, database_url: str | None = None,
     problems.install(app)
     app.include_router(tenants.router)
     app.include_router(entities.router)
+    app.include_router(documents.router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz(svc: Svc) -> dict[str, Any]:

@@ -1,0 +1,85 @@
+"""HTTP routes for live documents: metadata, binary state and updates, the change list."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from canvasdb.api.deps import Svc, Who
+from canvasdb.entities import parse_as_of
+from canvasdb.errors import InvalidInput
+
+router = APIRouter(prefix="/v1/orgs/{org}", tags=["documents"])
+YJS_UPDATE = "application/octet-stream"
+
+
+class DocumentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(max_length=200, examples=["board-42"])
+    kind: str = Field(default="board", max_length=32, examples=["board", "text"])
+    entity_id: UUID | None = Field(default=None, description="the entity this document belongs to")
+
+
+@router.post("/projects/{project}/docs", status_code=201)
+async def create_document(org: str, project: str, body: DocumentIn, svc: Svc, who: Who) -> dict[str, Any]:
+    """Create a live document (a Yjs doc) in a project."""
+    project_id = await svc.tenancy.resolve_project(who, project, write=True)
+    doc = await svc.documents.create(who, project_id, body.id, body.kind, entity_id=body.entity_id)
+    return doc.to_json()
+
+
+@router.get("/docs/{doc}")
+async def get_document(org: str, doc: str, svc: Svc, who: Who) -> dict[str, Any]:
+    return (await svc.documents.get(who, doc)).to_json()
+
+
+@router.get("/docs/{doc}/state", response_class=Response,
+            responses={200: {"content": {YJS_UPDATE: {}}, "description": "a Yjs v1 update"}})
+async def document_state(
+    org: str, doc: str, svc: Svc, who: Who,
+    as_of: Annotated[str | None, Query(max_length=64, description="ISO 8601 time")] = None,
+    state_vector: Annotated[str | None, Query(max_length=65536, description="base64 Yjs state vector: "
+                                              "only what a peer with it lacks")] = None,
+) -> Response:  # fmt: skip
+    """The document as one binary Yjs update (apply it to an empty Y.Doc to get the document)."""
+    moment = parse_as_of(as_of)
+    if isinstance(moment, int):
+        raise InvalidInput("as_of of a document is a time", pointer="query:as_of")
+    vector = None
+    if state_vector:
+        try:
+            vector = base64.b64decode(state_vector, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput("state_vector must be base64", pointer="query:state_vector") from None
+    state = await svc.documents.state(who, doc, state_vector=vector, as_of=moment)
+    return Response(state, media_type=YJS_UPDATE)
+
+
+@router.post("/docs/{doc}/updates", status_code=201,
+             openapi_extra={"requestBody": {"required": True,
+                                            "content": {YJS_UPDATE: {"schema": {"type": "string",
+                                                                                "format": "binary"}}}}})
+async def append_update(org: str, doc: str, request: Request, svc: Svc, who: Who) -> dict[str, Any]:
+    """Append one binary Yjs v1 update; answers once it is durable, with its sequence number."""
+    payload = await request.body()
+    if not payload:
+        raise InvalidInput("the body must be a Yjs update", pointer="/body")
+    done = await svc.documents.append(who, doc, payload)
+    return {"seq": done.seq, "at": done.at.isoformat()}
+
+
+@router.get("/docs/{doc}/changes")
+async def document_changes(
+    org: str, doc: str, svc: Svc, who: Who,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:  # fmt: skip
+    """The document's change times, oldest first: one entry per stored update."""
+    items = await svc.documents.changes(who, doc, after=after, limit=limit)
+    return {"items": [c.to_json() for c in items],
+            "next": str(items[-1].seq) if len(items) == limit else None}

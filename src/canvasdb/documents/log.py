@@ -1,0 +1,167 @@
+"""The op log's group commit: concurrent appends share one transaction and one WAL flush.
+
+Every append is awaited until the transaction holding it has committed, so an
+acknowledged update is durable; nothing is ever queued past a caller's return.
+The flusher waits a short window for company (unless the batch is already full),
+then writes each document's updates with one statement that also takes the next
+sequence numbers under the document row's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.pq import TransactionStatus
+
+from canvasdb.db import Database, translate
+from canvasdb.errors import NotFound
+
+# Takes n sequence numbers from documents.last_seq and inserts the n updates with them.
+_APPEND = """
+WITH s AS (
+    UPDATE documents SET last_seq = last_seq + %(n)s
+    WHERE org_id = %(org)s AND id = %(doc)s
+    RETURNING last_seq
+)
+INSERT INTO doc_updates (org_id, doc_id, seq, payload, user_id, client_id)
+SELECT %(org)s, %(doc)s, s.last_seq - %(n)s + u.ord, u.payload, u.user_id, u.client_id
+FROM s, unnest(%(payloads)s::bytea[], %(users)s::uuid[], %(clients)s::bigint[])
+        WITH ORDINALITY AS u(payload, user_id, client_id, ord)
+RETURNING seq, at
+"""
+
+
+@dataclass(frozen=True)
+class Appended:
+    """Where an update landed in its document's log."""
+
+    seq: int
+    at: datetime
+
+
+@dataclass
+class _Pending:
+    org_id: UUID
+    doc_id: str
+    payload: bytes
+    user_id: UUID | None
+    client_id: int | None
+    future: asyncio.Future[Appended] = field(repr=False)
+
+
+class UpdateLog:
+    """Appends Yjs updates to ``doc_updates`` with group commit; use ``append``."""
+
+    def __init__(self, db: Database, *, window: float = 0.001, max_batch: int = 1000) -> None:
+        self.db = db
+        self.window = window
+        self.max_batch = max_batch
+        self._pending: list[_Pending] = []
+        self._wakeup = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def append(self, org_id: UUID, doc_id: str, payload: bytes, *,
+                     user_id: UUID | None = None, client_id: int | None = None) -> Appended:
+        """Store one update; returns once it is committed."""
+        future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(org_id, doc_id, payload, user_id, client_id, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_forever())
+        self._wakeup.set()
+        return await future
+
+    async def close(self) -> None:
+        """Commit what is pending, then stop the flusher."""
+        while self._pending:
+            await self._flush(self._take())
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+
+    def _take(self) -> list[_Pending]:
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+        return batch
+
+    async def _flush_forever(self) -> None:
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if len(self._pending) < self.max_batch and self.window > 0:
+                await asyncio.sleep(self.window)
+            await self._flush(self._take())
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        groups: dict[tuple[UUID, str], list[_Pending]] = defaultdict(list)
+        for item in batch:
+            groups[(item.org_id, item.doc_id)].append(item)
+        try:
+            results = await self._commit(groups)
+        except psycopg.Error as exc:
+            if len(groups) > 1:  # isolate the failing document; the others still commit
+                for items in groups.values():
+                    await self._flush(items)
+                return
+            error = translate(exc)
+            for item in batch:
+                _settle(item.future, error)
+            return
+        except Exception as exc:
+            for item in batch:
+                _settle(item.future, exc)
+            return
+        for key, items in groups.items():
+            rows = sorted(results[key], key=lambda r: r["seq"])
+            if len(rows) != len(items):  # the document is gone
+                for item in items:
+                    _settle(item.future, NotFound(f"document {key[1]!r} not found"))
+                continue
+            for item, row in zip(items, rows, strict=True):
+                _settle(item.future, Appended(seq=row["seq"], at=row["at"]))
+
+    async def _commit(self, groups: dict[tuple[UUID, str], list[_Pending]]) -> dict[Any, list[Any]]:
+        async with self.db.pool.connection() as conn:
+            try:
+                async with conn.pipeline():
+                    await conn.execute(b"BEGIN")
+                    cursors = {}
+                    current_org = None
+                    for (org_id, doc_id), items in groups.items():
+                        if org_id != current_org:  # RLS: each org's rows under its own setting
+                            await conn.execute("SELECT set_config('canvasdb.org_id', %s, true)",
+                                               (str(org_id),))
+                            current_org = org_id
+                        cursors[(org_id, doc_id)] = await conn.execute(_APPEND, {
+                            "org": org_id, "doc": doc_id, "n": len(items),
+                            "payloads": [i.payload for i in items],
+                            "users": [i.user_id for i in items],
+                            "clients": [i.client_id for i in items],
+                        })  # fmt: skip
+                    await conn.execute(b"COMMIT")
+                return {key: await cur.fetchall() for key, cur in cursors.items()}
+            except BaseException:
+                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                    await conn.rollback()
+                raise
+
+
+def _settle(future: asyncio.Future[Appended], outcome: Appended | BaseException) -> None:
+    if future.done():  # the caller gave up waiting; the update is stored all the same
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+__all__ = ["Appended", "UpdateLog"]

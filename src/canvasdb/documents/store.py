@@ -1,0 +1,250 @@
+"""Live Yjs documents: created in a project, loaded lazily, every update durable on return.
+
+A document is its latest snapshot plus the updates after it in the op log
+(``doc_updates``). Loaded documents stay in a cache bounded in bytes and are
+brought up to date from the log on each use, so several processes can append to
+the same document. Updates are validated by applying them to the document (pycrdt,
+the Yrs bindings) before they are stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from pycrdt import Doc
+
+from canvasdb.db import Connection, Database
+from canvasdb.documents.log import Appended, UpdateLog
+from canvasdb.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from canvasdb.tenancy import Principal, check_project_access
+
+DOC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
+KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+MAX_CHANGES_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    org_id: UUID
+    project_id: UUID
+    kind: str
+    entity_id: UUID | None
+    last_seq: int
+    created_at: datetime
+    created_by: UUID | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "org_id": str(self.org_id), "project_id": str(self.project_id),
+            "kind": self.kind, "entity_id": None if self.entity_id is None else str(self.entity_id),
+            "last_seq": self.last_seq, "created_at": self.created_at.isoformat(),
+            "created_by": None if self.created_by is None else str(self.created_by),
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Change:
+    seq: int
+    at: datetime
+    user_id: UUID | None
+    client_id: int | None
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "at": self.at.isoformat(),
+                "user_id": None if self.user_id is None else str(self.user_id),
+                "client_id": self.client_id, "size": self.size}
+
+
+class _Loaded:
+    """A document in memory and the last log entry applied to it."""
+
+    def __init__(self) -> None:
+        self.doc = Doc(skip_gc=True)  # snapshots keep deleted content, for time travel
+        self.seq = 0
+        self.size = 0
+        self.lock = asyncio.Lock()
+
+
+def check_doc_id(doc_id: object) -> str:
+    if not isinstance(doc_id, str) or not DOC_ID.fullmatch(doc_id):
+        raise InvalidInput("a document id is 1-200 letters, digits and . _ : - (starting with a letter "
+                           "or digit)", pointer="/id")
+    return doc_id
+
+
+class DocumentStore:
+    """The Python API for live documents (the HTTP API and the gateway use it)."""
+
+    def __init__(self, db: Database, log: UpdateLog | None = None, *, cache_bytes: int = 256 * 2**20,
+                 max_update_bytes: int = 2**20) -> None:
+        self.db = db
+        self.log = log or UpdateLog(db)
+        self.cache_bytes = cache_bytes
+        self.max_update_bytes = max_update_bytes
+        self._cache: OrderedDict[tuple[UUID, str], _Loaded] = OrderedDict()
+
+    async def close(self) -> None:
+        await self.log.close()
+
+    # --- metadata -----------------------------------------------------------------------------
+
+    async def create(self, who: Principal, project_id: UUID, doc_id: str, kind: str = "board", *,
+                     entity_id: UUID | None = None) -> Document:
+        check_doc_id(doc_id)
+        if not isinstance(kind, str) or not KIND.fullmatch(kind):
+            raise InvalidInput("kind is a lowercase word such as 'board' or 'text'", pointer="/kind")
+        async with self.db.transaction(who.org_id) as conn:
+            await check_project_access(conn, who, project_id, write=True)
+            cur = await conn.execute(
+                "INSERT INTO documents (org_id, id, project_id, kind, entity_id, created_by)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (org_id, id) DO NOTHING RETURNING *",
+                (who.org_id, doc_id, project_id, kind, entity_id, who.user_id),
+            )
+        row = await cur.fetchone()
+        if row is None:
+            raise Conflict(f"document {doc_id!r} already exists")
+        return _document(row)
+
+    async def get(self, who: Principal, doc_id: str, *, write: bool = False) -> Document:
+        """The document's metadata, if the caller may read it (or write, with ``write``)."""
+        check_doc_id(doc_id)
+        async with self.db.transaction(who.org_id) as conn:
+            return await self._meta(conn, who, doc_id, write=write)
+
+    async def _meta(self, conn: Connection, who: Principal, doc_id: str, *, write: bool) -> Document:
+        cur = await conn.execute("SELECT * FROM documents WHERE org_id = %s AND id = %s",
+                                 (who.org_id, doc_id))
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"document {doc_id!r} not found")
+        await check_project_access(conn, who, row["project_id"], write=write,
+                                   what=f"document {doc_id!r}")
+        return _document(row)
+
+    # --- updates ------------------------------------------------------------------------------
+
+    async def append(self, who: Principal, doc_id: str, payload: bytes, *,
+                     client_id: int | None = None) -> Appended:
+        """Validate a Yjs v1 update by applying it, then store it; returns once committed."""
+        await self.get(who, doc_id, write=True)
+        return await self.append_checked(who.org_id, doc_id, payload, user_id=who.user_id,
+                                         client_id=client_id)
+
+    async def append_checked(self, org_id: UUID, doc_id: str, payload: bytes, *,
+                             user_id: UUID | None = None, client_id: int | None = None) -> Appended:
+        """``append`` for a caller whose access was checked already (the gateway, per connection)."""
+        if len(payload) > self.max_update_bytes:
+            raise PayloadTooLarge(f"an update is at most {self.max_update_bytes} bytes",
+                                  limit=self.max_update_bytes)
+        key = (org_id, doc_id)
+        loaded = await self._loaded(key)
+        async with loaded.lock:
+            try:
+                loaded.doc.apply_update(payload)
+            except ValueError as exc:
+                raise InvalidInput(f"not a valid Yjs update: {exc}", pointer="/body") from None
+            loaded.size += len(payload)
+        try:
+            return await self.log.append(org_id, doc_id, payload, user_id=user_id, client_id=client_id)
+        except BaseException:
+            self._cache.pop(key, None)  # memory now holds an update the log may not: reload next time
+            raise
+
+    async def state(self, who: Principal, doc_id: str, *, state_vector: bytes | None = None,
+                    as_of: datetime | None = None) -> bytes:
+        """The document as one Yjs update: all of it, what a peer with ``state_vector`` lacks,
+        or (``as_of``) as it was at that moment."""
+        await self.get(who, doc_id)
+        if as_of is not None:
+            return await self._state_as_of(who.org_id, doc_id, as_of)
+        loaded = await self._loaded((who.org_id, doc_id))
+        async with loaded.lock:
+            try:
+                return loaded.doc.get_update(state_vector) if state_vector else loaded.doc.get_update()
+            except ValueError as exc:
+                raise InvalidInput(f"not a valid Yjs state vector: {exc}",
+                                   pointer="query:state_vector") from None
+
+    async def state_vector(self, who: Principal, doc_id: str) -> bytes:
+        await self.get(who, doc_id)
+        loaded = await self._loaded((who.org_id, doc_id))
+        async with loaded.lock:
+            return loaded.doc.get_state()
+
+    async def changes(self, who: Principal, doc_id: str, *, after: int = 0,
+                      limit: int = 100) -> list[Change]:
+        """The log entries after ``after`` (oldest first): when, by whom, how large."""
+        if not 1 <= limit <= MAX_CHANGES_PAGE:
+            raise InvalidInput(f"limit must be between 1 and {MAX_CHANGES_PAGE}", pointer="query:limit")
+        async with self.db.transaction(who.org_id) as conn:
+            await self._meta(conn, who, doc_id, write=False)
+            cur = await conn.execute(
+                "SELECT seq, at, user_id, client_id, octet_length(payload) AS size FROM doc_updates"
+                " WHERE org_id = %s AND doc_id = %s AND seq > %s ORDER BY seq LIMIT %s",
+                (who.org_id, doc_id, after, limit),
+            )
+            return [Change(**r) for r in await cur.fetchall()]
+
+    # --- loading ------------------------------------------------------------------------------
+
+    async def _loaded(self, key: tuple[UUID, str]) -> _Loaded:
+        """The cached document, brought up to date with the log (loaded on first use)."""
+        loaded = self._cache.get(key)
+        if loaded is None:
+            loaded = self._cache[key] = _Loaded()
+        self._cache.move_to_end(key)
+        async with loaded.lock:
+            await self._catch_up(key, loaded)
+        self._evict()
+        return loaded
+
+    async def _catch_up(self, key: tuple[UUID, str], loaded: _Loaded) -> None:
+        org_id, doc_id = key
+        async with self.db.transaction(org_id) as conn:
+            if loaded.seq == 0:
+                cur = await conn.execute(
+                    "SELECT seq, state FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
+                    " ORDER BY seq DESC LIMIT 1", (org_id, doc_id))
+                snapshot = await cur.fetchone()
+                if snapshot is not None:
+                    loaded.doc.apply_update(snapshot["state"])
+                    loaded.seq = snapshot["seq"]
+                    loaded.size = len(snapshot["state"])
+            cur = await conn.execute(
+                "SELECT seq, payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s"
+                " ORDER BY seq", (org_id, doc_id, loaded.seq))
+            for row in await cur.fetchall():
+                loaded.doc.apply_update(row["payload"])
+                loaded.seq = row["seq"]
+                loaded.size += len(row["payload"])
+
+    def _evict(self) -> None:
+        total = sum(d.size for d in self._cache.values())
+        while total > self.cache_bytes and len(self._cache) > 1:
+            _, oldest = self._cache.popitem(last=False)
+            total -= oldest.size
+
+    async def _state_as_of(self, org_id: UUID, doc_id: str, as_of: datetime) -> bytes:
+        moment = as_of if as_of.tzinfo else as_of.replace(tzinfo=UTC)
+        doc = Doc(skip_gc=True)
+        async with self.db.transaction(org_id) as conn:
+            cur = await conn.execute(
+                "SELECT payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND at <= %s"
+                " ORDER BY seq", (org_id, doc_id, moment))
+            for row in await cur.fetchall():
+                doc.apply_update(row["payload"])
+        return doc.get_update()
+
+
+def _document(row: dict[str, Any]) -> Document:
+    return Document(id=row["id"], org_id=row["org_id"], project_id=row["project_id"], kind=row["kind"],
+                    entity_id=row["entity_id"], last_seq=row["last_seq"], created_at=row["created_at"],
+                    created_by=row["created_by"])

@@ -1,0 +1,178 @@
+"""Live documents: creation, durable appends with group commit, loading, state vectors, as-of."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from conftest import Tenant
+from pycrdt import Array, Doc, Map
+
+from canvasdb.db import Database
+from canvasdb.documents import DocumentStore, UpdateLog
+from canvasdb.errors import Conflict, Forbidden, InvalidInput, NotFound
+from canvasdb.services import Services
+from canvasdb.tenancy import Principal
+
+
+class Client:
+    """A pycrdt document standing in for a Yjs client: records the updates it makes."""
+
+    def __init__(self) -> None:
+        self.doc = Doc()
+        self.updates: list[bytes] = []
+        self.doc.observe(lambda event: self.updates.append(event.update))
+        self.nodes = self.doc.get("nodes", type=Map)
+
+    def edit(self, key: str, value: object) -> bytes:
+        self.nodes[key] = value
+        return self.updates[-1]
+
+
+def content(update: bytes) -> dict:
+    doc = Doc()
+    doc.apply_update(update)
+    return doc.get("nodes", type=Map).to_py() or {}
+
+
+async def test_create_and_metadata(svc: Services, tenant: Tenant, other_tenant: Tenant) -> None:
+    doc = await svc.documents.create(tenant.owner, tenant.project_id, "board-1", "board")
+    assert (doc.id, doc.kind, doc.last_seq) == ("board-1", "board", 0)
+    assert (await svc.documents.get(tenant.owner, "board-1")).project_id == tenant.project_id
+    with pytest.raises(Conflict):
+        await svc.documents.create(tenant.owner, tenant.project_id, "board-1")
+    for bad in ["", "../x", "a b", "x" * 201, "a\x00"]:
+        with pytest.raises(InvalidInput):
+            await svc.documents.create(tenant.owner, tenant.project_id, bad)
+    with pytest.raises(InvalidInput):
+        await svc.documents.create(tenant.owner, tenant.project_id, "ok", "Not A Kind")
+    with pytest.raises(NotFound):
+        await svc.documents.get(other_tenant.owner, "board-1")
+
+
+async def test_appends_are_stored_in_order_and_load_back(svc: Services, tenant: Tenant) -> None:
+    await svc.documents.create(tenant.owner, tenant.project_id, "b")
+    client = Client()
+    seqs = [(await svc.documents.append(tenant.owner, "b", client.edit(f"n{i}", {"x": i}))).seq
+            for i in range(20)]
+    assert seqs == list(range(1, 21))
+    fresh = DocumentStore(svc.db)  # another process: nothing cached, everything from the log
+    state = await fresh.state(tenant.owner, "b")
+    assert content(state) == {f"n{i}": {"x": float(i)} for i in range(20)}
+    changes = await svc.documents.changes(tenant.owner, "b", after=15)
+    assert [c.seq for c in changes] == [16, 17, 18, 19, 20]
+    assert all(a.at <= b.at for a, b in zip(changes, changes[1:], strict=False))
+    assert (await svc.documents.get(tenant.owner, "b")).last_seq == 20
+
+
+async def test_invalid_update_is_never_stored(svc: Services, tenant: Tenant) -> None:
+    await svc.documents.create(tenant.owner, tenant.project_id, "b")
+    for garbage in [b"\xff\xff\xff", b"garbage", b"\x01"]:
+        with pytest.raises(InvalidInput):
+            await svc.documents.append(tenant.owner, "b", garbage)
+    assert await svc.documents.changes(tenant.owner, "b") == []
+    ok = Client().edit("a", 1)
+    assert (await svc.documents.append(tenant.owner, "b", ok)).seq == 1
+
+
+async def test_concurrent_appends_are_group_committed(db: Database, tenant: Tenant, svc: Services) -> None:
+    store = DocumentStore(db, UpdateLog(db, window=0.002, max_batch=64))
+    docs = [f"d{i}" for i in range(5)]
+    for d in docs:
+        await store.create(tenant.owner, tenant.project_id, d)
+    clients = {d: Client() for d in docs}
+    payloads = [(d, clients[d].edit(f"k{i}", i)) for i in range(40) for d in docs]
+    results = await asyncio.gather(*(store.append(tenant.owner, d, p) for d, p in payloads))
+    await store.close()
+    for d in docs:
+        assert sorted(r.seq for (doc, _), r in zip(payloads, results, strict=True) if doc == d) == \
+            list(range(1, 41))
+        assert content(await svc.documents.state(tenant.owner, d)) == clients[d].nodes.to_py()
+    async with db.transaction(tenant.org_id) as conn:
+        cur = await conn.execute("SELECT count(*) AS rows, count(DISTINCT xmin::text) AS commits"
+                                 " FROM doc_updates WHERE org_id = %s", (tenant.org_id,))
+        stats = await cur.fetchone()
+    assert stats is not None and stats["rows"] == 200
+    assert stats["commits"] < 200 / 4, "appends share commits"
+
+
+async def test_two_stores_on_one_document_converge(db: Database, tenant: Tenant) -> None:
+    a, b = DocumentStore(db), DocumentStore(db)  # as two gateway processes would
+    await a.create(tenant.owner, tenant.project_id, "shared")
+    ca, cb = Client(), Client()
+    ca.doc.get("list", type=Array).append("from a")
+    await a.append(tenant.owner, "shared", ca.updates[-1])
+    cb.edit("b", "from b")
+    await b.append(tenant.owner, "shared", cb.updates[-1])
+    sa, sb = await a.state(tenant.owner, "shared"), await b.state(tenant.owner, "shared")
+    da, db_ = Doc(), Doc()
+    da.apply_update(sa)
+    db_.apply_update(sb)
+    assert da.get("nodes", type=Map).to_py() == db_.get("nodes", type=Map).to_py() == {"b": "from b"}
+    assert da.get("list", type=Array).to_py() == ["from a"]
+    await a.close()
+    await b.close()
+
+
+async def test_state_vector_diff_and_as_of(svc: Services, tenant: Tenant) -> None:
+    await svc.documents.create(tenant.owner, tenant.project_id, "t", "text")
+    client = Client()
+    await svc.documents.append(tenant.owner, "t", client.edit("a", 1))
+    between = datetime.now(UTC)
+    await asyncio.sleep(0.01)
+    await svc.documents.append(tenant.owner, "t", client.edit("b", 2))
+    peer = Doc()
+    first = Client()
+    first.doc.apply_update(client.updates[0])
+    missing = await svc.documents.state(tenant.owner, "t", state_vector=first.doc.get_state())
+    peer.apply_update(client.updates[0])
+    peer.apply_update(missing)
+    assert peer.get("nodes", type=Map).to_py() == {"a": 1.0, "b": 2.0}
+    assert content(await svc.documents.state(tenant.owner, "t", as_of=between)) == {"a": 1.0}
+    vector = await svc.documents.state_vector(tenant.owner, "t")
+    assert vector == client.doc.get_state()
+
+
+async def test_viewers_read_but_do_not_write(svc: Services, tenant: Tenant) -> None:
+    await svc.documents.create(tenant.owner, tenant.project_id, "v")
+    uid = await svc.tenancy.ensure_user(f"viewer-doc-{tenant.slug}@example.com")
+    await svc.tenancy.set_org_role(tenant.org_id, uid, "member")
+    viewer = Principal(tenant.org_id, uid, "member")
+    with pytest.raises(NotFound):
+        await svc.documents.get(viewer, "v")
+    await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, uid, "viewer")
+    assert (await svc.documents.get(viewer, "v")).id == "v"
+    with pytest.raises(Forbidden):
+        await svc.documents.append(viewer, "v", Client().edit("x", 1))
+    assert await svc.documents.changes(tenant.owner, "v") == []
+
+
+async def test_http_round_trip(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    h = tenant.headers
+    base = f"/v1/orgs/{tenant.slug}"
+    r = await client.post(f"{base}/projects/main/docs", headers=h, json={"id": "board-42", "kind": "board"})
+    assert r.status_code == 201 and r.json()["last_seq"] == 0
+    yc = Client()
+    for i in range(3):
+        r = await client.post(f"{base}/docs/board-42/updates", headers=h, content=yc.edit(f"n{i}", i),
+                              )
+        assert r.status_code == 201 and r.json()["seq"] == i + 1
+    bad = await client.post(f"{base}/docs/board-42/updates", headers=h, content=b"\xff\xfe")
+    assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
+    state = await client.get(f"{base}/docs/board-42/state", headers=h)
+    assert state.headers["content-type"] == "application/octet-stream"
+    assert content(state.content) == {"n0": 0.0, "n1": 1.0, "n2": 2.0}
+    sv = base64.b64encode(yc.doc.get_state()).decode()
+    assert len((await client.get(f"{base}/docs/board-42/state", headers=h,
+                                 params={"state_vector": sv})).content) <= 2
+    assert (await client.get(f"{base}/docs/board-42/state", headers=h,
+                             params={"state_vector": "!!"})).status_code == 422
+    changes = (await client.get(f"{base}/docs/board-42/changes", headers=h, params={"limit": 2})).json()
+    assert [c["seq"] for c in changes["items"]] == [1, 2] and changes["next"] == "2"
+    meta = (await client.get(f"{base}/docs/board-42", headers=h)).json()
+    assert meta["last_seq"] == 3
+    assert (await client.get(f"{base}/docs/nope", headers=h)).status_code == 404
+    assert (await client.post(f"{base}/docs/board-42/updates", headers=h, content=b"")).status_code == 422

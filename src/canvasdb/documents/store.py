@@ -13,7 +13,7 @@ import asyncio
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -209,22 +209,30 @@ class DocumentStore:
     async def _catch_up(self, key: tuple[UUID, str], loaded: _Loaded) -> None:
         org_id, doc_id = key
         async with self.db.transaction(org_id) as conn:
-            if loaded.seq == 0:
+            rows = await self._updates_after(conn, key, loaded.seq)
+            if loaded.seq == 0 or (rows and rows[0]["seq"] != loaded.seq + 1):
+                # First load, or retention removed updates this copy has not seen: a
+                # snapshot covers them (applying state twice is harmless in Yjs).
                 cur = await conn.execute(
                     "SELECT seq, state FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
-                    " ORDER BY seq DESC LIMIT 1", (org_id, doc_id))
+                    " AND seq > %s ORDER BY seq DESC LIMIT 1", (org_id, doc_id, loaded.seq))
                 snapshot = await cur.fetchone()
                 if snapshot is not None:
                     loaded.doc.apply_update(snapshot["state"])
                     loaded.seq = snapshot["seq"]
                     loaded.size = len(snapshot["state"])
-            cur = await conn.execute(
-                "SELECT seq, payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s"
-                " ORDER BY seq", (org_id, doc_id, loaded.seq))
-            for row in await cur.fetchall():
+                    rows = [r for r in rows if r["seq"] > loaded.seq] or \
+                        await self._updates_after(conn, key, loaded.seq)
+            for row in rows:
                 loaded.doc.apply_update(row["payload"])
                 loaded.seq = row["seq"]
                 loaded.size += len(row["payload"])
+
+    async def _updates_after(self, conn: Connection, key: tuple[UUID, str], seq: int) -> list[Any]:
+        cur = await conn.execute(
+            "SELECT seq, payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s"
+            " ORDER BY seq", (*key, seq))
+        return await cur.fetchall()
 
     def _evict(self) -> None:
         total = sum(d.size for d in self._cache.values())
@@ -233,15 +241,100 @@ class DocumentStore:
             total -= oldest.size
 
     async def _state_as_of(self, org_id: UUID, doc_id: str, as_of: datetime) -> bytes:
+        """Exact while the updates up to ``as_of`` are kept; beyond that, the nearest earlier
+        snapshot (retention deletes only updates that a snapshot covers)."""
         moment = as_of if as_of.tzinfo else as_of.replace(tzinfo=UTC)
         doc = Doc(skip_gc=True)
         async with self.db.transaction(org_id) as conn:
             cur = await conn.execute(
-                "SELECT payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND at <= %s"
-                " ORDER BY seq", (org_id, doc_id, moment))
+                "SELECT seq, state FROM doc_snapshots WHERE org_id = %s AND doc_id = %s AND at <= %s"
+                " ORDER BY seq DESC LIMIT 1", (org_id, doc_id, moment))
+            snapshot = await cur.fetchone()
+            if snapshot is not None:
+                doc.apply_update(snapshot["state"])
+            cur = await conn.execute(
+                "SELECT payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s"
+                " AND at <= %s ORDER BY seq",
+                (org_id, doc_id, 0 if snapshot is None else snapshot["seq"], moment))
             for row in await cur.fetchall():
                 doc.apply_update(row["payload"])
         return doc.get_update()
+
+    # --- compaction and retention ---------------------------------------------------------------
+
+    async def compact(self, org_id: UUID, doc_id: str) -> Snapshot | None:
+        """Fold the latest snapshot and the updates after it into a new snapshot.
+
+        Safe beside concurrent appends: it covers exactly the updates committed when it
+        read ``last_seq`` (sequence numbers are taken and written in one transaction), and
+        later ones stay in the log. None when there is nothing new to fold.
+        """
+        async with self.db.transaction(org_id) as conn:
+            cur = await conn.execute("SELECT last_seq FROM documents WHERE org_id = %s AND id = %s",
+                                     (org_id, doc_id))
+            meta = await cur.fetchone()
+            if meta is None:
+                raise NotFound(f"document {doc_id!r} not found")
+            upto = meta["last_seq"]
+            cur = await conn.execute(
+                "SELECT seq, state FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
+                " ORDER BY seq DESC LIMIT 1", (org_id, doc_id))
+            base = await cur.fetchone()
+            since = 0 if base is None else base["seq"]
+            if upto <= since:
+                return None
+            doc = Doc(skip_gc=True)
+            if base is not None:
+                doc.apply_update(base["state"])
+            cur = await conn.execute(
+                "SELECT seq, payload, at FROM doc_updates WHERE org_id = %s AND doc_id = %s"
+                " AND seq > %s AND seq <= %s ORDER BY seq", (org_id, doc_id, since, upto))
+            at = None
+            for row in await cur.fetchall():
+                doc.apply_update(row["payload"])
+                at = row["at"]
+            if at is None:  # the updates were pruned meanwhile by another compactor
+                return None
+            state = doc.get_update()
+            await conn.execute(
+                "INSERT INTO doc_snapshots (org_id, doc_id, seq, state, size, at)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (org_id, doc_id, upto, state, len(state), at))
+        return Snapshot(seq=upto, at=at, size=len(state))
+
+    async def prune(self, org_id: UUID, doc_id: str, *, now: datetime | None = None,
+                    keep_updates: timedelta = timedelta(hours=24),
+                    keep_hourly: timedelta = timedelta(days=30)) -> tuple[int, int]:
+        """Apply retention: delete updates older than ``keep_updates`` that a snapshot covers,
+        and thin snapshots older than ``keep_hourly`` to the last one of each day (the newest
+        snapshot always stays). Returns (updates deleted, snapshots deleted)."""
+        now = now or datetime.now(UTC)
+        async with self.db.transaction(org_id) as conn:
+            cur = await conn.execute(
+                "DELETE FROM doc_updates WHERE org_id = %(org)s AND doc_id = %(doc)s AND at < %(cut)s"
+                " AND seq <= (SELECT max(seq) FROM doc_snapshots"
+                "             WHERE org_id = %(org)s AND doc_id = %(doc)s) RETURNING seq",
+                {"org": org_id, "doc": doc_id, "cut": now - keep_updates})
+            updates = len(await cur.fetchall())
+            cur = await conn.execute(
+                "DELETE FROM doc_snapshots s WHERE s.org_id = %(org)s AND s.doc_id = %(doc)s"
+                " AND s.at < %(cut)s"
+                " AND s.seq < (SELECT max(seq) FROM doc_snapshots"
+                "              WHERE org_id = %(org)s AND doc_id = %(doc)s)"
+                " AND EXISTS (SELECT 1 FROM doc_snapshots later WHERE later.org_id = s.org_id"
+                "             AND later.doc_id = s.doc_id AND later.seq > s.seq"
+                "             AND date_trunc('day', later.at) = date_trunc('day', s.at))"
+                " RETURNING seq",
+                {"org": org_id, "doc": doc_id, "cut": now - keep_hourly})
+            snapshots = len(await cur.fetchall())
+        return updates, snapshots
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    seq: int
+    at: datetime
+    size: int
 
 
 def _document(row: dict[str, Any]) -> Document:

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from canvasdb.api import create_app
-from canvasdb.db import Database, EmbeddedPostgres, migrate
+from canvasdb.db import Database, EmbeddedPostgres
+from canvasdb.runtime import prepare_schema
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 from canvasdb.tenancy import Principal
@@ -34,12 +35,12 @@ def pg_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pg_url(pg_home: Path) -> Iterator[str]:
     external = os.environ.get("CANVASDB_TEST_DATABASE_URL")
     if external:
-        migrate(external)
+        prepare_schema(external)
         yield external
         return
     server = EmbeddedPostgres(pg_home / "pgdata")
     url = server.start()
-    migrate(url)
+    prepare_schema(url)
     yield url
     server.stop()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -108,8 +109,8 @@ def up(
     if token:
         out.print(f"admin token (org '{runtime.DEMO_ORG}'): {token}")
         out.print(f"  saved in {settings.token_file}")
-    config = uvicorn.Config(create_app(settings, database_url=target.url), host=host, port=port,
-                            log_level=settings.log_level, lifespan="on")
+    api = create_app(settings, database_url=target.url, run_worker=True)
+    config = uvicorn.Config(api, host=host, port=port, log_level=settings.log_level, lifespan="on")
     # uvicorn handles SIGINT/SIGTERM (stop accepting, drain requests), then re-raises the
     # signal to the handler it found: make that one a clean exit so the finally block runs.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -124,6 +125,31 @@ def up(
 
 def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
+
+
+@app.command()
+def worker(concurrency: Annotated[int, typer.Option(min=1, max=64, help="Jobs at once.")] = 2) -> None:
+    """Run background jobs (compaction, retention) on their own, next to any number of servers."""
+    from canvasdb import jobs
+
+    settings = _settings()
+
+    async def main() -> None:
+        target = runtime.database(settings)
+        async with runtime.open_services(settings, target.url) as svc, jobs.connected(target.url):
+            task = asyncio.create_task(jobs.run_worker(svc, concurrency=concurrency))
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, task.cancel)
+            out.print("canvasdb worker running (Ctrl-C to stop)")
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        out.print("canvasdb worker stopped")
+
+    try:
+        asyncio.run(main())
+    except CanvasdbError as exc:
+        _fail(exc)
 
 
 @app.command()
@@ -196,19 +222,16 @@ def db_url() -> None:
 @db_app.command("migrate")
 def db_migrate() -> None:
     """Apply pending schema migrations (safe to run from several processes at once)."""
-    from canvasdb.db import migrate as do_migrate
-
     settings = _settings()
     try:
         target = runtime.database(settings, run_migrations=False)
-        applied = do_migrate(target.url)
+        applied = runtime.prepare_schema(target.url)
     except CanvasdbError as exc:
         _fail(exc)
         return
-    if applied:
-        for m in applied:
-            out.print(f"applied {m.version:04d}_{m.name}")
-    else:
+    for name in applied:
+        out.print(f"applied {name}")
+    if not applied:
         out.print("up to date")
 
 

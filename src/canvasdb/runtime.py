@@ -37,8 +37,18 @@ def database(settings: Settings, *, start: bool = True, run_migrations: bool = T
         url = pg.start() if start else pg.url()
         target = Target(url, started_here=not was_running)
     if run_migrations:
-        migrate(target.url)
+        prepare_schema(target.url)
     return target
+
+
+def prepare_schema(url: str) -> list[str]:
+    """canvasdb's migrations, then the job queue's tables; the names of what was applied."""
+    from canvasdb import jobs
+
+    done = [f"{m.version:04d}_{m.name}" for m in migrate(url)]
+    if jobs.ensure_schema(url):
+        done.append("job queue schema")
+    return done
 
 
 @asynccontextmanager

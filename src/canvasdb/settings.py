@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +34,21 @@ class Settings(BaseSettings):
     group_commit_max_batch: int = Field(default=1000, ge=1, description="Most updates in one commit")
     doc_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0, description="Loaded documents, bytes")
     max_update_bytes: int = Field(default=1024 * 1024, ge=1024, description="Largest Yjs update")
+    compact_after_updates: int = Field(default=1000, ge=1, description="Compact early after N updates")
+    compact_after_bytes: int = Field(default=1024 * 1024, ge=1, description="... or after N bytes")
+    update_retention_hours: float = Field(default=24, gt=0, description="Keep updates (time travel)")
+    snapshot_retention_days: float = Field(default=30, gt=0, description="Keep hourly snapshots")
+    blob_backend: Literal["filesystem", "s3"] = Field(
+        default="filesystem", description="Where blobs (attachments, large snapshots) are kept")
+    blobs_dir: Path | None = Field(default=None, description="Folder of the filesystem backend; unset = "
+                                                             "<home>/blobs")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint; unset = AWS")
+    s3_bucket: str | None = Field(default=None, description="S3 bucket (must exist); required for s3")
+    s3_access_key_id: str | None = Field(default=None, description="S3 key id; unset = boto3's chain")
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key")
+    s3_region: str = Field(default="us-east-1", description="S3 region (MinIO accepts the default)")
+    max_attachment_bytes: int = Field(default=100 * 1024 * 1024, ge=1,
+                                      description="Largest attachment upload")
 
     @cached_property
     def home_dir(self) -> Path:
@@ -45,3 +61,7 @@ class Settings(BaseSettings):
     @property
     def token_file(self) -> Path:
         return self.home_dir / "admin-token"
+
+    @property
+    def blobs_path(self) -> Path:
+        return self.blobs_dir.expanduser().resolve() if self.blobs_dir else self.home_dir / "blobs"

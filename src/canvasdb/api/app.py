@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 
-from canvasdb import __version__
-from canvasdb.api import documents, entities, problems, tenants
+from canvasdb import __version__, jobs
+from canvasdb.api import attachments, documents, entities, problems, tenants
 from canvasdb.api.deps import Svc
 from canvasdb.api.limits import BodySizeLimit
 from canvasdb.db import Database
@@ -17,9 +19,16 @@ from canvasdb.services import Services
 from canvasdb.settings import Settings
 
 
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(settings: Settings, *, database_url: str | None = None,
-               services: Services | None = None) -> FastAPI:
-    """The app. Pass ``services`` to share an open pool (tests); else it opens its own."""
+               services: Services | None = None, run_worker: bool = False) -> FastAPI:
+    """The app. Pass ``services`` to share an open pool (tests); else it opens its own, and
+    with ``run_worker`` also works through the job queue (compaction, retention)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -31,12 +40,15 @@ def create_app(settings: Settings, *, database_url: str | None = None,
         assert url, "create_app needs a database URL"
         db = Database(url, min_size=settings.pool_min_size, max_size=settings.pool_max_size,
                       statement_timeout_ms=settings.statement_timeout_ms)
-        async with db:
-            app.state.services = Services.build(settings, db)
-            try:
-                yield
-            finally:
-                await app.state.services.close()
+        async with db, contextlib.AsyncExitStack() as stack:
+            svc = app.state.services = Services.build(settings, db)
+            stack.push_async_callback(svc.close)
+            if run_worker:
+                await stack.enter_async_context(jobs.connected(url))
+                svc.documents.compaction_due = jobs.defer_compaction
+                worker = asyncio.create_task(jobs.run_worker(svc))
+                stack.push_async_callback(_cancel, worker)
+            yield
 
     app = FastAPI(title="canvasdb", version=__version__, lifespan=lifespan,
                   description="Entities with full history, for a collaborative whiteboard platform.")
@@ -46,6 +58,7 @@ def create_app(settings: Settings, *, database_url: str | None = None,
     app.include_router(tenants.router)
     app.include_router(entities.router)
     app.include_router(documents.router)
+    app.include_router(attachments.router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz(svc: Svc) -> dict[str, Any]:
@@ -54,5 +67,7 @@ def create_app(settings: Settings, *, database_url: str | None = None,
         return {"status": "ok", "version": __version__}
 
     # JSON may legitimately be larger than the compact form counted against max_data_bytes.
-    app.add_middleware(BodySizeLimit, max_bytes=4 * settings.max_data_bytes + 64 * 1024)
+    # Attachment uploads stream into the blob store and have their own, larger limit.
+    app.add_middleware(BodySizeLimit, max_bytes=4 * settings.max_data_bytes + 64 * 1024,
+                       path_limits=[(attachments.UPLOAD_PATHS, settings.max_attachment_bytes)])
     return app

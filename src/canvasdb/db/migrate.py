@@ -16,7 +16,7 @@ import psycopg
 
 from canvasdb.errors import MigrationError, Unavailable
 
-_LOCK_KEY = 0x63616E7644420001  # "canvDB" + 1: one advisory lock for all migrators
+LOCK_KEY = 0x63616E7644420001  # "canvDB" + 1: one advisory lock for every schema change
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -47,7 +47,7 @@ def migrate(conninfo: str, *, migrations: list[Migration] | None = None) -> list
     todo = available() if migrations is None else migrations
     applied_now = []
     with _connect(conninfo) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
         try:
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -81,7 +81,7 @@ def migrate(conninfo: str, *, migrations: list[Migration] | None = None) -> list
                     ) from exc
                 applied_now.append(migration)
         finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+            conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
     return applied_now
 
 

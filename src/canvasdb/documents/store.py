@@ -10,8 +10,10 @@ the Yrs bindings) before they are stored.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,6 +26,7 @@ from canvasdb.documents.log import Appended, UpdateLog
 from canvasdb.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from canvasdb.tenancy import Principal, check_project_access
 
+log = logging.getLogger("canvasdb.documents")
 DOC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
 KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_CHANGES_PAGE = 1000
@@ -71,6 +74,8 @@ class _Loaded:
         self.seq = 0
         self.size = 0
         self.lock = asyncio.Lock()
+        self.unsnapshotted = 0  # updates (and their bytes) appended here since compaction was asked
+        self.unsnapshotted_bytes = 0
 
 
 def check_doc_id(doc_id: object) -> str:
@@ -84,11 +89,16 @@ class DocumentStore:
     """The Python API for live documents (the HTTP API and the gateway use it)."""
 
     def __init__(self, db: Database, log: UpdateLog | None = None, *, cache_bytes: int = 256 * 2**20,
-                 max_update_bytes: int = 2**20) -> None:
+                 max_update_bytes: int = 2**20, compact_after_updates: int = 1000,
+                 compact_after_bytes: int = 2**20,
+                 compaction_due: Callable[[UUID, str], Awaitable[None]] | None = None) -> None:
         self.db = db
         self.log = log or UpdateLog(db)
         self.cache_bytes = cache_bytes
         self.max_update_bytes = max_update_bytes
+        self.compact_after_updates = compact_after_updates
+        self.compact_after_bytes = compact_after_bytes
+        self.compaction_due = compaction_due  # called (e.g. to defer a job) when a document grew
         self._cache: OrderedDict[tuple[UUID, str], _Loaded] = OrderedDict()
 
     async def close(self) -> None:
@@ -153,10 +163,20 @@ class DocumentStore:
                 raise InvalidInput(f"not a valid Yjs update: {exc}", pointer="/body") from None
             loaded.size += len(payload)
         try:
-            return await self.log.append(org_id, doc_id, payload, user_id=user_id, client_id=client_id)
+            done = await self.log.append(org_id, doc_id, payload, user_id=user_id, client_id=client_id)
         except BaseException:
             self._cache.pop(key, None)  # memory now holds an update the log may not: reload next time
             raise
+        loaded.unsnapshotted += 1
+        loaded.unsnapshotted_bytes += len(payload)
+        if self.compaction_due is not None and (loaded.unsnapshotted >= self.compact_after_updates
+                                                or loaded.unsnapshotted_bytes >= self.compact_after_bytes):
+            loaded.unsnapshotted = loaded.unsnapshotted_bytes = 0
+            try:
+                await self.compaction_due(org_id, doc_id)
+            except Exception:  # the hourly pass compacts it anyway; the update is stored
+                log.warning("could not ask for compaction of %s", doc_id, exc_info=True)
+        return done
 
     async def state(self, who: Principal, doc_id: str, *, state_vector: bytes | None = None,
                     as_of: datetime | None = None) -> bytes:
@@ -301,6 +321,20 @@ class DocumentStore:
                 " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                 (org_id, doc_id, upto, state, len(state), at))
         return Snapshot(seq=upto, at=at, size=len(state))
+
+    async def changed_since_snapshot(self, org_id: UUID) -> list[str]:
+        """The org's documents with updates that no snapshot covers yet."""
+        async with self.db.transaction(org_id) as conn:
+            cur = await conn.execute(
+                "SELECT d.id FROM documents d WHERE d.org_id = %s AND d.last_seq > coalesce("
+                " (SELECT max(s.seq) FROM doc_snapshots s WHERE s.org_id = d.org_id AND s.doc_id = d.id),"
+                " 0) ORDER BY d.id", (org_id,))
+            return [r["id"] for r in await cur.fetchall()]
+
+    async def all_ids(self, org_id: UUID) -> list[str]:
+        async with self.db.transaction(org_id) as conn:
+            cur = await conn.execute("SELECT id FROM documents WHERE org_id = %s ORDER BY id", (org_id,))
+            return [r["id"] for r in await cur.fetchall()]
 
     async def prune(self, org_id: UUID, doc_id: str, *, now: datetime | None = None,
                     keep_updates: timedelta = timedelta(hours=24),

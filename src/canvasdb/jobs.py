@@ -1,0 +1,93 @@
+"""Background work on a PostgreSQL-backed job queue (procrastinate): compaction, retention.
+
+Jobs live in PostgreSQL beside the data, so one backup covers them and they outlive
+any process. ``canvasdb up`` runs a worker; ``canvasdb worker`` runs one on its own,
+for scaling out. Every job is idempotent: running one twice, or two at once on
+different workers, changes nothing more than running it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from procrastinate import App, JobContext, PsycopgConnector
+from procrastinate.exceptions import AlreadyEnqueued
+
+from canvasdb.db.migrate import LOCK_KEY
+from canvasdb.errors import NotFound
+
+queue = App(connector=PsycopgConnector())
+
+
+def ensure_schema(conninfo: str) -> bool:
+    """Install the queue's tables if missing (under the migrations' lock); True if it did."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        try:
+            found = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
+            if found is not None and found[0] is not None:
+                return False
+            with conn.transaction():
+                conn.execute(queue.schema_manager.get_schema())  # type: ignore[arg-type]
+            return True
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+
+@queue.task(name="compact_document", pass_context=True, retry=3)
+async def compact_document(context: JobContext, org_id: str, doc_id: str) -> None:
+    """Fold a document's new updates into a snapshot (deferred when a document grows fast)."""
+    documents = context.additional_context["services"].documents
+    with contextlib.suppress(NotFound):  # the document is gone: nothing to do
+        await documents.compact(UUID(org_id), doc_id)
+
+
+@queue.periodic(cron="7 * * * *", periodic_id="hourly")
+@queue.task(name="hourly_maintenance", pass_context=True, queueing_lock="hourly_maintenance")
+async def hourly_maintenance(context: JobContext, timestamp: int) -> dict[str, int]:
+    """Every hour: snapshot every document that changed, then apply retention to it."""
+    services = context.additional_context["services"]
+    return await maintain(services)
+
+
+async def maintain(services: Any) -> dict[str, int]:
+    """Compaction and retention over every org's documents; the hourly job's body."""
+    settings = services.settings
+    totals = {"documents": 0, "snapshots": 0, "updates_deleted": 0, "snapshots_deleted": 0}
+    for org in await services.tenancy.list_orgs():
+        for doc_id in await services.documents.changed_since_snapshot(org.id):
+            totals["snapshots"] += await services.documents.compact(org.id, doc_id) is not None
+        for doc_id in await services.documents.all_ids(org.id):
+            totals["documents"] += 1
+            updates, snapshots = await services.documents.prune(
+                org.id, doc_id, keep_updates=timedelta(hours=settings.update_retention_hours),
+                keep_hourly=timedelta(days=settings.snapshot_retention_days))
+            totals["updates_deleted"] += updates
+            totals["snapshots_deleted"] += snapshots
+    return totals
+
+
+async def defer_compaction(org_id: UUID, doc_id: str) -> None:
+    """Ask a worker to compact a document soon (at most one such job waits per document)."""
+    with contextlib.suppress(AlreadyEnqueued):
+        await compact_document.configure(queueing_lock=f"compact:{org_id}:{doc_id}").defer_async(
+            org_id=str(org_id), doc_id=doc_id)
+
+
+@contextlib.asynccontextmanager
+async def connected(conninfo: str) -> AsyncIterator[App]:
+    """The queue, connected to the database for this process (to defer jobs or run a worker)."""
+    with queue.replace_connector(PsycopgConnector(conninfo=conninfo, min_size=1, max_size=4)):
+        async with queue.open_async():
+            yield queue
+
+
+async def run_worker(services: Any, *, concurrency: int = 2) -> None:
+    """Work through jobs until cancelled."""
+    await queue.run_worker_async(concurrency=concurrency, install_signal_handlers=False,
+                                 additional_context={"services": services})

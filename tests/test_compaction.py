@@ -146,3 +146,27 @@ async def test_retention_keeps_what_time_travel_needs(svc: Services, tenant: Ten
     await store.append(tenant.owner, "old", editor.step())
     assert view(replay([await store.state(tenant.owner, "old")])) == view(editor.doc), \
         "a cached copy catches up across pruned updates"
+
+
+async def test_large_snapshots_go_to_the_blob_store(svc: Services, tenant: Tenant, tmp_path) -> None:
+    from canvasdb.blobs import FilesystemBlobStore
+
+    blobs = FilesystemBlobStore(tmp_path / "blobs")
+    store = DocumentStore(svc.db, blobs=blobs, snapshot_inline_bytes=64)
+    await store.create(tenant.owner, tenant.project_id, "big")
+    editor = Editor(11)
+    for _ in range(40):
+        await store.append(tenant.owner, "big", editor.step())
+    snapshot = await store.compact(tenant.org_id, "big")
+    assert snapshot is not None and snapshot.size > 64
+    async with svc.db.transaction(tenant.org_id) as conn:
+        cur = await conn.execute("SELECT state, blob_sha256 FROM doc_snapshots WHERE org_id = %s"
+                                 " AND doc_id = 'big'", (tenant.org_id,))
+        row = await cur.fetchone()
+    assert row is not None and row["state"] is None and await blobs.exists(row["blob_sha256"])
+    for _ in range(5):
+        await store.append(tenant.owner, "big", editor.step())
+    await store.compact(tenant.org_id, "big")  # builds on the blob snapshot
+    fresh = DocumentStore(svc.db, blobs=blobs)
+    assert view(replay([await fresh.state(tenant.owner, "big")])) == view(editor.doc)
+    await store.close()

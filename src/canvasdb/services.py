@@ -31,11 +31,12 @@ class Services:
                             keyframe_interval=settings.keyframe_interval)
         log = UpdateLog(db, window=settings.group_commit_window_ms / 1000,
                         max_batch=settings.group_commit_max_batch)
+        blobs = blobs if blobs is not None else open_blob_store(settings)
         documents = DocumentStore(db, log, cache_bytes=settings.doc_cache_bytes,
                                   max_update_bytes=settings.max_update_bytes,
                                   compact_after_updates=settings.compact_after_updates,
-                                  compact_after_bytes=settings.compact_after_bytes)
-        blobs = blobs if blobs is not None else open_blob_store(settings)
+                                  compact_after_bytes=settings.compact_after_bytes,
+                                  blobs=blobs, snapshot_inline_bytes=settings.snapshot_inline_bytes)
         attachments = Attachments(db, blobs, max_bytes=settings.max_attachment_bytes)
         return cls(settings, db, Tenancy(db), types, store, documents, blobs, attachments)
 

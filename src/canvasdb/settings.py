@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     compact_after_bytes: int = Field(default=1024 * 1024, ge=1, description="... or after N bytes")
     update_retention_hours: float = Field(default=24, gt=0, description="Keep updates (time travel)")
     snapshot_retention_days: float = Field(default=30, gt=0, description="Keep hourly snapshots")
+    snapshot_inline_bytes: int = Field(default=1024 * 1024, ge=0,
+                                       description="Larger snapshots go to the blob store")
     blob_backend: Literal["filesystem", "s3"] = Field(
         default="filesystem", description="Where blobs (attachments, large snapshots) are kept")
     blobs_dir: Path | None = Field(default=None, description="Folder of the filesystem backend; unset = "

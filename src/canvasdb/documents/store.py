@@ -21,9 +21,10 @@ from uuid import UUID
 
 from pycrdt import Doc
 
+from canvasdb.blobs import BlobStore
 from canvasdb.db import Connection, Database
 from canvasdb.documents.log import Appended, UpdateLog
-from canvasdb.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from canvasdb.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unavailable
 from canvasdb.tenancy import Principal, check_project_access
 
 log = logging.getLogger("canvasdb.documents")
@@ -91,7 +92,8 @@ class DocumentStore:
     def __init__(self, db: Database, log: UpdateLog | None = None, *, cache_bytes: int = 256 * 2**20,
                  max_update_bytes: int = 2**20, compact_after_updates: int = 1000,
                  compact_after_bytes: int = 2**20,
-                 compaction_due: Callable[[UUID, str], Awaitable[None]] | None = None) -> None:
+                 compaction_due: Callable[[UUID, str], Awaitable[None]] | None = None,
+                 blobs: BlobStore | None = None, snapshot_inline_bytes: int = 2**20) -> None:
         self.db = db
         self.log = log or UpdateLog(db)
         self.cache_bytes = cache_bytes
@@ -99,6 +101,8 @@ class DocumentStore:
         self.compact_after_updates = compact_after_updates
         self.compact_after_bytes = compact_after_bytes
         self.compaction_due = compaction_due  # called (e.g. to defer a job) when a document grew
+        self.blobs = blobs  # where snapshots over snapshot_inline_bytes go (None: all inline)
+        self.snapshot_inline_bytes = snapshot_inline_bytes
         self._cache: OrderedDict[tuple[UUID, str], _Loaded] = OrderedDict()
 
     async def close(self) -> None:
@@ -234,13 +238,14 @@ class DocumentStore:
                 # First load, or retention removed updates this copy has not seen: a
                 # snapshot covers them (applying state twice is harmless in Yjs).
                 cur = await conn.execute(
-                    "SELECT seq, state FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
+                    "SELECT seq, state, blob_sha256 FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
                     " AND seq > %s ORDER BY seq DESC LIMIT 1", (org_id, doc_id, loaded.seq))
                 snapshot = await cur.fetchone()
                 if snapshot is not None:
-                    loaded.doc.apply_update(snapshot["state"])
+                    state = await self._snapshot_state(snapshot)
+                    loaded.doc.apply_update(state)
                     loaded.seq = snapshot["seq"]
-                    loaded.size = len(snapshot["state"])
+                    loaded.size = len(state)
                     rows = [r for r in rows if r["seq"] > loaded.seq] or \
                         await self._updates_after(conn, key, loaded.seq)
             for row in rows:
@@ -267,11 +272,11 @@ class DocumentStore:
         doc = Doc(skip_gc=True)
         async with self.db.transaction(org_id) as conn:
             cur = await conn.execute(
-                "SELECT seq, state FROM doc_snapshots WHERE org_id = %s AND doc_id = %s AND at <= %s"
-                " ORDER BY seq DESC LIMIT 1", (org_id, doc_id, moment))
+                "SELECT seq, state, blob_sha256 FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
+                " AND at <= %s ORDER BY seq DESC LIMIT 1", (org_id, doc_id, moment))
             snapshot = await cur.fetchone()
             if snapshot is not None:
-                doc.apply_update(snapshot["state"])
+                doc.apply_update(await self._snapshot_state(snapshot))
             cur = await conn.execute(
                 "SELECT payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s"
                 " AND at <= %s ORDER BY seq",
@@ -297,7 +302,7 @@ class DocumentStore:
                 raise NotFound(f"document {doc_id!r} not found")
             upto = meta["last_seq"]
             cur = await conn.execute(
-                "SELECT seq, state FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
+                "SELECT seq, state, blob_sha256 FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
                 " ORDER BY seq DESC LIMIT 1", (org_id, doc_id))
             base = await cur.fetchone()
             since = 0 if base is None else base["seq"]
@@ -305,7 +310,7 @@ class DocumentStore:
                 return None
             doc = Doc(skip_gc=True)
             if base is not None:
-                doc.apply_update(base["state"])
+                doc.apply_update(await self._snapshot_state(base))
             cur = await conn.execute(
                 "SELECT seq, payload, at FROM doc_updates WHERE org_id = %s AND doc_id = %s"
                 " AND seq > %s AND seq <= %s ORDER BY seq", (org_id, doc_id, since, upto))
@@ -316,11 +321,23 @@ class DocumentStore:
             if at is None:  # the updates were pruned meanwhile by another compactor
                 return None
             state = doc.get_update()
+            inline, blob = state, None
+            if self.blobs is not None and len(state) > self.snapshot_inline_bytes:
+                # Stored (durably) before the row that points at it can commit.
+                inline, blob = None, (await self.blobs.put(state)).key
             await conn.execute(
-                "INSERT INTO doc_snapshots (org_id, doc_id, seq, state, size, at)"
-                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                (org_id, doc_id, upto, state, len(state), at))
+                "INSERT INTO doc_snapshots (org_id, doc_id, seq, state, blob_sha256, size, at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (org_id, doc_id, upto, inline, blob, len(state), at))
         return Snapshot(seq=upto, at=at, size=len(state))
+
+    async def _snapshot_state(self, row: dict[str, Any]) -> bytes:
+        """A snapshot's bytes: in its row, or in the blob store (verified while read)."""
+        if row["state"] is not None:
+            return bytes(row["state"])
+        if self.blobs is None:
+            raise Unavailable("this document's snapshot is in the blob store, which is not configured")
+        return await self.blobs.get(row["blob_sha256"])
 
     async def changed_since_snapshot(self, org_id: UUID) -> list[str]:
         """The org's documents with updates that no snapshot covers yet."""

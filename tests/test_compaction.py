@@ -148,10 +148,8 @@ async def test_retention_keeps_what_time_travel_needs(svc: Services, tenant: Ten
         "a cached copy catches up across pruned updates"
 
 
-async def test_large_snapshots_go_to_the_blob_store(svc: Services, tenant: Tenant, tmp_path) -> None:
-    from canvasdb.blobs import FilesystemBlobStore
-
-    blobs = FilesystemBlobStore(tmp_path / "blobs")
+async def test_large_snapshots_go_to_the_blob_store(svc: Services, tenant: Tenant) -> None:
+    blobs = svc.blobs
     store = DocumentStore(svc.db, blobs=blobs, snapshot_inline_bytes=64)
     await store.create(tenant.owner, tenant.project_id, "big")
     editor = Editor(11)

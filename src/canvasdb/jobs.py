@@ -9,6 +9,7 @@ different workers, changes nothing more than running it once.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -19,8 +20,9 @@ from procrastinate import App, JobContext, PsycopgConnector
 from procrastinate.exceptions import AlreadyEnqueued
 
 from canvasdb.db.migrate import LOCK_KEY
-from canvasdb.errors import NotFound
+from canvasdb.errors import CanvasdbError, NotFound
 
+log = logging.getLogger("canvasdb.jobs")
 queue = App(connector=PsycopgConnector())
 
 
@@ -47,6 +49,14 @@ async def compact_document(context: JobContext, org_id: str, doc_id: str) -> Non
         await documents.compact(UUID(org_id), doc_id)
 
 
+@queue.task(name="project_board", pass_context=True, retry=3)
+async def project_board(context: JobContext, org_id: str, doc_id: str) -> None:
+    """Mirror a board's nodes and edges into entities (deferred a moment after it changes)."""
+    projection = context.additional_context["services"].projection
+    with contextlib.suppress(NotFound):
+        await projection.project(UUID(org_id), doc_id)
+
+
 @queue.periodic(cron="7 * * * *", periodic_id="hourly")
 @queue.task(name="hourly_maintenance", pass_context=True, queueing_lock="hourly_maintenance")
 async def hourly_maintenance(context: JobContext, timestamp: int) -> dict[str, int]:
@@ -56,17 +66,31 @@ async def hourly_maintenance(context: JobContext, timestamp: int) -> dict[str, i
 
 
 async def maintain(services: Any) -> dict[str, int]:
-    """Compaction and retention over every org's documents; the hourly job's body."""
+    """Projection, compaction and retention over every org's documents; the hourly job's body.
+
+    A document that fails is logged and counted, and the pass goes on with the others.
+    """
     settings = services.settings
-    totals = {"documents": 0, "snapshots": 0, "updates_deleted": 0, "snapshots_deleted": 0}
+    docs = services.documents
+    totals = {"documents": 0, "projected": 0, "snapshots": 0, "updates_deleted": 0,
+              "snapshots_deleted": 0, "failed": 0}
     for org in await services.tenancy.list_orgs():
-        for doc_id in await services.documents.changed_since_snapshot(org.id):
-            totals["snapshots"] += await services.documents.compact(org.id, doc_id) is not None
-        for doc_id in await services.documents.all_ids(org.id):
+        behind = set(await docs.projection_behind(org.id))
+        changed = set(await docs.changed_since_snapshot(org.id))
+        for doc_id in await docs.all_ids(org.id):
             totals["documents"] += 1
-            updates, snapshots = await services.documents.prune(
-                org.id, doc_id, keep_updates=timedelta(hours=settings.update_retention_hours),
-                keep_hourly=timedelta(days=settings.snapshot_retention_days))
+            try:
+                if doc_id in behind:
+                    totals["projected"] += await services.projection.project(org.id, doc_id)
+                if doc_id in changed:
+                    totals["snapshots"] += await docs.compact(org.id, doc_id) is not None
+                updates, snapshots = await docs.prune(
+                    org.id, doc_id, keep_updates=timedelta(hours=settings.update_retention_hours),
+                    keep_hourly=timedelta(days=settings.snapshot_retention_days))
+            except CanvasdbError:
+                log.exception("hourly maintenance of document %s failed", doc_id)
+                totals["failed"] += 1
+                continue
             totals["updates_deleted"] += updates
             totals["snapshots_deleted"] += snapshots
     return totals
@@ -76,6 +100,14 @@ async def defer_compaction(org_id: UUID, doc_id: str) -> None:
     """Ask a worker to compact a document soon (at most one such job waits per document)."""
     with contextlib.suppress(AlreadyEnqueued):
         await compact_document.configure(queueing_lock=f"compact:{org_id}:{doc_id}").defer_async(
+            org_id=str(org_id), doc_id=doc_id)
+
+
+async def defer_projection(org_id: UUID, doc_id: str) -> None:
+    """Project a board a second from now, with whatever has changed by then."""
+    with contextlib.suppress(AlreadyEnqueued):
+        await project_board.configure(queueing_lock=f"project:{org_id}:{doc_id}",
+                                      schedule_in={"seconds": 1}).defer_async(
             org_id=str(org_id), doc_id=doc_id)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from canvasdb.blobs import Attachments, BlobStore, open_blob_store
 from canvasdb.db import Database
 from canvasdb.documents import DocumentStore, UpdateLog
+from canvasdb.documents.projection import BoardProjection
 from canvasdb.entities import EntityStore, TypeRegistry
 from canvasdb.settings import Settings
 from canvasdb.tenancy import Tenancy
@@ -22,6 +23,7 @@ class Services:
     documents: DocumentStore
     blobs: BlobStore
     attachments: Attachments
+    projection: BoardProjection
 
     @classmethod
     def build(cls, settings: Settings, db: Database, *, blobs: BlobStore | None = None) -> Services:
@@ -38,7 +40,8 @@ class Services:
                                   compact_after_bytes=settings.compact_after_bytes,
                                   blobs=blobs, snapshot_inline_bytes=settings.snapshot_inline_bytes)
         attachments = Attachments(db, blobs, max_bytes=settings.max_attachment_bytes)
-        return cls(settings, db, Tenancy(db), types, store, documents, blobs, attachments)
+        projection = BoardProjection(documents, store)
+        return cls(settings, db, Tenancy(db), types, store, documents, blobs, attachments, projection)
 
     async def close(self) -> None:
         """Finish pending work (appends waiting for their commit) before the pool closes."""

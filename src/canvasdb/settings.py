@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     pool_max_size: int = Field(default=20, ge=1)
     statement_timeout_ms: int = Field(default=10_000, ge=0)
     log_level: str = "info"
-    group_commit_window_ms: float = Field(default=1.0, ge=0, le=1000,
+    group_commit_window_ms: float = Field(default=0.0, ge=0, le=1000,
                                           description="How long the op log waits to batch appends")
     group_commit_max_batch: int = Field(default=1000, ge=1, description="Most updates in one commit")
     doc_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0, description="Loaded documents, bytes")

@@ -46,6 +46,7 @@ def create_app(settings: Settings, *, database_url: str | None = None,
             if run_worker:
                 await stack.enter_async_context(jobs.connected(url))
                 svc.documents.compaction_due = jobs.defer_compaction
+                svc.documents.changed = jobs.defer_projection
                 worker = asyncio.create_task(jobs.run_worker(svc))
                 stack.push_async_callback(_cancel, worker)
             yield

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from canvasdb.api.deps import Svc, Who, parse_id, parse_if_match
 from canvasdb.entities import Entity, parse_as_of
 from canvasdb.errors import InvalidInput
+from canvasdb.services import Services
+from canvasdb.tenancy import Principal
 
 router = APIRouter(prefix="/v1/orgs/{org}", tags=["entities"])
 IfMatch = Annotated[str | None, Header(alias="If-Match")]
@@ -45,6 +47,12 @@ def _one(entity: Entity, status: int = 200, *, location: bool = False) -> JSONRe
     if location:
         headers["Location"] = f"/v1/orgs/{entity.org_id}/entities/{entity.id}"
     return JSONResponse(entity.to_json(), status_code=status, headers=headers)
+
+
+async def _written(svc: Services, who: Principal, entity: Entity) -> JSONResponse:
+    """After a write: a projected board node or edge carries the change into its live board."""
+    await svc.projection.entity_changed(who, entity)
+    return _one(entity)
 
 
 @router.post("/projects/{project}/entities", status_code=201)
@@ -95,7 +103,7 @@ async def replace_entity(org: str, id: str, body: DataIn, svc: Svc, who: Who,
                          if_match: IfMatch = None) -> JSONResponse:
     """Replace ``data``. Send the ETag back in If-Match to refuse a stale write (409)."""
     entity = await svc.entities.replace(who, parse_id(id), body.data, if_version=parse_if_match(if_match))
-    return _one(entity)
+    return await _written(svc, who, entity)
 
 
 @router.patch("/entities/{id}")
@@ -103,18 +111,19 @@ async def patch_entity(org: str, id: str, body: DataIn, svc: Svc, who: Who,
                        if_match: IfMatch = None) -> JSONResponse:
     """JSON Merge Patch (RFC 7396) of ``data``: members set to null are removed."""
     entity = await svc.entities.patch(who, parse_id(id), body.data, if_version=parse_if_match(if_match))
-    return _one(entity)
+    return await _written(svc, who, entity)
 
 
 @router.delete("/entities/{id}")
 async def delete_entity(org: str, id: str, svc: Svc, who: Who, if_match: IfMatch = None) -> JSONResponse:
     """Soft delete: a tombstone version; ``undelete`` or ``restore`` brings it back."""
-    return _one(await svc.entities.delete(who, parse_id(id), if_version=parse_if_match(if_match)))
+    entity = await svc.entities.delete(who, parse_id(id), if_version=parse_if_match(if_match))
+    return await _written(svc, who, entity)
 
 
 @router.post("/entities/{id}/undelete")
 async def undelete_entity(org: str, id: str, svc: Svc, who: Who) -> JSONResponse:
-    return _one(await svc.entities.undelete(who, parse_id(id)))
+    return await _written(svc, who, await svc.entities.undelete(who, parse_id(id)))
 
 
 @router.post("/entities/{id}/restore")
@@ -122,7 +131,7 @@ async def restore_entity(
     org: str, id: str, svc: Svc, who: Who, version: Annotated[int, Query(ge=1, le=2**31 - 1)]
 ) -> JSONResponse:
     """Make an old version current again, as a new version."""
-    return _one(await svc.entities.restore(who, parse_id(id), version))
+    return await _written(svc, who, await svc.entities.restore(who, parse_id(id), version))
 
 
 @router.get("/entities/{id}/history")

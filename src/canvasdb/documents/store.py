@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class Document:
     kind: str
     entity_id: UUID | None
     last_seq: int
+    projected_seq: int
     created_at: datetime
     created_by: UUID | None
 
@@ -48,7 +50,9 @@ class Document:
         return {
             "id": self.id, "org_id": str(self.org_id), "project_id": str(self.project_id),
             "kind": self.kind, "entity_id": None if self.entity_id is None else str(self.entity_id),
-            "last_seq": self.last_seq, "created_at": self.created_at.isoformat(),
+            "last_seq": self.last_seq, "projected_seq": self.projected_seq,
+            "projection_lag": self.last_seq - self.projected_seq if self.kind == "board" else 0,
+            "created_at": self.created_at.isoformat(),
             "created_by": None if self.created_by is None else str(self.created_by),
         }  # fmt: skip
 
@@ -77,6 +81,7 @@ class _Loaded:
         self.lock = asyncio.Lock()
         self.unsnapshotted = 0  # updates (and their bytes) appended here since compaction was asked
         self.unsnapshotted_bytes = 0
+        self.announced = -1.0  # when `changed` was last called for this document (monotonic)
 
 
 def check_doc_id(doc_id: object) -> str:
@@ -93,7 +98,9 @@ class DocumentStore:
                  max_update_bytes: int = 2**20, compact_after_updates: int = 1000,
                  compact_after_bytes: int = 2**20,
                  compaction_due: Callable[[UUID, str], Awaitable[None]] | None = None,
-                 blobs: BlobStore | None = None, snapshot_inline_bytes: int = 2**20) -> None:
+                 blobs: BlobStore | None = None, snapshot_inline_bytes: int = 2**20,
+                 changed: Callable[[UUID, str], Awaitable[None]] | None = None,
+                 changed_every: float = 0.5) -> None:
         self.db = db
         self.log = log or UpdateLog(db)
         self.cache_bytes = cache_bytes
@@ -103,6 +110,8 @@ class DocumentStore:
         self.compaction_due = compaction_due  # called (e.g. to defer a job) when a document grew
         self.blobs = blobs  # where snapshots over snapshot_inline_bytes go (None: all inline)
         self.snapshot_inline_bytes = snapshot_inline_bytes
+        self.changed = changed  # told (at most every `changed_every` s per document) of new updates
+        self.changed_every = changed_every
         self._cache: OrderedDict[tuple[UUID, str], _Loaded] = OrderedDict()
 
     async def close(self) -> None:
@@ -159,7 +168,9 @@ class DocumentStore:
             raise PayloadTooLarge(f"an update is at most {self.max_update_bytes} bytes",
                                   limit=self.max_update_bytes)
         key = (org_id, doc_id)
-        loaded = await self._loaded(key)
+        # A cached copy validates as well as a fresh one (Yjs keeps an update whose
+        # dependencies it has not seen as pending), so writes never wait on a catch-up.
+        loaded = self._cache.get(key) or await self._loaded(key)
         async with loaded.lock:
             try:
                 loaded.doc.apply_update(payload)
@@ -171,6 +182,15 @@ class DocumentStore:
         except BaseException:
             self._cache.pop(key, None)  # memory now holds an update the log may not: reload next time
             raise
+        if done.seq == loaded.seq + 1:  # nothing from elsewhere in between: no need to re-read it
+            loaded.seq = done.seq
+        now = time.monotonic()
+        if self.changed is not None and now - loaded.announced >= self.changed_every:
+            loaded.announced = now
+            try:
+                await self.changed(org_id, doc_id)
+            except Exception:  # the hourly pass catches up anyway; the update is stored
+                log.warning("could not announce a change of %s", doc_id, exc_info=True)
         loaded.unsnapshotted += 1
         loaded.unsnapshotted_bytes += len(payload)
         if self.compaction_due is not None and (loaded.unsnapshotted >= self.compact_after_updates
@@ -219,6 +239,10 @@ class DocumentStore:
 
     # --- loading ------------------------------------------------------------------------------
 
+    async def loaded(self, org_id: UUID, doc_id: str) -> _Loaded:
+        """The document in memory, up to date with the log (hold ``.lock`` while using ``.doc``)."""
+        return await self._loaded((org_id, doc_id))
+
     async def _loaded(self, key: tuple[UUID, str]) -> _Loaded:
         """The cached document, brought up to date with the log (loaded on first use)."""
         loaded = self._cache.get(key)
@@ -233,10 +257,10 @@ class DocumentStore:
     async def _catch_up(self, key: tuple[UUID, str], loaded: _Loaded) -> None:
         org_id, doc_id = key
         async with self.db.transaction(org_id) as conn:
-            rows = await self._updates_after(conn, key, loaded.seq)
+            rows = [] if loaded.seq == 0 else await self._updates_after(conn, key, loaded.seq)
             if loaded.seq == 0 or (rows and rows[0]["seq"] != loaded.seq + 1):
-                # First load, or retention removed updates this copy has not seen: a
-                # snapshot covers them (applying state twice is harmless in Yjs).
+                # First load, or retention removed updates this copy has not seen: start
+                # from the newest snapshot (applying state twice is harmless in Yjs).
                 cur = await conn.execute(
                     "SELECT seq, state, blob_sha256 FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
                     " AND seq > %s ORDER BY seq DESC LIMIT 1", (org_id, doc_id, loaded.seq))
@@ -246,8 +270,7 @@ class DocumentStore:
                     loaded.doc.apply_update(state)
                     loaded.seq = snapshot["seq"]
                     loaded.size = len(state)
-                    rows = [r for r in rows if r["seq"] > loaded.seq] or \
-                        await self._updates_after(conn, key, loaded.seq)
+                rows = await self._updates_after(conn, key, loaded.seq)
             for row in rows:
                 loaded.doc.apply_update(row["payload"])
                 loaded.seq = row["seq"]
@@ -348,6 +371,13 @@ class DocumentStore:
                 " 0) ORDER BY d.id", (org_id,))
             return [r["id"] for r in await cur.fetchall()]
 
+    async def projection_behind(self, org_id: UUID) -> list[str]:
+        """The org's boards whose entities do not yet reflect every update."""
+        async with self.db.transaction(org_id) as conn:
+            cur = await conn.execute("SELECT id FROM documents WHERE org_id = %s AND kind = 'board'"
+                                     " AND projected_seq < last_seq ORDER BY id", (org_id,))
+            return [r["id"] for r in await cur.fetchall()]
+
     async def all_ids(self, org_id: UUID) -> list[str]:
         async with self.db.transaction(org_id) as conn:
             cur = await conn.execute("SELECT id FROM documents WHERE org_id = %s ORDER BY id", (org_id,))
@@ -390,5 +420,6 @@ class Snapshot:
 
 def _document(row: dict[str, Any]) -> Document:
     return Document(id=row["id"], org_id=row["org_id"], project_id=row["project_id"], kind=row["kind"],
-                    entity_id=row["entity_id"], last_seq=row["last_seq"], created_at=row["created_at"],
+                    entity_id=row["entity_id"], last_seq=row["last_seq"],
+                    projected_seq=row["projected_seq"], created_at=row["created_at"],
                     created_by=row["created_by"])

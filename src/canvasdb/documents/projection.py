@@ -1,0 +1,129 @@
+"""Boards projected into entities, and entity edits applied back to boards.
+
+A board document holds a Y.Map ``nodes`` and a Y.Map ``edges``, each keyed by id.
+Each node and edge becomes an entity (``board.node``, ``board.edge``) in the board's
+project, with history like any other, whose id is derived from the document and the
+key (UUIDv5), so projecting twice writes nothing new. The projection runs after the
+updates are committed (a job, deferred on change, and the hourly pass), remembers
+how far it got (``documents.projected_seq``) and so resumes after a crash. An edit
+of such an entity through the API is written into the board as a Yjs change, which
+the projection then finds already in place.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from uuid import UUID
+
+from pycrdt import Map
+
+from canvasdb.documents.store import DocumentStore
+from canvasdb.entities import Entity, EntityStore
+from canvasdb.errors import Gone, NotFound
+from canvasdb.tenancy import Principal
+
+NAMESPACE = uuid.UUID("5f0e3c2a-8d0b-4c7e-9a43-6b2f1d9e7c10")
+COLLECTIONS = {"nodes": "board.node", "edges": "board.edge"}
+_OWN_FIELDS = ("doc", "key")  # added to the entity's data: which board, which key
+
+
+def entity_id(doc_id: str, collection: str, key: str) -> UUID:
+    """The id of the entity that mirrors ``collection[key]`` of a board (stable forever)."""
+    return uuid.uuid5(NAMESPACE, f"{doc_id}\x00{collection}\x00{key}")
+
+
+class BoardProjection:
+    def __init__(self, documents: DocumentStore, entities: EntityStore) -> None:
+        self.documents = documents
+        self.entities = entities
+
+    async def project(self, org_id: UUID, doc_id: str) -> int:
+        """Bring the board's entities up to date with its log; returns how many were written."""
+        system = Principal(org_id=org_id, user_id=None, org_role="owner")
+        async with self.documents.db.transaction(org_id) as conn:
+            cur = await conn.execute(
+                "SELECT kind, project_id, last_seq, projected_seq FROM documents"
+                " WHERE org_id = %s AND id = %s", (org_id, doc_id))
+            meta = await cur.fetchone()
+        if meta is None or meta["kind"] != "board" or meta["projected_seq"] >= meta["last_seq"]:
+            return 0
+        loaded = await self.documents.loaded(org_id, doc_id)
+        async with loaded.lock:
+            seq = loaded.seq
+            wanted = {(name, key): _plain(value)
+                      for name in COLLECTIONS
+                      for key, value in loaded.doc.get(name, type=Map).items()}
+        current = await self._projected(org_id, doc_id)
+        written = 0
+        for (name, key), value in wanted.items():
+            data = {**value, "doc": doc_id, "key": key}
+            eid = entity_id(doc_id, name, key)
+            existing = current.pop(eid, None)
+            if existing is None:
+                await self.entities.create(system, meta["project_id"], COLLECTIONS[name], data, id=eid)
+            elif existing.deleted:
+                await self.entities.undelete(system, eid)
+                await self.entities.replace(system, eid, data)
+            elif existing.data != data:
+                await self.entities.replace(system, eid, data)
+            else:
+                continue
+            written += 1
+        for eid, gone in current.items():
+            if not gone.deleted:
+                await self.entities.delete(system, eid)  # a tombstone version
+                written += 1
+        async with self.documents.db.transaction(org_id) as conn:
+            await conn.execute("UPDATE documents SET projected_seq = greatest(projected_seq, %s)"
+                               " WHERE org_id = %s AND id = %s", (seq, org_id, doc_id))
+        return written
+
+    async def _projected(self, org_id: UUID, doc_id: str) -> dict[UUID, Entity]:
+        from canvasdb.entities.store import _entity
+
+        async with self.documents.db.transaction(org_id) as conn:
+            cur = await conn.execute(
+                "SELECT * FROM entities WHERE org_id = %s AND data ->> 'doc' = %s"
+                " AND type IN ('board.node', 'board.edge')", (org_id, doc_id))
+            return {row["id"]: _entity(row) for row in await cur.fetchall()}
+
+    async def entity_changed(self, who: Principal, entity: Entity) -> None:
+        """Write an API edit of a projected node or edge into its board, as a Yjs change."""
+        collection = {v: k for k, v in COLLECTIONS.items()}.get(entity.type)
+        doc_id, key = entity.data.get("doc"), entity.data.get("key")
+        if collection is None or not isinstance(doc_id, str) or not isinstance(key, str):
+            return
+        if entity_id(doc_id, collection, key) != entity.id:
+            return  # not a projection, just an entity that looks like one
+        try:
+            await self.documents.get(who, doc_id, write=True)
+        except (NotFound, Gone):
+            return
+        loaded = await self.documents.loaded(who.org_id, doc_id)
+        updates: list[bytes] = []
+        async with loaded.lock:
+            target = loaded.doc.get(collection, type=Map)
+            value = {k: v for k, v in entity.data.items() if k not in _OWN_FIELDS}
+            if _plain(target.get(key)) == value and not entity.deleted:
+                return
+            subscription = loaded.doc.observe(lambda event: updates.append(event.update))
+            try:
+                if entity.deleted:
+                    if key in target:
+                        del target[key]
+                else:
+                    target[key] = Map(value)
+            finally:
+                loaded.doc.unobserve(subscription)
+        for update in updates:
+            await self.documents.append_checked(who.org_id, doc_id, update, user_id=who.user_id)
+
+
+def _plain(value: Any) -> dict[str, Any]:
+    """A node or edge as a JSON object (a Y.Map, or a JSON value kept in the map)."""
+    if isinstance(value, Map):
+        value = value.to_py()
+    if isinstance(value, dict):
+        return value
+    return {"value": value}

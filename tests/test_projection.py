@@ -1,0 +1,123 @@
+"""Boards projected into board.node / board.edge entities, and entity edits written back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import httpx
+from conftest import Tenant
+from pycrdt import Doc, Map
+
+from canvasdb import jobs
+from canvasdb.documents import DocumentStore
+from canvasdb.documents.projection import BoardProjection, entity_id
+from canvasdb.services import Services
+
+
+class Board:
+    def __init__(self) -> None:
+        self.doc = Doc()
+        self.updates: list[bytes] = []
+        self.doc.observe(lambda e: self.updates.append(e.update))
+        self.nodes = self.doc.get("nodes", type=Map)
+        self.edges = self.doc.get("edges", type=Map)
+
+    def take(self) -> list[bytes]:
+        out, self.updates = self.updates, []
+        return out
+
+
+async def push(svc: Services, tenant: Tenant, doc_id: str, board: Board) -> None:
+    for update in board.take():
+        await svc.documents.append(tenant.owner, doc_id, update)
+
+
+async def test_nodes_and_edges_become_entities(svc: Services, tenant: Tenant) -> None:
+    await svc.documents.create(tenant.owner, tenant.project_id, "plan", "board")
+    board = Board()
+    board.nodes["n1"] = Map({"type": "sticky", "x": 10, "y": 20, "text": "car"})
+    board.nodes["n2"] = {"type": "shape", "x": 0, "y": 0, "w": 5, "h": 5}
+    board.edges["e1"] = Map({"from": "n1", "to": "n2", "label": "needs"})
+    await push(svc, tenant, "plan", board)
+    assert await svc.projection.project(tenant.org_id, "plan") == 3
+    n1 = await svc.entities.get(tenant.owner, entity_id("plan", "nodes", "n1"))
+    assert n1.type == "board.node" and n1.project_id == tenant.project_id
+    assert n1.data == {"type": "sticky", "x": 10.0, "y": 20.0, "text": "car", "doc": "plan", "key": "n1"}
+    edge = await svc.entities.get(tenant.owner, entity_id("plan", "edges", "e1"))
+    assert (edge.type, edge.data["from"], edge.data["to"]) == ("board.edge", "n1", "n2")
+    assert await svc.projection.project(tenant.org_id, "plan") == 0, "nothing new: nothing written"
+    meta = await svc.documents.get(tenant.owner, "plan")
+    assert meta.projected_seq == meta.last_seq and meta.to_json()["projection_lag"] == 0
+
+    board.nodes["n1"]["x"] = 99
+    del board.nodes["n2"]
+    await push(svc, tenant, "plan", board)
+    assert (await svc.documents.get(tenant.owner, "plan")).to_json()["projection_lag"] > 0
+    assert await svc.projection.project(tenant.org_id, "plan") == 2
+    n1 = await svc.entities.get(tenant.owner, n1.id)
+    assert n1.data["x"] == 99.0 and n1.version == 2
+    history = (await svc.entities.history(tenant.owner, entity_id("plan", "nodes", "n2"))).items
+    assert [v.op for v in history] == ["delete", "create"], "a node deleted in the board is a tombstone"
+    board.nodes["n2"] = {"type": "shape", "x": 1}
+    await push(svc, tenant, "plan", board)
+    await svc.projection.project(tenant.org_id, "plan")
+    back = await svc.entities.get(tenant.owner, entity_id("plan", "nodes", "n2"))
+    assert back.data["x"] == 1.0 and not back.deleted
+
+
+async def test_text_documents_are_not_projected(svc: Services, tenant: Tenant) -> None:
+    await svc.documents.create(tenant.owner, tenant.project_id, "notes", "text")
+    board = Board()
+    board.nodes["n"] = {"type": "x"}
+    await push(svc, tenant, "notes", board)
+    assert await svc.projection.project(tenant.org_id, "notes") == 0
+
+
+async def test_entity_edit_over_http_reaches_the_live_board(
+    client: httpx.AsyncClient, svc: Services, tenant: Tenant
+) -> None:
+    await svc.documents.create(tenant.owner, tenant.project_id, "live", "board")
+    board = Board()
+    board.nodes["n1"] = Map({"type": "sticky", "text": "old"})
+    await push(svc, tenant, "live", board)
+    await svc.projection.project(tenant.org_id, "live")
+    url = f"/v1/orgs/{tenant.slug}/entities/{entity_id('live', 'nodes', 'n1')}"
+    r = await client.patch(url, headers=tenant.headers, json={"data": {"text": "new"}})
+    assert r.status_code == 200 and r.json()["version"] == 2
+    peer = Doc()
+    peer.apply_update(await DocumentStore(svc.db).state(tenant.owner, "live"))
+    assert peer.get("nodes", type=Map).to_py()["n1"] == {"type": "sticky", "text": "new"}
+    assert await svc.projection.project(tenant.org_id, "live") == 0, "the board already says so"
+    assert (await svc.entities.get(tenant.owner, entity_id("live", "nodes", "n1"))).version == 2
+    gone = await client.delete(url, headers=tenant.headers)
+    assert gone.status_code == 200
+    peer = Doc()
+    peer.apply_update(await DocumentStore(svc.db).state(tenant.owner, "live"))
+    assert "n1" not in peer.get("nodes", type=Map).to_py()
+
+
+async def test_projection_runs_shortly_after_commit_on_a_worker(pg_url: str, svc: Services,
+                                                                 tenant: Tenant) -> None:
+    store = DocumentStore(svc.db, changed=jobs.defer_projection)
+    projection = BoardProjection(store, svc.entities)
+    await store.create(tenant.owner, tenant.project_id, "auto", "board")
+    board = Board()
+    board.nodes["a"] = {"type": "sticky"}
+    async with jobs.connected(pg_url):
+        worker = asyncio.create_task(jobs.run_worker(svc))
+        try:
+            for update in board.take():
+                await store.append(tenant.owner, "auto", update)
+            for _ in range(100):
+                with contextlib.suppress(Exception):
+                    await svc.entities.get(tenant.owner, entity_id("auto", "nodes", "a"))
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+    await store.close()
+    assert (await svc.entities.get(tenant.owner, entity_id("auto", "nodes", "a"))).data["type"] == "sticky"
+    assert await projection.project(tenant.org_id, "auto") == 0

@@ -101,14 +101,18 @@ RETURNS TABLE (outcome text, r_project_id uuid, r_type text, r_data jsonb, r_ver
                r_created_by uuid, r_updated_by uuid, r_type_json jsonb)
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
-    e entities%ROWTYPE;
+    e record;
     member_role text;
     new_data jsonb;
     new_deleted boolean;
     keyframe boolean;
+    flat boolean;
+    patch jsonb;
 BEGIN
     PERFORM set_config('canvasdb.org_id', p_org::text, true);
-    SELECT * INTO e FROM entities x WHERE x.org_id = p_org AND x.id = p_id FOR NO KEY UPDATE;
+    SELECT x.*, EXISTS (SELECT FROM entity_types t WHERE t.org_id = x.org_id AND t.name = x.type
+                        AND t.json_schema IS NOT NULL) AS has_schema
+    INTO e FROM entities x WHERE x.org_id = p_org AND x.id = p_id FOR NO KEY UPDATE OF x;
     IF NOT FOUND THEN
         outcome := 'not_found';
         RETURN NEXT;
@@ -137,27 +141,37 @@ BEGIN
         RETURN;
     END IF;
 
-    new_data := CASE p_op WHEN 'merge' THEN jsonb_merge_patch(e.data, p_value)
-                          WHEN 'replace' THEN p_value WHEN 'restore' THEN p_value
-                          ELSE e.data END;
+    -- The usual edit, "set these fields", merges by concatenation and needs no diff.
+    flat := p_op = 'merge'
+        AND NOT jsonb_path_exists(p_value, '$.* ? (@.type() == "object" || @.type() == "null")');
+    new_data := CASE WHEN flat THEN e.data || p_value
+                     WHEN p_op = 'merge' THEN jsonb_merge_patch(e.data, p_value)
+                     WHEN p_op IN ('replace', 'restore') THEN p_value
+                     ELSE e.data END;
     new_deleted := p_op = 'delete';
     IF new_data = e.data AND new_deleted = e.deleted THEN
         outcome := 'unchanged';
     ELSIF p_op = 'merge' AND octet_length(new_data::text) > p_max_bytes THEN
         outcome := 'too_large';
-    ELSIF new_data <> e.data AND p_validated_at IS DISTINCT FROM e.version THEN
+    ELSIF e.has_schema AND new_data <> e.data AND p_validated_at IS DISTINCT FROM e.version THEN
         SELECT to_jsonb(t) INTO r_type_json FROM entity_types t
-        WHERE t.org_id = p_org AND t.name = e.type AND t.json_schema IS NOT NULL;
-        IF r_type_json IS NOT NULL THEN
-            outcome := 'validate';
-            r_data := new_data;
-        END IF;
+        WHERE t.org_id = p_org AND t.name = e.type;
+        outcome := 'validate';
+        r_data := new_data;
     END IF;
     IF outcome IS NOT NULL THEN
         RETURN NEXT;
         RETURN;
     END IF;
 
+    IF flat THEN
+        SELECT coalesce(jsonb_agg(jsonb_build_object(
+                   'op', CASE WHEN e.data ? k THEN 'replace' ELSE 'add' END,
+                   'path', '/' || replace(replace(k, '~', '~0'), '/', '~1'), 'value', v)), '[]')
+        INTO patch FROM jsonb_each(p_value) AS m(k, v) WHERE (e.data -> k) IS DISTINCT FROM v;
+    ELSE
+        patch := jsonb_diff(e.data, new_data);
+    END IF;
     keyframe := e.version + 1 - e.keyframe_version >= p_keyframe_interval;
     UPDATE entities x SET data = new_data, version = x.version + 1, deleted = new_deleted,
         keyframe_version = CASE WHEN keyframe THEN x.version + 1 ELSE x.keyframe_version END,
@@ -168,7 +182,7 @@ BEGIN
     INTO r_data, r_version, r_deleted, r_updated_at, r_updated_by;
     INSERT INTO entity_versions (org_id, entity_id, version, op, at, actor, deleted, patch, keyframe)
     VALUES (p_org, p_id, r_version, CASE WHEN p_op IN ('merge', 'replace') THEN 'update' ELSE p_op END,
-            r_updated_at, p_actor, new_deleted, jsonb_diff(e.data, new_data),
+            r_updated_at, p_actor, new_deleted, patch,
             CASE WHEN keyframe THEN new_data END);
     outcome := 'done';
     RETURN NEXT;

@@ -19,23 +19,15 @@ that folder at the end (also on Ctrl-C). With --database-url the benchmark's org
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
-import json
 import math
 import os
-import platform
 import random
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,19 +36,18 @@ from uuid import UUID, uuid4
 
 import psycopg
 import pycrdt
+from harness import machine_facts, phase, run, run_writers, summary
 from pycrdt import Doc, Map, Text, merge_updates
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from canvasdb.db import Database, EmbeddedPostgres
+from canvasdb.db import Database
 from canvasdb.documents import DocumentStore, UpdateLog
 from canvasdb.runtime import prepare_schema
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 from canvasdb.tenancy import Principal
 
-ERR = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 CONCURRENCY = (1, 10, 100)
 DOCS_PER_LEVEL = 10  # writers are spread over this many documents (writer w edits document w % 10)
 WARMUP_OPS = 5  # untimed appends per writer before each timed run (loads the documents)
@@ -163,42 +154,6 @@ def nodes_of(state: bytes) -> dict[str, Any]:
 
 
 # --- measuring ------------------------------------------------------------------------------------
-
-
-@contextmanager
-def phase(title: str, total: float | None = None) -> Iterator[Callable[..., None]]:
-    """A transient progress bar; yields ``advance(n=1, completed=None)``. Logs the phase's time."""
-    start = time.perf_counter()
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=ERR, transient=True, refresh_per_second=4,
-                  disable=not ERR.is_terminal) as progress:
-        task = progress.add_task(title, total=total)
-
-        def advance(n: float = 1, completed: float | None = None) -> None:
-            if completed is None:
-                progress.advance(task, n)
-            else:
-                progress.update(task, completed=completed)
-
-        yield advance
-    ERR.print(f"[green]done[/] {title} [dim]({time.perf_counter() - start:.1f} s)[/]", highlight=False)
-
-
-def summary(latencies: list[float], elapsed: float | None = None, cpu: float | None = None) -> dict[str, Any]:
-    """Count, p50/p99/mean/max in ms (nearest rank), the rate when ``elapsed`` is given, and this
-    process's CPU time per operation (ms) when ``cpu`` (seconds, all threads) is given."""
-    s = sorted(latencies)
-
-    def rank(q: float) -> float:
-        return s[max(0, math.ceil(q * len(s)) - 1)] * 1000
-
-    out = {"n": len(s), "p50_ms": rank(0.50), "p99_ms": rank(0.99),
-           "mean_ms": sum(s) / len(s) * 1000, "max_ms": s[-1] * 1000}
-    if elapsed is not None:
-        out |= {"seconds": elapsed, "per_s": len(s) / elapsed}
-    if cpu is not None:
-        out["client_cpu_ms_per_op"] = cpu / len(s) * 1000
-    return out
 
 
 def plural(n: int, word: str) -> str:
@@ -325,15 +280,7 @@ async def measure_appends(svc: Services, url: str, t: Tenant, writers: int, seco
                 keep.append((target[w], payload, c.client_id))
 
     how = "UpdateLog.append" if log_only else "append_checked"
-    with phase(f"{how}, {plural(writers, 'writer')}", seconds) as advance:
-        start, cpu = time.perf_counter(), time.process_time()
-        jobs = asyncio.gather(*(work(w) for w in range(writers)))
-        jobs.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved" on Ctrl-C
-        while not jobs.done():
-            await asyncio.wait([jobs], timeout=0.25)
-            advance(completed=min(seconds, time.perf_counter() - start))
-        await jobs
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    elapsed, cpu = await run_writers(f"{how}, {plural(writers, 'writer')}", seconds, writers, work)
     out = summary(latencies, elapsed, cpu) | {
         "concurrency": writers, "documents": len(docs), "path": how, "edits_made_in_loop": made_in_loop,
         "update_bytes": {"mean": sum(sizes) / len(sizes), "min": min(sizes), "max": max(sizes)},
@@ -641,36 +588,6 @@ async def measure_board(svc: Services, url: str, t: Tenant, scale: Scale) -> dic
 # --- facts, targets, report -----------------------------------------------------------------------
 
 
-def source_revision() -> str:
-    """The canvasdb commit measured (src/ is what runs), with +dirty if src/ has local changes."""
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "src"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
-def machine_facts(url: str) -> dict[str, Any]:
-    cpu_model = ""
-    with suppress(OSError, StopIteration), open("/proc/cpuinfo") as fh:
-        cpu_model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    with psycopg.connect(url) as conn:
-        settings = {name: conn.execute(f"SHOW {name}").fetchone()[0] for name in  # type: ignore[index]
-                    ("server_version", "shared_buffers", "synchronous_commit", "fsync", "wal_level",
-                     "max_connections")}
-    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model,
-            "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "load_avg_at_start": os.getloadavg(), "platform": platform.platform(),
-            "python": platform.python_version(), "psycopg": psycopg.__version__,
-            "pycrdt": getattr(pycrdt, "__version__", "?"),
-            "postgresql": settings.pop("server_version"), "pg_settings": settings,
-            "canvasdb_revision": source_revision()}
-
-
 def checked_level(report: dict[str, Any]) -> dict[str, Any]:
     return next(a for a in report["appends"]
                 if a["concurrency"] == WRITERS_TARGET and a["path"] == "append_checked")
@@ -865,8 +782,9 @@ async def run_async(url: str, scale: Scale, workdir: Path, report: dict[str, Any
 
 def benchmark(url: str, scale: Scale, workdir: Path, started: float) -> dict[str, Any]:
     run = uuid4().hex[:6]
+    machine = machine_facts(url, ("max_connections",), {"pycrdt": getattr(pycrdt, "__version__", "?")})
     report: dict[str, Any] = {"run": run, "started": datetime.now(UTC).isoformat(timespec="seconds"),
-                              "scale": asdict(scale), "machine": machine_facts(url), "notes": NOTES}
+                              "scale": asdict(scale), "machine": machine, "notes": NOTES}
     gc.collect()
     gc.freeze()
     asyncio.run(run_async(url, scale, workdir, report))
@@ -876,68 +794,9 @@ def benchmark(url: str, scale: Scale, workdir: Path, started: float) -> dict[str
     return report
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def interrupts_held(*, then_raise: bool = True) -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block ends, then act on them (or drop them): a server
-    interrupted half-way through its start could otherwise keep running after its folder is gone."""
-    got: list[int] = []
-    old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum))
-           for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        if got and then_raise:
-            raise KeyboardInterrupt
-
-
-def cleanup(server: EmbeddedPostgres | None, workdir: Path) -> None:
-    """Stop our server and remove the temporary folder (kept, and named, if the server won't stop)."""
-    with interrupts_held(then_raise=False):
-        if server is not None:
-            try:
-                server.stop()
-            except Exception as exc:
-                ERR.print(f"[red]could not stop the embedded PostgreSQL[/] ({exc}); kept {workdir}")
-                return
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", choices=list(SCALES), default="default")
-    parser.add_argument("--json", action="store_true", help="print a JSON report on stdout (table on stderr)")
-    parser.add_argument("--database-url", help="use this PostgreSQL instead of a temporary embedded one")
-    args = parser.parse_args()
-    signal.signal(signal.SIGTERM, _interrupt)
-    started = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="canvasdb-bench-docs-"))
-    server: EmbeddedPostgres | None = None
-    try:
-        url = args.database_url
-        if url is None:
-            server = EmbeddedPostgres(workdir / "pgdata")
-            with phase("start embedded PostgreSQL"), interrupts_held():
-                url = server.start()
-        with phase("migrate"):
-            prepare_schema(url)
-        report = benchmark(url, SCALES[args.scale], workdir, started)
-    except KeyboardInterrupt:
-        ERR.print("[yellow]interrupted[/]; cleaning up")
-        return 130
-    finally:
-        cleanup(server, workdir)
-    if args.json:
-        print_report(report, ERR)
-        print(json.dumps(report, indent=2, default=str))
-    else:
-        print_report(report, Console(width=None if sys.stdout.isatty() else 160))
-    return 0
+    return run(__doc__, SCALES, benchmark, print_report, prepare=prepare_schema,
+               prefix="canvasdb-bench-docs-")
 
 
 if __name__ == "__main__":

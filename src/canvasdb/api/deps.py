@@ -7,7 +7,7 @@ from uuid import UUID
 
 from fastapi import Depends, Header, Path, Request
 
-from canvasdb.errors import BadRequest, InvalidInput, NotFound, Unauthorized
+from canvasdb.errors import BadRequest, InvalidInput, Unauthorized
 from canvasdb.services import Services
 from canvasdb.tenancy import Principal
 
@@ -59,8 +59,3 @@ def parse_if_match(value: str | None) -> int | None:
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:  # not '²': int() refuses it
         raise BadRequest('If-Match must be an ETag from this API, such as "3"')
     return int(raw)
-
-
-def not_found_if_none(value: object, what: str) -> None:
-    if value is None:
-        raise NotFound(f"{what} not found")

@@ -16,10 +16,6 @@ import jsonpatch
 Json = Any
 
 
-def apply(doc: Json, ops: list[dict[str, Json]]) -> Json:
-    return jsonpatch.apply_patch(doc, ops)
-
-
 def rebuild(rows: Iterable[dict[str, Any]]) -> Json:
     """The document after the last row: start at the first row's keyframe, apply the patches."""
     doc: Json = None
@@ -29,5 +25,5 @@ def rebuild(rows: Iterable[dict[str, Any]]) -> Json:
             if doc is None:
                 raise ValueError("history rows must start at a keyframe")
         elif row["patch"]:
-            doc = apply(doc, row["patch"])
+            doc = jsonpatch.apply_patch(doc, row["patch"])
     return doc

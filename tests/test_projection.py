@@ -121,3 +121,24 @@ async def test_projection_runs_shortly_after_commit_on_a_worker(pg_url: str, svc
     await store.close()
     assert (await svc.entities.get(tenant.owner, entity_id("auto", "nodes", "a"))).data["type"] == "sticky"
     assert await projection.project(tenant.org_id, "auto") == 0
+
+
+async def test_metrics_expose_appends_commits_and_projection_lag(
+    client: httpx.AsyncClient, svc: Services, tenant: Tenant
+) -> None:
+    await svc.documents.create(tenant.owner, tenant.project_id, "measured", "board")
+    board = Board()
+    board.nodes["m"] = {"type": "sticky"}
+    await push(svc, tenant, "measured", board)
+    await svc.projection.project(tenant.org_id, "measured")
+    text = (await client.get("/metrics")).text
+
+    def value(name: str) -> float:
+        line = next(line for line in text.splitlines() if line.startswith(name + " "))
+        return float(line.split()[1])
+
+    assert value("canvasdb_doc_updates_appended_total") >= 1
+    assert value("canvasdb_doc_commit_seconds_count") >= 1
+    assert value("canvasdb_projection_lag_seconds_count") >= 1
+    assert value("canvasdb_projection_entity_writes_total") >= 1
+    assert "canvasdb_doc_cache_bytes" in text

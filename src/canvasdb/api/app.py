@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from canvasdb import __version__, jobs
 from canvasdb.api import attachments, documents, entities, problems, tenants
@@ -60,6 +61,11 @@ def create_app(settings: Settings, *, database_url: str | None = None,
     app.include_router(entities.router)
     app.include_router(documents.router)
     app.include_router(attachments.router)
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus exposition of this process's metrics."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz(svc: Svc) -> dict[str, Any]:

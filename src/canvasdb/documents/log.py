@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,6 +22,7 @@ from uuid import UUID
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from canvasdb import metrics
 from canvasdb.db import Database, translate
 from canvasdb.errors import NotFound
 
@@ -106,6 +108,7 @@ class UpdateLog:
         groups: dict[tuple[UUID, str], list[_Pending]] = defaultdict(list)
         for item in batch:
             groups[(item.org_id, item.doc_id)].append(item)
+        started = time.perf_counter()
         try:
             results = await self._commit(groups)
         except psycopg.Error as exc:
@@ -121,6 +124,8 @@ class UpdateLog:
             for item in batch:
                 _settle(item.future, exc)
             return
+        metrics.DOC_COMMIT_SECONDS.observe(time.perf_counter() - started)
+        metrics.DOC_BATCH_UPDATES.observe(len(batch))
         for key, items in groups.items():
             rows = sorted(results[key], key=lambda r: r["seq"])
             if len(rows) != len(items):  # the document is gone
@@ -129,6 +134,7 @@ class UpdateLog:
                 continue
             for item, row in zip(items, rows, strict=True):
                 _settle(item.future, Appended(seq=row["seq"], at=row["at"]))
+            metrics.DOC_APPENDS.inc(len(items))
 
     async def _commit(self, groups: dict[tuple[UUID, str], list[_Pending]]) -> dict[Any, list[Any]]:
         async with self.db.pool.connection() as conn:
@@ -160,6 +166,7 @@ def _settle(future: asyncio.Future[Appended], outcome: Appended | BaseException)
     if future.done():  # the caller gave up waiting; the update is stored all the same
         return
     if isinstance(outcome, BaseException):
+        metrics.DOC_APPEND_FAILURES.inc()
         future.set_exception(outcome)
     else:
         future.set_result(outcome)

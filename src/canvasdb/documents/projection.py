@@ -18,6 +18,7 @@ from uuid import UUID
 
 from pycrdt import Map
 
+from canvasdb import metrics
 from canvasdb.documents.store import DocumentStore
 from canvasdb.entities import Entity, EntityStore
 from canvasdb.errors import Gone, NotFound
@@ -48,6 +49,14 @@ class BoardProjection:
             meta = await cur.fetchone()
         if meta is None or meta["kind"] != "board" or meta["projected_seq"] >= meta["last_seq"]:
             return 0
+        async with self.documents.db.transaction(org_id) as conn:
+            cur = await conn.execute(
+                "SELECT clock_timestamp() - at AS waited FROM doc_updates WHERE org_id = %s"
+                " AND doc_id = %s AND seq > %s ORDER BY seq LIMIT 1",
+                (org_id, doc_id, meta["projected_seq"]))
+            oldest = await cur.fetchone()
+        if oldest is not None:
+            metrics.PROJECTION_LAG_SECONDS.observe(oldest["waited"].total_seconds())
         loaded = await self.documents.loaded(org_id, doc_id)
         async with loaded.lock:
             seq = loaded.seq
@@ -74,6 +83,7 @@ class BoardProjection:
             if not gone.deleted:
                 await self.entities.delete(system, eid)  # a tombstone version
                 written += 1
+        metrics.PROJECTED_ENTITIES.inc(written)
         async with self.documents.db.transaction(org_id) as conn:
             await conn.execute("UPDATE documents SET projected_seq = greatest(projected_seq, %s)"
                                " WHERE org_id = %s AND id = %s", (seq, org_id, doc_id))

@@ -22,6 +22,7 @@ from uuid import UUID
 
 from pycrdt import Doc
 
+from canvasdb import metrics
 from canvasdb.blobs import BlobStore
 from canvasdb.db import Connection, Database
 from canvasdb.documents.log import Appended, UpdateLog
@@ -287,6 +288,8 @@ class DocumentStore:
         while total > self.cache_bytes and len(self._cache) > 1:
             _, oldest = self._cache.popitem(last=False)
             total -= oldest.size
+        metrics.DOCS_LOADED.set(len(self._cache))
+        metrics.DOC_CACHE_BYTES.set(total)
 
     async def _state_as_of(self, org_id: UUID, doc_id: str, as_of: datetime) -> bytes:
         """Exact while the updates up to ``as_of`` are kept; beyond that, the nearest earlier

@@ -1,0 +1,26 @@
+"""Prometheus metrics of this process, served at ``/metrics``.
+
+Process-wide, like the Prometheus client's default registry: each gateway or
+server exports its own, and the monitoring system adds them up.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DOC_APPENDS = Counter("canvasdb_doc_updates_appended_total", "Yjs updates durably appended to op logs")
+DOC_APPEND_FAILURES = Counter("canvasdb_doc_update_append_failures_total",
+                              "Appends that failed (the caller got an error, nothing was stored)")
+DOC_COMMIT_SECONDS = Histogram(
+    "canvasdb_doc_commit_seconds", "Time to commit one group-commit batch of updates",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+DOC_BATCH_UPDATES = Histogram("canvasdb_doc_commit_batch_updates", "Updates committed together",
+                              buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+DOCS_LOADED = Gauge("canvasdb_docs_loaded", "Documents held in memory by this process")
+DOC_CACHE_BYTES = Gauge("canvasdb_doc_cache_bytes", "Approximate bytes of the loaded documents")
+PROJECTION_LAG_SECONDS = Histogram(
+    "canvasdb_projection_lag_seconds",
+    "How long the oldest update a projection run handled had waited since it was committed",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 7200))
+PROJECTED_ENTITIES = Counter("canvasdb_projection_entity_writes_total",
+                             "Entity versions written by the projection of boards")

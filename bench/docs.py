@@ -436,26 +436,12 @@ async def fresh_opens(svc: Services, t: Tenant, doc_id: str, runs: int, title: s
 
 
 async def open_breakdown(svc: Services, t: Tenant, doc_id: str, runs: int) -> dict[str, Any]:
-    """What a fresh open spends, step by step, done by hand with the store's own queries: fetch
-    the latest snapshot and the updates after it, apply the snapshot, apply the tail, encode.
-
-    ``store_fetch`` repeats the queries in the order DocumentStore._catch_up runs them on a first
-    load: every update after seq 0, then the snapshot."""
-    steps: dict[str, list[float]] = {"store_fetch": [], "fetch": [], "apply_snapshot": [], "apply_tail": [],
-                                     "encode": []}
-    tail_rows = snapshot_bytes = store_rows = 0
+    """What a fresh open spends, step by step, done by hand with the store's own queries (in the
+    order DocumentStore._catch_up runs them on a first load): fetch the latest snapshot and the
+    updates after it, apply the snapshot, apply the tail, encode."""
+    steps: dict[str, list[float]] = {"fetch": [], "apply_snapshot": [], "apply_tail": [], "encode": []}
+    tail_rows = snapshot_bytes = 0
     for _ in range(runs):
-        t0 = time.perf_counter()
-        async with svc.db.transaction(t.org_id) as conn:
-            cur = await conn.execute(
-                "SELECT seq, payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s"
-                " ORDER BY seq", (t.org_id, doc_id, 0))
-            store_rows = len(await cur.fetchall())
-            cur = await conn.execute(
-                "SELECT seq, state FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
-                " AND seq > %s ORDER BY seq DESC LIMIT 1", (t.org_id, doc_id, 0))
-            await cur.fetchone()
-        steps["store_fetch"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         async with svc.db.transaction(t.org_id) as conn:
             cur = await conn.execute(
@@ -486,7 +472,7 @@ async def open_breakdown(svc: Services, t: Tenant, doc_id: str, runs: int) -> di
         tail_rows = len(rows)
         del doc
     out: dict[str, Any] = {k: summary(v) for k, v in steps.items() if v}
-    out |= {"tail_rows": tail_rows, "snapshot_bytes": snapshot_bytes, "store_fetch_rows": store_rows}
+    out |= {"tail_rows": tail_rows, "snapshot_bytes": snapshot_bytes}
     return out
 
 
@@ -682,8 +668,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         p99=f"max {ms(so['max_ms'])}", target=f"p50 < {OPEN_TARGET_MS:.0f} ms",
         ok=so["p50_ms"] < OPEN_TARGET_MS)
     for key, what in (("fetch", "fetch snapshot + tail"), ("apply_snapshot", "apply the snapshot"),
-                      ("apply_tail", "apply the tail"), ("encode", "encode"),
-                      ("store_fetch", f"fetch as _catch_up does: {ss['store_fetch_rows']:,} rows, snapshot")):
+                      ("apply_tail", "apply the tail"), ("encode", "encode")):
         row(f"  step: {what}", ss[key], p99="")
     row("board: state() from the store holding it", b["warm_open"], p99=f"max {ms(b['warm_open']['max_ms'])}")
     console.print(table)

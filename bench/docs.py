@@ -36,7 +36,7 @@ from uuid import UUID, uuid4
 
 import psycopg
 import pycrdt
-from harness import machine_facts, phase, run, run_writers, summary
+from harness import machine_facts, phase, print_footer, run, run_writers, summary
 from pycrdt import Doc, Map, Text, merge_updates
 from rich.console import Console
 from rich.table import Table
@@ -703,12 +703,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
               f"board full replay = client: {b['full_replay_equals_client']}",
               f"board snapshot + tail = client: {b['snapshot_open_equals_client']}"]
     console.print("Checks: " + "; ".join(checks) + ".", highlight=False)
-    passed = sum(x["pass"] for x in report["targets"])
-    console.print(f"Targets: {passed}/{len(report['targets'])} pass. Total run time "
-                  f"{report['total_seconds']:.0f} s (load avg at end "
-                  f"{', '.join(f'{x:.2f}' for x in report['load_avg_at_end'])}).", highlight=False)
-    for note in report["notes"]:
-        console.print(f"Note: {note}", highlight=False, style="dim")
+    print_footer(console, report)
 
 
 NOTES = [

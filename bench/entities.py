@@ -33,7 +33,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
-from harness import machine_facts, phase, run, run_writers, summary
+from harness import machine_facts, phase, print_footer, run, run_writers, summary
 from psycopg.rows import dict_row
 from rich.console import Console
 from rich.table import Table
@@ -566,12 +566,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     row(f"old way: open + json.load + find ({f['file_bytes'] / 2**20:.1f} MiB file, "
         f"{f['entities']:,} entities)", f)
     console.print(table)
-    passed = sum(t["pass"] for t in report["targets"])
-    console.print(f"Targets: {passed}/{len(report['targets'])} pass. Total run time "
-                  f"{report['total_seconds']:.0f} s (load avg at end "
-                  f"{', '.join(f'{x:.2f}' for x in report['load_avg_at_end'])}).", highlight=False)
-    for note in report["notes"]:
-        console.print(f"Note: {note}", highlight=False, style="dim")
+    print_footer(console, report)
 
 
 NOTES = [

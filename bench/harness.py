@@ -186,3 +186,13 @@ def run(doc: str, scales: Mapping[str, Any], benchmark: Callable[[str, Any, Path
     else:
         print_report(report, Console(width=None if sys.stdout.isatty() else 160))
     return 0
+
+
+def print_footer(console: Console, report: dict[str, Any]) -> None:
+    """The last lines of a report: how many targets pass, the run time, the notes."""
+    passed = sum(t["pass"] for t in report["targets"])
+    console.print(f"Targets: {passed}/{len(report['targets'])} pass. Total run time "
+                  f"{report['total_seconds']:.0f} s (load avg at end "
+                  f"{', '.join(f'{x:.2f}' for x in report['load_avg_at_end'])}).", highlight=False)
+    for note in report["notes"]:
+        console.print(f"Note: {note}", highlight=False, style="dim")

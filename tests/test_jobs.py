@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import UTC, datetime, timedelta
 
 from conftest import Tenant
@@ -34,19 +33,13 @@ async def test_growing_document_is_compacted_by_a_worker(pg_url: str, svc: Servi
     store = DocumentStore(svc.db, compact_after_updates=10, compaction_due=jobs.defer_compaction)
     await store.create(tenant.owner, tenant.project_id, "grows")
     source, made = edits(25)
-    async with jobs.connected(pg_url):
-        worker = asyncio.create_task(jobs.run_worker(svc))
-        try:
-            for update in made:
-                await store.append(tenant.owner, "grows", update)
-            for _ in range(100):
-                if await snapshots(svc, tenant, "grows"):
-                    break
-                await asyncio.sleep(0.1)
-        finally:
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
+    async with jobs.connected(pg_url), jobs.working(svc):
+        for update in made:
+            await store.append(tenant.owner, "grows", update)
+        for _ in range(100):
+            if await snapshots(svc, tenant, "grows"):
+                break
+            await asyncio.sleep(0.1)
     await store.close()
     assert await snapshots(svc, tenant, "grows"), "a worker made a snapshot"
     loaded = Doc()

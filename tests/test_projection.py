@@ -104,20 +104,14 @@ async def test_projection_runs_shortly_after_commit_on_a_worker(pg_url: str, svc
     await store.create(tenant.owner, tenant.project_id, "auto", "board")
     board = Board()
     board.nodes["a"] = {"type": "sticky"}
-    async with jobs.connected(pg_url):
-        worker = asyncio.create_task(jobs.run_worker(svc))
-        try:
-            for update in board.take():
-                await store.append(tenant.owner, "auto", update)
-            for _ in range(100):
-                with contextlib.suppress(Exception):
-                    await svc.entities.get(tenant.owner, entity_id("auto", "nodes", "a"))
-                    break
-                await asyncio.sleep(0.1)
-        finally:
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
+    async with jobs.connected(pg_url), jobs.working(svc):
+        for update in board.take():
+            await store.append(tenant.owner, "auto", update)
+        for _ in range(100):
+            with contextlib.suppress(Exception):
+                await svc.entities.get(tenant.owner, entity_id("auto", "nodes", "a"))
+                break
+            await asyncio.sleep(0.1)
     await store.close()
     assert (await svc.entities.get(tenant.owner, entity_id("auto", "nodes", "a"))).data["type"] == "sticky"
     assert await projection.project(tenant.org_id, "auto") == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import sys
@@ -136,14 +135,14 @@ def worker(concurrency: Annotated[int, typer.Option(min=1, max=64, help="Jobs at
 
     async def main() -> None:
         target = runtime.database(settings)
-        async with runtime.open_services(settings, target.url) as svc, jobs.connected(target.url):
-            task = asyncio.create_task(jobs.run_worker(svc, concurrency=concurrency))
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, task.cancel)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with (runtime.open_services(settings, target.url) as svc, jobs.connected(target.url),
+                    jobs.working(svc, concurrency=concurrency)):
             out.print("canvasdb worker running (Ctrl-C to stop)")
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop.wait()
         out.print("canvasdb worker stopped")
 
     try:

@@ -8,6 +8,7 @@ different workers, changes nothing more than running it once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -123,3 +124,15 @@ async def run_worker(services: Any, *, concurrency: int = 2) -> None:
     """Work through jobs until cancelled."""
     await queue.run_worker_async(concurrency=concurrency, install_signal_handlers=False,
                                  additional_context={"services": services})
+
+
+@contextlib.asynccontextmanager
+async def working(services: Any, *, concurrency: int = 2) -> AsyncIterator[None]:
+    """A worker running in this process for the length of the block (the queue is connected)."""
+    worker = asyncio.create_task(run_worker(services, concurrency=concurrency))
+    try:
+        yield
+    finally:
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker

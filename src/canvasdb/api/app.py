@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,12 +17,6 @@ from canvasdb.api.limits import BodySizeLimit
 from canvasdb.db import Database
 from canvasdb.services import Services
 from canvasdb.settings import Settings
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 def create_app(settings: Settings, *, database_url: str | None = None,
@@ -48,8 +41,7 @@ def create_app(settings: Settings, *, database_url: str | None = None,
                 await stack.enter_async_context(jobs.connected(url))
                 svc.documents.compaction_due = jobs.defer_compaction
                 svc.documents.changed = jobs.defer_projection
-                worker = asyncio.create_task(jobs.run_worker(svc))
-                stack.push_async_callback(_cancel, worker)
+                await stack.enter_async_context(jobs.working(svc))
             yield
 
     app = FastAPI(title="canvasdb", version=__version__, lifespan=lifespan,

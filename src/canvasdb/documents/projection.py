@@ -59,7 +59,7 @@ class BoardProjection:
             metrics.PROJECTION_LAG_SECONDS.observe(oldest["waited"].total_seconds())
         loaded = await self.documents.loaded(org_id, doc_id)
         async with loaded.lock:
-            seq = loaded.seq
+            seq = loaded.doc_seq
             wanted = {(name, key): _plain(value)
                       for name in COLLECTIONS
                       for key, value in loaded.doc.get(name, type=Map).items()}

@@ -20,11 +20,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from pycrdt import Doc
+from pycrdt import Doc, get_state, get_update, merge_updates
 
 from canvasdb import metrics
 from canvasdb.blobs import BlobStore
 from canvasdb.db import Connection, Database
+from canvasdb.documents import yjs
 from canvasdb.documents.log import Appended, UpdateLog
 from canvasdb.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unavailable
 from canvasdb.tenancy import Principal, check_project_access
@@ -33,6 +34,7 @@ log = logging.getLogger("canvasdb.documents")
 DOC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
 KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_CHANGES_PAGE = 1000
+_MERGE_MAX = 256  # pieces state() merges into one update; beyond, it decodes the document
 
 
 @dataclass(frozen=True)
@@ -72,17 +74,76 @@ class Change:
                 "client_id": self.client_id, "size": self.size}
 
 
-class _Loaded:
-    """A document in memory and the last log entry applied to it."""
+_OVERHEAD = 1024  # what an entry costs besides its bytes, roughly; it also bounds the entry count
+
+
+class _Held:
+    """A document as stored: its latest snapshot and the updates after it, as bytes.
+
+    Serving a document needs nothing more: a peer gets these bytes (or the part of each
+    it lacks), and the state vector is kept current by reading the updates' headers.
+    The decoded Yrs document (``doc``) is built only for those who need it (the board
+    projection, API edits), because decoding a large board takes about a second with
+    the GIL held.
+    """
 
     def __init__(self) -> None:
-        self.doc = Doc(skip_gc=True)  # snapshots keep deleted content, for time travel
-        self.seq = 0
-        self.size = 0
+        self.snapshot: bytes | None = None
+        self.snapshot_seq = 0
+        self.tail: list[tuple[int, bytes]] = []  # (seq, update) after the snapshot, in order
+        self.seq = 0  # the last update held
+        self.clock: yjs.StateVector = {}
+        self.size = _OVERHEAD  # bytes held (a decoded doc counts its bytes once more, as an estimate)
+        self.doc: Doc | None = None
+        self.doc_seq = 0
         self.lock = asyncio.Lock()
         self.unsnapshotted = 0  # updates (and their bytes) appended here since compaction was asked
         self.unsnapshotted_bytes = 0
         self.announced = -1.0  # when `changed` was last called for this document (monotonic)
+
+    def add(self, seq: int, update: bytes) -> bool:
+        """Hold the next update of the log; False (and nothing held) if it is not the next one."""
+        if seq != self.seq + 1:
+            return False
+        self.tail.append((seq, update))
+        self.seq = seq
+        yjs.advance(self.clock, update)
+        self.size += len(update) * (2 if self.doc is not None else 1)
+        return True
+
+    def reset(self, snapshot: bytes | None, seq: int, clock: yjs.StateVector) -> None:
+        self.snapshot, self.snapshot_seq, self.seq, self.clock = snapshot, seq, seq, dict(clock)
+        self.tail, self.doc, self.doc_seq = [], None, 0
+        self.size = _OVERHEAD + len(snapshot or b"")
+
+    def decoded(self) -> Doc:
+        """The Yrs document, decoded now if need be, up to ``seq``."""
+        if self.doc is None:
+            self.doc = Doc(skip_gc=True)  # snapshots keep deleted content, for time travel
+            if self.snapshot is not None:
+                self.doc.apply_update(self.snapshot)
+            self.doc_seq = self.snapshot_seq
+            self.size *= 2
+        for seq, update in self.tail:
+            if seq > self.doc_seq:
+                try:
+                    yjs.apply(self.doc, update)
+                except ValueError:
+                    log.warning("update %s does not apply to its document; skipped", seq)
+        self.doc_seq = self.seq
+        return self.doc
+
+    def missing(self, peer: yjs.StateVector | None) -> list[bytes]:
+        """What a peer at state vector ``peer`` lacks, as updates (None: a new, empty peer).
+
+        Each stored piece is diffed on its own (structs past the vector, and its whole
+        delete set, as Yjs's own sync does), so nothing is ever merged or decoded whole.
+        """
+        pieces = ([] if self.snapshot is None else [self.snapshot]) + [u for _, u in self.tail]
+        if not peer:
+            return pieces
+        vector = yjs.write_state_vector(peer)
+        return [d for d in (get_update(p, vector) for p in pieces) if d != yjs.EMPTY_UPDATE]
 
 
 def check_doc_id(doc_id: object) -> str:
@@ -113,7 +174,8 @@ class DocumentStore:
         self.snapshot_inline_bytes = snapshot_inline_bytes
         self.changed = changed  # told (at most every `changed_every` s per document) of new updates
         self.changed_every = changed_every
-        self._cache: OrderedDict[tuple[UUID, str], _Loaded] = OrderedDict()
+        self._cache: OrderedDict[tuple[UUID, str], _Held] = OrderedDict()
+        self._held_bytes = 0
 
     async def close(self) -> None:
         await self.log.close()
@@ -163,40 +225,35 @@ class DocumentStore:
                                          client_id=client_id)
 
     async def append_checked(self, org_id: UUID, doc_id: str, payload: bytes, *,
-                             user_id: UUID | None = None, client_id: int | None = None) -> Appended:
-        """``append`` for a caller whose access was checked already (the gateway, per connection)."""
+                             user_id: UUID | None = None, client_id: int | None = None,
+                             tag: object = None) -> Appended:
+        """``append`` for a caller whose access was checked already (the gateway, per connection;
+        ``tag`` names the sender to the log's ``committed`` listener)."""
         if len(payload) > self.max_update_bytes:
             raise PayloadTooLarge(f"an update is at most {self.max_update_bytes} bytes",
                                   limit=self.max_update_bytes)
-        key = (org_id, doc_id)
-        # A cached copy validates as well as a fresh one (Yjs keeps an update whose
-        # dependencies it has not seen as pending), so writes never wait on a catch-up.
-        loaded = self._cache.get(key) or await self._loaded(key)
-        async with loaded.lock:
-            try:
-                loaded.doc.apply_update(payload)
-            except ValueError as exc:
-                raise InvalidInput(f"not a valid Yjs update: {exc}", pointer="/body") from None
-            loaded.size += len(payload)
-        try:
-            done = await self.log.append(org_id, doc_id, payload, user_id=user_id, client_id=client_id)
-        except BaseException:
-            self._cache.pop(key, None)  # memory now holds an update the log may not: reload next time
-            raise
-        if done.seq == loaded.seq + 1:  # nothing from elsewhere in between: no need to re-read it
-            loaded.seq = done.seq
+        yjs.check_update(payload)
+        done = await self.log.append(org_id, doc_id, payload, user_id=user_id, client_id=client_id,
+                                     tag=tag)
+        held = self._cache.get((org_id, doc_id))
+        if held is None:  # held from now on (and loaded in full on first use): its counters live here
+            held = self._cache[(org_id, doc_id)] = _Held()
+            self._held_bytes += held.size
+        before = held.size
+        held.add(done.seq, payload)  # if another process wrote in between, the next use catches up
+        self._held_bytes += held.size - before
         now = time.monotonic()
-        if self.changed is not None and now - loaded.announced >= self.changed_every:
-            loaded.announced = now
+        if self.changed is not None and now - held.announced >= self.changed_every:
+            held.announced = now
             try:
                 await self.changed(org_id, doc_id)
             except Exception:  # the hourly pass catches up anyway; the update is stored
                 log.warning("could not announce a change of %s", doc_id, exc_info=True)
-        loaded.unsnapshotted += 1
-        loaded.unsnapshotted_bytes += len(payload)
-        if self.compaction_due is not None and (loaded.unsnapshotted >= self.compact_after_updates
-                                                or loaded.unsnapshotted_bytes >= self.compact_after_bytes):
-            loaded.unsnapshotted = loaded.unsnapshotted_bytes = 0
+        held.unsnapshotted += 1
+        held.unsnapshotted_bytes += len(payload)
+        if self.compaction_due is not None and (held.unsnapshotted >= self.compact_after_updates
+                                                or held.unsnapshotted_bytes >= self.compact_after_bytes):
+            held.unsnapshotted = held.unsnapshotted_bytes = 0
             try:
                 await self.compaction_due(org_id, doc_id)
             except Exception:  # the hourly pass compacts it anyway; the update is stored
@@ -210,19 +267,29 @@ class DocumentStore:
         await self.get(who, doc_id)
         if as_of is not None:
             return await self._state_as_of(who.org_id, doc_id, as_of)
-        loaded = await self._loaded((who.org_id, doc_id))
-        async with loaded.lock:
-            try:
-                return loaded.doc.get_update(state_vector) if state_vector else loaded.doc.get_update()
-            except ValueError as exc:
-                raise InvalidInput(f"not a valid Yjs state vector: {exc}",
-                                   pointer="query:state_vector") from None
+        peer = yjs.read_state_vector(state_vector) if state_vector else None
+        held = await self._held((who.org_id, doc_id))
+        if len(held.tail) > _MERGE_MAX:  # merging that many is slower than decoding once
+            held = await self.loaded(who.org_id, doc_id)
+            async with held.lock:
+                assert held.doc is not None
+                return held.doc.get_update(state_vector) if peer else held.doc.get_update()
+        pieces = held.missing(peer)
+        if len(pieces) == 1:
+            return pieces[0]
+        return merge_updates(*pieces) if pieces else yjs.EMPTY_UPDATE
 
     async def state_vector(self, who: Principal, doc_id: str) -> bytes:
         await self.get(who, doc_id)
-        loaded = await self._loaded((who.org_id, doc_id))
-        async with loaded.lock:
-            return loaded.doc.get_state()
+        return yjs.write_state_vector((await self._held((who.org_id, doc_id))).clock)
+
+    async def sync(self, org_id: UUID, doc_id: str, state_vector: bytes | None = None) -> Sync:
+        """What a peer needs to catch up (for a caller whose access was checked already): the
+        stored updates it lacks, as they are stored (a new peer gets the snapshot's bytes and
+        the updates after it, nothing decoded), and this document's state vector."""
+        peer = yjs.read_state_vector(state_vector) if state_vector else None
+        held = await self._held((org_id, doc_id))
+        return Sync(updates=held.missing(peer), state_vector=yjs.write_state_vector(held.clock), seq=held.seq)
 
     async def changes(self, who: Principal, doc_id: str, *, after: int = 0,
                       limit: int = 100) -> list[Change]:
@@ -238,58 +305,81 @@ class DocumentStore:
             )
             return [Change(**r) for r in await cur.fetchall()]
 
+    async def updates_since(self, org_id: UUID, doc_id: str, seq: int) -> list[tuple[int, bytes]] | None:
+        """The held updates after ``seq`` (brought up to date with the log), or None when they
+        are no longer all held (a newer snapshot covers some): then resync with ``sync``."""
+        held = await self._held((org_id, doc_id))
+        if seq < held.snapshot_seq:
+            return None
+        return [(s, u) for s, u in held.tail if s > seq]
+
+    def unload(self, org_id: UUID, doc_id: str) -> None:
+        """Forget a held document (its next use loads it again)."""
+        held = self._cache.pop((org_id, doc_id), None)
+        if held is not None:
+            self._held_bytes -= held.size
+            metrics.DOCS_LOADED.set(len(self._cache))
+
     # --- loading ------------------------------------------------------------------------------
 
-    async def loaded(self, org_id: UUID, doc_id: str) -> _Loaded:
-        """The document in memory, up to date with the log (hold ``.lock`` while using ``.doc``)."""
-        return await self._loaded((org_id, doc_id))
+    async def loaded(self, org_id: UUID, doc_id: str) -> _Held:
+        """The document, up to date with the log and decoded (hold ``.lock`` while using ``.doc``)."""
+        held = await self._held((org_id, doc_id))
+        async with held.lock:
+            before = held.size
+            held.decoded()
+            self._held_bytes += held.size - before
+        return held
 
-    async def _loaded(self, key: tuple[UUID, str]) -> _Loaded:
+    async def _held(self, key: tuple[UUID, str]) -> _Held:
         """The cached document, brought up to date with the log (loaded on first use)."""
-        loaded = self._cache.get(key)
-        if loaded is None:
-            loaded = self._cache[key] = _Loaded()
+        held = self._cache.get(key)
+        if held is None:
+            held = self._cache[key] = _Held()
         self._cache.move_to_end(key)
-        async with loaded.lock:
-            await self._catch_up(key, loaded)
+        async with held.lock:
+            before = held.size
+            await self._catch_up(key, held)
+            self._held_bytes += held.size - before
         self._evict()
-        return loaded
+        return held
 
-    async def _catch_up(self, key: tuple[UUID, str], loaded: _Loaded) -> None:
+    async def _catch_up(self, key: tuple[UUID, str], held: _Held) -> None:
         org_id, doc_id = key
         async with self.db.transaction(org_id) as conn:
-            rows = [] if loaded.seq == 0 else await self._updates_after(conn, key, loaded.seq)
-            if loaded.seq == 0 or (rows and rows[0]["seq"] != loaded.seq + 1):
+            rows = [] if held.seq == 0 else await self._updates_after(conn, key, held.seq)
+            if held.seq == 0 or (rows and rows[0]["seq"] != held.seq + 1):
                 # First load, or retention removed updates this copy has not seen: start
-                # from the newest snapshot (applying state twice is harmless in Yjs).
+                # again from the newest snapshot.
                 cur = await conn.execute(
-                    "SELECT seq, state, blob_sha256 FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
-                    " AND seq > %s ORDER BY seq DESC LIMIT 1", (org_id, doc_id, loaded.seq))
+                    "SELECT seq, state, blob_sha256, state_vector FROM doc_snapshots"
+                    " WHERE org_id = %s AND doc_id = %s ORDER BY seq DESC LIMIT 1", (org_id, doc_id),
+                    binary=True)
                 snapshot = await cur.fetchone()
-                if snapshot is not None:
+                if snapshot is None:
+                    held.reset(None, 0, {})
+                else:
                     state = await self._snapshot_state(snapshot)
-                    loaded.doc.apply_update(state)
-                    loaded.seq = snapshot["seq"]
-                    loaded.size = len(state)
-                rows = await self._updates_after(conn, key, loaded.seq)
-            for row in rows:
-                loaded.doc.apply_update(row["payload"])
-                loaded.seq = row["seq"]
-                loaded.size += len(row["payload"])
+                    vector = snapshot["state_vector"]
+                    held.reset(state, snapshot["seq"],
+                               yjs.read_state_vector(bytes(vector) if vector is not None
+                                                     else get_state(state)))
+                rows = await self._updates_after(conn, key, held.seq)
+        for row in rows:
+            held.add(row["seq"], bytes(row["payload"]))
 
     async def _updates_after(self, conn: Connection, key: tuple[UUID, str], seq: int) -> list[Any]:
         cur = await conn.execute(
             "SELECT seq, payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s"
-            " ORDER BY seq", (*key, seq))
+            " ORDER BY seq", (*key, seq), binary=True)
         return await cur.fetchall()
 
     def _evict(self) -> None:
-        total = sum(d.size for d in self._cache.values())
-        while total > self.cache_bytes and len(self._cache) > 1:
+        while self._held_bytes > self.cache_bytes and len(self._cache) > 1:
             _, oldest = self._cache.popitem(last=False)
-            total -= oldest.size
+            self._held_bytes -= oldest.size
         metrics.DOCS_LOADED.set(len(self._cache))
-        metrics.DOC_CACHE_BYTES.set(total)
+        metrics.DOC_CACHE_BYTES.set(self._held_bytes)
 
     async def _state_as_of(self, org_id: UUID, doc_id: str, as_of: datetime) -> bytes:
         """Exact while the updates up to ``as_of`` are kept; beyond that, the nearest earlier
@@ -299,16 +389,15 @@ class DocumentStore:
         async with self.db.transaction(org_id) as conn:
             cur = await conn.execute(
                 "SELECT seq, state, blob_sha256 FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
-                " AND at <= %s ORDER BY seq DESC LIMIT 1", (org_id, doc_id, moment))
+                " AND at <= %s ORDER BY seq DESC LIMIT 1", (org_id, doc_id, moment), binary=True)
             snapshot = await cur.fetchone()
             if snapshot is not None:
                 doc.apply_update(await self._snapshot_state(snapshot))
             cur = await conn.execute(
-                "SELECT payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s"
+                "SELECT seq, payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s"
                 " AND at <= %s ORDER BY seq",
-                (org_id, doc_id, 0 if snapshot is None else snapshot["seq"], moment))
-            for row in await cur.fetchall():
-                doc.apply_update(row["payload"])
+                (org_id, doc_id, 0 if snapshot is None else snapshot["seq"], moment), binary=True)
+            _replay(doc, await cur.fetchall(), doc_id)
         return doc.get_update()
 
     # --- compaction and retention ---------------------------------------------------------------
@@ -329,7 +418,7 @@ class DocumentStore:
             upto = meta["last_seq"]
             cur = await conn.execute(
                 "SELECT seq, state, blob_sha256 FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
-                " ORDER BY seq DESC LIMIT 1", (org_id, doc_id))
+                " ORDER BY seq DESC LIMIT 1", (org_id, doc_id), binary=True)
             base = await cur.fetchone()
             since = 0 if base is None else base["seq"]
             if upto <= since:
@@ -339,22 +428,21 @@ class DocumentStore:
                 doc.apply_update(await self._snapshot_state(base))
             cur = await conn.execute(
                 "SELECT seq, payload, at FROM doc_updates WHERE org_id = %s AND doc_id = %s"
-                " AND seq > %s AND seq <= %s ORDER BY seq", (org_id, doc_id, since, upto))
-            at = None
-            for row in await cur.fetchall():
-                doc.apply_update(row["payload"])
-                at = row["at"]
-            if at is None:  # the updates were pruned meanwhile by another compactor
+                " AND seq > %s AND seq <= %s ORDER BY seq", (org_id, doc_id, since, upto), binary=True)
+            rows = await cur.fetchall()
+            if not rows:  # the updates were pruned meanwhile by another compactor
                 return None
+            _replay(doc, rows, doc_id)
+            at = rows[-1]["at"]
             state = doc.get_update()
             inline, blob = state, None
             if self.blobs is not None and len(state) > self.snapshot_inline_bytes:
                 # Stored (durably) before the row that points at it can commit.
                 inline, blob = None, (await self.blobs.put(state)).key
             await conn.execute(
-                "INSERT INTO doc_snapshots (org_id, doc_id, seq, state, blob_sha256, size, at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                (org_id, doc_id, upto, inline, blob, len(state), at))
+                "INSERT INTO doc_snapshots (org_id, doc_id, seq, state, blob_sha256, size, at, state_vector)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (org_id, doc_id, upto, inline, blob, len(state), at, doc.get_state()))
         return Snapshot(seq=upto, at=at, size=len(state))
 
     async def _snapshot_state(self, row: dict[str, Any]) -> bytes:
@@ -415,10 +503,27 @@ class DocumentStore:
 
 
 @dataclass(frozen=True)
+class Sync:
+    updates: list[bytes]  # what the peer lacks, as Yjs updates to apply in order
+    state_vector: bytes  # this document's, for the peer to answer with what it has that is new
+    seq: int  # the last update included
+
+
+@dataclass(frozen=True)
 class Snapshot:
     seq: int
     at: datetime
     size: int
+
+
+def _replay(doc: Doc, rows: list[Any], doc_id: str) -> None:
+    """Apply logged updates in order. One that Yrs refuses (it was valid alone, but not here)
+    is skipped and logged rather than making the whole document unreadable."""
+    for row in rows:
+        try:
+            yjs.apply(doc, bytes(row["payload"]))
+        except ValueError as exc:
+            log.warning("update %s of document %r does not apply; skipped: %s", row["seq"], doc_id, exc)
 
 
 def _document(row: dict[str, Any]) -> Document:

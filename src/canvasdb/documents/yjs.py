@@ -1,0 +1,230 @@
+"""What canvasdb reads of the Yjs v1 wire format without decoding a document.
+
+Decoding a large board into a Yrs document takes about a second and holds the GIL,
+so the serving path never does it: a document is served as the bytes it is stored
+as (its snapshot and the updates after it). What that path needs to know of those
+bytes is read here: state vectors, and which clock ranges an update carries, so a
+process can keep a document's state vector current as updates pass through it.
+Validation still applies an update to a real (empty) Yrs document.
+"""
+
+from __future__ import annotations
+
+from pycrdt import Doc
+
+from canvasdb.errors import InvalidInput
+
+StateVector = dict[int, int]  # client id -> the next clock expected from that client
+
+_GC, _SKIP = 0, 10
+_DELETED, _JSON, _BINARY, _STRING, _EMBED, _FORMAT, _TYPE, _ANY, _DOC = range(1, 10)
+_NAMED_TYPES = (3, 5)  # XmlElement and XmlHook carry a name after their type ref
+
+
+class Reader:
+    """lib0 decoding: varuints, length-prefixed bytes and strings, and skipping values."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def byte(self) -> int:
+        b = self.data[self.pos]  # IndexError at the end: the caller's "not parseable"
+        self.pos += 1
+        return b
+
+    def uint(self) -> int:
+        n, shift = 0, 0
+        while True:
+            b = self.byte()
+            n |= (b & 0x7F) << shift
+            if b < 0x80:
+                return n
+            shift += 7
+            if shift > 70:
+                raise ValueError("varuint too long")
+
+    def skip_varint(self) -> None:
+        while self.byte() & 0x80:
+            pass
+
+    def skip(self, n: int) -> None:
+        if self.pos + n > len(self.data):
+            raise ValueError("truncated")
+        self.pos += n
+
+    def chunk(self) -> bytes:
+        n = self.uint()
+        start = self.pos
+        self.skip(n)
+        return self.data[start:self.pos]
+
+    def string(self) -> str:
+        n = self.uint()
+        start = self.pos
+        self.skip(n)
+        return self.data[start:self.pos].decode("utf-8", "surrogatepass")
+
+    def skip_string(self) -> None:
+        self.skip(self.uint())
+
+    def skip_any(self) -> None:
+        tag = self.byte()
+        if tag in (127, 126, 121, 120):  # undefined, null, false, true
+            return
+        if tag == 125:
+            self.skip_varint()
+        elif tag == 124:
+            self.skip(4)
+        elif tag in (123, 122):
+            self.skip(8)
+        elif tag in (119, 116):  # string, bytes
+            self.skip_string()
+        elif tag == 118:
+            for _ in range(self.uint()):
+                self.skip_string()
+                self.skip_any()
+        elif tag == 117:
+            for _ in range(self.uint()):
+                self.skip_any()
+        else:
+            raise ValueError(f"unknown value tag {tag}")
+
+
+def _content_length(r: Reader, ref: int) -> int:
+    """Skip an item's content; its length in clock ticks."""
+    if ref == _DELETED:
+        return r.uint()
+    if ref == _JSON:
+        n = r.uint()
+        for _ in range(n):
+            r.skip_string()
+        return n
+    if ref == _STRING:
+        return len(r.string().encode("utf-16-le", "surrogatepass")) // 2
+    if ref == _ANY:
+        n = r.uint()
+        for _ in range(n):
+            r.skip_any()
+        return n
+    if ref in (_BINARY, _EMBED):
+        r.skip_string()
+    elif ref == _FORMAT:
+        r.skip_string()
+        r.skip_string()
+    elif ref == _TYPE:
+        if r.uint() in _NAMED_TYPES:
+            r.skip_string()
+    elif ref == _DOC:
+        r.skip_string()
+        r.skip_any()
+    else:
+        raise ValueError(f"unknown content {ref}")
+    return 1
+
+
+def clock_ranges(update: bytes) -> list[tuple[int, int, int]]:
+    """The (client, first clock, end clock) ranges of the structs an update carries.
+
+    Raises ValueError when the bytes are not a v1 update this reader understands.
+    """
+    r = Reader(update)
+    ranges = []
+    try:
+        for _ in range(r.uint()):
+            count, client, clock = r.uint(), r.uint(), r.uint()
+            start = clock
+            for _ in range(count):
+                info = r.byte()
+                ref = info & 0x1F
+                if ref in (_GC, _SKIP):
+                    length = r.uint()
+                    if ref == _SKIP:
+                        if clock > start:
+                            ranges.append((client, start, clock))
+                        start = clock + length
+                    clock += length
+                    continue
+                if info & 0x80:
+                    r.uint(), r.uint()
+                if info & 0x40:
+                    r.uint(), r.uint()
+                if not info & 0xC0:
+                    if r.uint() == 1:
+                        r.skip_string()
+                    else:
+                        r.uint(), r.uint()
+                    if info & 0x20:
+                        r.skip_string()
+                clock += _content_length(r, ref)
+            if clock > start:
+                ranges.append((client, start, clock))
+    except IndexError:
+        raise ValueError("truncated update") from None
+    return ranges
+
+
+def advance(clock: StateVector, update: bytes) -> bool:
+    """Move ``clock`` past what ``update`` carries, as a Yjs document would once it applied it.
+
+    A range that starts beyond what is known (its predecessors not seen yet) is left out,
+    so the vector never claims more than is held; claiming less only makes a peer resend.
+    Returns False when the update could not be read (the vector is then unchanged).
+    """
+    try:
+        ranges = clock_ranges(update)
+    except ValueError:
+        return False
+    for client, start, end in ranges:
+        if start <= clock.get(client, 0) < end:
+            clock[client] = end
+    return True
+
+
+def read_state_vector(data: bytes) -> StateVector:
+    r = Reader(data)
+    try:
+        return {r.uint(): r.uint() for _ in range(r.uint())}
+    except (IndexError, ValueError):
+        raise InvalidInput("not a valid Yjs state vector", pointer="state_vector") from None
+
+
+def write_uint(n: int) -> bytes:
+    """lib0's varuint: 7 bits a byte, least significant first."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def write_state_vector(clock: StateVector) -> bytes:
+    return write_uint(len(clock)) + b"".join(write_uint(c) + write_uint(n) for c, n in sorted(clock.items()))
+
+
+def is_panic(exc: BaseException) -> bool:
+    """Yrs reports some bad input by panicking; pycrdt raises that as a BaseException."""
+    return type(exc).__name__ == "PanicException"
+
+
+def apply(doc: Doc, update: bytes) -> None:
+    """``doc.apply_update``, with a Yrs panic turned into ValueError like any other refusal."""
+    try:
+        doc.apply_update(update)
+    except BaseException as exc:
+        if is_panic(exc):
+            raise ValueError(f"Yrs refused the update: {exc}") from None
+        raise
+
+
+def check_update(payload: bytes) -> None:
+    """Reject bytes that are not a Yjs v1 update, by applying them to an empty document
+    (an update whose predecessors it lacks waits there as pending, which is fine)."""
+    try:
+        apply(Doc(skip_gc=True), payload)
+    except ValueError as exc:
+        raise InvalidInput(f"not a valid Yjs update: {exc}", pointer="/body") from None
+
+
+EMPTY_UPDATE = b"\x00\x00"  # no structs, no deletions

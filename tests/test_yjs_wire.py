@@ -1,0 +1,152 @@
+"""The Yjs wire format as canvasdb reads it, and documents served as stored bytes (never decoded)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import Tenant
+from pycrdt import Array, Doc, Map, Text, merge_updates
+
+from canvasdb.documents import DocumentStore, yjs
+from canvasdb.errors import InvalidInput
+from canvasdb.services import Services
+
+VALUES = [1, 2.5, -7, 2**40, "x", "é", None, True, False, {"q": [1, "é", None]}, b"\x00\x01", [1, [2]]]
+
+
+class Peer:
+    """A pycrdt document that records every update it emits."""
+
+    def __init__(self) -> None:
+        self.doc = Doc()
+        self.out: list[bytes] = []
+        self.doc.observe(lambda e: self.out.append(e.update))
+
+    def edit(self, rng: random.Random) -> None:
+        m, a, t = (self.doc.get("m", type=Map), self.doc.get("a", type=Array), self.doc.get("t", type=Text))
+        with self.doc.transaction():
+            for _ in range(rng.randint(1, 3)):
+                c = rng.random()
+                if c < 0.25:
+                    m[rng.choice("abcde")] = rng.choice(VALUES)
+                elif c < 0.35:
+                    m[rng.choice("xyz")] = Map({"k": rng.choice(VALUES), "t": Text("hi")})
+                elif c < 0.45 and len(m):
+                    del m[rng.choice(list(m.keys()))]
+                elif c < 0.65:
+                    a.insert(rng.randint(0, len(a)), rng.choice(VALUES))
+                elif c < 0.7 and len(a):
+                    del a[rng.randrange(len(a))]
+                else:  # (an index inside a surrogate pair would be the test's bug: BMP text only)
+                    t.insert(rng.randint(0, len(t)), rng.choice(["ab", "é", "€uro"]))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_state_vector_follows_updates_like_a_document(seed: int) -> None:
+    """Three peers edit (every kind of content, in transactions of one to three changes);
+    the vector kept from their updates' headers alone is what the peers made, and what the
+    headers of all their updates merged say."""
+    rng = random.Random(seed)
+    peers = [Peer() for _ in range(3)]
+    clock, seen = {}, []
+    for _ in range(40):
+        peer = rng.choice(peers)
+        peer.edit(rng)
+        for update in peer.out:
+            seen.append(update)
+            assert yjs.advance(clock, update)
+        peer.out.clear()
+    made = {p.doc.client_id: p.doc.get_state() for p in peers}
+    made = {c: yjs.read_state_vector(v)[c] for c, v in made.items() if v != b"\x00"}
+    assert clock == made
+    assert {c: end for c, start, end in yjs.clock_ranges(merge_updates(*seen)) if start == 0} == clock
+
+
+def test_an_update_past_a_gap_is_not_claimed() -> None:
+    peer = Peer()
+    for i in range(3):
+        peer.doc.get("m", type=Map)[f"k{i}"] = i
+    first, _, third = peer.out
+    clock: yjs.StateVector = {}
+    assert yjs.advance(clock, first) and yjs.advance(clock, third)
+    assert clock == {peer.doc.client_id: 1}, "the third's predecessor is missing"
+
+
+def test_state_vector_round_trip_and_bad_bytes() -> None:
+    vector = {1: 5, 2**53 - 1: 300, 77: 0}
+    assert yjs.read_state_vector(yjs.write_state_vector(vector)) == vector
+    assert yjs.write_state_vector({}) == b"\x00"
+    for bad in [b"", b"\x02\x01", b"\xff\xff\xff"]:
+        with pytest.raises(InvalidInput):
+            yjs.read_state_vector(bad)
+    assert not yjs.advance({}, b"\x05\x01")  # truncated: unreadable, vector untouched
+    for bad in [b"\x01\x00", b"garbage", b"\xff" * 10]:
+        with pytest.raises(InvalidInput):
+            yjs.check_update(bad)
+    yjs.check_update(yjs.EMPTY_UPDATE)
+
+
+async def test_a_new_peer_gets_the_stored_bytes_without_decoding(svc: Services, tenant: Tenant) -> None:
+    """After compaction, a new peer is served the snapshot's own bytes and the updates after it
+    as they were logged: nothing merged, nothing decoded."""
+    await svc.documents.create(tenant.owner, tenant.project_id, "served")
+    rng, peer = random.Random(1), Peer()
+    for _ in range(30):
+        peer.edit(rng)
+    for update in peer.out:
+        await svc.documents.append(tenant.owner, "served", update)
+    await svc.documents.compact(tenant.org_id, "served")
+    peer.out.clear()
+    for _ in range(5):
+        peer.edit(rng)
+    tail = list(peer.out)
+    for update in tail:
+        await svc.documents.append(tenant.owner, "served", update)
+
+    fresh = DocumentStore(svc.db)
+    sync = await fresh.sync(tenant.org_id, "served")
+    assert sync.updates[1:] == tail and len(sync.updates) == 6
+    assert fresh._cache[(tenant.org_id, "served")].doc is None, "serving never decodes"
+    assert sync.state_vector == peer.doc.get_state()
+    assert sync.seq == 35
+
+    joined = Doc()
+    for update in sync.updates:
+        joined.apply_update(update)
+    assert joined.get("m", type=Map).to_py() == peer.doc.get("m", type=Map).to_py()
+    assert str(joined.get("t", type=Text)) == str(peer.doc.get("t", type=Text))
+
+    # A peer that has all but the last two edits gets only what it lacks.
+    behind = Doc()
+    for update in sync.updates[:-2]:
+        behind.apply_update(update)
+    missing = (await fresh.sync(tenant.org_id, "served", behind.get_state())).updates
+    assert 0 < sum(map(len, missing)) < sum(map(len, tail))
+    for update in missing:
+        behind.apply_update(update)
+    assert behind.get_state() == peer.doc.get_state()
+    # Up to date: no structs, only delete sets (a vector does not say which deletions a peer saw).
+    current = (await fresh.sync(tenant.org_id, "served", peer.doc.get_state())).updates
+    assert not any(yjs.clock_ranges(update) for update in current)
+
+
+async def test_appends_from_elsewhere_and_legacy_snapshots(svc: Services, tenant: Tenant) -> None:
+    """A store that holds a document sees updates another process appended; a snapshot
+    written before state vectors were stored still loads."""
+    await svc.documents.create(tenant.owner, tenant.project_id, "shared-bytes")
+    here, there = DocumentStore(svc.db), DocumentStore(svc.db)
+    peer, rng = Peer(), random.Random(2)
+    for i in range(10):
+        peer.edit(rng)
+        store = here if i % 2 else there
+        for update in peer.out:
+            await store.append(tenant.owner, "shared-bytes", update)
+        peer.out.clear()
+        assert (await here.sync(tenant.org_id, "shared-bytes")).state_vector == peer.doc.get_state()
+    await svc.documents.compact(tenant.org_id, "shared-bytes")
+    async with svc.db.transaction(tenant.org_id) as conn:
+        await conn.execute("UPDATE doc_snapshots SET state_vector = NULL WHERE org_id = %s AND doc_id = %s",
+                           (tenant.org_id, "shared-bytes"))
+    sync = await DocumentStore(svc.db).sync(tenant.org_id, "shared-bytes")
+    assert sync.state_vector == peer.doc.get_state() and len(sync.updates) == 1

@@ -86,8 +86,6 @@ def up(
     port: Annotated[int | None, typer.Option(help="Port [CANVASDB_PORT].")] = None,
 ) -> None:
     """Start the database (embedded unless CANVASDB_DATABASE_URL is set) and serve the API."""
-    import uvicorn
-
     from canvasdb.api import create_app
 
     settings = _settings()
@@ -108,18 +106,44 @@ def up(
     if token:
         out.print(f"admin token (org '{runtime.DEMO_ORG}'): {token}")
         out.print(f"  saved in {settings.token_file}")
-    api = create_app(settings, database_url=target.url, run_worker=True)
-    config = uvicorn.Config(api, host=host, port=port, log_level=settings.log_level, lifespan="on")
-    # uvicorn handles SIGINT/SIGTERM (stop accepting, drain requests), then re-raises the
-    # signal to the handler it found: make that one a clean exit so the finally block runs.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _exit_cleanly)
     try:
-        uvicorn.Server(config).run()
+        _serve(create_app(settings, database_url=target.url, run_worker=True), settings, host, port)
     finally:
         if target.started_here:
             runtime.embedded(settings).stop()
             out.print("embedded PostgreSQL stopped")
+
+
+@app.command()
+def gateway(
+    host: Annotated[str | None, typer.Option(help="Address to listen on [CANVASDB_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [CANVASDB_PORT].")] = None,
+) -> None:
+    """Serve the API and the real-time gateway only (no worker, no bootstrap): run several,
+    behind a load balancer, over one database (CANVASDB_DATABASE_URL)."""
+    from canvasdb.api import create_app
+
+    settings = _settings()
+    try:
+        target = runtime.database(settings)
+    except CanvasdbError as exc:
+        _fail(exc)
+        return
+    host, port = host or settings.host, port or settings.port
+    out.print(f"canvasdb gateway {__version__} serving http://{host}:{port}")
+    _serve(create_app(settings, database_url=target.url), settings, host, port)
+
+
+def _serve(api: object, settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(api, host=host, port=port, log_level=settings.log_level, lifespan="on",  # type: ignore[arg-type]
+                            ws_max_size=settings.max_update_bytes + 1024, ws_ping_interval=20)
+    # uvicorn handles SIGINT/SIGTERM (stop accepting, drain requests), then re-raises the
+    # signal to the handler it found: make that one a clean exit so the finally block runs.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_cleanly)
+    uvicorn.Server(config).run()
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

@@ -24,3 +24,11 @@ PROJECTION_LAG_SECONDS = Histogram(
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 7200))
 PROJECTED_ENTITIES = Counter("canvasdb_projection_entity_writes_total",
                              "Entity versions written by the projection of boards")
+
+GATEWAY_CONNECTIONS = Gauge("canvasdb_gateway_connections", "Open WebSocket connections")
+GATEWAY_DOCS = Gauge("canvasdb_gateway_open_documents", "Documents with at least one connection here")
+GATEWAY_MESSAGES = Counter("canvasdb_gateway_messages_total", "Messages received, by kind", ["kind"])
+GATEWAY_REJECTED = Counter("canvasdb_gateway_rejected_total", "Messages or connections refused, by reason",
+                           ["reason"])
+GATEWAY_FANOUT = Histogram("canvasdb_gateway_broadcast_fanout", "Connections an update was sent to",
+                           buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))

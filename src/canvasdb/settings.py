@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     group_commit_max_batch: int = Field(default=1000, ge=1, description="Most updates in one commit")
     doc_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0, description="Loaded documents, bytes")
     max_update_bytes: int = Field(default=1024 * 1024, ge=1024, description="Largest Yjs update")
+    gateway_max_updates_per_s: float = Field(default=500, gt=0, description="Per connection, sustained")
+    gateway_update_burst: int = Field(default=1000, ge=1, description="Per connection, burst allowance")
+    gateway_idle_seconds: float = Field(default=30, ge=0, description="Unload a document this long "
+                                        "after its last client left")
     compact_after_updates: int = Field(default=1000, ge=1, description="Compact early after N updates")
     compact_after_bytes: int = Field(default=1024 * 1024, ge=1, description="... or after N bytes")
     update_retention_hours: float = Field(default=24, gt=0, description="Keep updates (time travel)")

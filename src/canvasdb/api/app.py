@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response, WebSocket
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from canvasdb import __version__, jobs
@@ -15,6 +16,7 @@ from canvasdb.api import attachments, documents, entities, problems, tenants
 from canvasdb.api.deps import Svc
 from canvasdb.api.limits import BodySizeLimit
 from canvasdb.db import Database
+from canvasdb.gateway import Hub, connection
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 
@@ -28,7 +30,8 @@ def create_app(settings: Settings, *, database_url: str | None = None,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if services is not None:
             app.state.services = services
-            yield
+            async with _gateway(app, services):
+                yield
             return
         url = database_url or settings.database_url
         assert url, "create_app needs a database URL"
@@ -37,11 +40,12 @@ def create_app(settings: Settings, *, database_url: str | None = None,
         async with db, contextlib.AsyncExitStack() as stack:
             svc = app.state.services = Services.build(settings, db)
             stack.push_async_callback(svc.close)
+            await stack.enter_async_context(jobs.connected(url))
+            svc.documents.compaction_due = jobs.defer_compaction
+            svc.documents.changed = jobs.defer_projection
             if run_worker:
-                await stack.enter_async_context(jobs.connected(url))
-                svc.documents.compaction_due = jobs.defer_compaction
-                svc.documents.changed = jobs.defer_projection
                 await stack.enter_async_context(jobs.working(svc))
+            await stack.enter_async_context(_gateway(app, svc))
             yield
 
     app = FastAPI(title="canvasdb", version=__version__, lifespan=lifespan,
@@ -59,6 +63,24 @@ def create_app(settings: Settings, *, database_url: str | None = None,
         """Prometheus exposition of this process's metrics."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    @app.websocket("/v1/orgs/{org}/docs/{doc}")
+    async def gateway(websocket: WebSocket, org: str, doc: str) -> None:
+        """A live document over the y-websocket protocol (see canvasdb.gateway.connection)."""
+        hub: Hub | None = getattr(websocket.app.state, "hub", None)
+        if hub is None or hub.stopping:
+            await websocket.close(1001, "server shutting down")
+            return
+        await connection.serve(websocket, org, doc, websocket.app.state.services, hub, settings)
+
+    @app.get("/readyz", tags=["operations"])
+    async def readyz(svc: Svc, request: Request) -> JSONResponse:
+        """Ready for traffic: the database answers and the gateway hears other processes."""
+        hub: Hub | None = getattr(request.app.state, "hub", None)
+        async with svc.db.transaction() as conn:
+            await conn.execute("SELECT 1")
+        ready = hub is not None and hub.listening and not hub.stopping
+        return JSONResponse({"status": "ready" if ready else "starting"}, status_code=200 if ready else 503)
+
     @app.get("/healthz", tags=["operations"])
     async def healthz(svc: Svc) -> dict[str, Any]:
         async with svc.db.transaction() as conn:
@@ -70,3 +92,17 @@ def create_app(settings: Settings, *, database_url: str | None = None,
     app.add_middleware(BodySizeLimit, max_bytes=4 * settings.max_data_bytes + 64 * 1024,
                        path_limits=[(attachments.UPLOAD_PATHS, settings.max_attachment_bytes)])
     return app
+
+
+@asynccontextmanager
+async def _gateway(app: FastAPI, svc: Services) -> AsyncIterator[None]:
+    """The gateway's hub for the app's lifetime; on the way out, clients are told "going away"
+    after the commits in flight finished."""
+    hub = app.state.hub = Hub(svc.documents, svc.db.conninfo, idle_seconds=svc.settings.gateway_idle_seconds)
+    await hub.start()
+    try:
+        yield
+    finally:
+        hub.stopping = True
+        await svc.documents.log.close()
+        await hub.stop()

@@ -5,15 +5,20 @@ acknowledged update is durable; nothing is ever queued past a caller's return.
 One flush is in flight at a time: whatever queued up meanwhile forms the next batch
 (optionally after waiting a short window for company, off by default: measured, it
 cost more latency than it saved). Each document's updates are written with one
-statement that also takes their sequence numbers under the document row's lock.
+statement that also takes their sequence numbers under the document row's lock, and
+the same transaction notifies ``canvasdb_docs`` (document and last sequence number), so
+other processes hear of an update exactly when it becomes visible.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -25,6 +30,8 @@ from psycopg.pq import TransactionStatus
 from canvasdb import metrics
 from canvasdb.db import Database, translate
 from canvasdb.errors import NotFound
+
+log = logging.getLogger("canvasdb.documents")
 
 # Takes n sequence numbers from documents.last_seq and inserts the n updates with them.
 _APPEND = """
@@ -39,6 +46,7 @@ FROM s, unnest(%(payloads)s::bytea[], %(users)s::uuid[], %(clients)s::bigint[])
         WITH ORDINALITY AS u(payload, user_id, client_id, ord)
 RETURNING seq, at
 """
+NOTIFY_CHANNEL = "canvasdb_docs"  # payload: "u <org> <last seq> <origin> <doc>"
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class _Pending:
     user_id: UUID | None
     client_id: int | None
     future: asyncio.Future[Appended] = field(repr=False)
+    tag: object = None
 
 
 class UpdateLog:
@@ -64,17 +73,21 @@ class UpdateLog:
 
     def __init__(self, db: Database, *, window: float = 0.0, max_batch: int = 1000) -> None:
         self.db = db
+        self.origin = uuid.uuid4().hex[:12]  # names this process in notifications
+        # Called for each committed update, in sequence order, before any caller resumes:
+        # (org, doc, seq, payload, tag). The gateway broadcasts from here.
+        self.committed: Callable[[UUID, str, int, bytes, object], None] | None = None
         self.window = window
         self.max_batch = max_batch
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
 
-    async def append(self, org_id: UUID, doc_id: str, payload: bytes, *,
-                     user_id: UUID | None = None, client_id: int | None = None) -> Appended:
-        """Store one update; returns once it is committed."""
+    async def append(self, org_id: UUID, doc_id: str, payload: bytes, *, user_id: UUID | None = None,
+                     client_id: int | None = None, tag: object = None) -> Appended:
+        """Store one update; returns once it is committed. ``tag`` is handed to ``committed``."""
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(org_id, doc_id, payload, user_id, client_id, future))
+        self._pending.append(_Pending(org_id, doc_id, payload, user_id, client_id, future, tag))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_forever())
         self._wakeup.set()
@@ -133,6 +146,11 @@ class UpdateLog:
                     _settle(item.future, NotFound(f"document {key[1]!r} not found"))
                 continue
             for item, row in zip(items, rows, strict=True):
+                if self.committed is not None:
+                    try:
+                        self.committed(key[0], key[1], row["seq"], item.payload, item.tag)
+                    except Exception:  # a listener's failure must not undo an acknowledged commit
+                        log.exception("commit listener failed")
                 _settle(item.future, Appended(seq=row["seq"], at=row["at"]))
             metrics.DOC_APPENDS.inc(len(items))
 
@@ -154,6 +172,10 @@ class UpdateLog:
                             "users": [i.user_id for i in items],
                             "clients": [i.client_id for i in items],
                         })  # fmt: skip
+                        await conn.execute(
+                            "SELECT pg_notify(%s, %s || (SELECT last_seq FROM documents"
+                            " WHERE org_id = %s AND id = %s) || %s)",
+                            (NOTIFY_CHANNEL, f"u {org_id} ", org_id, doc_id, f" {self.origin} {doc_id}"))
                     await conn.execute(b"COMMIT")
                 return {key: await cur.fetchall() for key, cur in cursors.items()}
             except BaseException:

@@ -1,0 +1,192 @@
+"""One client's WebSocket: authenticate, sync, then relay its updates and awareness.
+
+Close codes (4400-4499 make the official y-websocket client stop reconnecting):
+4400 malformed message or invalid update, 4401 missing/unknown/revoked token, 4404 no such
+document (or no access to it), 4413 message too large, 4429 update rate exceeded, 4408 too
+slow to receive, 1001 server shutting down. A viewer's updates are refused with the
+protocol's "permission denied" message (auth type 2) and the connection stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from canvasdb import metrics
+from canvasdb.documents import yjs
+from canvasdb.errors import CanvasdbError, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
+from canvasdb.gateway import protocol
+from canvasdb.gateway.hub import Hub, Peer
+from canvasdb.services import Services
+from canvasdb.settings import Settings
+
+log = logging.getLogger("canvasdb.gateway")
+_MAX_IN_FLIGHT = 1000  # updates of one connection waiting for their commit
+
+
+class _Closing(Exception):
+    def __init__(self, code: int, reason: str, metric: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason, self.metric = code, reason, metric
+
+
+class _Bucket:
+    """Token bucket: ``rate`` per second sustained, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst, self.tokens, self.at = rate, burst, float(burst), time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+def _token(ws: WebSocket) -> str | None:
+    token = ws.query_params.get("token")
+    if token:
+        return token
+    scheme, _, value = ws.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+async def serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, settings: Settings) -> None:
+    await ws.accept()
+    metrics.GATEWAY_CONNECTIONS.inc()
+    try:
+        await _serve(ws, org, doc_id, svc, hub, settings)
+    except _Closing as stop:
+        metrics.GATEWAY_REJECTED.labels(stop.metric).inc()
+        await _close(ws, stop.code, stop.reason)
+    except WebSocketDisconnect:
+        pass
+    except Exception:
+        log.exception("gateway connection to %s failed", doc_id)
+        await _close(ws, 1011, "internal error")
+    finally:
+        metrics.GATEWAY_CONNECTIONS.dec()
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    if ws.application_state == WebSocketState.CONNECTED:
+        with contextlib.suppress(Exception):
+            await ws.close(code, reason[:120])
+
+
+async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, settings: Settings) -> None:
+    try:
+        user = await svc.tenancy.authenticate(_token(ws))
+        who = await svc.tenancy.principal(user, org)
+        await svc.documents.get(who, doc_id)
+    except Unauthorized as exc:
+        raise _Closing(4401, exc.detail, "unauthorized") from None
+    except (NotFound, InvalidInput) as exc:
+        raise _Closing(4404, exc.detail, "not_found") from None
+    try:
+        await svc.documents.get(who, doc_id, write=True)
+        writer = True
+    except CanvasdbError:
+        writer = False
+    max_message = settings.max_update_bytes + 64
+
+    peer = Peer(send=ws.send_bytes, close=lambda code, reason: _close(ws, code, reason))
+    sender = asyncio.create_task(peer.run_sender())
+    sync = await svc.documents.sync(who.org_id, doc_id)
+    room = hub.join(who.org_id, doc_id, peer, sync.seq)
+    in_flight: set[asyncio.Task[object]] = set()
+    slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
+    bucket = _Bucket(settings.gateway_max_updates_per_s, settings.gateway_update_burst)
+
+    async def commit(update: bytes) -> None:
+        try:
+            await svc.documents.append_checked(who.org_id, doc_id, update, user_id=who.user_id, tag=peer)
+        finally:
+            slots.release()
+
+    def failed(task: asyncio.Task[object]) -> None:
+        in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("an update to %s was not stored: %s", doc_id, task.exception())
+            peer.push(protocol.permission_denied("update not stored; reconnect to resync"))
+            asyncio.get_running_loop().create_task(peer.close(1011, "update not stored"))
+
+    async def receive_update(update: bytes) -> None:
+        if not writer:
+            metrics.GATEWAY_REJECTED.labels("read_only").inc()
+            peer.push(protocol.permission_denied("read-only access: updates are not accepted"))
+            return
+        if not bucket.take():
+            raise _Closing(4429, "too many updates; slow down", "rate")
+        try:
+            yjs.check_update(update)
+        except InvalidInput as exc:
+            raise _Closing(4400, exc.detail, "invalid_update") from None
+        await slots.acquire()
+        task: asyncio.Task[object] = asyncio.create_task(commit(update))  # in order, in one batch
+        in_flight.add(task)
+        task.add_done_callback(failed)
+
+    try:
+        peer.push(protocol.sync_step1(sync.state_vector))
+        if (aware := hub.awareness_snapshot(room)) is not None:
+            peer.push(aware)
+        while True:
+            frame = await ws.receive()
+            if frame["type"] == "websocket.disconnect":
+                break
+            data = frame.get("bytes")
+            if data is None:
+                raise _Closing(4400, "y-websocket messages are binary frames", "malformed")
+            if len(data) > max_message:
+                raise _Closing(4413, f"a message is at most {max_message} bytes", "too_large")
+            try:
+                message = protocol.read(data)
+            except protocol.ProtocolError as exc:
+                raise _Closing(4400, str(exc), "malformed") from None
+            kind = {protocol.SYNC: "sync", protocol.AWARENESS: "awareness"}.get(message.kind, "other")
+            metrics.GATEWAY_MESSAGES.labels(kind).inc()
+            if message.kind == protocol.SYNC and message.step == protocol.STEP1:
+                await _answer_step1(svc, who.org_id, doc_id, message.payload, peer)
+            elif message.kind == protocol.SYNC:  # step 2 (what we lacked) or an update
+                if message.payload != yjs.EMPTY_UPDATE:
+                    await receive_update(message.payload)
+            elif message.kind == protocol.AWARENESS:
+                try:
+                    hub.relay_awareness(room, message.payload, peer)
+                except protocol.ProtocolError as exc:
+                    raise _Closing(4400, str(exc), "malformed") from None
+            elif message.kind == protocol.QUERY_AWARENESS and (aware := hub.awareness_snapshot(room)):
+                peer.push(aware)
+    finally:
+        if in_flight:  # the client left; what it sent is still committed and broadcast
+            await asyncio.gather(*in_flight, return_exceptions=True)
+        hub.leave(room, peer)
+        if peer.queue.full():
+            sender.cancel()
+        else:
+            peer.queue.put_nowait(None)  # send what is queued, then stop
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(sender, 5)
+
+
+async def _answer_step1(svc: Services, org_id: object, doc_id: str, state_vector: bytes, peer: Peer) -> None:
+    """Send what the client lacks: the stored pieces as updates, the last one as step 2 (the
+    client counts itself synced on step 2)."""
+    try:
+        sync = await svc.documents.sync(org_id, doc_id, state_vector)  # type: ignore[arg-type]
+    except InvalidInput as exc:
+        raise _Closing(4400, exc.detail, "malformed") from None
+    except PayloadTooLarge as exc:
+        raise _Closing(4413, exc.detail, "too_large") from None
+    pieces = sync.updates or [yjs.EMPTY_UPDATE]
+    for piece in pieces[:-1]:
+        peer.push(protocol.sync_update(piece))
+    peer.push(protocol.sync_step2(pieces[-1]))

@@ -1,0 +1,256 @@
+"""The gateway's rooms: who is connected to which document here, and fan-out to them.
+
+Nothing here is a source of truth. An update from a client is validated and committed to
+the op log first; the log's commit listener then broadcasts it to the other clients of
+the document on this process, and the commit's NOTIFY tells other processes, which read
+the update from the log (through their document store) and broadcast it to theirs. A
+room only remembers which sequence numbers it has delivered, so that nothing is sent
+twice or echoed to its sender. Awareness (cursors, names) is not stored: it is relayed
+here and, through NOTIFY, to the other gateways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from canvasdb import metrics
+from canvasdb.documents import DocumentStore
+from canvasdb.documents.log import NOTIFY_CHANNEL
+from canvasdb.gateway import protocol
+
+log = logging.getLogger("canvasdb.gateway")
+_MAX_NOTIFY_AWARENESS = 6000  # bytes of awareness relayed through NOTIFY (its payload limit is 8000)
+_SEND_QUEUE = 10_000  # messages waiting for one slow client before it is disconnected
+
+
+@dataclass(eq=False)
+class Peer:
+    """One WebSocket connection's outbound side: messages are queued, a task sends them."""
+
+    send: Callable[[bytes], Any]  # the socket's send, awaited by the sender task
+    close: Callable[[int, str], Any]
+    queue: asyncio.Queue[bytes | None] = field(default_factory=lambda: asyncio.Queue(_SEND_QUEUE))
+    awareness_ids: dict[int, int] = field(default_factory=dict)  # client id -> last clock it sent
+
+    def push(self, message: bytes) -> None:
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:  # too slow to keep up: it resyncs when it reconnects
+            metrics.GATEWAY_REJECTED.labels("slow_client").inc()
+            asyncio.get_running_loop().create_task(self.close(4408, "too slow to receive updates"))
+
+    async def run_sender(self) -> None:
+        while (message := await self.queue.get()) is not None:
+            await self.send(message)
+
+
+@dataclass(eq=False)
+class Room:
+    org_id: UUID
+    doc_id: str
+    peers: set[Peer] = field(default_factory=set)
+    floor: int = 0  # every update up to here was delivered
+    above: set[int] = field(default_factory=set)  # delivered updates past the floor
+    awareness: dict[int, tuple[int, str]] = field(default_factory=dict)  # client id -> (clock, state)
+    catching_up: asyncio.Lock = field(default_factory=asyncio.Lock)
+    idle_since: float | None = None
+
+    def delivered(self, seq: int) -> bool:
+        return seq <= self.floor or seq in self.above
+
+    def mark(self, seq: int) -> None:
+        if seq <= self.floor:
+            return
+        self.above.add(seq)
+        while self.floor + 1 in self.above:
+            self.floor += 1
+            self.above.discard(self.floor)
+
+    def broadcast(self, message: bytes, *, skip: Peer | None = None) -> None:
+        sent = 0
+        for peer in self.peers:
+            if peer is not skip:
+                peer.push(message)
+                sent += 1
+        metrics.GATEWAY_FANOUT.observe(sent)
+
+
+class Hub:
+    """All rooms of this process, the commit listener and the NOTIFY listener."""
+
+    def __init__(self, documents: DocumentStore, conninfo: str, *, idle_seconds: float = 30) -> None:
+        self.documents = documents
+        self.conninfo = conninfo
+        self.idle_seconds = idle_seconds
+        self.origin = documents.log.origin
+        self.rooms: dict[tuple[UUID, str], Room] = {}
+        self.listening = False
+        self.stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._notifier: psycopg.AsyncConnection[Any] | None = None
+        documents.log.committed = self._committed
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._sweep())]
+
+    async def stop(self) -> None:
+        """Close every connection with "going away" (1001); commits in flight finish first."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        peers = [peer for room in self.rooms.values() for peer in room.peers]
+        for peer in peers:
+            with contextlib.suppress(Exception):
+                await peer.close(1001, "server shutting down")
+        if self._notifier is not None:
+            await self._notifier.close()
+
+    # --- rooms ----------------------------------------------------------------------------------
+
+    def join(self, org_id: UUID, doc_id: str, peer: Peer, seq: int) -> Room:
+        """Enter the document's room; ``seq`` is what the peer's initial sync included."""
+        room = self.rooms.get((org_id, doc_id))
+        if room is None:
+            room = self.rooms[(org_id, doc_id)] = Room(org_id, doc_id, floor=seq)
+            metrics.GATEWAY_DOCS.set(len(self.rooms))
+        room.peers.add(peer)
+        room.idle_since = None
+        if seq > room.floor:  # updates from elsewhere this room has not broadcast yet
+            asyncio.get_running_loop().create_task(self.catch_up(room))
+        return room
+
+    def leave(self, room: Room, peer: Peer) -> None:
+        room.peers.discard(peer)
+        if peer.awareness_ids:  # tell the others this client's cursors are gone
+            gone = [(client, clock + 1, "null") for client, clock in peer.awareness_ids.items()]
+            for client, _, _ in gone:
+                room.awareness.pop(client, None)
+            self.relay_awareness(room, protocol.awareness_update(gone), None)
+        if not room.peers:
+            room.idle_since = time.monotonic()
+
+    async def _sweep(self) -> None:
+        """Unload documents nobody here has had open for ``idle_seconds``."""
+        while True:
+            await asyncio.sleep(max(self.idle_seconds / 2, 0.5))
+            now = time.monotonic()
+            for key, room in list(self.rooms.items()):
+                idle = room.idle_since
+                if not room.peers and idle is not None and now - idle >= self.idle_seconds:
+                    del self.rooms[key]
+                    self.documents.unload(*key)
+            metrics.GATEWAY_DOCS.set(len(self.rooms))
+
+    # --- updates --------------------------------------------------------------------------------
+
+    def _committed(self, org_id: UUID, doc_id: str, seq: int, payload: bytes, tag: object) -> None:
+        """An update was committed by this process: send it to the room's other peers now."""
+        room = self.rooms.get((org_id, doc_id))
+        if room is None or room.delivered(seq):
+            return
+        room.mark(seq)
+        room.broadcast(protocol.sync_update(payload), skip=tag if isinstance(tag, Peer) else None)
+
+    async def catch_up(self, room: Room) -> None:
+        """Broadcast what other processes committed to this document and the room has not sent."""
+        async with room.catching_up:
+            updates = await self.documents.updates_since(room.org_id, room.doc_id, room.floor)
+            if updates is None:  # a snapshot replaced updates we never sent: send its state
+                sync = await self.documents.sync(room.org_id, room.doc_id)
+                for update in sync.updates:
+                    room.broadcast(protocol.sync_update(update))
+                room.floor, room.above = sync.seq, set()
+                return
+            for seq, update in updates:
+                if not room.delivered(seq):
+                    room.mark(seq)
+                    room.broadcast(protocol.sync_update(update))
+
+    # --- awareness ------------------------------------------------------------------------------
+
+    def relay_awareness(self, room: Room, update: bytes, sender: Peer | None) -> None:
+        """To everyone here (the sender too: it keeps the client's connection watchdog fed,
+        as the reference server does) and, through NOTIFY, to the other gateways."""
+        for client, clock, state in protocol.awareness_entries(update):
+            if state == "null":
+                room.awareness.pop(client, None)
+            else:
+                room.awareness[client] = (clock, state)
+            if sender is not None:
+                sender.awareness_ids[client] = clock
+        room.broadcast(protocol.awareness(update))
+        if len(update) <= _MAX_NOTIFY_AWARENESS and self._notifier is not None:
+            payload = f"a {room.org_id} {base64.b64encode(update).decode()} {self.origin} {room.doc_id}"
+            asyncio.get_running_loop().create_task(self._notify(payload))
+
+    def awareness_snapshot(self, room: Room) -> bytes | None:
+        if not room.awareness:
+            return None
+        return protocol.awareness(protocol.awareness_update(
+            [(client, clock, state) for client, (clock, state) in room.awareness.items()]))
+
+    async def _notify(self, payload: str) -> None:
+        try:
+            async with self.documents.db.pool.connection() as conn:
+                await conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
+        except Exception:  # awareness is ephemeral: a lost one is renewed by the client
+            log.debug("could not relay awareness", exc_info=True)
+
+    # --- other processes ------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """LISTEN for other processes' commits and awareness; reconnect with backoff."""
+        delay = 0.5
+        while True:
+            try:
+                self._notifier = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+                async with self._notifier as conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.listening, delay = True, 0.5
+                    for room in list(self.rooms.values()):  # what happened while not listening
+                        asyncio.get_running_loop().create_task(self.catch_up(room))
+                    async for notice in conn.notifies():
+                        self._heard(notice.payload)
+            except asyncio.CancelledError:
+                self.listening = False
+                raise
+            except Exception:
+                log.warning("lost the notification connection; retrying in %.1f s", delay, exc_info=True)
+            self.listening = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10)
+
+    def _heard(self, payload: str) -> None:
+        try:
+            kind, org, value, origin, doc_id = payload.split(" ", 4)
+            key = (UUID(org), doc_id)
+        except ValueError:
+            return
+        room = self.rooms.get(key)
+        if room is None or origin == self.origin:
+            return
+        if kind == "u" and value.isdigit() and not room.delivered(int(value)):
+            asyncio.get_running_loop().create_task(self.catch_up(room))
+        elif kind == "a":
+            try:
+                update = base64.b64decode(value)
+                for client, clock, state in protocol.awareness_entries(update):
+                    if state == "null":
+                        room.awareness.pop(client, None)
+                    else:
+                        room.awareness[client] = (clock, state)
+            except (ValueError, protocol.ProtocolError):
+                return
+            room.broadcast(protocol.awareness(update))

@@ -1,0 +1,271 @@
+"""The real-time gateway against the official JavaScript Yjs client (yjs + y-websocket in Node.js),
+with two gateway processes sharing documents through PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+from conftest import Tenant, make_tenant
+from pycrdt import Doc, Map
+from yjs_client import JsClient
+
+from canvasdb.documents import DocumentStore
+from canvasdb.gateway import protocol
+from canvasdb.services import Services
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gateway:
+    """A ``canvasdb gateway`` process on its own port."""
+
+    def __init__(self, pg_url: str, home: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        env = {**os.environ, "CANVASDB_DATABASE_URL": pg_url, "CANVASDB_HOME": str(home),
+               "CANVASDB_LOG_LEVEL": "warning"}
+        self.log = home / f"gateway-{self.port}.log"
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "canvasdb", "gateway", "--port", str(self.port)],
+                env=env, stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"gateway did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def url(self, org: str) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/orgs/{org}/docs"
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def gateways(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
+    home = tmp_path_factory.mktemp("gateway-home")
+    pair = [Gateway(pg_url, home), Gateway(pg_url, home)]
+    yield pair
+    for g in pair:
+        g.stop()
+
+
+@pytest.fixture
+async def board(svc: Services) -> AsyncIterator[tuple[Tenant, str]]:
+    t = await make_tenant(svc)
+    await svc.documents.create(t.owner, t.project_id, "board-1", "board")
+    yield t, "board-1"
+
+
+async def eventually(check, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.05)
+
+
+async def stored_nodes(svc: Services, t: Tenant, doc_id: str) -> dict:
+    doc = Doc()
+    doc.apply_update(await DocumentStore(svc.db).state(t.owner, doc_id))
+    return doc.get("nodes", type=Map).to_py() or {}
+
+
+async def test_two_gateways_converge_late_joiner_and_awareness(
+    gateways: list[Gateway], svc: Services, board: tuple[Tenant, str]
+) -> None:
+    t, doc = board
+    ga, gb = gateways
+    names = {"maps": ["nodes", "edges"], "arrays": ["items"]}
+    async with (await JsClient.start(ga.url(t.slug), doc, t.token) as a,
+                await JsClient.start(gb.url(t.slug), doc, t.token) as b):
+        await a.wait_synced()
+        await b.wait_synced()
+        await a.map_set("nodes", "n1", {"type": "sticky", "x": 1, "text": "hello"})
+        await b.map_set_map("nodes", "n2", {"type": "card", "x": 2})
+        await b.map_set("edges", "e1", {"from": "n1", "to": "n2"})
+        await a.array_push("items", [1, 2])
+        await b.array_push("items", [3])
+
+        async def converged():
+            sa, sb = await a.state(**names), await b.state(**names)
+            return len(sa.arrays["items"]) == 3 and (sa.maps, sa.arrays) == (sb.maps, sb.arrays)
+
+        assert await eventually(converged)
+        # What a peer received was stored before it was broadcast.
+        assert set(await stored_nodes(svc, t, doc)) == {"n1", "n2"}
+
+        await a.awareness({"user": "alice"})
+
+        async def alice_seen_across():
+            return (await b.peers()).get(a.client_id) == {"user": "alice"}
+
+        assert await eventually(alice_seen_across)
+
+        async with await JsClient.start(gb.url(t.slug), doc, t.token) as late:
+            await late.wait_synced()
+            s_late, s_a = await late.state(**names), await a.state(**names)
+            assert (s_late.maps, s_late.arrays) == (s_a.maps, s_a.arrays)
+            assert s_late.maps["edges"] == {"e1": {"from": "n1", "to": "n2"}}
+
+
+async def test_refusals_close_with_final_codes(
+    gateways: list[Gateway], svc: Services, board: tuple[Tenant, str]
+) -> None:
+    t, doc = board
+    url = gateways[0].url(t.slug)
+    for token, target, code in [("cdb_not-a-token", doc, 4401), (t.token, "no-such-doc", 4404)]:
+        async with await JsClient.start(url, target, token) as c:
+            closed = await c.wait_event(lambda e: e["event"] == "close" and e.get("code"), 10)
+            assert closed["code"] == code
+    other = await make_tenant(svc)  # a token of another org sees nothing of this one
+    async with await JsClient.start(url, doc, other.token) as c:
+        assert (await c.wait_event(lambda e: e["event"] == "close" and e.get("code"), 10))["code"] == 4404
+
+
+async def test_a_viewer_reads_but_its_updates_are_refused(
+    gateways: list[Gateway], svc: Services, board: tuple[Tenant, str]
+) -> None:
+    t, doc = board
+    viewer = await svc.tenancy.ensure_user(f"viewer-{t.slug}@example.com")
+    await svc.tenancy.set_org_role(t.org_id, viewer, "member")
+    await svc.tenancy.set_project_role(t.owner, t.project_id, viewer, "viewer")
+    _, token = await svc.tenancy.create_token(viewer)
+    async with (await JsClient.start(gateways[0].url(t.slug), doc, t.token) as editor,
+                await JsClient.start(gateways[1].url(t.slug), doc, token) as reader):
+        await editor.wait_synced()
+        await reader.wait_synced()
+        await reader.map_set("nodes", "from-viewer", 1)
+        await editor.map_set("nodes", "from-editor", 2)
+        await reader.wait_for("nodes", "from-editor")
+        await asyncio.sleep(0.5)
+        assert "from-viewer" not in (await editor.state(maps=["nodes"])).maps["nodes"]
+        assert set(await stored_nodes(svc, t, doc)) == {"from-editor"}
+
+
+async def test_burst_then_disconnect_loses_nothing(
+    gateways: list[Gateway], svc: Services, board: tuple[Tenant, str]
+) -> None:
+    """300 updates, then the sender leaves 50 ms later: all stored, all reach the other gateway's
+    client, not echoed to the sender, and the gateway stays up."""
+    t, doc = board
+    async with await JsClient.start(gateways[1].url(t.slug), doc, t.token) as watcher:
+        await watcher.wait_synced()
+        sender = await JsClient.start(gateways[0].url(t.slug), doc, t.token)
+        await sender.wait_synced()
+        await sender.burst(300, "nodes")
+        await asyncio.sleep(0.05)
+        await sender.close()
+
+        async def all_arrived():
+            return len((await watcher.state(maps=["nodes"])).maps["nodes"]) == 300
+
+        assert await eventually(all_arrived)
+    assert len(await stored_nodes(svc, t, doc)) == 300
+    assert (await svc.documents.get(t.owner, doc)).last_seq == 300
+    assert httpx.get(f"http://127.0.0.1:{gateways[0].port}/readyz").status_code == 200
+
+
+async def test_malformed_frames_close_only_that_connection(
+    gateways: list[Gateway], board: tuple[Tenant, str]
+) -> None:
+    t, doc = board
+    url = f"{gateways[0].url(t.slug)}/{doc}?token={t.token}"
+    async with await JsClient.start(gateways[0].url(t.slug), doc, t.token) as good:
+        await good.wait_synced()
+        for bad in [b"\xff\xff\xff", protocol.sync_update(b"not an update"), b"\x00\x07\x01\x00",
+                    protocol.awareness(b"\x01\x01\x01\x05{oops")]:
+            async with websockets.connect(url) as ws:
+                await ws.send(bad)
+                with pytest.raises(websockets.ConnectionClosed) as info:
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 5)
+                assert info.value.rcvd is not None and info.value.rcvd.code == 4400
+        async with websockets.connect(url) as ws:
+            await ws.send("text frame")
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), 5)
+        await good.map_set("nodes", "still-fine", 1)
+        async with await JsClient.start(gateways[1].url(t.slug), doc, t.token) as other:
+            await other.wait_for("nodes", "still-fine")
+
+
+async def test_http_updates_reach_websocket_clients(
+    gateways: list[Gateway], board: tuple[Tenant, str]
+) -> None:
+    t, doc = board
+    async with await JsClient.start(gateways[0].url(t.slug), doc, t.token) as c:
+        await c.wait_synced()
+        writer = Doc()
+        updates: list[bytes] = []
+        writer.observe(lambda e: updates.append(e.update))
+        writer.get("nodes", type=Map)["via-http"] = {"type": "note"}
+        r = httpx.post(f"http://127.0.0.1:{gateways[1].port}/v1/orgs/{t.slug}/docs/{doc}/updates",
+                       content=updates[0], headers={"Authorization": f"Bearer {t.token}"})
+        assert r.status_code == 201
+        await c.wait_for("nodes", "via-http")
+
+
+async def test_killed_gateway_loses_nothing_acknowledged(
+    pg_url: str, tmp_path: Path, svc: Services, board: tuple[Tenant, str]
+) -> None:
+    """Clients type on gateway A; A is killed with SIGKILL; a new gateway process takes its
+    port; the clients reconnect, resync, and everyone (and the store) converges."""
+    t, doc = board
+    ga, gb = Gateway(pg_url, tmp_path), Gateway(pg_url, tmp_path)
+    try:
+        async with (await JsClient.start(ga.url(t.slug), doc, t.token) as a,
+                    await JsClient.start(gb.url(t.slug), doc, t.token) as b):
+            await a.wait_synced()
+            await b.wait_synced()
+            for i in range(40):
+                await a.map_set("nodes", f"a{i}", i)
+                await b.map_set("nodes", f"b{i}", i)
+                if i == 20:
+                    ga.stop(signal.SIGKILL)
+                await asyncio.sleep(0.01)
+            ga = Gateway(pg_url, tmp_path, port=ga.port)
+
+            async def converged():
+                sa, sb = await a.state(maps=["nodes"]), await b.state(maps=["nodes"])
+                return len(sa.maps["nodes"]) == 80 and sa.maps == sb.maps
+
+            assert await eventually(converged, 30)
+            final = (await a.state(maps=["nodes"])).maps["nodes"]
+
+            async def stored():
+                return await stored_nodes(svc, t, doc) == final
+
+            assert await eventually(stored)
+    finally:
+        ga.stop()
+        gb.stop()

@@ -36,7 +36,7 @@ from uuid import UUID, uuid4
 
 import psycopg
 import pycrdt
-from harness import machine_facts, phase, print_footer, run, run_writers, summary
+from harness import Tenant, machine_facts, make_tenant, phase, print_footer, run, run_writers, summary
 from pycrdt import Doc, Map, Text, merge_updates
 from rich.console import Console
 from rich.table import Table
@@ -46,7 +46,6 @@ from canvasdb.documents import DocumentStore, UpdateLog
 from canvasdb.runtime import prepare_schema
 from canvasdb.services import Services
 from canvasdb.settings import Settings
-from canvasdb.tenancy import Principal
 
 CONCURRENCY = (1, 10, 100)
 DOCS_PER_LEVEL = 10  # writers are spread over this many documents (writer w edits document w % 10)
@@ -159,17 +158,6 @@ def nodes_of(*updates: bytes) -> dict[str, Any]:
 
 def plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
-
-
-@dataclass
-class Tenant:
-    org_id: UUID
-    owner: UUID
-    project_id: UUID
-
-    @property
-    def who(self) -> Principal:
-        return Principal(org_id=self.org_id, user_id=self.owner, org_role="owner")
 
 
 def new_store(svc: Services) -> DocumentStore:
@@ -717,15 +705,6 @@ NOTES = [
 ]
 
 
-async def make_tenant(svc: Services, run: str) -> Tenant:
-    slug = f"bench-docs-{run}"
-    owner = await svc.tenancy.ensure_user(f"owner@{slug}.bench.example", "Bench owner")
-    org = await svc.tenancy.create_org(slug, owner=owner)
-    who = Principal(org_id=org.id, user_id=owner, org_role="owner")
-    project = await svc.tenancy.create_project(who, "main")
-    return Tenant(org.id, owner, project["id"])
-
-
 async def run_async(url: str, scale: Scale, workdir: Path, report: dict[str, Any]) -> None:
     settings = Settings(home=workdir, database_url=url)
     report["wiring"] = {"pool_min": settings.pool_min_size, "pool_max": settings.pool_max_size,
@@ -735,7 +714,7 @@ async def run_async(url: str, scale: Scale, workdir: Path, report: dict[str, Any
                         statement_timeout_ms=settings.statement_timeout_ms) as db:
         svc = Services.build(settings, db)
         try:
-            t = await make_tenant(svc, report["run"])
+            t = await make_tenant(svc, f"bench-docs-{report['run']}")
             report["appends"] = []
             kept: list[tuple[str, bytes, int]] = []
             for writers in CONCURRENCY:

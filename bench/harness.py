@@ -21,14 +21,18 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from canvasdb.db import EmbeddedPostgres
+from canvasdb.services import Services
+from canvasdb.tenancy import Principal
 
 ERR = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
@@ -196,3 +200,25 @@ def print_footer(console: Console, report: dict[str, Any]) -> None:
                   f"{', '.join(f'{x:.2f}' for x in report['load_avg_at_end'])}).", highlight=False)
     for note in report["notes"]:
         console.print(f"Note: {note}", highlight=False, style="dim")
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """An org with its owner and one project, made fresh for a run."""
+
+    org_id: UUID
+    slug: str
+    owner: UUID
+    project_id: UUID
+
+    @property
+    def who(self) -> Principal:
+        return Principal(org_id=self.org_id, user_id=self.owner, org_role="owner")
+
+
+async def make_tenant(svc: Services, slug: str) -> Tenant:
+    owner = await svc.tenancy.ensure_user(f"owner@{slug}.bench.example", "Bench owner")
+    org = await svc.tenancy.create_org(slug, owner=owner)
+    project = await svc.tenancy.create_project(
+        Principal(org_id=org.id, user_id=owner, org_role="owner"), "main")
+    return Tenant(org.id, slug, owner, project["id"])

@@ -70,34 +70,38 @@ def _require(tool: str) -> str:
     return path
 
 
-def ensure_js(cache_dir: Path | None = None) -> Path:
-    """Install tests/js's locked npm packages (once per lock file) and return the folder to run node in.
+def ensure_js(cache_dir: Path | None = None, *, package: Path = JS_SRC, files: Sequence[str] = (CLIENT_FILE,),
+              build_native: bool = False) -> Path:
+    """Install ``package``'s locked npm packages (once per lock file) and return the folder to run node in.
 
-    The folder holds node_modules and a copy of client.mjs: ESM resolves imports relative to the
-    importing file and ignores NODE_PATH, so the client must live next to node_modules. Installs go
-    to a temp dir renamed into place, so concurrent test processes never see a half-installed tree.
+    The folder holds node_modules and copies of ``files`` (scripts of ``package``): ESM resolves
+    imports relative to the importing file and ignores NODE_PATH, so scripts must live next to
+    node_modules. Installs go to a temp dir renamed into place, so concurrent processes never see
+    a half-installed tree. Install scripts run only with ``build_native`` (the benchmark's SQLite
+    binding compiles from source, against this Node's own headers so nothing is fetched from
+    nodejs.org); the tests' only one is the optional leveldown build they never use.
     """
-    _require("node")
+    node = _require("node")
     npm = _require("npm")
     base = cache_dir if cache_dir is not None else _default_cache()
-    digest = hashlib.sha256(b"".join((JS_SRC / name).read_bytes() for name in LOCK_FILES)).hexdigest()
+    digest = hashlib.sha256(b"".join((package / name).read_bytes() for name in LOCK_FILES)).hexdigest()
     target = base / f"deps-{digest[:16]}"
     if not (target / "node_modules").is_dir():
         base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".install-", dir=base))
         tmp.chmod(0o755)  # mkdtemp's 0700 would make a shared cache unusable for other users
+        env = dict(os.environ)
+        argv = [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"]
+        if build_native:
+            prefix = Path(node).resolve().parent.parent
+            if (prefix / "include" / "node" / "node.h").is_file():
+                env["npm_config_nodedir"] = str(prefix)
+        else:
+            argv.append("--ignore-scripts")
         try:
             for name in LOCK_FILES:
-                shutil.copy2(JS_SRC / name, tmp / name)
-            # --ignore-scripts: the only install script is the optional leveldown native build,
-            # used by the reference server's persistence, which the harness never enables.
-            done = subprocess.run(
-                [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
-                cwd=tmp,
-                capture_output=True,
-                text=True,
-                timeout=NPM_TIMEOUT,
-            )
+                shutil.copy2(package / name, tmp / name)
+            done = subprocess.run(argv, cwd=tmp, env=env, capture_output=True, text=True, timeout=NPM_TIMEOUT)
             if done.returncode != 0:
                 raise JsHarnessError(
                     f"`npm ci` in {tmp} failed with exit code {done.returncode}:\n{done.stdout}{done.stderr}"
@@ -110,7 +114,8 @@ def ensure_js(cache_dir: Path | None = None) -> Path:
                 # another process finished the same install first; use theirs
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    _sync_file(JS_SRC / CLIENT_FILE, target / CLIENT_FILE)
+    for name in files:
+        _sync_file(package / name, target / name)
     return target
 
 

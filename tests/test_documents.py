@@ -7,12 +7,14 @@ import base64
 from datetime import UTC, datetime
 
 import httpx
+import psycopg
 import pytest
 from conftest import Tenant
 from pycrdt import Array, Doc, Map
 
 from canvasdb.db import Database
 from canvasdb.documents import DocumentStore, UpdateLog
+from canvasdb.documents.log import NOTIFY_CHANNEL
 from canvasdb.errors import Conflict, Forbidden, InvalidInput, NotFound
 from canvasdb.services import Services
 from canvasdb.tenancy import Principal
@@ -97,6 +99,35 @@ async def test_concurrent_appends_are_group_committed(db: Database, tenant: Tena
         stats = await cur.fetchone()
     assert stats is not None and stats["rows"] == 200
     assert stats["commits"] < 200 / 4, "appends share commits"
+
+
+async def test_one_commit_spans_orgs_and_skips_a_missing_document(
+        db: Database, pg_url: str, tenant: Tenant, other_tenant: Tenant) -> None:
+    """A batch is one doc_append call: the same document id in two orgs keeps two logs, each
+    notified once; a document that is gone fails alone while the rest of the batch commits."""
+    log = UpdateLog(db, window=0.05)
+    store = DocumentStore(db, log)
+    for t in (tenant, other_tenant):
+        await store.create(t.owner, t.project_id, "same")
+    a, b = Client(), Client()
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as listener:
+        await listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        results = await asyncio.gather(
+            log.append(tenant.org_id, "same", a.edit("k", "a1")),
+            log.append(other_tenant.org_id, "same", b.edit("k", "b1")),
+            log.append(tenant.org_id, "never-created", a.edit("x", 1)),
+            log.append(tenant.org_id, "same", a.edit("k", "a2")),
+            return_exceptions=True)
+        heard = []
+        async for note in listener.notifies(timeout=1.0, stop_after=2):
+            heard.append(note.payload)
+    await store.close()
+    assert [r.seq for r in results if not isinstance(r, BaseException)] == [1, 1, 2]
+    assert isinstance(results[2], NotFound)
+    assert sorted(heard) == sorted([f"u {tenant.org_id} 2 {log.origin} same",
+                                    f"u {other_tenant.org_id} 1 {log.origin} same"])
+    assert content(await store.state(tenant.owner, "same")) == {"k": "a2"}
+    assert content(await store.state(other_tenant.owner, "same")) == {"k": "b1"}
 
 
 async def test_two_stores_on_one_document_converge(db: Database, tenant: Tenant) -> None:

@@ -138,7 +138,11 @@ def _serve(api: object, settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
     config = uvicorn.Config(api, host=host, port=port, log_level=settings.log_level, lifespan="on",  # type: ignore[arg-type]
-                            ws_max_size=settings.max_update_bytes + 1024, ws_ping_interval=20)
+                            ws_max_size=settings.max_update_bytes + 1024, ws_ping_interval=20,
+                            # Yjs messages are small and binary: compressing each one costs both
+                            # ends more CPU and latency than it saves (Node's ws servers default
+                            # to off too).
+                            ws_per_message_deflate=False)
     # uvicorn handles SIGINT/SIGTERM (stop accepting, drain requests), then re-raises the
     # signal to the handler it found: make that one a clean exit so the finally block runs.
     for sig in (signal.SIGINT, signal.SIGTERM):

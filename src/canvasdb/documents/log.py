@@ -4,10 +4,11 @@ Every append is awaited until the transaction holding it has committed, so an
 acknowledged update is durable; nothing is ever queued past a caller's return.
 One flush is in flight at a time: whatever queued up meanwhile forms the next batch
 (optionally after waiting a short window for company, off by default: measured, it
-cost more latency than it saved). Each document's updates are written with one
-statement that also takes their sequence numbers under the document row's lock, and
-the same transaction notifies ``canvasdb_docs`` (document and last sequence number), so
-other processes hear of an update exactly when it becomes visible.
+cost more latency than it saved). A batch is one call of the SQL function ``doc_append``:
+one round trip and one implicit transaction that, per document, takes the sequence
+numbers under the document row's lock, inserts the updates and notifies
+``canvasdb_docs`` (document and last sequence number), so other processes hear of an
+update exactly when it becomes visible.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-from psycopg.pq import TransactionStatus
 
 from canvasdb import metrics
 from canvasdb.db import Database, translate
@@ -33,20 +33,9 @@ from canvasdb.errors import NotFound
 
 log = logging.getLogger("canvasdb.documents")
 
-# Takes n sequence numbers from documents.last_seq and inserts the n updates with them.
-_APPEND = """
-WITH s AS (
-    UPDATE documents SET last_seq = last_seq + %(n)s
-    WHERE org_id = %(org)s AND id = %(doc)s
-    RETURNING last_seq
-)
-INSERT INTO doc_updates (org_id, doc_id, seq, payload, user_id, client_id)
-SELECT %(org)s, %(doc)s, s.last_seq - %(n)s + u.ord, u.payload, u.user_id, u.client_id
-FROM s, unnest(%(payloads)s::bytea[], %(users)s::uuid[], %(clients)s::bigint[])
-        WITH ORDINALITY AS u(payload, user_id, client_id, ord)
-RETURNING seq, at
-"""
-NOTIFY_CHANNEL = "canvasdb_docs"  # payload: "u <org> <last seq> <origin> <doc>"
+# One statement per group commit (migration 0007): sequence numbers, rows, notifications.
+_APPEND = "SELECT org_id, doc_id, seq, at FROM doc_append(%b, %b, %b, %b, %b, %b, %b)"  # binary: no bytea hex
+NOTIFY_CHANNEL = "canvasdb_docs"  # sent by doc_append: "u <org> <last seq> <origin> <doc>"
 
 
 @dataclass(frozen=True)
@@ -155,33 +144,17 @@ class UpdateLog:
             metrics.DOC_APPENDS.inc(len(items))
 
     async def _commit(self, groups: dict[tuple[UUID, str], list[_Pending]]) -> dict[Any, list[Any]]:
-        async with self.db.pool.connection() as conn:
-            try:
-                async with conn.pipeline():
-                    await conn.execute(b"BEGIN")
-                    cursors = {}
-                    current_org = None
-                    for (org_id, doc_id), items in groups.items():
-                        if org_id != current_org:  # RLS: each org's rows under its own setting
-                            await conn.execute("SELECT set_config('canvasdb.org_id', %s, true)",
-                                               (str(org_id),))
-                            current_org = org_id
-                        cursors[(org_id, doc_id)] = await conn.execute(_APPEND, {
-                            "org": org_id, "doc": doc_id, "n": len(items),
-                            "payloads": [i.payload for i in items],
-                            "users": [i.user_id for i in items],
-                            "clients": [i.client_id for i in items],
-                        })  # fmt: skip
-                        await conn.execute(
-                            "SELECT pg_notify(%s, %s || (SELECT last_seq FROM documents"
-                            " WHERE org_id = %s AND id = %s) || %s)",
-                            (NOTIFY_CHANNEL, f"u {org_id} ", org_id, doc_id, f" {self.origin} {doc_id}"))
-                    await conn.execute(b"COMMIT")
-                return {key: await cur.fetchall() for key, cur in cursors.items()}
-            except BaseException:
-                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
-                    await conn.rollback()
-                raise
+        items = [item for group in groups.values() for item in group]
+        async with self.db.pool.connection() as conn:  # autocommit: the call is its own transaction
+            cur = await conn.execute(_APPEND, (
+                [org for org, _ in groups], [doc for _, doc in groups], [len(g) for g in groups.values()],
+                [i.payload for i in items], [i.user_id for i in items], [i.client_id for i in items],
+                self.origin))
+            rows = await cur.fetchall()
+        results: dict[Any, list[Any]] = {key: [] for key in groups}
+        for row in rows:
+            results[(row["org_id"], row["doc_id"])].append(row)
+        return results
 
 
 def _settle(future: asyncio.Future[Appended], outcome: Appended | BaseException) -> None:

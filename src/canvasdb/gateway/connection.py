@@ -107,7 +107,8 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
 
     async def commit(update: bytes) -> None:
         try:
-            await svc.documents.append_checked(who.org_id, doc_id, update, user_id=who.user_id, tag=peer)
+            await svc.documents.append_checked(who.org_id, doc_id, update, user_id=who.user_id, tag=peer,
+                                               validated=True)
         finally:
             slots.release()
 

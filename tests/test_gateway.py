@@ -68,6 +68,55 @@ class Gateway:
                 self.proc.wait()
 
 
+class Balancer:
+    """A TCP load balancer in front of gateways: each new connection goes to the first backend
+    that accepts it, so when one gateway dies its clients reconnect to the next."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = ports
+        self.port = 0
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Balancer:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        for task in self._pipes:
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    def url(self, org: str) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/orgs/{org}/docs"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for port in self.ports:
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except OSError:
+                continue
+        else:
+            writer.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        for task in (asyncio.create_task(pipe(reader, up_writer)), asyncio.create_task(pipe(up_reader, writer))):
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+
 @pytest.fixture(scope="module")
 def gateways(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
     home = tmp_path_factory.mktemp("gateway-home")
@@ -238,12 +287,13 @@ async def test_http_updates_reach_websocket_clients(
 async def test_killed_gateway_loses_nothing_acknowledged(
     pg_url: str, tmp_path: Path, svc: Services, board: tuple[Tenant, str]
 ) -> None:
-    """Clients type on gateway A; A is killed with SIGKILL; a new gateway process takes its
-    port; the clients reconnect, resync, and everyone (and the store) converges."""
+    """Clients type on gateways A and B; A is killed with SIGKILL; its client reconnects through
+    the load balancer to B, resyncs, and everyone (and the store) converges."""
     t, doc = board
     ga, gb = Gateway(pg_url, tmp_path), Gateway(pg_url, tmp_path)
     try:
-        async with (await JsClient.start(ga.url(t.slug), doc, t.token) as a,
+        async with (Balancer([ga.port, gb.port]) as lb,
+                    await JsClient.start(lb.url(t.slug), doc, t.token) as a,
                     await JsClient.start(gb.url(t.slug), doc, t.token) as b):
             await a.wait_synced()
             await b.wait_synced()
@@ -253,7 +303,6 @@ async def test_killed_gateway_loses_nothing_acknowledged(
                 if i == 20:
                     ga.stop(signal.SIGKILL)
                 await asyncio.sleep(0.01)
-            ga = Gateway(pg_url, tmp_path, port=ga.port)
 
             async def converged():
                 sa, sb = await a.state(maps=["nodes"]), await b.state(maps=["nodes"])
@@ -266,6 +315,35 @@ async def test_killed_gateway_loses_nothing_acknowledged(
                 return await stored_nodes(svc, t, doc) == final
 
             assert await eventually(stored)
+    finally:
+        ga.stop()
+        gb.stop()
+
+
+async def test_sigterm_commits_what_arrived_then_says_going_away(
+    pg_url: str, tmp_path: Path, svc: Services, board: tuple[Tenant, str]
+) -> None:
+    """SIGTERM during a burst: the gateway stops accepting, commits what its clients sent,
+    closes them with 1001 and exits 0; the client resyncs the rest through another gateway."""
+    t, doc = board
+    ga, gb = Gateway(pg_url, tmp_path), Gateway(pg_url, tmp_path)
+    try:
+        async with (Balancer([ga.port, gb.port]) as lb,
+                    await JsClient.start(lb.url(t.slug), doc, t.token) as a,
+                    await JsClient.start(gb.url(t.slug), doc, t.token) as b):
+            await a.wait_synced()
+            await b.wait_synced()
+            await a.burst(200, "nodes")
+            ga.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(ga.proc.wait, 20) == 0
+            closed = await a.wait_event(lambda e: e.get("event") == "close" and not e.get("local"))
+            assert closed["code"] == 1001
+
+            async def arrived():
+                return len((await b.state(maps=["nodes"])).maps["nodes"]) == 200
+
+            assert await eventually(arrived, 30)
+            assert len(await stored_nodes(svc, t, doc)) == 200
     finally:
         ga.stop()
         gb.stop()

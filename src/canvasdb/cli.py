@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -143,11 +144,23 @@ def _serve(api: object, settings: Settings, host: str, port: int) -> None:
                             # ends more CPU and latency than it saves (Node's ws servers default
                             # to off too).
                             ws_per_message_deflate=False)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # Before uvicorn closes WebSockets with 1012: stop accepting, let each gateway
+            # connection commit what it received, then close it with 1001 ("going away").
+            for server in self.servers:
+                server.close()
+            hub = getattr(getattr(api, "state", None), "hub", None)
+            if hub is not None:
+                await hub.drain()
+            await super().shutdown(sockets)
+
     # uvicorn handles SIGINT/SIGTERM (stop accepting, drain requests), then re-raises the
     # signal to the handler it found: make that one a clean exit so the finally block runs.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_cleanly)
-    uvicorn.Server(config).run()
+    Server(config).run()
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

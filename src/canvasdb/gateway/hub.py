@@ -31,6 +31,7 @@ from canvasdb.gateway import protocol
 log = logging.getLogger("canvasdb.gateway")
 _MAX_NOTIFY_AWARENESS = 6000  # bytes of awareness relayed through NOTIFY (its payload limit is 8000)
 _SEND_QUEUE = 10_000  # messages waiting for one slow client before it is disconnected
+_GOING_AWAY = b""  # queued last by drain(): the sender closes with 1001 once it gets there
 
 
 @dataclass(eq=False)
@@ -49,8 +50,18 @@ class Peer:
             metrics.GATEWAY_REJECTED.labels("slow_client").inc()
             asyncio.get_running_loop().create_task(self.close(4408, "too slow to receive updates"))
 
+    def going_away(self) -> None:
+        """Close with 1001 ("going away") after what is already queued has been sent."""
+        try:
+            self.queue.put_nowait(_GOING_AWAY)
+        except asyncio.QueueFull:
+            asyncio.get_running_loop().create_task(self.close(1001, "server shutting down"))
+
     async def run_sender(self) -> None:
         while (message := await self.queue.get()) is not None:
+            if message is _GOING_AWAY:
+                await self.close(1001, "server shutting down")
+                return
             await self.send(message)
 
 
@@ -103,8 +114,21 @@ class Hub:
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._sweep())]
 
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Refuse new connections, tell every client "going away" (1001) after what is queued
+        for it, and wait (up to ``timeout``) for the connections to end: each one commits the
+        updates it had received before it ends, so nothing a client sent before the close is
+        lost. A client reconnects (to another gateway) and resyncs the rest."""
+        self.stopping = True
+        for room in self.rooms.values():
+            for peer in room.peers:
+                peer.going_away()
+        deadline = time.monotonic() + timeout
+        while any(room.peers for room in self.rooms.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
     async def stop(self) -> None:
-        """Close every connection with "going away" (1001); commits in flight finish first."""
+        """Close the connections still open with 1001; commits in flight finish first."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -9,6 +9,7 @@ from canvasdb.db import Database
 from canvasdb.documents import DocumentStore, UpdateLog
 from canvasdb.documents.projection import BoardProjection
 from canvasdb.entities import EntityStore, TypeRegistry
+from canvasdb.graph import Graph, RelationshipStore
 from canvasdb.settings import Settings
 from canvasdb.tenancy import Tenancy
 
@@ -24,6 +25,8 @@ class Services:
     blobs: BlobStore
     attachments: Attachments
     projection: BoardProjection
+    relationships: RelationshipStore
+    graph: Graph
 
     @classmethod
     def build(cls, settings: Settings, db: Database, *, blobs: BlobStore | None = None) -> Services:
@@ -41,7 +44,8 @@ class Services:
                                   blobs=blobs, snapshot_inline_bytes=settings.snapshot_inline_bytes)
         attachments = Attachments(db, blobs, max_bytes=settings.max_attachment_bytes)
         projection = BoardProjection(documents, store)
-        return cls(settings, db, Tenancy(db), types, store, documents, blobs, attachments, projection)
+        return cls(settings, db, Tenancy(db), types, store, documents, blobs, attachments, projection,
+                   RelationshipStore(db), Graph(db))
 
     async def close(self) -> None:
         """Finish pending work (appends waiting for their commit) before the pool closes."""

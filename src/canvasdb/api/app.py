@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from canvasdb import __version__, jobs
-from canvasdb.api import attachments, documents, entities, problems, tenants
+from canvasdb.api import attachments, documents, entities, graph, problems, tenants
 from canvasdb.api.deps import Svc
 from canvasdb.api.limits import BodySizeLimit
 from canvasdb.db import Database
@@ -57,6 +57,7 @@ def create_app(settings: Settings, *, database_url: str | None = None,
     app.include_router(entities.router)
     app.include_router(documents.router)
     app.include_router(attachments.router)
+    app.include_router(graph.router)
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     async def metrics() -> Response:

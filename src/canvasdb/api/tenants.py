@@ -45,6 +45,7 @@ class EntityTypeIn(_Strict):
     reference_fields: list[str] = Field(default_factory=list, examples=[["$.depends_on[*]"]])
     embed_fields: list[str] = Field(default_factory=list)
     tag_field: str | None = None
+    acyclic_kinds: list[str] = Field(default_factory=list, examples=[["depends_on"]])
 
 
 @router.post("/orgs", status_code=201, tags=["tenancy"])

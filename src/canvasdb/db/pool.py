@@ -110,6 +110,12 @@ class Database:
 
 def translate(exc: psycopg.Error) -> CanvasdbError:
     """Map a database error to the canvasdb family, by SQLSTATE."""
+    constraint = exc.diag.constraint_name or ""
+    if constraint.startswith("relationships_") and isinstance(
+            exc, pg_errors.ForeignKeyViolation | pg_errors.CheckViolation):
+        # A reference field that names a missing entity, or would close a forbidden cycle.
+        return InvalidInput(exc.diag.message_primary or "a relationship is not allowed",
+                            pointer="/data", constraint=constraint)
     if isinstance(exc, pg_errors.UniqueViolation):
         return Conflict("already exists", constraint=exc.diag.constraint_name)
     if isinstance(exc, pg_errors.ForeignKeyViolation):

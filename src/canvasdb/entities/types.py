@@ -2,7 +2,9 @@
 
 A type may carry a JSON Schema for ``data`` (checked on every write), which fields
 are text for search (with a weight A-D), which hold references to other entities
-(JSON paths such as ``$.depends_on[*]``), which feed the embedding, and a tag field
+(JSON paths such as ``$.depends_on[*]``: each becomes a relationship whose kind is
+the path's last name, kept in step by the database), which relationship kinds from
+its entities may never form a cycle, which fields feed the embedding, and a tag field
 for facets. Search and the graph read these declarations.
 """
 
@@ -28,6 +30,7 @@ from canvasdb.tenancy import Principal
 TYPE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}(\.[a-z][a-z0-9_-]{0,62}){0,4}$")
 FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62}){0,7}$")
 REFERENCE_PATH = re.compile(r"^\$(\.[A-Za-z_][A-Za-z0-9_]{0,62}(\[\*\])?){1,8}$")
+KIND = TYPE_NAME  # relationship kinds are named like types: 'depends_on', 'board.edge'
 WEIGHTS = ("A", "B", "C", "D")
 _CACHE_SIZE = 1024
 
@@ -41,6 +44,7 @@ class EntityType:
     reference_fields: list[str] = field(default_factory=list)
     embed_fields: list[str] = field(default_factory=list)
     tag_field: str | None = None
+    acyclic_kinds: list[str] = field(default_factory=list)  # relationship kinds that may not cycle
     updated_at: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -80,6 +84,10 @@ def check_definition(spec: EntityType) -> EntityType:
             raise InvalidInput(f"bad embed field name {name!r}", pointer=f"/embed_fields/{i}")
     if spec.tag_field is not None and not FIELD_NAME.fullmatch(spec.tag_field):
         raise InvalidInput("bad tag field name", pointer="/tag_field")
+    for i, kind in enumerate(spec.acyclic_kinds):
+        if not isinstance(kind, str) or not KIND.fullmatch(kind):
+            raise InvalidInput("relationship kinds are lowercase dotted words such as 'depends_on'",
+                               pointer=f"/acyclic_kinds/{i}")
     return spec
 
 
@@ -141,15 +149,17 @@ class TypeRegistry:
         async with self.db.transaction(who.org_id) as conn:
             row = await (await conn.execute(
                 "INSERT INTO entity_types (org_id, name, module, json_schema, text_fields,"
-                " reference_fields, embed_fields, tag_field) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
+                " reference_fields, embed_fields, tag_field, acyclic_kinds)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
                 " ON CONFLICT (org_id, name) DO UPDATE SET module = EXCLUDED.module,"
                 " json_schema = EXCLUDED.json_schema, text_fields = EXCLUDED.text_fields,"
                 " reference_fields = EXCLUDED.reference_fields, embed_fields = EXCLUDED.embed_fields,"
-                " tag_field = EXCLUDED.tag_field, updated_at = clock_timestamp() RETURNING *",
+                " tag_field = EXCLUDED.tag_field, acyclic_kinds = EXCLUDED.acyclic_kinds,"
+                " updated_at = clock_timestamp() RETURNING *",
                 (who.org_id, spec.name, spec.module,
                  Jsonb(spec.json_schema) if spec.json_schema is not None else None,
                  Jsonb(spec.text_fields), Jsonb(spec.reference_fields), Jsonb(spec.embed_fields),
-                 spec.tag_field),
+                 spec.tag_field, Jsonb(spec.acyclic_kinds)),
             )).fetchone()
         assert row is not None
         return _from_row(row)
@@ -210,5 +220,6 @@ def _from_row(row: dict[str, Any]) -> EntityType:
     return EntityType(
         name=row["name"], module=row["module"], json_schema=row["json_schema"],
         text_fields=row["text_fields"], reference_fields=row["reference_fields"],
-        embed_fields=row["embed_fields"], tag_field=row["tag_field"], updated_at=row["updated_at"],
+        embed_fields=row["embed_fields"], tag_field=row["tag_field"],
+        acyclic_kinds=row.get("acyclic_kinds") or [], updated_at=row["updated_at"],
     )  # fmt: skip

@@ -1,0 +1,214 @@
+"""Relationships: typed, versioned edges between two entities of one org.
+
+A relationship's ends, kind and the ends' projects are fixed at creation; its ``data``
+(label, style) changes by versions, like an entity's. The database keeps the rest in
+step (migration 0008): each change writes a version row, deleting an entity hides the
+relationships it is an end of and undeleting it brings them back, and reference fields
+declared by entity types are mirrored as relationships of origin ``field`` (those are
+changed by editing the entity, not here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+from psycopg.types.json import Jsonb
+
+from canvasdb.db import Connection, Database
+from canvasdb.entities.store import encode_data
+from canvasdb.entities.types import KIND
+from canvasdb.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound
+from canvasdb.tenancy import Principal, project_role
+
+MAX_DATA_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Relationship:
+    id: UUID
+    src: UUID
+    dst: UUID
+    kind: str
+    data: dict[str, Any]
+    origin: str
+    deleted: bool  # deleted itself
+    end_deleted: bool  # hidden because an end is deleted
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    created_by: UUID | None
+    updated_by: UUID | None
+
+    @property
+    def live(self) -> bool:
+        return not self.deleted and not self.end_deleted
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id), "src": str(self.src), "dst": str(self.dst), "kind": self.kind,
+            "data": self.data, "origin": self.origin, "live": self.live, "deleted": self.deleted,
+            "end_deleted": self.end_deleted, "version": self.version,
+            "created_at": self.created_at.isoformat(), "updated_at": self.updated_at.isoformat(),
+            "created_by": _str(self.created_by), "updated_by": _str(self.updated_by),
+        }  # fmt: skip
+
+
+def _str(value: UUID | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def check_kind(kind: object, pointer: str = "/kind") -> str:
+    if not isinstance(kind, str) or not KIND.fullmatch(kind):
+        raise InvalidInput("kind is lowercase dotted words such as 'depends_on' or 'board.edge'",
+                           pointer=pointer)
+    return kind
+
+
+def _relationship(row: dict[str, Any]) -> Relationship:
+    return Relationship(
+        id=row["id"], src=row["src"], dst=row["dst"], kind=row["kind"], data=row["data"],
+        origin=row.get("origin", "api"), deleted=row["deleted"], end_deleted=row["end_deleted"],
+        version=row["version"], created_at=row["created_at"], updated_at=row["updated_at"],
+        created_by=row.get("created_by"), updated_by=row.get("updated_by"),
+    )  # fmt: skip
+
+
+async def readable_projects(conn: Connection, who: Principal) -> list[UUID] | None:
+    """The projects the caller may read, or None for all of the org's (owners and admins)."""
+    if who.is_org_admin:
+        return None
+    cur = await conn.execute("SELECT project_id FROM project_members WHERE org_id = %s AND user_id = %s",
+                             (who.org_id, who.user_id))
+    return [row["project_id"] for row in await cur.fetchall()]
+
+
+async def _require_end(conn: Connection, who: Principal, id: UUID, pointer: str, *,
+                       write: bool) -> dict[str, Any]:
+    """An end entity the caller may read (or write): 422 when it does not exist or is hidden."""
+    row = await (await conn.execute(
+        "SELECT id, project_id, type, deleted FROM entities WHERE org_id = %s AND id = %s",
+        (who.org_id, id))).fetchone()
+    role = None if row is None else await project_role(conn, who, row["project_id"])
+    if row is None or role is None:
+        raise InvalidInput(f"entity {id} does not exist", pointer=pointer)
+    if write and role == "viewer":
+        raise Forbidden(f"a viewer may read entity {id} but not link from it")
+    return row
+
+
+class RelationshipStore:
+    """Create, read, change and delete relationships; every method checks access in its transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create(self, who: Principal, src: UUID, dst: UUID, kind: str,
+                     data: dict[str, Any] | None = None, *, id: UUID | None = None) -> Relationship:
+        """A new relationship ``src -> dst``. The caller must be able to change ``src``'s project
+        and read ``dst``'s; both must exist (422). A kind the source's type declares acyclic
+        refuses an edge that would close a cycle (422)."""
+        check_kind(kind)
+        data = {} if data is None else data
+        encode_data(data, MAX_DATA_BYTES)
+        rel_id = id or uuid4()
+        async with self.db.transaction(who.org_id) as conn:
+            s = await _require_end(conn, who, src, "/src", write=True)
+            d = await _require_end(conn, who, dst, "/dst", write=False)
+            if s["deleted"] or d["deleted"]:
+                raise Gone("an end of the relationship is deleted; undelete it first")
+            acyclic = await (await conn.execute(
+                "SELECT acyclic_kinds ? %s AS yes FROM entity_types WHERE org_id = %s AND name = %s",
+                (kind, who.org_id, s["type"]))).fetchone()
+            if acyclic is not None and acyclic["yes"] and await _reaches(conn, who.org_id, dst, src, kind):
+                raise InvalidInput(f"{src} -> {dst} would close a cycle of {kind!r}, which "
+                                   f"{s['type']} forbids", pointer="/dst")
+            cur = await conn.execute(
+                "INSERT INTO relationships (org_id, id, src, dst, kind, data, src_project, dst_project,"
+                " created_by, updated_by) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (org_id, id) DO NOTHING RETURNING *",
+                (who.org_id, rel_id, src, dst, kind, Jsonb(data), s["project_id"], d["project_id"],
+                 who.user_id, who.user_id))
+            row = await cur.fetchone()
+        if row is None:
+            raise Conflict(f"relationship {rel_id} already exists", id=str(rel_id))
+        return _relationship(row)
+
+    async def get(self, who: Principal, id: UUID, *, as_of: datetime | None = None) -> Relationship:
+        """The relationship now (deleted ones answer 410), or as it was at a moment."""
+        async with self.db.transaction(who.org_id) as conn:
+            row = await self._row(conn, who, id)
+            if as_of is not None:
+                old = await (await conn.execute(
+                    "SELECT relationship_id AS id, src, dst, kind, data, deleted, end_deleted, version,"
+                    " at AS updated_at, actor AS updated_by FROM relationship_versions"
+                    " WHERE org_id = %s AND relationship_id = %s AND at <= %s"
+                    " ORDER BY version DESC LIMIT 1", (who.org_id, id, as_of))).fetchone()
+                if old is None:
+                    raise NotFound(f"relationship {id} did not exist at {as_of.isoformat()}")
+                return _relationship({**row, **old})
+        rel = _relationship(row)
+        if not rel.live:
+            raise Gone(f"relationship {id} is deleted", version=rel.version)
+        return rel
+
+    async def update(self, who: Principal, id: UUID, data: dict[str, Any], *,
+                     if_version: int | None = None) -> Relationship:
+        """Replace the relationship's ``data`` (a new version)."""
+        encode_data(data, MAX_DATA_BYTES)
+        return await self._change(who, id, if_version, "data = %s", (Jsonb(data),))
+
+    async def delete(self, who: Principal, id: UUID, *, if_version: int | None = None) -> Relationship:
+        """Soft delete: a tombstone version. Deleting a deleted relationship changes nothing."""
+        return await self._change(who, id, if_version, "deleted = true", ())
+
+    async def undelete(self, who: Principal, id: UUID) -> Relationship:
+        return await self._change(who, id, None, "deleted = false", ())
+
+    async def history(self, who: Principal, id: UUID) -> list[dict[str, Any]]:
+        async with self.db.transaction(who.org_id) as conn:
+            await self._row(conn, who, id)
+            cur = await conn.execute(
+                "SELECT version, op, at, actor, data, deleted, end_deleted FROM relationship_versions"
+                " WHERE org_id = %s AND relationship_id = %s ORDER BY version", (who.org_id, id))
+            rows = await cur.fetchall()
+        return [{"version": r["version"], "op": r["op"], "at": r["at"].isoformat(), "actor": _str(r["actor"]),
+                 "data": r["data"], "live": not r["deleted"] and not r["end_deleted"]} for r in rows]
+
+    async def _row(self, conn: Connection, who: Principal, id: UUID, *,
+                   write: bool = False) -> dict[str, Any]:
+        row = await (await conn.execute("SELECT * FROM relationships WHERE org_id = %s AND id = %s",
+                                        (who.org_id, id))).fetchone()
+        if row is None:
+            raise NotFound(f"relationship {id} not found")
+        if not who.is_org_admin:
+            src_role = await project_role(conn, who, row["src_project"])
+            dst_role = await project_role(conn, who, row["dst_project"])
+            if src_role is None or dst_role is None:
+                raise NotFound(f"relationship {id} not found")
+            if write and src_role == "viewer":
+                raise Forbidden(f"a viewer may read relationship {id} but not change it")
+        return row
+
+    async def _change(self, who: Principal, id: UUID, if_version: int | None, assignment: str,
+                      params: tuple[Any, ...]) -> Relationship:
+        async with self.db.transaction(who.org_id) as conn:
+            row = await self._row(conn, who, id, write=True)
+            if row["origin"] == "field":
+                raise Conflict(f"relationship {id} mirrors a reference field: change the entity instead")
+            if if_version is not None and if_version != row["version"]:
+                raise Conflict(f"relationship {id} is at version {row['version']}",
+                               current_version=row["version"])
+            cur = await conn.execute(
+                f"UPDATE relationships SET {assignment}, updated_by = %s"
+                " WHERE org_id = %s AND id = %s RETURNING *", (*params, who.user_id, who.org_id, id))
+            changed = await cur.fetchone()
+        return _relationship(changed or row)
+
+
+async def _reaches(conn: Connection, org_id: UUID, src: UUID, dst: UUID, kind: str) -> bool:
+    row = await (await conn.execute("SELECT relationship_reaches(%s, %s, %s, %s) AS yes",
+                                    (org_id, src, dst, kind))).fetchone()
+    return bool(row and row["yes"])

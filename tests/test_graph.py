@@ -1,0 +1,257 @@
+"""The graph: relationships (versions, reference fields, deletion of ends) and the queries on them."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from datetime import UTC, datetime
+from uuid import UUID, uuid4
+
+import httpx
+import pytest
+from conftest import Tenant
+
+from canvasdb.entities import EntityType
+from canvasdb.errors import Conflict, Gone, InvalidInput, NotFound
+from canvasdb.graph import Graph
+from canvasdb.services import Services
+from canvasdb.tenancy import Principal
+
+
+async def node(svc: Services, t: Tenant, title: str = "n", type: str = "task", project: UUID | None = None,
+               **data: object) -> UUID:
+    e = await svc.entities.create(t.owner, project or t.project_id, type, {"title": title, **data})
+    return e.id
+
+
+async def test_create_read_update_delete_with_history(svc: Services, tenant: Tenant) -> None:
+    a, b = await node(svc, tenant, "a"), await node(svc, tenant, "b")
+    rel = await svc.relationships.create(tenant.owner, a, b, "board.edge", {"label": "x"})
+    assert (rel.src, rel.dst, rel.kind, rel.version, rel.live) == (a, b, "board.edge", 1, True)
+    created = datetime.now(UTC)
+    await asyncio.sleep(0.01)
+    rel2 = await svc.relationships.update(tenant.owner, rel.id, {"label": "y"}, if_version=1)
+    assert rel2.version == 2 and rel2.data == {"label": "y"}
+    with pytest.raises(Conflict):
+        await svc.relationships.update(tenant.owner, rel.id, {"label": "z"}, if_version=1)
+    await svc.relationships.delete(tenant.owner, rel.id)
+    with pytest.raises(Gone):
+        await svc.relationships.get(tenant.owner, rel.id)
+    old = await svc.relationships.get(tenant.owner, rel.id, as_of=created)
+    assert old.data == {"label": "x"} and old.live
+    ops = [v["op"] for v in await svc.relationships.history(tenant.owner, rel.id)]
+    assert ops == ["create", "update", "delete"]
+    assert (await svc.relationships.undelete(tenant.owner, rel.id)).live
+
+
+async def test_dangling_ends_and_other_orgs_are_refused(svc: Services, tenant: Tenant,
+                                                        other_tenant: Tenant) -> None:
+    a = await node(svc, tenant)
+    theirs = await node(svc, other_tenant)
+    for dst in (uuid4(), theirs):
+        with pytest.raises(InvalidInput) as err:
+            await svc.relationships.create(tenant.owner, a, dst, "depends_on")
+        assert err.value.fields["pointer"] == "/dst"
+    with pytest.raises(InvalidInput):
+        await svc.relationships.create(tenant.owner, a, a, "Bad Kind")
+    rel = await svc.relationships.create(tenant.owner, a, a, "depends_on")  # a self-loop is allowed
+    with pytest.raises(NotFound):
+        await svc.relationships.get(other_tenant.owner, rel.id)
+    with pytest.raises(NotFound):
+        await svc.graph.neighbors(other_tenant.owner, a)
+
+
+async def test_deleting_an_entity_hides_its_relationships_and_undelete_restores_them(
+        svc: Services, tenant: Tenant) -> None:
+    a, b, c = [await node(svc, tenant, x) for x in "abc"]
+    ab = await svc.relationships.create(tenant.owner, a, b, "depends_on")
+    cb = await svc.relationships.create(tenant.owner, c, b, "depends_on")
+    gone = await svc.relationships.create(tenant.owner, b, c, "mentions")
+    await svc.relationships.delete(tenant.owner, gone.id)  # deleted on its own: stays deleted
+    await svc.entities.delete(tenant.owner, b)
+    for rel in (ab, cb):
+        with pytest.raises(Gone):
+            await svc.relationships.get(tenant.owner, rel.id)
+    assert (await svc.graph.neighbors(tenant.owner, a))["nodes"] == []
+    await svc.entities.undelete(tenant.owner, b)
+    assert (await svc.relationships.get(tenant.owner, ab.id)).live
+    assert (await svc.relationships.get(tenant.owner, cb.id)).live
+    with pytest.raises(Gone):
+        await svc.relationships.get(tenant.owner, gone.id)
+    ops = [v["op"] for v in await svc.relationships.history(tenant.owner, ab.id)]
+    assert ops == ["create", "delete", "undelete"]
+
+
+async def test_reference_fields_become_relationships(svc: Services, tenant: Tenant) -> None:
+    await svc.types.register(tenant.owner, EntityType(
+        name="task", reference_fields=["$.depends_on[*]", "$.parent"], acyclic_kinds=["depends_on"]))
+    b, c, p = [await node(svc, tenant, x) for x in "bcp"]
+    a = await node(svc, tenant, "a", depends_on=[str(b), str(c)], parent=str(p))
+
+    async def out(kind: str) -> set[str]:
+        page = await svc.graph.neighbors(tenant.owner, a, kinds=[kind])
+        return {n["id"] for n in page["nodes"]}
+
+    assert await out("depends_on") == {str(b), str(c)}
+    assert await out("parent") == {str(p)}
+    await svc.entities.patch(tenant.owner, a, {"depends_on": [str(c)], "parent": None})
+    assert await out("depends_on") == {str(c)}
+    assert await out("parent") == set()
+    await svc.entities.patch(tenant.owner, a, {"depends_on": [str(b), str(c)]})  # b comes back
+    assert await out("depends_on") == {str(b), str(c)}
+    with pytest.raises(InvalidInput, match="does not exist"):
+        await svc.entities.patch(tenant.owner, a, {"depends_on": [str(uuid4())]})
+    with pytest.raises(InvalidInput, match="not an entity id"):
+        await svc.entities.patch(tenant.owner, a, {"parent": "not-a-uuid"})
+    with pytest.raises(InvalidInput, match="cycle"):
+        await svc.entities.patch(tenant.owner, c, {"depends_on": [str(a)]})
+    assert await out("depends_on") == {str(b), str(c)}, "refused writes changed nothing"
+    assert await svc.graph.creates_cycle(tenant.owner, b, a, "depends_on")
+    assert not await svc.graph.creates_cycle(tenant.owner, a, b, "depends_on")
+    with pytest.raises(InvalidInput, match="cycle"):
+        await svc.relationships.create(tenant.owner, b, a, "depends_on")
+    field_rel = (await svc.graph.neighbors(tenant.owner, a, kinds=["depends_on"]))["relationships"][0]
+    with pytest.raises(Conflict, match="reference field"):
+        await svc.relationships.delete(tenant.owner, UUID(field_rel["id"]))
+
+
+def bfs(edges: list[tuple[UUID, UUID]], start: UUID, depth: int, reverse: bool = False) -> dict[UUID, int]:
+    adj: dict[UUID, list[UUID]] = {}
+    for s, d in edges:
+        if reverse:
+            s, d = d, s
+        adj.setdefault(s, []).append(d)
+    seen, todo = {start: 0}, deque([start])
+    while todo:
+        n = todo.popleft()
+        if seen[n] == depth:
+            continue
+        for m in adj.get(n, []):
+            if m not in seen:
+                seen[m] = seen[n] + 1
+                todo.append(m)
+    return seen
+
+
+async def test_traversals_match_a_reference_bfs_on_a_random_graph(svc: Services, tenant: Tenant) -> None:
+    rng = random.Random(7)
+    nodes = [await node(svc, tenant, f"n{i}") for i in range(60)]
+    edges: list[tuple[UUID, UUID]] = []
+    for _ in range(150):
+        s, d = rng.choice(nodes), rng.choice(nodes)
+        await svc.relationships.create(tenant.owner, s, d, "depends_on")
+        edges.append((s, d))
+    for start in rng.sample(nodes, 8):
+        for depth in (1, 2, 4):
+            want = {k: v for k, v in bfs(edges, start, depth).items() if v > 0}
+            page = await svc.graph.neighbors(tenant.owner, start, depth=depth, limit=1000)
+            assert {UUID(n["id"]): n["depth"] for n in page["nodes"]} == want
+            got = await svc.graph.dependents(tenant.owner, start, depth=depth, limit=1000)
+            assert {UUID(n["id"]): n["depth"] for n in got["nodes"]} == \
+                {k: v for k, v in bfs(edges, start, depth, reverse=True).items() if v > 0}
+        target = rng.choice(nodes)
+        dist = bfs(edges, start, 6).get(target)
+        found = await svc.graph.path(tenant.owner, start, target, max_depth=6, all_paths=True, max_paths=100)
+        assert found["length"] == dist
+        for p in found["paths"]:
+            ids = [UUID(n["id"]) for n in p["nodes"]]
+            assert ids[0] == start and ids[-1] == target and len(ids) == (dist or 0) + 1
+            assert all((x, y) in edges for x, y in zip(ids, ids[1:], strict=False))
+
+
+async def test_pages_subgraph_and_caps(svc: Services, db, tenant: Tenant) -> None:
+    hub = await node(svc, tenant, "hub")
+    spokes = [await node(svc, tenant, f"s{i}") for i in range(30)]
+    for s in spokes:
+        await svc.relationships.create(tenant.owner, hub, s, "board.edge")
+        await svc.relationships.create(tenant.owner, s, hub, "board.edge")  # cycles of length 2
+    seen, cursor = [], None
+    while True:
+        page = await svc.graph.neighbors(tenant.owner, hub, limit=7, cursor=cursor)
+        seen += [n["id"] for n in page["nodes"]]
+        if (cursor := page["next"]) is None:
+            break
+    assert sorted(seen) == sorted(str(s) for s in spokes)
+    sub = await svc.graph.subgraph(tenant.owner, [hub], depth=2, limit=10)
+    assert len(sub["nodes"]) == 10 and sub["truncated"]
+    full = await svc.graph.subgraph(tenant.owner, [hub], depth=2)
+    assert len(full["nodes"]) == 31 and len(full["relationships"]) == 60 and not full["truncated"]
+    capped = await Graph(db, max_nodes=10).dependents(tenant.owner, hub, limit=1000)
+    assert capped["truncated"] and len(capped["nodes"]) <= 10
+    for bad in ({"depth": 0}, {"depth": 11}, {"direction": "sideways"}, {"limit": 0}):
+        with pytest.raises(InvalidInput):
+            await svc.graph.neighbors(tenant.owner, hub, **bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput):
+        await svc.graph.neighbors(tenant.owner, hub, cursor="nonsense")
+
+
+async def test_traversals_never_pass_through_unreadable_projects(svc: Services, tenant: Tenant) -> None:
+    secret = (await svc.tenancy.create_project(tenant.owner, "secret"))["id"]
+    member_id = await svc.tenancy.ensure_user(f"m-{uuid4().hex[:8]}@example.com")
+    await svc.tenancy.set_org_role(tenant.org_id, member_id, "member")
+    await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, member_id, "editor")
+    member = Principal(org_id=tenant.org_id, user_id=member_id, org_role="member")
+    a, c = await node(svc, tenant, "a"), await node(svc, tenant, "c")
+    hidden = await node(svc, tenant, "hidden", project=secret)
+    await svc.relationships.create(tenant.owner, a, hidden, "depends_on")
+    await svc.relationships.create(tenant.owner, hidden, c, "depends_on")
+    assert {n["title"] for n in (await svc.graph.neighbors(tenant.owner, a, depth=2))["nodes"]} == \
+        {"hidden", "c"}
+    assert (await svc.graph.neighbors(member, a, depth=2))["nodes"] == []
+    assert (await svc.graph.path(member, a, c))["paths"] == []
+    assert (await svc.graph.path(tenant.owner, a, c))["length"] == 2
+    assert (await svc.graph.dependents(member, c, depth=5))["nodes"] == []
+    with pytest.raises(NotFound):
+        await svc.graph.neighbors(member, hidden)
+    with pytest.raises(InvalidInput):
+        await svc.relationships.create(member, a, hidden, "mentions")
+
+
+async def test_queries_as_of_a_past_time(svc: Services, tenant: Tenant) -> None:
+    a, b, c = [await node(svc, tenant, x) for x in "abc"]
+    ab = await svc.relationships.create(tenant.owner, a, b, "derived_from")
+    await svc.relationships.create(tenant.owner, b, c, "derived_from")
+    before = datetime.now(UTC)
+    await asyncio.sleep(0.01)
+    await svc.relationships.delete(tenant.owner, ab.id)
+    assert (await svc.graph.neighbors(tenant.owner, a, depth=2))["nodes"] == []
+    then = await svc.graph.neighbors(tenant.owner, a, depth=2, as_of=before)
+    assert [n["title"] for n in then["nodes"]] == ["b", "c"]
+    lineage = await svc.graph.lineage(tenant.owner, b, as_of=before)
+    assert [n["title"] for n in lineage["ancestors"]] == ["c"]
+    assert [n["title"] for n in lineage["descendants"]] == ["a"]
+    assert (await svc.graph.lineage(tenant.owner, b))["descendants"] == []
+
+
+async def test_http_routes(client: httpx.AsyncClient, svc: Services, tenant: Tenant,
+                           other_tenant: Tenant) -> None:
+    a, b = await node(svc, tenant, "a"), await node(svc, tenant, "b")
+    base = f"/v1/orgs/{tenant.slug}"
+    r = await client.post(f"{base}/relationships", headers=tenant.headers,
+                          json={"src": str(a), "dst": str(b), "kind": "depends_on", "data": {"label": "x"}})
+    assert r.status_code == 201, r.text
+    rel = r.json()
+    assert (await client.get(f"{base}/relationships/{rel['id']}", headers=tenant.headers)).status_code == 200
+    assert (await client.get(f"/v1/orgs/{other_tenant.slug}/relationships/{rel['id']}",
+                             headers=other_tenant.headers)).status_code == 404
+    r = await client.post(f"{base}/relationships", headers=tenant.headers,
+                          json={"src": str(a), "dst": str(uuid4()), "kind": "depends_on"})
+    assert r.status_code == 422
+    r = await client.get(f"{base}/entities/{a}/neighbors?direction=out&kinds=depends_on&depth=2",
+                         headers=tenant.headers)
+    assert [n["id"] for n in r.json()["nodes"]] == [str(b)]
+    r = await client.get(f"{base}/entities/{b}/dependents?kinds=depends_on", headers=tenant.headers)
+    assert [n["id"] for n in r.json()["nodes"]] == [str(a)]
+    r = await client.get(f"{base}/graph/path?from={a}&to={b}&max_depth=3", headers=tenant.headers)
+    assert r.json()["length"] == 1
+    r = await client.post(f"{base}/graph/subgraph", headers=tenant.headers,
+                          json={"roots": [str(a)], "depth": 1, "limit": 10})
+    assert len(r.json()["nodes"]) == 2 and len(r.json()["relationships"]) == 1
+    for bad in ("depth=0", "depth=11", "direction=up"):
+        r = await client.get(f"{base}/entities/{a}/neighbors?{bad}", headers=tenant.headers)
+        assert r.status_code == 422, bad
+    r = await client.get(f"{base}/entities/{uuid4()}/neighbors", headers=tenant.headers)
+    assert r.status_code == 404
+    r = await client.delete(f"{base}/relationships/{rel['id']}", headers=tenant.headers)
+    assert r.status_code == 200 and r.json()["live"] is False

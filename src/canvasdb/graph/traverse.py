@@ -1,47 +1,38 @@
-"""Graph questions answered frontier at a time: one indexed query per depth level.
+"""Graph questions, each answered by one SQL statement (one round trip).
 
-Each level asks ``relationships`` (through its covering index for the direction) for the
-live edges leaving the whole frontier, filtered by kind and by the projects the caller
-may read, so a traversal never passes through an entity the caller cannot see. Visited
-nodes are kept here, which makes every traversal cycle-safe, and every answer is capped
-(``truncated`` says when a cap cut it short). As of a past time, the same levels read
-``relationship_versions``: per edge, its last version at or before that time.
+Measured at a million nodes, the recursive CTE beat level-at-a-time loops in Python and in
+PL/pgSQL, adjacency arrays and integer surrogate keys (see the README), provided its filters
+sit inside the recursive step. So each query is a recursive CTE whose step reads one
+covering index of ``relationships`` (out: ``(org_id, src, kind)``, in: ``(org_id, dst,
+kind)``) and keeps only live edges of the wanted kinds whose far end is in a project the
+caller may read: a traversal never passes through, or returns, what the caller cannot see.
+The statement also checks the start, counts, caps (the recursion stops once ``max_nodes``
+rows exist: ``truncated``) and joins summaries for one page only, so a traversal that finds
+fifty thousand entities sends back one page and a count. As of a past time, the step reads
+each edge's last version at or before that time from ``relationship_versions``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
 from typing import Any, Literal
 from uuid import UUID
 
-from psycopg.rows import tuple_row
-
-from canvasdb.db import Connection, Database
+from canvasdb.db import Database
 from canvasdb.errors import InvalidInput, NotFound
-from canvasdb.graph.relationships import check_kind, readable_projects
+from canvasdb.graph.relationships import check_kind
 from canvasdb.tenancy import Principal
 
 Direction = Literal["out", "in", "both"]
 MAX_DEPTH = 10  # neighbours, paths and subgraphs
-MAX_DEPTH_TO_END = 100  # dependents "to the end" stop here (and at MAX_NODES)
-MAX_NODES = 100_000  # nodes a traversal may visit before it stops with truncated=True
+MAX_DEPTH_TO_END = 100  # dependents "to the end" stop here (and at max_nodes)
+MAX_NODES = 100_000  # rows a traversal may produce before it stops with truncated=True
 MAX_ROOTS = 100
 MAX_PAGE = 1000
 MAX_PATHS = 100
-
-_COLUMNS = {"out": ("src", "dst", "dst_project"), "in": ("dst", "src", "src_project")}
-
-
-@dataclass
-class Walk:
-    """What a breadth-first walk found: depth of each node, the edge that first reached it."""
-
-    depth: dict[UUID, int] = field(default_factory=dict)
-    # node -> (relationship, from, to, kind) of the edge that first reached it
-    via: dict[UUID, tuple[UUID, UUID, UUID, str]] = field(default_factory=dict)
-    truncated: bool = False
+_TITLE = "left(coalesce(x.data->>'title', x.data->>'name', x.data->>'text', x.data->>'label'), 200)"
 
 
 def check_depth(depth: object, *, cap: int = MAX_DEPTH, name: str = "depth") -> int:
@@ -63,20 +54,115 @@ def _kinds(kinds: Iterable[str] | None) -> list[str] | None:
     return out or None
 
 
-def _step_sql(direction: Literal["out", "in"], *, kinds: bool, access: bool, as_of: bool) -> str:
-    here, there, there_project = _COLUMNS[direction]
-    filters = (" AND kind = ANY(%(kinds)s)" if kinds else "") + \
-              (f" AND {there_project} = ANY(%(projects)s)" if access else "")
+# --- SQL building blocks ----------------------------------------------------------------------------
+# Variants (direction, as of, kinds filter, access filter) are separate statements so that
+# each gets its own prepared plan; they are built once per variant.
+
+
+def _edges(node: str, direction: Literal["out", "in"], *, as_of: bool, kinds: bool, acl: bool) -> str:
+    """A FROM item ``e(id, near, far, kind)``: the live edges with ``near = {node}``, going
+    ``direction``, of the wanted kinds, whose far end the caller may read."""
+    near, far = ("src", "dst") if direction == "out" else ("dst", "src")
+    filters = (" AND e.kind = ANY(%(kinds)s)" if kinds else "") + \
+              (f" AND e.{far}_project = ANY(acl.p)" if acl else "")
     if not as_of:
-        return (f"SELECT id, {here}, {there}, kind FROM relationships"
-                f" WHERE org_id = %(org)s AND {here} = ANY(%(frontier)s) AND live{filters}"
-                " LIMIT %(limit)s")
-    return (f"SELECT id, {here}, {there}, kind FROM ("
-            f" SELECT DISTINCT ON (relationship_id) relationship_id AS id, {here}, {there}, kind,"
-            f" {there_project}, deleted, end_deleted FROM relationship_versions"
-            f" WHERE org_id = %(org)s AND {here} = ANY(%(frontier)s) AND at <= %(as_of)s"
-            " ORDER BY relationship_id, version DESC) v"
-            f" WHERE NOT deleted AND NOT end_deleted{filters} LIMIT %(limit)s")
+        return (f"(SELECT e.id, e.{near} AS near, e.{far} AS far, e.kind FROM relationships e"
+                f" WHERE e.org_id = %(org)s AND e.{near} = {node} AND e.live{filters})")
+    return (f"(SELECT e.id, e.{near} AS near, e.{far} AS far, e.kind FROM ("
+            f"SELECT DISTINCT ON (v.relationship_id) v.relationship_id AS id, v.src, v.dst, v.kind,"
+            f" v.src_project, v.dst_project, v.deleted, v.end_deleted FROM relationship_versions v"
+            f" WHERE v.org_id = %(org)s AND v.{near} = {node} AND v.at <= %(as_of)s"
+            f" ORDER BY v.relationship_id, v.version DESC) e"
+            f" WHERE NOT e.deleted AND NOT e.end_deleted{filters})")
+
+
+def _step(node: str, direction: Direction, **flags: bool) -> str:
+    if direction != "both":
+        return _edges(node, direction, **flags)
+    return f"({_edges(node, 'out', **flags)} UNION ALL {_edges(node, 'in', **flags)})"
+
+
+def _prelude(*, acl: bool, as_of: bool, starts: str) -> str:
+    """``acl`` (the caller's readable projects) and ``start`` (the start entities it may read)."""
+    acl_cte = ("acl AS (SELECT coalesce(array_agg(project_id), '{}') AS p FROM project_members"
+               " WHERE org_id = %(org)s AND user_id = %(user)s), ") if acl else ""
+    alive = "s.created_at <= %(as_of)s" if as_of else "NOT s.deleted"
+    readable = " AND EXISTS (SELECT FROM acl WHERE s.project_id = ANY(acl.p))" if acl else ""
+    return (f"{acl_cte}start AS (SELECT s.id FROM entities s WHERE s.org_id = %(org)s"
+            f" AND s.id = ANY({starts}) AND {alive}{readable})")
+
+
+@cache
+def _walk_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool, via: bool) -> str:
+    """Breadth-first from the start(s): ``found(id, depth)`` capped at %(cap)s rows, then rows of
+    three sorts (column ``row``): 's' a readable start; 'n' a node of the page (after
+    %(after_depth)s, %(after_id)s) with its summary, the count and the cap flag; with ``via``,
+    'v' the edges from the levels leading into the page (the walk's own step, redone only
+    there), from which the caller picks, per node, one edge from a node a level closer.
+    (Matching them here costs more: the planner nests loops over the small CTEs.)"""
+    flags = {"as_of": as_of, "kinds": kinds, "acl": acl}
+    acl_from = ", acl" if acl else ""
+    via_rows = ""
+    if via:
+        via_rows = (" UNION ALL SELECT 'v', e.far, f.depth + 1, NULL, NULL, NULL, e.id, e.near, e.kind,"
+                    " NULL, NULL"
+                    " FROM found f, (SELECT min(depth) - 1 AS lo, max(depth) - 1 AS hi FROM page) b"
+                    f"{acl_from}, LATERAL {_step('f.id', direction, **flags)} e"
+                    " WHERE f.depth BETWEEN b.lo AND b.hi")
+    return (
+        f"WITH RECURSIVE {_prelude(acl=acl, as_of=as_of, starts='%(starts)s')},"
+        f" r(id, d) AS (SELECT id, 0 FROM start UNION"
+        f" SELECT e.far, r.d + 1 FROM r{acl_from}, LATERAL {_step('r.id', direction, **flags)} e"
+        " WHERE r.d < %(depth)s),"
+        " capped AS (SELECT id, d FROM r LIMIT %(cap)s),"
+        " found AS MATERIALIZED (SELECT id, min(d) AS depth FROM capped GROUP BY id),"
+        " page AS MATERIALIZED (SELECT id, depth FROM found"
+        " WHERE depth > 0 AND (depth, id) > (%(after_depth)s, %(after_id)s)"
+        " ORDER BY depth, id LIMIT %(limit)s)"
+        f" SELECT 'n' AS row, p.id, p.depth, x.type, x.project_id, {_TITLE} AS title,"
+        " NULL::uuid AS rel, NULL::uuid AS frm, NULL AS kind,"
+        " (SELECT count(*) FROM found WHERE depth > 0) AS total,"
+        " (SELECT count(*) FROM capped) >= %(cap)s AS truncated"
+        " FROM page p JOIN entities x ON x.org_id = %(org)s AND x.id = p.id"
+        " UNION ALL SELECT 's', id, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM start"
+        f"{via_rows}")
+
+
+@cache
+def _edges_among_sql(as_of: bool, kinds: bool) -> str:
+    """The live edges between the given nodes (both ends among them)."""
+    src = _edges("n.id", "out", as_of=as_of, kinds=kinds, acl=False)
+    return (f"SELECT e.id, e.near, e.far, e.kind FROM unnest(%(nodes)s::uuid[]) AS n(id),"
+            f" LATERAL {src} e WHERE e.far = ANY(%(nodes)s::uuid[])")
+
+
+@cache
+def _path_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool) -> str:
+    """Simple paths from %(src)s, level by level: the first ones to reach %(dst)s are the
+    shortest, and LIMIT stops the recursion there."""
+    flags = {"as_of": as_of, "kinds": kinds, "acl": acl}
+    acl_from = ", acl" if acl else ""
+    return (
+        f"WITH RECURSIVE {_prelude(acl=acl, as_of=as_of, starts='ARRAY[%(src)s, %(dst)s]::uuid[]')},"
+        " r(id, d, nodes, rels, kinds) AS ("
+        " SELECT %(src)s::uuid, 0, ARRAY[%(src)s::uuid], '{}'::uuid[], '{}'::text[]"
+        " WHERE (SELECT count(*) FROM start) = CASE WHEN %(src)s::uuid = %(dst)s::uuid THEN 1 ELSE 2 END"
+        " UNION ALL"
+        f" SELECT e.far, r.d + 1, r.nodes || e.far, r.rels || e.id, r.kinds || e.kind FROM r{acl_from},"
+        f" LATERAL {_step('r.id', direction, **flags)} e"
+        " WHERE r.d < %(depth)s AND r.id <> %(dst)s AND e.far <> ALL(r.nodes))"
+        " SELECT d, nodes, rels, kinds FROM (SELECT * FROM r WHERE id = %(dst)s LIMIT %(paths)s) hits"
+        " UNION ALL SELECT -1, NULL, NULL, NULL FROM start WHERE id = %(src)s"
+        " UNION ALL SELECT -2, NULL, NULL, NULL FROM start WHERE id = %(dst)s")
+
+
+_SUMMARIES = (f"SELECT x.id, x.type, x.project_id, {_TITLE} AS title FROM entities x"
+              " WHERE x.org_id = %(org)s AND x.id = ANY(%(ids)s)")
+
+
+def _summary(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": str(row["id"]), "type": row["type"], "project_id": str(row["project_id"]),
+            "title": row["title"]}
 
 
 class Graph:
@@ -86,115 +172,63 @@ class Graph:
         self.db = db
         self.max_nodes = max_nodes
 
-    # --- the engine ---------------------------------------------------------------------------
+    def _params(self, who: Principal, **more: Any) -> dict[str, Any]:
+        return {"org": who.org_id, "user": who.user_id, **more}
 
-    async def _start(self, conn: Connection, who: Principal, ids: Iterable[UUID],
-                     as_of: datetime | None) -> list[UUID] | None:
-        """Check the start entities are readable (404 otherwise); the caller's readable projects."""
-        projects = await readable_projects(conn, who)
-        ids = list(ids)
-        cur = await conn.execute(
-            "SELECT id, project_id, deleted, created_at FROM entities WHERE org_id = %s AND id = ANY(%s)",
-            (who.org_id, ids))
-        found = {r["id"]: r for r in await cur.fetchall()}
-        for id in ids:
-            row = found.get(id)
-            if (row is None or (projects is not None and row["project_id"] not in projects)
-                    or (as_of is None and row["deleted"])
-                    or (as_of is not None and row["created_at"] > as_of)):
-                raise NotFound(f"entity {id} not found")
-        return projects
-
-    async def _step(self, conn: Connection, who: Principal, frontier: list[UUID], direction: Direction,
-                    kinds: list[str] | None, projects: list[UUID] | None, as_of: datetime | None,
-                    limit: int) -> list[tuple[UUID, UUID, UUID, str]]:
-        """The live edges leaving ``frontier``: (relationship, from, to, kind), at most ``limit``."""
-        params = {"org": who.org_id, "frontier": frontier, "kinds": kinds, "projects": projects,
-                  "as_of": as_of, "limit": limit}
-        rows: list[tuple[UUID, UUID, UUID, str]] = []
-        for d in ("out", "in") if direction == "both" else (direction,):
-            sql = _step_sql(d, kinds=kinds is not None, access=projects is not None, as_of=as_of is not None)
-            async with conn.cursor(row_factory=tuple_row) as cur:
-                await cur.execute(sql, params)
-                rows.extend(await cur.fetchall())
-        return rows
-
-    async def _walk(self, conn: Connection, who: Principal, starts: list[UUID], direction: Direction,
-                    kinds: list[str] | None, depth: int, projects: list[UUID] | None,
-                    as_of: datetime | None, max_nodes: int) -> Walk:
-        walk = Walk(depth={s: 0 for s in starts})
-        frontier = list(dict.fromkeys(starts))
-        for level in range(1, depth + 1):
-            if not frontier:
-                break
-            room = max_nodes - len(walk.depth) + 1
-            edges = await self._step(conn, who, frontier, direction, kinds, projects, as_of,
-                                     limit=room * 2 + 1000)
-            nxt: list[UUID] = []
-            for rel, frm, to, kind in edges:
-                if to in walk.depth:
-                    continue
-                if len(walk.depth) >= max_nodes:
-                    walk.truncated = True
-                    break
-                walk.depth[to] = level
-                walk.via[to] = (rel, frm, to, kind)
-                nxt.append(to)
-            if len(edges) >= room * 2 + 1000:
-                walk.truncated = True
-            if walk.truncated:
-                break
-            frontier = nxt
-        return walk
-
-    async def _summaries(self, conn: Connection, who: Principal,
-                         ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
-        """id, type, project and a title (the first of data.title/name/text/label) per entity."""
-        if not ids:
-            return {}
-        cur = await conn.execute(
-            "SELECT id, type, project_id, left(coalesce(data->>'title', data->>'name', data->>'text',"
-            " data->>'label'), 200) AS title, deleted FROM entities WHERE org_id = %s AND id = ANY(%s)",
-            (who.org_id, ids))
-        return {r["id"]: {"id": str(r["id"]), "type": r["type"], "project_id": str(r["project_id"]),
-                          "title": r["title"]} for r in await cur.fetchall()}
-
-    async def _page(self, conn: Connection, who: Principal, walk: Walk, limit: int,
-                    cursor: str | None) -> dict[str, Any]:
-        """The walk's nodes (start excluded), ordered by (depth, id), one keyset page."""
-        found = sorted(((d, str(n), n) for n, d in walk.depth.items() if d > 0))
+    async def _walk(self, who: Principal, starts: list[UUID], direction: Direction, kinds: list[str] | None,
+                    depth: int, as_of: datetime | None, *, limit: int, cursor: str | None,
+                    cap: int, via: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """(rows of the page, {total, truncated}) of a walk; NotFound unless every start is readable."""
+        after_depth, after_id = 0, UUID(int=0)
         if cursor is not None:
             try:
                 c_depth, c_id = cursor.split(":", 1)
-                after = (int(c_depth), str(UUID(c_id)))
+                after_depth, after_id = int(c_depth), UUID(c_id)
             except ValueError:
                 raise InvalidInput("cursor is not one this API returned", pointer="/cursor") from None
-            found = [f for f in found if (f[0], f[1]) > after]
-        page = found[:limit]
-        summaries = await self._summaries(conn, who, [n for _, _, n in page])
-        nodes, rels = [], []
-        for d, _, n in page:
-            nodes.append({**summaries.get(n, {"id": str(n)}), "depth": d})
-            rel, frm, to, kind = walk.via[n]
-            rels.append({"id": str(rel), "from": str(frm), "to": str(to), "kind": kind})
-        nxt = f"{page[-1][0]}:{page[-1][1]}" if len(found) > limit else None
-        return {"nodes": nodes, "relationships": rels, "next": nxt, "truncated": walk.truncated,
-                "total": len(walk.depth) - 1}
+        sql = _walk_sql(direction, as_of is not None, kinds is not None, not who.is_org_admin, via)
+        params = self._params(who, starts=starts, kinds=kinds, as_of=as_of, depth=depth, cap=cap,
+                              limit=limit, after_depth=after_depth, after_id=after_id)
+        async with self.db.transaction(who.org_id) as conn:
+            rows = await (await conn.execute(sql, params)).fetchall()
+        readable = {r["id"] for r in rows if r["row"] == "s"}
+        for s in starts:
+            if s not in readable:
+                raise NotFound(f"entity {s} not found")
+        page = sorted((r for r in rows if r["row"] == "n"), key=lambda r: (r["depth"], r["id"]))
+        if via:
+            first: dict[tuple[UUID, int], dict[str, Any]] = {}
+            for r in rows:
+                if r["row"] == "v":
+                    first.setdefault((r["id"], r["depth"]), r)
+            for r in page:
+                edge = first.get((r["id"], r["depth"]))
+                if edge is not None:
+                    r.update(rel=edge["rel"], frm=edge["frm"], kind=edge["kind"])
+        meta = {"total": page[0]["total"] if page else 0, "truncated": bool(page and page[0]["truncated"])}
+        return page, meta
+
+    def _listing(self, page: list[dict[str, Any]], meta: dict[str, Any], limit: int) -> dict[str, Any]:
+        nodes = [{**_summary(r), "depth": r["depth"]} for r in page]
+        rels = [{"id": str(r["rel"]), "from": str(r["frm"]), "to": str(r["id"]), "kind": r["kind"]}
+                for r in page if r["rel"] is not None]
+        last = page[-1] if page else None
+        more = last is not None and len(page) == limit
+        return {"nodes": nodes, "relationships": rels, "total": meta["total"], "truncated": meta["truncated"],
+                "next": f"{last['depth']}:{last['id']}" if more and last is not None else None}
 
     # --- queries ------------------------------------------------------------------------------
 
     async def neighbors(self, who: Principal, id: UUID, *, direction: Direction = "out",
                         kinds: Iterable[str] | None = None, depth: int = 1, as_of: datetime | None = None,
                         limit: int = 100, cursor: str | None = None) -> dict[str, Any]:
-        """Entities within ``depth`` steps, each with the depth it was found at and the
-        relationship that reached it; one page at a time."""
+        """Entities within ``depth`` steps, each with the depth it was first found at and the
+        relationship that reached it; one page at a time (``next`` is the cursor)."""
         direction, depth, kinds_ = check_direction(direction), check_depth(depth), _kinds(kinds)
         limit = check_depth(limit, cap=MAX_PAGE, name="limit")
-        async with self.db.transaction(who.org_id) as conn:
-            projects = await self._start(conn, who, [id], as_of)
-            walk = await self._walk(conn, who, [id], direction, kinds_, depth, projects, as_of,
-                                    self.max_nodes)
-            return await self._page(conn, who, walk, limit, cursor)
+        page, meta = await self._walk(who, [id], direction, kinds_, depth, as_of, limit=limit, cursor=cursor,
+                                      cap=self.max_nodes)
+        return self._listing(page, meta, limit)
 
     async def dependents(self, who: Principal, id: UUID, *, kinds: Iterable[str] | None = None,
                          depth: int | None = None, as_of: datetime | None = None, limit: int = 100,
@@ -202,12 +236,11 @@ class Graph:
         """What depends on this: everything that reaches it through ``kinds`` (incoming edges),
         to ``depth`` or to the end (None), with the depth each was found at."""
         depth = MAX_DEPTH_TO_END if depth is None else check_depth(depth, cap=MAX_DEPTH_TO_END)
-        kinds_ = _kinds(kinds)
         limit = check_depth(limit, cap=MAX_PAGE, name="limit")
-        async with self.db.transaction(who.org_id) as conn:
-            projects = await self._start(conn, who, [id], as_of)
-            walk = await self._walk(conn, who, [id], "in", kinds_, depth, projects, as_of, self.max_nodes)
-            return await self._page(conn, who, walk, limit, cursor)
+        page, meta = await self._walk(who, [id], "in", _kinds(kinds), depth, as_of, limit=limit,
+                                      cursor=cursor,
+                                      cap=self.max_nodes)
+        return self._listing(page, meta, limit)
 
     async def subgraph(self, who: Principal, roots: list[UUID], *, depth: int = 2,
                        kinds: Iterable[str] | None = None, direction: Direction = "both",
@@ -218,70 +251,62 @@ class Graph:
             raise InvalidInput(f"roots is a list of 1 to {MAX_ROOTS} entity ids", pointer="/roots")
         direction, depth, kinds_ = check_direction(direction), check_depth(depth), _kinds(kinds)
         limit = check_depth(limit, cap=10 * MAX_PAGE, name="limit")
+        roots = list(dict.fromkeys(roots))
+        room = max(limit - len(roots), 1)
+        page, meta = await self._walk(who, roots, direction, kinds_, depth, as_of, limit=room,
+                                      cursor=None, cap=limit * 4, via=False)
+        truncated = meta["truncated"] or meta["total"] > limit - len(roots)
+        page = page[: max(limit - len(roots), 0)]
+        nodes = [*roots, *(r["id"] for r in page)]
+        params = self._params(who, nodes=nodes, kinds=kinds_, as_of=as_of, ids=roots)
         async with self.db.transaction(who.org_id) as conn:
-            projects = await self._start(conn, who, roots, as_of)
-            walk = await self._walk(conn, who, roots, direction, kinds_, depth, projects, as_of, limit)
-            nodes = list(walk.depth)
-            edges = await self._step(conn, who, nodes, "out", kinds_, projects, as_of,
-                                     limit=len(nodes) * 64 + 1000)
-            inside = set(nodes)
-            summaries = await self._summaries(conn, who, nodes)
-        rels = [{"id": str(rel), "from": str(frm), "to": str(to), "kind": kind}
-                for rel, frm, to, kind in edges if to in inside]
-        return {"nodes": [{**summaries.get(n, {"id": str(n)}), "depth": walk.depth[n]} for n in nodes],
-                "relationships": rels, "truncated": walk.truncated}
+            edges = await (await conn.execute(_edges_among_sql(as_of is not None, kinds_ is not None),
+                                              params)).fetchall()
+            root_rows = await (await conn.execute(_SUMMARIES, params)).fetchall()
+        return {"nodes": [{**_summary(r), "depth": 0} for r in root_rows]
+                + [{**_summary(r), "depth": r["depth"]} for r in page],
+                "relationships": [{"id": str(e["id"]), "from": str(e["near"]), "to": str(e["far"]),
+                                   "kind": e["kind"]} for e in edges],
+                "truncated": truncated}
 
     async def path(self, who: Principal, src: UUID, dst: UUID, *, kinds: Iterable[str] | None = None,
                    max_depth: int = 6, direction: Direction = "out", all_paths: bool = False,
                    max_paths: int = 10, as_of: datetime | None = None) -> dict[str, Any]:
-        """The shortest path(s) from ``src`` to ``dst`` (following edges out, in or both ways),
-        by a breadth-first search from both ends; with ``all_paths``, every shortest path up to
-        ``max_paths``. ``paths`` is empty when none is within ``max_depth``."""
-        direction, max_depth, kinds_ = check_direction(direction), check_depth(max_depth, name="max_depth"), \
-            _kinds(kinds)
-        max_paths = check_depth(max_paths, cap=MAX_PATHS, name="max_paths") if all_paths else 1
-        back: Direction = {"out": "in", "in": "out", "both": "both"}[direction]  # type: ignore[assignment]
+        """The shortest path from ``src`` to ``dst`` (following edges out, in or both ways), or
+        with ``all_paths`` every shortest path up to ``max_paths``; ``paths`` is empty (and
+        ``length`` None) when none is within ``max_depth``."""
+        direction = check_direction(direction)
+        max_depth = check_depth(max_depth, name="max_depth")
+        kinds_ = _kinds(kinds)
+        paths_cap = check_depth(max_paths, cap=MAX_PATHS, name="max_paths") if all_paths else 1
+        sql = _path_sql(direction, as_of is not None, kinds_ is not None, not who.is_org_admin)
+        params = self._params(who, src=src, dst=dst, kinds=kinds_, as_of=as_of, depth=max_depth,
+                              paths=paths_cap if not all_paths else paths_cap * 4)
         async with self.db.transaction(who.org_id) as conn:
-            projects = await self._start(conn, who, [src, dst], as_of)
-            if src == dst:
-                return {"length": 0, "paths": [{"nodes": [{"id": str(src)}], "relationships": []}],
-                        "truncated": False}
-            # parents[side][node] = [(relationship, neighbour one step closer to that side's start)]
-            parents: list[dict[UUID, list[tuple[UUID, UUID, str]]]] = [{src: []}, {dst: []}]
-            frontiers = [[src], [dst]]
-            dirs = [direction, back]
-            length, meet, truncated = 0, [], False
-            while length < max_depth and frontiers[0] and frontiers[1]:
-                side = 0 if len(frontiers[0]) <= len(frontiers[1]) else 1
-                seen = parents[side]
-                level: dict[UUID, list[tuple[UUID, UUID, str]]] = {}
-                room = self.max_nodes - len(parents[0]) - len(parents[1])
-                edges = await self._step(conn, who, frontiers[side], dirs[side], kinds_, projects, as_of,
-                                         limit=max(room, 0) * 2 + 1000)
-                for rel, frm, to, kind in edges:
-                    if to not in seen:
-                        level.setdefault(to, []).append((rel, frm, kind))
-                seen.update(level)
-                frontiers[side] = list(level)
-                length += 1
-                if len(parents[0]) + len(parents[1]) > self.max_nodes:
-                    truncated = True
-                    break
-                meet = [n for n in level if n in parents[1 - side]]
-                if meet:
-                    break
-            paths = _join(parents, meet, max_paths) if meet else []
-            summaries = await self._summaries(conn, who, list({n for p in paths for n in p[0]}))
-        return {"length": length if paths else None, "truncated": truncated,
-                "paths": [{"nodes": [summaries.get(n, {"id": str(n)}) for n in nodes],
-                           "relationships": [{"id": str(r), "kind": k} for r, k in rels]}
-                          for nodes, rels in paths]}
+            rows = await (await conn.execute(sql, params)).fetchall()
+            hits = [r for r in rows if r["d"] >= 0]
+            shortest = min((r["d"] for r in hits), default=None)
+            hits = [r for r in hits if r["d"] == shortest][:paths_cap]
+            ids = list({n for r in hits for n in r["nodes"]})
+            summaries = {r["id"]: _summary(r) for r in
+                         await (await conn.execute(_SUMMARIES, self._params(who, ids=ids))).fetchall()}
+        seen = {r["d"] for r in rows if r["d"] < 0}
+        if -1 not in seen:
+            raise NotFound(f"entity {src} not found")
+        if -2 not in seen:
+            raise NotFound(f"entity {dst} not found")
+        return {"length": shortest, "truncated": False,
+                "paths": [{"nodes": [summaries.get(n, {"id": str(n)}) for n in r["nodes"]],
+                           "relationships": [{"id": str(rel), "kind": k}
+                                             for rel, k in zip(r["rels"], r["kinds"], strict=True)]}
+                          for r in hits]}
 
     async def creates_cycle(self, who: Principal, src: UUID, dst: UUID, kind: str) -> bool:
-        """Would a new ``src -> dst`` of ``kind`` close a cycle (does ``dst`` reach ``src``)?"""
+        """Would a new ``src -> dst`` of ``kind`` close a cycle (does ``dst`` reach ``src``)?
+        Every edge counts here, readable or not: a cycle is a cycle."""
         check_kind(kind)
+        await self._walk(who, [src, dst], "out", [kind], 1, None, limit=1, cursor=None, cap=1, via=False)
         async with self.db.transaction(who.org_id) as conn:
-            await self._start(conn, who, [src, dst], None)
             row = await (await conn.execute("SELECT relationship_reaches(%s, %s, %s, %s) AS yes",
                                             (who.org_id, dst, src, kind))).fetchone()
         return bool(row and row["yes"])
@@ -292,37 +317,12 @@ class Graph:
         copies (everything derived from it), each with its distance."""
         check_kind(kind)
         depth = check_depth(depth, cap=MAX_DEPTH_TO_END)
-        async with self.db.transaction(who.org_id) as conn:
-            projects = await self._start(conn, who, [id], as_of)
-            back = await self._walk(conn, who, [id], "out", [kind], depth, projects, as_of, self.max_nodes)
-            forth = await self._walk(conn, who, [id], "in", [kind], depth, projects, as_of, self.max_nodes)
-            summaries = await self._summaries(conn, who, [*back.depth, *forth.depth])
-
-        def listed(walk: Walk) -> list[dict[str, Any]]:
-            return [{**summaries.get(n, {"id": str(n)}), "depth": d}
-                    for n, d in sorted(walk.depth.items(), key=lambda x: (x[1], str(x[0]))) if d > 0]
-
-        return {"ancestors": listed(back), "descendants": listed(forth),
-                "truncated": back.truncated or forth.truncated}
-
-
-def _join(parents: list[dict[UUID, list[tuple[UUID, UUID, str]]]], meet: list[UUID],
-          cap: int) -> list[tuple[list[UUID], list[tuple[UUID, str]]]]:
-    """Every shortest path through the meeting nodes (up to ``cap``), src side first."""
-
-    def chains(side: int, node: UUID) -> Iterable[tuple[list[UUID], list[tuple[UUID, str]]]]:
-        if not parents[side][node]:
-            yield [node], []
-            return
-        for rel, prev, kind in parents[side][node]:
-            for nodes, rels in chains(side, prev):
-                yield [*nodes, node], [*rels, (rel, kind)]
-
-    out: list[tuple[list[UUID], list[tuple[UUID, str]]]] = []
-    for m in sorted(meet, key=str):
-        for head_nodes, head_rels in chains(0, m):
-            for tail_nodes, tail_rels in chains(1, m):
-                out.append((head_nodes + tail_nodes[::-1][1:], head_rels + tail_rels[::-1]))
-                if len(out) >= cap:
-                    return out
-    return out
+        back, back_meta = await self._walk(who, [id], "out", [kind], depth, as_of, limit=MAX_PAGE,
+                                           cursor=None,
+                                           cap=self.max_nodes, via=False)
+        forth, forth_meta = await self._walk(who, [id], "in", [kind], depth, as_of, limit=MAX_PAGE,
+                                             cursor=None,
+                                             cap=self.max_nodes, via=False)
+        return {"ancestors": [{**_summary(r), "depth": r["depth"]} for r in back],
+                "descendants": [{**_summary(r), "depth": r["depth"]} for r in forth],
+                "truncated": back_meta["truncated"] or forth_meta["truncated"]}

@@ -47,6 +47,9 @@ async def test_nodes_and_edges_become_entities(svc: Services, tenant: Tenant) ->
     edge = await svc.entities.get(tenant.owner, entity_id("plan", "edges", "e1"))
     assert (edge.type, edge.data["from"], edge.data["to"]) == ("board.edge", "n1", "n2")
     assert await svc.projection.project(tenant.org_id, "plan") == 0, "nothing new: nothing written"
+    linked = await svc.graph.neighbors(tenant.owner, entity_id("plan", "nodes", "n1"), kinds=["board.edge"])
+    assert [n["id"] for n in linked["nodes"]] == [str(entity_id("plan", "nodes", "n2"))]
+    assert linked["relationships"][0]["kind"] == "board.edge"
     meta = await svc.documents.get(tenant.owner, "plan")
     assert meta.projected_seq == meta.last_seq and meta.to_json()["projection_lag"] == 0
 
@@ -59,11 +62,22 @@ async def test_nodes_and_edges_become_entities(svc: Services, tenant: Tenant) ->
     assert n1.data["x"] == 99.0 and n1.version == 2
     history = (await svc.entities.history(tenant.owner, entity_id("plan", "nodes", "n2"))).items
     assert [v.op for v in history] == ["delete", "create"], "a node deleted in the board is a tombstone"
+
+    async def linked() -> list[str]:
+        page = await svc.graph.neighbors(tenant.owner, n1.id, kinds=["board.edge"])
+        return [n["id"] for n in page["nodes"]]
+
+    assert await linked() == [], "an edge to a deleted node is hidden"
     board.nodes["n2"] = {"type": "shape", "x": 1}
     await push(svc, tenant, "plan", board)
     await svc.projection.project(tenant.org_id, "plan")
     back = await svc.entities.get(tenant.owner, entity_id("plan", "nodes", "n2"))
     assert back.data["x"] == 1.0 and not back.deleted
+    assert await linked() == [str(back.id)]
+    del board.edges["e1"]
+    await push(svc, tenant, "plan", board)
+    await svc.projection.project(tenant.org_id, "plan")
+    assert await linked() == []
 
 
 async def test_text_documents_are_not_projected(svc: Services, tenant: Tenant) -> None:

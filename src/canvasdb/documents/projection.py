@@ -3,8 +3,11 @@
 A board document holds a Y.Map ``nodes`` and a Y.Map ``edges``, each keyed by id.
 Each node and edge becomes an entity (``board.node``, ``board.edge``) in the board's
 project, with history like any other, whose id is derived from the document and the
-key (UUIDv5), so projecting twice writes nothing new. The projection runs after the
-updates are committed (a job, deferred on change, and the hourly pass), remembers
+key (UUIDv5), so projecting twice writes nothing new. An edge whose ``from`` and ``to``
+name nodes of the board is also a graph relationship of kind ``board.edge`` between
+the two node entities (origin ``board``; its id is derived from the edge and its ends).
+The projection runs after the updates are committed (a job, deferred on change, and
+the hourly pass), remembers
 how far it got (``documents.projected_seq``) and so resumes after a crash. An edit
 of such an entity through the API is written into the board as a Yjs change, which
 the projection then finds already in place.
@@ -16,6 +19,7 @@ import uuid
 from typing import Any
 from uuid import UUID
 
+from psycopg.types.json import Jsonb
 from pycrdt import Map
 
 from canvasdb import metrics
@@ -27,6 +31,11 @@ from canvasdb.tenancy import Principal
 NAMESPACE = uuid.UUID("5f0e3c2a-8d0b-4c7e-9a43-6b2f1d9e7c10")
 COLLECTIONS = {"nodes": "board.node", "edges": "board.edge"}
 _OWN_FIELDS = ("doc", "key")  # added to the entity's data: which board, which key
+
+
+def _edge_id(doc_id: str, key: str, src: object, dst: object) -> UUID:
+    """The id of the relationship that mirrors edge ``key`` between two node keys."""
+    return uuid.uuid5(NAMESPACE, f"{doc_id}\x00edge\x00{key}\x00{src}\x00{dst}")
 
 
 def entity_id(doc_id: str, collection: str, key: str) -> UUID:
@@ -64,6 +73,7 @@ class BoardProjection:
                       for name in COLLECTIONS
                       for key, value in loaded.doc.get(name, type=Map).items()}
         current = await self._projected(org_id, doc_id)
+        current_edges = [e.data for e in current.values() if e.type == "board.edge" and not e.deleted]
         written = 0
         for (name, key), value in wanted.items():
             data = {**value, "doc": doc_id, "key": key}
@@ -83,11 +93,37 @@ class BoardProjection:
             if not gone.deleted:
                 await self.entities.delete(system, eid)  # a tombstone version
                 written += 1
+        await self._edges(org_id, doc_id, meta["project_id"], wanted, current_edges)
         metrics.PROJECTED_ENTITIES.inc(written)
         async with self.documents.db.transaction(org_id) as conn:
             await conn.execute("UPDATE documents SET projected_seq = greatest(projected_seq, %s)"
                                " WHERE org_id = %s AND id = %s", (seq, org_id, doc_id))
         return written
+
+    async def _edges(self, org_id: UUID, doc_id: str, project_id: UUID,
+                     wanted: dict[tuple[str, str], dict[str, Any]], before: list[dict[str, Any]]) -> None:
+        """Keep the board's ``board.edge`` relationships in step with its edges (after the node
+        entities are written): create or bring back the wanted ones, delete the others."""
+        nodes = {key for name, key in wanted if name == "nodes"}
+        keep: dict[UUID, tuple[UUID, UUID, dict[str, Any]]] = {}
+        for (name, key), value in wanted.items():
+            src, dst = value.get("from"), value.get("to")
+            if name == "edges" and src in nodes and dst in nodes:
+                data = {k: v for k, v in value.items() if k not in ("from", "to")}
+                keep[_edge_id(doc_id, key, src, dst)] = (entity_id(doc_id, "nodes", src),
+                                                         entity_id(doc_id, "nodes", dst), data)
+        stale = [_edge_id(doc_id, e["key"], e.get("from"), e.get("to")) for e in before]
+        async with self.documents.db.transaction(org_id) as conn:
+            for rid, (src_id, dst_id, data) in keep.items():
+                await conn.execute(
+                    "INSERT INTO relationships (org_id, id, src, dst, kind, data, src_project, dst_project,"
+                    " origin) VALUES (%s, %s, %s, %s, 'board.edge', %s, %s, %s, 'board')"
+                    " ON CONFLICT (org_id, id) DO UPDATE SET data = EXCLUDED.data, deleted = false",
+                    (org_id, rid, src_id, dst_id, Jsonb(data), project_id, project_id))
+            await conn.execute(
+                "UPDATE relationships SET deleted = true WHERE org_id = %s AND id = ANY(%s)"
+                " AND origin = 'board' AND NOT deleted AND NOT id = ANY(%s)",
+                (org_id, stale, list(keep)))
 
     async def _projected(self, org_id: UUID, doc_id: str) -> dict[UUID, Entity]:
         from canvasdb.entities.store import _entity

@@ -20,7 +20,8 @@ CREATE TABLE relationships (
     data         jsonb NOT NULL DEFAULT '{}',
     src_project  uuid NOT NULL,
     dst_project  uuid NOT NULL,
-    origin       text NOT NULL DEFAULT 'api' CHECK (origin IN ('api', 'field')),  -- field: kept by a reference field
+    -- api: made through the API; field: kept by a reference field; board: a live board's edge
+    origin       text NOT NULL DEFAULT 'api' CHECK (origin IN ('api', 'field', 'board')),
     deleted      boolean NOT NULL DEFAULT false,
     end_deleted  boolean NOT NULL DEFAULT false,
     live         boolean GENERATED ALWAYS AS (NOT deleted AND NOT end_deleted) STORED,
@@ -70,29 +71,36 @@ BEGIN
     END LOOP;
 END $$;
 
--- Every insert or change of a relationship: the next version number, a strictly later
--- time, and its version row.
+-- Every change of a relationship takes the next version number and a strictly later
+-- time (a change that changes nothing is skipped); every insert or change then writes
+-- its version row. The row is written AFTER, so an INSERT ... ON CONFLICT that turns
+-- into an update writes one version, not two.
+CREATE FUNCTION relationship_next_version() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.data = OLD.data AND NEW.deleted = OLD.deleted AND NEW.end_deleted = OLD.end_deleted THEN
+        RETURN NULL;
+    END IF;
+    NEW.version := OLD.version + 1;
+    NEW.updated_at := greatest(clock_timestamp(), OLD.updated_at + interval '1 microsecond');
+    RETURN NEW;
+END $$;
+CREATE TRIGGER relationship_next_version BEFORE UPDATE ON relationships
+    FOR EACH ROW EXECUTE FUNCTION relationship_next_version();
+
 CREATE FUNCTION relationship_versioned() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'UPDATE' THEN
-        IF NEW.data = OLD.data AND NEW.deleted = OLD.deleted AND NEW.end_deleted = OLD.end_deleted THEN
-            RETURN NULL;  -- nothing changed: no new version
-        END IF;
-        NEW.version := OLD.version + 1;
-        NEW.updated_at := greatest(clock_timestamp(), OLD.updated_at + interval '1 microsecond');
-    END IF;
     INSERT INTO relationship_versions (org_id, relationship_id, version, op, at, actor, src, dst, kind,
                                        src_project, dst_project, data, deleted, end_deleted)
     VALUES (NEW.org_id, NEW.id, NEW.version,
             CASE WHEN TG_OP = 'INSERT' THEN 'create'
-                 WHEN (NOT NEW.deleted AND NOT NEW.end_deleted) AND (OLD.deleted OR OLD.end_deleted) THEN 'undelete'
-                 WHEN (NEW.deleted OR NEW.end_deleted) AND NOT (OLD.deleted OR OLD.end_deleted) THEN 'delete'
+                 WHEN NEW.live AND NOT OLD.live THEN 'undelete'
+                 WHEN OLD.live AND NOT NEW.live THEN 'delete'
                  ELSE 'update' END,
             NEW.updated_at, NEW.updated_by, NEW.src, NEW.dst, NEW.kind, NEW.src_project,
             NEW.dst_project, NEW.data, NEW.deleted, NEW.end_deleted);
-    RETURN NEW;
+    RETURN NULL;
 END $$;
-CREATE TRIGGER relationship_versioned BEFORE INSERT OR UPDATE ON relationships
+CREATE TRIGGER relationship_versioned AFTER INSERT OR UPDATE ON relationships
     FOR EACH ROW EXECUTE FUNCTION relationship_versioned();
 
 -- Does `from` reach `to` through live relationships of `kind` (within p_max steps)?
@@ -208,5 +216,6 @@ END $$;
 CREATE TRIGGER entity_relationships_sync AFTER INSERT OR UPDATE OF data, deleted ON entities
     FOR EACH ROW EXECUTE FUNCTION entity_relationships_sync();
 
-GRANT EXECUTE ON FUNCTION relationship_versioned(), relationship_reaches(uuid, uuid, uuid, text, integer),
+GRANT EXECUTE ON FUNCTION relationship_next_version(), relationship_versioned(),
+    relationship_reaches(uuid, uuid, uuid, text, integer),
     entity_relationships_sync() TO canvasdb_app;

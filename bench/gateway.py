@@ -40,7 +40,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
-from harness import Tenant, machine_facts, make_tenant, phase, print_footer, run
+from harness import Tenant, machine_facts, make_tenant, phase, print_footer, print_targets, run
 from rich.console import Console
 from rich.table import Table
 
@@ -391,10 +391,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         mem.add_row(srv["server"], f"{mm['rss_idle'] / 2**20:.0f} MiB", f"{mm['rss_loaded'] / 2**20:.0f} MiB",
                     f"{mm['rss_per_doc'] / 1024:.0f} KiB")
     console.print(mem)
-    for t in report["targets"]:
-        mark = "[green]PASS[/]" if t["pass"] else "[red]FAIL[/]"
-        value = f"{t['value']:,.1f}" if isinstance(t["value"], float) else f"{t['value']:,}"
-        console.print(f"{mark} {t['name']}: {value} {t['unit']} (target {t['target']})", highlight=False)
+    print_targets(console, report)
     print_footer(console, report)
 
 

@@ -36,7 +36,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
-from harness import Tenant, machine_facts, make_tenant, phase, print_footer, run
+from harness import Tenant, machine_facts, make_tenant, phase, print_footer, print_targets, run
 from rich.console import Console
 from rich.table import Table
 
@@ -342,10 +342,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         table.add_row(name, f"{o['median_ms']:,.2f} / {o['p95_ms']:,.2f} ms", f"{c['median_ms']:,.2f} / "
                       f"{c['p95_ms']:,.2f} ms", f"{o['answers_median']:,.0f}, {o['answers_max']:,}")
     console.print(table)
-    for t in report["targets"]:
-        mark = "[green]PASS[/]" if t["pass"] else "[red]FAIL[/]"
-        console.print(f"{mark} {t['name']}: {t['value']:,.2f} {t['unit']} (target {t['target']})",
-                      highlight=False)
+    print_targets(console, report)
     print_footer(console, report)
 
 

@@ -192,6 +192,14 @@ def run(doc: str, scales: Mapping[str, Any], benchmark: Callable[[str, Any, Path
     return 0
 
 
+def print_targets(console: Console, report: dict[str, Any]) -> None:
+    """One PASS/FAIL line per target, for reports whose table has no target column."""
+    for t in report["targets"]:
+        mark = "[green]PASS[/]" if t["pass"] else "[red]FAIL[/]"
+        value = f"{t['value']:,.2f}" if isinstance(t["value"], float) else f"{t['value']:,}"
+        console.print(f"{mark} {t['name']}: {value} {t['unit']} (target {t['target']})", highlight=False)
+
+
 def print_footer(console: Console, report: dict[str, Any]) -> None:
     """The last lines of a report: how many targets pass, the run time, the notes."""
     passed = sum(t["pass"] for t in report["targets"])

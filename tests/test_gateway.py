@@ -4,6 +4,7 @@ with two gateway processes sharing documents through PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -284,40 +285,48 @@ async def test_http_updates_reach_websocket_clients(
         await c.wait_for("nodes", "via-http")
 
 
-async def test_killed_gateway_loses_nothing_acknowledged(
-    pg_url: str, tmp_path: Path, svc: Services, board: tuple[Tenant, str]
-) -> None:
-    """Clients type on gateways A and B; A is killed with SIGKILL; its client reconnects through
-    the load balancer to B, resyncs, and everyone (and the store) converges."""
-    t, doc = board
-    ga, gb = Gateway(pg_url, tmp_path), Gateway(pg_url, tmp_path)
+@contextlib.asynccontextmanager
+async def behind_balancer(pg_url: str, home: Path, t: Tenant,
+                          doc: str) -> AsyncIterator[tuple[Gateway, JsClient, JsClient]]:
+    """Gateways A and B; client ``a`` reaches A through a load balancer (B next), ``b`` is on B."""
+    ga, gb = Gateway(pg_url, home), Gateway(pg_url, home)
     try:
         async with (Balancer([ga.port, gb.port]) as lb,
                     await JsClient.start(lb.url(t.slug), doc, t.token) as a,
                     await JsClient.start(gb.url(t.slug), doc, t.token) as b):
             await a.wait_synced()
             await b.wait_synced()
-            for i in range(40):
-                await a.map_set("nodes", f"a{i}", i)
-                await b.map_set("nodes", f"b{i}", i)
-                if i == 20:
-                    ga.stop(signal.SIGKILL)
-                await asyncio.sleep(0.01)
-
-            async def converged():
-                sa, sb = await a.state(maps=["nodes"]), await b.state(maps=["nodes"])
-                return len(sa.maps["nodes"]) == 80 and sa.maps == sb.maps
-
-            assert await eventually(converged, 30)
-            final = (await a.state(maps=["nodes"])).maps["nodes"]
-
-            async def stored():
-                return await stored_nodes(svc, t, doc) == final
-
-            assert await eventually(stored)
+            yield ga, a, b
     finally:
         ga.stop()
         gb.stop()
+
+
+async def test_killed_gateway_loses_nothing_acknowledged(
+    pg_url: str, tmp_path: Path, svc: Services, board: tuple[Tenant, str]
+) -> None:
+    """Clients type on gateways A and B; A is killed with SIGKILL; its client reconnects through
+    the load balancer to B, resyncs, and everyone (and the store) converges."""
+    t, doc = board
+    async with behind_balancer(pg_url, tmp_path, t, doc) as (ga, a, b):
+        for i in range(40):
+            await a.map_set("nodes", f"a{i}", i)
+            await b.map_set("nodes", f"b{i}", i)
+            if i == 20:
+                ga.stop(signal.SIGKILL)
+            await asyncio.sleep(0.01)
+
+        async def converged():
+            sa, sb = await a.state(maps=["nodes"]), await b.state(maps=["nodes"])
+            return len(sa.maps["nodes"]) == 80 and sa.maps == sb.maps
+
+        assert await eventually(converged, 30)
+        final = (await a.state(maps=["nodes"])).maps["nodes"]
+
+        async def stored():
+            return await stored_nodes(svc, t, doc) == final
+
+        assert await eventually(stored)
 
 
 async def test_sigterm_commits_what_arrived_then_says_going_away(
@@ -326,24 +335,15 @@ async def test_sigterm_commits_what_arrived_then_says_going_away(
     """SIGTERM during a burst: the gateway stops accepting, commits what its clients sent,
     closes them with 1001 and exits 0; the client resyncs the rest through another gateway."""
     t, doc = board
-    ga, gb = Gateway(pg_url, tmp_path), Gateway(pg_url, tmp_path)
-    try:
-        async with (Balancer([ga.port, gb.port]) as lb,
-                    await JsClient.start(lb.url(t.slug), doc, t.token) as a,
-                    await JsClient.start(gb.url(t.slug), doc, t.token) as b):
-            await a.wait_synced()
-            await b.wait_synced()
-            await a.burst(200, "nodes")
-            ga.proc.send_signal(signal.SIGTERM)
-            assert await asyncio.to_thread(ga.proc.wait, 20) == 0
-            closed = await a.wait_event(lambda e: e.get("event") == "close" and not e.get("local"))
-            assert closed["code"] == 1001
+    async with behind_balancer(pg_url, tmp_path, t, doc) as (ga, a, b):
+        await a.burst(200, "nodes")
+        ga.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(ga.proc.wait, 20) == 0
+        closed = await a.wait_event(lambda e: e.get("event") == "close" and not e.get("local"))
+        assert closed["code"] == 1001
 
-            async def arrived():
-                return len((await b.state(maps=["nodes"])).maps["nodes"]) == 200
+        async def arrived():
+            return len((await b.state(maps=["nodes"])).maps["nodes"]) == 200
 
-            assert await eventually(arrived, 30)
-            assert len(await stored_nodes(svc, t, doc)) == 200
-    finally:
-        ga.stop()
-        gb.stop()
+        assert await eventually(arrived, 30)
+        assert len(await stored_nodes(svc, t, doc)) == 200

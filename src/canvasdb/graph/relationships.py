@@ -4,8 +4,9 @@ A relationship's ends, kind and the ends' projects are fixed at creation; its ``
 (label, style) changes by versions, like an entity's. The database keeps the rest in
 step (migration 0008): each change writes a version row, deleting an entity hides the
 relationships it is an end of and undeleting it brings them back, and reference fields
-declared by entity types are mirrored as relationships of origin ``field`` (those are
-changed by editing the entity, not here).
+declared by entity types are mirrored as relationships of origin ``field`` (changed by
+editing the entity, not here), and the edges of live boards as relationships of origin
+``board`` (changed by editing the board).
 """
 
 from __future__ import annotations
@@ -198,6 +199,8 @@ class RelationshipStore:
             row = await self._row(conn, who, id, write=True)
             if row["origin"] == "field":
                 raise Conflict(f"relationship {id} mirrors a reference field: change the entity instead")
+            if row["origin"] == "board":
+                raise Conflict(f"relationship {id} mirrors a board edge: change the board instead")
             if if_version is not None and if_version != row["version"]:
                 raise Conflict(f"relationship {id} is at version {row['version']}",
                                current_version=row["version"])

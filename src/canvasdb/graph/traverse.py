@@ -20,6 +20,8 @@ from functools import cache
 from typing import Any, Literal
 from uuid import UUID
 
+from psycopg.rows import tuple_row
+
 from canvasdb.db import Database
 from canvasdb.errors import InvalidInput, NotFound
 from canvasdb.graph.relationships import check_kind
@@ -106,9 +108,11 @@ def _walk_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool, via: bo
     if via:
         via_rows = (" UNION ALL SELECT 'v', e.far, f.depth + 1, NULL, NULL, NULL, e.id, e.near, e.kind,"
                     " NULL, NULL"
-                    " FROM found f, (SELECT min(depth) - 1 AS lo, max(depth) - 1 AS hi FROM page) b"
-                    f"{acl_from}, LATERAL {_step('f.id', direction, **flags)} e"
-                    " WHERE f.depth BETWEEN b.lo AND b.hi")
+                    f" FROM found f{acl_from}, LATERAL {_step('f.id', direction, **flags)} e"
+                    # scalar subqueries: computed once (as a joined subquery, a generic plan
+                    # re-ran it for every found row)
+                    " WHERE f.depth BETWEEN (SELECT min(depth) - 1 FROM page)"
+                    " AND (SELECT max(depth) - 1 FROM page)")
     return (
         f"WITH RECURSIVE {_prelude(acl=acl, as_of=as_of, starts='%(starts)s')},"
         f" r(id, d) AS (SELECT id, 0 FROM start UNION"
@@ -189,24 +193,25 @@ class Graph:
         sql = _walk_sql(direction, as_of is not None, kinds is not None, not who.is_org_admin, via)
         params = self._params(who, starts=starts, kinds=kinds, as_of=as_of, depth=depth, cap=cap,
                               limit=limit, after_depth=after_depth, after_id=after_id)
-        async with self.db.transaction(who.org_id) as conn:
-            # prepare=False: a custom plan each time. The generic plan of a prepared walk
-            # (chosen after five runs) was measured ten times slower on large answers.
-            rows = await (await conn.execute(sql, params, prepare=False)).fetchall()
-        readable = {r["id"] for r in rows if r["row"] == "s"}
+        async with self.db.transaction(who.org_id) as conn, conn.cursor(row_factory=tuple_row) as cur:
+            await cur.execute(sql, params)
+            # (row, id, depth, type, project_id, title, rel, frm, kind, total, truncated): tuples,
+            # as there can be thousands of edge rows; only the page becomes dicts
+            rows = await cur.fetchall()
+        readable = {r[1] for r in rows if r[0] == "s"}
         for s in starts:
             if s not in readable:
                 raise NotFound(f"entity {s} not found")
-        page = sorted((r for r in rows if r["row"] == "n"), key=lambda r: (r["depth"], r["id"]))
-        if via:
-            first: dict[tuple[UUID, int], dict[str, Any]] = {}
-            for r in rows:
-                if r["row"] == "v":
-                    first.setdefault((r["id"], r["depth"]), r)
-            for r in page:
-                edge = first.get((r["id"], r["depth"]))
-                if edge is not None:
-                    r.update(rel=edge["rel"], frm=edge["frm"], kind=edge["kind"])
+        first: dict[tuple[UUID, int], tuple[Any, ...]] = {}
+        for r in rows:
+            if r[0] == "v":
+                first.setdefault((r[1], r[2]), r)
+        page = []
+        for r in sorted((r for r in rows if r[0] == "n"), key=lambda r: (r[2], r[1])):
+            edge = first.get((r[1], r[2]))
+            page.append({"id": r[1], "depth": r[2], "type": r[3], "project_id": r[4], "title": r[5],
+                         "rel": edge[6] if edge else None, "frm": edge[7] if edge else None,
+                         "kind": edge[8] if edge else None, "total": r[9], "truncated": r[10]})
         meta = {"total": page[0]["total"] if page else 0, "truncated": bool(page and page[0]["truncated"])}
         return page, meta
 
@@ -285,6 +290,8 @@ class Graph:
         params = self._params(who, src=src, dst=dst, kinds=kinds_, as_of=as_of, depth=max_depth,
                               paths=paths_cap if not all_paths else paths_cap * 4)
         async with self.db.transaction(who.org_id) as conn:
+            # prepare=False: a custom plan each time (the path's generic plan cannot know how
+            # many paths the LIMIT asks for).
             rows = await (await conn.execute(sql, params, prepare=False)).fetchall()
             hits = [r for r in rows if r["d"] >= 0]
             shortest = min((r["d"] for r in hits), default=None)

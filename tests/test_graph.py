@@ -255,3 +255,35 @@ async def test_http_routes(client: httpx.AsyncClient, svc: Services, tenant: Ten
     assert r.status_code == 404
     r = await client.delete(f"{base}/relationships/{rel['id']}", headers=tenant.headers)
     assert r.status_code == 200 and r.json()["live"] is False
+
+
+async def test_huge_fan_out_and_long_cycles_stay_bounded(svc: Services, db, pg_url: str, tenant: Tenant) -> None:
+    """A node with 20,000 edges and a 500-long cycle: answers are capped (truncated) or complete,
+    never a runaway query."""
+    import psycopg
+
+    hub = await node(svc, tenant, "hub")
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # bulk rows, as an import would
+        conn.execute("SELECT set_config('canvasdb.org_id', %s, false)", (str(tenant.org_id),))
+        conn.execute(
+            "INSERT INTO entities (org_id, id, project_id, type, data, version, keyframe_version,"
+            " created_at, updated_at) SELECT %(org)s, gen_random_uuid(), %(p)s, 'task',"
+            " jsonb_build_object('title', 'leaf ' || i), 1, 1, now(), now() FROM generate_series(1, 20000) i",
+            {"org": tenant.org_id, "p": tenant.project_id})
+        conn.execute(
+            "INSERT INTO relationships (org_id, id, src, dst, kind, src_project, dst_project)"
+            " SELECT %(org)s, gen_random_uuid(), %(hub)s, id, 'mentions', %(p)s, %(p)s FROM entities"
+            " WHERE org_id = %(org)s AND data->>'title' LIKE 'leaf %%'",
+            {"org": tenant.org_id, "hub": hub, "p": tenant.project_id})
+    capped = Graph(db, max_nodes=1000)
+    page = await capped.neighbors(tenant.owner, hub, limit=10)
+    assert page["truncated"] and len(page["nodes"]) == 10 and page["next"] is not None
+    full = await svc.graph.neighbors(tenant.owner, hub, limit=10)
+    assert full["total"] == 20000 and not full["truncated"]
+    ring = [await node(svc, tenant, f"r{i}") for i in range(500)]
+    for a, b in zip(ring, ring[1:] + ring[:1], strict=True):
+        await svc.relationships.create(tenant.owner, a, b, "depends_on")
+    deps = await svc.graph.dependents(tenant.owner, ring[0], kinds=["depends_on"], limit=1000)
+    assert deps["total"] == 499 and max(n["depth"] for n in deps["nodes"]) == 499
+    around = await svc.graph.path(tenant.owner, ring[0], ring[5], max_depth=10)
+    assert around["length"] == 5

@@ -29,7 +29,7 @@ from canvasdb.tenancy import Principal
 
 Direction = Literal["out", "in", "both"]
 MAX_DEPTH = 10  # neighbours, paths and subgraphs
-MAX_DEPTH_TO_END = 100  # dependents "to the end" stop here (and at max_nodes)
+MAX_DEPTH_TO_END = 1000  # dependents "to the end" stop here (and at max_nodes)
 MAX_NODES = 100_000  # rows a traversal may produce before it stops with truncated=True
 MAX_ROOTS = 100
 MAX_PAGE = 1000

@@ -113,7 +113,8 @@ async def test_entity_edit_over_http_reaches_the_live_board(
 
 async def test_projection_runs_shortly_after_commit_on_a_worker(pg_url: str, svc: Services,
                                                                  tenant: Tenant) -> None:
-    store = DocumentStore(svc.db, changed=jobs.defer_projection)
+    requests = jobs.ProjectionRequests(every=0.1)
+    store = DocumentStore(svc.db, changed=requests.request)
     projection = BoardProjection(store, svc.entities)
     await store.create(tenant.owner, tenant.project_id, "auto", "board")
     board = Board()
@@ -126,6 +127,7 @@ async def test_projection_runs_shortly_after_commit_on_a_worker(pg_url: str, svc
                 await svc.entities.get(tenant.owner, entity_id("auto", "nodes", "a"))
                 break
             await asyncio.sleep(0.1)
+        await requests.close()
     await store.close()
     assert (await svc.entities.get(tenant.owner, entity_id("auto", "nodes", "a"))).data["type"] == "sticky"
     assert await projection.project(tenant.org_id, "auto") == 0

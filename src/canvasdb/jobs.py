@@ -104,12 +104,43 @@ async def defer_compaction(org_id: UUID, doc_id: str) -> None:
             org_id=str(org_id), doc_id=doc_id)
 
 
-async def defer_projection(org_id: UUID, doc_id: str) -> None:
-    """Project a board a second from now, with whatever has changed by then."""
-    with contextlib.suppress(AlreadyEnqueued):
-        await project_board.configure(queueing_lock=f"project:{org_id}:{doc_id}",
-                                      schedule_in={"seconds": 1}).defer_async(
-            org_id=str(org_id), doc_id=doc_id)
+class ProjectionRequests:
+    """Boards to project, collected from the write path and deferred as one batch a second.
+
+    A job per changed board per second cost a round trip and about a millisecond of this
+    process's CPU each: with a hundred busy boards, a tenth of a core. Jobs carry no
+    queueing lock (a batch would fail whole on one conflict); a duplicate is harmless, as
+    projection resumes from the board's ``projected_seq``."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every = every
+        self._pending: set[tuple[str, str]] = set()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def request(self, org_id: UUID, doc_id: str) -> None:
+        self._pending.add((str(org_id), doc_id))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def _flush(self, *, wait: bool = True) -> None:
+        if wait:
+            await asyncio.sleep(self.every)
+        batch, self._pending = self._pending, set()
+        if not batch:
+            return
+        try:
+            await project_board.batch_defer_async(
+                *({"org_id": org, "doc_id": doc} for org, doc in sorted(batch)))
+        except Exception:  # the hourly pass projects them anyway
+            log.warning("could not defer the projection of %d boards", len(batch), exc_info=True)
+
+    async def close(self) -> None:
+        """Defer what is pending now (the queue must still be connected)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self._flush(wait=False)
 
 
 @contextlib.asynccontextmanager

@@ -42,7 +42,9 @@ def create_app(settings: Settings, *, database_url: str | None = None,
             stack.push_async_callback(svc.close)
             await stack.enter_async_context(jobs.connected(url))
             svc.documents.compaction_due = jobs.defer_compaction
-            svc.documents.changed = jobs.defer_projection
+            projections = jobs.ProjectionRequests()
+            stack.push_async_callback(projections.close)
+            svc.documents.changed = projections.request
             if run_worker:
                 await stack.enter_async_context(jobs.working(svc))
             await stack.enter_async_context(_gateway(app, svc))
@@ -90,6 +92,7 @@ def create_app(settings: Settings, *, database_url: str | None = None,
 
     # JSON may legitimately be larger than the compact form counted against max_data_bytes.
     # Attachment uploads stream into the blob store and have their own, larger limit.
+    app.add_middleware(connection.KeepRawSend)
     app.add_middleware(BodySizeLimit, max_bytes=4 * settings.max_data_bytes + 64 * 1024,
                        path_limits=[(attachments.UPLOAD_PATHS, settings.max_attachment_bytes)])
     return app

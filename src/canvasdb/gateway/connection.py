@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -26,6 +27,29 @@ from canvasdb.settings import Settings
 
 log = logging.getLogger("canvasdb.gateway")
 _MAX_IN_FLIGHT = 1000  # updates of one connection waiting for their commit
+RAW_SEND = "canvasdb.raw_send"  # scope key: the server's own ASGI send, before any middleware
+
+
+class KeepRawSend:
+    """ASGI middleware that records the server's ``send`` for WebSocket scopes, so the gateway
+    can reach the socket under it (Starlette wraps ``send`` further in)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            scope[RAW_SEND] = send
+        await self.app(scope, receive, send)
+
+
+def _direct(ws: WebSocket) -> Any:
+    """uvicorn's websockets-sansio protocol object under ``ws`` (its ``send`` is a bound method
+    of it), for direct frame writes; None under any other server, which then takes the
+    ordinary path."""
+    proto = getattr(ws.scope.get(RAW_SEND), "__self__", None)
+    needed = ("transport", "close_sent", "disconnected")
+    return proto if proto is not None and all(hasattr(proto, a) for a in needed) else None
 
 
 class _Closing(Exception):
@@ -97,7 +121,7 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
         writer = False
     max_message = settings.max_update_bytes + 64
 
-    peer = Peer(send=ws.send_bytes, close=lambda code, reason: _close(ws, code, reason))
+    peer = Peer(send=ws.send_bytes, close=lambda code, reason: _close(ws, code, reason), direct=_direct(ws))
     sender = asyncio.create_task(peer.run_sender())
     sync = await svc.documents.sync(who.org_id, doc_id)
     room = hub.join(who.org_id, doc_id, peer, sync.seq)

@@ -32,18 +32,46 @@ log = logging.getLogger("canvasdb.gateway")
 _MAX_NOTIFY_AWARENESS = 6000  # bytes of awareness relayed through NOTIFY (its payload limit is 8000)
 _SEND_QUEUE = 10_000  # messages waiting for one slow client before it is disconnected
 _GOING_AWAY = b""  # queued last by drain(): the sender closes with 1001 once it gets there
+_WRITE_BUFFER_LIMIT = 16 * 1024 * 1024  # bytes a direct write may leave unsent before 4408
+
+
+def ws_frame(message: bytes) -> bytes:
+    """A server's (unmasked) binary WebSocket frame: the same bytes for every peer."""
+    n = len(message)
+    if n < 126:
+        return bytes((0x82, n)) + message
+    if n < 65536:
+        return bytes((0x82, 126)) + n.to_bytes(2, "big") + message
+    return bytes((0x82, 127)) + n.to_bytes(8, "big") + message
 
 
 @dataclass(eq=False)
 class Peer:
-    """One WebSocket connection's outbound side: messages are queued, a task sends them."""
+    """One WebSocket connection's outbound side: messages are queued, a task sends them.
+
+    With ``direct`` (uvicorn's protocol object for the socket), a message is written to the
+    transport at once as a frame built once for all peers, whenever nothing is queued or
+    being sent, so order holds: a broadcast then costs a write per peer, not a task switch
+    and the ASGI and framing layers per peer and message."""
 
     send: Callable[[bytes], Any]  # the socket's send, awaited by the sender task
     close: Callable[[int, str], Any]
+    direct: Any = None
     queue: asyncio.Queue[bytes | None] = field(default_factory=lambda: asyncio.Queue(_SEND_QUEUE))
     awareness_ids: dict[int, int] = field(default_factory=dict)  # client id -> last clock it sent
+    busy: bool = False  # the sender task is sending a message
 
-    def push(self, message: bytes) -> None:
+    def push(self, message: bytes, frame: bytes | None = None) -> None:
+        d = self.direct
+        if d is not None and not self.busy and self.queue.empty():
+            if d.close_sent or d.disconnected or d.transport.is_closing():
+                return  # on its way out: the client resyncs when it reconnects
+            if d.transport.get_write_buffer_size() > _WRITE_BUFFER_LIMIT:
+                metrics.GATEWAY_REJECTED.labels("slow_client").inc()
+                asyncio.get_running_loop().create_task(self.close(4408, "too slow to receive updates"))
+                return
+            d.transport.write(frame if frame is not None else ws_frame(message))
+            return
         try:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:  # too slow to keep up: it resyncs when it reconnects
@@ -62,7 +90,11 @@ class Peer:
             if message is _GOING_AWAY:
                 await self.close(1001, "server shutting down")
                 return
-            await self.send(message)
+            self.busy = True
+            try:
+                await self.send(message)
+            finally:
+                self.busy = False
 
 
 @dataclass(eq=False)
@@ -89,9 +121,10 @@ class Room:
 
     def broadcast(self, message: bytes, *, skip: Peer | None = None) -> None:
         sent = 0
+        frame = ws_frame(message)
         for peer in self.peers:
             if peer is not skip:
-                peer.push(message)
+                peer.push(message, frame)
                 sent += 1
         metrics.GATEWAY_FANOUT.observe(sent)
 
@@ -109,10 +142,13 @@ class Hub:
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._notifier: psycopg.AsyncConnection[Any] | None = None
+        self._outbox: list[str] = []  # awareness notices for other gateways, sent in batches
+        self._outbox_ready = asyncio.Event()
         documents.log.committed = self._committed
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._sweep())]
+        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._sweep()),
+                       asyncio.create_task(self._send_notices())]
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Refuse new connections, tell every client "going away" (1001) after what is queued
@@ -216,8 +252,9 @@ class Hub:
                 sender.awareness_ids[client] = clock
         room.broadcast(protocol.awareness(update))
         if len(update) <= _MAX_NOTIFY_AWARENESS and self._notifier is not None:
-            payload = f"a {room.org_id} {base64.b64encode(update).decode()} {self.origin} {room.doc_id}"
-            asyncio.get_running_loop().create_task(self._notify(payload))
+            encoded = base64.b64encode(update).decode()
+            self._outbox.append(f"a {room.org_id} {encoded} {self.origin} {room.doc_id}")
+            self._outbox_ready.set()
 
     def awareness_snapshot(self, room: Room) -> bytes | None:
         if not room.awareness:
@@ -225,12 +262,20 @@ class Hub:
         return protocol.awareness(protocol.awareness_update(
             [(client, clock, state) for client, (clock, state) in room.awareness.items()]))
 
-    async def _notify(self, payload: str) -> None:
-        try:
-            async with self.documents.db.pool.connection() as conn:
-                await conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
-        except Exception:  # awareness is ephemeral: a lost one is renewed by the client
-            log.debug("could not relay awareness", exc_info=True)
+    async def _send_notices(self) -> None:
+        """Relay queued awareness to the other gateways: all that queued up in one statement,
+        one statement at a time, so that it never holds more than one pooled connection (a
+        task and a connection per notice starved the commits of a thousand clients)."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            batch, self._outbox = self._outbox, []
+            try:
+                async with self.documents.db.pool.connection() as conn:
+                    await conn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
+                                       (NOTIFY_CHANNEL, batch))
+            except Exception:  # awareness is ephemeral: a lost one is renewed by the client
+                log.debug("could not relay awareness", exc_info=True)
 
     # --- other processes ------------------------------------------------------------------------
 

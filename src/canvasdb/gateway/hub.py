@@ -60,17 +60,28 @@ class Peer:
     queue: asyncio.Queue[bytes | None] = field(default_factory=lambda: asyncio.Queue(_SEND_QUEUE))
     awareness_ids: dict[int, int] = field(default_factory=dict)  # client id -> last clock it sent
     busy: bool = False  # the sender task is sending a message
+    pending: list[bytes] = field(default_factory=list)  # frames for the next direct write
+
+    def _write(self) -> None:
+        frames, self.pending = self.pending, []
+        d = self.direct
+        if frames and not (d.close_sent or d.disconnected or d.transport.is_closing()):
+            d.transport.write(b"".join(frames))
 
     def push(self, message: bytes, frame: bytes | None = None) -> None:
         d = self.direct
-        if d is not None and not self.busy and self.queue.empty():
+        if d is not None and not self.busy and self.queue.empty():  # else in order, through the queue
             if d.close_sent or d.disconnected or d.transport.is_closing():
                 return  # on its way out: the client resyncs when it reconnects
             if d.transport.get_write_buffer_size() > _WRITE_BUFFER_LIMIT:
                 metrics.GATEWAY_REJECTED.labels("slow_client").inc()
                 asyncio.get_running_loop().create_task(self.close(4408, "too slow to receive updates"))
                 return
-            d.transport.write(frame if frame is not None else ws_frame(message))
+            # Written when this turn of the event loop ends: what one commit sends a peer is
+            # one write.
+            if not self.pending:
+                asyncio.get_running_loop().call_soon(self._write)
+            self.pending.append(frame if frame is not None else ws_frame(message))
             return
         try:
             self.queue.put_nowait(message)

@@ -168,3 +168,27 @@ async def test_large_snapshots_go_to_the_blob_store(svc: Services, tenant: Tenan
     fresh = DocumentStore(svc.db, blobs=blobs)
     assert view(replay([await fresh.state(tenant.owner, "big")])) == view(editor.doc)
     await store.close()
+
+
+async def test_a_held_document_moves_to_a_newer_snapshot(svc: Services, tenant: Tenant) -> None:
+    """A process holding a document whose tail keeps growing picks up the snapshot another
+    process (a worker) made, so new peers get a snapshot and a short tail."""
+    gateway = DocumentStore(svc.db, compact_after_updates=10)
+    worker = DocumentStore(svc.db)
+    await gateway.create(tenant.owner, tenant.project_id, "long", "board")
+    editor = Editor(7)
+    for _ in range(15):
+        await gateway.append(tenant.owner, "long", editor.step())
+    assert len((await gateway.sync(tenant.org_id, "long")).updates) == 15, "no snapshot yet: all updates"
+    snapshot = await worker.compact(tenant.org_id, "long")
+    assert snapshot is not None and snapshot.seq == 15
+    for _ in range(10):  # the tail reaches 2 x compact_after_updates: the gateway looks again
+        await gateway.append(tenant.owner, "long", editor.step())
+    sync = await gateway.sync(tenant.org_id, "long")
+    assert len(sync.updates) == 1 + 10 and sync.seq == 25, "the snapshot, then the ten after it"
+    doc = Doc()
+    for update in sync.updates:
+        doc.apply_update(update)
+    assert view(doc) == view(editor.doc)
+    await gateway.close()
+    await worker.close()

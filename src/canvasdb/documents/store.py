@@ -100,6 +100,7 @@ class _Held:
         self.unsnapshotted = 0  # updates (and their bytes) appended here since compaction was asked
         self.unsnapshotted_bytes = 0
         self.announced = -1.0  # when `changed` was last called for this document (monotonic)
+        self.rebase_at = 0  # tail length at which to look for a newer snapshot
 
     def add(self, seq: int, update: bytes) -> bool:
         """Hold the next update of the log; False (and nothing held) if it is not the next one."""
@@ -350,9 +351,19 @@ class DocumentStore:
         org_id, doc_id = key
         async with self.db.transaction(org_id) as conn:
             rows = [] if held.seq == 0 else await self._updates_after(conn, key, held.seq)
-            if held.seq == 0 or (rows and rows[0]["seq"] != held.seq + 1):
-                # First load, or retention removed updates this copy has not seen: start
-                # again from the newest snapshot.
+            # First load, or retention removed updates this copy has not seen: start again
+            # from the newest snapshot.
+            reload = held.seq == 0 or bool(rows and rows[0]["seq"] != held.seq + 1)
+            if not reload and len(held.tail) + len(rows) >= held.rebase_at:
+                # A long tail: if a worker compacted meanwhile, start from its snapshot too, so
+                # a new peer gets the snapshot and a short tail, and the tail stops growing.
+                held.rebase_at = len(held.tail) + len(rows) + self.compact_after_updates
+                cur = await conn.execute("SELECT max(seq) AS seq FROM doc_snapshots"
+                                         " WHERE org_id = %s AND doc_id = %s", key)
+                newest = await cur.fetchone()
+                reload = newest is not None and (newest["seq"] or 0) > held.snapshot_seq
+            if reload:
+                held.rebase_at = 2 * self.compact_after_updates
                 cur = await conn.execute(
                     "SELECT seq, state, blob_sha256, state_vector FROM doc_snapshots"
                     " WHERE org_id = %s AND doc_id = %s ORDER BY seq DESC LIMIT 1", (org_id, doc_id),

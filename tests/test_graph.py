@@ -15,6 +15,8 @@ from conftest import Tenant
 from canvasdb.entities import EntityType
 from canvasdb.errors import Conflict, Gone, InvalidInput, NotFound
 from canvasdb.graph import Graph
+from canvasdb.graph import traverse as graph_module
+from canvasdb.graph.traverse import REACH_FAST_CAP
 from canvasdb.services import Services
 from canvasdb.tenancy import Principal
 
@@ -150,6 +152,17 @@ async def test_traversals_match_a_reference_bfs_on_a_random_graph(svc: Services,
             got = await svc.graph.dependents(tenant.owner, start, depth=depth, limit=1000)
             assert {UUID(n["id"]): n["depth"] for n in got["nodes"]} == \
                 {k: v for k, v in bfs(edges, start, depth, reverse=True).items() if v > 0}
+        for direction, reverse in (("out", False), ("in", True)):
+            want = {k: v for k, v in bfs(edges, start, 4, reverse=reverse).items() if v > 0}
+            got = await svc.graph.reachable(tenant.owner, start, direction=direction, depth=4)
+            assert got["found"] == want and not got["truncated"]
+            # past the CTE's first cap, the level-at-a-time function answers the same
+            graph_module.REACH_FAST_CAP = 3
+            try:
+                assert (await svc.graph.reachable(tenant.owner, start, direction=direction,
+                                                  depth=4))["found"] == want
+            finally:
+                graph_module.REACH_FAST_CAP = REACH_FAST_CAP
         target = rng.choice(nodes)
         dist = bfs(edges, start, 6).get(target)
         found = await svc.graph.path(tenant.owner, start, target, max_depth=6, all_paths=True, max_paths=100)
@@ -202,6 +215,14 @@ async def test_traversals_never_pass_through_unreadable_projects(svc: Services, 
     assert (await svc.graph.path(member, a, c))["paths"] == []
     assert (await svc.graph.path(tenant.owner, a, c))["length"] == 2
     assert (await svc.graph.dependents(member, c, depth=5))["nodes"] == []
+    assert (await svc.graph.reachable(member, a, depth=3))["found"] == {}
+    graph_module.REACH_FAST_CAP = 1  # the level-at-a-time function filters by project too
+    try:
+        assert (await svc.graph.reachable(member, a, depth=3))["found"] == {}
+        assert set((await svc.graph.reachable(tenant.owner, a, depth=3))["found"]) == {hidden, c}
+    finally:
+        graph_module.REACH_FAST_CAP = REACH_FAST_CAP
+    assert set((await svc.graph.reachable(tenant.owner, a, depth=3))["found"]) == {hidden, c}
     with pytest.raises(NotFound):
         await svc.graph.neighbors(member, hidden)
     with pytest.raises(InvalidInput):
@@ -241,6 +262,8 @@ async def test_http_routes(client: httpx.AsyncClient, svc: Services, tenant: Ten
     r = await client.get(f"{base}/entities/{a}/neighbors?direction=out&kinds=depends_on&depth=2",
                          headers=tenant.headers)
     assert [n["id"] for n in r.json()["nodes"]] == [str(b)]
+    r = await client.get(f"{base}/entities/{b}/reachable?direction=in&depth=3", headers=tenant.headers)
+    assert r.json() == {"nodes": [{"id": str(a), "depth": 1}], "truncated": False}
     r = await client.get(f"{base}/entities/{b}/dependents?kinds=depends_on", headers=tenant.headers)
     assert [n["id"] for n in r.json()["nodes"]] == [str(a)]
     r = await client.get(f"{base}/graph/path?from={a}&to={b}&max_depth=3", headers=tenant.headers)

@@ -113,6 +113,18 @@ async def neighbors(org: str, id: str, svc: Svc, who: Who, direction: DirectionQ
                                      limit=limit, cursor=cursor, as_of=_moment(as_of))
 
 
+@router.get("/entities/{id}/reachable")
+async def reachable(org: str, id: str, svc: Svc, who: Who, direction: DirectionQ = "out", kinds: Kinds = None,
+                    depth: Annotated[int, Query(ge=1, le=MAX_DEPTH_TO_END)] = 1,
+                    as_of: AsOf = None) -> dict[str, Any]:
+    """Every entity within ``depth`` steps with its depth: ids only, all of them (capped)."""
+    got = await svc.graph.reachable(who, parse_id(id), direction=direction, kinds=_kinds(kinds), depth=depth,
+                                    as_of=_moment(as_of))
+    ordered = sorted(got["found"].items(), key=lambda x: x[1])
+    return {"nodes": [{"id": str(n), "depth": d} for n, d in ordered],
+            "truncated": got["truncated"]}
+
+
 @router.get("/entities/{id}/dependents")
 async def dependents(org: str, id: str, svc: Svc, who: Who, kinds: Kinds = None,
                      depth: Annotated[int | None, Query(ge=1, le=MAX_DEPTH_TO_END)] = None,

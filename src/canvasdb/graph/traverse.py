@@ -24,7 +24,7 @@ from psycopg.rows import tuple_row
 
 from canvasdb.db import Database
 from canvasdb.errors import InvalidInput, NotFound
-from canvasdb.graph.relationships import check_kind
+from canvasdb.graph.relationships import check_kind, readable_projects
 from canvasdb.tenancy import Principal
 
 Direction = Literal["out", "in", "both"]
@@ -34,6 +34,7 @@ MAX_NODES = 100_000  # rows a traversal may produce before it stops with truncat
 MAX_ROOTS = 100
 MAX_PAGE = 1000
 MAX_PATHS = 100
+REACH_FAST_CAP = 2_000  # rows a reachability CTE may produce before it is redone level at a time
 _TITLE = "left(coalesce(x.data->>'title', x.data->>'name', x.data->>'text', x.data->>'label'), 200)"
 
 
@@ -94,6 +95,23 @@ def _prelude(*, acl: bool, as_of: bool, starts: str) -> str:
             f" AND s.id = ANY({starts}) AND {alive}{readable})")
 
 
+def _recursion(direction: Direction, *, as_of: bool, kinds: bool, acl: bool) -> str:
+    """``r(id, d)``: breadth first from ``start``, one row per node and depth reached."""
+    step = _step("r.id", direction, as_of=as_of, kinds=kinds, acl=acl)
+    return (f"r(id, d) AS (SELECT id, 0 FROM start UNION"
+            f" SELECT e.far, r.d + 1 FROM r{', acl' if acl else ''}, LATERAL {step} e WHERE r.d < %(depth)s)")
+
+
+@cache
+def _reach_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool) -> str:
+    """Every node within %(depth)s and its depth (the start at 0), capped at %(cap)s rows."""
+    return (f"WITH RECURSIVE {_prelude(acl=acl, as_of=as_of, starts='%(starts)s')},"
+            f" {_recursion(direction, as_of=as_of, kinds=kinds, acl=acl)},"
+            " capped AS (SELECT id, d FROM r LIMIT %(cap)s)"
+            " SELECT id, min(d) AS depth, (SELECT count(*) FROM capped) >= %(cap)s AS truncated"
+            " FROM capped GROUP BY id")
+
+
 @cache
 def _walk_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool, via: bool) -> str:
     """Breadth-first from the start(s): ``found(id, depth)`` capped at %(cap)s rows, then rows of
@@ -115,9 +133,7 @@ def _walk_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool, via: bo
                     " AND (SELECT max(depth) - 1 FROM page)")
     return (
         f"WITH RECURSIVE {_prelude(acl=acl, as_of=as_of, starts='%(starts)s')},"
-        f" r(id, d) AS (SELECT id, 0 FROM start UNION"
-        f" SELECT e.far, r.d + 1 FROM r{acl_from}, LATERAL {_step('r.id', direction, **flags)} e"
-        " WHERE r.d < %(depth)s),"
+        f" {_recursion(direction, as_of=as_of, kinds=kinds, acl=acl)},"
         " capped AS (SELECT id, d FROM r LIMIT %(cap)s),"
         " found AS MATERIALIZED (SELECT id, min(d) AS depth FROM capped GROUP BY id),"
         " page AS MATERIALIZED (SELECT id, depth FROM found"
@@ -236,6 +252,39 @@ class Graph:
         page, meta = await self._walk(who, [id], direction, kinds_, depth, as_of, limit=limit, cursor=cursor,
                                       cap=self.max_nodes)
         return self._listing(page, meta, limit)
+
+    async def reachable(self, who: Principal, id: UUID, *, direction: Direction = "out",
+                        kinds: Iterable[str] | None = None, depth: int = 1,
+                        as_of: datetime | None = None) -> dict[str, Any]:
+        """Every entity within ``depth`` steps and the depth it was first found at, as
+        ``{"found": {id: depth}, "truncated": bool}``: no summaries, no pages, what impact
+        analysis and "what depends on this?" (``direction="in"``) need. Capped at
+        ``max_nodes``. A small answer comes from the recursive CTE; one that outgrows
+        REACH_FAST_CAP rows is redone level at a time (``graph_reach``), which expands each
+        node once instead of once per depth it is reached at."""
+        direction = check_direction(direction)
+        depth = check_depth(depth, cap=MAX_DEPTH_TO_END)
+        kinds_ = _kinds(kinds)
+        acl = not who.is_org_admin
+        fallback = as_of is None and direction != "both" and self.max_nodes > REACH_FAST_CAP
+        params = self._params(who, starts=[id], kinds=kinds_, as_of=as_of, depth=depth,
+                              cap=REACH_FAST_CAP if fallback else self.max_nodes)
+        async with self.db.transaction(who.org_id) as conn:
+            async with conn.cursor(row_factory=tuple_row) as cur:
+                await cur.execute(_reach_sql(direction, as_of is not None, kinds_ is not None, acl), params)
+                rows = await cur.fetchall()
+            if not rows:
+                raise NotFound(f"entity {id} not found")
+            truncated = bool(rows[0][2])
+            if truncated and fallback:
+                projects = await readable_projects(conn, who) if acl else None
+                async with conn.cursor(row_factory=tuple_row) as cur:
+                    await cur.execute("SELECT id, depth FROM graph_reach(%s, %s, %s, %s, %s, %s, %s)",
+                                      (who.org_id, [id], direction == "in", kinds_, projects, depth,
+                                       self.max_nodes))
+                    found = dict(await cur.fetchall())
+                return {"found": found, "truncated": len(found) >= self.max_nodes}
+        return {"found": {r[0]: r[1] for r in rows if r[1] > 0}, "truncated": truncated}
 
     async def dependents(self, who: Principal, id: UUID, *, kinds: Iterable[str] | None = None,
                          depth: int | None = None, as_of: datetime | None = None, limit: int = 100,

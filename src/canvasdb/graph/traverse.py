@@ -158,20 +158,26 @@ def _edges_among_sql(as_of: bool, kinds: bool) -> str:
 
 @cache
 def _path_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool) -> str:
-    """Simple paths from %(src)s, level by level: the first ones to reach %(dst)s are the
-    shortest, and LIMIT stops the recursion there."""
+    """Shortest paths in two walks: breadth first from %(src)s over nodes (each node and
+    depth once, as the CTE does, so a miss costs no more than the reachable set), then from
+    %(dst)s back through nodes found one level closer, which yields only shortest paths
+    (up to %(paths)s of them)."""
     flags = {"as_of": as_of, "kinds": kinds, "acl": acl}
     acl_from = ", acl" if acl else ""
+    back: Direction = {"out": "in", "in": "out", "both": "both"}[direction]  # type: ignore[assignment]
     return (
         f"WITH RECURSIVE {_prelude(acl=acl, as_of=as_of, starts='ARRAY[%(src)s, %(dst)s]::uuid[]')},"
-        " r(id, d, nodes, rels, kinds) AS ("
-        " SELECT %(src)s::uuid, 0, ARRAY[%(src)s::uuid], '{}'::uuid[], '{}'::text[]"
+        " r(id, d) AS (SELECT %(src)s::uuid, 0"
         " WHERE (SELECT count(*) FROM start) = CASE WHEN %(src)s::uuid = %(dst)s::uuid THEN 1 ELSE 2 END"
-        " UNION ALL"
-        f" SELECT e.far, r.d + 1, r.nodes || e.far, r.rels || e.id, r.kinds || e.kind FROM r{acl_from},"
-        f" LATERAL {_step('r.id', direction, **flags)} e"
-        " WHERE r.d < %(depth)s AND r.id <> %(dst)s AND e.far <> ALL(r.nodes))"
-        " SELECT d, nodes, rels, kinds FROM (SELECT * FROM r WHERE id = %(dst)s LIMIT %(paths)s) hits"
+        f" UNION SELECT e.far, r.d + 1 FROM r{acl_from}, LATERAL {_step('r.id', direction, **flags)} e"
+        " WHERE r.d < %(depth)s AND r.id <> %(dst)s),"
+        " found AS MATERIALIZED (SELECT id, min(d) AS d FROM r GROUP BY id),"
+        " back(id, d, nodes, rels, kinds) AS ("
+        " SELECT id, d, ARRAY[id], '{}'::uuid[], '{}'::text[] FROM found WHERE id = %(dst)s"
+        f" UNION ALL SELECT e.far, b.d - 1, e.far || b.nodes, e.id || b.rels, e.kind || b.kinds"
+        f" FROM back b{acl_from}, LATERAL {_step('b.id', back, **flags)} e, found f"
+        " WHERE b.d > 0 AND f.id = e.far AND f.d = b.d - 1)"
+        " SELECT d, nodes, rels, kinds FROM (SELECT * FROM back WHERE d = 0 LIMIT %(paths)s) hits"
         " UNION ALL SELECT -1, NULL, NULL, NULL FROM start WHERE id = %(src)s"
         " UNION ALL SELECT -2, NULL, NULL, NULL FROM start WHERE id = %(dst)s")
 
@@ -337,14 +343,11 @@ class Graph:
         paths_cap = check_depth(max_paths, cap=MAX_PATHS, name="max_paths") if all_paths else 1
         sql = _path_sql(direction, as_of is not None, kinds_ is not None, not who.is_org_admin)
         params = self._params(who, src=src, dst=dst, kinds=kinds_, as_of=as_of, depth=max_depth,
-                              paths=paths_cap if not all_paths else paths_cap * 4)
+                              paths=paths_cap)
         async with self.db.transaction(who.org_id) as conn:
-            # prepare=False: a custom plan each time (the path's generic plan cannot know how
-            # many paths the LIMIT asks for).
             rows = await (await conn.execute(sql, params, prepare=False)).fetchall()
-            hits = [r for r in rows if r["d"] >= 0]
-            shortest = min((r["d"] for r in hits), default=None)
-            hits = [r for r in hits if r["d"] == shortest][:paths_cap]
+            hits = [r for r in rows if r["d"] >= 0]  # every one a shortest path
+            shortest = len(hits[0]["nodes"]) - 1 if hits else None
             ids = list({n for r in hits for n in r["nodes"]})
             summaries = {r["id"]: _summary(r) for r in
                          await (await conn.execute(_SUMMARIES, self._params(who, ids=ids))).fetchall()}

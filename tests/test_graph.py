@@ -167,6 +167,15 @@ async def test_traversals_match_a_reference_bfs_on_a_random_graph(svc: Services,
         dist = bfs(edges, start, 6).get(target)
         found = await svc.graph.path(tenant.owner, start, target, max_depth=6, all_paths=True, max_paths=100)
         assert found["length"] == dist
+        simple = graph_module._simple_paths_sql
+        graph_module._simple_paths_sql = lambda *variant: "SELECT pg_sleep(1)"  # over its time: nodes
+        try:
+            by_nodes = await svc.graph.path(tenant.owner, start, target, max_depth=6, all_paths=True,
+                                            max_paths=100)
+        finally:
+            graph_module._simple_paths_sql = simple
+        assert by_nodes["length"] == dist
+        assert sorted(str(p) for p in by_nodes["paths"]) == sorted(str(p) for p in found["paths"])
         for p in found["paths"]:
             ids = [UUID(n["id"]) for n in p["nodes"]]
             assert ids[0] == start and ids[-1] == target and len(ids) == (dist or 0) + 1

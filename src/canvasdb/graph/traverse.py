@@ -23,7 +23,7 @@ from uuid import UUID
 from psycopg.rows import tuple_row
 
 from canvasdb.db import Database
-from canvasdb.errors import InvalidInput, NotFound
+from canvasdb.errors import InvalidInput, NotFound, Unavailable
 from canvasdb.graph.relationships import check_kind, readable_projects
 from canvasdb.tenancy import Principal
 
@@ -34,6 +34,7 @@ MAX_NODES = 100_000  # rows a traversal may produce before it stops with truncat
 MAX_ROOTS = 100
 MAX_PAGE = 1000
 MAX_PATHS = 100
+PATH_FAST_MS = 100  # the path-enumerating query's time before the node-based one takes over
 REACH_FAST_CAP = 2_000  # rows a reachability CTE may produce before it is redone level at a time
 _TITLE = "left(coalesce(x.data->>'title', x.data->>'name', x.data->>'text', x.data->>'label'), 200)"
 
@@ -157,7 +158,29 @@ def _edges_among_sql(as_of: bool, kinds: bool) -> str:
 
 
 @cache
-def _path_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool) -> str:
+def _simple_paths_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool) -> str:
+    """Simple paths from %(src)s, level by level: the first ones to reach %(dst)s are the
+    shortest, and LIMIT stops the recursion there. Fast when a path exists; when none
+    does, it enumerates every simple path up to the depth, so it runs under a short
+    timeout and ``_node_paths_sql`` answers instead."""
+    flags = {"as_of": as_of, "kinds": kinds, "acl": acl}
+    acl_from = ", acl" if acl else ""
+    return (
+        f"WITH RECURSIVE {_prelude(acl=acl, as_of=as_of, starts='ARRAY[%(src)s, %(dst)s]::uuid[]')},"
+        " r(id, d, nodes, rels, kinds) AS ("
+        " SELECT %(src)s::uuid, 0, ARRAY[%(src)s::uuid], '{}'::uuid[], '{}'::text[]"
+        " WHERE (SELECT count(*) FROM start) = CASE WHEN %(src)s::uuid = %(dst)s::uuid THEN 1 ELSE 2 END"
+        " UNION ALL"
+        f" SELECT e.far, r.d + 1, r.nodes || e.far, r.rels || e.id, r.kinds || e.kind FROM r{acl_from},"
+        f" LATERAL {_step('r.id', direction, **flags)} e"
+        " WHERE r.d < %(depth)s AND r.id <> %(dst)s AND e.far <> ALL(r.nodes))"
+        " SELECT d, nodes, rels, kinds FROM (SELECT * FROM r WHERE id = %(dst)s LIMIT %(paths)s) hits"
+        " UNION ALL SELECT -1, NULL, NULL, NULL FROM start WHERE id = %(src)s"
+        " UNION ALL SELECT -2, NULL, NULL, NULL FROM start WHERE id = %(dst)s")
+
+
+@cache
+def _node_paths_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool) -> str:
     """Shortest paths in two walks: breadth first from %(src)s over nodes (each node and
     depth once, as the CTE does, so a miss costs no more than the reachable set), then from
     %(dst)s back through nodes found one level closer, which yields only shortest paths
@@ -341,23 +364,37 @@ class Graph:
         max_depth = check_depth(max_depth, name="max_depth")
         kinds_ = _kinds(kinds)
         paths_cap = check_depth(max_paths, cap=MAX_PATHS, name="max_paths") if all_paths else 1
-        sql = _path_sql(direction, as_of is not None, kinds_ is not None, not who.is_org_admin)
+        variant = (direction, as_of is not None, kinds_ is not None, not who.is_org_admin)
         params = self._params(who, src=src, dst=dst, kinds=kinds_, as_of=as_of, depth=max_depth,
-                              paths=paths_cap)
-        async with self.db.transaction(who.org_id) as conn:
-            rows = await (await conn.execute(sql, params, prepare=False)).fetchall()
-            hits = [r for r in rows if r["d"] >= 0]  # every one a shortest path
-            shortest = len(hits[0]["nodes"]) - 1 if hits else None
+                              paths=paths_cap * 4 if all_paths else 1)
+        async def summaries(conn: Any, hits: list[dict[str, Any]]) -> dict[UUID, dict[str, Any]]:
             ids = list({n for r in hits for n in r["nodes"]})
-            summaries = {r["id"]: _summary(r) for r in
-                         await (await conn.execute(_SUMMARIES, self._params(who, ids=ids))).fetchall()}
+            cur = await conn.execute(_SUMMARIES, self._params(who, ids=ids))
+            return {r["id"]: _summary(r) for r in await cur.fetchall()}
+
+        try:
+            async with self.db.transaction(who.org_id) as conn:
+                await conn.execute(f"SET LOCAL statement_timeout = {PATH_FAST_MS}")
+                cur = await conn.execute(_simple_paths_sql(*variant), params, prepare=False)
+                rows = await cur.fetchall()
+                hits = [r for r in rows if r["d"] >= 0]
+                shortest = min((r["d"] for r in hits), default=None)
+                hits = [r for r in hits if r["d"] == shortest][:paths_cap]
+                found = await summaries(conn, hits)
+        except Unavailable:  # many simple paths and no hit: walk nodes instead, each once
+            params["paths"] = paths_cap
+            async with self.db.transaction(who.org_id) as conn:
+                rows = await (await conn.execute(_node_paths_sql(*variant), params, prepare=False)).fetchall()
+                hits = [r for r in rows if r["d"] >= 0]  # every one a shortest path
+                shortest = len(hits[0]["nodes"]) - 1 if hits else None
+                found = await summaries(conn, hits)
         seen = {r["d"] for r in rows if r["d"] < 0}
         if -1 not in seen:
             raise NotFound(f"entity {src} not found")
         if -2 not in seen:
             raise NotFound(f"entity {dst} not found")
         return {"length": shortest, "truncated": False,
-                "paths": [{"nodes": [summaries.get(n, {"id": str(n)}) for n in r["nodes"]],
+                "paths": [{"nodes": [found.get(n, {"id": str(n)}) for n in r["nodes"]],
                            "relationships": [{"id": str(rel), "kind": k}
                                              for rel, k in zip(r["rels"], r["kinds"], strict=True)]}
                           for r in hits]}

@@ -285,8 +285,16 @@ async def test_http_routes(client: httpx.AsyncClient, svc: Services, tenant: Ten
         assert r.status_code == 422, bad
     r = await client.get(f"{base}/entities/{uuid4()}/neighbors", headers=tenant.headers)
     assert r.status_code == 404
+    r = await client.get(f"{base}/relationships?entity={a}&direction=out&limit=1", headers=tenant.headers)
+    assert [x["id"] for x in r.json()["items"]] == [rel["id"]] and r.json()["next"] is None
+    r = await client.get(f"{base}/relationships?entity={b}&direction=out", headers=tenant.headers)
+    assert r.json()["items"] == []
+    r = await client.get(f"/v1/orgs/{other_tenant.slug}/relationships?entity={a}", headers=other_tenant.headers)
+    assert r.status_code == 404
     r = await client.delete(f"{base}/relationships/{rel['id']}", headers=tenant.headers)
     assert r.status_code == 200 and r.json()["live"] is False
+    r = await client.get(f"{base}/relationships?entity={a}", headers=tenant.headers)
+    assert r.json()["items"] == []
 
 
 async def test_huge_fan_out_and_long_cycles_stay_bounded(svc: Services, db, pg_url: str, tenant: Tenant) -> None:

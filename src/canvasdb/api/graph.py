@@ -71,6 +71,19 @@ async def create_relationship(org: str, body: RelationshipIn, svc: Svc, who: Who
     return _one(rel, 201)
 
 
+@router.get("/relationships")
+async def list_relationships(org: str, svc: Svc, who: Who,
+                             entity: Annotated[str | None, Query(max_length=64)] = None,
+                             direction: DirectionQ = "both", kinds: Kinds = None,
+                             after: Annotated[str | None, Query(max_length=64)] = None,
+                             limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100) -> dict[str, Any]:
+    """One page (by id) of the live relationships of ``entity`` (or of all the caller can see)."""
+    items, nxt = await svc.relationships.list(
+        who, entity=parse_id(entity) if entity else None, direction=direction, kinds=_kinds(kinds),
+        after=parse_id(after, "cursor") if after else None, limit=limit)
+    return {"items": [r.to_json() for r in items], "next": str(nxt) if nxt else None}
+
+
 @router.get("/relationships/{id}")
 async def get_relationship(org: str, id: str, svc: Svc, who: Who, as_of: AsOf = None) -> JSONResponse:
     return _one(await svc.relationships.get(who, parse_id(id, "relationship"), as_of=_moment(as_of)))

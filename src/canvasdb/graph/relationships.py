@@ -25,6 +25,7 @@ from canvasdb.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound
 from canvasdb.tenancy import Principal, project_role
 
 MAX_DATA_BYTES = 64 * 1024
+MAX_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,13 @@ async def readable_projects(conn: Connection, who: Principal) -> list[UUID] | No
     cur = await conn.execute("SELECT project_id FROM project_members WHERE org_id = %s AND user_id = %s",
                              (who.org_id, who.user_id))
     return [row["project_id"] for row in await cur.fetchall()]
+
+
+async def _require_readable(conn: Connection, who: Principal, id: UUID, projects: list[UUID] | None) -> None:
+    row = await (await conn.execute("SELECT project_id FROM entities WHERE org_id = %s AND id = %s",
+                                    (who.org_id, id))).fetchone()
+    if row is None or (projects is not None and row["project_id"] not in projects):
+        raise NotFound(f"entity {id} not found")
 
 
 async def _require_end(conn: Connection, who: Principal, id: UUID, pointer: str, *,
@@ -167,6 +175,36 @@ class RelationshipStore:
 
     async def undelete(self, who: Principal, id: UUID) -> Relationship:
         return await self._change(who, id, None, "deleted = false", ())
+
+    async def list(self, who: Principal, *, entity: UUID | None = None, direction: str = "both",
+                   kinds: list[str] | None = None, after: UUID | None = None,
+                   limit: int = 100) -> tuple[list[Relationship], UUID | None]:
+        """One page (by id) of the live relationships the caller can see: those of ``entity``
+        (leaving it, entering it or both), or all of them; with the cursor of the next page."""
+        if direction not in ("out", "in", "both"):
+            raise InvalidInput("direction is 'out', 'in' or 'both'", pointer="/direction")
+        if isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit is a whole number from 1 to {MAX_PAGE}", pointer="/limit")
+        for kind in kinds or []:
+            check_kind(kind, "/kinds")
+        ends = {"out": "r.src = %(entity)s", "in": "r.dst = %(entity)s",
+                "both": "(r.src = %(entity)s OR r.dst = %(entity)s)"}[direction]
+        async with self.db.transaction(who.org_id) as conn:
+            projects = await readable_projects(conn, who)
+            if entity is not None:
+                await _require_readable(conn, who, entity, projects)
+            cur = await conn.execute(
+                "SELECT r.* FROM relationships r WHERE r.org_id = %(org)s AND r.live AND r.id > %(after)s"
+                + (f" AND {ends}" if entity is not None else "")
+                + (" AND r.kind = ANY(%(kinds)s)" if kinds else "")
+                + (" AND r.src_project = ANY(%(projects)s) AND r.dst_project = ANY(%(projects)s)"
+                   if projects is not None else "")
+                + " ORDER BY r.id LIMIT %(n)s",
+                {"org": who.org_id, "entity": entity, "after": after or UUID(int=0), "kinds": kinds,
+                 "projects": projects, "n": limit + 1})
+            rows = await cur.fetchall()
+        page = [_relationship(r) for r in rows[:limit]]
+        return page, (page[-1].id if len(rows) > limit else None)
 
     async def history(self, who: Principal, id: UUID) -> list[dict[str, Any]]:
         async with self.db.transaction(who.org_id) as conn:

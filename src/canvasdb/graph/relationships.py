@@ -87,7 +87,7 @@ async def readable_projects(conn: Connection, who: Principal) -> list[UUID] | No
     return [row["project_id"] for row in await cur.fetchall()]
 
 
-async def _require_readable(conn: Connection, who: Principal, id: UUID, projects: list[UUID] | None) -> None:
+async def require_readable(conn: Connection, who: Principal, id: UUID, projects: list[UUID] | None) -> None:
     row = await (await conn.execute("SELECT project_id FROM entities WHERE org_id = %s AND id = %s",
                                     (who.org_id, id))).fetchone()
     if row is None or (projects is not None and row["project_id"] not in projects):
@@ -131,7 +131,7 @@ class RelationshipStore:
             acyclic = await (await conn.execute(
                 "SELECT acyclic_kinds ? %s AS yes FROM entity_types WHERE org_id = %s AND name = %s",
                 (kind, who.org_id, s["type"]))).fetchone()
-            if acyclic is not None and acyclic["yes"] and await _reaches(conn, who.org_id, dst, src, kind):
+            if acyclic is not None and acyclic["yes"] and await reaches(conn, who.org_id, dst, src, kind):
                 raise InvalidInput(f"{src} -> {dst} would close a cycle of {kind!r}, which "
                                    f"{s['type']} forbids", pointer="/dst")
             cur = await conn.execute(
@@ -192,7 +192,7 @@ class RelationshipStore:
         async with self.db.transaction(who.org_id) as conn:
             projects = await readable_projects(conn, who)
             if entity is not None:
-                await _require_readable(conn, who, entity, projects)
+                await require_readable(conn, who, entity, projects)
             cur = await conn.execute(
                 "SELECT r.* FROM relationships r WHERE r.org_id = %(org)s AND r.live AND r.id > %(after)s"
                 + (f" AND {ends}" if entity is not None else "")
@@ -249,7 +249,7 @@ class RelationshipStore:
         return _relationship(changed or row)
 
 
-async def _reaches(conn: Connection, org_id: UUID, src: UUID, dst: UUID, kind: str) -> bool:
+async def reaches(conn: Connection, org_id: UUID, src: UUID, dst: UUID, kind: str) -> bool:
     row = await (await conn.execute("SELECT relationship_reaches(%s, %s, %s, %s) AS yes",
                                     (org_id, src, dst, kind))).fetchone()
     return bool(row and row["yes"])

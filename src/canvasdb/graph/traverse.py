@@ -24,7 +24,7 @@ from psycopg.rows import tuple_row
 
 from canvasdb.db import Database
 from canvasdb.errors import InvalidInput, NotFound, Unavailable
-from canvasdb.graph.relationships import check_kind, readable_projects
+from canvasdb.graph.relationships import check_kind, reaches, readable_projects, require_readable
 from canvasdb.tenancy import Principal
 
 Direction = Literal["out", "in", "both"]
@@ -403,11 +403,11 @@ class Graph:
         """Would a new ``src -> dst`` of ``kind`` close a cycle (does ``dst`` reach ``src``)?
         Every edge counts here, readable or not: a cycle is a cycle."""
         check_kind(kind)
-        await self._walk(who, [src, dst], "out", [kind], 1, None, limit=1, cursor=None, cap=1, via=False)
         async with self.db.transaction(who.org_id) as conn:
-            row = await (await conn.execute("SELECT relationship_reaches(%s, %s, %s, %s) AS yes",
-                                            (who.org_id, dst, src, kind))).fetchone()
-        return bool(row and row["yes"])
+            projects = await readable_projects(conn, who)
+            for end in (src, dst):
+                await require_readable(conn, who, end, projects)
+            return await reaches(conn, who.org_id, dst, src, kind)
 
     async def lineage(self, who: Principal, id: UUID, *, kind: str = "derived_from", depth: int = MAX_DEPTH,
                       as_of: datetime | None = None) -> dict[str, Any]:

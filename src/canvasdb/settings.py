@@ -55,6 +55,21 @@ class Settings(BaseSettings):
     s3_region: str = Field(default="us-east-1", description="S3 region (MinIO accepts the default)")
     max_attachment_bytes: int = Field(default=100 * 1024 * 1024, ge=1,
                                       description="Largest attachment upload")
+    embedder: Literal["local", "ollama", "openai"] = Field(
+        default="local", description="What turns text into vectors for semantic search")
+    embedder_model: str | None = Field(default=None, description="Model; unset = the kind's default")
+    embedder_url: str | None = Field(default=None, description="Base url of the ollama or openai service")
+    embedder_api_key: SecretStr | None = Field(default=None, description="Bearer key sent to that service")
+    embedder_timeout_s: float = Field(default=30, gt=0, description="Longest wait for a batch of vectors")
+    search_embed_timeout_ms: float = Field(default=2000, gt=0, description="Longest wait for a query's "
+                                           "vector; beyond it search is text-only (degraded)")
+    search_rank_cutoff: int = Field(default=2000, ge=20, description="Most text matches ranked per bucket "
+                                    "(Meilisearch-like cutoff that bounds broad queries)")
+    search_facet_cap: int = Field(default=10_000, ge=100, description="Most matches counted for totals "
+                                  "and facets; beyond, they are marked approximate")
+    search_exact_below: int = Field(default=10_000, ge=0, description="An org with fewer vectors is "
+                                    "searched exactly (no HNSW)")
+    search_ef_search: int = Field(default=100, ge=10, le=1000, description="HNSW candidate list size")
 
     @cached_property
     def home_dir(self) -> Path:

@@ -1,0 +1,1 @@
+"""Search: full text, typo tolerance, embeddings and hybrid ranking."""

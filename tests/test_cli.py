@@ -152,3 +152,19 @@ def test_db_start_status_url_stop(tmp_path: Path) -> None:
     finally:
         assert run(env, "db", "stop").stdout.strip() == "stopped"
     assert run(env, "db", "stop").stdout.strip() == "not running"
+
+
+async def test_search_command(env: dict[str, str], svc: Any, tenant: Any) -> None:
+    from canvasdb.entities import EntityType
+
+    await svc.types.register(tenant.owner, EntityType(name="note", text_fields={"title": "A"}))
+    note = await svc.entities.create(tenant.owner, tenant.project_id, "note", {"title": "[bold] quarterly plan"})
+    await svc.indexer.drain(tenant.org_id)  # the words, for typo corrections
+    found = json.loads(run(env, "search", "--org", tenant.slug, "quartrly", "--mode", "text", "--json").stdout)
+    assert [h["id"] for h in found["hits"]] == [str(note.id)]
+    assert found["corrections"] == {"quartrly": ["quarterly"]}
+    table = run({**env, "COLUMNS": "200"}, "search", "--org", tenant.slug, "plan", "--mode", "text",
+                "--facets", "type").stdout
+    assert "[bold] quarterly plan" in table and "1 shown of 1 matches" in table and "note (1)" in table
+    bad = run(env, "search", "--org", tenant.slug, "x", "--where", "status=done", check=False)
+    assert bad.returncode == 1 and "data.FIELD=VALUE" in bad.stderr

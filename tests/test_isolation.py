@@ -9,7 +9,8 @@ from conftest import Tenant
 from canvasdb.db import Database
 from canvasdb.services import Services
 
-GLOBAL_TABLES = {"orgs", "users", "api_tokens", "schema_migrations"}
+GLOBAL_TABLES = {"orgs", "users", "api_tokens", "schema_migrations",
+                 "search_models"}  # which embedding model is active: one choice for the deployment
 
 
 def _tenant_tables(conn: psycopg.Connection) -> list[str]:

@@ -113,7 +113,7 @@ async def test_entity_edit_over_http_reaches_the_live_board(
 
 async def test_projection_runs_shortly_after_commit_on_a_worker(pg_url: str, svc: Services,
                                                                  tenant: Tenant) -> None:
-    requests = jobs.ProjectionRequests(every=0.1)
+    requests = jobs.Requests(jobs.defer_projections, every=0.1)
     store = DocumentStore(svc.db, changed=requests.request)
     projection = BoardProjection(store, svc.entities)
     await store.create(tenant.owner, tenant.project_id, "auto", "board")

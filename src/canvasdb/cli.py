@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import signal
 import socket
@@ -14,11 +15,13 @@ from uuid import UUID
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from canvasdb import __version__, runtime
 from canvasdb.entities import parse_as_of
 from canvasdb.errors import CanvasdbError, InvalidInput, NotFound
+from canvasdb.search.engine import Filters
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 from canvasdb.tenancy import ORG_ROLES
@@ -457,6 +460,56 @@ def entity_history(org: OrgOpt, id: str, limit: Annotated[int, typer.Option(min=
         at = v.at.isoformat(timespec="milliseconds") if isinstance(v.at, datetime) else str(v.at)
         table.add_row(str(v.version), v.op, at, str(v.actor or "operator"), str(len(v.patch or [])))
     out.print(table)
+
+
+@app.command()
+def search(
+    org: OrgOpt,
+    query: Annotated[str, typer.Argument(help='Words in websearch syntax: "a phrase", OR, -word.')] = "",
+    mode: Annotated[str, typer.Option(help="hybrid, text or semantic.")] = "hybrid",
+    project: Annotated[list[str] | None, typer.Option(help="Project slug or id (repeat).")] = None,
+    type: Annotated[list[str] | None, typer.Option("--type", help="Entity type (repeat).")] = None,
+    module: Annotated[list[str] | None, typer.Option(help="Module (repeat).")] = None,
+    where: Annotated[list[str] | None, typer.Option(
+        "--where", help="data.FIELD=VALUE: equality on a data field (repeat).")] = None,
+    facets: Annotated[str | None, typer.Option(help="Comma-separated: type,module,project,tag.")] = None,
+    typo: Annotated[bool, typer.Option(help="Correct typos in words of 5+ letters.")] = True,
+    limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Search an org's entities by words, mistyped words and meaning (as its operator)."""
+    data = []
+    for item in where or []:
+        field, sep, value = item.partition("=")
+        if not sep or not field.startswith("data."):
+            _fail(InvalidInput(f"--where takes data.FIELD=VALUE, not {item!r}"))
+        data.append((field[5:], value))
+
+    async def work(svc: Services) -> Any:
+        target = await svc.tenancy.resolve_org(org)
+        who = runtime.operator(target.id)
+        projects = tuple([await svc.tenancy.resolve_project(who, p) for p in project or []])
+        filters = Filters(projects=projects, types=tuple(type or ()), modules=tuple(module or ()),
+                          data=tuple(data))
+        return await svc.search.search(who, query, mode=mode, typo=typo, filters=filters, limit=limit,
+                                       facets=[f.strip() for f in (facets or "").split(",") if f.strip()])
+
+    results = _with_services(work)
+    if as_json:
+        _print_json(results.to_json())
+        return
+    if results.degraded:
+        err.print(f"[yellow]degraded:[/] {results.degraded}")
+    table = Table("score", "type", "match", "id")
+    for hit in results.hits:
+        shown = next(iter(hit.highlights.values()), None) or json.dumps(hit.data, ensure_ascii=False)[:80]
+        shown = escape(html.unescape(shown)).replace("<mark>", "[bold]").replace("</mark>", "[/]")
+        table.add_row(f"{hit.score:.4f}", hit.type, shown, str(hit.id))
+    out.print(table)
+    total = f"{results.total}{'+' if results.total_approximate else ''}" if results.total is not None else "?"
+    out.print(f"{len(results.hits)} shown of {total} matches")
+    for name, counts in (results.facets or {}).items():
+        out.print(f"{name}: " + ", ".join(f"{k} ({n})" for k, n in counts.items()))
 
 
 def main() -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 import psycopg
-from procrastinate import App, JobContext, PsycopgConnector
+from procrastinate import App, JobContext, PsycopgConnector, RetryStrategy
 from procrastinate.exceptions import AlreadyEnqueued
 
 from canvasdb.db.migrate import LOCK_KEY
@@ -56,6 +56,43 @@ async def project_board(context: JobContext, org_id: str, doc_id: str) -> None:
     projection = context.additional_context["services"].projection
     with contextlib.suppress(NotFound):
         await projection.project(UUID(org_id), doc_id)
+
+
+@queue.task(name="index_search", pass_context=True,
+            retry=RetryStrategy(max_attempts=8, exponential_wait=2))
+async def index_search(context: JobContext, org_id: str) -> dict[str, int]:
+    """Add an org's changed entities to its term dictionary and embed them (deferred on write).
+
+    When the embedder fails, the job is retried with growing waits, and the per-minute
+    sweep defers it again after the last attempt: nothing queued is lost."""
+    return await context.additional_context["services"].indexer.drain(UUID(org_id))
+
+
+@queue.task(name="search_backfill", pass_context=True, queueing_lock="search_backfill",
+            retry=RetryStrategy(max_attempts=5, exponential_wait=5))
+async def search_backfill(context: JobContext) -> int:
+    """Embed every entity with a newly configured model, then make it the active one."""
+    services = context.additional_context["services"]
+    orgs = [org.id for org in await services.tenancy.list_orgs()]
+    return await services.indexer.backfill(orgs)
+
+
+@queue.periodic(cron="* * * * *", periodic_id="search_sweep")
+@queue.task(name="search_sweep", pass_context=True, queueing_lock="search_sweep")
+async def search_sweep(context: JobContext, timestamp: int) -> None:
+    """Every minute: index what writes of other processes (or failed jobs) left queued,
+    and start the background build of a newly configured embedding model."""
+    services = context.additional_context["services"]
+    orgs = [org.id for org in await services.tenancy.list_orgs()]
+    await defer_indexing(await services.indexer.queued_orgs(orgs))
+    try:
+        model = await services.models.register()
+    except CanvasdbError:
+        log.warning("the embedder is unavailable; indexing will retry", exc_info=True)
+        return
+    if model.state == "building":
+        with contextlib.suppress(AlreadyEnqueued):
+            await search_backfill.defer_async()
 
 
 @queue.periodic(cron="7 * * * *", periodic_id="hourly")
@@ -104,21 +141,22 @@ async def defer_compaction(org_id: UUID, doc_id: str) -> None:
             org_id=str(org_id), doc_id=doc_id)
 
 
-class ProjectionRequests:
-    """Boards to project, collected from the write path and deferred as one batch a second.
+class Requests:
+    """Work asked for on the write path, collected and deferred together every ``every`` s.
 
-    A job per changed board per second cost a round trip and about a millisecond of this
-    process's CPU each: with a hundred busy boards, a tenth of a core. Jobs carry no
-    queueing lock (a batch would fail whole on one conflict); a duplicate is harmless, as
-    projection resumes from the board's ``projected_seq``."""
+    A job per change cost a round trip and about a millisecond of this process's CPU
+    each: with a hundred busy boards, a tenth of a core. ``defer`` receives the distinct
+    keys asked for since the last flush; a failure is logged (the periodic passes catch
+    up)."""
 
-    def __init__(self, every: float = 1.0) -> None:
+    def __init__(self, defer: Callable[[list[Any]], Awaitable[None]], every: float = 1.0) -> None:
+        self.defer = defer
         self.every = every
-        self._pending: set[tuple[str, str]] = set()
+        self._pending: set[Any] = set()
         self._flusher: asyncio.Task[None] | None = None
 
-    async def request(self, org_id: UUID, doc_id: str) -> None:
-        self._pending.add((str(org_id), doc_id))
+    async def request(self, *key: Any) -> None:
+        self._pending.add(key if len(key) > 1 else key[0])
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
 
@@ -129,10 +167,9 @@ class ProjectionRequests:
         if not batch:
             return
         try:
-            await project_board.batch_defer_async(
-                *({"org_id": org, "doc_id": doc} for org, doc in sorted(batch)))
-        except Exception:  # the hourly pass projects them anyway
-            log.warning("could not defer the projection of %d boards", len(batch), exc_info=True)
+            await self.defer(sorted(batch, key=str))
+        except Exception:
+            log.warning("could not defer the work for %d keys", len(batch), exc_info=True)
 
     async def close(self) -> None:
         """Defer what is pending now (the queue must still be connected)."""
@@ -141,6 +178,21 @@ class ProjectionRequests:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         await self._flush(wait=False)
+
+
+async def defer_projections(boards: list[tuple[UUID, str]]) -> None:
+    """Boards to project. No queueing lock (a batch would fail whole on one conflict); a
+    duplicate is harmless, as projection resumes from the board's ``projected_seq``."""
+    await project_board.batch_defer_async(
+        *({"org_id": str(org), "doc_id": doc} for org, doc in boards))
+
+
+async def defer_indexing(orgs: list[UUID]) -> None:
+    """Orgs whose search queue has new work (at most one such job waits per org)."""
+    for org in orgs:
+        with contextlib.suppress(AlreadyEnqueued):
+            await index_search.configure(queueing_lock=f"search:{org}", lock=f"search:{org}").defer_async(
+                org_id=str(org))
 
 
 @contextlib.asynccontextmanager

@@ -32,3 +32,10 @@ GATEWAY_REJECTED = Counter("canvasdb_gateway_rejected_total", "Messages or conne
                            ["reason"])
 GATEWAY_FANOUT = Histogram("canvasdb_gateway_broadcast_fanout", "Connections an update was sent to",
                            buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+
+SEARCH_QUERIES = Counter("canvasdb_search_queries_total", "Searches answered, by mode", ["mode"])
+SEARCH_DEGRADED = Counter("canvasdb_search_degraded_total",
+                          "Searches answered with text only because the embedder failed")
+SEARCH_EMBEDDED = Counter("canvasdb_search_vectors_made_total", "Entity vectors computed and stored")
+SEARCH_BACKLOG = Gauge("canvasdb_search_embedding_backlog",
+                       "Entities waiting for their vector, per org (as of the last indexing run)", ["org"])

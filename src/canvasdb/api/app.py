@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from canvasdb import __version__, jobs
-from canvasdb.api import attachments, documents, entities, graph, problems, tenants
+from canvasdb.api import attachments, documents, entities, graph, problems, search, tenants
 from canvasdb.api.deps import Svc
 from canvasdb.api.limits import BodySizeLimit
 from canvasdb.db import Database
@@ -42,9 +42,12 @@ def create_app(settings: Settings, *, database_url: str | None = None,
             stack.push_async_callback(svc.close)
             await stack.enter_async_context(jobs.connected(url))
             svc.documents.compaction_due = jobs.defer_compaction
-            projections = jobs.ProjectionRequests()
+            projections = jobs.Requests(jobs.defer_projections)
             stack.push_async_callback(projections.close)
             svc.documents.changed = projections.request
+            indexing = jobs.Requests(jobs.defer_indexing, every=0.2)
+            stack.push_async_callback(indexing.close)
+            svc.entities.changed = indexing.request
             if run_worker:
                 await stack.enter_async_context(jobs.working(svc))
             await stack.enter_async_context(_gateway(app, svc))
@@ -60,6 +63,7 @@ def create_app(settings: Settings, *, database_url: str | None = None,
     app.include_router(documents.router)
     app.include_router(attachments.router)
     app.include_router(graph.router)
+    app.include_router(search.router)
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     async def metrics() -> Response:

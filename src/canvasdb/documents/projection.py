@@ -29,6 +29,8 @@ from canvasdb.errors import Gone, NotFound
 from canvasdb.tenancy import Principal
 
 NAMESPACE = uuid.UUID("5f0e3c2a-8d0b-4c7e-9a43-6b2f1d9e7c10")
+# What search reads of a board node, unless the org declared ``board.node`` itself.
+BOARD_NODE_SEARCH = {"text_fields": {"title": "A", "text": "B", "label": "B"}, "tag_field": "tags"}
 COLLECTIONS = {"nodes": "board.node", "edges": "board.edge"}
 _OWN_FIELDS = ("doc", "key")  # added to the entity's data: which board, which key
 
@@ -47,6 +49,18 @@ class BoardProjection:
     def __init__(self, documents: DocumentStore, entities: EntityStore) -> None:
         self.documents = documents
         self.entities = entities
+        self._declared: set[UUID] = set()  # orgs known to have a board.node declaration
+
+    async def _declare_node_type(self, org_id: UUID) -> None:
+        """Declare ``board.node``'s text fields once per org, so board nodes are searchable."""
+        if org_id in self._declared:
+            return
+        async with self.documents.db.transaction(org_id) as conn:
+            await conn.execute(
+                "INSERT INTO entity_types (org_id, name, module, text_fields, tag_field)"
+                " VALUES (%s, 'board.node', 'board', %s, %s) ON CONFLICT (org_id, name) DO NOTHING",
+                (org_id, Jsonb(BOARD_NODE_SEARCH["text_fields"]), BOARD_NODE_SEARCH["tag_field"]))
+        self._declared.add(org_id)
 
     async def project(self, org_id: UUID, doc_id: str) -> int:
         """Bring the board's entities up to date with its log; returns how many were written."""
@@ -58,6 +72,7 @@ class BoardProjection:
             meta = await cur.fetchone()
         if meta is None or meta["kind"] != "board" or meta["projected_seq"] >= meta["last_seq"]:
             return 0
+        await self._declare_node_type(org_id)
         async with self.documents.db.transaction(org_id) as conn:
             cur = await conn.execute(
                 "SELECT clock_timestamp() - at AS waited FROM doc_updates WHERE org_id = %s"

@@ -8,6 +8,7 @@ statement. Reads are by id, by ids, or by page; nothing reads a whole project.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -199,6 +200,7 @@ class EntityStore:
         self.types = types or TypeRegistry(db)
         self.max_data_bytes = max_data_bytes
         self.keyframe_interval = keyframe_interval
+        self.changed: Callable[[UUID], Awaitable[None]] | None = None  # told of each org's writes (search)
 
     # --- writes -------------------------------------------------------------------------------
 
@@ -219,6 +221,8 @@ class EntityStore:
         row = await cur.fetchone()  # read after COMMIT: both went in one round trip
         if row is None:
             raise Conflict(f"entity {entity_id} already exists", id=str(entity_id))
+        if self.changed is not None:
+            await self.changed(who.org_id)
         return _entity(row)
 
     async def replace(
@@ -265,6 +269,8 @@ class EntityStore:
             assert row is not None
             outcome = row["outcome"]
             if outcome in ("done", "unchanged"):
+                if outcome == "done" and self.changed is not None:
+                    await self.changed(who.org_id)
                 return _entity({**{k[2:]: v for k, v in row.items() if k.startswith("r_")},
                                 "org_id": who.org_id, "id": id})
             if outcome != "validate":

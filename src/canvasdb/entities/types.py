@@ -141,12 +141,16 @@ class TypeRegistry:
         self._validators: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 
     async def register(self, who: Principal, spec: EntityType) -> EntityType:
-        """Create or replace a type's declaration. Existing entities are not re-validated."""
+        """Create or replace a type's declaration. Existing entities are not re-validated, but
+        they are indexed again for search when what search reads of the type changed."""
         who.require_org_admin()
         check_definition(spec)
         from psycopg.types.json import Jsonb
 
         async with self.db.transaction(who.org_id) as conn:
+            old = await (await conn.execute(
+                "SELECT module, text_fields, embed_fields, tag_field FROM entity_types"
+                " WHERE org_id = %s AND name = %s FOR UPDATE", (who.org_id, spec.name))).fetchone()
             row = await (await conn.execute(
                 "INSERT INTO entity_types (org_id, name, module, json_schema, text_fields,"
                 " reference_fields, embed_fields, tag_field, acyclic_kinds)"
@@ -161,7 +165,12 @@ class TypeRegistry:
                  Jsonb(spec.text_fields), Jsonb(spec.reference_fields), Jsonb(spec.embed_fields),
                  spec.tag_field, Jsonb(spec.acyclic_kinds)),
             )).fetchone()
-        assert row is not None
+            assert row is not None
+            if old != {k: row[k] for k in ("module", "text_fields", "embed_fields", "tag_field")}:
+                await conn.execute(
+                    "SELECT count(*) FROM (SELECT search_index_entity(org_id, id, project_id, type, data,"
+                    " deleted, updated_at) FROM entities WHERE org_id = %s AND type = %s) AS reindexed",
+                    (who.org_id, spec.name))
         return _from_row(row)
 
     async def list(self, who: Principal) -> list[EntityType]:

@@ -1,0 +1,63 @@
+"""HTTP routes for search: ``GET /v1/orgs/{org}/search`` and the indexing status."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+
+from canvasdb.api.deps import Svc, Who
+from canvasdb.errors import InvalidInput
+from canvasdb.search.engine import FACETS, MAX_LIMIT, Filters, Mode
+
+router = APIRouter(prefix="/v1/orgs/{org}", tags=["search"])
+List = Annotated[list[str] | None, Query(max_length=100, description="repeat, or comma-separated")]
+_KNOWN = {"q", "mode", "typo", "project", "type", "module", "updated_after", "updated_before", "facets",
+          "limit", "cursor"}
+
+
+def _split(values: list[str] | None) -> tuple[str, ...]:
+    return tuple(v.strip() for value in values or () for v in value.split(",") if v.strip())
+
+
+@router.get("/search")
+async def search(
+    svc: Svc, who: Who, request: Request,
+    q: Annotated[str, Query(max_length=10_000, description="websearch syntax: \"phrase\", OR, -word")] = "",
+    mode: Mode = "hybrid",
+    typo: bool = True,
+    project: List = None,
+    type: List = None,
+    module: List = None,
+    updated_after: datetime | None = None,
+    updated_before: datetime | None = None,
+    facets: Annotated[str | None, Query(max_length=100, description=f"of {', '.join(FACETS)}")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20,
+    cursor: Annotated[str | None, Query(max_length=2000)] = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Search the org's entities the caller may read. ``data.FIELD=VALUE`` filters on a field of
+    ``data`` (dotted for nested fields); see the README for ranking and the response."""
+    data = []
+    for key, value in request.query_params.multi_items():
+        if key.startswith("data."):
+            data.append((key[5:], value))
+        elif key not in _KNOWN:
+            raise InvalidInput(f"unknown parameter {key!r}; filters on data are written data.FIELD=VALUE",
+                               pointer=f"/{key}")
+    projects = tuple([await svc.tenancy.resolve_project(who, ref) for ref in _split(project)])
+    filters = Filters(projects=projects, types=_split(type), modules=_split(module),
+                      updated_after=updated_after, updated_before=updated_before, data=tuple(data))
+    results = await svc.search.search(who, q, mode=mode, typo=typo, filters=filters,
+                                      facets=_split([facets] if facets else None), limit=limit,
+                                      cursor=cursor)
+    return results.to_json()
+
+
+@router.get("/search/status")
+async def status(svc: Svc, who: Who) -> dict[str, Any]:
+    """Indexing backlog of the org (entities waiting for their words and vectors) and the models."""
+    active = await svc.models.active()
+    return {"backlog": await svc.indexer.backlog(who.org_id),
+            "active_model": active.model if active else None,
+            "configured_model": svc.models.configured.model}

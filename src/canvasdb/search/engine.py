@@ -1,0 +1,574 @@
+"""Search across an org's projects: text with typo tolerance, meaning, and both fused.
+
+Text ranking follows Meilisearch's rules as a bucket sort. Documents that match every
+query word come first, then (when a page is not full) those matching all but the last
+word, and so on. Within each such tier, exact matches come before corrected ones
+(fewer typos first), and then PostgreSQL's text rank orders them. Title hits rank
+higher because titles carry weight A. Each bucket ranks at most ``rank_cutoff``
+matches (found through the GIN index). So a word found in half the org costs what a
+rare one does. A later page resumes after the last hit's sort key, and whole buckets
+before it are skipped (keyset pagination).
+
+Semantic search finds the nearest vectors of the active model (HNSW, or an exact scan
+for an org with few vectors). Hybrid fuses both lists by reciprocal rank (k = 60). If
+the embedder is down or slow, the text results still come back, flagged ``degraded``.
+
+Every query runs in the org's transaction (row-level security) and keeps to the
+projects the caller can read, in hits, totals and facets alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import html
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from canvasdb import metrics
+from canvasdb.db import Connection, Database
+from canvasdb.errors import InvalidInput, NotFound
+from canvasdb.graph.relationships import readable_projects
+from canvasdb.search import query as q
+from canvasdb.search.embedders import EmbedderUnavailable
+from canvasdb.search.models import Models
+from canvasdb.tenancy import Principal
+
+Mode = Literal["text", "semantic", "hybrid"]
+MODES = ("text", "semantic", "hybrid")
+FACETS = ("type", "module", "project", "tag")
+RRF_K = 60
+MAX_LIMIT = 100
+MAX_DEPTH = 1000  # semantic and hybrid results end this deep
+SEMANTIC_QUERY_CHARS = 2000
+DATA_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62}){0,7}$")
+_MARK, _END = "\x02", "\x03"  # headline markers, turned into <mark> after HTML-escaping
+
+
+@dataclass(frozen=True)
+class Filters:
+    projects: tuple[UUID, ...] = ()
+    types: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()
+    updated_after: datetime | None = None
+    updated_before: datetime | None = None
+    data: tuple[tuple[str, str], ...] = ()  # ("status", "done") for data.status=done
+
+    def check(self) -> Filters:
+        for name, _ in self.data:
+            if not DATA_FIELD.fullmatch(name):
+                raise InvalidInput(f"bad filter field data.{name}: dotted names of letters, digits and _",
+                                   pointer=f"/data.{name}")
+        if self.updated_after and self.updated_before and self.updated_after >= self.updated_before:
+            raise InvalidInput("updated_after must be before updated_before", pointer="/updated_after")
+        return self
+
+
+@dataclass
+class Hit:
+    id: UUID
+    project_id: UUID
+    type: str
+    module: str
+    score: float
+    data: dict[str, Any] | None = None
+    version: int | None = None
+    updated_at: datetime | None = None
+    highlights: dict[str, str] = field(default_factory=dict)
+    words: int | None = None  # text: query words matched
+    typos: int | None = None  # text: typos corrected
+    text_rank: float | None = None
+    distance: float | None = None  # semantic: cosine distance
+    _key: tuple[Any, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"id": str(self.id), "project_id": str(self.project_id), "type": self.type,
+               "module": self.module, "score": self.score, "version": self.version,
+               "updated_at": self.updated_at.isoformat() if self.updated_at else None,
+               "highlights": self.highlights, "data": self.data}
+        out.update({k: v for k, v in (("words", self.words), ("typos", self.typos),
+                                      ("text_rank", self.text_rank), ("distance", self.distance))
+                    if v is not None})
+        return out
+
+
+@dataclass
+class Results:
+    mode: Mode
+    hits: list[Hit]
+    next_cursor: str | None = None
+    total: int | None = None
+    total_approximate: bool = False
+    facets: dict[str, dict[str, int]] | None = None
+    degraded: str | None = None
+    corrections: dict[str, list[str]] = field(default_factory=dict)
+    ignored_words: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "hits": [h.to_json() for h in self.hits],
+                "next_cursor": self.next_cursor, "total": self.total,
+                "total_approximate": self.total_approximate, "facets": self.facets,
+                "degraded": self.degraded is not None, "degraded_reason": self.degraded,
+                "corrections": self.corrections, "ignored_words": self.ignored_words}
+
+
+@dataclass
+class _Plan:
+    """A parsed query with its corrections, as to_tsquery texts per group and typo level."""
+
+    parsed: q.ParsedQuery
+    exact: list[str]  # per group
+    levels: list[list[str]]  # per group: [one-typo alternatives, two-typo alternatives] (texts or '')
+    excluded: str  # '!a & !"b <-> c"' or ''
+
+    def tier(self, t: int, *, typos: bool) -> str:
+        """Groups 1..t, each with its corrections when ``typos``, minus the excluded terms."""
+        parts = []
+        for i in range(t):
+            alts = [self.exact[i], *(lv for lv in self.levels[i] if lv)] if typos else [self.exact[i]]
+            parts.append("(" + " | ".join(alts) + ")")
+        if self.excluded:
+            parts.append(self.excluded)
+        return " & ".join(parts)
+
+    def has_typos(self, t: int) -> bool:
+        return any(lv for levels in self.levels[:t] for lv in levels)
+
+
+class Search:
+    """The Python API of search. ``search`` answers one page; see the module docstring."""
+
+    def __init__(self, db: Database, models: Models, *, rank_cutoff: int = 2000,
+                 facet_cap: int = 10_000, exact_below: int = 10_000, ef_search: int = 100,
+                 embed_timeout: float = 2.0) -> None:
+        self.db = db
+        self.models = models
+        self.rank_cutoff = rank_cutoff
+        self.facet_cap = facet_cap
+        self.exact_below = exact_below
+        self.ef_search = ef_search
+        self.embed_timeout = embed_timeout
+
+    async def search(
+        self, who: Principal, text: str = "", *, mode: Mode = "hybrid", typo: bool = True,
+        filters: Filters = Filters(), facets: Sequence[str] = (), limit: int = 20,
+        cursor: str | None = None,
+    ) -> Results:  # fmt: skip
+        if mode not in MODES:
+            raise InvalidInput("mode is one of text, semantic, hybrid", pointer="/mode")
+        if not 1 <= limit <= MAX_LIMIT:
+            raise InvalidInput(f"limit is 1 to {MAX_LIMIT}", pointer="/limit")
+        for name in facets:
+            if name not in FACETS:
+                raise InvalidInput(f"facets are among {', '.join(FACETS)}", pointer="/facets")
+        filters.check()
+        parsed = q.parse(text)
+        fingerprint = _fingerprint(mode, typo, text, filters)
+        after = _decode_cursor(cursor, fingerprint)
+        results = Results(mode=mode, hits=[], ignored_words=parsed.ignored)
+        vector: list[float] | None = None
+        model = None
+        if mode != "text" and text.strip():
+            model, vector, results.degraded = await self._query_vector(text)
+        async with self.db.transaction(who.org_id) as conn:
+            projects = await self._scope(conn, who, filters)
+            where, params = _where(who.org_id, projects, filters)
+            plan = None
+            if not parsed.empty:
+                plan = await self._plan(conn, who.org_id, parsed, typo, results.corrections)
+            if parsed.empty and (mode == "text" or vector is None):
+                hits = await self._recent(conn, where, params, limit + 1, after)
+            elif mode == "text" or vector is None:
+                hits = await self._text(conn, plan, where, params, limit + 1, after) if plan else []
+            elif mode == "semantic":
+                hits = await self._semantic(conn, who.org_id, model, vector, projects, filters,
+                                            where, params, limit + 1, after)
+            else:
+                hits = await self._hybrid(conn, who.org_id, plan, model, vector, projects, filters,
+                                          where, params, limit + 1, after)
+            if len(hits) > limit:
+                del hits[limit:]
+                results.next_cursor = _encode_cursor(fingerprint, hits[-1]._key)
+            if facets or after is None:
+                await self._count(conn, plan, where, params, facets, results,
+                                  [h.id for h in hits] if mode != "text" and vector is not None else [])
+            await self._hydrate(conn, who.org_id, plan, hits)
+        results.hits = hits
+        metrics.SEARCH_QUERIES.labels(mode=mode).inc()
+        if results.degraded:
+            metrics.SEARCH_DEGRADED.inc()
+        return results
+
+    # --- scope and filters ----------------------------------------------------------------
+
+    async def _scope(self, conn: Connection, who: Principal, filters: Filters) -> list[UUID] | None:
+        """The projects to search: those asked for (each must be readable) or all readable."""
+        readable = await readable_projects(conn, who)
+        if not filters.projects:
+            return readable
+        wanted = list(dict.fromkeys(filters.projects))
+        cur = await conn.execute("SELECT id FROM projects WHERE org_id = %s AND id = ANY(%s)",
+                                 (who.org_id, wanted))
+        found = {row["id"] for row in await cur.fetchall()}
+        for project in wanted:
+            if project not in found or (readable is not None and project not in readable):
+                raise NotFound(f"project {project} not found")
+        return wanted
+
+    # --- text -----------------------------------------------------------------------------
+
+    async def _plan(self, conn: Connection, org_id: UUID, parsed: q.ParsedQuery, typo: bool,
+                    corrections: dict[str, list[str]]) -> _Plan:
+        """Look up corrections for the query's words in the org's term dictionary."""
+        found: dict[str, list[tuple[str, int]]] = {}
+        words = [w for w in dict.fromkeys(parsed.words()) if q.allowed_typos(w)] if typo else []
+        if words:
+            await conn.execute("SELECT set_config('pg_trgm.similarity_threshold', '0.25', true)")
+            cur = await conn.execute(
+                "SELECT w, array_agg(t.term) AS terms FROM unnest(%s::text[]) AS w,"
+                " LATERAL (SELECT term FROM search_terms WHERE org_id = %s AND term %% w"
+                "          AND length(term) BETWEEN length(w) - 2 AND length(w) + 2"
+                "          ORDER BY similarity(term, w) DESC LIMIT 100) AS t GROUP BY w",
+                (words, org_id))
+            for row in await cur.fetchall():
+                found[row["w"]] = q.corrections(row["w"], row["terms"])
+        exact, levels = [], []
+        for group in parsed.groups:
+            exact.append(" | ".join(t.tsquery() for t in group.terms))
+            one, two = [], []
+            for term in group.terms:
+                if term.phrase:
+                    continue
+                for alt, cost in found.get(term.words[0], []):
+                    (one if cost == 1 else two).append(alt)
+                    corrections.setdefault(term.words[0], []).append(alt)
+            levels.append([" | ".join(one), " | ".join(two)])
+        excluded = " & ".join(f"!({t.tsquery()})" for t in parsed.excluded)
+        return _Plan(parsed, exact, levels, excluded)
+
+    async def _text(self, conn: Connection, plan: _Plan, where: sql.Composable, params: list[Any],
+                    need: int, after: tuple[Any, ...] | None) -> list[Hit]:
+        """Walk the buckets (tier by tier, exact then corrected) until ``need`` hits."""
+        hits: list[Hit] = []
+        n = len(plan.exact)
+        for tier in range(n, 0, -1):
+            for phase in (0, 1):
+                if phase == 1 and not plan.has_typos(tier):
+                    continue
+                bucket = (-tier, phase)
+                if after is not None and bucket < tuple(after[:2]):
+                    continue  # the cursor is past this bucket
+                within = after[2:] if after is not None and bucket == tuple(after[:2]) else None
+                hits += await self._bucket(conn, plan, tier, phase, where, params, need - len(hits), within)
+                if len(hits) >= need:
+                    return hits
+        return hits
+
+    async def _bucket(self, conn: Connection, plan: _Plan, tier: int, phase: int, where: sql.Composable,
+                      params: dict[str, Any], need: int, after: Sequence[Any] | None) -> list[Hit]:
+        args = {**params, "exact": plan.tier(tier, typos=False), "loose": plan.tier(tier, typos=True),
+                "cutoff": self.rank_cutoff, "need": need}
+        match = "s.tsv @@ q.exact" if phase == 0 else "s.tsv @@ q.loose AND NOT s.tsv @@ q.exact"
+        if tier < len(plan.exact):  # not already in a higher tier
+            match += " AND NOT s.tsv @@ to_tsquery('english', %(higher)s)"
+            args["higher"] = plan.tier(tier + 1, typos=True)
+        typos = "0"
+        if phase == 1:
+            cases = []
+            for i in range(tier):
+                case = f"CASE WHEN c.tsv @@ to_tsquery('english', %(e{i})s) THEN 0"
+                args[f"e{i}"] = plan.exact[i]
+                if plan.levels[i][0]:
+                    case += f" WHEN c.tsv @@ to_tsquery('english', %(o{i})s) THEN 1"
+                    args[f"o{i}"] = plan.levels[i][0]
+                cases.append(case + " ELSE 2 END")
+            typos = " + ".join(cases)
+        keyset = ""
+        if after is not None:
+            keyset = "WHERE (typos, -rank, id) > (%(k_typos)s, %(k_rank)s, %(k_id)s)"
+            args.update(k_typos=after[0], k_rank=after[1], k_id=UUID(after[2]))
+        query = sql.SQL(
+            "WITH q AS (SELECT to_tsquery('english', %(exact)s) AS exact,"
+            "                  to_tsquery('english', %(loose)s) AS loose),"
+            " c AS (SELECT s.entity_id, s.project_id, s.type, s.module, s.tsv FROM search_docs s, q"
+            "       WHERE {where} AND {match} LIMIT %(cutoff)s)"
+            " SELECT * FROM (SELECT c.entity_id AS id, c.project_id, c.type, c.module, {typos} AS typos,"
+            "                ts_rank(c.tsv, q.loose)::float8 AS rank FROM c, q) r"
+            " {keyset} ORDER BY typos, rank DESC, id LIMIT %(need)s").format(
+                where=where, match=sql.SQL(match), typos=sql.SQL(typos), keyset=sql.SQL(keyset))
+        cur = await conn.execute(query, args)
+        out = []
+        for row in await cur.fetchall():
+            hit = Hit(row["id"], row["project_id"], row["type"], row["module"],
+                      score=round(tier - row["typos"] / 10 + min(row["rank"], 1.0) / 100, 6),
+                      words=tier, typos=row["typos"], text_rank=row["rank"])
+            hit._key = (-tier, phase, row["typos"], -row["rank"], str(row["id"]))
+            out.append(hit)
+        return out
+
+    async def _recent(self, conn: Connection, where: sql.Composable, params: dict[str, Any], need: int,
+                      after: Sequence[Any] | None) -> list[Hit]:
+        """No words to rank by (an empty query): the most recently updated first."""
+        args = {**params, "need": need}
+        keyset = ""
+        if after is not None:
+            keyset = " AND (s.updated_at, s.entity_id) < (%(k_at)s, %(k_id)s)"
+            args.update(k_at=datetime.fromisoformat(after[0]), k_id=UUID(after[1]))
+        cur = await conn.execute(sql.SQL(
+            "SELECT s.entity_id AS id, s.project_id, s.type, s.module, s.updated_at FROM search_docs s"
+            " WHERE {where}{keyset} ORDER BY s.updated_at DESC, s.entity_id DESC LIMIT %(need)s").format(
+                where=where, keyset=sql.SQL(keyset)), args)
+        out = []
+        for row in await cur.fetchall():
+            hit = Hit(row["id"], row["project_id"], row["type"], row["module"], score=0.0)
+            hit._key = (row["updated_at"].isoformat(), str(row["id"]))
+            out.append(hit)
+        return out
+
+    # --- meaning --------------------------------------------------------------------------
+
+    async def _query_vector(self, text: str) -> tuple[Any, list[float] | None, str | None]:
+        """The active model and the query's vector, or why there is none (degraded)."""
+        active = await self.models.active()
+        if active is None:
+            return None, None, None  # nothing embedded yet: text only, nothing is wrong
+        try:
+            embedder = self.models.embedder_for(active)
+            rows = await asyncio.wait_for(embedder.embed([text[:SEMANTIC_QUERY_CHARS]]), self.embed_timeout)
+        except (EmbedderUnavailable, TimeoutError) as exc:
+            reason = str(exc) or f"the embedder did not answer within {self.embed_timeout:g} s"
+            return active, None, f"semantic search unavailable: {reason}"
+        return active, [float(x) for x in rows[0]], None
+
+    async def _nearest(self, conn: Connection, org_id: UUID, model: Any, vector: list[float],
+                       projects: list[UUID] | None, filters: Filters, where: sql.Composable,
+                       params: dict[str, Any], depth: int) -> list[tuple[UUID, float]]:
+        """The ``depth`` nearest entities: HNSW for a large org, an exact scan for a small one."""
+        dim = sql.Literal(model.dimension)
+        distance = sql.SQL("v.embedding::halfvec({d}) <=> %(qv)s::halfvec({d})").format(d=dim)
+        exact = await self._vector_count(conn, org_id, model.model) < self.exact_below
+        order = sql.SQL("({}) + 0").format(distance) if exact else distance  # + 0: no index
+        if not exact:
+            await conn.execute(sql.SQL("SELECT set_config('hnsw.ef_search', {}, true),"
+                                       " set_config('hnsw.iterative_scan', 'relaxed_order', true)").format(
+                                           sql.Literal(str(max(self.ef_search, depth)))))
+        cur = await conn.execute(sql.SQL(
+            "WITH n AS MATERIALIZED ("
+            " SELECT v.entity_id, {distance} AS distance FROM search_vectors v"
+            " JOIN search_docs s ON s.org_id = v.org_id AND s.entity_id = v.entity_id"
+            " WHERE v.org_id = %(org)s AND v.model = {model} AND {where}"
+            " ORDER BY {order} LIMIT %(depth)s)"
+            " SELECT entity_id, distance FROM n ORDER BY distance, entity_id").format(
+                distance=distance, model=sql.Literal(model.model), where=where, order=order),
+            {**params, "qv": _vector_text(vector), "depth": depth})
+        return [(row["entity_id"], row["distance"]) for row in await cur.fetchall()]
+
+    async def _vector_count(self, conn: Connection, org_id: UUID, model: str) -> int:
+        cur = await conn.execute(
+            "SELECT count(*) AS n FROM (SELECT FROM search_vectors WHERE org_id = %s AND model = %s"
+            " LIMIT %s) x", (org_id, model, self.exact_below))
+        row = await cur.fetchone()
+        return row["n"] if row else 0
+
+    async def _semantic(self, conn: Connection, org_id: UUID, model: Any, vector: list[float],
+                        projects: list[UUID] | None, filters: Filters, where: sql.Composable,
+                        params: dict[str, Any], need: int, after: Sequence[Any] | None) -> list[Hit]:
+        seen = int(after[2]) if after is not None else 0
+        nearest = await self._nearest(conn, org_id, model, vector, projects, filters, where, params,
+                                      min(MAX_DEPTH, seen + need))
+        ranked = [(1.0 - dist, str(eid), eid, dist) for eid, dist in nearest]
+        hits = await self._fused_hits(conn, org_id, ranked, after, need, seen)
+        for hit in hits:
+            hit.distance = 1.0 - hit.score
+        return hits
+
+    async def _hybrid(self, conn: Connection, org_id: UUID, plan: _Plan | None, model: Any,
+                      vector: list[float], projects: list[UUID] | None, filters: Filters,
+                      where: sql.Composable, params: dict[str, Any], need: int,
+                      after: Sequence[Any] | None) -> list[Hit]:
+        """Reciprocal rank fusion: each list adds 1 / (60 + rank) to an entity's score."""
+        seen = int(after[2]) if after is not None else 0
+        depth = min(MAX_DEPTH, max(100, seen + need))
+        text = await self._text(conn, plan, where, params, depth, None) if plan else []
+        nearest = await self._nearest(conn, org_id, model, vector, projects, filters, where, params, depth)
+        scores: dict[UUID, float] = {}
+        for rank, hit in enumerate(text, 1):
+            scores[hit.id] = scores.get(hit.id, 0.0) + 1.0 / (RRF_K + rank)
+        for rank, (eid, _) in enumerate(nearest, 1):
+            scores[eid] = scores.get(eid, 0.0) + 1.0 / (RRF_K + rank)
+        ranked = [(score, str(eid), eid, None) for eid, score in scores.items()]
+        hits = await self._fused_hits(conn, org_id, ranked, after, need, seen)
+        by_id = {h.id: h for h in text}
+        distances = dict(nearest)
+        for hit in hits:
+            if hit.id in by_id:
+                hit.words, hit.typos, hit.text_rank = (by_id[hit.id].words, by_id[hit.id].typos,
+                                                       by_id[hit.id].text_rank)
+            hit.distance = distances.get(hit.id)
+        return hits
+
+    async def _fused_hits(self, conn: Connection, org_id: UUID, ranked: list[tuple[float, str, UUID, Any]],
+                          after: Sequence[Any] | None, need: int, seen: int) -> list[Hit]:
+        """Order by score (then id), resume after the cursor, and read the facet columns."""
+        ranked.sort(key=lambda r: (-r[0], r[1]))
+        if after is not None:
+            ranked = [r for r in ranked if (-r[0], r[1]) > (-float(after[0]), after[1])]
+        ranked = ranked[:need]
+        if not ranked:
+            return []
+        cur = await conn.execute(
+            "SELECT entity_id, project_id, type, module FROM search_docs"
+            " WHERE org_id = %s AND entity_id = ANY(%s)", (org_id, [r[2] for r in ranked]))
+        rows = {row["entity_id"]: row for row in await cur.fetchall()}
+        hits = []
+        for i, (score, key, eid, _) in enumerate(ranked, 1):
+            row = rows.get(eid)
+            if row is None:
+                continue
+            hit = Hit(eid, row["project_id"], row["type"], row["module"], score=round(score, 6))
+            hit._key = (score, key, seen + i)
+            hits.append(hit)
+        return hits
+
+    # --- totals, facets, and what a hit shows ---------------------------------------------
+
+    async def _count(self, conn: Connection, plan: _Plan | None, where: sql.Composable,
+                     params: dict[str, Any], facets: Sequence[str], results: Results,
+                     also: list[UUID]) -> None:
+        """The number of matches and the facet counts, over at most ``facet_cap`` matches."""
+        args = {**params, "cap": self.facet_cap + 1, "also": also}
+        match = "true"
+        if plan is not None:
+            match = "(s.tsv @@ to_tsquery('english', %(broad)s) OR s.entity_id = ANY(%(also)s))"
+            args["broad"] = plan.tier(1, typos=True)
+        elif also:
+            match = "s.entity_id = ANY(%(also)s)"
+        cur = await conn.execute(sql.SQL(
+            "WITH m AS MATERIALIZED (SELECT s.type, s.module, s.project_id::text AS project, s.tags"
+            "  FROM search_docs s WHERE {where} AND {match} LIMIT %(cap)s)"
+            " SELECT 'total' AS facet, NULL AS value, count(*) AS n FROM m"
+            " UNION ALL SELECT 'type', type, count(*) FROM m WHERE {want_type} GROUP BY type"
+            " UNION ALL SELECT 'module', module, count(*) FROM m WHERE {want_module} GROUP BY module"
+            " UNION ALL SELECT 'project', project, count(*) FROM m WHERE {want_project} GROUP BY project"
+            " UNION ALL SELECT 'tag', tag, count(*) FROM m, unnest(m.tags) AS tag WHERE {want_tag}"
+            "  GROUP BY tag").format(
+                where=where, match=sql.SQL(match),
+                **{f"want_{f}": sql.SQL("true" if f in facets else "false") for f in FACETS}), args)
+        counts: dict[str, dict[str, int]] = {f: {} for f in facets}
+        for row in await cur.fetchall():
+            if row["facet"] == "total":
+                results.total = min(row["n"], self.facet_cap)
+                results.total_approximate = row["n"] > self.facet_cap
+            else:
+                counts[row["facet"]][row["value"]] = row["n"]
+        if facets:
+            results.facets = {f: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:100])
+                              for f, c in counts.items()}
+
+    async def _hydrate(self, conn: Connection, org_id: UUID, plan: _Plan | None, hits: list[Hit]) -> None:
+        """Each hit's data and version, and its text fields' matching passages highlighted."""
+        if not hits:
+            return
+        args: dict[str, Any] = {"org": org_id, "ids": [h.id for h in hits],
+                                "q": plan.tier(len(plan.exact), typos=True) if plan else ""}
+        cur = await conn.execute(
+            "SELECT e.id, e.data, e.version, e.updated_at,"
+            " (SELECT jsonb_object_agg(f.key, ts_headline('english', f.text, to_tsquery('english', %(q)s),"
+            "   'StartSel=\x02, StopSel=\x03, MaxWords=30, MinWords=10'))"
+            "  FROM (SELECT key, string_agg(s, ' ') AS text FROM jsonb_object_keys(t.text_fields) AS key,"
+            "        LATERAL search_strings(e.data, key) AS s GROUP BY key) f"
+            "  WHERE %(q)s <> '' AND f.text <> '') AS highlights"
+            " FROM entities e JOIN entity_types t ON t.org_id = e.org_id AND t.name = e.type"
+            " WHERE e.org_id = %(org)s AND e.id = ANY(%(ids)s)", args)
+        rows = {row["id"]: row for row in await cur.fetchall()}
+        for hit in hits:
+            row = rows.get(hit.id)
+            if row is None:
+                continue
+            hit.data, hit.version, hit.updated_at = row["data"], row["version"], row["updated_at"]
+            hit.highlights = {name: _marked(text) for name, text in (row["highlights"] or {}).items()
+                              if _MARK in text}
+
+
+def _where(org_id: UUID, projects: list[UUID] | None,
+           filters: Filters) -> tuple[sql.Composable, dict[str, Any]]:
+    """The filter over ``search_docs s`` with its named parameters."""
+    parts = ["s.org_id = %(org)s"]
+    params: dict[str, Any] = {"org": org_id}
+    if projects is not None:
+        parts.append("s.project_id = ANY(%(projects)s)")
+        params["projects"] = projects
+    if filters.types:
+        parts.append("s.type = ANY(%(types)s)")
+        params["types"] = list(filters.types)
+    if filters.modules:
+        parts.append("s.module = ANY(%(modules)s)")
+        params["modules"] = list(filters.modules)
+    if filters.updated_after:
+        parts.append("s.updated_at > %(updated_after)s")
+        params["updated_after"] = filters.updated_after
+    if filters.updated_before:
+        parts.append("s.updated_at < %(updated_before)s")
+        params["updated_before"] = filters.updated_before
+    for i, (name, raw) in enumerate(filters.data):
+        # data.n=3 matches 3 and "3"; data.done=true matches true and "true".
+        options = [_nested(name, raw)]
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = raw
+        if parsed != raw and not isinstance(parsed, dict | list):
+            options.append(_nested(name, parsed))
+        parts.append(f"EXISTS (SELECT FROM entities e WHERE e.org_id = s.org_id AND e.id = s.entity_id"
+                     f" AND e.data @> ANY(%(data{i})s::jsonb[]))")
+        params[f"data{i}"] = [Jsonb(o) for o in options]
+    return sql.SQL(" AND ".join(parts)), params
+
+
+def _nested(name: str, value: Any) -> dict[str, Any]:
+    for part in reversed(name.split(".")):
+        value = {part: value}
+    return value
+
+
+def _marked(text: str) -> str:
+    """A headline made safe for HTML, with the matches in <mark>."""
+    return html.escape(text).replace(_MARK, "<mark>").replace(_END, "</mark>")
+
+
+def _vector_text(vector: list[float]) -> str:
+    return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
+
+
+def _fingerprint(mode: str, typo: bool, text: str, filters: Filters) -> str:
+    """What a cursor belongs to: a cursor of another query is refused."""
+    raw = json.dumps([mode, typo, text, repr(filters)], ensure_ascii=False)
+    return hashlib.blake2b(raw.encode(), digest_size=6).hexdigest()
+
+
+def _encode_cursor(fingerprint: str, key: tuple[Any, ...]) -> str:
+    raw = json.dumps([fingerprint, list(key)], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None, fingerprint: str) -> tuple[Any, ...] | None:
+    if not cursor:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        owner, key = json.loads(raw)
+        if owner != fingerprint or not isinstance(key, list):
+            raise ValueError
+    except (ValueError, TypeError):
+        raise InvalidInput("this cursor does not belong to this search (same query, mode and "
+                           "filters)", pointer="/cursor") from None
+    return tuple(key)

@@ -1,0 +1,190 @@
+"""The slow half of indexing, done by workers: the term dictionary and the embeddings.
+
+A write computes the entity's full-text vector in its own transaction and, when its
+words or its meaning may have changed, leaves a row in ``search_queue``. ``drain``
+empties an org's queue: first the words, which go into the org's term dictionary
+(typo corrections), then the vectors, made in batches by the configured embedder. A
+vector is stored only if the entity's text is still the one that was embedded;
+otherwise the newer change stays queued. If the embedder fails, the rows stay queued
+and the job is retried later. ``backfill`` walks every entity when a new model is
+building, then makes it the active one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+from uuid import UUID
+
+from canvasdb import metrics
+from canvasdb.db import Database
+from canvasdb.search.models import ModelInfo, Models
+
+log = logging.getLogger("canvasdb.search")
+TERMS_BATCH = 500
+EMBED_BATCH = 64
+
+
+class Indexer:
+    def __init__(self, db: Database, models: Models) -> None:
+        self.db = db
+        self.models = models
+
+    async def drain(self, org_id: UUID, *, budget_s: float = 60.0) -> dict[str, int]:
+        """Empty the org's queue (or work for ``budget_s``); returns what was done.
+
+        Raises ``EmbedderUnavailable`` when the embedder fails: what is left stays queued.
+        """
+        done = {"terms": 0, "embedded": 0}
+        deadline = time.monotonic() + budget_s
+        while time.monotonic() < deadline:
+            n = await self._terms(org_id)
+            done["terms"] += n
+            if n < TERMS_BATCH:
+                break
+        model = await self.models.register()
+        try:
+            while time.monotonic() < deadline:
+                n = await self._embed_queued(org_id, model)
+                done["embedded"] += n
+                if n < EMBED_BATCH:
+                    break
+        finally:
+            await self.report_backlog(org_id)
+        return done
+
+    async def _terms(self, org_id: UUID) -> int:
+        async with self.db.transaction(org_id) as conn:
+            cur = await conn.execute(
+                "WITH b AS (SELECT entity_id FROM search_queue WHERE org_id = %(org)s AND needs_terms"
+                "           LIMIT %(n)s FOR UPDATE SKIP LOCKED),"
+                " w AS (INSERT INTO search_terms (org_id, term)"
+                "       SELECT DISTINCT %(org)s::uuid, w FROM b"
+                "       JOIN entities e ON e.org_id = %(org)s AND e.id = b.entity_id"
+                "       JOIN entity_types t ON t.org_id = e.org_id AND t.name = e.type,"
+                "       LATERAL unnest(search_words(e.data, t.text_fields)) AS w"
+                "       ORDER BY 2 ON CONFLICT DO NOTHING),"
+                " u AS (UPDATE search_queue q SET needs_terms = false FROM b"
+                "       WHERE q.org_id = %(org)s AND q.entity_id = b.entity_id)"
+                " SELECT count(*) AS n FROM b", {"org": org_id, "n": TERMS_BATCH})
+            row = await cur.fetchone()
+            await conn.execute("DELETE FROM search_queue WHERE org_id = %s AND NOT needs_terms"
+                               " AND embed_md5 IS NULL", (org_id,))
+        return row["n"] if row else 0
+
+    async def _embed_queued(self, org_id: UUID, model: ModelInfo) -> int:
+        """Embed one batch of queued entities with the configured model."""
+        async with self.db.transaction(org_id) as conn:
+            cur = await conn.execute(
+                "SELECT q.entity_id, q.embed_md5, s.project_id, s.type,"
+                "       search_embed_text(e.data, t.text_fields, t.embed_fields) AS text"
+                " FROM search_queue q"
+                " JOIN search_docs s ON s.org_id = q.org_id AND s.entity_id = q.entity_id"
+                " JOIN entities e ON e.org_id = q.org_id AND e.id = q.entity_id"
+                " JOIN entity_types t ON t.org_id = e.org_id AND t.name = e.type"
+                " WHERE q.org_id = %s AND q.embed_md5 IS NOT NULL ORDER BY q.queued_at LIMIT %s",
+                (org_id, EMBED_BATCH))
+            rows = await cur.fetchall()
+        if rows:
+            await self._store(org_id, model, rows, clear_queue=True)
+        return len(rows)
+
+    async def _store(self, org_id: UUID, model: ModelInfo, rows: list[dict[str, Any]], *,
+                     clear_queue: bool) -> None:
+        vectors = await self.models.configured.embed([row["text"] for row in rows])
+        started = time.monotonic()
+        async with self.db.transaction(org_id) as conn:
+            # Only where the entity's text is still the one embedded (the md5 matches).
+            await conn.execute(
+                "INSERT INTO search_vectors"
+                " (org_id, model, entity_id, project_id, type, embed_md5, embedding)"
+                " SELECT %(org)s, %(model)s, x.id, x.project, x.type, x.md5, x.v::halfvec"
+                " FROM unnest(%(ids)s::uuid[], %(projects)s::uuid[], %(types)s::text[], %(md5s)s::uuid[],"
+                "             %(vectors)s::text[]) AS x(id, project, type, md5, v)"
+                " JOIN search_docs s ON s.org_id = %(org)s AND s.entity_id = x.id AND s.embed_md5 = x.md5"
+                " ON CONFLICT (org_id, model, entity_id) DO UPDATE SET embed_md5 = EXCLUDED.embed_md5,"
+                "   embedding = EXCLUDED.embedding, embedded_at = EXCLUDED.embedded_at",
+                {"org": org_id, "model": model.model, "ids": [r["entity_id"] for r in rows],
+                 "projects": [r["project_id"] for r in rows], "types": [r["type"] for r in rows],
+                 "md5s": [r["embed_md5"] for r in rows],
+                 "vectors": ["[" + ",".join(f"{x:.7g}" for x in v) + "]" for v in vectors]})
+            if clear_queue:
+                await conn.execute(
+                    "UPDATE search_queue q SET embed_md5 = NULL"
+                    " FROM unnest(%s::uuid[], %s::uuid[]) AS x(id, md5)"
+                    " WHERE q.org_id = %s AND q.entity_id = x.id AND q.embed_md5 = x.md5",
+                    ([r["entity_id"] for r in rows], [r["embed_md5"] for r in rows], org_id))
+                await conn.execute("DELETE FROM search_queue WHERE org_id = %s AND entity_id = ANY(%s)"
+                                   " AND NOT needs_terms AND embed_md5 IS NULL",
+                                   (org_id, [r["entity_id"] for r in rows]))
+        metrics.SEARCH_EMBEDDED.inc(len(rows))
+        log.debug("stored %d vectors in %.1f ms", len(rows), (time.monotonic() - started) * 1000)
+
+    async def backlog(self, org_id: UUID) -> dict[str, int]:
+        """Queued work of an org: entities waiting for their words and for their vector."""
+        async with self.db.transaction(org_id) as conn:
+            cur = await conn.execute(
+                "SELECT count(*) FILTER (WHERE needs_terms) AS terms,"
+                " count(*) FILTER (WHERE embed_md5 IS NOT NULL) AS embeddings"
+                " FROM search_queue WHERE org_id = %s", (org_id,))
+            row = await cur.fetchone()
+        return {"terms": row["terms"], "embeddings": row["embeddings"]} if row else {}
+
+    async def report_backlog(self, org_id: UUID) -> None:
+        left = await self.backlog(org_id)
+        metrics.SEARCH_BACKLOG.labels(org=str(org_id)).set(left.get("embeddings", 0))
+
+    async def queued_orgs(self, org_ids: list[UUID]) -> list[UUID]:
+        """The orgs among ``org_ids`` with anything queued."""
+        out = []
+        for org_id in org_ids:
+            async with self.db.transaction(org_id) as conn:
+                cur = await conn.execute("SELECT EXISTS (SELECT FROM search_queue WHERE org_id = %s) AS any",
+                                         (org_id,))
+                row = await cur.fetchone()
+            if row and row["any"]:
+                out.append(org_id)
+        return out
+
+    async def backfill(self, org_ids: list[UUID]) -> int:
+        """Give every entity a vector of the configured model if it is building, then activate it.
+
+        Walks each org's search rows in id order and embeds those without a current vector
+        of that model. Returns how many were embedded.
+        """
+        model = await self.models.register()
+        if model.state != "building":
+            return 0
+        total = 0
+        for org_id in org_ids:
+            after = UUID(int=0)
+            while True:
+                async with self.db.transaction(org_id) as conn:
+                    cur = await conn.execute(
+                        "SELECT s.entity_id, s.embed_md5, s.project_id, s.type,"
+                        "       search_embed_text(e.data, t.text_fields, t.embed_fields) AS text,"
+                        "       v.embed_md5 AS embedded_md5"
+                        " FROM (SELECT * FROM search_docs WHERE org_id = %(org)s AND entity_id > %(after)s"
+                        "       AND embed_md5 IS NOT NULL ORDER BY entity_id LIMIT %(n)s) s"
+                        " JOIN entities e ON e.org_id = s.org_id AND e.id = s.entity_id"
+                        " JOIN entity_types t ON t.org_id = e.org_id AND t.name = e.type"
+                        " LEFT JOIN search_vectors v ON v.org_id = s.org_id AND v.model = %(model)s"
+                        "      AND v.entity_id = s.entity_id"
+                        " ORDER BY s.entity_id", {"org": org_id, "after": after, "n": EMBED_BATCH * 4,
+                                                  "model": model.model})
+                    rows = await cur.fetchall()
+                if not rows:
+                    break
+                after = rows[-1]["entity_id"]
+                todo = [r for r in rows if r["embedded_md5"] != r["embed_md5"]]
+                if todo:
+                    await self._store(org_id, model, todo, clear_queue=False)
+                    total += len(todo)
+        await self.models.activate(model.model)
+        for org_id in org_ids:  # the old vectors: no query uses them any more
+            async with self.db.transaction(org_id) as conn:
+                await conn.execute("DELETE FROM search_vectors WHERE org_id = %s AND model <> %s",
+                                   (org_id, model.model))
+        log.info("embedding model %s is active (%d vectors made)", model.model, total)
+        return total

@@ -1,0 +1,117 @@
+"""Which embedding model search uses, and the switch to a newly configured one.
+
+Every vector is stored with the name of the model that made it, and a query must be
+embedded by that same model. The active model is the one queries use. When the
+settings name another model, it is registered as ``building``; workers then embed
+every entity with it in the background. Meanwhile, search keeps using the old
+vectors, embedding queries with the old model (rebuilt from its stored kind and url).
+Once every org is covered, the new model becomes active, and the old vectors and
+their index are dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from canvasdb.db import Database
+from canvasdb.search.embedders import Embedder, make_embedder
+
+_ACTIVE_TTL = 5.0  # seconds a process trusts its idea of the active model
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: str
+    kind: str
+    url: str | None
+    dimension: int
+    state: str
+
+
+class Models:
+    """The configured embedder, the registry of models, and embedders for older ones."""
+
+    def __init__(self, db: Database, configured: Embedder, *, api_key: str | None = None) -> None:
+        self.db = db
+        self.configured = configured
+        self.api_key = api_key
+        self._others: dict[str, Embedder] = {}
+        self._active: tuple[float, ModelInfo | None] = (0.0, None)
+        self._registered: ModelInfo | None = None
+
+    async def active(self) -> ModelInfo | None:
+        """The model queries use (None until a first model is registered)."""
+        at, info = self._active
+        if time.monotonic() - at < _ACTIVE_TTL:
+            return info
+        row = await self.db.one("SELECT model, kind, url, dimension, state FROM search_models"
+                                " WHERE state = 'active'", ())
+        info = ModelInfo(**row) if row else None
+        self._active = (time.monotonic(), info)
+        return info
+
+    def forget(self) -> None:
+        """Read the active model again at the next query."""
+        self._active = (0.0, None)
+
+    def embedder_for(self, info: ModelInfo) -> Embedder:
+        if info.model == self.configured.model:
+            return self.configured
+        if info.model not in self._others:
+            key = self.api_key if info.kind == self.configured.kind else None
+            self._others[info.model] = make_embedder(info.kind, info.model, info.url, key)
+        return self._others[info.model]
+
+    async def register(self) -> ModelInfo:
+        """Record the configured model: active if there is none yet, else building.
+
+        A remote model's dimension is learnt from one call, so this may raise
+        ``EmbedderUnavailable``; workers call it and retry later.
+        """
+        if self._registered is not None:
+            return self._registered
+        dimension = self.configured.dimension
+        if dimension is None:
+            await self.configured.embed(["dimension probe"])
+            dimension = self.configured.dimension
+        assert dimension is not None
+        url = getattr(self.configured, "url", None)
+        async with self.db.transaction() as conn:
+            await conn.execute("LOCK TABLE search_models IN SHARE ROW EXCLUSIVE MODE")
+            cur = await conn.execute(
+                "INSERT INTO search_models (model, kind, url, dimension, state, activated_at)"
+                " SELECT %(model)s, %(kind)s, %(url)s, %(dim)s,"
+                "        CASE WHEN a.n = 0 THEN 'active' ELSE 'building' END,"
+                "        CASE WHEN a.n = 0 THEN now() END"
+                " FROM (SELECT count(*) AS n FROM search_models WHERE state = 'active') a"
+                " ON CONFLICT (model) DO UPDATE SET kind = EXCLUDED.kind, url = EXCLUDED.url,"
+                "   dimension = EXCLUDED.dimension,"
+                "   state = CASE WHEN search_models.state = 'retired' THEN 'building'"
+                "                ELSE search_models.state END"
+                " RETURNING model, kind, url, dimension, state",
+                {"model": self.configured.model, "kind": self.configured.kind, "url": url, "dim": dimension})
+            row = await cur.fetchone()
+            assert row is not None
+            await conn.execute("SELECT search_model_index(%s, %s)", (row["model"], row["dimension"]))
+        self._registered = ModelInfo(**row)
+        self.forget()
+        return self._registered
+
+    async def activate(self, model: str) -> None:
+        """Make a fully built model the active one and retire (and drop) the others."""
+        async with self.db.transaction() as conn:
+            await conn.execute("LOCK TABLE search_models IN SHARE ROW EXCLUSIVE MODE")
+            cur = await conn.execute("UPDATE search_models SET state = 'retired' WHERE state = 'active'"
+                                     " AND model <> %s RETURNING model", (model,))
+            retired = [row["model"] for row in await cur.fetchall()]
+            await conn.execute("UPDATE search_models SET state = 'active', activated_at = now()"
+                               " WHERE model = %s", (model,))
+        self._registered = None
+        self.forget()
+        for old in retired:
+            await self.db.one("SELECT search_model_drop_index(%s)", (old,))
+
+    async def close(self) -> None:
+        for embedder in (self.configured, *self._others.values()):
+            await embedder.aclose()

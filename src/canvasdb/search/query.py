@@ -1,0 +1,122 @@
+"""What the user typed, read as web-search syntax, and the typo rules applied to it.
+
+``"red car" OR truck -draft bus`` reads as three groups that should match (the
+phrase or the word, then ``bus``) and one that must not. A group is what the
+ranking counts as a "query word". The last word, when the user has not finished it
+(no space after it), matches as a prefix, so results follow the typing.
+
+Words are runs of letters and digits: nothing the user types ever reaches
+``to_tsquery`` except such runs joined by operators built here, so quotes,
+backslashes and tsquery operators (``& | ! :*``) in a query are inert text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from rapidfuzz.distance import OSA
+
+WORD = re.compile(r"[^\W_]+")
+TOKEN = re.compile(r'-?"[^"]*"?|\S+')
+MAX_GROUPS = 10  # like Meilisearch, words beyond the tenth are ignored
+MAX_WORD_CHARS = 40
+
+
+@dataclass(frozen=True)
+class Term:
+    """One word, or the words of a quoted phrase (which must appear next to each other)."""
+
+    words: tuple[str, ...]
+    phrase: bool = False
+    prefix: bool = False
+
+    def tsquery(self) -> str:
+        """The term as to_tsquery text (letters and digits joined by operators built here)."""
+        return " <-> ".join(self.words) if self.phrase else self.words[0] + (":*" if self.prefix else "")
+
+
+@dataclass(frozen=True)
+class Group:
+    """Terms joined by OR: the group matches when any of them does."""
+
+    terms: tuple[Term, ...]
+
+
+@dataclass
+class ParsedQuery:
+    groups: list[Group] = field(default_factory=list)
+    excluded: list[Term] = field(default_factory=list)
+    ignored: int = 0  # groups beyond MAX_GROUPS
+
+    @property
+    def empty(self) -> bool:
+        return not self.groups
+
+    def words(self) -> list[str]:
+        """The single words a typo could be corrected in (not phrases, not excluded ones)."""
+        return [t.words[0] for g in self.groups for t in g.terms if not t.phrase]
+
+
+def parse(text: str) -> ParsedQuery:
+    """Read a query in websearch syntax: quotes for phrases, OR, and -word to exclude."""
+    out = ParsedQuery()
+    pending_or = False
+    tokens = TOKEN.findall(text)
+    open_end = bool(text) and not text[-1].isspace() and text[-1] != '"'  # still typing the last word
+    for i, token in enumerate(tokens):
+        if token == "OR":
+            pending_or = bool(out.groups)
+            continue
+        negated = token.startswith("-") and len(token) > 1
+        body = token[1:] if negated else token
+        quoted = body.startswith('"')
+        words = tuple(w.lower()[:MAX_WORD_CHARS] for w in WORD.findall(body))
+        if not words:
+            continue
+        phrase = len(words) > 1  # "red car", and also e-mail or don't, as websearch_to_tsquery reads them
+        last = i == len(tokens) - 1
+        term = Term(words, phrase=phrase, prefix=last and open_end and not (phrase or quoted or negated))
+        if negated:
+            out.excluded.append(Term(term.words, phrase=term.phrase))
+        elif pending_or:
+            out.groups[-1] = Group((*out.groups[-1].terms, term))
+        else:
+            out.groups.append(Group((term,)))
+        pending_or = False
+    if len(out.groups) > MAX_GROUPS:
+        out.ignored = len(out.groups) - MAX_GROUPS
+        del out.groups[MAX_GROUPS:]
+    return out
+
+
+def allowed_typos(word: str) -> int:
+    """Meilisearch's rule: 1-4 letters exact, 5-8 letters one typo, 9 or more two."""
+    n = len(word)
+    return 0 if n <= 4 else 1 if n <= 8 else 2
+
+
+def typo_cost(word: str, term: str) -> int:
+    """Typos between what was typed and a dictionary word.
+
+    Optimal string alignment distance (an insertion, deletion, substitution or swap of
+    two adjacent letters is one typo), plus one when the first letter differs: a typo
+    on the first letter counts as two.
+    """
+    return OSA.distance(word, term) + (word[:1] != term[:1])
+
+
+def corrections(word: str, candidates: list[str], limit: int = 8) -> list[tuple[str, int]]:
+    """The dictionary words within the typos allowed for ``word``, fewest typos first."""
+    allowed = allowed_typos(word)
+    if not allowed:
+        return []
+    found = []
+    for term in candidates:
+        if term == word:
+            continue
+        cost = typo_cost(word, term)
+        if cost <= allowed:
+            found.append((cost, term))
+    found.sort()
+    return [(term, cost) for cost, term in found[:limit]]

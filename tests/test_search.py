@@ -1,0 +1,429 @@
+"""Search: full text, typo rules, meaning, hybrid fusion, filters, facets and access."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+from typing import Any
+from uuid import UUID
+
+import httpx
+import psycopg
+import pytest
+from conftest import Tenant, make_tenant, unique
+from pycrdt import Map
+from test_embedders import FakeService
+from test_projection import Board, push
+
+from canvasdb import jobs
+from canvasdb.db import Database
+from canvasdb.documents.projection import entity_id
+from canvasdb.entities import EntityType
+from canvasdb.errors import InvalidInput, NotFound
+from canvasdb.runtime import prepare_schema
+from canvasdb.search.embedders import make_embedder
+from canvasdb.search.engine import Filters, Search
+from canvasdb.search.models import Models
+from canvasdb.search.query import allowed_typos, parse, typo_cost
+from canvasdb.services import Services
+from canvasdb.settings import Settings
+from canvasdb.tenancy import Principal
+
+NOTE = EntityType(name="note", module="notes", text_fields={"title": "A", "body": "B"}, tag_field="tags")
+CARD = EntityType(name="kanban.card", module="kanban", text_fields={"title": "A"}, tag_field="labels")
+
+
+async def _setup(svc: Services, tenant: Tenant, docs: list[tuple[str, dict[str, Any]]]) -> list[UUID]:
+    """Register the types, write the entities, and index their words and vectors."""
+    await svc.types.register(tenant.owner, NOTE)
+    await svc.types.register(tenant.owner, CARD)
+    ids = []
+    for type_name, data in docs:
+        ids.append((await svc.entities.create(tenant.owner, tenant.project_id, type_name, data)).id)
+    await svc.indexer.drain(tenant.org_id)
+    return ids
+
+
+async def _ids(svc: Services, who: Principal, text: str, **kw: Any) -> list[UUID]:
+    return [h.id for h in (await svc.search.search(who, text, **kw)).hits]
+
+
+# --- the query language and the typo rules (no database) ---------------------------------------
+
+def test_query_syntax_reads_phrases_or_and_exclusions() -> None:
+    parsed = parse('"red car" OR truck -draft bus')
+    assert [[t.words for t in g.terms] for g in parsed.groups] == [[("red", "car"), ("truck",)], [("bus",)]]
+    assert parsed.groups[0].terms[0].phrase
+    assert [t.words for t in parsed.excluded] == [("draft",)]
+    assert parsed.groups[1].terms[0].prefix, "the last word is still being typed"
+    assert not parse("bus ").groups[0].terms[0].prefix
+    assert parse("!!! && || :* \\ '").empty
+    assert parse('"unbalanced quote').groups[0].terms[0].words == ("unbalanced", "quote")
+    many = parse(" ".join(f"w{i}" for i in range(30)))
+    assert len(many.groups) == 10 and many.ignored == 20
+
+
+def test_typo_rules_follow_meilisearch() -> None:
+    assert [allowed_typos(w) for w in ("car", "four", "house", "elephant", "dependency")] == [0, 0, 1, 1, 2]
+    assert typo_cost("hosue", "house") == 1, "a swap of two adjacent letters is one typo"
+    assert typo_cost("mouse", "house") == 2, "a typo on the first letter counts as two"
+    assert typo_cost("housr", "house") == 1
+    assert typo_cost("dependancy", "dependency") == 1
+
+
+# --- text --------------------------------------------------------------------------------------
+
+async def test_text_search_ranks_title_hits_and_follows_typing(svc: Services, tenant: Tenant) -> None:
+    title, body, other = await _setup(svc, tenant, [
+        ("note", {"title": "Quarterly roadmap", "body": "plans for the next quarter"}),
+        ("note", {"title": "Meeting notes", "body": "we discussed the roadmap at length"}),
+        ("note", {"title": "Shopping", "body": "milk and bread"}),
+    ])
+    assert await _ids(svc, tenant.owner, "roadmap", mode="text") == [title, body]
+    assert await _ids(svc, tenant.owner, "roadm", mode="text") == [title, body], "prefix of the last word"
+    assert await _ids(svc, tenant.owner, "milk", mode="text") == [other]
+    res = await svc.search.search(tenant.owner, "roadmap", mode="text")
+    assert res.hits[0].highlights["title"] == "Quarterly <mark>roadmap</mark>"
+    assert res.total == 2 and not res.total_approximate
+
+
+async def test_websearch_syntax_phrase_or_and_exclusion(svc: Services, tenant: Tenant) -> None:
+    red_car, car_red, truck = await _setup(svc, tenant, [
+        ("note", {"title": "red car parked", "body": ""}),
+        ("note", {"title": "car painted red", "body": "draft"}),
+        ("note", {"title": "blue truck", "body": ""}),
+    ])
+    assert await _ids(svc, tenant.owner, '"red car"', mode="text") == [red_car]
+    assert set(await _ids(svc, tenant.owner, "truck OR parked ", mode="text")) == {red_car, truck}
+    assert await _ids(svc, tenant.owner, "red -draft", mode="text") == [red_car]
+
+
+async def test_more_query_words_matched_rank_first(svc: Services, tenant: Tenant) -> None:
+    both, first = await _setup(svc, tenant, [
+        ("note", {"title": "garden", "body": "tomato seedlings"}),
+        ("note", {"title": "garden", "body": "roses"}),
+    ])
+    res = await svc.search.search(tenant.owner, "garden tomato ", mode="text")
+    assert [h.id for h in res.hits] == [both, first]
+    assert [h.words for h in res.hits] == [2, 1]
+
+
+@pytest.mark.parametrize(("typed", "found"), [
+    ("kitchn", True),       # 6 letters, one deletion
+    ("kitchne", True),      # swap of two adjacent letters: one typo
+    ("bitchen", False),     # first letter: counts as two, over the one allowed
+    ("kitchem", True),      # substitution
+    ("kichten", False),     # two typos in 7 letters
+    ("accomodation", True),     # 12 letters, one typo
+    ("acommodatoin", True),     # 12 letters, two typos
+    ("akomodation", False),     # three typos
+    ("cat", False),             # short words match exactly ("car" is stored)
+])
+async def test_typo_rules_in_search(svc: Services, tenant: Tenant, typed: str, found: bool) -> None:
+    kitchen, hotel, car = await _setup(svc, tenant, [
+        ("note", {"title": "kitchen renovation", "body": ""}),
+        ("note", {"title": "hotel accommodation", "body": ""}),
+        ("note", {"title": "car", "body": ""}),
+    ])
+    ids = await _ids(svc, tenant.owner, typed + " ", mode="text")
+    assert bool(ids) == found, ids
+    if found:
+        assert ids[0] in (kitchen, hotel)
+    assert await _ids(svc, tenant.owner, typed + " ", mode="text", typo=False) == []
+
+
+async def test_exact_matches_rank_before_corrections(svc: Services, tenant: Tenant) -> None:
+    corrected, exact = await _setup(svc, tenant, [
+        ("note", {"title": "a horde of visitors", "body": ""}),
+        ("note", {"title": "horse", "body": ""}),
+    ])
+    res = await svc.search.search(tenant.owner, "horse ", mode="text")
+    assert [(h.id, h.typos) for h in res.hits] == [(exact, 0), (corrected, 1)]
+    assert res.corrections == {"horse": ["horde"]}
+
+
+async def test_deleted_entities_vanish_at_once_and_come_back(svc: Services, tenant: Tenant) -> None:
+    (note,) = await _setup(svc, tenant, [("note", {"title": "ephemeral idea", "body": ""})])
+    await svc.entities.delete(tenant.owner, note)
+    assert await _ids(svc, tenant.owner, "ephemeral", mode="text") == []
+    assert await _ids(svc, tenant.owner, "ephemeral", mode="hybrid") == []
+    await svc.entities.undelete(tenant.owner, note)
+    assert await _ids(svc, tenant.owner, "ephemeral", mode="text") == [note]
+
+
+async def test_text_changes_are_searchable_at_once(svc: Services, tenant: Tenant) -> None:
+    (note,) = await _setup(svc, tenant, [("note", {"title": "before", "body": ""})])
+    await svc.entities.patch(tenant.owner, note, {"title": "afterwards"})
+    assert await _ids(svc, tenant.owner, "afterwards", mode="text") == [note]
+    assert await _ids(svc, tenant.owner, "before ", mode="text") == []
+
+
+@pytest.mark.parametrize("hostile", [
+    "", "   ", "x" * 10_000, "the and of", "!!! ??? ...", "'; DROP TABLE entities; --", "a & b | !c :* \\",
+    '"unbalanced', "-", "OR", "-\"\"", "\x00zero", "🙂 emoji",
+])
+async def test_hostile_queries_answer_without_error(svc: Services, tenant: Tenant, hostile: str) -> None:
+    await _setup(svc, tenant, [("note", {"title": "anything at all", "body": ""})])
+    for mode in ("text", "hybrid", "semantic"):
+        res = await svc.search.search(tenant.owner, hostile, mode=mode)
+        assert res.degraded is None
+
+
+# --- meaning and fusion --------------------------------------------------------------------------
+
+async def test_semantic_search_finds_synonyms(svc: Services, tenant: Tenant) -> None:
+    vehicle, fruit, sheet = await _setup(svc, tenant, [
+        ("note", {"title": "Sticky note", "body": "buy a new vehicle"}),
+        ("note", {"title": "Groceries", "body": "bananas, apples and pears"}),
+        ("note", {"title": "Budget", "body": "quarterly spreadsheet with totals"}),
+    ])
+    assert await _ids(svc, tenant.owner, "car", mode="text") == [], "no word in common"
+    semantic = await _ids(svc, tenant.owner, "car", mode="semantic")
+    assert semantic[0] == vehicle
+    hybrid = await svc.search.search(tenant.owner, "car", mode="hybrid")
+    assert hybrid.hits[0].id == vehicle and hybrid.degraded is None
+    assert (await _ids(svc, tenant.owner, "fruit", mode="semantic"))[0] == fruit
+    assert (await _ids(svc, tenant.owner, "finance figures", mode="semantic"))[0] == sheet
+
+
+async def test_hybrid_fuses_text_and_meaning_by_reciprocal_rank(svc: Services, tenant: Tenant) -> None:
+    exact, meaning, _ = await _setup(svc, tenant, [
+        ("note", {"title": "automobile insurance", "body": "policy renewal"}),
+        ("note", {"title": "Sticky note", "body": "buy a new vehicle"}),
+        ("note", {"title": "Recipes", "body": "soup"}),
+    ])
+    res = await svc.search.search(tenant.owner, "automobile", mode="hybrid")
+    assert [h.id for h in res.hits][:2] == [exact, meaning]
+    top = res.hits[0]
+    assert top.words == 1 and top.distance is not None
+    by_meaning = await _ids(svc, tenant.owner, "automobile", mode="semantic")
+    assert top.score == pytest.approx(1 / 61 + 1 / (61 + by_meaning.index(exact)), rel=1e-4)
+
+
+async def test_meaning_changes_are_searchable_after_indexing(svc: Services, tenant: Tenant) -> None:
+    (note,) = await _setup(svc, tenant, [("note", {"title": "Weekly plan", "body": "piano lessons"})])
+    await svc.entities.patch(tenant.owner, note, {"body": "football training"})
+    assert (await svc.indexer.backlog(tenant.org_id))["embeddings"] == 1
+    await svc.indexer.drain(tenant.org_id)
+    assert (await svc.indexer.backlog(tenant.org_id)) == {"terms": 0, "embeddings": 0}
+    assert (await _ids(svc, tenant.owner, "soccer", mode="semantic"))[0] == note
+
+
+async def test_slow_or_stopped_embedder_degrades_to_text(svc: Services, tenant: Tenant) -> None:
+
+    (note,) = await _setup(svc, tenant, [("note", {"title": "degraded mode", "body": ""})])
+    slow = Search(svc.db, svc.models, embed_timeout=1e-6)
+    res = await slow.search(tenant.owner, "degraded", mode="hybrid")
+    assert [h.id for h in res.hits] == [note] and res.degraded and "did not answer" in res.degraded
+    with socket.socket() as s:  # a port where nothing listens: the embedding service is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    active = await svc.models.active()
+    assert active is not None
+    down = make_embedder("ollama", model=active.model, url=f"http://127.0.0.1:{port}", timeout=1)
+    stopped = Search(svc.db, Models(svc.db, down))
+    for mode in ("hybrid", "semantic"):
+        res = await stopped.search(tenant.owner, "degraded", mode=mode)
+        assert [h.id for h in res.hits] == [note], mode
+        assert res.degraded and res.to_json()["degraded"] is True
+    await down.aclose()
+
+
+# --- filters, facets, pages ------------------------------------------------------------------------
+
+async def test_filters_and_facets(svc: Services, tenant: Tenant) -> None:
+    other = await svc.tenancy.create_project(tenant.owner, "second")
+    await svc.types.register(tenant.owner, NOTE)
+    await svc.types.register(tenant.owner, CARD)
+    done = await svc.entities.create(tenant.owner, tenant.project_id, "kanban.card",
+                                     {"title": "launch rocket", "status": "done", "labels": ["space", "urgent"],
+                                      "points": 3, "meta": {"team": "blue"}})
+    todo = await svc.entities.create(tenant.owner, tenant.project_id, "kanban.card",
+                                     {"title": "launch party", "status": "todo", "labels": ["fun"]})
+    note = await svc.entities.create(tenant.owner, other["id"], "note",
+                                     {"title": "launch notes", "body": "", "tags": ["space"]})
+    search = svc.search.search
+    assert {h.id for h in (await search(tenant.owner, "launch", mode="text")).hits} == {done.id, todo.id, note.id}
+    f = Filters(data=(("status", "done"),))
+    assert [h.id for h in (await search(tenant.owner, "launch", mode="text", filters=f)).hits] == [done.id]
+    f = Filters(data=(("points", "3"), ("meta.team", "blue")))
+    assert [h.id for h in (await search(tenant.owner, "launch", mode="text", filters=f)).hits] == [done.id]
+    f = Filters(types=("note",))
+    assert [h.id for h in (await search(tenant.owner, "launch", mode="text", filters=f)).hits] == [note.id]
+    f = Filters(modules=("kanban",), projects=(tenant.project_id,))
+    assert len((await search(tenant.owner, "launch", mode="text", filters=f)).hits) == 2
+    f = Filters(updated_after=note.updated_at)
+    assert (await search(tenant.owner, "launch", mode="text", filters=f)).hits == []
+    res = await search(tenant.owner, "launch", mode="text", facets=("type", "module", "project", "tag"))
+    assert res.facets == {
+        "type": {"kanban.card": 2, "note": 1}, "module": {"kanban": 2, "notes": 1},
+        "project": {str(tenant.project_id): 2, str(other["id"]): 1},
+        "tag": {"space": 2, "fun": 1, "urgent": 1}}
+    assert res.total == 3
+    with pytest.raises(InvalidInput):
+        await search(tenant.owner, "launch", filters=Filters(data=(("bad name';", "x"),)))
+    with pytest.raises(InvalidInput):
+        await search(tenant.owner, "launch", facets=("colour",))
+
+
+async def test_pages_follow_each_other_without_gaps_or_repeats(svc: Services, tenant: Tenant) -> None:
+    ids = await _setup(svc, tenant, [("note", {"title": f"report number {i}", "body": "report" * (i % 3 + 1)})
+                                     for i in range(25)] + [("note", {"title": "reports", "body": ""})])
+    for mode in ("text", "hybrid", "semantic"):
+        seen: list[UUID] = []
+        cursor = None
+        while True:
+            res = await svc.search.search(tenant.owner, "report", mode=mode, limit=7, cursor=cursor)
+            seen += [h.id for h in res.hits]
+            cursor = res.next_cursor
+            if cursor is None:
+                break
+        assert len(seen) == len(set(seen)), mode
+        assert set(ids) <= set(seen) or mode != "text", mode
+    with pytest.raises(InvalidInput):
+        await svc.search.search(tenant.owner, "other query", mode="text", cursor=res.next_cursor or "bm90IGEgY3Vyc29y")
+
+
+async def test_empty_query_lists_recent_entities_with_facets(svc: Services, tenant: Tenant) -> None:
+    first, second = await _setup(svc, tenant, [("note", {"title": "one", "body": ""}),
+                                               ("kanban.card", {"title": "two"})])
+    res = await svc.search.search(tenant.owner, "", mode="hybrid", facets=("type",))
+    assert [h.id for h in res.hits] == [second, first]
+    assert res.facets == {"type": {"kanban.card": 1, "note": 1}}
+
+
+# --- access ------------------------------------------------------------------------------------------
+
+async def test_results_counts_and_facets_keep_to_readable_projects(svc: Services, tenant: Tenant,
+                                                                   other_tenant: Tenant) -> None:
+    secret = await svc.tenancy.create_project(tenant.owner, "secret")
+    await _setup(svc, tenant, [("note", {"title": "budget visible", "body": ""})])
+    await svc.entities.create(tenant.owner, secret["id"], "note", {"title": "budget hidden", "body": ""})
+    await svc.indexer.drain(tenant.org_id)
+    member_id = await svc.tenancy.ensure_user(f"member-{tenant.slug}@example.com")
+    await svc.tenancy.set_org_role(tenant.org_id, member_id, "member")
+    await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, member_id, "viewer")
+    member = Principal(org_id=tenant.org_id, user_id=member_id, org_role="member")
+    for mode in ("text", "semantic", "hybrid"):
+        res = await svc.search.search(member, "budget", mode=mode, facets=("project", "type"))
+        assert [h.data["title"] for h in res.hits] == ["budget visible"], mode
+        assert res.total == 1 and res.facets is not None
+        assert res.facets["project"] == {str(tenant.project_id): 1}, mode
+    with pytest.raises(NotFound):
+        await svc.search.search(member, "budget", filters=Filters(projects=(secret["id"],)))
+    # Another org sees nothing of this one, whatever it asks for.
+    await svc.types.register(other_tenant.owner, NOTE)
+    for mode in ("text", "semantic", "hybrid"):
+        assert (await svc.search.search(other_tenant.owner, "budget", mode=mode)).hits == []
+    with pytest.raises(NotFound):
+        await svc.search.search(other_tenant.owner, "budget", filters=Filters(projects=(tenant.project_id,)))
+
+
+# --- HTTP ------------------------------------------------------------------------------------------
+
+async def test_http_search(client: httpx.AsyncClient, svc: Services, tenant: Tenant) -> None:
+    (card,) = await _setup(svc, tenant, [("kanban.card", {"title": "ship the release", "status": "done"})])
+    url = f"/v1/orgs/{tenant.slug}/search"
+    r = await client.get(url, params={"q": "releas", "mode": "text", "data.status": "done",
+                                      "facets": "type,module", "project": tenant.project_slug},
+                         headers=tenant.headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [h["id"] for h in body["hits"]] == [str(card)]
+    assert body["hits"][0]["highlights"]["title"] == "ship the <mark>release</mark>"
+    assert body["facets"]["module"] == {"kanban": 1} and body["degraded"] is False
+    for params, status in [({"q": "x", "colour": "red"}, 422), ({"q": "x", "data.bad;": "1"}, 422),
+                           ({"q": "x", "mode": "fuzzy"}, 422), ({"q": "x", "limit": 0}, 422),
+                           ({"q": "x", "cursor": "garbage"}, 422), ({"q": "x", "project": "nope"}, 404),
+                           ({"q": "x" * 10_001}, 422), ({"q": "x", "updated_after": "yesterday"}, 422)]:
+        r = await client.get(url, params=params, headers=tenant.headers)
+        assert r.status_code == status, (params, r.text)
+        assert r.headers["content-type"].startswith("application/problem+json")
+    assert (await client.get(url, params={"q": "x"})).status_code == 401
+    status = await client.get(f"{url}/status", headers=tenant.headers)
+    assert status.status_code == 200 and status.json()["backlog"] == {"terms": 0, "embeddings": 0}
+
+
+# --- background indexing and a change of embedding model -----------------------------------------
+
+async def test_a_worker_indexes_writes_within_seconds(pg_url: str, svc: Services, tenant: Tenant) -> None:
+
+    await svc.types.register(tenant.owner, NOTE)
+    requests = jobs.Requests(jobs.defer_indexing, every=0.05)
+    svc.entities.changed = requests.request
+    try:
+        async with jobs.connected(pg_url), jobs.working(svc):
+            note = await svc.entities.create(tenant.owner, tenant.project_id, "note",
+                                             {"title": "Sticky note", "body": "buy a new vehicle"})
+            for _ in range(200):
+                if (await svc.indexer.backlog(tenant.org_id))["embeddings"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            await requests.close()
+    finally:
+        svc.entities.changed = None
+    assert (await _ids(svc, tenant.owner, "car", mode="semantic")) == [note.id]
+
+
+async def test_a_new_model_builds_in_the_background_then_takes_over(pg_url: str, settings: Settings) -> None:
+    """In a database of its own: the active model is one choice for the whole deployment."""
+
+    name = unique("models").replace("-", "_")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    url = psycopg.conninfo.make_conninfo(pg_url, dbname=name)
+    prepare_schema(url)
+    fake = FakeService()
+
+    def asked() -> list[str]:
+        return [text for _, _, body in fake.requests for text in body["input"]]
+    try:
+        async with Database(url, min_size=1, max_size=4) as db:
+            old = Services.build(settings, db)
+            tenant = await make_tenant(old)
+            (vehicle, _) = await _setup(old, tenant, [("note", {"title": "Sticky note", "body": "buy a new vehicle"}),
+                                                      ("note", {"title": "Groceries", "body": "bananas"})])
+            assert (await old.models.active()).model == "all-MiniLM-L6-v2"
+            new = Services.build(settings, db, embedder=make_embedder("openai", model="fake-8",
+                                                                         url=fake.url + "/v1"))
+            assert (await new.models.register()).state == "building"
+            # While it builds, queries still embed with the old model and find the old vectors.
+            assert (await _ids(new, tenant.owner, "car", mode="semantic"))[0] == vehicle
+            assert "car" not in asked()
+            assert await new.indexer.backfill([tenant.org_id]) == 2
+            assert (await new.models.active()).model == "fake-8"
+            async with db.transaction(tenant.org_id) as conn:
+                cur = await conn.execute("SELECT DISTINCT model FROM search_vectors")
+                assert [r["model"] for r in await cur.fetchall()] == ["fake-8"]
+                cur = await conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'search_vectors'"
+                                         " AND indexdef LIKE '%%hnsw%%'")
+                assert [r["indexdef"] for r in await cur.fetchall()] == [
+                    "CREATE INDEX search_vectors_hnsw_" + hashlib.md5(b"fake-8").hexdigest()[:16]
+                    + " ON public.search_vectors USING hnsw (((embedding)::halfvec(8)) halfvec_cosine_ops)"
+                    " WITH (m='16', ef_construction='64') WHERE (model = 'fake-8'::text)"]
+            res = await new.search.search(tenant.owner, "car", mode="semantic")
+            assert len(res.hits) == 2 and "car" in asked() and res.degraded is None
+            await new.models.close()
+            await old.models.close()
+    finally:
+        fake.close()
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+async def test_board_nodes_are_searchable(svc: Services, tenant: Tenant) -> None:
+
+
+    await svc.documents.create(tenant.owner, tenant.project_id, "whiteboard", "board")
+    board = Board()
+    board.nodes["n1"] = Map({"type": "sticky", "x": 1, "y": 2, "text": "replace the delivery vehicle"})
+    board.nodes["n2"] = Map({"type": "shape", "x": 0, "y": 0})
+    await push(svc, tenant, "whiteboard", board)
+    await svc.projection.project(tenant.org_id, "whiteboard")
+    await svc.indexer.drain(tenant.org_id)
+    node = entity_id("whiteboard", "nodes", "n1")
+    assert await _ids(svc, tenant.owner, "delivery", mode="text") == [node]
+    assert (await _ids(svc, tenant.owner, "car", mode="semantic"))[:1] == [node]
+    res = await svc.search.search(tenant.owner, "delivery", mode="text", facets=("module",))
+    assert res.facets == {"module": {"board": 1}}

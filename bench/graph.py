@@ -27,10 +27,9 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
-from harness import Tenant, machine_facts, make_tenant, phase, print_footer, print_targets, run
+from harness import Tenant, machine_facts, make_tenant, phase, print_footer, print_targets, run, timed
 from rich.console import Console
 from rich.table import Table
 
@@ -163,26 +162,6 @@ def load(url: str, t: Tenant, g: Generated, projects: list[UUID]) -> dict[str, A
 
 
 # --- the measurements -----------------------------------------------------------------------------
-
-
-def stats(ms: list[float], answers: list[int]) -> dict[str, Any]:
-    s = sorted(ms)
-    return {"n": len(s), "median_ms": statistics.median(s), "p95_ms": s[max(0, round(0.95 * len(s)) - 1)],
-            "max_ms": s[-1], "answers_median": statistics.median(answers) if answers else 0,
-            "answers_max": max(answers) if answers else 0}
-
-
-async def timed(cases: list[Any], fn: Callable[[Any], Awaitable[int]], title: str) -> dict[str, Any]:
-    for case in cases[: max(3, len(cases) // 10)]:  # warm the cache and the plans
-        await fn(case)
-    ms, answers = [], []
-    with phase(title, len(cases)) as advance:
-        for case in cases:
-            t0 = time.perf_counter()
-            answers.append(await fn(case))
-            ms.append((time.perf_counter() - t0) * 1000)
-            advance()
-    return stats(ms, answers)
 
 
 _CTE_OUT = """WITH RECURSIVE r(id, d) AS (SELECT %(x)s::uuid, 0 UNION

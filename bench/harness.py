@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,28 @@ async def run_writers(title: str, seconds: float, writers: int,
             advance(completed=min(seconds, time.perf_counter() - start))
         await jobs
         return time.perf_counter() - start, time.process_time() - cpu
+
+
+def stats(ms: list[float], answers: list[int]) -> dict[str, Any]:
+    """Median, p95 and max of latencies in ms, and of the answers' sizes."""
+    s = sorted(ms)
+    return {"n": len(s), "median_ms": statistics.median(s), "p95_ms": s[max(0, round(0.95 * len(s)) - 1)],
+            "max_ms": s[-1], "answers_median": statistics.median(answers) if answers else 0,
+            "answers_max": max(answers) if answers else 0}
+
+
+async def timed(cases: list[Any], fn: Callable[[Any], Awaitable[int]], title: str) -> dict[str, Any]:
+    """Time ``fn`` over ``cases`` after warming caches and plans on the first tenth."""
+    for case in cases[: max(3, len(cases) // 10)]:  # warm the cache and the plans
+        await fn(case)
+    ms, answers = [], []
+    with phase(title, len(cases)) as advance:
+        for case in cases:
+            t0 = time.perf_counter()
+            answers.append(await fn(case))
+            ms.append((time.perf_counter() - t0) * 1000)
+            advance()
+    return stats(ms, answers)
 
 
 def source_revision() -> str:

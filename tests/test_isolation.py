@@ -109,3 +109,23 @@ async def test_update_cannot_move_rows_to_another_org(db: Database, svc: Service
         async with db.transaction(tenant.org_id) as conn:
             await conn.execute("UPDATE entities SET org_id = %s WHERE id = %s", (other_tenant.org_id, e.id))
     assert (await svc.entities.get(tenant.owner, e.id)).org_id == tenant.org_id
+
+
+async def test_search_lookups_keep_to_the_transactions_org(db: Database, svc: Services, tenant: Tenant,
+                                                           other_tenant: Tenant) -> None:
+    """The text and trigram lookups run as the schema owner (for their indexes): they must
+    apply the org of the transaction themselves, whatever the caller asks."""
+    from canvasdb.entities import EntityType
+
+    await svc.types.register(tenant.owner, EntityType(name="note", text_fields={"title": "A"}))
+    await svc.entities.create(tenant.owner, tenant.project_id, "note", {"title": "confidential merger"})
+    await svc.indexer.drain(tenant.org_id)
+    match = ("SELECT count(*) AS n FROM search_match('merger', NULL, NULL, NULL, NULL, NULL, NULL, NULL, 100)")
+    similar = "SELECT count(*) AS n FROM search_similar_terms('mergers', 1, 40, 100)"
+    async with db.transaction(tenant.org_id) as conn:
+        assert await (await conn.execute(match)).fetchone() == {"n": 1}
+        assert await (await conn.execute(similar)).fetchone() == {"n": 1}
+    for org in (other_tenant.org_id, None):
+        async with db.transaction(org) as conn:
+            assert await (await conn.execute(match)).fetchone() == {"n": 0}
+            assert await (await conn.execute(similar)).fetchone() == {"n": 0}

@@ -172,7 +172,8 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 
 @app.command()
 def worker(concurrency: Annotated[int, typer.Option(min=1, max=64, help="Jobs at once.")] = 2) -> None:
-    """Run background jobs (compaction, retention) on their own, next to any number of servers."""
+    """Run background jobs (compaction, retention, projection, search indexing) on their own,
+    next to any number of servers."""
     from canvasdb import jobs
 
     settings = _settings()

@@ -1,4 +1,5 @@
-"""Background work on a PostgreSQL-backed job queue (procrastinate): compaction, retention.
+"""Background work on a PostgreSQL-backed job queue (procrastinate): compaction, retention,
+projection, search indexing.
 
 Jobs live in PostgreSQL beside the data, so one backup covers them and they outlive
 any process. ``canvasdb up`` runs a worker; ``canvasdb worker`` runs one on its own,

@@ -24,7 +24,7 @@ from canvasdb.settings import Settings
 def create_app(settings: Settings, *, database_url: str | None = None,
                services: Services | None = None, run_worker: bool = False) -> FastAPI:
     """The app. Pass ``services`` to share an open pool (tests); else it opens its own, and
-    with ``run_worker`` also works through the job queue (compaction, retention)."""
+    with ``run_worker`` also works through the job queue (compaction, retention, indexing)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

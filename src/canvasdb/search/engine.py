@@ -25,6 +25,7 @@ import hashlib
 import html
 import json
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -49,8 +50,11 @@ FACETS = ("type", "module", "project", "tag")
 RRF_K = 60
 MAX_LIMIT = 100
 MAX_DEPTH = 1000  # semantic and hybrid results end this deep
+VECTOR_COUNT_TTL = 60.0  # seconds an org's vector count (exact scan or HNSW) is trusted
 SEMANTIC_QUERY_CHARS = 2000
 DATA_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62}){0,7}$")
+# The filters as arguments of search_match (see the migration: text matches go through it).
+MATCH_SCOPE = "%(projects)s, %(types)s, %(modules)s, %(updated_after)s, %(updated_before)s, %(data)s"
 _MARK, _END = "\x02", "\x03"  # headline markers, turned into <mark> after HTML-escaping
 
 
@@ -157,6 +161,7 @@ class Search:
         self.exact_below = exact_below
         self.ef_search = ef_search
         self.embed_timeout = embed_timeout
+        self._vector_counts: dict[tuple[UUID, str], tuple[float, int]] = {}
 
     async def search(
         self, who: Principal, text: str = "", *, mode: Mode = "hybrid", typo: bool = True,
@@ -180,27 +185,33 @@ class Search:
         if mode != "text" and text.strip():
             model, vector, results.degraded = await self._query_vector(text)
         async with self.db.transaction(who.org_id) as conn:
+            # Every query here has an index made for it; with a LIMIT, the planner may hope
+            # to find matches early in a sequential scan, and at a million rows it does not.
+            await conn.execute("SELECT set_config('enable_seqscan', 'off', true),"
+                               " set_config('pg_trgm.similarity_threshold', '0.25', true)")
             projects = await self._scope(conn, who, filters)
             where, params = _where(who.org_id, projects, filters)
             plan = None
             if not parsed.empty:
-                plan = await self._plan(conn, who.org_id, parsed, typo, results.corrections)
+                plan = await self._plan(conn, who.org_id, parsed, typo and mode != "semantic",
+                                        results.corrections)
+            nearest: list[UUID] = []
             if parsed.empty and (mode == "text" or vector is None):
                 hits = await self._recent(conn, where, params, limit + 1, after)
             elif mode == "text" or vector is None:
-                hits = await self._text(conn, plan, where, params, limit + 1, after) if plan else []
+                hits = await self._text(conn, plan, params, limit + 1, after) if plan else []
             elif mode == "semantic":
-                hits = await self._semantic(conn, who.org_id, model, vector, projects, filters,
-                                            where, params, limit + 1, after)
+                hits, nearest = await self._semantic(conn, who.org_id, model, vector, where, params,
+                                                     limit + 1, after)
             else:
-                hits = await self._hybrid(conn, who.org_id, plan, model, vector, projects, filters,
-                                          where, params, limit + 1, after)
+                hits, nearest = await self._hybrid(conn, who.org_id, plan, model, vector, where, params,
+                                                   limit + 1, after)
             if len(hits) > limit:
                 del hits[limit:]
                 results.next_cursor = _encode_cursor(fingerprint, hits[-1]._key)
             if facets or after is None:
-                await self._count(conn, plan, where, params, facets, results,
-                                  [h.id for h in hits] if mode != "text" and vector is not None else [])
+                await self._count(conn, None if nearest and mode == "semantic" else plan, where, params,
+                                  facets, results, nearest)
             await self._hydrate(conn, who.org_id, plan, hits)
         results.hits = hits
         metrics.SEARCH_QUERIES.labels(mode=mode).inc()
@@ -229,18 +240,22 @@ class Search:
     async def _plan(self, conn: Connection, org_id: UUID, parsed: q.ParsedQuery, typo: bool,
                     corrections: dict[str, list[str]]) -> _Plan:
         """Look up corrections for the query's words in the org's term dictionary."""
-        found: dict[str, list[tuple[str, int]]] = {}
+        found: dict[str, list[str]] = {}
         words = [w for w in dict.fromkeys(parsed.words()) if q.allowed_typos(w)] if typo else []
         if words:
-            await conn.execute("SELECT set_config('pg_trgm.similarity_threshold', '0.25', true)")
+            # Exact lookups of every string one typo away (the primary key serves them), and,
+            # for the words allowed two typos, the most similar words by trigrams.
+            variants = {v: w for w in words for v in q.one_typo_away(w)}
+            similar = [w for w in words if q.allowed_typos(w) > 1]
             cur = await conn.execute(
-                "SELECT w, array_agg(t.term) AS terms FROM unnest(%s::text[]) AS w,"
-                " LATERAL (SELECT term FROM search_terms WHERE org_id = %s AND term %% w"
-                "          AND length(term) BETWEEN length(w) - 2 AND length(w) + 2"
-                "          ORDER BY similarity(term, w) DESC LIMIT 100) AS t GROUP BY w",
-                (words, org_id))
+                "SELECT term AS w, term FROM search_terms WHERE org_id = %s AND term = ANY(%s)"
+                + "".join(" UNION ALL SELECT %s, search_similar_terms(%s, %s, %s, 100)" for _ in similar),
+                [org_id, list(variants),
+                 *(x for w in similar for x in (w, w, len(w) - 2, len(w) + 2))])
             for row in await cur.fetchall():
-                found[row["w"]] = q.corrections(row["w"], row["terms"])
+                word = variants.get(row["w"], row["w"])
+                found.setdefault(word, []).append(row["term"])
+        corrected = {w: q.corrections(w, terms) for w, terms in found.items()}
         exact, levels = [], []
         for group in parsed.groups:
             exact.append(" | ".join(t.tsquery() for t in group.terms))
@@ -248,15 +263,15 @@ class Search:
             for term in group.terms:
                 if term.phrase:
                     continue
-                for alt, cost in found.get(term.words[0], []):
+                for alt, cost in corrected.get(term.words[0], []):
                     (one if cost == 1 else two).append(alt)
                     corrections.setdefault(term.words[0], []).append(alt)
             levels.append([" | ".join(one), " | ".join(two)])
         excluded = " & ".join(f"!({t.tsquery()})" for t in parsed.excluded)
         return _Plan(parsed, exact, levels, excluded)
 
-    async def _text(self, conn: Connection, plan: _Plan, where: sql.Composable, params: list[Any],
-                    need: int, after: tuple[Any, ...] | None) -> list[Hit]:
+    async def _text(self, conn: Connection, plan: _Plan, params: dict[str, Any], need: int,
+                    after: Sequence[Any] | None) -> list[Hit]:
         """Walk the buckets (tier by tier, exact then corrected) until ``need`` hits."""
         hits: list[Hit] = []
         n = len(plan.exact)
@@ -268,19 +283,22 @@ class Search:
                 if after is not None and bucket < tuple(after[:2]):
                     continue  # the cursor is past this bucket
                 within = after[2:] if after is not None and bucket == tuple(after[:2]) else None
-                hits += await self._bucket(conn, plan, tier, phase, where, params, need - len(hits), within)
+                hits += await self._bucket(conn, plan, tier, phase, params, need - len(hits), within)
                 if len(hits) >= need:
                     return hits
         return hits
 
-    async def _bucket(self, conn: Connection, plan: _Plan, tier: int, phase: int, where: sql.Composable,
-                      params: dict[str, Any], need: int, after: Sequence[Any] | None) -> list[Hit]:
-        args = {**params, "exact": plan.tier(tier, typos=False), "loose": plan.tier(tier, typos=True),
+    async def _bucket(self, conn: Connection, plan: _Plan, tier: int, phase: int, params: dict[str, Any],
+                      need: int, after: Sequence[Any] | None) -> list[Hit]:
+        exact, loose = plan.tier(tier, typos=False), plan.tier(tier, typos=True)
+        # Phase 0: exact matches. Phase 1: matches through a correction only. Either way, not
+        # those already in a higher tier.
+        unless = [exact] if phase == 1 else []
+        if tier < len(plan.exact):
+            unless.append(plan.tier(tier + 1, typos=True))
+        args = {**params, "match": exact if phase == 0 else loose, "loose": loose,
+                "unless": " | ".join(f"({u})" for u in unless) or None,
                 "cutoff": self.rank_cutoff, "need": need}
-        match = "s.tsv @@ q.exact" if phase == 0 else "s.tsv @@ q.loose AND NOT s.tsv @@ q.exact"
-        if tier < len(plan.exact):  # not already in a higher tier
-            match += " AND NOT s.tsv @@ to_tsquery('english', %(higher)s)"
-            args["higher"] = plan.tier(tier + 1, typos=True)
         typos = "0"
         if phase == 1:
             cases = []
@@ -297,14 +315,11 @@ class Search:
             keyset = "WHERE (typos, -rank, id) > (%(k_typos)s, %(k_rank)s, %(k_id)s)"
             args.update(k_typos=after[0], k_rank=after[1], k_id=UUID(after[2]))
         query = sql.SQL(
-            "WITH q AS (SELECT to_tsquery('english', %(exact)s) AS exact,"
-            "                  to_tsquery('english', %(loose)s) AS loose),"
-            " c AS (SELECT s.entity_id, s.project_id, s.type, s.module, s.tsv FROM search_docs s, q"
-            "       WHERE {where} AND {match} LIMIT %(cutoff)s)"
-            " SELECT * FROM (SELECT c.entity_id AS id, c.project_id, c.type, c.module, {typos} AS typos,"
-            "                ts_rank(c.tsv, q.loose)::float8 AS rank FROM c, q) r"
+            "SELECT * FROM (SELECT c.entity_id AS id, c.project_id, c.type, c.module, {typos} AS typos,"
+            "               ts_rank(c.tsv, to_tsquery('english', %(loose)s))::float8 AS rank"
+            "        FROM search_match(%(match)s, %(unless)s, {scope}, %(cutoff)s) c) r"
             " {keyset} ORDER BY typos, rank DESC, id LIMIT %(need)s").format(
-                where=where, match=sql.SQL(match), typos=sql.SQL(typos), keyset=sql.SQL(keyset))
+                typos=sql.SQL(typos), keyset=sql.SQL(keyset), scope=sql.SQL(MATCH_SCOPE))
         cur = await conn.execute(query, args)
         out = []
         for row in await cur.fetchall():
@@ -350,8 +365,7 @@ class Search:
         return active, [float(x) for x in rows[0]], None
 
     async def _nearest(self, conn: Connection, org_id: UUID, model: Any, vector: list[float],
-                       projects: list[UUID] | None, filters: Filters, where: sql.Composable,
-                       params: dict[str, Any], depth: int) -> list[tuple[UUID, float]]:
+                       where: sql.Composable, params: dict[str, Any], depth: int) -> list[tuple[UUID, float]]:
         """The ``depth`` nearest entities: HNSW for a large org, an exact scan for a small one."""
         dim = sql.Literal(model.dimension)
         distance = sql.SQL("v.embedding::halfvec({d}) <=> %(qv)s::halfvec({d})").format(d=dim)
@@ -373,33 +387,39 @@ class Search:
         return [(row["entity_id"], row["distance"]) for row in await cur.fetchall()]
 
     async def _vector_count(self, conn: Connection, org_id: UUID, model: str) -> int:
+        """How many vectors the org has, up to ``exact_below`` (remembered for a minute)."""
+        at, n = self._vector_counts.get((org_id, model), (0.0, 0))
+        if time.monotonic() - at < VECTOR_COUNT_TTL:
+            return n
         cur = await conn.execute(
             "SELECT count(*) AS n FROM (SELECT FROM search_vectors WHERE org_id = %s AND model = %s"
             " LIMIT %s) x", (org_id, model, self.exact_below))
         row = await cur.fetchone()
-        return row["n"] if row else 0
+        n = row["n"] if row else 0
+        if len(self._vector_counts) > 10_000:
+            self._vector_counts.clear()
+        self._vector_counts[(org_id, model)] = (time.monotonic(), n)
+        return n
 
     async def _semantic(self, conn: Connection, org_id: UUID, model: Any, vector: list[float],
-                        projects: list[UUID] | None, filters: Filters, where: sql.Composable,
-                        params: dict[str, Any], need: int, after: Sequence[Any] | None) -> list[Hit]:
+                        where: sql.Composable, params: dict[str, Any], need: int,
+                        after: Sequence[Any] | None) -> tuple[list[Hit], list[UUID]]:
         seen = int(after[2]) if after is not None else 0
-        nearest = await self._nearest(conn, org_id, model, vector, projects, filters, where, params,
-                                      min(MAX_DEPTH, seen + need))
+        nearest = await self._nearest(conn, org_id, model, vector, where, params, min(MAX_DEPTH, seen + need))
         ranked = [(1.0 - dist, str(eid), eid, dist) for eid, dist in nearest]
         hits = await self._fused_hits(conn, org_id, ranked, after, need, seen)
         for hit in hits:
-            hit.distance = 1.0 - hit.score
-        return hits
+            hit.distance = round(1.0 - hit.score, 6)
+        return hits, [eid for eid, _ in nearest]
 
     async def _hybrid(self, conn: Connection, org_id: UUID, plan: _Plan | None, model: Any,
-                      vector: list[float], projects: list[UUID] | None, filters: Filters,
-                      where: sql.Composable, params: dict[str, Any], need: int,
-                      after: Sequence[Any] | None) -> list[Hit]:
+                      vector: list[float], where: sql.Composable, params: dict[str, Any], need: int,
+                      after: Sequence[Any] | None) -> tuple[list[Hit], list[UUID]]:
         """Reciprocal rank fusion: each list adds 1 / (60 + rank) to an entity's score."""
         seen = int(after[2]) if after is not None else 0
         depth = min(MAX_DEPTH, max(100, seen + need))
-        text = await self._text(conn, plan, where, params, depth, None) if plan else []
-        nearest = await self._nearest(conn, org_id, model, vector, projects, filters, where, params, depth)
+        text = await self._text(conn, plan, params, depth, None) if plan else []
+        nearest = await self._nearest(conn, org_id, model, vector, where, params, depth)
         scores: dict[UUID, float] = {}
         for rank, hit in enumerate(text, 1):
             scores[hit.id] = scores.get(hit.id, 0.0) + 1.0 / (RRF_K + rank)
@@ -413,8 +433,9 @@ class Search:
             if hit.id in by_id:
                 hit.words, hit.typos, hit.text_rank = (by_id[hit.id].words, by_id[hit.id].typos,
                                                        by_id[hit.id].text_rank)
-            hit.distance = distances.get(hit.id)
-        return hits
+            distance = distances.get(hit.id)
+            hit.distance = None if distance is None else round(distance, 6)
+        return hits, list(distances)
 
     async def _fused_hits(self, conn: Connection, org_id: UUID, ranked: list[tuple[float, str, UUID, Any]],
                           after: Sequence[Any] | None, need: int, seen: int) -> list[Hit]:
@@ -444,24 +465,29 @@ class Search:
     async def _count(self, conn: Connection, plan: _Plan | None, where: sql.Composable,
                      params: dict[str, Any], facets: Sequence[str], results: Results,
                      also: list[UUID]) -> None:
-        """The number of matches and the facet counts, over at most ``facet_cap`` matches."""
+        """The number of matches and the facet counts, over at most ``facet_cap`` matches: those
+        of the text query's first word (the broadest tier), and ``also`` (the semantic list)."""
         args = {**params, "cap": self.facet_cap + 1, "also": also}
-        match = "true"
+        columns = ("SELECT s.entity_id, s.type, s.module, s.project_id::text AS project, s.tags"
+                   " FROM search_docs s")
+        branches = []
         if plan is not None:
-            match = "(s.tsv @@ to_tsquery('english', %(broad)s) OR s.entity_id = ANY(%(also)s))"
+            branches.append("(SELECT entity_id, type, module, project_id::text AS project, tags"
+                            f" FROM search_match(%(broad)s, NULL, {MATCH_SCOPE}, %(cap)s))")
             args["broad"] = plan.tier(1, typos=True)
-        elif also:
-            match = "s.entity_id = ANY(%(also)s)"
+        if also:
+            branches.append(f"({columns} WHERE {{where}} AND s.entity_id = ANY(%(also)s))")
+        if not branches:
+            branches.append(f"({columns} WHERE {{where}} LIMIT %(cap)s)")
         cur = await conn.execute(sql.SQL(
-            "WITH m AS MATERIALIZED (SELECT s.type, s.module, s.project_id::text AS project, s.tags"
-            "  FROM search_docs s WHERE {where} AND {match} LIMIT %(cap)s)"
+            "WITH m AS MATERIALIZED (" + " UNION ".join(branches) + ")"
             " SELECT 'total' AS facet, NULL AS value, count(*) AS n FROM m"
             " UNION ALL SELECT 'type', type, count(*) FROM m WHERE {want_type} GROUP BY type"
             " UNION ALL SELECT 'module', module, count(*) FROM m WHERE {want_module} GROUP BY module"
             " UNION ALL SELECT 'project', project, count(*) FROM m WHERE {want_project} GROUP BY project"
             " UNION ALL SELECT 'tag', tag, count(*) FROM m, unnest(m.tags) AS tag WHERE {want_tag}"
             "  GROUP BY tag").format(
-                where=where, match=sql.SQL(match),
+                where=where,
                 **{f"want_{f}": sql.SQL("true" if f in facets else "false") for f in FACETS}), args)
         counts: dict[str, dict[str, int]] = {f: {} for f in facets}
         for row in await cur.fetchall():
@@ -501,36 +527,37 @@ class Search:
 
 def _where(org_id: UUID, projects: list[UUID] | None,
            filters: Filters) -> tuple[sql.Composable, dict[str, Any]]:
-    """The filter over ``search_docs s`` with its named parameters."""
+    """The filter over ``search_docs s``, and its named parameters (also those of MATCH_SCOPE)."""
+    params: dict[str, Any] = {
+        "org": org_id, "projects": projects, "types": list(filters.types) or None,
+        "modules": list(filters.modules) or None, "updated_after": filters.updated_after,
+        "updated_before": filters.updated_before, "data": None}
     parts = ["s.org_id = %(org)s"]
-    params: dict[str, Any] = {"org": org_id}
     if projects is not None:
         parts.append("s.project_id = ANY(%(projects)s)")
-        params["projects"] = projects
     if filters.types:
         parts.append("s.type = ANY(%(types)s)")
-        params["types"] = list(filters.types)
     if filters.modules:
         parts.append("s.module = ANY(%(modules)s)")
-        params["modules"] = list(filters.modules)
     if filters.updated_after:
         parts.append("s.updated_at > %(updated_after)s")
-        params["updated_after"] = filters.updated_after
     if filters.updated_before:
         parts.append("s.updated_at < %(updated_before)s")
-        params["updated_before"] = filters.updated_before
-    for i, (name, raw) in enumerate(filters.data):
-        # data.n=3 matches 3 and "3"; data.done=true matches true and "true".
-        options = [_nested(name, raw)]
-        try:
-            parsed = json.loads(raw)
-        except ValueError:
-            parsed = raw
-        if parsed != raw and not isinstance(parsed, dict | list):
-            options.append(_nested(name, parsed))
-        parts.append(f"EXISTS (SELECT FROM entities e WHERE e.org_id = s.org_id AND e.id = s.entity_id"
-                     f" AND e.data @> ANY(%(data{i})s::jsonb[]))")
-        params[f"data{i}"] = [Jsonb(o) for o in options]
+    if filters.data:
+        alternatives = []
+        for name, raw in filters.data:
+            # data.n=3 matches 3 and "3"; data.done=true matches true and "true".
+            options = [_nested(name, raw)]
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                parsed = raw
+            if parsed != raw and not isinstance(parsed, dict | list):
+                options.append(_nested(name, parsed))
+            alternatives.append(options)
+        params["data"] = Jsonb(alternatives)
+        parts.append("EXISTS (SELECT FROM entities e WHERE e.org_id = s.org_id AND e.id = s.entity_id"
+                     " AND search_data_filter(e.data, %(data)s))")
     return sql.SQL(" AND ".join(parts)), params
 
 

@@ -13,6 +13,7 @@ backslashes and tsquery operators (``& | ! :*``) in a query are inert text.
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass, field
 
 from rapidfuzz.distance import OSA
@@ -94,6 +95,30 @@ def allowed_typos(word: str) -> int:
     """Meilisearch's rule: 1-4 letters exact, 5-8 letters one typo, 9 or more two."""
     n = len(word)
     return 0 if n <= 4 else 1 if n <= 8 else 2
+
+
+def one_typo_away(word: str) -> set[str]:
+    """Every string one typo from ``word`` (deleted, swapped, replaced or inserted letter).
+
+    A 5-8 letter word may have only one typo, so its corrections are all among these,
+    found by exact lookups, which trigram similarity alone would miss for short words
+    (a swap in a 5-letter word shares a fifth of its trigrams). A first-letter typo
+    costs two, so for those words the first letter stays.
+    """
+    keep = 1 if allowed_typos(word) == 1 else 0
+    letters = set(string.ascii_lowercase) | set(word)
+    head, tail = word[:keep], word[keep:]
+    out = set()
+    for i in range(len(tail) + 1):
+        left, right = tail[:i], tail[i:]
+        if right:
+            out.add(head + left + right[1:])
+            out.update(head + left + c + right[1:] for c in letters)
+        if len(right) > 1:
+            out.add(head + left + right[1] + right[0] + right[2:])
+        out.update(head + left + c + right for c in letters)
+    out.discard(word)
+    return out
 
 
 def typo_cost(word: str, term: str) -> int:

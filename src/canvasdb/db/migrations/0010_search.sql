@@ -194,6 +194,55 @@ END $$;
 CREATE TRIGGER entity_search_sync AFTER INSERT OR UPDATE OF data, deleted ON entities
     FOR EACH ROW EXECUTE FUNCTION entity_search_sync();
 
+-- Does `data` pass every filter? Each filter is an array of alternatives, each a JSON
+-- value `data` must contain ({"status": "done"}).
+CREATE FUNCTION search_data_filter(p_data jsonb, p_filters jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT p_filters IS NULL OR NOT EXISTS (
+        SELECT FROM jsonb_array_elements(p_filters) AS f
+        WHERE NOT EXISTS (SELECT FROM jsonb_array_elements(f) AS a WHERE p_data @> a))
+$$;
+
+-- The two lookups below run as the schema's owner (SECURITY DEFINER) and keep to the
+-- org of the caller's transaction themselves, as the row-level security policy would.
+-- Under row-level security PostgreSQL only lets leakproof operators into an index scan,
+-- and neither the text match (@@) nor pg_trgm's similarity (%) is one: as the
+-- application role, every text query would read the whole table. The owner must
+-- therefore not be subject to row-level security (a superuser, or BYPASSRLS).
+
+-- Matches of a text query (minus those of p_unless) within the filters, at most p_limit.
+CREATE FUNCTION search_match(p_match text, p_unless text, p_projects uuid[], p_types text[],
+                             p_modules text[], p_after timestamptz, p_before timestamptz,
+                             p_data jsonb, p_limit integer)
+RETURNS TABLE (entity_id uuid, project_id uuid, type text, module text, tags text[], tsv tsvector)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public, pg_temp AS $$
+    SELECT s.entity_id, s.project_id, s.type, s.module, s.tags, s.tsv
+    FROM search_docs s
+    WHERE s.org_id = current_org_id()
+      AND s.tsv @@ to_tsquery('english', p_match)
+      AND (p_unless IS NULL OR NOT s.tsv @@ to_tsquery('english', p_unless))
+      AND (p_projects IS NULL OR s.project_id = ANY (p_projects))
+      AND (p_types IS NULL OR s.type = ANY (p_types))
+      AND (p_modules IS NULL OR s.module = ANY (p_modules))
+      AND (p_after IS NULL OR s.updated_at > p_after)
+      AND (p_before IS NULL OR s.updated_at < p_before)
+      AND (p_data IS NULL OR EXISTS (SELECT FROM entities e WHERE e.org_id = s.org_id
+                                     AND e.id = s.entity_id AND search_data_filter(e.data, p_data)))
+    LIMIT p_limit
+$$;
+
+-- Dictionary words that look like p_word (trigram similarity over the caller's
+-- pg_trgm.similarity_threshold), most similar first: candidates for a typo correction.
+CREATE FUNCTION search_similar_terms(p_word text, p_min_length integer, p_max_length integer,
+                                     p_limit integer) RETURNS SETOF text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public, pg_temp AS $$
+    SELECT term FROM search_terms
+    WHERE org_id = current_org_id() AND term % p_word
+      AND length(term) BETWEEN p_min_length AND p_max_length
+    ORDER BY similarity(term, p_word) DESC, term
+    LIMIT p_limit
+$$;
+
 -- The HNSW index of one model's vectors (cosine distance on half-precision floats).
 -- Owned by the schema's owner, so the application role may ask for it.
 CREATE FUNCTION search_model_index(p_model text, p_dimension integer) RETURNS text
@@ -217,8 +266,12 @@ BEGIN
     EXECUTE format('DROP INDEX IF EXISTS %I', 'search_vectors_hnsw_' || left(md5(p_model), 16));
 END $$;
 
-REVOKE ALL ON FUNCTION search_model_index(text, integer), search_model_drop_index(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION search_model_index(text, integer), search_model_drop_index(text),
+    search_match(text, text, uuid[], text[], text[], timestamptz, timestamptz, jsonb, integer),
+    search_similar_terms(text, integer, integer, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION search_model_index(text, integer), search_model_drop_index(text),
+    search_match(text, text, uuid[], text[], text[], timestamptz, timestamptz, jsonb, integer),
+    search_similar_terms(text, integer, integer, integer), search_data_filter(jsonb, jsonb),
     search_strings(jsonb, text), search_vector(jsonb, jsonb), search_embed_text(jsonb, jsonb, jsonb),
     search_words(jsonb, jsonb), search_index_entity(uuid, uuid, uuid, text, jsonb, boolean, timestamptz),
     entity_search_sync() TO canvasdb_app;

@@ -249,6 +249,11 @@ async def test_filters_and_facets(svc: Services, tenant: Tenant) -> None:
     assert [h.id for h in (await search(tenant.owner, "launch", mode="text", filters=f)).hits] == [done.id]
     f = Filters(data=(("points", "3"), ("meta.team", "blue")))
     assert [h.id for h in (await search(tenant.owner, "launch", mode="text", filters=f)).hits] == [done.id]
+    f = Filters(data=(("labels", "space"),))  # an array field: one of its items
+    assert [h.id for h in (await search(tenant.owner, "launch", mode="text", filters=f)).hits] == [done.id]
+    for value in ("NaN", "Infinity", '"quoted\\" == $x', "1e999"):  # no match, no error
+        f = Filters(data=(("points", value),))
+        assert (await search(tenant.owner, "launch", mode="text", filters=f)).hits == []
     f = Filters(types=("note",))
     assert [h.id for h in (await search(tenant.owner, "launch", mode="text", filters=f)).hits] == [note.id]
     f = Filters(modules=("kanban",), projects=(tenant.project_id,))
@@ -265,6 +270,19 @@ async def test_filters_and_facets(svc: Services, tenant: Tenant) -> None:
         await search(tenant.owner, "launch", filters=Filters(data=(("bad name';", "x"),)))
     with pytest.raises(InvalidInput):
         await search(tenant.owner, "launch", facets=("colour",))
+
+
+async def test_totals_beyond_their_cap_are_marked_approximate(db: Database, svc: Services,
+                                                              tenant: Tenant) -> None:
+    await _setup(svc, tenant, [("note", {"title": f"budget line {i}", "body": "", "tags": [f"t{i % 2}"]})
+                               for i in range(6)])
+    search = Search(db, svc.models, total_cap=3, facet_cap=5).search
+    res = await search(tenant.owner, "budget", mode="text")
+    assert (res.total, res.total_approximate, len(res.hits)) == (3, True, 6)
+    res = await search(tenant.owner, "budget", mode="text", facets=("tag",))
+    assert (res.total, res.total_approximate, sum(res.facets["tag"].values())) == (5, True, 5)
+    res = await Search(db, svc.models, total_cap=6).search(tenant.owner, "budget", mode="text")
+    assert (res.total, res.total_approximate) == (6, False)
 
 
 async def test_pages_follow_each_other_without_gaps_or_repeats(svc: Services, tenant: Tenant) -> None:

@@ -56,7 +56,8 @@ class Services:
         key = settings.embedder_api_key.get_secret_value() if settings.embedder_api_key else None
         models = Models(db, embedder or embedder_from_settings(settings), api_key=key)
         search = Search(db, models, rank_cutoff=settings.search_rank_cutoff,
-                        facet_cap=settings.search_facet_cap, exact_below=settings.search_exact_below,
+                        facet_cap=settings.search_facet_cap,
+                        total_cap=settings.search_total_cap, exact_below=settings.search_exact_below,
                         ef_search=settings.search_ef_search,
                         embed_timeout=settings.search_embed_timeout_ms / 1000)
         return cls(settings, db, Tenancy(db), types, store, documents, blobs, attachments, projection,

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
                                     "(Meilisearch-like cutoff that bounds broad queries)")
     search_facet_cap: int = Field(default=10_000, ge=100, description="Most matches counted for totals "
                                   "and facets; beyond, they are marked approximate")
+    search_total_cap: int = Field(default=1000, ge=100, description="Most matches counted for the total "
+                                  "when no facets are asked (as Meilisearch's maxTotalHits); beyond, "
+                                  "it is marked approximate")
     search_exact_below: int = Field(default=10_000, ge=0, description="An org with fewer vectors is "
                                     "searched exactly (no HNSW)")
     search_ef_search: int = Field(default=100, ge=10, le=1000, description="HNSW candidate list size")

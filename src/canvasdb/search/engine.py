@@ -24,6 +24,7 @@ import base64
 import hashlib
 import html
 import json
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -152,12 +153,13 @@ class Search:
     """The Python API of search. ``search`` answers one page; see the module docstring."""
 
     def __init__(self, db: Database, models: Models, *, rank_cutoff: int = 2000,
-                 facet_cap: int = 10_000, exact_below: int = 10_000, ef_search: int = 100,
-                 embed_timeout: float = 2.0) -> None:
+                 facet_cap: int = 10_000, total_cap: int = 1000, exact_below: int = 10_000,
+                 ef_search: int = 100, embed_timeout: float = 2.0) -> None:
         self.db = db
         self.models = models
         self.rank_cutoff = rank_cutoff
         self.facet_cap = facet_cap
+        self.total_cap = total_cap
         self.exact_below = exact_below
         self.ef_search = ef_search
         self.embed_timeout = embed_timeout
@@ -210,7 +212,7 @@ class Search:
                 del hits[limit:]
                 results.next_cursor = _encode_cursor(fingerprint, hits[-1]._key)
             if facets or after is None:
-                await self._count(conn, None if nearest and mode == "semantic" else plan, where, params,
+                await self._count(conn, None if nearest and mode == "semantic" else plan, params,
                                   facets, results, nearest)
             await self._hydrate(conn, who.org_id, plan, hits)
         results.hits = hits
@@ -462,38 +464,22 @@ class Search:
 
     # --- totals, facets, and what a hit shows ---------------------------------------------
 
-    async def _count(self, conn: Connection, plan: _Plan | None, where: sql.Composable,
-                     params: dict[str, Any], facets: Sequence[str], results: Results,
-                     also: list[UUID]) -> None:
-        """The number of matches and the facet counts, over at most ``facet_cap`` matches: those
-        of the text query's first word (the broadest tier), and ``also`` (the semantic list)."""
-        args = {**params, "cap": self.facet_cap + 1, "also": also}
-        columns = ("SELECT s.entity_id, s.type, s.module, s.project_id::text AS project, s.tags"
-                   " FROM search_docs s")
-        branches = []
-        if plan is not None:
-            branches.append("(SELECT entity_id, type, module, project_id::text AS project, tags"
-                            f" FROM search_match(%(broad)s, NULL, {MATCH_SCOPE}, %(cap)s))")
-            args["broad"] = plan.tier(1, typos=True)
-        if also:
-            branches.append(f"({columns} WHERE {{where}} AND s.entity_id = ANY(%(also)s))")
-        if not branches:
-            branches.append(f"({columns} WHERE {{where}} LIMIT %(cap)s)")
-        cur = await conn.execute(sql.SQL(
-            "WITH m AS MATERIALIZED (" + " UNION ".join(branches) + ")"
-            " SELECT 'total' AS facet, NULL AS value, count(*) AS n FROM m"
-            " UNION ALL SELECT 'type', type, count(*) FROM m WHERE {want_type} GROUP BY type"
-            " UNION ALL SELECT 'module', module, count(*) FROM m WHERE {want_module} GROUP BY module"
-            " UNION ALL SELECT 'project', project, count(*) FROM m WHERE {want_project} GROUP BY project"
-            " UNION ALL SELECT 'tag', tag, count(*) FROM m, unnest(m.tags) AS tag WHERE {want_tag}"
-            "  GROUP BY tag").format(
-                where=where,
-                **{f"want_{f}": sql.SQL("true" if f in facets else "false") for f in FACETS}), args)
+    async def _count(self, conn: Connection, plan: _Plan | None, params: dict[str, Any],
+                     facets: Sequence[str], results: Results, also: list[UUID]) -> None:
+        """The number of matches and the facet counts, over at most ``facet_cap`` matches (or
+        ``total_cap`` when no facets are asked): those of the text query's first word (the broadest
+        tier), and ``also`` (the semantic list)."""
+        cap = self.facet_cap if facets else self.total_cap
+        cur = await conn.execute(
+            "SELECT facet, value, n"
+            f" FROM search_facets(%(broad)s, %(also)s, {MATCH_SCOPE}, %(cap)s, %(facets)s)",
+            {**params, "broad": plan.tier(1, typos=True) if plan else None, "also": also or None,
+             "cap": cap, "facets": list(facets)})
         counts: dict[str, dict[str, int]] = {f: {} for f in facets}
         for row in await cur.fetchall():
             if row["facet"] == "total":
-                results.total = min(row["n"], self.facet_cap)
-                results.total_approximate = row["n"] > self.facet_cap
+                results.total = min(row["n"], cap)
+                results.total_approximate = row["n"] > cap
             else:
                 counts[row["facet"]][row["value"]] = row["n"]
         if facets:
@@ -544,27 +530,36 @@ def _where(org_id: UUID, projects: list[UUID] | None,
     if filters.updated_before:
         parts.append("s.updated_at < %(updated_before)s")
     if filters.data:
-        alternatives = []
-        for name, raw in filters.data:
-            # data.n=3 matches 3 and "3"; data.done=true matches true and "true".
-            options = [_nested(name, raw)]
-            try:
-                parsed = json.loads(raw)
-            except ValueError:
-                parsed = raw
-            if parsed != raw and not isinstance(parsed, dict | list):
-                options.append(_nested(name, parsed))
-            alternatives.append(options)
-        params["data"] = Jsonb(alternatives)
+        params["data"] = _data_filter(filters.data)
         parts.append("EXISTS (SELECT FROM entities e WHERE e.org_id = s.org_id AND e.id = s.entity_id"
                      " AND search_data_filter(e.data, %(data)s))")
     return sql.SQL(" AND ".join(parts)), params
 
 
-def _nested(name: str, value: Any) -> dict[str, Any]:
-    for part in reversed(name.split(".")):
-        value = {part: value}
-    return value
+def _data_filter(fields: Sequence[tuple[str, str]]) -> Jsonb:
+    """The ``data.`` filters as one SQL/JSON path predicate (C code, not a query per row), with
+    the values as its variables: data.n=3 matches 3 and "3"; data.done=true, true and "true";
+    an array field matches when one of its items does (the path's lax mode)."""
+    conditions, values = [], {}
+    for i, (name, raw) in enumerate(fields):
+        target = "$" + "".join(f'."{part}"' for part in name.split("."))
+        options: list[Any] = [raw]
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = raw
+        if parsed != raw and not isinstance(parsed, dict | list) and _finite(parsed):
+            options.append(parsed)
+        alternatives = []
+        for j, value in enumerate(options):
+            values[f"v{i}_{j}"] = value
+            alternatives.append(f"{target} == $v{i}_{j}")
+        conditions.append("(" + " || ".join(alternatives) + ")")
+    return Jsonb({"path": " && ".join(conditions), "vars": values})
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def _marked(text: str) -> str:

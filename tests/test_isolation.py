@@ -120,18 +120,20 @@ async def test_search_lookups_keep_to_the_transactions_org(db: Database, svc: Se
     await svc.types.register(tenant.owner, EntityType(name="note", text_fields={"title": "A"}))
     await svc.entities.create(tenant.owner, tenant.project_id, "note", {"title": "confidential merger"})
     await svc.indexer.drain(tenant.org_id)
-    match = ("SELECT count(*) AS n FROM search_match('merger', NULL, NULL, NULL, NULL, NULL, NULL, NULL, 100)")
+    match = ("SELECT count(*) AS n FROM search_match('merger', NULL, %s, NULL, NULL, NULL, NULL, NULL, NULL, 100)")
     similar = "SELECT count(*) AS n FROM search_similar_terms('mergers', 1, 40, 100)"
     total = ("SELECT n FROM search_facets(%s, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 100, '{type}')"
              " WHERE facet = 'total'")
     async with db.transaction(tenant.org_id) as conn:
-        assert await (await conn.execute(match)).fetchone() == {"n": 1}
+        for titles in (True, None):  # the titles' index, and the whole text's
+            assert await (await conn.execute(match, (titles,))).fetchone() == {"n": 1}
         assert await (await conn.execute(similar)).fetchone() == {"n": 1}
         for query in ("merger", None):  # a text query, and every row in scope
             assert await (await conn.execute(total, (query,))).fetchone() == {"n": 1}
     for org in (other_tenant.org_id, None):
         async with db.transaction(org) as conn:
-            assert await (await conn.execute(match)).fetchone() == {"n": 0}
+            for titles in (True, None):
+                assert await (await conn.execute(match, (titles,))).fetchone() == {"n": 0}
             assert await (await conn.execute(similar)).fetchone() == {"n": 0}
             for query in ("merger", None):
                 assert await (await conn.execute(total, (query,))).fetchone() == {"n": 0}

@@ -272,6 +272,17 @@ async def test_filters_and_facets(svc: Services, tenant: Tenant) -> None:
         await search(tenant.owner, "launch", facets=("colour",))
 
 
+async def test_title_matches_rank_first_even_past_the_cutoff(db: Database, svc: Services,
+                                                             tenant: Tenant) -> None:
+    """Meilisearch's attribute rule: a word in a title beats the same word in bodies, and the
+    title is found through its own index even when the bodies' matches exceed the cutoff."""
+    ids = await _setup(svc, tenant, [("note", {"title": f"minutes {i}", "body": "the budget " * (i + 1)})
+                                     for i in range(5)] + [("note", {"title": "budget", "body": ""})])
+    res = await Search(db, svc.models, rank_cutoff=2).search(tenant.owner, "budget", mode="text", limit=3)
+    assert res.hits[0].id == ids[-1] and res.hits[0].score > res.hits[1].score
+    assert len({h.id for h in res.hits}) == 3  # then 2 of the bodies' matches (the cutoff)
+
+
 async def test_totals_beyond_their_cap_are_marked_approximate(db: Database, svc: Services,
                                                               tenant: Tenant) -> None:
     await _setup(svc, tenant, [("note", {"title": f"budget line {i}", "body": "", "tags": [f"t{i % 2}"]})

@@ -2,12 +2,14 @@
 
 Text ranking follows Meilisearch's rules as a bucket sort. Documents that match every
 query word come first, then (when a page is not full) those matching all but the last
-word, and so on. Within each such tier, exact matches come before corrected ones
-(fewer typos first), and then PostgreSQL's text rank orders them. Title hits rank
-higher because titles carry weight A. Each bucket ranks at most ``rank_cutoff``
-matches (found through the GIN index). So a word found in half the org costs what a
-rare one does. A later page resumes after the last hit's sort key, and whole buckets
-before it are skipped (keyset pagination).
+word, and so on. Within each such tier come exact matches, then those found through a
+correction only (fewer typos first); each of the two splits in those with the words in
+a title (an A-weight field, as Meilisearch's attribute rule), then the others; and
+PostgreSQL's text rank orders each bucket. Each bucket ranks at most ``rank_cutoff``
+matches, found through a GIN index: the titles' own for title buckets, so a word found
+in half the org's bodies reads a short posting list for the first page, and a rare
+word's typo is not lost among the matches of a common correction. A later page resumes after the
+last hit's sort key, and whole buckets before it are skipped (keyset pagination).
 
 Semantic search finds the nearest vectors of the active model (HNSW, or an exact scan
 for an org with few vectors). Hybrid fuses both lists by reciprocal rank (k = 60). If
@@ -55,6 +57,9 @@ VECTOR_COUNT_TTL = 60.0  # seconds an org's vector count (exact scan or HNSW) is
 SEMANTIC_QUERY_CHARS = 2000
 DATA_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62}){0,7}$")
 # The filters as arguments of search_match (see the migration: text matches go through it).
+# The buckets of a tier, in their order: exact matches, then those through corrections
+# only; each with the words in a title first.
+TITLES, ELSEWHERE, CORRECTED_TITLES, CORRECTED = 0, 1, 2, 3
 MATCH_SCOPE = "%(projects)s, %(types)s, %(modules)s, %(updated_after)s, %(updated_before)s, %(data)s"
 _MARK, _END = "\x02", "\x03"  # headline markers, turned into <mark> after HTML-escaping
 
@@ -134,6 +139,7 @@ class _Plan:
     exact: list[str]  # per group
     levels: list[list[str]]  # per group: [one-typo alternatives, two-typo alternatives] (texts or '')
     excluded: str  # '!a & !"b <-> c"' or ''
+    title_matches: int | None = None  # of the first word, when its title bucket ran (at most the cutoff)
 
     def tier(self, t: int, *, typos: bool) -> str:
         """Groups 1..t, each with its corrections when ``typos``, minus the excluded terms."""
@@ -274,12 +280,13 @@ class Search:
 
     async def _text(self, conn: Connection, plan: _Plan, params: dict[str, Any], need: int,
                     after: Sequence[Any] | None) -> list[Hit]:
-        """Walk the buckets (tier by tier, exact then corrected) until ``need`` hits."""
+        """Walk the buckets (tier by tier: exact, then corrected; each in a title, then
+        elsewhere) until ``need`` hits."""
         hits: list[Hit] = []
         n = len(plan.exact)
         for tier in range(n, 0, -1):
-            for phase in (0, 1):
-                if phase == 1 and not plan.has_typos(tier):
+            for phase in (TITLES, ELSEWHERE, CORRECTED_TITLES, CORRECTED):
+                if phase >= CORRECTED_TITLES and not plan.has_typos(tier):
                     continue
                 bucket = (-tier, phase)
                 if after is not None and bucket < tuple(after[:2]):
@@ -293,16 +300,18 @@ class Search:
     async def _bucket(self, conn: Connection, plan: _Plan, tier: int, phase: int, params: dict[str, Any],
                       need: int, after: Sequence[Any] | None) -> list[Hit]:
         exact, loose = plan.tier(tier, typos=False), plan.tier(tier, typos=True)
-        # Phase 0: exact matches. Phase 1: matches through a correction only. Either way, not
+        # Exact matches, then matches through a correction only (titles first in each); not
         # those already in a higher tier.
-        unless = [exact] if phase == 1 else []
+        corrected = phase >= CORRECTED_TITLES
+        unless = [exact] if corrected else []
         if tier < len(plan.exact):
             unless.append(plan.tier(tier + 1, typos=True))
-        args = {**params, "match": exact if phase == 0 else loose, "loose": loose,
+        args = {**params, "match": loose if corrected else exact, "loose": loose,
                 "unless": " | ".join(f"({u})" for u in unless) or None,
+                "titles": phase in (TITLES, CORRECTED_TITLES),
                 "cutoff": self.rank_cutoff, "need": need}
         typos = "0"
-        if phase == 1:
+        if corrected:
             cases = []
             for i in range(tier):
                 case = f"CASE WHEN c.tsv @@ to_tsquery('english', %(e{i})s) THEN 0"
@@ -317,16 +326,21 @@ class Search:
             keyset = "WHERE (typos, -rank, id) > (%(k_typos)s, %(k_rank)s, %(k_id)s)"
             args.update(k_typos=after[0], k_rank=after[1], k_id=UUID(after[2]))
         query = sql.SQL(
-            "SELECT * FROM (SELECT c.entity_id AS id, c.project_id, c.type, c.module, {typos} AS typos,"
+            "SELECT *, count(*) OVER () AS matched"
+            " FROM (SELECT c.entity_id AS id, c.project_id, c.type, c.module, {typos} AS typos,"
             "               ts_rank(c.tsv, to_tsquery('english', %(loose)s))::float8 AS rank"
-            "        FROM search_match(%(match)s, %(unless)s, {scope}, %(cutoff)s) c) r"
+            "        FROM search_match(%(match)s, %(unless)s, %(titles)s, {scope}, %(cutoff)s) c) r"
             " {keyset} ORDER BY typos, rank DESC, id LIMIT %(need)s").format(
                 typos=sql.SQL(typos), keyset=sql.SQL(keyset), scope=sql.SQL(MATCH_SCOPE))
         cur = await conn.execute(query, args)
+        rows = await cur.fetchall()
+        if tier == 1 and phase == TITLES and after is None:
+            plan.title_matches = rows[0]["matched"] if rows else 0
         out = []
-        for row in await cur.fetchall():
+        for row in rows:
             hit = Hit(row["id"], row["project_id"], row["type"], row["module"],
-                      score=round(tier - row["typos"] / 10 + min(row["rank"], 1.0) / 100, 6),
+                      score=round(tier - row["typos"] / 10 + (phase in (TITLES, CORRECTED_TITLES)) / 50
+                                  + min(row["rank"], 1.0) / 100, 6),
                       words=tier, typos=row["typos"], text_rank=row["rank"])
             hit._key = (-tier, phase, row["typos"], -row["rank"], str(row["id"]))
             out.append(hit)
@@ -470,6 +484,18 @@ class Search:
         ``total_cap`` when no facets are asked): those of the text query's first word (the broadest
         tier), and ``also`` (the semantic list)."""
         cap = self.facet_cap if facets else self.total_cap
+        if plan is not None and not facets:
+            # More title matches than the cap: the total is "more than the cap", and the
+            # long posting lists of a broad word need not be read.
+            known = plan.title_matches
+            if known is None:
+                cur = await conn.execute(
+                    f"SELECT count(*) AS n FROM search_match(%(broad)s, NULL, true, {MATCH_SCOPE}, %(cap)s)",
+                    {**params, "broad": plan.tier(1, typos=True), "cap": cap + 1})
+                known = (await cur.fetchone())["n"]
+            if known > cap:
+                results.total, results.total_approximate = cap, True
+                return
         cur = await conn.execute(
             "SELECT facet, value, n"
             f" FROM search_facets(%(broad)s, %(also)s, {MATCH_SCOPE}, %(cap)s, %(facets)s)",

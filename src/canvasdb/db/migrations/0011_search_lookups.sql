@@ -36,18 +36,38 @@ LANGUAGE sql STABLE AS $$
        AND (p_data IS NULL OR search_entity_passes(s.org_id, s.entity_id, p_data))
 $$;
 
+-- The words of each row's A-weight fields (its titles), for the title sub-bucket of
+-- the ranking: a word common in bodies is far rarer in titles, so the first page of a
+-- broad query reads a short posting list.
+CREATE INDEX search_docs_titles ON search_docs USING gin (ts_filter(tsv, '{a}'));
+
 -- Matches of a text query (minus those of p_unless) within the filters, at most p_limit.
-CREATE FUNCTION search_match(p_match text, p_unless text, p_projects uuid[], p_types text[],
-                             p_modules text[], p_after timestamptz, p_before timestamptz,
-                             p_data jsonb, p_limit integer)
+-- p_titles: true, rows whose titles match; false, rows that match elsewhere only; NULL,
+-- all matching rows. (Each branch runs only when its one-time condition holds.)
+CREATE FUNCTION search_match(p_match text, p_unless text, p_titles boolean, p_projects uuid[],
+                             p_types text[], p_modules text[], p_after timestamptz,
+                             p_before timestamptz, p_data jsonb, p_limit integer)
 RETURNS TABLE (entity_id uuid, project_id uuid, type text, module text, tsv tsvector)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public, pg_temp AS $$
-    SELECT s.entity_id, s.project_id, s.type, s.module, s.tsv
-    FROM search_docs s
-    WHERE s.org_id = current_org_id()
-      AND s.tsv @@ to_tsquery('english', p_match)
-      AND (p_unless IS NULL OR NOT s.tsv @@ to_tsquery('english', p_unless))
-      AND search_in_scope(s, p_projects, p_types, p_modules, p_after, p_before, p_data)
+    SELECT * FROM (
+        SELECT t.* FROM (
+            SELECT s.entity_id, s.project_id, s.type, s.module, s.tsv
+            FROM search_docs s
+            WHERE p_titles AND s.org_id = current_org_id()
+              AND ts_filter(s.tsv, '{a}') @@ to_tsquery('english', p_match)
+              AND (p_unless IS NULL OR NOT s.tsv @@ to_tsquery('english', p_unless))
+              AND search_in_scope(s, p_projects, p_types, p_modules, p_after, p_before, p_data)
+            OFFSET 0  -- a fence: the check below reads each row, not the long posting lists
+        ) t WHERE t.tsv @@ to_tsquery('english', p_match)  -- the whole text too: "-word" excludes body words
+        UNION ALL
+        SELECT s.entity_id, s.project_id, s.type, s.module, s.tsv
+        FROM search_docs s
+        WHERE p_titles IS NOT TRUE AND s.org_id = current_org_id()
+          AND s.tsv @@ to_tsquery('english', p_match)
+          AND (p_titles IS NULL OR NOT ts_filter(s.tsv, '{a}') @@ to_tsquery('english', p_match))
+          AND (p_unless IS NULL OR NOT s.tsv @@ to_tsquery('english', p_unless))
+          AND search_in_scope(s, p_projects, p_types, p_modules, p_after, p_before, p_data)
+    ) m
     LIMIT p_limit
 $$;
 
@@ -102,11 +122,11 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public, pg_temp AS $$
 $$;
 
 REVOKE ALL ON FUNCTION
-    search_match(text, text, uuid[], text[], text[], timestamptz, timestamptz, jsonb, integer),
+    search_match(text, text, boolean, uuid[], text[], text[], timestamptz, timestamptz, jsonb, integer),
     search_facets(text, uuid[], uuid[], text[], text[], timestamptz, timestamptz, jsonb, integer, text[]),
     search_similar_terms(text, integer, integer, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
-    search_match(text, text, uuid[], text[], text[], timestamptz, timestamptz, jsonb, integer),
+    search_match(text, text, boolean, uuid[], text[], text[], timestamptz, timestamptz, jsonb, integer),
     search_facets(text, uuid[], uuid[], text[], text[], timestamptz, timestamptz, jsonb, integer, text[]),
     search_similar_terms(text, integer, integer, integer), search_data_filter(jsonb, jsonb)
     TO canvasdb_app;

@@ -8,8 +8,9 @@ a title (an A-weight field, as Meilisearch's attribute rule), then the others; a
 PostgreSQL's text rank orders each bucket. Each bucket ranks at most ``rank_cutoff``
 matches, found through a GIN index: the titles' own for title buckets, so a word found
 in half the org's bodies reads a short posting list for the first page, and a rare
-word's typo is not lost among the matches of a common correction. A later page resumes after the
-last hit's sort key, and whole buckets before it are skipped (keyset pagination).
+word's typo is not lost among the matches of a common correction. A later page resumes
+after the last hit's sort key, and whole buckets before it are skipped (keyset
+pagination).
 
 Semantic search finds the nearest vectors of the active model (HNSW, or an exact scan
 for an org with few vectors). Hybrid fuses both lists by reciprocal rank (k = 60). If
@@ -56,10 +57,10 @@ MAX_DEPTH = 1000  # semantic and hybrid results end this deep
 VECTOR_COUNT_TTL = 60.0  # seconds an org's vector count (exact scan or HNSW) is trusted
 SEMANTIC_QUERY_CHARS = 2000
 DATA_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62}){0,7}$")
-# The filters as arguments of search_match (see the migration: text matches go through it).
 # The buckets of a tier, in their order: exact matches, then those through corrections
 # only; each with the words in a title first.
 TITLES, ELSEWHERE, CORRECTED_TITLES, CORRECTED = 0, 1, 2, 3
+# The filters as arguments of search_match and search_facets (0011_search_lookups.sql).
 MATCH_SCOPE = "%(projects)s, %(types)s, %(modules)s, %(updated_after)s, %(updated_before)s, %(data)s"
 _MARK, _END = "\x02", "\x03"  # headline markers, turned into <mark> after HTML-escaping
 

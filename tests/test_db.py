@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from canvasdb.db import migrate
+from canvasdb.db.embedded import _memory_tuning
 from canvasdb.db.migrate import Migration, applied, available
 from canvasdb.errors import MigrationError
 
@@ -57,3 +59,14 @@ def test_unreachable_database_is_a_clear_error() -> None:
 
     with pytest.raises(Unavailable, match="cannot connect"):
         migrate("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+
+
+def test_the_embedded_server_is_sized_to_the_machine(pg_url: str) -> None:
+    """A quarter of the memory for shared buffers (within 128 MB and 8 GB), not a fixed guess."""
+    if os.environ.get("CANVASDB_TEST_DATABASE_URL"):
+        pytest.skip("an external server is tuned by its owner")
+    with psycopg.connect(pg_url) as conn:
+        mb = conn.execute("SELECT setting::bigint * 8 / 1024 FROM pg_settings"
+                          " WHERE name = 'shared_buffers'").fetchone()[0]
+    assert f"{mb}MB" == _memory_tuning()["shared_buffers"]
+    assert 128 <= mb <= 8192

@@ -30,16 +30,28 @@ _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for "/.s.PGSQL.NNNNN
 
 _TUNING = {
     "max_connections": "200",
-    "shared_buffers": "512MB",
     "work_mem": "16MB",
     "maintenance_work_mem": "512MB",
-    "effective_cache_size": "4GB",
     "wal_level": "replica",
     "max_wal_size": "4GB",
     "checkpoint_timeout": "15min",
     "jit": "off",
     "log_min_messages": "warning",
 }
+
+
+def _memory_tuning() -> dict[str, str]:
+    """PostgreSQL's usual advice for a server of its own: shared buffers a quarter of the
+    machine's memory (within 128 MB and 8 GB), and half of it for the planner's guess of the
+    cache. Shared buffers take memory only as pages are read into them, so a small
+    database costs no more; a large one (a million searchable entities, their vectors
+    and indexes: about 3 GB) stays in them rather than in the kernel's cache."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    except (ValueError, OSError):
+        total = 2048
+    return {"shared_buffers": f"{min(max(total // 4, 128), 8192)}MB",
+            "effective_cache_size": f"{max(total // 2, 256)}MB"}
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,7 @@ class EmbeddedPostgres:
         """The settings canvasdb owns, in their own include file; the port is kept for good."""
         conf = {
             **_TUNING,
+            **_memory_tuning(),
             "listen_addresses": "'127.0.0.1'",
             "port": str(port),
             "unix_socket_directories": f"'{self._socket_dir(port)}'",

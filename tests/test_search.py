@@ -25,7 +25,7 @@ from canvasdb.runtime import prepare_schema
 from canvasdb.search.embedders import make_embedder
 from canvasdb.search.engine import Filters, Search
 from canvasdb.search.models import Models
-from canvasdb.search.query import allowed_typos, parse, typo_cost
+from canvasdb.search.query import allowed_typos, parse, slip, typo_cost
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 from canvasdb.tenancy import Principal
@@ -70,6 +70,9 @@ def test_typo_rules_follow_meilisearch() -> None:
     assert typo_cost("mouse", "house") == 2, "a typo on the first letter counts as two"
     assert typo_cost("housr", "house") == 1
     assert typo_cost("dependancy", "dependency") == 1
+    # Among corrections of as many typos: a letter left out or a swap is likelier than a
+    # wrong or an extra letter (which must also be that very letter).
+    assert [slip("plant", w) for w in ("planet", "palnt", "plait", "pant")] == [0, 0, 1, 1]
 
 
 # --- text --------------------------------------------------------------------------------------
@@ -141,6 +144,27 @@ async def test_exact_matches_rank_before_corrections(svc: Services, tenant: Tena
     res = await svc.search.search(tenant.owner, "horse ", mode="text")
     assert [(h.id, h.typos) for h in res.hits] == [(exact, 0), (corrected, 1)]
     assert res.corrections == {"horse": ["horde"]}
+
+
+async def test_corrections_take_turns_after_the_likelier_slips(svc: Services, tenant: Tenant) -> None:
+    """A swap ("cable") comes before wrong letters ("camel", "caber"); those two take turns, so
+    the one rare word is not buried under the common one's many matches; pages follow suit."""
+    cable, caber, *camels = await _setup(svc, tenant, [
+        ("note", {"title": "cable", "body": ""}),
+        ("note", {"title": "caber toss at the highland games", "body": ""}),
+        *(("note", {"title": "camel", "body": ""}) for _ in range(4)),
+    ])
+    res = await svc.search.search(tenant.owner, "cabel ", mode="text")
+    assert res.corrections == {"cabel": ["cable", "caber", "camel"]}
+    ids = [h.id for h in res.hits]
+    assert ids[0] == cable and caber in ids[1:3] and set(ids) == {cable, caber, *camels}
+    pages, cursor = [], None
+    while True:
+        page = await svc.search.search(tenant.owner, "cabel ", mode="text", limit=2, cursor=cursor)
+        pages += [h.id for h in page.hits]
+        if (cursor := page.next_cursor) is None:
+            break
+    assert pages == ids
 
 
 async def test_deleted_entities_vanish_at_once_and_come_back(svc: Services, tenant: Tenant) -> None:

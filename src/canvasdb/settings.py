@@ -65,8 +65,8 @@ class Settings(BaseSettings):
                                            "vector; beyond it search is text-only (degraded)")
     search_rank_cutoff: int = Field(default=2000, ge=20, description="Most text matches ranked per bucket "
                                     "(Meilisearch-like cutoff that bounds broad queries)")
-    search_facet_cap: int = Field(default=10_000, ge=100, description="Most matches counted for totals "
-                                  "and facets; beyond, they are marked approximate")
+    search_facet_cap: int = Field(default=1000, ge=100, description="Most matches counted for totals "
+                                  "and facets when facets are asked; beyond, they are marked approximate")
     search_total_cap: int = Field(default=1000, ge=100, description="Most matches counted for the total "
                                   "when no facets are asked (as Meilisearch's maxTotalHits); beyond, "
                                   "it is marked approximate")

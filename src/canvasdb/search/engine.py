@@ -5,12 +5,15 @@ query word come first, then (when a page is not full) those matching all but the
 word, and so on. Within each such tier come exact matches, then those found through a
 correction only (fewer typos first); each of the two splits in those with the words in
 a title (an A-weight field, as Meilisearch's attribute rule), then the others; and
-PostgreSQL's text rank orders each bucket. Each bucket ranks at most ``rank_cutoff``
-matches, found through a GIN index: the titles' own for title buckets, so a word found
-in half the org's bodies reads a short posting list for the first page, and a rare
-word's typo is not lost among the matches of a common correction. A later page resumes
-after the last hit's sort key, and whole buckets before it are skipped (keyset
-pagination).
+PostgreSQL's text rank orders each bucket. Among corrected matches of as many typos,
+the likelier slips come first (a letter left out or two swapped, see ``query.slip``),
+then the corrections take turns, each one's best first, so a rare word's few matches
+are not buried under those of a common word one typo away. Each bucket ranks at most
+``rank_cutoff`` matches, found through a GIN index: the titles' own for title buckets,
+so a word found in half the org's bodies reads a short posting list for the first page,
+and a rare word's typo is not lost among the matches of a common correction. A later
+page resumes after the last hit's sort key, and whole buckets before it are skipped
+(keyset pagination).
 
 Semantic search finds the nearest vectors of the active model (HNSW, or an exact scan
 for an org with few vectors). Hybrid fuses both lists by reciprocal rank (k = 60). If
@@ -139,6 +142,7 @@ class _Plan:
     parsed: q.ParsedQuery
     exact: list[str]  # per group
     levels: list[list[str]]  # per group: [one-typo alternatives, two-typo alternatives] (texts or '')
+    corrected: list[list[tuple[str, int, int]]]  # per group: its corrections, with their typos and slips
     excluded: str  # '!a & !"b <-> c"' or ''
     title_matches: int | None = None  # of the first word, when its title bucket ran (at most the cutoff)
 
@@ -160,7 +164,7 @@ class Search:
     """The Python API of search. ``search`` answers one page; see the module docstring."""
 
     def __init__(self, db: Database, models: Models, *, rank_cutoff: int = 2000,
-                 facet_cap: int = 10_000, total_cap: int = 1000, exact_below: int = 10_000,
+                 facet_cap: int = 1000, total_cap: int = 1000, exact_below: int = 10_000,
                  ef_search: int = 100, embed_timeout: float = 2.0) -> None:
         self.db = db
         self.models = models
@@ -256,28 +260,33 @@ class Search:
             # for the words allowed two typos, the most similar words by trigrams.
             variants = {v: w for w in words for v in q.one_typo_away(w)}
             similar = [w for w in words if q.allowed_typos(w) > 1]
+            # The variants travel as one string (words have no spaces): hundreds of array
+            # items would each be quoted on the way.
             cur = await conn.execute(
-                "SELECT term AS w, term FROM search_terms WHERE org_id = %s AND term = ANY(%s)"
+                "SELECT term AS w, term FROM search_terms"
+                " WHERE org_id = %s AND term = ANY(string_to_array(%s, ' '))"
                 + "".join(" UNION ALL SELECT %s, search_similar_terms(%s, %s, %s, 100)" for _ in similar),
-                [org_id, list(variants),
+                [org_id, " ".join(variants),
                  *(x for w in similar for x in (w, w, len(w) - 2, len(w) + 2))])
             for row in await cur.fetchall():
                 word = variants.get(row["w"], row["w"])
                 found.setdefault(word, []).append(row["term"])
         corrected = {w: q.corrections(w, terms) for w, terms in found.items()}
-        exact, levels = [], []
+        exact, levels, alternatives = [], [], []
         for group in parsed.groups:
             exact.append(" | ".join(t.tsquery() for t in group.terms))
-            one, two = [], []
+            one, two, alts = [], [], []
             for term in group.terms:
                 if term.phrase:
                     continue
-                for alt, cost in corrected.get(term.words[0], []):
+                for alt, cost, sl in corrected.get(term.words[0], []):
                     (one if cost == 1 else two).append(alt)
+                    alts.append((alt, cost, sl))
                     corrections.setdefault(term.words[0], []).append(alt)
             levels.append([" | ".join(one), " | ".join(two)])
+            alternatives.append(alts)
         excluded = " & ".join(f"!({t.tsquery()})" for t in parsed.excluded)
-        return _Plan(parsed, exact, levels, excluded)
+        return _Plan(parsed, exact, levels, alternatives, excluded)
 
     async def _text(self, conn: Connection, plan: _Plan, params: dict[str, Any], need: int,
                     after: Sequence[Any] | None) -> list[Hit]:
@@ -311,28 +320,42 @@ class Search:
                 "unless": " | ".join(f"({u})" for u in unless) or None,
                 "titles": phase in (TITLES, CORRECTED_TITLES),
                 "cutoff": self.rank_cutoff, "need": need}
-        typos = "0"
+        # Which of its group's terms each group of a corrected match matched (1: the word as
+        # typed, 2...: its corrections); that gives its typos, its slips and its variant,
+        # and the variants take turns (see the module's docstring).
+        picks, typos, slips, turn = "", "0", "0", "1"
         if corrected:
-            cases = []
+            columns = []
             for i in range(tier):
-                case = f"CASE WHEN c.tsv @@ to_tsquery('english', %(e{i})s) THEN 0"
-                args[f"e{i}"] = plan.exact[i]
-                if plan.levels[i][0]:
-                    case += f" WHEN c.tsv @@ to_tsquery('english', %(o{i})s) THEN 1"
-                    args[f"o{i}"] = plan.levels[i][0]
-                cases.append(case + " ELSE 2 END")
-            typos = " + ".join(cases)
+                alts = plan.corrected[i]
+                whens = "".join(f" WHEN c.tsv @@ to_tsquery('english', %(a{i}_{j})s) THEN {j + 2}"
+                                for j in range(len(alts)))
+                columns.append(f"CASE WHEN c.tsv @@ to_tsquery('english', %(e{i})s) THEN 1{whens}"
+                               f" ELSE {len(alts) + 2} END AS p{i}")
+                args.update({f"a{i}_{j}": alt for j, (alt, _, _) in enumerate(alts)})
+                args.update({f"e{i}": plan.exact[i], f"c{i}": [0, *(c for _, c, _ in alts), 2],
+                             f"s{i}": [0, *(sl for _, _, sl in alts), 1]})
+            picks = ", " + ", ".join(columns)
+            typos = " + ".join(f"(%(c{i})s::int[])[p{i}]" for i in range(tier))
+            slips = " + ".join(f"(%(s{i})s::int[])[p{i}]" for i in range(tier))
+            variant = ", ".join(f"p{i}" for i in range(tier))
+            turn = f"row_number() OVER (PARTITION BY {variant} ORDER BY rank DESC, id)"
         keyset = ""
         if after is not None:
-            keyset = "WHERE (typos, -rank, id) > (%(k_typos)s, %(k_rank)s, %(k_id)s)"
-            args.update(k_typos=after[0], k_rank=after[1], k_id=UUID(after[2]))
+            keyset = ("WHERE (typos, slips, turn, -rank, id)"
+                      " > (%(k_typos)s, %(k_slips)s, %(k_turn)s, %(k_rank)s, %(k_id)s)")
+            args.update(k_typos=after[0], k_slips=after[1], k_turn=after[2], k_rank=after[3],
+                        k_id=UUID(after[4]))
         query = sql.SQL(
             "SELECT *, count(*) OVER () AS matched"
-            " FROM (SELECT c.entity_id AS id, c.project_id, c.type, c.module, {typos} AS typos,"
-            "               ts_rank(c.tsv, to_tsquery('english', %(loose)s))::float8 AS rank"
-            "        FROM search_match(%(match)s, %(unless)s, %(titles)s, {scope}, %(cutoff)s) c) r"
-            " {keyset} ORDER BY typos, rank DESC, id LIMIT %(need)s").format(
-                typos=sql.SQL(typos), keyset=sql.SQL(keyset), scope=sql.SQL(MATCH_SCOPE))
+            " FROM (SELECT id, project_id, type, module, rank, {typos} AS typos, {slips} AS slips,"
+            "              {turn} AS turn"
+            "       FROM (SELECT c.entity_id AS id, c.project_id, c.type, c.module{picks},"
+            "                    ts_rank(c.tsv, to_tsquery('english', %(loose)s))::float8 AS rank"
+            "             FROM search_match(%(match)s, %(unless)s, %(titles)s, {scope}, %(cutoff)s) c) m) r"
+            " {keyset} ORDER BY typos, slips, turn, rank DESC, id LIMIT %(need)s").format(
+                typos=sql.SQL(typos), slips=sql.SQL(slips), turn=sql.SQL(turn),
+                picks=sql.SQL(picks), keyset=sql.SQL(keyset), scope=sql.SQL(MATCH_SCOPE))
         cur = await conn.execute(query, args)
         rows = await cur.fetchall()
         if tier == 1 and phase == TITLES and after is None:
@@ -343,7 +366,7 @@ class Search:
                       score=round(tier - row["typos"] / 10 + (phase in (TITLES, CORRECTED_TITLES)) / 50
                                   + min(row["rank"], 1.0) / 100, 6),
                       words=tier, typos=row["typos"], text_rank=row["rank"])
-            hit._key = (-tier, phase, row["typos"], -row["rank"], str(row["id"]))
+            hit._key = (-tier, phase, row["typos"], row["slips"], row["turn"], -row["rank"], str(row["id"]))
             out.append(hit)
         return out
 
@@ -523,11 +546,14 @@ class Search:
             "SELECT e.id, e.data, e.version, e.updated_at,"
             " (SELECT jsonb_object_agg(f.key, ts_headline('english', f.text, to_tsquery('english', %(q)s),"
             "   'StartSel=\x02, StopSel=\x03, MaxWords=30, MinWords=10'))"
-            "  FROM (SELECT key, string_agg(s, ' ') AS text FROM jsonb_object_keys(t.text_fields) AS key,"
+            "  FROM (SELECT key, string_agg(s, ' ') AS text"
+            # the hit's type by its key (joined, the planner would rather scan the org's
+            # types and look every hit up again for each of them)
+            "        FROM jsonb_object_keys((SELECT t.text_fields FROM entity_types t"
+            "                                WHERE t.org_id = e.org_id AND t.name = e.type)) AS key,"
             "        LATERAL search_strings(e.data, key) AS s GROUP BY key) f"
             "  WHERE %(q)s <> '' AND f.text <> '') AS highlights"
-            " FROM entities e JOIN entity_types t ON t.org_id = e.org_id AND t.name = e.type"
-            " WHERE e.org_id = %(org)s AND e.id = ANY(%(ids)s)", args)
+            " FROM entities e WHERE e.org_id = %(org)s AND e.id = ANY(%(ids)s)", args)
         rows = {row["id"]: row for row in await cur.fetchall()}
         for hit in hits:
             row = rows.get(hit.id)

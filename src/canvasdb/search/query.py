@@ -131,8 +131,22 @@ def typo_cost(word: str, term: str) -> int:
     return OSA.distance(word, term) + (word[:1] != term[:1])
 
 
-def corrections(word: str, candidates: list[str], limit: int = 8) -> list[tuple[str, int]]:
-    """The dictionary words within the typos allowed for ``word``, fewest typos first."""
+def slip(word: str, term: str) -> int:
+    """How unlikely it is that ``term`` was meant when ``word`` was typed, among corrections of
+    as many typos: 0 when a letter was left out or two were swapped, 1 otherwise.
+
+    A left-out letter or a swap is one slip of the fingers; a wrong or an extra letter must
+    also be that very letter, one of 26: for the same typed word, the first kind of
+    correction is the likelier by far.
+    """
+    if len(term) == len(word) + 1 or (len(term) == len(word) and sorted(term) == sorted(word)):
+        return 0
+    return 1
+
+
+def corrections(word: str, candidates: list[str], limit: int = 8) -> list[tuple[str, int, int]]:
+    """The dictionary words within the typos allowed for ``word``, with their typos and
+    slips: fewest typos first, then the likelier slips."""
     allowed = allowed_typos(word)
     if not allowed:
         return []
@@ -142,6 +156,6 @@ def corrections(word: str, candidates: list[str], limit: int = 8) -> list[tuple[
             continue
         cost = typo_cost(word, term)
         if cost <= allowed:
-            found.append((cost, term))
+            found.append((cost, slip(word, term), term))
     found.sort()
-    return [(term, cost) for cost, term in found[:limit]]
+    return [(term, cost, sl) for cost, sl, term in found[:limit]]

@@ -57,6 +57,7 @@ FACETS = ("type", "module", "project", "tag")
 RRF_K = 60
 MAX_LIMIT = 100
 MAX_DEPTH = 1000  # semantic and hybrid results end this deep
+HYBRID_WINDOW = 40  # hybrid fuses lists this deep at least (as deep as the page otherwise)
 VECTOR_COUNT_TTL = 60.0  # seconds an org's vector count (exact scan or HNSW) is trusted
 SEMANTIC_QUERY_CHARS = 2000
 DATA_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62}){0,7}$")
@@ -405,8 +406,9 @@ class Search:
         return active, [float(x) for x in rows[0]], None
 
     async def _nearest(self, conn: Connection, org_id: UUID, model: Any, vector: list[float],
-                       where: sql.Composable, params: dict[str, Any], depth: int) -> list[tuple[UUID, float]]:
-        """The ``depth`` nearest entities: HNSW for a large org, an exact scan for a small one."""
+                       where: sql.Composable, params: dict[str, Any], depth: int) -> list[Hit]:
+        """The ``depth`` nearest entities, nearest first, with their distances (unscored): HNSW
+        for a large org, an exact scan for a small one."""
         dim = sql.Literal(model.dimension)
         distance = sql.SQL("v.embedding::halfvec({d}) <=> %(qv)s::halfvec({d})").format(d=dim)
         exact = await self._vector_count(conn, org_id, model.model) < self.exact_below
@@ -417,14 +419,15 @@ class Search:
                                            sql.Literal(str(max(self.ef_search, depth)))))
         cur = await conn.execute(sql.SQL(
             "WITH n AS MATERIALIZED ("
-            " SELECT v.entity_id, {distance} AS distance FROM search_vectors v"
-            " JOIN search_docs s ON s.org_id = v.org_id AND s.entity_id = v.entity_id"
+            " SELECT v.entity_id, s.project_id, s.type, s.module, {distance} AS distance"
+            " FROM search_vectors v JOIN search_docs s ON s.org_id = v.org_id AND s.entity_id = v.entity_id"
             " WHERE v.org_id = %(org)s AND v.model = {model} AND {where}"
             " ORDER BY {order} LIMIT %(depth)s)"
-            " SELECT entity_id, distance FROM n ORDER BY distance, entity_id").format(
+            " SELECT * FROM n ORDER BY distance, entity_id").format(
                 distance=distance, model=sql.Literal(model.model), where=where, order=order),
             {**params, "qv": _vector_text(vector), "depth": depth})
-        return [(row["entity_id"], row["distance"]) for row in await cur.fetchall()]
+        return [Hit(row["entity_id"], row["project_id"], row["type"], row["module"], score=0.0,
+                    distance=row["distance"]) for row in await cur.fetchall()]
 
     async def _vector_count(self, conn: Connection, org_id: UUID, model: str) -> int:
         """How many vectors the org has, up to ``exact_below`` (remembered for a minute)."""
@@ -446,59 +449,31 @@ class Search:
                         after: Sequence[Any] | None) -> tuple[list[Hit], list[UUID]]:
         seen = int(after[2]) if after is not None else 0
         nearest = await self._nearest(conn, org_id, model, vector, where, params, min(MAX_DEPTH, seen + need))
-        ranked = [(1.0 - dist, str(eid), eid, dist) for eid, dist in nearest]
-        hits = await self._fused_hits(conn, org_id, ranked, after, need, seen)
-        for hit in hits:
-            hit.distance = round(1.0 - hit.score, 6)
-        return hits, [eid for eid, _ in nearest]
+        hits = _page([(1.0 - hit.distance, hit) for hit in nearest if hit.distance is not None],
+                     after, need, seen)
+        return hits, [hit.id for hit in nearest]
 
     async def _hybrid(self, conn: Connection, org_id: UUID, plan: _Plan | None, model: Any,
                       vector: list[float], where: sql.Composable, params: dict[str, Any], need: int,
                       after: Sequence[Any] | None) -> tuple[list[Hit], list[UUID]]:
         """Reciprocal rank fusion: each list adds 1 / (60 + rank) to an entity's score."""
         seen = int(after[2]) if after is not None else 0
-        depth = min(MAX_DEPTH, max(100, seen + need))
+        depth = min(MAX_DEPTH, max(HYBRID_WINDOW, seen + need))
         text = await self._text(conn, plan, params, depth, None) if plan else []
         nearest = await self._nearest(conn, org_id, model, vector, where, params, depth)
         scores: dict[UUID, float] = {}
+        found: dict[UUID, Hit] = {}
         for rank, hit in enumerate(text, 1):
+            scores[hit.id] = 1.0 / (RRF_K + rank)
+            found[hit.id] = hit
+        for rank, hit in enumerate(nearest, 1):
             scores[hit.id] = scores.get(hit.id, 0.0) + 1.0 / (RRF_K + rank)
-        for rank, (eid, _) in enumerate(nearest, 1):
-            scores[eid] = scores.get(eid, 0.0) + 1.0 / (RRF_K + rank)
-        ranked = [(score, str(eid), eid, None) for eid, score in scores.items()]
-        hits = await self._fused_hits(conn, org_id, ranked, after, need, seen)
-        by_id = {h.id: h for h in text}
-        distances = dict(nearest)
-        for hit in hits:
-            if hit.id in by_id:
-                hit.words, hit.typos, hit.text_rank = (by_id[hit.id].words, by_id[hit.id].typos,
-                                                       by_id[hit.id].text_rank)
-            distance = distances.get(hit.id)
-            hit.distance = None if distance is None else round(distance, 6)
-        return hits, list(distances)
-
-    async def _fused_hits(self, conn: Connection, org_id: UUID, ranked: list[tuple[float, str, UUID, Any]],
-                          after: Sequence[Any] | None, need: int, seen: int) -> list[Hit]:
-        """Order by score (then id), resume after the cursor, and read the facet columns."""
-        ranked.sort(key=lambda r: (-r[0], r[1]))
-        if after is not None:
-            ranked = [r for r in ranked if (-r[0], r[1]) > (-float(after[0]), after[1])]
-        ranked = ranked[:need]
-        if not ranked:
-            return []
-        cur = await conn.execute(
-            "SELECT entity_id, project_id, type, module FROM search_docs"
-            " WHERE org_id = %s AND entity_id = ANY(%s)", (org_id, [r[2] for r in ranked]))
-        rows = {row["entity_id"]: row for row in await cur.fetchall()}
-        hits = []
-        for i, (score, key, eid, _) in enumerate(ranked, 1):
-            row = rows.get(eid)
-            if row is None:
-                continue
-            hit = Hit(eid, row["project_id"], row["type"], row["module"], score=round(score, 6))
-            hit._key = (score, key, seen + i)
-            hits.append(hit)
-        return hits
+            if hit.id in found:
+                found[hit.id].distance = hit.distance
+            else:
+                found[hit.id] = hit
+        hits = _page([(score, found[eid]) for eid, score in scores.items()], after, need, seen)
+        return hits, [hit.id for hit in nearest]
 
     # --- totals, facets, and what a hit shows ---------------------------------------------
 
@@ -508,6 +483,10 @@ class Search:
         ``total_cap`` when no facets are asked): those of the text query's first word (the broadest
         tier), and ``also`` (the semantic list)."""
         cap = self.facet_cap if facets else self.total_cap
+        if plan is None and also and not facets:
+            # The semantic list alone, already within the filters.
+            results.total, results.total_approximate = min(len(also), cap), len(also) > cap
+            return
         if plan is not None and not facets:
             # More title matches than the cap: the total is "more than the cap", and the
             # long posting lists of a broad word need not be read.
@@ -562,6 +541,20 @@ class Search:
             hit.data, hit.version, hit.updated_at = row["data"], row["version"], row["updated_at"]
             hit.highlights = {name: _marked(text) for name, text in (row["highlights"] or {}).items()
                               if _MARK in text}
+
+
+def _page(scored: list[tuple[float, Hit]], after: Sequence[Any] | None, need: int, seen: int) -> list[Hit]:
+    """One page of a scored list (semantic or fused): by score, then id, after the cursor's."""
+    scored.sort(key=lambda s: (-s[0], str(s[1].id)))
+    if after is not None:
+        scored = [s for s in scored if (-s[0], str(s[1].id)) > (-float(after[0]), after[1])]
+    hits = []
+    for i, (score, hit) in enumerate(scored[:need], 1):
+        hit.score = round(score, 6)
+        hit.distance = None if hit.distance is None else round(hit.distance, 6)
+        hit._key = (score, str(hit.id), seen + i)
+        hits.append(hit)
+    return hits
 
 
 def _where(org_id: UUID, projects: list[UUID] | None,

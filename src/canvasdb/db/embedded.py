@@ -45,7 +45,7 @@ def _memory_tuning() -> dict[str, str]:
     machine's memory (within 128 MB and 8 GB), and half of it for the planner's guess of the
     cache. Shared buffers take memory only as pages are read into them, so a small
     database costs no more; a large one (a million searchable entities, their vectors
-    and indexes: about 3 GB) stays in them rather than in the kernel's cache."""
+    and indexes: about 4 GB) stays in them rather than in the kernel's cache."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
     except (ValueError, OSError):

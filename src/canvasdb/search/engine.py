@@ -138,11 +138,10 @@ class Results:
 
 @dataclass
 class _Plan:
-    """A parsed query with its corrections, as to_tsquery texts per group and typo level."""
+    """A parsed query with its corrections, per group."""
 
     parsed: q.ParsedQuery
-    exact: list[str]  # per group
-    levels: list[list[str]]  # per group: [one-typo alternatives, two-typo alternatives] (texts or '')
+    exact: list[str]  # per group, as to_tsquery text
     corrected: list[list[tuple[str, int, int]]]  # per group: its corrections, with their typos and slips
     excluded: str  # '!a & !"b <-> c"' or ''
     title_matches: int | None = None  # of the first word, when its title bucket ran (at most the cutoff)
@@ -151,14 +150,14 @@ class _Plan:
         """Groups 1..t, each with its corrections when ``typos``, minus the excluded terms."""
         parts = []
         for i in range(t):
-            alts = [self.exact[i], *(lv for lv in self.levels[i] if lv)] if typos else [self.exact[i]]
+            alts = [self.exact[i], *(alt for alt, _, _ in self.corrected[i])] if typos else [self.exact[i]]
             parts.append("(" + " | ".join(alts) + ")")
         if self.excluded:
             parts.append(self.excluded)
         return " & ".join(parts)
 
     def has_typos(self, t: int) -> bool:
-        return any(lv for levels in self.levels[:t] for lv in levels)
+        return any(self.corrected[:t])
 
 
 class Search:
@@ -272,22 +271,19 @@ class Search:
             for row in await cur.fetchall():
                 word = variants.get(row["w"], row["w"])
                 found.setdefault(word, []).append(row["term"])
-        corrected = {w: q.corrections(w, terms) for w, terms in found.items()}
-        exact, levels, alternatives = [], [], []
+        by_word = {w: q.corrections(w, terms) for w, terms in found.items()}
+        exact, corrected = [], []
         for group in parsed.groups:
             exact.append(" | ".join(t.tsquery() for t in group.terms))
-            one, two, alts = [], [], []
+            alts = []
             for term in group.terms:
-                if term.phrase:
-                    continue
-                for alt, cost, sl in corrected.get(term.words[0], []):
-                    (one if cost == 1 else two).append(alt)
-                    alts.append((alt, cost, sl))
-                    corrections.setdefault(term.words[0], []).append(alt)
-            levels.append([" | ".join(one), " | ".join(two)])
-            alternatives.append(alts)
+                found_alts = [] if term.phrase else by_word.get(term.words[0], [])
+                if found_alts:
+                    alts += found_alts
+                    corrections.setdefault(term.words[0], []).extend(alt for alt, _, _ in found_alts)
+            corrected.append(alts)
         excluded = " & ".join(f"!({t.tsquery()})" for t in parsed.excluded)
-        return _Plan(parsed, exact, levels, alternatives, excluded)
+        return _Plan(parsed, exact, corrected, excluded)
 
     async def _text(self, conn: Connection, plan: _Plan, params: dict[str, Any], need: int,
                     after: Sequence[Any] | None) -> list[Hit]:

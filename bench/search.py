@@ -303,8 +303,8 @@ JOIN entity_types t ON t.org_id = e.org_id AND t.name = e.type,
 LATERAL unnest(search_words(e.data, t.text_fields)) AS w
 WHERE e.org_id = %(org)s AND NOT e.deleted AND {half}"""
 GIN_DDL = "CREATE INDEX search_docs_tsv ON search_docs USING gin (tsv)"  # as in 0010_search.sql
-TITLES_DDL = ("CREATE INDEX search_docs_titles ON search_docs"
-              " USING gin (ts_filter(tsv, '{a}'))")  # as in 0011_search_lookups.sql
+TITLES_DDL = ("CREATE INDEX search_docs_title_shards ON search_docs"  # as in 0012_search_title_shards.sql
+              " USING gin (search_sharded(ts_filter(tsv, '{a}'), entity_id))")
 TRGM_DDL = "CREATE INDEX search_terms_trgm ON search_terms USING gin (term gin_trgm_ops)"
 
 
@@ -325,7 +325,7 @@ def build_text_index(url: str, t: Tenant, scale: Scale, timings: dict[str, float
         conn.execute(f"SET maintenance_work_mem = '{scale.maintenance_work_mem}'")
         conn.execute("SET max_parallel_maintenance_workers = 1")
         conn.execute("DROP INDEX IF EXISTS search_docs_tsv")
-        conn.execute("DROP INDEX IF EXISTS search_docs_titles")
+        conn.execute("DROP INDEX IF EXISTS search_docs_title_shards")
         with phase("INSERT search_docs (two halves)"):
             t0 = time.perf_counter()
             in_halves(url, _DOCS, {"org": t.org_id})
@@ -334,7 +334,7 @@ def build_text_index(url: str, t: Tenant, scale: Scale, timings: dict[str, float
             t0 = time.perf_counter()
             conn.execute(GIN_DDL)
             timings["gin_build"] = time.perf_counter() - t0
-        with phase("CREATE INDEX search_docs_titles (GIN)"):
+        with phase("CREATE INDEX search_docs_title_shards (GIN)"):
             t0 = time.perf_counter()
             conn.execute(TITLES_DDL)
             timings["titles_gin_build"] = time.perf_counter() - t0
@@ -425,7 +425,7 @@ def sizes(url: str, t: Tenant, corpus: Corpus) -> dict[str, Any]:
             "entities_total": one("SELECT pg_total_relation_size('entities')"),
             "search_docs_table": one("SELECT pg_table_size('search_docs')"),
             "search_docs_tsv_gin": one("SELECT pg_relation_size('search_docs_tsv')"),
-            "search_docs_titles_gin": one("SELECT pg_relation_size('search_docs_titles')"),
+            "search_docs_titles_gin": one("SELECT pg_relation_size('search_docs_title_shards')"),
             "search_docs_total": one("SELECT pg_total_relation_size('search_docs')"),
             "tsv_column": int(one("SELECT sum(pg_column_size(tsv)) FROM search_docs WHERE org_id = %s",
                                   t.org_id)),
@@ -986,7 +986,7 @@ PHASES = {"vocabulary": "vocabulary (stems checked in PostgreSQL)",
           "copy_entities": "generate + COPY entities",
           "search_docs_insert": "INSERT search_docs (2 connections)",
           "gin_build": "GIN index search_docs_tsv",
-          "titles_gin_build": "GIN index search_docs_titles",
+          "titles_gin_build": "GIN index search_docs_title_shards",
           "search_terms_fill": "search_terms from search_words",
           "trigram_build": "trigram index search_terms_trgm",
           "embed_real": "embed the real subset (local model)",
@@ -1032,7 +1032,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             ("search_docs table (heap + TOAST)", mib(sz["search_docs_table"])),
             ("  of which tsvectors (sum of pg_column_size)", mib(sz["tsv_column"])),
             ("search_docs_tsv GIN index", f"{mib(sz['search_docs_tsv_gin'])} ({sz['gin_ratio']:.2f}x raw)"),
-            ("search_docs_titles GIN index", mib(sz["search_docs_titles_gin"])),
+            ("search_docs_title_shards GIN index", mib(sz["search_docs_titles_gin"])),
             ("search_docs, all (table + GIN + pkey + recent)", mib(sz["search_docs_total"])),
             ("search_terms, all", f"{mib(sz['search_terms_total'])} ({sz['terms']:,} terms; trigram index "
                                   f"{mib(sz['search_terms_trgm'])})"),

@@ -307,6 +307,43 @@ async def test_title_matches_rank_first_even_past_the_cutoff(db: Database, svc: 
     assert len({h.id for h in res.hits}) == 3  # then 2 of the bodies' matches (the cutoff)
 
 
+async def test_title_matches_are_found_shard_by_shard_and_stop_early(db: Database, svc: Services,
+                                                                     tenant: Tenant) -> None:
+    """Titles are indexed in 16 shards of the entity ids: every match is found, a phrase
+    still needs its words in order, and a lookup with a limit reads the first shards only."""
+    ids = await _setup(svc, tenant, [("note", {"title": f"quarterly plan {i}", "body": ""}) for i in range(48)]
+                       + [("note", {"title": "plan for the year", "body": "quarterly"})])
+    match = ("SELECT entity_id, uuid_hash(entity_id) & 15 AS shard FROM search_match("
+             "%s, NULL, true, NULL, NULL, NULL, NULL, NULL, NULL, %s)")
+    async with db.transaction(tenant.org_id) as conn:
+        every = await (await conn.execute(match, ("quarter:*", 100))).fetchall()
+        assert {r["entity_id"] for r in every} == set(ids[:-1])
+        assert len({r["shard"] for r in every}) > 8  # spread over the shards
+        phrase = await (await conn.execute(match, ("plan <-> quarterly", 100))).fetchall()
+        assert phrase == []  # the titles say "quarterly plan"
+        first = await (await conn.execute(match, ("quarterly", 5))).fetchall()
+        shards = sorted(r["shard"] for r in every)
+        assert len(first) == 5 and max(r["shard"] for r in first) == shards[4]
+        total = await (await conn.execute(
+            "SELECT n FROM search_facets('quarterly', NULL, NULL, NULL, NULL, NULL, NULL, NULL, 30, '{}')"
+            " WHERE facet = 'total'")).fetchone()
+        assert total == {"n": 31}  # more than the cap: counted no further
+    res = await svc.search.search(tenant.owner, "quarterly", mode="text", limit=100)
+    assert {h.id for h in res.hits} == set(ids) and res.hits[-1].id == ids[-1]  # the body match last
+
+
+async def test_shard_queries_keep_every_lexeme(db: Database) -> None:
+    """The shard goes in front of each lexeme of a query and of a row's title words, quotes
+    and backslashes included, and a row's positions and weights stay."""
+    async with db.pool.connection() as conn:
+        row = await (await conn.execute(
+            "SELECT search_shard_query($q$'it''s' & 'a\\\\b':* & !( 'x' <-> 'y' )$q$::tsquery, 10)::text AS q,"
+            " search_sharded('''it''''s'':1A back:2', '00000000-0000-0000-0000-000000000001') AS v,"
+            " to_hex(uuid_hash('00000000-0000-0000-0000-000000000001') & 15) AS shard")).fetchone()
+    assert row["q"] == "'ait''s' & 'aa\\\\b':* & !( 'ax' <-> 'ay' )"
+    assert set(row["v"].split()) == {f"'{row['shard']}back':2", f"'{row['shard']}it''s':1A"}  # positions kept
+
+
 async def test_totals_beyond_their_cap_are_marked_approximate(db: Database, svc: Services,
                                                               tenant: Tenant) -> None:
     await _setup(svc, tenant, [("note", {"title": f"budget line {i}", "body": "", "tags": [f"t{i % 2}"]})

@@ -11,7 +11,9 @@ then the corrections take turns, each one's best first, so a rare word's few mat
 are not buried under those of a common word one typo away. Each bucket ranks at most
 ``rank_cutoff`` matches, found through a GIN index: the titles' own for title buckets,
 so a word found in half the org's bodies reads a short posting list for the first page,
-and a rare word's typo is not lost among the matches of a common correction. A later
+and a rare word's typo is not lost among the matches of a common correction. The titles'
+index is in 16 shards (0012_search_title_shards.sql), read one after the other until the
+cutoff is reached: a broad word or a 3-letter prefix reads a fraction of its postings. A later
 page resumes after the last hit's sort key, and whole buckets before it are skipped
 (keyset pagination).
 
@@ -477,24 +479,17 @@ class Search:
                      facets: Sequence[str], results: Results, also: list[UUID]) -> None:
         """The number of matches and the facet counts, over at most ``facet_cap`` matches (or
         ``total_cap`` when no facets are asked): those of the text query's first word (the broadest
-        tier), and ``also`` (the semantic list)."""
+        tier; title matches first, the others only while within the cap), and ``also`` (the
+        semantic list)."""
         cap = self.facet_cap if facets else self.total_cap
         if plan is None and also and not facets:
             # The semantic list alone, already within the filters.
             results.total, results.total_approximate = min(len(also), cap), len(also) > cap
             return
-        if plan is not None and not facets:
-            # More title matches than the cap: the total is "more than the cap", and the
-            # long posting lists of a broad word need not be read.
-            known = plan.title_matches
-            if known is None:
-                cur = await conn.execute(
-                    f"SELECT count(*) AS n FROM search_match(%(broad)s, NULL, true, {MATCH_SCOPE}, %(cap)s)",
-                    {**params, "broad": plan.tier(1, typos=True), "cap": cap + 1})
-                known = (await cur.fetchone())["n"]
-            if known > cap:
-                results.total, results.total_approximate = cap, True
-                return
+        if plan is not None and not facets and (plan.title_matches or 0) > cap:
+            # The first word's title bucket already found more than the cap.
+            results.total, results.total_approximate = cap, True
+            return
         cur = await conn.execute(
             "SELECT facet, value, n"
             f" FROM search_facets(%(broad)s, %(also)s, {MATCH_SCOPE}, %(cap)s, %(facets)s)",

@@ -284,6 +284,13 @@ async def test_filters_and_facets(svc: Services, tenant: Tenant) -> None:
     assert len((await search(tenant.owner, "launch", mode="text", filters=f)).hits) == 2
     f = Filters(updated_after=note.updated_at)
     assert (await search(tenant.owner, "launch", mode="text", filters=f)).hits == []
+    await svc.indexer.drain(tenant.org_id)
+    for mode in ("semantic", "hybrid"):  # the vectors' own project and type, then search_docs'
+        f = Filters(types=("note",))
+        assert [h.id for h in (await search(tenant.owner, "launch", mode=mode, filters=f)).hits] == [note.id]
+        f = Filters(types=("kanban.card",), projects=(tenant.project_id,))
+        assert {h.id for h in (await search(tenant.owner, "launch", mode=mode, filters=f)).hits} == {done.id,
+                                                                                                      todo.id}
     res = await search(tenant.owner, "launch", mode="text", facets=("type", "module", "project", "tag"))
     assert res.facets == {
         "type": {"kanban.card": 2, "note": 1}, "module": {"kanban": 2, "notes": 1},

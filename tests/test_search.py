@@ -167,6 +167,23 @@ async def test_corrections_take_turns_after_the_likelier_slips(svc: Services, te
     assert pages == ids
 
 
+async def test_a_corrected_match_is_ranked_by_the_word_it_matched(svc: Services, tenant: Tenant) -> None:
+    """"markez" is one typo from "market" and "marker". A note titled "marker" whose body says
+    "market" is a "marker" match (its title's word), and ranks among them by "marker" alone: the
+    other correction's words in its body lend it nothing."""
+    borrowed, marker, market = await _setup(svc, tenant, [
+        ("note", {"title": "marker", "body": "market market market"}),
+        ("note", {"title": "marker", "body": "a marker, another marker"}),
+        ("note", {"title": "market", "body": ""}),
+    ])
+    res = await svc.search.search(tenant.owner, "markez ", mode="text")
+    assert res.corrections == {"markez": ["marker", "market"]}
+    # each correction's best first (ranked by its own word), then the second "marker"
+    assert [h.id for h in res.hits] == [marker, market, borrowed]
+    exact = await svc.search.search(tenant.owner, "marker ", mode="text")
+    assert [h.id for h in exact.hits] == [marker, borrowed, market]  # "market" lends no rank either
+
+
 async def test_deleted_entities_vanish_at_once_and_come_back(svc: Services, tenant: Tenant) -> None:
     (note,) = await _setup(svc, tenant, [("note", {"title": "ephemeral idea", "body": ""})])
     await svc.entities.delete(tenant.owner, note)

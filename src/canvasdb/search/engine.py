@@ -5,7 +5,9 @@ query word come first, then (when a page is not full) those matching all but the
 word, and so on. Within each such tier come exact matches, then those found through a
 correction only (fewer typos first); each of the two splits in those with the words in
 a title (an A-weight field, as Meilisearch's attribute rule), then the others; and
-PostgreSQL's text rank orders each bucket. Among corrected matches of as many typos,
+PostgreSQL's text rank orders each bucket, computed for the words as the user meant them:
+the query as typed, or for a corrected match the corrections it matched (in a title
+bucket, those in its title), so that no match borrows rank from another correction. Among corrected matches of as many typos,
 the likelier slips come first (a letter left out or two swapped, see ``query.slip``),
 then the corrections take turns, each one's best first, so a rare word's few matches
 are not buried under those of a common word one typo away. Each bucket ranks at most
@@ -315,26 +317,35 @@ class Search:
         unless = [exact] if corrected else []
         if tier < len(plan.exact):
             unless.append(plan.tier(tier + 1, typos=True))
-        args = {**params, "match": loose if corrected else exact, "loose": loose,
+        args = {**params, "match": loose if corrected else exact,
                 "unless": " | ".join(f"({u})" for u in unless) or None,
                 "titles": phase in (TITLES, CORRECTED_TITLES),
                 "cutoff": self.rank_cutoff, "need": need}
-        # Which of its group's terms each group of a corrected match matched (1: the word as
-        # typed, 2...: its corrections); that gives its typos, its slips and its variant,
-        # and the variants take turns (see the module's docstring).
-        picks, typos, slips, turn = "", "0", "0", "1"
+        # A match is ranked by the words it matched, as the user meant them: an exact match by
+        # the query as typed, a corrected one by the term each group matched (1: the word as
+        # typed, 2...: its corrections; in a title bucket, the term in the title). That term
+        # also gives its typos and its slips, and the corrections take turns (see the
+        # module's docstring). Ranking by all the corrections at once would let a match of
+        # one borrow rank from another's words elsewhere in its text.
+        picks, rank_query, typos, slips, turn = "", "to_tsquery('english', %(match)s)", "0", "0", "1"
         if corrected:
-            columns = []
+            text = "ts_filter(c.tsv, '{a}')" if args["titles"] else "c.tsv"
+            columns, queries = [], []
             for i in range(tier):
                 alts = plan.corrected[i]
-                whens = "".join(f" WHEN c.tsv @@ to_tsquery('english', %(a{i}_{j})s) THEN {j + 2}"
-                                for j in range(len(alts)))
-                columns.append(f"CASE WHEN c.tsv @@ to_tsquery('english', %(e{i})s) THEN 1{whens}"
-                               f" ELSE {len(alts) + 2} END AS p{i}")
-                args.update({f"a{i}_{j}": alt for j, (alt, _, _) in enumerate(alts)})
-                args.update({f"e{i}": plan.exact[i], f"c{i}": [0, *(c for _, c, _ in alts), 2],
+                terms = [f"e{i}", *(f"a{i}_{j}" for j in range(len(alts)))]  # p = 1, 2, ...
+                whens = "".join(f" WHEN {text} @@ to_tsquery('english', %({t})s) THEN {p}"
+                                for p, t in enumerate(terms, 1))
+                columns.append(f"CASE{whens} ELSE {len(terms) + 1} END AS p{i}")
+                ranks = "".join(f" WHEN {p} THEN to_tsquery('english', %({t})s)"
+                                for p, t in enumerate(terms, 1))
+                queries.append(f"(CASE p{i}{ranks} ELSE to_tsquery('english', %(g{i})s) END)")
+                args.update(zip(terms, [plan.exact[i], *(alt for alt, _, _ in alts)], strict=True))
+                args.update({f"g{i}": " | ".join(args[t] for t in terms),
+                             f"c{i}": [0, *(c for _, c, _ in alts), 2],
                              f"s{i}": [0, *(sl for _, _, sl in alts), 1]})
             picks = ", " + ", ".join(columns)
+            rank_query = " && ".join(queries)
             typos = " + ".join(f"(%(c{i})s::int[])[p{i}]" for i in range(tier))
             slips = " + ".join(f"(%(s{i})s::int[])[p{i}]" for i in range(tier))
             variant = ", ".join(f"p{i}" for i in range(tier))
@@ -349,12 +360,14 @@ class Search:
             "SELECT *, count(*) OVER () AS matched"
             " FROM (SELECT id, project_id, type, module, rank, {typos} AS typos, {slips} AS slips,"
             "              {turn} AS turn"
-            "       FROM (SELECT c.entity_id AS id, c.project_id, c.type, c.module{picks},"
-            "                    ts_rank(c.tsv, to_tsquery('english', %(loose)s))::float8 AS rank"
-            "             FROM search_match(%(match)s, %(unless)s, %(titles)s, {scope}, %(cutoff)s) c) m) r"
+            "       FROM (SELECT *, ts_rank(tsv, {rank_query})::float8 AS rank"
+            "             FROM (SELECT c.entity_id AS id, c.project_id, c.type, c.module, c.tsv{picks}"
+            "                   FROM search_match(%(match)s, %(unless)s, %(titles)s, {scope},"
+            "                                     %(cutoff)s) c) c) m) r"
             " {keyset} ORDER BY typos, slips, turn, rank DESC, id LIMIT %(need)s").format(
                 typos=sql.SQL(typos), slips=sql.SQL(slips), turn=sql.SQL(turn),
-                picks=sql.SQL(picks), keyset=sql.SQL(keyset), scope=sql.SQL(MATCH_SCOPE))
+                rank_query=sql.SQL(rank_query), picks=sql.SQL(picks), keyset=sql.SQL(keyset),
+                scope=sql.SQL(MATCH_SCOPE))
         cur = await conn.execute(query, args)
         rows = await cur.fetchall()
         if tier == 1 and phase == TITLES and after is None:

@@ -7,10 +7,11 @@ correction only (fewer typos first); each of the two splits in those with the wo
 a title (an A-weight field, as Meilisearch's attribute rule), then the others; and
 PostgreSQL's text rank orders each bucket, computed for the words as the user meant them:
 the query as typed, or for a corrected match the corrections it matched (in a title
-bucket, those in its title), so that no match borrows rank from another correction. Among corrected matches of as many typos,
-the likelier slips come first (a letter left out or two swapped, see ``query.slip``),
-then the corrections take turns, each one's best first, so a rare word's few matches
-are not buried under those of a common word one typo away. Each bucket ranks at most
+bucket, those in its title), so that no match borrows rank from another correction.
+Among corrected matches of as many typos, the likelier slips come first (a letter left
+out or two swapped, see ``query.slip``), then the corrections take turns, each one's
+best first, so a rare word's few matches are not buried under those of a common word
+one typo away. Each bucket ranks at most
 ``rank_cutoff`` matches, found through a GIN index: the titles' own for title buckets,
 so a word found in half the org's bodies reads a short posting list for the first page,
 and a rare word's typo is not lost among the matches of a common correction. The titles'

@@ -106,6 +106,28 @@ async def test_odd_texts_embed(local: Embedder) -> None:
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
 
 
+async def test_a_query_runs_on_one_blas_thread_and_a_batch_on_all(local: Embedder) -> None:
+    """One thread for a query's few tokens (a second one would wait for a core the database
+    holds); every thread for a batch; and the process's setting is restored after each."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> int:
+        return max(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
+
+    await local.embed(["warm up"])
+    net = local._net  # type: ignore[attr-defined]
+    seen: list[int] = []
+    forward = net.forward
+    net.forward = lambda ids, mask: (seen.append(blas_threads()), forward(ids, mask))[1]
+    try:
+        before = blas_threads()
+        await local.embed(["which board holds the roadmap?"])
+        await local.embed([f"note {i} on the quarterly roadmap of the billing team" for i in range(32)])
+    finally:
+        del net.forward  # the class's method again
+    assert seen == [1, before] and blas_threads() == before
+
+
 async def test_local_runs_off_the_event_loop(local: Embedder) -> None:
     ticks = 0
 

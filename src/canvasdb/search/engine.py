@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import html
 import json
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -200,9 +201,13 @@ class Search:
         results = Results(mode=mode, hits=[], ignored_words=parsed.ignored)
         vector: list[float] | None = None
         model = None
-        if mode != "text" and text.strip():
+        embedding: asyncio.Future[tuple[Any, list[float] | None, str | None]] | None = None
+        if mode == "hybrid" and not parsed.empty:
+            # Embedded while the transaction starts and the text buckets run in PostgreSQL.
+            embedding = asyncio.ensure_future(self._query_vector(text))
+        elif mode != "text" and text.strip():
             model, vector, results.degraded = await self._query_vector(text)
-        async with self.db.transaction(who.org_id) as conn:
+        async with self.db.transaction(who.org_id) as conn, _cancelled_on_exit(embedding):
             # Every query here has an index made for it; with a LIMIT, the planner may hope
             # to find matches early in a sequential scan, and at a million rows it does not.
             await conn.execute("SELECT set_config('enable_seqscan', 'off', true),"
@@ -214,6 +219,11 @@ class Search:
                 plan = await self._plan(conn, who.org_id, parsed, typo and mode != "semantic",
                                         results.corrections)
             nearest: list[UUID] = []
+            text_list = None
+            if embedding is not None:
+                if plan is not None:
+                    text_list = await self._text(conn, plan, params, _hybrid_depth(limit + 1, after), None)
+                model, vector, results.degraded = await embedding
             if parsed.empty and (mode == "text" or vector is None):
                 hits = await self._recent(conn, where, params, limit + 1, after)
             elif mode == "text" or vector is None:
@@ -222,7 +232,7 @@ class Search:
                 hits, nearest = await self._semantic(conn, who.org_id, model, vector, where, params,
                                                      limit + 1, after)
             else:
-                hits, nearest = await self._hybrid(conn, who.org_id, plan, model, vector, where, params,
+                hits, nearest = await self._hybrid(conn, who.org_id, text_list, model, vector, where, params,
                                                    limit + 1, after)
             if len(hits) > limit:
                 del hits[limit:]
@@ -471,14 +481,14 @@ class Search:
                      after, need, seen)
         return hits, [hit.id for hit in nearest]
 
-    async def _hybrid(self, conn: Connection, org_id: UUID, plan: _Plan | None, model: Any,
+    async def _hybrid(self, conn: Connection, org_id: UUID, text: list[Hit] | None, model: Any,
                       vector: list[float], where: sql.Composable, params: dict[str, Any], need: int,
                       after: Sequence[Any] | None) -> tuple[list[Hit], list[UUID]]:
-        """Reciprocal rank fusion: each list adds 1 / (60 + rank) to an entity's score."""
+        """Reciprocal rank fusion of the text list (``_hybrid_depth`` deep) and the nearest
+        entities: each list adds 1 / (60 + rank) to an entity's score."""
         seen = int(after[2]) if after is not None else 0
-        depth = min(MAX_DEPTH, max(HYBRID_WINDOW, seen + need))
-        text = await self._text(conn, plan, params, depth, None) if plan else []
-        nearest = await self._nearest(conn, org_id, model, vector, where, params, depth)
+        text = text or []
+        nearest = await self._nearest(conn, org_id, model, vector, where, params, _hybrid_depth(need, after))
         scores: dict[UUID, float] = {}
         found: dict[UUID, Hit] = {}
         for rank, hit in enumerate(text, 1):
@@ -552,6 +562,24 @@ class Search:
             hit.data, hit.version, hit.updated_at = row["data"], row["version"], row["updated_at"]
             hit.highlights = {name: _marked(text) for name, text in (row["highlights"] or {}).items()
                               if _MARK in text}
+
+
+def _hybrid_depth(need: int, after: Sequence[Any] | None) -> int:
+    """How deep hybrid search takes each list: the window, or to the end of the page asked for."""
+    seen = int(after[2]) if after is not None else 0
+    return min(MAX_DEPTH, max(HYBRID_WINDOW, seen + need))
+
+
+@contextlib.asynccontextmanager
+async def _cancelled_on_exit(task: asyncio.Future[Any] | None) -> AsyncIterator[None]:
+    """Cancel ``task`` if the block ends (an error, most likely) before awaiting it."""
+    try:
+        yield
+    finally:
+        if task is not None and not task.done():
+            task.cancel()
+        elif task is not None and not task.cancelled():
+            task.exception()  # retrieved: an error already raised in the block is the one to report
 
 
 def _page(scored: list[tuple[float, Hit]], after: Sequence[Any] | None, need: int, seen: int) -> list[Hit]:

@@ -238,6 +238,19 @@ async def load(js: Path, workdir: Path, server: Server, config: dict[str, Any]) 
     return out
 
 
+def rejected(port: int) -> dict[str, float]:
+    """The gateway's refusals so far, by reason (its /metrics counter)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("canvasdb_gateway_rejected_total{"):
+            labels, value = line.rsplit(" ", 1)
+            reason = labels.split('reason="', 1)[1].split('"', 1)[0]
+            out[reason] = out.get(reason, 0) + float(value)
+    return out
+
+
 async def stored_rows(url: str, org_id: UUID, docs: list[str]) -> int:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn, conn.transaction():
         await conn.execute("SELECT set_config('canvasdb.org_id', %s, true)", (str(org_id),))
@@ -286,6 +299,7 @@ async def measure_server(kind: str, js: Path, workdir: Path, url: str, svc: Serv
             r["level"] = asdict(level)
             if kind == "canvasdb":
                 r["stored"] = await stored_rows(url, tenant.org_id, names)
+                r["rejected_so_far"] = await asyncio.to_thread(rejected, server.port)
             result["levels"].append(r)
     finally:
         await server.stop()

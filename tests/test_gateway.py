@@ -35,10 +35,10 @@ def free_port() -> int:
 class Gateway:
     """A ``canvasdb gateway`` process on its own port."""
 
-    def __init__(self, pg_url: str, home: Path, port: int | None = None) -> None:
+    def __init__(self, pg_url: str, home: Path, port: int | None = None, **settings: str) -> None:
         self.port = port or free_port()
         env = {**os.environ, "CANVASDB_DATABASE_URL": pg_url, "CANVASDB_HOME": str(home),
-               "CANVASDB_LOG_LEVEL": "warning"}
+               "CANVASDB_LOG_LEVEL": "warning", **settings}
         self.log = home / f"gateway-{self.port}.log"
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -242,6 +242,58 @@ async def test_burst_then_disconnect_loses_nothing(
     assert len(await stored_nodes(svc, t, doc)) == 300
     assert (await svc.documents.get(t.owner, doc)).last_seq == 300
     assert httpx.get(f"http://127.0.0.1:{gateways[0].port}/readyz").status_code == 200
+
+
+def counter(port: int, name: str) -> float:
+    """A counter of the gateway's /metrics (its labels summed)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+async def test_a_fast_sender_is_slowed_down_not_cut_off(
+    pg_url: str, svc: Services, board: tuple[Tenant, str], tmp_path: Path
+) -> None:
+    """150 updates at once against 100/s with a burst of 20: the excess waits for the rate
+    (counted in /metrics), the connection stays open, and everything is stored."""
+    t, doc = board
+    gw = Gateway(pg_url, tmp_path, CANVASDB_GATEWAY_MAX_UPDATES_PER_S="100", CANVASDB_GATEWAY_UPDATE_BURST="20")
+    try:
+        async with await JsClient.start(gw.url(t.slug), doc, t.token) as sender:
+            await sender.wait_synced()
+            await sender.burst(150, "nodes")
+
+            async def stored(n: int):
+                return len(await stored_nodes(svc, t, doc)) == n
+
+            assert await eventually(lambda: stored(150))
+            await sender.map_set("nodes", "after", 1)  # still connected
+            assert await eventually(lambda: stored(151))
+        assert counter(gw.port, "canvasdb_gateway_throttled_total") > 0
+        assert counter(gw.port, "canvasdb_gateway_rejected_total") == 0
+    finally:
+        gw.stop()
+
+
+async def test_a_sender_over_the_rate_for_too_long_is_closed(
+    pg_url: str, svc: Services, board: tuple[Tenant, str], tmp_path: Path
+) -> None:
+    """Past the grace period over the rate: close 4429; what was accepted is stored, and the
+    gateway serves on."""
+    t, doc = board
+    gw = Gateway(pg_url, tmp_path, CANVASDB_GATEWAY_MAX_UPDATES_PER_S="20", CANVASDB_GATEWAY_UPDATE_BURST="5",
+                 CANVASDB_GATEWAY_RATE_GRACE_S="0.5")
+    try:
+        async with await JsClient.start(gw.url(t.slug), doc, t.token) as sender:
+            await sender.wait_synced()
+            await sender.burst(300, "nodes")
+            closed = await sender.wait_event(lambda e: e["event"] == "close" and e.get("code"), 15)
+            assert closed["code"] == 4429
+        assert 5 <= len(await stored_nodes(svc, t, doc)) < 300
+        assert counter(gw.port, 'canvasdb_gateway_rejected_total{reason="rate"}') == 1
+        assert httpx.get(f"http://127.0.0.1:{gw.port}/readyz").status_code == 200
+    finally:
+        gw.stop()
 
 
 async def test_malformed_frames_close_only_that_connection(

@@ -30,6 +30,8 @@ GATEWAY_DOCS = Gauge("canvasdb_gateway_open_documents", "Documents with at least
 GATEWAY_MESSAGES = Counter("canvasdb_gateway_messages_total", "Messages received, by kind", ["kind"])
 GATEWAY_REJECTED = Counter("canvasdb_gateway_rejected_total", "Messages or connections refused, by reason",
                            ["reason"])
+GATEWAY_THROTTLED = Counter("canvasdb_gateway_throttled_total",
+                            "Updates that waited for their connection's rate limit")
 GATEWAY_FANOUT = Histogram("canvasdb_gateway_broadcast_fanout", "Connections an update was sent to",
                            buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 

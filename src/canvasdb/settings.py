@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     max_update_bytes: int = Field(default=1024 * 1024, ge=1024, description="Largest Yjs update")
     gateway_max_updates_per_s: float = Field(default=500, gt=0, description="Per connection, sustained")
     gateway_update_burst: int = Field(default=1000, ge=1, description="Per connection, burst allowance")
+    gateway_rate_grace_s: float = Field(default=10, ge=0, description="A connection over the rate is "
+                                        "slowed down; one that stays over it this long is closed (4429)")
     gateway_idle_seconds: float = Field(default=30, ge=0, description="Unload a document this long "
                                         "after its last client left")
     compact_after_updates: int = Field(default=1000, ge=1, description="Compact early after N updates")

@@ -2,7 +2,8 @@
 
 Close codes (4400-4499 make the official y-websocket client stop reconnecting):
 4400 malformed message or invalid update, 4401 missing/unknown/revoked token, 4404 no such
-document (or no access to it), 4413 message too large, 4429 update rate exceeded, 4408 too
+document (or no access to it), 4413 message too large, 4429 update rate exceeded for longer
+than the grace period (below it, the sender is only slowed down), 4408 too
 slow to receive, 1001 server shutting down. A viewer's updates are refused with the
 protocol's "permission denied" message (auth type 2) and the connection stays open.
 """
@@ -59,19 +60,40 @@ class _Closing(Exception):
 
 
 class _Bucket:
-    """Token bucket: ``rate`` per second sustained, ``burst`` at once."""
+    """Token bucket: ``rate`` per second sustained, ``burst`` at once.
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst, self.tokens, self.at = rate, burst, float(burst), time.monotonic()
+    A sender over the rate is slowed down, not cut off: each update waits for its token, and
+    meanwhile its socket is not read, so TCP holds the sender back. Closing instead would
+    strand the edits of a client that merely drew fast (4429 is final for y-websocket, which
+    then stops reconnecting). One that stays over the rate for ``grace`` seconds is refused.
+    """
 
-    def take(self) -> bool:
+    def __init__(self, rate: float, burst: int, grace: float) -> None:
+        self.rate, self.burst, self.grace = rate, burst, grace
+        self.tokens, self.at = float(burst), time.monotonic()
+        self.over_since: float | None = None  # when the sender last found the bucket empty
+
+    async def take(self) -> bool:
+        """Wait for a token; False if the sender has been over the rate for too long."""
+        self._refill()
+        if self.tokens >= 1:
+            self.over_since = None
+        else:
+            now = time.monotonic()
+            if self.over_since is None:
+                self.over_since = now
+            elif now - self.over_since > self.grace:
+                return False
+            metrics.GATEWAY_THROTTLED.inc()
+            await asyncio.sleep((1 - self.tokens) / self.rate)
+            self._refill()
+        self.tokens -= 1
+        return True
+
+    def _refill(self) -> None:
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
         self.at = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
 
 
 def _token(ws: WebSocket) -> str | None:
@@ -127,7 +149,8 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
     room = hub.join(who.org_id, doc_id, peer, sync.seq)
     in_flight: set[asyncio.Task[object]] = set()
     slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
-    bucket = _Bucket(settings.gateway_max_updates_per_s, settings.gateway_update_burst)
+    bucket = _Bucket(settings.gateway_max_updates_per_s, settings.gateway_update_burst,
+                     settings.gateway_rate_grace_s)
 
     async def commit(update: bytes) -> None:
         try:
@@ -148,8 +171,8 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
             metrics.GATEWAY_REJECTED.labels("read_only").inc()
             peer.push(protocol.permission_denied("read-only access: updates are not accepted"))
             return
-        if not bucket.take():
-            raise _Closing(4429, "too many updates; slow down", "rate")
+        if not await bucket.take():
+            raise _Closing(4429, "too many updates for too long; slow down", "rate")
         try:
             yjs.check_update(update)
         except InvalidInput as exc:

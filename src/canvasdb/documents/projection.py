@@ -145,8 +145,7 @@ class BoardProjection:
 
         async with self.documents.db.transaction(org_id) as conn:
             cur = await conn.execute(
-                "SELECT * FROM entities WHERE org_id = %s AND data ->> 'doc' = %s"
-                " AND type IN ('board.node', 'board.edge')", (org_id, doc_id))
+                "SELECT * FROM entities WHERE org_id = %s AND board_doc = %s", (org_id, doc_id))
             return {row["id"]: _entity(row) for row in await cur.fetchall()}
 
     async def entity_changed(self, who: Principal, entity: Entity) -> None:

@@ -70,3 +70,18 @@ def test_the_embedded_server_is_sized_to_the_machine(pg_url: str) -> None:
                           " WHERE name = 'shared_buffers'").fetchone()[0]
     assert f"{mb}MB" == _memory_tuning()["shared_buffers"]
     assert 128 <= mb <= 8192
+
+
+def test_an_edit_changes_no_indexed_column_of_entities(pg_url: str) -> None:
+    """PostgreSQL updates a row in place (HOT, no new index entries) only when no indexed
+    column changes, expressions and partial-index predicates included. Every edit sets
+    these columns, so no index of entities may read them."""
+    edited = {"data", "version", "keyframe_version", "deleted", "updated_at", "updated_by"}
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute(
+            "SELECT i.indexrelid::regclass::text, a.attname FROM pg_index i"
+            " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum > 0"
+            " WHERE i.indrelid = 'entities'::regclass AND (a.attnum = ANY(i.indkey)"
+            "  OR pg_get_expr(i.indexprs, i.indrelid) ~ ('\\m' || a.attname || '\\M')"
+            "  OR pg_get_expr(i.indpred, i.indrelid) ~ ('\\m' || a.attname || '\\M'))").fetchall()
+    assert rows and not [(index, column) for index, column in rows if column in edited]

@@ -219,13 +219,14 @@ class Search:
                 plan = await self._plan(conn, who.org_id, parsed, typo and mode != "semantic",
                                         results.corrections)
             nearest: list[UUID] = []
-            text_list = None
-            if embedding is not None:
-                if plan is not None:
-                    text_list = await self._text(conn, plan, params, _hybrid_depth(limit + 1, after), None)
+            text_list: list[Hit] = []
+            if embedding is not None and plan is not None:
+                text_list = await self._text(conn, plan, params, _hybrid_depth(limit + 1, after), None)
                 model, vector, results.degraded = await embedding
             if parsed.empty and (mode == "text" or vector is None):
                 hits = await self._recent(conn, where, params, limit + 1, after)
+            elif embedding is not None and vector is None and after is None:
+                hits = text_list[:limit + 1]  # degraded hybrid: the text list's head is the page
             elif mode == "text" or vector is None:
                 hits = await self._text(conn, plan, params, limit + 1, after) if plan else []
             elif mode == "semantic":
@@ -340,12 +341,12 @@ class Search:
         # one borrow rank from another's words elsewhere in its text.
         picks, rank_query, typos, slips, turn = "", "to_tsquery('english', %(match)s)", "0", "0", "1"
         if corrected:
-            text = "ts_filter(c.tsv, '{a}')" if args["titles"] else "c.tsv"
+            tsv = "ts_filter(c.tsv, '{a}')" if args["titles"] else "c.tsv"
             columns, queries = [], []
             for i in range(tier):
                 alts = plan.corrected[i]
                 terms = [f"e{i}", *(f"a{i}_{j}" for j in range(len(alts)))]  # p = 1, 2, ...
-                whens = "".join(f" WHEN {text} @@ to_tsquery('english', %({t})s) THEN {p}"
+                whens = "".join(f" WHEN {tsv} @@ to_tsquery('english', %({t})s) THEN {p}"
                                 for p, t in enumerate(terms, 1))
                 columns.append(f"CASE{whens} ELSE {len(terms) + 1} END AS p{i}")
                 ranks = "".join(f" WHEN {p} THEN to_tsquery('english', %({t})s)"
@@ -481,13 +482,12 @@ class Search:
                      after, need, seen)
         return hits, [hit.id for hit in nearest]
 
-    async def _hybrid(self, conn: Connection, org_id: UUID, text: list[Hit] | None, model: Any,
+    async def _hybrid(self, conn: Connection, org_id: UUID, text: list[Hit], model: Any,
                       vector: list[float], where: sql.Composable, params: dict[str, Any], need: int,
                       after: Sequence[Any] | None) -> tuple[list[Hit], list[UUID]]:
         """Reciprocal rank fusion of the text list (``_hybrid_depth`` deep) and the nearest
         entities: each list adds 1 / (60 + rank) to an entity's score."""
         seen = int(after[2]) if after is not None else 0
-        text = text or []
         nearest = await self._nearest(conn, org_id, model, vector, where, params, _hybrid_depth(need, after))
         scores: dict[UUID, float] = {}
         found: dict[UUID, Hit] = {}

@@ -9,6 +9,7 @@ from uuid import uuid4
 import jsonpatch
 import pytest
 from conftest import KEYFRAME_INTERVAL, Tenant
+from prometheus_client import REGISTRY
 
 from canvasdb.entities import EntityType
 from canvasdb.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound, PayloadTooLarge
@@ -125,6 +126,61 @@ async def test_concurrent_writers_lose_nothing(svc: Services, tenant: Tenant) ->
     versions = (await svc.entities.history(tenant.owner, e.id)).items
     assert sorted(v.version for v in versions) == list(range(1, 18))
     assert all(a.at > b.at for a, b in zip(versions, versions[1:], strict=False)), "times strictly increase"
+
+
+async def test_concurrent_changes_share_commits_and_answer_each_caller(svc: Services, tenant: Tenant) -> None:
+    def batched() -> float:  # changes committed in batches of more than one so far
+        def changes(le: str) -> float:
+            return REGISTRY.get_sample_value("canvasdb_entity_commit_batch_changes_bucket", {"le": le}) or 0
+        return changes("+Inf") - changes("1.0")
+
+    made = [await svc.entities.create(tenant.owner, tenant.project_id, "note", {"n": i}) for i in range(40)]
+    before = batched()
+    changed = await asyncio.gather(*(svc.entities.patch(tenant.owner, e.id, {"m": e.data["n"] * 10})
+                                     for e in made))
+    assert batched() > before, "concurrent changes were not committed together"
+    for e, after in zip(made, changed, strict=True):
+        assert (after.id, after.version, after.data) == (e.id, 2, {"n": e.data["n"], "m": e.data["n"] * 10})
+        stored = await svc.entities.get(tenant.owner, e.id)
+        assert stored == after
+        history = (await svc.entities.history(tenant.owner, e.id)).items
+        assert [(v.version, v.op, v.patch) for v in history][0] == (
+            2, "update", [{"op": "add", "path": "/m", "value": e.data["n"] * 10}])
+
+
+def splits_so_far() -> float:
+    return REGISTRY.get_sample_value("canvasdb_entity_commit_batch_splits_total") or 0
+
+
+async def test_a_failing_change_in_a_batch_fails_alone(svc: Services, tenant: Tenant) -> None:
+    await svc.types.register(tenant.owner, EntityType("batch.task", reference_fields=["$.parent"]))
+    await svc.types.register(tenant.owner, EntityType(
+        "batch.card", json_schema={"type": "object", "properties": {"n": {"type": "integer"}}}))
+    tasks = [await svc.entities.create(tenant.owner, tenant.project_id, "batch.task", {"n": i}) for i in range(6)]
+    cards = [await svc.entities.create(tenant.owner, tenant.project_id, "batch.card", {"n": i}) for i in range(3)]
+    deleted = await svc.entities.create(tenant.owner, tenant.project_id, "note", {})
+    await svc.entities.delete(tenant.owner, deleted.id)
+    splits = splits_so_far()
+    outcomes = await asyncio.gather(
+        *(svc.entities.patch(tenant.owner, t.id, {"done": True}) for t in tasks[1:]),
+        svc.entities.patch(tenant.owner, tasks[0].id, {"parent": str(uuid4())}),  # names no entity
+        svc.entities.patch(tenant.owner, tasks[1].id, {"late": True}, if_version=1),  # may be second
+        svc.entities.patch(tenant.owner, cards[0].id, {"n": 5}),  # validated by the schema, then written
+        svc.entities.patch(tenant.owner, cards[1].id, {"n": "five"}),  # refused by the schema
+        svc.entities.patch(tenant.owner, cards[2].id, {"x": 1}, if_version=7),  # stale
+        svc.entities.patch(tenant.owner, deleted.id, {"x": 1}),  # deleted
+        return_exceptions=True)
+    *done, bad_ref, late, valid, invalid, stale, gone = outcomes
+    assert all(not isinstance(o, BaseException) and o.data["done"] for o in done)
+    assert isinstance(bad_ref, InvalidInput) and "does not exist" in str(bad_ref)
+    assert splits_so_far() > splits, "the bad change did not share a batch"
+    assert (await svc.entities.get(tenant.owner, tasks[0].id)).version == 1, "nothing of it was written"
+    assert isinstance(late, Conflict) or late.version == 2  # before or after the other change of task 1
+    assert not isinstance(valid, BaseException) and valid.data == {"n": 5}
+    assert isinstance(invalid, InvalidInput) and invalid.fields["pointer"] == "/data/n"
+    assert isinstance(stale, Conflict) and stale.fields["current_version"] == 1
+    assert isinstance(gone, Gone)
+    assert (await svc.entities.get(tenant.owner, tasks[1].id)).data["done"] is True
 
 
 async def test_list_pages_by_type_and_as_of(svc: Services, tenant: Tenant) -> None:

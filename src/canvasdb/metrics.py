@@ -16,6 +16,11 @@ DOC_COMMIT_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 DOC_BATCH_UPDATES = Histogram("canvasdb_doc_commit_batch_updates", "Updates committed together",
                               buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+ENTITY_BATCH_CHANGES = Histogram("canvasdb_entity_commit_batch_changes",
+                                 "Entity changes committed together (group commit)",
+                                 buckets=(1, 2, 5, 10, 20, 50, 100, 200))
+ENTITY_BATCH_SPLITS = Counter("canvasdb_entity_commit_batch_splits_total",
+                              "Batches that failed as a whole and were written again change by change")
 DOCS_LOADED = Gauge("canvasdb_docs_loaded", "Documents held in memory by this process")
 DOC_CACHE_BYTES = Gauge("canvasdb_doc_cache_bytes", "Approximate bytes of the loaded documents")
 PROJECTION_LAG_SECONDS = Histogram(

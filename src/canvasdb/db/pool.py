@@ -74,10 +74,15 @@ class Database:
 
     async def one(self, query: str, params: Any) -> dict[str, Any] | None:
         """Run one statement on its own (autocommit) and return its first row, if any."""
+        rows = await self.all(query, params)
+        return rows[0] if rows else None
+
+    async def all(self, query: str, params: Any) -> list[dict[str, Any]]:
+        """Run one statement on its own (autocommit) and return its rows."""
         try:
             async with self.pool.connection() as conn:
                 cur = await conn.execute(query, params)
-                return await cur.fetchone()
+                return await cur.fetchall()
         except psycopg.Error as exc:
             raise translate(exc) from exc
         except PoolTimeout as exc:

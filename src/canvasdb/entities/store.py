@@ -1,8 +1,9 @@
 """Entities: schema-less JSON documents stored and read one by one, each change a new version.
 
-Every write is one transaction: lock the row, check access and the expected
-version, validate, then update the row and append its version row in a single
-statement. Reads are by id, by ids, or by page; nothing reads a whole project.
+A change is one call of the SQL function ``entity_change``: lock the row, check
+access and the expected version, then update the row and append its version row.
+Concurrent changes share a statement and a commit (group commit, ``changes``).
+Reads are by id, by ids, or by page; nothing reads a whole project.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from uuid import UUID, uuid4
 
 from canvasdb.db import Connection, Database
 from canvasdb.entities import history
+from canvasdb.entities.changes import ChangeQueue
 from canvasdb.entities.types import TypeRegistry, check_type_name, type_from_json
 from canvasdb.errors import (
     CanvasdbError,
@@ -180,8 +182,6 @@ ORDER BY version DESC LIMIT 1
 """
 
 _READ = "SELECT * FROM entity_read(%s, %s, %s)"
-_CHANGE = """SELECT * FROM entity_change(%(org)s, %(id)s, %(actor)s, %(admin)s, %(op)s,
-    %(value)s::jsonb, %(if_version)s, %(validated_at)s, %(keyframe_interval)s, %(max_bytes)s)"""
 _VALIDATE_ATTEMPTS = 50
 
 
@@ -200,6 +200,7 @@ class EntityStore:
         self.types = types or TypeRegistry(db)
         self.max_data_bytes = max_data_bytes
         self.keyframe_interval = keyframe_interval
+        self.changes = ChangeQueue(db)
         self.changed: Callable[[UUID], Awaitable[None]] | None = None  # told of each org's writes (search)
 
     # --- writes -------------------------------------------------------------------------------
@@ -265,8 +266,7 @@ class EntityStore:
             "keyframe_interval": self.keyframe_interval, "max_bytes": self.max_data_bytes,
         }  # fmt: skip
         for _ in range(_VALIDATE_ATTEMPTS):
-            row = await self.db.one(_CHANGE, params)
-            assert row is not None
+            row = await self.changes.change(params)
             outcome = row["outcome"]
             if outcome in ("done", "unchanged"):
                 if outcome == "done" and self.changed is not None:

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from canvasdb.db import migrate
+from canvasdb.db import Database, migrate
 from canvasdb.db.embedded import _memory_tuning
 from canvasdb.db.migrate import Migration, applied, available
 from canvasdb.errors import MigrationError
@@ -85,3 +85,17 @@ def test_an_edit_changes_no_indexed_column_of_entities(pg_url: str) -> None:
             "  OR pg_get_expr(i.indexprs, i.indrelid) ~ ('\\m' || a.attname || '\\M')"
             "  OR pg_get_expr(i.indpred, i.indrelid) ~ ('\\m' || a.attname || '\\M'))").fetchall()
     assert rows and not [(index, column) for index, column in rows if column in edited]
+
+
+async def test_generic_plans_hold_for_one_transaction_only(pg_url: str) -> None:
+    org = uuid.uuid4()
+    show = "SELECT current_setting('plan_cache_mode') AS mode, current_setting('canvasdb.org_id', true) AS org"
+    async with Database(pg_url, min_size=1, max_size=1) as db:  # one connection: the same one each time
+        async with db.transaction(org, generic_plans=True) as conn:
+            inside = await (await conn.execute(show)).fetchone()
+        async with db.transaction(org) as conn:
+            plain = await (await conn.execute(show)).fetchone()
+        after = await db.one(show, None)
+    assert inside == {"mode": "force_generic_plan", "org": str(org)}
+    assert plain == {"mode": "auto", "org": str(org)}
+    assert after == {"mode": "auto", "org": ""}, "the settings ended with their transaction"

@@ -23,6 +23,8 @@ from canvasdb.errors import CanvasdbError, Conflict, InvalidInput, NotFound, Una
 
 APP_ROLE = "canvasdb_app"
 _SET_ORG = "SELECT set_config('canvasdb.org_id', %s, true)"
+_SET_ORG_GENERIC = ("SELECT set_config('canvasdb.org_id', %s, true),"
+                    " set_config('plan_cache_mode', 'force_generic_plan', true)")
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 
 
@@ -89,8 +91,14 @@ class Database:
             raise Unavailable("no database connection available", hint=str(exc)) from None
 
     @asynccontextmanager
-    async def transaction(self, org_id: UUID | None = None) -> AsyncIterator[Connection]:
-        """A transaction scoped to ``org_id`` (None: global tables only; RLS hides tenant rows)."""
+    async def transaction(self, org_id: UUID | None = None, *,
+                          generic_plans: bool = False) -> AsyncIterator[Connection]:
+        """A transaction scoped to ``org_id`` (None: global tables only; RLS hides tenant rows).
+
+        ``generic_plans``: prepared statements run their generic plan, never re-planned for
+        the parameters at hand (for statements whose best plan does not depend on them, and
+        whose planning costs more than their execution: the graph's recursive queries).
+        """
         # Pipeline mode: BEGIN and the org setting travel with the first query, and COMMIT
         # with the last one when its result is read after the block (one round trip saved
         # at each end). Code inside the block reads results as usual.
@@ -100,7 +108,8 @@ class Database:
                     async with conn.pipeline():
                         await conn.execute(b"BEGIN")
                         if org_id is not None:
-                            await conn.execute(_SET_ORG, (str(org_id),))
+                            await conn.execute(_SET_ORG_GENERIC if generic_plans else _SET_ORG,
+                                               (str(org_id),))
                         yield conn
                         await conn.execute(b"COMMIT")
                 except BaseException:

@@ -208,6 +208,25 @@ async def test_pages_subgraph_and_caps(svc: Services, db, tenant: Tenant) -> Non
         await svc.graph.neighbors(tenant.owner, hub, cursor="nonsense")
 
 
+async def test_a_subgraph_of_several_roots(svc: Services, tenant: Tenant, other_tenant: Tenant) -> None:
+    a, b, c, d = [await node(svc, tenant, title) for title in "abcd"]
+    ab = await svc.relationships.create(tenant.owner, a, b, "link")
+    await svc.relationships.create(tenant.owner, b, c, "link")
+    await svc.relationships.create(tenant.owner, c, d, "link")
+    sub = await svc.graph.subgraph(tenant.owner, [a, b], depth=1)
+    assert [(n["title"], n["depth"]) for n in sub["nodes"]][2:] == [("c", 1)]
+    assert {n["title"] for n in sub["nodes"][:2]} == {"a", "b"} and not sub["truncated"]
+    assert {(r["from"], r["to"]) for r in sub["relationships"]} == {(str(a), str(b)), (str(b), str(c))}
+    assert str(ab.id) in {r["id"] for r in sub["relationships"]}
+    tight = await svc.graph.subgraph(tenant.owner, [a, b], depth=2, limit=2)  # room for the roots only
+    assert [n["depth"] for n in tight["nodes"]] == [0, 0] and tight["truncated"]
+    assert [(r["from"], r["to"]) for r in tight["relationships"]] == [(str(a), str(b))]
+    stranger = await node(svc, other_tenant, "theirs")
+    for roots in ([a, stranger], [a, uuid4()]):
+        with pytest.raises(NotFound):
+            await svc.graph.subgraph(tenant.owner, roots)
+
+
 async def test_traversals_never_pass_through_unreadable_projects(svc: Services, tenant: Tenant) -> None:
     secret = (await svc.tenancy.create_project(tenant.owner, "secret"))["id"]
     member_id = await svc.tenancy.ensure_user(f"m-{uuid4().hex[:8]}@example.com")

@@ -27,7 +27,7 @@ from uuid import UUID
 
 from psycopg.rows import tuple_row
 
-from canvasdb.db import Connection, Database
+from canvasdb.db import Database
 from canvasdb.errors import InvalidInput, NotFound, Unavailable
 from canvasdb.graph.relationships import check_kind, reaches, readable_projects, require_readable
 from canvasdb.tenancy import Principal
@@ -155,11 +155,30 @@ def _walk_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool, via: bo
 
 
 @cache
-def _edges_among_sql(as_of: bool, kinds: bool) -> str:
-    """The live edges between the given nodes (both ends among them)."""
-    src = _edges("n.id", "out", as_of=as_of, kinds=kinds, acl=False)
-    return (f"SELECT e.id, e.near, e.far, e.kind FROM unnest(%(nodes)s::uuid[]) AS n(id),"
-            f" LATERAL {src} e WHERE e.far = ANY(%(nodes)s::uuid[])")
+def _subgraph_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool) -> str:
+    """A subgraph in one statement: the walk's ``found`` as in ``_walk_sql``, then rows of three
+    sorts (column ``row``): 'n' a node with its summary (the readable starts at depth 0, then
+    the first %(limit)s others by depth and id); 'e' each live edge between two of those
+    nodes; 't' the count of nodes found beyond the starts and the cap flag."""
+    among = _edges("n.id", "out", as_of=as_of, kinds=kinds, acl=False)  # both ends already readable
+    return (
+        f"WITH RECURSIVE {_prelude(acl=acl, as_of=as_of, starts='%(starts)s')},"
+        f" {_recursion(direction, as_of=as_of, kinds=kinds, acl=acl)},"
+        " capped AS (SELECT id, d FROM r LIMIT %(cap)s),"
+        " found AS MATERIALIZED (SELECT id, min(d) AS depth FROM capped GROUP BY id),"
+        " page AS MATERIALIZED (SELECT id, depth FROM found WHERE depth > 0 ORDER BY depth, id"
+        " LIMIT %(limit)s),"
+        " nodes AS MATERIALIZED (SELECT id, 0 AS depth FROM start UNION ALL SELECT id, depth FROM page)"
+        f" SELECT 'n' AS row, p.id, p.depth, x.type, x.project_id, {_TITLE} AS title,"
+        " NULL::uuid AS rel, NULL::uuid AS frm, NULL AS kind, NULL::bigint AS total,"
+        " NULL::boolean AS truncated"
+        " FROM nodes p JOIN entities x ON x.org_id = %(org)s AND x.id = p.id"
+        " UNION ALL SELECT 'e', e.far, NULL, NULL, NULL, NULL, e.id, e.near, e.kind, NULL, NULL"
+        # the far end checked against an array computed once: as a semi-join, the planner
+        # crossed the nodes with themselves before looking edges up
+        f" FROM nodes n, LATERAL {among} e WHERE e.far = ANY(ARRAY(SELECT id FROM nodes))"
+        " UNION ALL SELECT 't', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
+        " (SELECT count(*) FROM found WHERE depth > 0), (SELECT count(*) FROM capped) >= %(cap)s")
 
 
 @cache
@@ -233,15 +252,6 @@ class Graph:
                     depth: int, as_of: datetime | None, *, limit: int, cursor: str | None,
                     cap: int, via: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """(rows of the page, {total, truncated}) of a walk; NotFound unless every start is readable."""
-        async with self.db.transaction(who.org_id, generic_plans=True) as conn:
-            return await self._walk_on(conn, who, starts, direction, kinds, depth, as_of, limit=limit,
-                                       cursor=cursor, cap=cap, via=via)
-
-    async def _walk_on(self, conn: Connection, who: Principal, starts: list[UUID], direction: Direction,
-                       kinds: list[str] | None, depth: int, as_of: datetime | None, *, limit: int,
-                       cursor: str | None, cap: int,
-                       via: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """``_walk`` in the caller's transaction."""
         after_depth, after_id = 0, UUID(int=0)
         if cursor is not None:
             try:
@@ -252,7 +262,8 @@ class Graph:
         sql = _walk_sql(direction, as_of is not None, kinds is not None, not who.is_org_admin, via)
         params = self._params(who, starts=starts, kinds=kinds, as_of=as_of, depth=depth, cap=cap,
                               limit=limit, after_depth=after_depth, after_id=after_id)
-        async with conn.cursor(row_factory=tuple_row) as cur:
+        async with (self.db.transaction(who.org_id, generic_plans=True) as conn,
+                    conn.cursor(row_factory=tuple_row) as cur):
             await cur.execute(sql, params)
             # (row, id, depth, type, project_id, title, rel, frm, kind, total, truncated): tuples,
             # as there can be thousands of edge rows; only the page becomes dicts
@@ -351,22 +362,25 @@ class Graph:
         direction, depth, kinds_ = check_direction(direction), check_depth(depth), _kinds(kinds)
         limit = check_depth(limit, cap=10 * MAX_PAGE, name="limit")
         roots = list(dict.fromkeys(roots))
-        room = max(limit - len(roots), 1)
-        async with self.db.transaction(who.org_id, generic_plans=True) as conn:
-            page, meta = await self._walk_on(conn, who, roots, direction, kinds_, depth, as_of, limit=room,
-                                             cursor=None, cap=limit * 4, via=False)
-            truncated = meta["truncated"] or meta["total"] > limit - len(roots)
-            page = page[: max(limit - len(roots), 0)]
-            nodes = [*roots, *(r["id"] for r in page)]
-            params = self._params(who, nodes=nodes, kinds=kinds_, as_of=as_of, ids=roots)
-            edges = await (await conn.execute(_edges_among_sql(as_of is not None, kinds_ is not None),
-                                              params)).fetchall()
-            root_rows = await (await conn.execute(_SUMMARIES, params)).fetchall()
-        return {"nodes": [{**_summary(r), "depth": 0} for r in root_rows]
-                + [{**_summary(r), "depth": r["depth"]} for r in page],
-                "relationships": [{"id": str(e["id"]), "from": str(e["near"]), "to": str(e["far"]),
-                                   "kind": e["kind"]} for e in edges],
-                "truncated": truncated}
+        sql = _subgraph_sql(direction, as_of is not None, kinds_ is not None, not who.is_org_admin)
+        params = self._params(who, starts=roots, kinds=kinds_, as_of=as_of, depth=depth, cap=limit * 4,
+                              limit=max(limit - len(roots), 0))
+        async with (self.db.transaction(who.org_id, generic_plans=True) as conn,
+                    conn.cursor(row_factory=tuple_row) as cur):
+            await cur.execute(sql, params)
+            # (row, id, depth, type, project_id, title, rel, frm, kind, total, truncated)
+            rows = await cur.fetchall()
+        nodes = sorted((r for r in rows if r[0] == "n"), key=lambda r: (r[2], r[1]))
+        readable = {r[1] for r in nodes if r[2] == 0}
+        for root in roots:
+            if root not in readable:
+                raise NotFound(f"entity {root} not found")
+        total, capped = next(r[9:] for r in rows if r[0] == "t")
+        return {"nodes": [{"id": str(r[1]), "type": r[3], "project_id": str(r[4]), "title": r[5],
+                           "depth": r[2]} for r in nodes],
+                "relationships": [{"id": str(r[6]), "from": str(r[7]), "to": str(r[1]), "kind": r[8]}
+                                  for r in rows if r[0] == "e"],
+                "truncated": bool(capped) or total > limit - len(roots)}
 
     async def path(self, who: Principal, src: UUID, dst: UUID, *, kinds: Iterable[str] | None = None,
                    max_depth: int = 6, direction: Direction = "out", all_paths: bool = False,

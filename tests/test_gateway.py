@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -321,6 +322,38 @@ async def test_malformed_frames_close_only_that_connection(
             await other.wait_for("nodes", "still-fine")
 
 
+async def test_awareness_is_relayed_as_each_clients_latest_state(
+    gateways: list[Gateway], board: tuple[Tenant, str]
+) -> None:
+    t, doc = board
+    url = f"{gateways[0].url(t.slug)}/{doc}?token={t.token}"
+    async with websockets.connect(url) as watcher, websockets.connect(url) as cursors:
+        for ws in (watcher, cursors):  # each has joined the room once the server asks to sync
+            while protocol.read(await asyncio.wait_for(ws.recv(), 5)).step != protocol.STEP1:
+                pass
+        for clock in range(1, 31):  # two clients' cursors moving, faster than the relay delay
+            states = [(client, clock, json.dumps({"x": clock, "client": client})) for client in (71, 72)]
+            await cursors.send(protocol.awareness(protocol.awareness_update(states)))
+        seen: dict[int, int] = {}
+        messages = 0
+        while seen != {71: 30, 72: 30}:
+            message = protocol.read(await asyncio.wait_for(watcher.recv(), 5))
+            if message.kind == protocol.AWARENESS:
+                messages += 1
+                for client, clock, state in protocol.awareness_entries(message.payload):
+                    assert json.loads(state) == {"x": clock, "client": client}
+                    assert clock > seen.get(client, 0), "an older state after a newer one"
+                    seen[client] = clock
+        assert messages < 30, "each state was relayed on its own"
+        # a later move still goes out (after at most the relay delay)
+        await cursors.send(protocol.awareness(protocol.awareness_update([(71, 31, "{}")])))
+        while True:
+            message = protocol.read(await asyncio.wait_for(watcher.recv(), 5))
+            if message.kind == protocol.AWARENESS:
+                assert protocol.awareness_entries(message.payload) == [(71, 31, "{}")]
+                break
+
+
 async def test_http_updates_reach_websocket_clients(
     gateways: list[Gateway], board: tuple[Tenant, str]
 ) -> None:
@@ -399,3 +432,12 @@ async def test_sigterm_commits_what_arrived_then_says_going_away(
 
         assert await eventually(arrived, 30)
         assert len(await stored_nodes(svc, t, doc)) == 200
+
+
+def test_awareness_updates_split_to_fit_a_notify_payload() -> None:
+    entries = [(client, 1, json.dumps({"name": "x" * (client * 7)})) for client in range(1, 40)]
+    entries.append((99, 1, json.dumps({"huge": "y" * 500})))  # larger than a message may be
+    updates = protocol.awareness_updates(entries, 300)
+    assert len(updates) > 1 and all(len(u) <= 300 for u in updates)
+    relayed = [e for u in updates for e in protocol.awareness_entries(u)]
+    assert relayed == [e for e in entries if e[0] != 99]

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
                                         "slowed down; one that stays over it this long is closed (4429)")
     gateway_idle_seconds: float = Field(default=30, ge=0, description="Unload a document this long "
                                         "after its last client left")
+    gateway_awareness_delay_ms: float = Field(default=50, ge=0, le=1000, description="Awareness (cursors, "
+                                              "presence) is relayed per document at most this often, "
+                                              "each client's latest state in one message")
     compact_after_updates: int = Field(default=1000, ge=1, description="Compact early after N updates")
     compact_after_bytes: int = Field(default=1024 * 1024, ge=1, description="... or after N bytes")
     update_retention_hours: float = Field(default=24, gt=0, description="Keep updates (time travel)")

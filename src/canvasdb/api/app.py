@@ -106,7 +106,8 @@ def create_app(settings: Settings, *, database_url: str | None = None,
 async def _gateway(app: FastAPI, svc: Services) -> AsyncIterator[None]:
     """The gateway's hub for the app's lifetime; on the way out, clients are told "going away"
     after the commits in flight finished."""
-    hub = app.state.hub = Hub(svc.documents, svc.db.conninfo, idle_seconds=svc.settings.gateway_idle_seconds)
+    hub = app.state.hub = Hub(svc.documents, svc.db.conninfo, idle_seconds=svc.settings.gateway_idle_seconds,
+                              awareness_delay=svc.settings.gateway_awareness_delay_ms / 1000)
     await hub.start()
     try:
         yield

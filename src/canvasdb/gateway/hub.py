@@ -116,6 +116,11 @@ class Room:
     floor: int = 0  # every update up to here was delivered
     above: set[int] = field(default_factory=set)  # delivered updates past the floor
     awareness: dict[int, tuple[int, str]] = field(default_factory=dict)  # client id -> (clock, state)
+    # awareness entries waiting for the room's next relay: for the peers here, and (those of
+    # this gateway's clients) for the other gateways
+    outgoing: dict[int, tuple[int, str]] = field(default_factory=dict)
+    notify: dict[int, tuple[int, str]] = field(default_factory=dict)
+    relay_due: asyncio.TimerHandle | None = None
     catching_up: asyncio.Lock = field(default_factory=asyncio.Lock)
     idle_since: float | None = None
 
@@ -143,10 +148,12 @@ class Room:
 class Hub:
     """All rooms of this process, the commit listener and the NOTIFY listener."""
 
-    def __init__(self, documents: DocumentStore, conninfo: str, *, idle_seconds: float = 30) -> None:
+    def __init__(self, documents: DocumentStore, conninfo: str, *, idle_seconds: float = 30,
+                 awareness_delay: float = 0.05) -> None:
         self.documents = documents
         self.conninfo = conninfo
         self.idle_seconds = idle_seconds
+        self.awareness_delay = awareness_delay
         self.origin = documents.log.origin
         self.rooms: dict[tuple[UUID, str], Room] = {}
         self.listening = False
@@ -254,15 +261,37 @@ class Hub:
     def relay_awareness(self, room: Room, update: bytes, sender: Peer | None) -> None:
         """To everyone here (the sender too: it keeps the client's connection watchdog fed,
         as the reference server does) and, through NOTIFY, to the other gateways."""
-        for client, clock, state in protocol.awareness_entries(update):
+        entries = protocol.awareness_entries(update)
+        for client, clock, _ in entries:
+            if sender is not None:
+                sender.awareness_ids[client] = clock
+        self._queue_awareness(room, entries, notify=self._notifier is not None)
+
+    def _queue_awareness(self, room: Room, entries: list[tuple[int, int, str]], *, notify: bool) -> None:
+        """Awareness is relayed at most every ``awareness_delay`` seconds per room, as one
+        message holding each client's latest state: the official client renews its state
+        every 15 s, so a thousand clients that connected together renew together, and one
+        frame per state and peer stalled the gateway for a third of a second."""
+        for client, clock, state in entries:
             if state == "null":
                 room.awareness.pop(client, None)
             else:
                 room.awareness[client] = (clock, state)
-            if sender is not None:
-                sender.awareness_ids[client] = clock
-        room.broadcast(protocol.awareness(update))
-        if len(update) <= _MAX_NOTIFY_AWARENESS and self._notifier is not None:
+            for pending in (room.outgoing, room.notify) if notify else (room.outgoing,):
+                if client not in pending or pending[client][0] <= clock:
+                    pending[client] = (clock, state)
+        if room.relay_due is None:
+            room.relay_due = asyncio.get_running_loop().call_later(self.awareness_delay, self._relay, room)
+
+    def _relay(self, room: Room) -> None:
+        room.relay_due = None
+        outgoing, room.outgoing = room.outgoing, {}
+        notices, room.notify = room.notify, {}
+        if outgoing:
+            entries = [(client, clock, state) for client, (clock, state) in outgoing.items()]
+            room.broadcast(protocol.awareness(protocol.awareness_update(entries)))
+        entries = [(client, clock, state) for client, (clock, state) in notices.items()]
+        for update in protocol.awareness_updates(entries, _MAX_NOTIFY_AWARENESS):  # NOTIFY is small
             encoded = base64.b64encode(update).decode()
             self._outbox.append(f"a {room.org_id} {encoded} {self.origin} {room.doc_id}")
             self._outbox_ready.set()
@@ -325,12 +354,7 @@ class Hub:
             asyncio.get_running_loop().create_task(self.catch_up(room))
         elif kind == "a":
             try:
-                update = base64.b64decode(value)
-                for client, clock, state in protocol.awareness_entries(update):
-                    if state == "null":
-                        room.awareness.pop(client, None)
-                    else:
-                        room.awareness[client] = (clock, state)
+                entries = protocol.awareness_entries(base64.b64decode(value))
             except (ValueError, protocol.ProtocolError):
                 return
-            room.broadcast(protocol.awareness(update))
+            self._queue_awareness(room, entries, notify=False)

@@ -96,3 +96,24 @@ def awareness_update(entries: list[tuple[int, int, str]]) -> bytes:
     for client, clock, state in entries:
         out += _uint(client) + _uint(clock) + _chunk(state.encode())
     return bytes(out)
+
+
+def awareness_updates(entries: list[tuple[int, int, str]], max_bytes: int) -> list[bytes]:
+    """``entries`` as awareness updates of at most ``max_bytes`` each; an entry that alone
+    would be larger is left out."""
+    updates: list[bytes] = []
+    chunk: list[bytes] = []
+    size = 5  # the largest count prefix
+    for client, clock, state in entries:
+        entry = _uint(client) + _uint(clock) + _chunk(state.encode())
+        if len(entry) + 5 > max_bytes:
+            continue
+        if size + len(entry) > max_bytes:
+            updates.append(_uint(len(chunk)) + b"".join(chunk))
+            chunk, size = [], 5
+        chunk.append(entry)
+        size += len(entry)
+    if chunk:
+        updates.append(_uint(len(chunk)) + b"".join(chunk))
+    return updates
+

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 import pytest
 from conftest import Tenant
 
 from canvasdb.db import Database
+from canvasdb.errors import NotFound
 from canvasdb.services import Services
 
 GLOBAL_TABLES = {"orgs", "users", "api_tokens", "schema_migrations",
@@ -137,3 +140,20 @@ async def test_search_lookups_keep_to_the_transactions_org(db: Database, svc: Se
             assert await (await conn.execute(similar)).fetchone() == {"n": 0}
             for query in ("merger", None):
                 assert await (await conn.execute(total, (query,))).fetchone() == {"n": 0}
+
+
+async def test_a_batch_of_changes_keeps_each_to_its_org(svc: Services, tenant: Tenant,
+                                                        other_tenant: Tenant) -> None:
+    ours = [await svc.entities.create(tenant.owner, tenant.project_id, "note", {"n": i}) for i in range(8)]
+    theirs = [await svc.entities.create(other_tenant.owner, other_tenant.project_id, "note", {"n": i})
+              for i in range(8)]
+    outcomes = await asyncio.gather(  # concurrent: committed together, orgs mixed in one batch
+        *(svc.entities.patch(tenant.owner, e.id, {"by": "us"}) for e in ours),
+        *(svc.entities.patch(other_tenant.owner, e.id, {"by": "them"}) for e in theirs),
+        *(svc.entities.patch(tenant.owner, e.id, {"by": "intruder"}) for e in theirs),
+        return_exceptions=True)
+    assert [o.data["by"] for o in outcomes[:16]] == ["us"] * 8 + ["them"] * 8
+    assert all(isinstance(o, NotFound) for o in outcomes[16:]), "another org's entity looked missing"
+    for e in theirs:
+        stored = await svc.entities.get(other_tenant.owner, e.id)
+        assert stored.data == {"n": e.data["n"], "by": "them"} and stored.version == 2

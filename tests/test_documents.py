@@ -207,3 +207,20 @@ async def test_http_round_trip(client: httpx.AsyncClient, tenant: Tenant) -> Non
     assert meta["last_seq"] == 3
     assert (await client.get(f"{base}/docs/nope", headers=h)).status_code == 404
     assert (await client.post(f"{base}/docs/board-42/updates", headers=h, content=b"")).status_code == 422
+
+
+async def test_compaction_is_asked_for_at_most_every_interval(svc: Services, tenant: Tenant) -> None:
+    asked: list[str] = []
+
+    async def due(org_id: object, doc_id: str) -> None:
+        asked.append(doc_id)
+
+    client = Client()
+    for every, doc_id in ((60.0, "asks-once"), (0.0, "asks-each-time")):
+        store = DocumentStore(svc.db, compact_after_updates=2, compaction_due=due, compaction_every=every)
+        await store.create(tenant.owner, tenant.project_id, doc_id)
+        for i in range(10):
+            await store.append(tenant.owner, doc_id, client.edit(f"{doc_id}-{i}", i))
+        await store.close()
+    assert asked.count("asks-once") == 1, "a request still waiting was asked for again"
+    assert asked.count("asks-each-time") == 5

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections import OrderedDict
@@ -99,6 +100,7 @@ class _Held:
         self.lock = asyncio.Lock()
         self.unsnapshotted = 0  # updates (and their bytes) appended here since compaction was asked
         self.unsnapshotted_bytes = 0
+        self.compaction_asked = -math.inf  # when compaction was last asked for (monotonic)
         self.announced = -1.0  # when `changed` was last called for this document (monotonic)
         self.rebase_at = 0  # tail length at which to look for a newer snapshot
 
@@ -163,7 +165,7 @@ class DocumentStore:
                  compaction_due: Callable[[UUID, str], Awaitable[None]] | None = None,
                  blobs: BlobStore | None = None, snapshot_inline_bytes: int = 2**20,
                  changed: Callable[[UUID, str], Awaitable[None]] | None = None,
-                 changed_every: float = 1.0) -> None:
+                 changed_every: float = 1.0, compaction_every: float = 10.0) -> None:
         self.db = db
         self.log = log or UpdateLog(db)
         self.cache_bytes = cache_bytes
@@ -171,6 +173,9 @@ class DocumentStore:
         self.compact_after_updates = compact_after_updates
         self.compact_after_bytes = compact_after_bytes
         self.compaction_due = compaction_due  # called (e.g. to defer a job) when a document grew
+        # ... at most this often per document: a request still queued makes the next one fail
+        # (one job per document), an error in PostgreSQL's log and a wasted round trip each
+        self.compaction_every = compaction_every
         self.blobs = blobs  # where snapshots over snapshot_inline_bytes go (None: all inline)
         self.snapshot_inline_bytes = snapshot_inline_bytes
         self.changed = changed  # told (at most every `changed_every` s per document) of new updates
@@ -254,9 +259,11 @@ class DocumentStore:
                 log.warning("could not announce a change of %s", doc_id, exc_info=True)
         held.unsnapshotted += 1
         held.unsnapshotted_bytes += len(payload)
-        if self.compaction_due is not None and (held.unsnapshotted >= self.compact_after_updates
-                                                or held.unsnapshotted_bytes >= self.compact_after_bytes):
+        if self.compaction_due is not None and now - held.compaction_asked >= self.compaction_every and (
+                held.unsnapshotted >= self.compact_after_updates
+                or held.unsnapshotted_bytes >= self.compact_after_bytes):
             held.unsnapshotted = held.unsnapshotted_bytes = 0
+            held.compaction_asked = now
             try:
                 await self.compaction_due(org_id, doc_id)
             except Exception:  # the hourly pass compacts it anyway; the update is stored

@@ -5,8 +5,8 @@ the transaction around it: the round trip, the statement, the commit's WAL flush
 Changes that arrive while a batch is being written wait and form the next batch,
 one statement that calls ``entity_change`` once per change, in (org, id) order so
 that two batches lock rows in the same order. Nothing waits for a timer: a change
-that finds no batch in flight is written at once, alone; up to two batches are in
-flight, the second only once two changes wait for it.
+that finds nothing in flight is written at once, alone, by its caller; up to two
+batches are in flight, the second only once two changes wait for it.
 
 Every caller is answered after the commit that holds its change, with its own
 outcome. If a batch fails as a whole (a reference field that names a missing
@@ -26,7 +26,7 @@ from canvasdb import metrics
 from canvasdb.db import Database
 from canvasdb.errors import CanvasdbError, Unavailable
 
-CHANGE = """SELECT * FROM entity_change(%(org)s, %(id)s, %(actor)s, %(admin)s, %(op)s,
+_CHANGE = """SELECT * FROM entity_change(%(org)s, %(id)s, %(actor)s, %(admin)s, %(op)s,
     %(value)s::jsonb, %(if_version)s, %(validated_at)s, %(keyframe_interval)s, %(max_bytes)s)"""
 _CHANGE_MANY = """
 SELECT c.* FROM unnest(%(org)b::uuid[], %(id)b::uuid[], %(actor)b::uuid[], %(admin)b::boolean[],
@@ -64,27 +64,39 @@ class ChangeQueue:
         self.min_company = 2  # changes waiting before a second batch starts
         self._pending: list[_Pending] = []
         self._writing: set[UUID] = set()  # entities in a batch being written
-        self._flushers: set[asyncio.Task[None]] = set()
+        self._inflight = 0  # batches being written (a lone change written by its caller counts)
+        self._flushers: set[asyncio.Task[None]] = set()  # held, so that they are not collected
 
     async def change(self, params: dict[str, Any]) -> dict[str, Any]:
         """The row ``entity_change`` returns for ``params``, once it is committed."""
+        if not self._inflight:  # alone: written by the caller, without a task or a future
+            self._inflight += 1
+            self._writing.add(params["id"])
+            try:
+                return await self._write(params)
+            finally:
+                self._inflight -= 1
+                self._writing.discard(params["id"])
+                self._start_flushers()
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(params, future))
         self._start_flushers()
         return await future
 
     def _start_flushers(self) -> None:
-        while self._pending and len(self._flushers) < self.max_inflight:
-            if self._flushers and len(self._pending) < self.min_company:
+        while self._pending and self._inflight < self.max_inflight:
+            if self._inflight and len(self._pending) < self.min_company:
                 return
             batch = self._take()
             if not batch:  # every pending change waits for an entity now being written
                 return
+            self._inflight += 1
             task = asyncio.create_task(self._flush(batch))
             self._flushers.add(task)
             task.add_done_callback(self._flushed)
 
     def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._inflight -= 1
         self._flushers.discard(task)
         self._start_flushers()
 
@@ -134,13 +146,16 @@ class ChangeQueue:
 
     async def _write_one(self, item: _Pending) -> None:
         try:
-            row = await self.db.one(CHANGE, item.params)
+            _settle(item.future, await self._write(item.params))
         except CanvasdbError as exc:
             _settle(item.future, exc)
-            return
+
+    async def _write(self, params: dict[str, Any]) -> dict[str, Any]:
+        """One change, on its own."""
+        row = await self.db.one(_CHANGE, params)
         assert row is not None
-        _settle(item.future, row)
         metrics.ENTITY_BATCH_CHANGES.observe(1)
+        return row
 
     async def _write_many(self, batch: list[_Pending]) -> list[dict[str, Any]]:
         first = batch[0].params
@@ -166,4 +181,4 @@ def _settle(future: asyncio.Future[dict[str, Any]], outcome: dict[str, Any] | Ba
         future.set_result(outcome)
 
 
-__all__ = ["CHANGE", "ChangeQueue"]
+__all__ = ["ChangeQueue"]

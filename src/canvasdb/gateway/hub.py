@@ -262,9 +262,8 @@ class Hub:
         """To everyone here (the sender too: it keeps the client's connection watchdog fed,
         as the reference server does) and, through NOTIFY, to the other gateways."""
         entries = protocol.awareness_entries(update)
-        for client, clock, _ in entries:
-            if sender is not None:
-                sender.awareness_ids[client] = clock
+        if sender is not None:
+            sender.awareness_ids.update((client, clock) for client, clock, _ in entries)
         self._queue_awareness(room, entries, notify=self._notifier is not None)
 
     def _queue_awareness(self, room: Room, entries: list[tuple[int, int, str]], *, notify: bool) -> None:

@@ -99,3 +99,23 @@ async def test_generic_plans_hold_for_one_transaction_only(pg_url: str) -> None:
     assert inside == {"mode": "force_generic_plan", "org": str(org)}
     assert plain == {"mode": "auto", "org": str(org)}
     assert after == {"mode": "auto", "org": ""}, "the settings ended with their transaction"
+
+
+async def test_a_scoped_read_is_one_transaction_and_leaves_nothing_behind(pg_url: str) -> None:
+    """``Database.read`` sends the org setting and the statement with no BEGIN/COMMIT: they
+    must still share one transaction (else the setting would not reach the statement, or
+    would outlive it on the pooled connection), and a failing statement must leave the
+    connection idle and unscoped."""
+    from canvasdb.errors import InvalidInput
+
+    org = uuid.uuid4()
+    show = ("SELECT current_setting('plan_cache_mode') AS mode, current_setting('canvasdb.org_id', true) AS org,"
+            " now() < statement_timestamp() AS same_transaction")
+    async with Database(pg_url, min_size=1, max_size=1) as db:
+        inside = await db.read(org, show, None, generic_plans=True)
+        with pytest.raises(InvalidInput, match="division by zero"):
+            await db.read(org, "SELECT 1 / (count(*) - count(*)) FROM pg_class", None)
+        after = await db.one("SELECT current_setting('plan_cache_mode') AS mode,"
+                             " current_setting('canvasdb.org_id', true) AS org", None)
+    assert inside == [{"mode": "force_generic_plan", "org": str(org), "same_transaction": True}]
+    assert after == {"mode": "auto", "org": ""}, "the settings ended with the statement"

@@ -90,6 +90,34 @@ class Database:
         except PoolTimeout as exc:
             raise Unavailable("no database connection available", hint=str(exc)) from None
 
+    async def read(self, org_id: UUID, query: str, params: Any, *, generic_plans: bool = False,
+                   row_factory: Any = dict_row) -> list[Any]:
+        """Run one read-only statement scoped to ``org_id`` and return its rows.
+
+        The org setting and the statement travel together in a pipeline with no BEGIN or
+        COMMIT: PostgreSQL runs the statements before a Sync as one implicit transaction,
+        so the setting lasts exactly as long as the statement, as in ``transaction()``, at
+        two statements' cost instead of four (a third less for a small graph query).
+        ``generic_plans`` as in ``transaction()``.
+        """
+        try:
+            async with self.pool.connection() as conn:
+                async with conn.cursor(row_factory=row_factory) as cur:
+                    try:
+                        async with conn.pipeline():
+                            await cur.execute(_SET_ORG_GENERIC if generic_plans else _SET_ORG,
+                                              (str(org_id),))
+                            await cur.execute(query, params)
+                    except BaseException:
+                        if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                            await conn.rollback()
+                        raise
+                    return await cur.fetchall()
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+        except PoolTimeout as exc:
+            raise Unavailable("no database connection available", hint=str(exc)) from None
+
     @asynccontextmanager
     async def transaction(self, org_id: UUID | None = None, *,
                           generic_plans: bool = False) -> AsyncIterator[Connection]:

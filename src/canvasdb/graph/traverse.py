@@ -14,7 +14,10 @@ each edge's last version at or before that time from ``relationship_versions``.
 The statements are prepared and always run their generic plan: planning one of these
 recursive statements (0.15-0.25 ms) costs more than running it for a typical start, and
 the plan that suits one start suits the next (measured the same on hubs' 60,000-node
-answers); by default PostgreSQL kept re-planning some of them for every call.
+answers); by default PostgreSQL kept re-planning some of them for every call. Each runs as
+one statement with its org setting (``Database.read``: no BEGIN or COMMIT). Statements
+whose rows become the answer send ids as text: building a UUID object per id and turning
+it back into a string took a third of a subgraph call's time.
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ def _walk_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool, via: bo
     acl_from = ", acl" if acl else ""
     via_rows = ""
     if via:
-        via_rows = (" UNION ALL SELECT 'v', e.far, f.depth + 1, NULL, NULL, NULL, e.id, e.near, e.kind,"
+        via_rows = (" UNION ALL SELECT 'v', e.far::text, f.depth + 1, NULL, NULL, NULL, e.id::text, e.near::text, e.kind,"
                     " NULL, NULL"
                     f" FROM found f{acl_from}, LATERAL {_step('f.id', direction, **flags)} e"
                     # scalar subqueries: computed once (as a joined subquery, a generic plan
@@ -145,12 +148,12 @@ def _walk_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool, via: bo
         " page AS MATERIALIZED (SELECT id, depth FROM found"
         " WHERE depth > 0 AND (depth, id) > (%(after_depth)s, %(after_id)s)"
         " ORDER BY depth, id LIMIT %(limit)s)"
-        f" SELECT 'n' AS row, p.id, p.depth, x.type, x.project_id, {_TITLE} AS title,"
-        " NULL::uuid AS rel, NULL::uuid AS frm, NULL AS kind,"
+        f" SELECT 'n' AS row, p.id::text, p.depth, x.type, x.project_id::text, {_TITLE} AS title,"
+        " NULL AS rel, NULL AS frm, NULL AS kind,"
         " (SELECT count(*) FROM found WHERE depth > 0) AS total,"
         " (SELECT count(*) FROM capped) >= %(cap)s AS truncated"
         " FROM page p JOIN entities x ON x.org_id = %(org)s AND x.id = p.id"
-        " UNION ALL SELECT 's', id, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM start"
+        " UNION ALL SELECT 's', id::text, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM start"
         f"{via_rows}")
 
 
@@ -169,11 +172,11 @@ def _subgraph_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool) -> 
         " page AS MATERIALIZED (SELECT id, depth FROM found WHERE depth > 0 ORDER BY depth, id"
         " LIMIT %(limit)s),"
         " nodes AS MATERIALIZED (SELECT id, 0 AS depth FROM start UNION ALL SELECT id, depth FROM page)"
-        f" SELECT 'n' AS row, p.id, p.depth, x.type, x.project_id, {_TITLE} AS title,"
-        " NULL::uuid AS rel, NULL::uuid AS frm, NULL AS kind, NULL::bigint AS total,"
+        f" SELECT 'n' AS row, p.id::text, p.depth, x.type, x.project_id::text, {_TITLE} AS title,"
+        " NULL AS rel, NULL AS frm, NULL AS kind, NULL::bigint AS total,"
         " NULL::boolean AS truncated"
         " FROM nodes p JOIN entities x ON x.org_id = %(org)s AND x.id = p.id"
-        " UNION ALL SELECT 'e', e.far, NULL, NULL, NULL, NULL, e.id, e.near, e.kind, NULL, NULL"
+        " UNION ALL SELECT 'e', e.far::text, NULL, NULL, NULL, NULL, e.id::text, e.near::text, e.kind, NULL, NULL"
         # the far end checked against an array computed once: as a semi-join, the planner
         # crossed the nodes with themselves before looking edges up
         f" FROM nodes n, LATERAL {among} e WHERE e.far = ANY(ARRAY(SELECT id FROM nodes))"
@@ -262,15 +265,12 @@ class Graph:
         sql = _walk_sql(direction, as_of is not None, kinds is not None, not who.is_org_admin, via)
         params = self._params(who, starts=starts, kinds=kinds, as_of=as_of, depth=depth, cap=cap,
                               limit=limit, after_depth=after_depth, after_id=after_id)
-        async with (self.db.transaction(who.org_id, generic_plans=True) as conn,
-                    conn.cursor(row_factory=tuple_row) as cur):
-            await cur.execute(sql, params)
-            # (row, id, depth, type, project_id, title, rel, frm, kind, total, truncated): tuples,
-            # as there can be thousands of edge rows; only the page becomes dicts
-            rows = await cur.fetchall()
+        # (row, id, depth, type, project_id, title, rel, frm, kind, total, truncated): tuples,
+        # as there can be thousands of edge rows; only the page becomes dicts
+        rows = await self.db.read(who.org_id, sql, params, generic_plans=True, row_factory=tuple_row)
         readable = {r[1] for r in rows if r[0] == "s"}
         for s in starts:
-            if s not in readable:
+            if str(s) not in readable:
                 raise NotFound(f"entity {s} not found")
         first: dict[tuple[UUID, int], tuple[Any, ...]] = {}
         for r in rows:
@@ -323,21 +323,20 @@ class Graph:
         fallback = as_of is None and direction != "both" and self.max_nodes > REACH_FAST_CAP
         params = self._params(who, starts=[id], kinds=kinds_, as_of=as_of, depth=depth,
                               cap=REACH_FAST_CAP if fallback else self.max_nodes)
-        async with self.db.transaction(who.org_id, generic_plans=True) as conn:
-            async with conn.cursor(row_factory=tuple_row) as cur:
-                await cur.execute(_reach_sql(direction, as_of is not None, kinds_ is not None, acl), params)
-                rows = await cur.fetchall()
-            if not rows:
-                raise NotFound(f"entity {id} not found")
-            truncated = bool(rows[0][2])
-            if truncated and fallback:
+        rows = await self.db.read(who.org_id, _reach_sql(direction, as_of is not None, kinds_ is not None, acl),
+                                  params, generic_plans=True, row_factory=tuple_row)
+        if not rows:
+            raise NotFound(f"entity {id} not found")
+        truncated = bool(rows[0][2])
+        if truncated and fallback:
+            async with self.db.transaction(who.org_id) as conn:
                 projects = await readable_projects(conn, who) if acl else None
                 async with conn.cursor(row_factory=tuple_row) as cur:
                     await cur.execute("SELECT id, depth FROM graph_reach(%s, %s, %s, %s, %s, %s, %s)",
                                       (who.org_id, [id], direction == "in", kinds_, projects, depth,
                                        self.max_nodes))
                     found = dict(await cur.fetchall())
-                return {"found": found, "truncated": len(found) >= self.max_nodes}
+            return {"found": found, "truncated": len(found) >= self.max_nodes}
         return {"found": {r[0]: r[1] for r in rows if r[1] > 0}, "truncated": truncated}
 
     async def dependents(self, who: Principal, id: UUID, *, kinds: Iterable[str] | None = None,
@@ -365,20 +364,17 @@ class Graph:
         sql = _subgraph_sql(direction, as_of is not None, kinds_ is not None, not who.is_org_admin)
         params = self._params(who, starts=roots, kinds=kinds_, as_of=as_of, depth=depth, cap=limit * 4,
                               limit=max(limit - len(roots), 0))
-        async with (self.db.transaction(who.org_id, generic_plans=True) as conn,
-                    conn.cursor(row_factory=tuple_row) as cur):
-            await cur.execute(sql, params)
-            # (row, id, depth, type, project_id, title, rel, frm, kind, total, truncated)
-            rows = await cur.fetchall()
+        # (row, id, depth, type, project_id, title, rel, frm, kind, total, truncated)
+        rows = await self.db.read(who.org_id, sql, params, generic_plans=True, row_factory=tuple_row)
         nodes = sorted((r for r in rows if r[0] == "n"), key=lambda r: (r[2], r[1]))
         readable = {r[1] for r in nodes if r[2] == 0}
         for root in roots:
-            if root not in readable:
+            if str(root) not in readable:
                 raise NotFound(f"entity {root} not found")
         total, capped = next(r[9:] for r in rows if r[0] == "t")
-        return {"nodes": [{"id": str(r[1]), "type": r[3], "project_id": str(r[4]), "title": r[5],
+        return {"nodes": [{"id": r[1], "type": r[3], "project_id": r[4], "title": r[5],
                            "depth": r[2]} for r in nodes],
-                "relationships": [{"id": str(r[6]), "from": str(r[7]), "to": str(r[1]), "kind": r[8]}
+                "relationships": [{"id": r[6], "from": r[7], "to": r[1], "kind": r[8]}
                                   for r in rows if r[0] == "e"],
                 "truncated": bool(capped) or total > limit - len(roots)}
 

@@ -81,10 +81,26 @@ def test_state_vector_round_trip_and_bad_bytes() -> None:
         with pytest.raises(InvalidInput):
             yjs.read_state_vector(bad)
     assert not yjs.advance({}, b"\x05\x01")  # truncated: unreadable, vector untouched
-    for bad in [b"\x01\x00", b"garbage", b"\xff" * 10]:
+    for bad in [b"\x01\x00", b"garbage", b"\xff" * 10, DECODES_THEN_PANICS]:
         with pytest.raises(InvalidInput):
             yjs.check_update(bad)
     yjs.check_update(yjs.EMPTY_UPDATE)
+
+
+# A mutated map update that decodes as a Yjs v1 update but makes Yrs panic once applied
+# (found by fuzzing): a check that only decodes would store it, and every later decoding of
+# its document would fail.
+DECODES_THEN_PANICS = (b"\x01\x02\x91\x8b\xe4\xd2\x96\xbf\xbf\x08\xdd\xae\xba\xb7;'\x01\x01m\x03n40"
+                       b"\x01(\x00\x91\x8b\xe4\xd2\x96\xbf\xbf\x08;\x01z\x01|?\x80\x00\x00\x00")
+
+
+def test_the_panicking_update_decodes() -> None:
+    """The sample above is the case the check exists for: decoding alone accepts it."""
+    from pycrdt import get_state
+
+    get_state(DECODES_THEN_PANICS)
+    with pytest.raises(InvalidInput, match="Yrs refused"):
+        yjs.check_update(DECODES_THEN_PANICS)
 
 
 async def test_a_new_peer_gets_the_stored_bytes_without_decoding(svc: Services, tenant: Tenant) -> None:

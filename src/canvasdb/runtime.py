@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,23 @@ DEMO_USER = "admin@demo.local"
 class Target:
     url: str
     started_here: bool  # True when this call started the embedded server
+
+
+GC_THRESHOLDS = (20_000, 20, 20)  # Python's defaults: (700, 10, 10)
+
+
+def settle_gc() -> None:
+    """Tune the cyclic garbage collector for a server that has finished starting.
+
+    What start-up built (modules, the app, its routes and models: most of the heap) lives
+    as long as the process, yet every full collection walked it all again: under a flood of
+    updates the gateway paused 60 ms every 2-3 s, a fifth of its CPU and most of its p99.
+    Frozen, it is never walked again. Most objects are freed by reference counting the
+    moment they are dropped, so collecting the young generation 30 times less often keeps
+    little more memory and spends far less time looking for cycles."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def embedded(settings: Settings) -> EmbeddedPostgres:

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from canvasdb import __version__, jobs
+from canvasdb import __version__, jobs, runtime
 from canvasdb.api import attachments, documents, entities, graph, problems, search, tenants
 from canvasdb.api.deps import Svc
 from canvasdb.api.limits import BodySizeLimit
@@ -51,6 +51,7 @@ def create_app(settings: Settings, *, database_url: str | None = None,
             if run_worker:
                 await stack.enter_async_context(jobs.working(svc))
             await stack.enter_async_context(_gateway(app, svc))
+            runtime.settle_gc()  # a server process of its own: see there
             yield
 
     app = FastAPI(title="canvasdb", version=__version__, lifespan=lifespan,

@@ -75,12 +75,19 @@ class UpdateLog:
     async def append(self, org_id: UUID, doc_id: str, payload: bytes, *, user_id: UUID | None = None,
                      client_id: int | None = None, tag: object = None) -> Appended:
         """Store one update; returns once it is committed. ``tag`` is handed to ``committed``."""
+        return await self.submit(org_id, doc_id, payload, user_id=user_id, client_id=client_id, tag=tag)
+
+    def submit(self, org_id: UUID, doc_id: str, payload: bytes, *, user_id: UUID | None = None,
+               client_id: int | None = None, tag: object = None) -> asyncio.Future[Appended]:
+        """``append`` without a coroutine: queue the update for the next group commit and
+        return the future that settles once it is committed (for callers that would
+        otherwise need a task per update to wait for it)."""
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(org_id, doc_id, payload, user_id, client_id, future, tag))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_forever())
         self._wakeup.set()
-        return await future
+        return future
 
     async def close(self) -> None:
         """Commit what is pending, then stop the flusher."""

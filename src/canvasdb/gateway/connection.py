@@ -29,6 +29,9 @@ from canvasdb.settings import Settings
 log = logging.getLogger("canvasdb.gateway")
 _MAX_IN_FLIGHT = 1000  # updates of one connection waiting for their commit
 RAW_SEND = "canvasdb.raw_send"  # scope key: the server's own ASGI send, before any middleware
+_COUNTED = {protocol.SYNC: metrics.GATEWAY_MESSAGES.labels("sync"),
+            protocol.AWARENESS: metrics.GATEWAY_MESSAGES.labels("awareness")}
+_OTHER = metrics.GATEWAY_MESSAGES.labels("other")
 
 
 class KeepRawSend:
@@ -147,22 +150,16 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
     sender = asyncio.create_task(peer.run_sender())
     sync = await svc.documents.sync(who.org_id, doc_id)
     room = hub.join(who.org_id, doc_id, peer, sync.seq)
-    in_flight: set[asyncio.Task[object]] = set()
+    in_flight: set[asyncio.Future[object]] = set()
     slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
     bucket = _Bucket(settings.gateway_max_updates_per_s, settings.gateway_update_burst,
                      settings.gateway_rate_grace_s)
 
-    async def commit(update: bytes) -> None:
-        try:
-            await svc.documents.append_checked(who.org_id, doc_id, update, user_id=who.user_id, tag=peer,
-                                               validated=True)
-        finally:
-            slots.release()
-
-    def failed(task: asyncio.Task[object]) -> None:
-        in_flight.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("an update to %s was not stored: %s", doc_id, task.exception())
+    def settled(commit: asyncio.Future[object]) -> None:
+        in_flight.discard(commit)
+        slots.release()
+        if not commit.cancelled() and commit.exception() is not None:
+            log.warning("an update to %s was not stored: %s", doc_id, commit.exception())
             peer.push(protocol.permission_denied("update not stored; reconnect to resync"))
             asyncio.get_running_loop().create_task(peer.close(1011, "update not stored"))
 
@@ -178,9 +175,14 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
         except InvalidInput as exc:
             raise _Closing(4400, exc.detail, "invalid_update") from None
         await slots.acquire()
-        task: asyncio.Task[object] = asyncio.create_task(commit(update))  # in order, in one batch
-        in_flight.add(task)
-        task.add_done_callback(failed)
+        try:  # queued in order for the next group commit; the broadcast follows the commit
+            commit: asyncio.Future[Any] = svc.documents.submit_checked(who.org_id, doc_id, update,
+                                                                       user_id=who.user_id, tag=peer)
+        except PayloadTooLarge as exc:
+            slots.release()
+            raise _Closing(4413, exc.detail, "too_large") from None
+        in_flight.add(commit)
+        commit.add_done_callback(settled)
 
     try:
         peer.push(protocol.sync_step1(sync.state_vector))
@@ -199,8 +201,7 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
                 message = protocol.read(data)
             except protocol.ProtocolError as exc:
                 raise _Closing(4400, str(exc), "malformed") from None
-            kind = {protocol.SYNC: "sync", protocol.AWARENESS: "awareness"}.get(message.kind, "other")
-            metrics.GATEWAY_MESSAGES.labels(kind).inc()
+            _COUNTED.get(message.kind, _OTHER).inc()
             if message.kind == protocol.SYNC and message.step == protocol.STEP1:
                 await _answer_step1(svc, who.org_id, doc_id, message.payload, peer)
             elif message.kind == protocol.SYNC:  # step 2 (what we lacked) or an update

@@ -93,7 +93,8 @@ class _Held:
         self.snapshot_seq = 0
         self.tail: list[tuple[int, bytes]] = []  # (seq, update) after the snapshot, in order
         self.seq = 0  # the last update held
-        self.clock: yjs.StateVector = {}
+        self._clock: yjs.StateVector = {}  # the state vector, counting tail[:_clocked]
+        self._clocked = 0
         self.size = _OVERHEAD  # bytes held (a decoded doc counts its bytes once more, as an estimate)
         self.doc: Doc | None = None
         self.doc_seq = 0
@@ -110,13 +111,22 @@ class _Held:
             return False
         self.tail.append((seq, update))
         self.seq = seq
-        yjs.advance(self.clock, update)
         self.size += len(update) * (2 if self.doc is not None else 1)
         return True
 
+    @property
+    def clock(self) -> yjs.StateVector:
+        """The state vector, read from the headers of the updates added since it was last
+        asked for: the gateway adds thousands of updates a second, each header costs a few
+        µs to read, and the vector is needed only when a peer syncs."""
+        for _, update in self.tail[self._clocked:]:
+            yjs.advance(self._clock, update)
+        self._clocked = len(self.tail)
+        return self._clock
+
     def reset(self, snapshot: bytes | None, seq: int, clock: yjs.StateVector) -> None:
-        self.snapshot, self.snapshot_seq, self.seq, self.clock = snapshot, seq, seq, dict(clock)
-        self.tail, self.doc, self.doc_seq = [], None, 0
+        self.snapshot, self.snapshot_seq, self.seq, self._clock = snapshot, seq, seq, dict(clock)
+        self.tail, self.doc, self.doc_seq, self._clocked = [], None, 0, 0
         self.size = _OVERHEAD + len(snapshot or b"")
 
     def decoded(self) -> Doc:

@@ -151,13 +151,14 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
     sync = await svc.documents.sync(who.org_id, doc_id)
     room = hub.join(who.org_id, doc_id, peer, sync.seq)
     in_flight: set[asyncio.Future[object]] = set()
-    slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
+    below_limit = asyncio.Event()  # fewer than _MAX_IN_FLIGHT updates wait for their commit
+    below_limit.set()
     bucket = _Bucket(settings.gateway_max_updates_per_s, settings.gateway_update_burst,
                      settings.gateway_rate_grace_s)
 
     def settled(commit: asyncio.Future[object]) -> None:
         in_flight.discard(commit)
-        slots.release()
+        below_limit.set()
         if not commit.cancelled() and commit.exception() is not None:
             log.warning("an update to %s was not stored: %s", doc_id, commit.exception())
             peer.push(protocol.permission_denied("update not stored; reconnect to resync"))
@@ -174,12 +175,13 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
             yjs.check_update(update)
         except InvalidInput as exc:
             raise _Closing(4400, exc.detail, "invalid_update") from None
-        await slots.acquire()
+        while len(in_flight) >= _MAX_IN_FLIGHT:  # the socket is not read meanwhile: TCP holds the sender
+            below_limit.clear()
+            await below_limit.wait()
         try:  # queued in order for the next group commit; the broadcast follows the commit
             commit: asyncio.Future[Any] = svc.documents.submit_checked(who.org_id, doc_id, update,
                                                                        user_id=who.user_id, tag=peer)
         except PayloadTooLarge as exc:
-            slots.release()
             raise _Closing(4413, exc.detail, "too_large") from None
         in_flight.add(commit)
         commit.add_done_callback(settled)

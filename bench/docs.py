@@ -43,7 +43,7 @@ from rich.table import Table
 
 from canvasdb.db import Database
 from canvasdb.documents import DocumentStore, UpdateLog
-from canvasdb.runtime import prepare_schema
+from canvasdb.runtime import prepare_schema, settle_gc
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 
@@ -736,8 +736,7 @@ def benchmark(url: str, scale: Scale, workdir: Path, started: float) -> dict[str
     machine = machine_facts(url, ("max_connections",), {"pycrdt": getattr(pycrdt, "__version__", "?")})
     report: dict[str, Any] = {"run": run, "started": datetime.now(UTC).isoformat(timespec="seconds"),
                               "scale": asdict(scale), "machine": machine, "notes": NOTES}
-    gc.collect()
-    gc.freeze()
+    settle_gc()  # as the server does once started
     asyncio.run(run_async(url, scale, workdir, report))
     report["targets"] = targets(report, scale)
     report["load_avg_at_end"] = os.getloadavg()

@@ -16,7 +16,6 @@ that folder at the end (also on Ctrl-C). With --database-url the benchmark's org
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import math
 import os
@@ -41,6 +40,7 @@ from rich.table import Table
 from canvasdb.db import Database, migrate
 from canvasdb.entities import EntityStore
 from canvasdb.entities.store import MAX_PAGE, encode_data
+from canvasdb.runtime import settle_gc
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 from canvasdb.tenancy import Principal
@@ -607,8 +607,7 @@ def benchmark(url: str, scale: Scale, workdir: Path, started: float) -> dict[str
     tree = plan_tree(scale, run)
     report["load"] = bulk_load(url, tree, scale, rng)
     report["storage"] = prepare_after_load(url)
-    gc.collect()
-    gc.freeze()  # the benchmark's own bookkeeping should not make the store's collections slower
+    settle_gc()  # as the server does once started; and the benchmark's own bookkeeping is left out
     asyncio.run(run_async(url, tree, scale, rng, workdir, report))
     report["targets"] = targets(report)
     report["load_avg_at_end"] = os.getloadavg()

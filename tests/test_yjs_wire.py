@@ -166,3 +166,23 @@ async def test_appends_from_elsewhere_and_legacy_snapshots(svc: Services, tenant
                            (tenant.org_id, "shared-bytes"))
     sync = await DocumentStore(svc.db).sync(tenant.org_id, "shared-bytes")
     assert sync.state_vector == peer.doc.get_state() and len(sync.updates) == 1
+
+
+async def test_updates_submitted_without_waiting_keep_the_state_vector(svc: Services, tenant: Tenant) -> None:
+    """The gateway's path: updates queued one after another without awaiting each commit
+    land in order in one group commit, and the held state vector, read only when a peer
+    syncs, counts every one of them (and a later one after it was read)."""
+    await svc.documents.create(tenant.owner, tenant.project_id, "queued")
+    store, peer, rng = DocumentStore(svc.db), Peer(), random.Random(3)
+    for _ in range(40):
+        peer.edit(rng)
+    futures = [store.submit_checked(tenant.org_id, "queued", u, user_id=tenant.owner.user_id)
+               for u in peer.out]
+    seqs = [(await f).seq for f in futures]
+    assert seqs == list(range(1, len(peer.out) + 1))
+    assert (await store.sync(tenant.org_id, "queued")).state_vector == peer.doc.get_state()
+    peer.out.clear()
+    peer.edit(rng)
+    await store.submit_checked(tenant.org_id, "queued", peer.out[0], user_id=tenant.owner.user_id)
+    sync = await store.sync(tenant.org_id, "queued")
+    assert sync.state_vector == peer.doc.get_state() and sync.seq == len(seqs) + 1

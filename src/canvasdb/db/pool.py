@@ -101,18 +101,16 @@ class Database:
         ``generic_plans`` as in ``transaction()``.
         """
         try:
-            async with self.pool.connection() as conn:
-                async with conn.cursor(row_factory=row_factory) as cur:
-                    try:
-                        async with conn.pipeline():
-                            await cur.execute(_SET_ORG_GENERIC if generic_plans else _SET_ORG,
-                                              (str(org_id),))
-                            await cur.execute(query, params)
-                    except BaseException:
-                        if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
-                            await conn.rollback()
-                        raise
-                    return await cur.fetchall()
+            async with self.pool.connection() as conn, conn.cursor(row_factory=row_factory) as cur:
+                try:
+                    async with conn.pipeline():
+                        await cur.execute(_SET_ORG_GENERIC if generic_plans else _SET_ORG, (str(org_id),))
+                        await cur.execute(query, params)
+                except BaseException:
+                    if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                        await conn.rollback()
+                    raise
+                return await cur.fetchall()
         except psycopg.Error as exc:
             raise translate(exc) from exc
         except PoolTimeout as exc:

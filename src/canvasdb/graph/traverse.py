@@ -133,8 +133,8 @@ def _walk_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool, via: bo
     acl_from = ", acl" if acl else ""
     via_rows = ""
     if via:
-        via_rows = (" UNION ALL SELECT 'v', e.far::text, f.depth + 1, NULL, NULL, NULL, e.id::text, e.near::text, e.kind,"
-                    " NULL, NULL"
+        via_rows = (" UNION ALL SELECT 'v', e.far::text, f.depth + 1, NULL, NULL, NULL, e.id::text,"
+                    " e.near::text, e.kind, NULL, NULL"
                     f" FROM found f{acl_from}, LATERAL {_step('f.id', direction, **flags)} e"
                     # scalar subqueries: computed once (as a joined subquery, a generic plan
                     # re-ran it for every found row)
@@ -176,7 +176,8 @@ def _subgraph_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool) -> 
         " NULL AS rel, NULL AS frm, NULL AS kind, NULL::bigint AS total,"
         " NULL::boolean AS truncated"
         " FROM nodes p JOIN entities x ON x.org_id = %(org)s AND x.id = p.id"
-        " UNION ALL SELECT 'e', e.far::text, NULL, NULL, NULL, NULL, e.id::text, e.near::text, e.kind, NULL, NULL"
+        " UNION ALL SELECT 'e', e.far::text, NULL, NULL, NULL, NULL, e.id::text, e.near::text, e.kind,"
+        " NULL, NULL"
         # the far end checked against an array computed once: as a semi-join, the planner
         # crossed the nodes with themselves before looking edges up
         f" FROM nodes n, LATERAL {among} e WHERE e.far = ANY(ARRAY(SELECT id FROM nodes))"
@@ -323,8 +324,8 @@ class Graph:
         fallback = as_of is None and direction != "both" and self.max_nodes > REACH_FAST_CAP
         params = self._params(who, starts=[id], kinds=kinds_, as_of=as_of, depth=depth,
                               cap=REACH_FAST_CAP if fallback else self.max_nodes)
-        rows = await self.db.read(who.org_id, _reach_sql(direction, as_of is not None, kinds_ is not None, acl),
-                                  params, generic_plans=True, row_factory=tuple_row)
+        sql = _reach_sql(direction, as_of is not None, kinds_ is not None, acl)
+        rows = await self.db.read(who.org_id, sql, params, generic_plans=True, row_factory=tuple_row)
         if not rows:
             raise NotFound(f"entity {id} not found")
         truncated = bool(rows[0][2])

@@ -101,6 +101,52 @@ async def test_concurrent_appends_are_group_committed(db: Database, tenant: Tena
     assert stats["commits"] < 200 / 4, "appends share commits"
 
 
+async def test_two_batches_in_flight_never_share_a_document(db: Database, tenant: Tenant) -> None:
+    """Updates submitted one after another, without waiting, over documents of which one
+    takes most of them: batches commit two at a time, yet each document's updates get
+    their sequence numbers in the order they were submitted, and the commit listener
+    hears each document's updates in that order."""
+    log = UpdateLog(db, max_batch=8)
+    store = DocumentStore(db, log)
+    docs = ["busy", "quiet-1", "quiet-2"]
+    for d in docs:
+        await store.create(tenant.owner, tenant.project_id, d)
+    heard: dict[str, list[int]] = {d: [] for d in docs}
+    log.committed = lambda org, doc, seq, payload, tag: heard[doc].append(tag)
+    in_flight: list[set[tuple[object, str]]] = []
+    peak = 0
+    original = log._commit
+
+    async def watched(groups):  # type: ignore[no-untyped-def]
+        nonlocal peak
+        in_flight.append(set(groups))
+        peak = max(peak, len(in_flight))
+        try:
+            overlap = [k for batch in in_flight[:-1] for k in batch if k in groups]
+            assert not overlap, f"a document in two batches at once: {overlap}"
+            await asyncio.sleep(0.005)  # a slow commit, so that the next batch starts meanwhile
+            return await original(groups)
+        finally:
+            in_flight.remove(set(groups))
+
+    log._commit = watched  # type: ignore[method-assign]
+    clients = {d: Client() for d in docs}
+    futures = []
+    for i in range(90):  # in rounds: a busy batch goes, then others come while it commits
+        d = "busy" if i % 3 else docs[1 + (i // 3) % 2]
+        futures.append((d, i, log.submit(tenant.org_id, d, clients[d].edit(f"k{i}", i), tag=i)))
+        if i % 10 == 0:
+            await asyncio.sleep(0.001)
+    results = [(d, i, await f) for d, i, f in futures]
+    await store.close()
+    for d in docs:
+        mine = [(i, r.seq) for doc, i, r in results if doc == d]
+        assert [seq for _, seq in mine] == list(range(1, len(mine) + 1)), "in submission order, dense"
+        assert heard[d] == [i for i, _ in mine]
+    assert max(r.seq for d, _, r in results if d == "busy") == 60
+    assert peak == 2, "a second batch went while the first was being committed"
+
+
 async def test_one_commit_spans_orgs_and_skips_a_missing_document(
         db: Database, pg_url: str, tenant: Tenant, other_tenant: Tenant) -> None:
     """A batch is one doc_append call: the same document id in two orgs keeps two logs, each

@@ -2,9 +2,11 @@
 
 Every append is awaited until the transaction holding it has committed, so an
 acknowledged update is durable; nothing is ever queued past a caller's return.
-One flush is in flight at a time: whatever queued up meanwhile forms the next batch
-(optionally after waiting a short window for company, off by default: measured, it
-cost more latency than it saved). A batch is one call of the SQL function ``doc_append``:
+Up to two batches are in flight, never with the same document in both (its updates
+keep their order); whatever queued up meanwhile forms the next batch (optionally
+after waiting a short window for company, off by default: measured, it cost more
+latency than it saved). With one batch at a time, an update that arrived during a
+commit waited for that commit before its own began. A batch is one call of the SQL function ``doc_append``:
 one round trip and one implicit transaction that, per document, takes the sequence
 numbers under the document row's lock, inserts the updates and notifies
 ``canvasdb_docs`` (document and last sequence number), so other processes hear of an
@@ -14,7 +16,6 @@ update exactly when it becomes visible.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -62,7 +63,8 @@ class _Pending:
 class UpdateLog:
     """Appends Yjs updates to ``doc_updates`` with group commit; use ``append``."""
 
-    def __init__(self, db: Database, *, window: float = 0.0, max_batch: int = 1000) -> None:
+    def __init__(self, db: Database, *, window: float = 0.0, max_batch: int = 1000,
+                 max_inflight: int = 2) -> None:
         self.db = db
         self.origin = uuid.uuid4().hex[:12]  # names this process in notifications
         # Called for each committed update, in sequence order, before any caller resumes:
@@ -70,9 +72,10 @@ class UpdateLog:
         self.committed: Callable[[UUID, str, int, bytes, object], None] | None = None
         self.window = window
         self.max_batch = max_batch
+        self.max_inflight = max_inflight
         self._pending: list[_Pending] = []
-        self._wakeup = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
+        self._writing: set[tuple[UUID, str]] = set()  # documents in a batch being committed
+        self._flushers: set[asyncio.Task[None]] = set()
 
     async def append(self, org_id: UUID, doc_id: str, payload: bytes, *, user_id: UUID | None = None,
                      client_id: int | None = None, tag: object = None) -> Appended:
@@ -86,34 +89,58 @@ class UpdateLog:
         otherwise need a task per update to wait for it)."""
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(org_id, doc_id, payload, user_id, client_id, future, tag))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_forever())
-        self._wakeup.set()
+        if len(self._flushers) < self.max_inflight and (org_id, doc_id) not in self._writing:
+            self._start_flusher()  # (the earlier pending updates were looked at when they came)
         return future
 
     async def close(self) -> None:
         """Commit what is pending, then stop the flusher."""
-        while self._pending:
-            await self._flush(self._take())
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+        while self._flushers or self._pending:
+            if self._flushers:
+                await asyncio.gather(*self._flushers, return_exceptions=True)
+            else:
+                await self._flush_next(wait=False)
+
+    def _start_flusher(self) -> None:
+        task = asyncio.create_task(self._flush_next(wait=True))
+        self._flushers.add(task)
+        task.add_done_callback(self._flusher_done)
+
+    def _flusher_done(self, task: asyncio.Task[None]) -> None:
+        self._flushers.discard(task)
+        if task.cancelled() or task.exception() is not None or not task.result():
+            return  # took nothing: the flush in flight looks again when it ends
+        # Its documents are free again: updates of theirs that waited can go now.
+        if len(self._flushers) < self.max_inflight and any(
+                (p.org_id, p.doc_id) not in self._writing for p in self._pending):
+            self._start_flusher()
+
+    async def _flush_next(self, *, wait: bool) -> bool:
+        """Commit the next batch; False if there was nothing to take."""
+        if wait and self.window > 0 and len(self._pending) < self.max_batch:
+            await asyncio.sleep(self.window)
+        batch = self._take()
+        if not batch:
+            return False
+        keys = {(item.org_id, item.doc_id) for item in batch}
+        self._writing |= keys
+        try:
+            await self._flush(batch)
+        finally:
+            self._writing -= keys
+        return True
 
     def _take(self) -> list[_Pending]:
-        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+        """Pending updates in arrival order, up to max_batch, of documents no batch in flight has."""
+        batch: list[_Pending] = []
+        left: list[_Pending] = []
+        for item in self._pending:
+            if len(batch) < self.max_batch and (item.org_id, item.doc_id) not in self._writing:
+                batch.append(item)
+            else:
+                left.append(item)
+        self._pending = left
         return batch
-
-    async def _flush_forever(self) -> None:
-        while True:
-            if not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            if len(self._pending) < self.max_batch and self.window > 0:
-                await asyncio.sleep(self.window)
-            await self._flush(self._take())
 
     async def _flush(self, batch: list[_Pending]) -> None:
         groups: dict[tuple[UUID, str], list[_Pending]] = defaultdict(list)

@@ -6,11 +6,11 @@ Up to two batches are in flight, never with the same document in both (its updat
 keep their order); whatever queued up meanwhile forms the next batch (optionally
 after waiting a short window for company, off by default: measured, it cost more
 latency than it saved). With one batch at a time, an update that arrived during a
-commit waited for that commit before its own began. A batch is one call of the SQL function ``doc_append``:
-one round trip and one implicit transaction that, per document, takes the sequence
-numbers under the document row's lock, inserts the updates and notifies
-``canvasdb_docs`` (document and last sequence number), so other processes hear of an
-update exactly when it becomes visible.
+commit waited for that commit before its own began. A batch is one call of the SQL
+function ``doc_append``: one round trip and one implicit transaction that, per
+document, takes the sequence numbers under the document row's lock, inserts the
+updates and notifies ``canvasdb_docs`` (document and last sequence number), so other
+processes hear of an update exactly when it becomes visible.
 """
 
 from __future__ import annotations
@@ -108,7 +108,11 @@ class UpdateLog:
 
     def _flusher_done(self, task: asyncio.Task[None]) -> None:
         self._flushers.discard(task)
-        if task.cancelled() or task.exception() is not None or not task.result():
+        if task.cancelled():
+            return
+        if task.exception() is not None:  # _flush settles every failure itself: not expected
+            log.error("a group commit failed", exc_info=task.exception())
+        elif not task.result():
             return  # took nothing: the flush in flight looks again when it ends
         # Its documents are free again: updates of theirs that waited can go now.
         if len(self._flushers) < self.max_inflight and any(

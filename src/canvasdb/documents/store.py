@@ -249,7 +249,7 @@ class DocumentStore:
         ran ``yjs.check_update`` on these bytes itself."""
         self._admit(payload, validated=validated)
         done = await self.log.append(org_id, doc_id, payload, user_id=user_id, client_id=client_id, tag=tag)
-        await self._after_hooks(org_id, doc_id, self._hold(org_id, doc_id, payload, done))
+        await self._announce(org_id, doc_id, *self._hold(org_id, doc_id, payload, done))
         return done
 
     def submit_checked(self, org_id: UUID, doc_id: str, payload: bytes, *, user_id: UUID | None = None,
@@ -262,9 +262,12 @@ class DocumentStore:
         future = self.log.submit(org_id, doc_id, payload, user_id=user_id, tag=tag)
 
         def held(f: asyncio.Future[Appended]) -> None:
-            if not f.cancelled() and f.exception() is None and (
-                    hooks := self._hold(org_id, doc_id, payload, f.result())):
-                task = asyncio.get_running_loop().create_task(self._after_hooks(org_id, doc_id, hooks))
+            if f.cancelled() or f.exception() is not None:
+                return
+            changed, compaction = self._hold(org_id, doc_id, payload, f.result())
+            if changed or compaction:
+                task = asyncio.get_running_loop().create_task(
+                    self._announce(org_id, doc_id, changed, compaction))
                 self._hook_tasks.add(task)
                 task.add_done_callback(self._hook_tasks.discard)
 
@@ -278,8 +281,9 @@ class DocumentStore:
         if not validated:
             yjs.check_update(payload)
 
-    def _hold(self, org_id: UUID, doc_id: str, payload: bytes, done: Appended) -> list[str]:
-        """Account for a committed update in the document's cache entry; the hooks now due."""
+    def _hold(self, org_id: UUID, doc_id: str, payload: bytes, done: Appended) -> tuple[bool, bool]:
+        """Account for a committed update in the document's cache entry; whether ``changed``
+        and ``compaction_due`` are now due."""
         held = self._cache.get((org_id, doc_id))
         if held is None:  # held from now on (and loaded in full on first use): its counters live here
             held = self._cache[(org_id, doc_id)] = _Held()
@@ -288,27 +292,27 @@ class DocumentStore:
         held.add(done.seq, payload)  # if another process wrote in between, the next use catches up
         self._held_bytes += held.size - before
         now = time.monotonic()
-        hooks = []
-        if self.changed is not None and now - held.announced >= self.changed_every:
+        changed = self.changed is not None and now - held.announced >= self.changed_every
+        if changed:
             held.announced = now
-            hooks.append("changed")
         held.unsnapshotted += 1
         held.unsnapshotted_bytes += len(payload)
-        if self.compaction_due is not None and now - held.compaction_asked >= self.compaction_every and (
-                held.unsnapshotted >= self.compact_after_updates
-                or held.unsnapshotted_bytes >= self.compact_after_bytes):
+        compaction = (self.compaction_due is not None and now - held.compaction_asked >= self.compaction_every
+                      and (held.unsnapshotted >= self.compact_after_updates
+                           or held.unsnapshotted_bytes >= self.compact_after_bytes))
+        if compaction:
             held.unsnapshotted = held.unsnapshotted_bytes = 0
             held.compaction_asked = now
-            hooks.append("compaction")
-        return hooks
+        return changed, compaction
 
-    async def _after_hooks(self, org_id: UUID, doc_id: str, hooks: list[str]) -> None:
-        if "changed" in hooks and self.changed is not None:
+    async def _announce(self, org_id: UUID, doc_id: str, changed: bool, compaction: bool) -> None:
+        """Call the ``changed`` and ``compaction_due`` hooks that are due."""
+        if changed and self.changed is not None:
             try:
                 await self.changed(org_id, doc_id)
             except Exception:  # the hourly pass catches up anyway; the update is stored
                 log.warning("could not announce a change of %s", doc_id, exc_info=True)
-        if "compaction" in hooks and self.compaction_due is not None:
+        if compaction and self.compaction_due is not None:
             try:
                 await self.compaction_due(org_id, doc_id)
             except Exception:  # the hourly pass compacts it anyway; the update is stored

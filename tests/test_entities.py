@@ -148,6 +148,20 @@ async def test_concurrent_changes_share_commits_and_answer_each_caller(svc: Serv
             2, "update", [{"op": "add", "path": "/m", "value": e.data["n"] * 10}])
 
 
+async def test_waiting_changes_are_shared_evenly_by_the_batches_in_flight(
+        svc: Services, tenant: Tenant) -> None:
+    def batches(le: str) -> float:
+        return REGISTRY.get_sample_value("canvasdb_entity_commit_batch_changes_bucket", {"le": le}) or 0
+
+    made = [await svc.entities.create(tenant.owner, tenant.project_id, "note", {"n": i}) for i in range(40)]
+    before = batches("+Inf"), batches("20.0")
+    # The first change is written alone at once; the 39 that queue behind it go as two
+    # batches of 20 and 19, not as one of 39 (which would leave the second backend idle).
+    await asyncio.gather(*(svc.entities.patch(tenant.owner, e.id, {"m": 1}) for e in made))
+    written, small = batches("+Inf") - before[0], batches("20.0") - before[1]
+    assert written >= 3 and small == written, "a batch took more than its half of the waiting changes"
+
+
 def splits_so_far() -> float:
     return REGISTRY.get_sample_value("canvasdb_entity_commit_batch_splits_total") or 0
 

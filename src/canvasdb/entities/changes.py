@@ -6,7 +6,10 @@ Changes that arrive while a batch is being written wait and form the next batch,
 one statement that calls ``entity_change`` once per change, in (org, id) order so
 that two batches lock rows in the same order. Nothing waits for a timer: a change
 that finds nothing in flight is written at once, alone, by its caller; up to two
-batches are in flight, the second only once two changes wait for it.
+batches are in flight, the second only once two changes wait for it. A batch takes
+its share of the changes waiting and in flight (half, with two), so that the two
+stay even: one large batch and one small one, each waking its own writers, would
+keep that shape for good, with one backend busy and the other mostly idle.
 
 Every caller is answered after the commit that holds its change, with its own
 outcome. If a batch fails as a whole (a reference field that names a missing
@@ -106,8 +109,10 @@ class ChangeQueue:
         left: list[_Pending] = []
         keys: set[UUID] = set()
         size = 0
+        share = -(-(len(self._writing) + len(self._pending)) // self.max_inflight)  # rounded up
+        limit = min(self.max_batch, max(share, self.min_company))
         for item in self._pending:
-            if (len(batch) >= self.max_batch or item.key in keys or item.key in self._writing
+            if (len(batch) >= limit or item.key in keys or item.key in self._writing
                     or (batch and size + item.size > self.max_batch_bytes)):
                 left.append(item)
                 continue

@@ -7,7 +7,7 @@ batches per transaction) into a scratch copy of ``doc_updates``; then a board of
 by 100,000 updates is opened by a fresh store by full replay, compacted, given 1,000 more updates
 through ``append_checked`` and opened again from snapshot + tail; last, the bytes stored before and
 after compaction. Everything goes through canvasdb's Python API except the board's bulk load (COPY
-straight into ``doc_updates``, seq 1..N, with ``documents.last_seq`` set to N) and the raw baseline.
+straight into ``doc_updates``, seq 1..N: the log is the sequence) and the raw baseline.
 
     .venv/bin/python bench/docs.py [--scale small|default] [--json] [--database-url URL]
 
@@ -197,8 +197,8 @@ async def group_commit_stats(url: str, org_id: UUID, after: dict[str, int]) -> d
 async def last_seqs(url: str, org_id: UUID, doc_ids: list[str]) -> dict[str, int]:
     async with await admin(url) as conn, conn.transaction():
         await conn.execute("SELECT set_config('canvasdb.org_id', %s, true)", (str(org_id),))
-        cur = await conn.execute("SELECT id, last_seq FROM documents WHERE org_id = %s AND id = ANY(%s)",
-                                 (org_id, doc_ids))
+        cur = await conn.execute("SELECT id, doc_last_seq(org_id, id) FROM documents"
+                                 " WHERE org_id = %s AND id = ANY(%s)", (org_id, doc_ids))
         return {r[0]: r[1] for r in await cur.fetchall()}
 
 
@@ -393,9 +393,6 @@ async def bulk_load_board(url: str, t: Tenant, doc_id: str, client: Client, upda
                 if not direct:
                     await conn.execute(f"INSERT INTO doc_updates ({cols})"
                                        f" SELECT {cols} FROM stage_doc_updates")
-                done = await conn.execute("UPDATE documents SET last_seq = %s WHERE org_id = %s AND id = %s",
-                                          (len(updates), t.org_id, doc_id))
-                assert done.rowcount == 1
             elapsed = time.perf_counter() - start
         with phase("VACUUM ANALYZE + CHECKPOINT"):
             with suppress(psycopg.errors.InsufficientPrivilege):

@@ -143,9 +143,12 @@ async def test_retention_keeps_what_time_travel_needs(svc: Services, tenant: Ten
     assert view(replay([await DocumentStore(svc.db).state(tenant.owner, "old")])) == view(editor.doc)
     beyond = replay([await store.state(tenant.owner, "old", as_of=middle)])
     assert view(beyond) == view(Doc()), "before the only snapshot and past retention: nothing older is kept"
-    await store.append(tenant.owner, "old", editor.step())
+    appended = await store.append(tenant.owner, "old", editor.step())
+    assert appended.seq == 21 and (await store.get(tenant.owner, "old")).last_seq == 21, \
+        "numbering goes on from the snapshot when retention emptied the log"
     assert view(replay([await store.state(tenant.owner, "old")])) == view(editor.doc), \
         "a cached copy catches up across pruned updates"
+    assert view(replay([await DocumentStore(svc.db).state(tenant.owner, "old")])) == view(editor.doc)
 
 
 async def test_large_snapshots_go_to_the_blob_store(svc: Services, tenant: Tenant) -> None:

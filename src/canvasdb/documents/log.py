@@ -8,9 +8,10 @@ after waiting a short window for company, off by default: measured, it cost more
 latency than it saved). With one batch at a time, an update that arrived during a
 commit waited for that commit before its own began. A batch is one call of the SQL
 function ``doc_append``: one round trip and one implicit transaction that, per
-document, takes the sequence numbers under the document row's lock, inserts the
-updates and notifies ``canvasdb_docs`` (document and last sequence number), so other
-processes hear of an update exactly when it becomes visible.
+document, takes the sequence numbers under the document's advisory lock (migration
+0014: the log only grows, no row is updated per commit), inserts the updates and
+notifies ``canvasdb_docs`` (document and last sequence number), so other processes
+hear of an update exactly when it becomes visible.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class BoardProjection:
         system = Principal(org_id=org_id, user_id=None, org_role="owner")
         async with self.documents.db.transaction(org_id) as conn:
             cur = await conn.execute(
-                "SELECT kind, project_id, last_seq, projected_seq FROM documents"
+                "SELECT kind, project_id, doc_last_seq(org_id, id) AS last_seq, projected_seq FROM documents"
                 " WHERE org_id = %s AND id = %s", (org_id, doc_id))
             meta = await cur.fetchone()
         if meta is None or meta["kind"] != "board" or meta["projected_seq"] >= meta["last_seq"]:

@@ -209,7 +209,8 @@ class DocumentStore:
             await check_project_access(conn, who, project_id, write=True)
             cur = await conn.execute(
                 "INSERT INTO documents (org_id, id, project_id, kind, entity_id, created_by)"
-                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (org_id, id) DO NOTHING RETURNING *",
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (org_id, id) DO NOTHING"
+                " RETURNING *, 0::bigint AS last_seq",
                 (who.org_id, doc_id, project_id, kind, entity_id, who.user_id),
             )
         row = await cur.fetchone()
@@ -224,8 +225,8 @@ class DocumentStore:
             return await self._meta(conn, who, doc_id, write=write)
 
     async def _meta(self, conn: Connection, who: Principal, doc_id: str, *, write: bool) -> Document:
-        cur = await conn.execute("SELECT * FROM documents WHERE org_id = %s AND id = %s",
-                                 (who.org_id, doc_id))
+        cur = await conn.execute("SELECT *, doc_last_seq(org_id, id) AS last_seq FROM documents"
+                                 " WHERE org_id = %s AND id = %s", (who.org_id, doc_id))
         row = await cur.fetchone()
         if row is None:
             raise NotFound(f"document {doc_id!r} not found")
@@ -474,12 +475,12 @@ class DocumentStore:
         """Fold the latest snapshot and the updates after it into a new snapshot.
 
         Safe beside concurrent appends: it covers exactly the updates committed when it
-        read ``last_seq`` (sequence numbers are taken and written in one transaction), and
-        later ones stay in the log. None when there is nothing new to fold.
+        read the last sequence number (numbers are taken and written in one transaction),
+        and later ones stay in the log. None when there is nothing new to fold.
         """
         async with self.db.transaction(org_id) as conn:
-            cur = await conn.execute("SELECT last_seq FROM documents WHERE org_id = %s AND id = %s",
-                                     (org_id, doc_id))
+            cur = await conn.execute("SELECT doc_last_seq(org_id, id) AS last_seq FROM documents"
+                                     " WHERE org_id = %s AND id = %s", (org_id, doc_id))
             meta = await cur.fetchone()
             if meta is None:
                 raise NotFound(f"document {doc_id!r} not found")
@@ -525,16 +526,16 @@ class DocumentStore:
         """The org's documents with updates that no snapshot covers yet."""
         async with self.db.transaction(org_id) as conn:
             cur = await conn.execute(
-                "SELECT d.id FROM documents d WHERE d.org_id = %s AND d.last_seq > coalesce("
-                " (SELECT max(s.seq) FROM doc_snapshots s WHERE s.org_id = d.org_id AND s.doc_id = d.id),"
-                " 0) ORDER BY d.id", (org_id,))
+                "SELECT d.id FROM documents d WHERE d.org_id = %s AND doc_last_seq(d.org_id, d.id)"
+                " > coalesce((SELECT max(s.seq) FROM doc_snapshots s"
+                "             WHERE s.org_id = d.org_id AND s.doc_id = d.id), 0) ORDER BY d.id", (org_id,))
             return [r["id"] for r in await cur.fetchall()]
 
     async def projection_behind(self, org_id: UUID) -> list[str]:
         """The org's boards whose entities do not yet reflect every update."""
         async with self.db.transaction(org_id) as conn:
             cur = await conn.execute("SELECT id FROM documents WHERE org_id = %s AND kind = 'board'"
-                                     " AND projected_seq < last_seq ORDER BY id", (org_id,))
+                                     " AND projected_seq < doc_last_seq(org_id, id) ORDER BY id", (org_id,))
             return [r["id"] for r in await cur.fetchall()]
 
     async def all_ids(self, org_id: UUID) -> list[str]:

@@ -119,3 +119,21 @@ async def test_a_scoped_read_is_one_transaction_and_leaves_nothing_behind(pg_url
                              " current_setting('canvasdb.org_id', true) AS org", None)
     assert inside == [{"mode": "force_generic_plan", "org": str(org), "same_transaction": True}]
     assert after == {"mode": "auto", "org": ""}, "the settings ended with the statement"
+
+
+async def test_the_pool_hands_out_the_connection_returned_last(pg_url: str) -> None:
+    """Below the pool's size, queries keep meeting the same warm backend (round robin met
+    the one idle longest), and connections in use are never handed out twice."""
+    async with Database(pg_url, min_size=3, max_size=3) as db:
+        pool = db.pool
+        async with pool.connection() as a, pool.connection() as b, pool.connection() as c:
+            held = [(await (await conn.execute("SELECT pg_backend_pid() AS pid")).fetchone())["pid"]
+                    for conn in (a, b, c)]
+        # returned c, then b, then a (the context managers close innermost first)
+        assert len(set(held)) == 3
+        pids = [(await db.one("SELECT pg_backend_pid() AS pid", None))["pid"] for _ in range(5)]
+        assert pids == [held[0]] * 5, "a query after another met a different connection"
+        async with pool.connection() as first, pool.connection() as second:
+            pair = {(await (await conn.execute("SELECT pg_backend_pid() AS pid")).fetchone())["pid"]
+                    for conn in (first, second)}
+        assert pair == {held[0], held[1]}, "two at once: the two most recently returned"

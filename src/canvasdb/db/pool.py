@@ -8,6 +8,7 @@ that the RLS policies read; it cannot leak into the next user of the connection.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -51,6 +52,7 @@ class Database:
             configure=self._configure,
             kwargs={"autocommit": True, "row_factory": dict_row},
         )
+        self.pool._pool = _MostRecentFirst(self.pool._pool)
 
     async def _configure(self, conn: Connection) -> None:
         await conn.execute(f"SET ROLE {APP_ROLE}")
@@ -145,6 +147,23 @@ async def _pipelined(conn: Connection) -> AsyncIterator[None]:
         if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
             await conn.rollback()
         raise
+
+
+class _MostRecentFirst(deque):  # type: ignore[type-arg]
+    """The pool's idle connections, handed out last in, first out.
+
+    psycopg_pool takes idle connections from the left of its deque and returns them to
+    the right: round robin, so at any load below the pool's size every query met the
+    backend that had been idle longest, its process asleep and its caches cold (measured:
+    a commit through a pool of four took 0.46 ms against 0.36 through one connection).
+    Taking from the right instead reuses the connection just returned, and the others
+    stay idle (the pool, shrinking after ten idle minutes, now closes the most recently
+    used first: its deque has a single end to take from). psycopg_pool has no option for
+    this, so its deque is replaced; ``test_db`` checks the order, should that change.
+    """
+
+    def popleft(self):  # type: ignore[no-untyped-def]
+        return self.pop()
 
 
 def translate(exc: psycopg.Error) -> CanvasdbError:

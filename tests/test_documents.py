@@ -252,8 +252,13 @@ async def test_viewers_read_but_do_not_write(svc: Services, tenant: Tenant) -> N
     viewer = Principal(tenant.org_id, uid, "member")
     with pytest.raises(NotFound):
         await svc.documents.get(viewer, "v")
+    with pytest.raises(NotFound):
+        await svc.documents.check_access(viewer, "v")
     await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, uid, "viewer")
     assert (await svc.documents.get(viewer, "v")).id == "v"
+    await svc.documents.check_access(viewer, "v")
+    with pytest.raises(Forbidden):
+        await svc.documents.check_access(viewer, "v", write=True)
     with pytest.raises(Forbidden):
         await svc.documents.append(viewer, "v", Client().edit("x", 1))
     assert await svc.documents.changes(tenant.owner, "v") == []

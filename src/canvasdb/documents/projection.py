@@ -157,7 +157,7 @@ class BoardProjection:
         if entity_id(doc_id, collection, key) != entity.id:
             return  # not a projection, just an entity that looks like one
         try:
-            await self.documents.get(who, doc_id, write=True)
+            await self.documents.check_access(who, doc_id, write=True)
         except (NotFound, Gone):
             return
         loaded = await self.documents.loaded(who.org_id, doc_id)

@@ -224,8 +224,17 @@ class DocumentStore:
         async with self.db.transaction(who.org_id) as conn:
             return await self._meta(conn, who, doc_id, write=write)
 
-    async def _meta(self, conn: Connection, who: Principal, doc_id: str, *, write: bool) -> Document:
-        cur = await conn.execute("SELECT *, doc_last_seq(org_id, id) AS last_seq FROM documents"
+    async def check_access(self, who: Principal, doc_id: str, *, write: bool = False) -> None:
+        """``get`` for a caller that needs only the check: the last sequence number, read
+        from the ends of two indexes, is not looked up."""
+        check_doc_id(doc_id)
+        async with self.db.transaction(who.org_id) as conn:
+            await self._meta(conn, who, doc_id, write=write, last_seq=False)
+
+    async def _meta(self, conn: Connection, who: Principal, doc_id: str, *, write: bool,
+                    last_seq: bool = True) -> Document:
+        seq = "doc_last_seq(org_id, id)" if last_seq else "NULL::bigint"
+        cur = await conn.execute(f"SELECT *, {seq} AS last_seq FROM documents"
                                  " WHERE org_id = %s AND id = %s", (who.org_id, doc_id))
         row = await cur.fetchone()
         if row is None:
@@ -239,7 +248,7 @@ class DocumentStore:
     async def append(self, who: Principal, doc_id: str, payload: bytes, *,
                      client_id: int | None = None) -> Appended:
         """Validate a Yjs v1 update by applying it, then store it; returns once committed."""
-        await self.get(who, doc_id, write=True)
+        await self.check_access(who, doc_id, write=True)
         return await self.append_checked(who.org_id, doc_id, payload, user_id=who.user_id,
                                          client_id=client_id)
 
@@ -323,7 +332,7 @@ class DocumentStore:
                     as_of: datetime | None = None) -> bytes:
         """The document as one Yjs update: all of it, what a peer with ``state_vector`` lacks,
         or (``as_of``) as it was at that moment."""
-        await self.get(who, doc_id)
+        await self.check_access(who, doc_id)
         if as_of is not None:
             return await self._state_as_of(who.org_id, doc_id, as_of)
         peer = yjs.read_state_vector(state_vector) if state_vector else None
@@ -339,7 +348,7 @@ class DocumentStore:
         return merge_updates(*pieces) if pieces else yjs.EMPTY_UPDATE
 
     async def state_vector(self, who: Principal, doc_id: str) -> bytes:
-        await self.get(who, doc_id)
+        await self.check_access(who, doc_id)
         return yjs.write_state_vector((await self._held((who.org_id, doc_id))).clock)
 
     async def sync(self, org_id: UUID, doc_id: str, state_vector: bytes | None = None) -> Sync:
@@ -356,7 +365,7 @@ class DocumentStore:
         if not 1 <= limit <= MAX_CHANGES_PAGE:
             raise InvalidInput(f"limit must be between 1 and {MAX_CHANGES_PAGE}", pointer="query:limit")
         async with self.db.transaction(who.org_id) as conn:
-            await self._meta(conn, who, doc_id, write=False)
+            await self._meta(conn, who, doc_id, write=False, last_seq=False)
             cur = await conn.execute(
                 "SELECT seq, at, user_id, client_id, octet_length(payload) AS size FROM doc_updates"
                 " WHERE org_id = %s AND doc_id = %s AND seq > %s ORDER BY seq LIMIT %s",

@@ -134,13 +134,13 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
     try:
         user = await svc.tenancy.authenticate(_token(ws))
         who = await svc.tenancy.principal(user, org)
-        await svc.documents.get(who, doc_id)
+        await svc.documents.check_access(who, doc_id)
     except Unauthorized as exc:
         raise _Closing(4401, exc.detail, "unauthorized") from None
     except (NotFound, InvalidInput) as exc:
         raise _Closing(4404, exc.detail, "not_found") from None
     try:
-        await svc.documents.get(who, doc_id, write=True)
+        await svc.documents.check_access(who, doc_id, write=True)
         writer = True
     except CanvasdbError:
         writer = False

@@ -273,7 +273,7 @@ class Graph:
         for s in starts:
             if str(s) not in readable:
                 raise NotFound(f"entity {s} not found")
-        first: dict[tuple[UUID, int], tuple[Any, ...]] = {}
+        first: dict[tuple[str, int], tuple[Any, ...]] = {}
         for r in rows:
             if r[0] == "v":
                 first.setdefault((r[1], r[2]), r)

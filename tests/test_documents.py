@@ -16,6 +16,8 @@ from canvasdb.db import Database
 from canvasdb.documents import DocumentStore, UpdateLog
 from canvasdb.documents.log import NOTIFY_CHANNEL
 from canvasdb.errors import Conflict, Forbidden, InvalidInput, NotFound
+from canvasdb.gateway import protocol
+from canvasdb.gateway.hub import LISTENER_NAME, Hub, Room
 from canvasdb.services import Services
 from canvasdb.tenancy import Principal
 
@@ -206,6 +208,51 @@ async def test_one_commit_spans_orgs_and_skips_a_missing_document(
                                     f"u {other_tenant.org_id} 1 {log.origin} same"])
     assert content(await store.state(tenant.owner, "same")) == {"k": "a2"}
     assert content(await store.state(other_tenant.owner, "same")) == {"k": "b1"}
+
+
+async def test_commits_and_awareness_notify_only_when_another_process_listens(
+        db: Database, pg_url: str, tenant: Tenant) -> None:
+    """A gateway alone on the database is not sent its own notices; once another process's
+    listener connects (named as a gateway names it), commits and awareness notify again."""
+    async def other_listeners() -> int:
+        async with db.pool.connection() as conn:
+            row = await (await conn.execute(
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name LIKE 'canvasdb-listen %%'"
+                " AND application_name <> %s", (LISTENER_NAME.format(origin=store.log.origin),))).fetchone()
+            return row["n"]
+
+    store = DocumentStore(db, UpdateLog(db))
+    hub = Hub(store, pg_url, awareness_delay=0.01)
+    await hub.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while not hub.listening or await other_listeners():  # no gateway of an earlier test left
+            assert asyncio.get_running_loop().time() < deadline, "another gateway is still listening"
+            await asyncio.sleep(0.05)
+        await store.create(tenant.owner, tenant.project_id, "lone")
+        room = hub.rooms[(tenant.org_id, "lone")] = Room(tenant.org_id, "lone")
+        awareness = protocol.awareness_update([(7, 1, '{"user": "ann"}')])
+        writer = Client()
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as spy:
+            await spy.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            await store.log.append(tenant.org_id, "lone", writer.edit("k", 1))
+            hub.relay_awareness(room, awareness, None)
+            assert [n.payload async for n in spy.notifies(timeout=0.5)] == []
+
+            async with await psycopg.AsyncConnection.connect(
+                    pg_url, autocommit=True, application_name=LISTENER_NAME.format(origin="elsewhere")):
+                await store.log.append(tenant.org_id, "lone", writer.edit("k", 2))
+                hub.relay_awareness(room, protocol.awareness_update([(7, 2, '{"user": "ann"}')]), None)
+                heard = [n.payload async for n in spy.notifies(timeout=2.0, stop_after=2)]
+            assert heard[0] == f"u {tenant.org_id} 2 {store.log.origin} lone"
+            assert heard[1].startswith(f"a {tenant.org_id} ") and heard[1].endswith(f" {hub.origin} lone")
+
+            await store.log.append(tenant.org_id, "lone", writer.edit("k", 3))  # alone again
+            assert [n.payload async for n in spy.notifies(timeout=0.5)] == []
+    finally:
+        await store.close()
+        await hub.stop()
+    assert content(await store.state(tenant.owner, "lone")) == {"k": 3}
 
 
 async def test_two_stores_on_one_document_converge(db: Database, tenant: Tenant) -> None:

@@ -11,7 +11,8 @@ function ``doc_append``: one round trip and one implicit transaction that, per
 document, takes the sequence numbers under the document's advisory lock (migration
 0014: the log only grows, no row is updated per commit), inserts the updates and
 notifies ``canvasdb_docs`` (document and last sequence number), so other processes
-hear of an update exactly when it becomes visible.
+hear of an update exactly when it becomes visible; unless no other process listens
+(migration 0015: the gateway names its listening connection after ``origin``).
 """
 
 from __future__ import annotations

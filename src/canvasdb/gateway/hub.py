@@ -7,6 +7,10 @@ the update from the log (through their document store) and broadcast it to their
 room only remembers which sequence numbers it has delivered, so that nothing is sent
 twice or echoed to its sender. Awareness (cursors, names) is not stored: it is relayed
 here and, through NOTIFY, to the other gateways.
+
+The listening connection is named ``canvasdb-listen <origin>``: commits and awareness
+are notified only while some other process listens (migration 0015), so a gateway alone
+on its database is not woken by its own notices.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ _MAX_NOTIFY_AWARENESS = 6000  # bytes of awareness relayed through NOTIFY (its p
 _SEND_QUEUE = 10_000  # messages waiting for one slow client before it is disconnected
 _GOING_AWAY = b""  # queued last by drain(): the sender closes with 1001 once it gets there
 _WRITE_BUFFER_LIMIT = 16 * 1024 * 1024  # bytes a direct write may leave unsent before 4408
+LISTENER_NAME = "canvasdb-listen {origin}"  # application_name of the listening connection
+# Once listening, rooms catch up at once and again after this long: a commit that checked
+# for listeners before this one connected, and became visible only after the first
+# catch-up read the log, sent no notice (migration 0015).
+_CATCH_UP_AGAIN_S = 1.0
 
 
 def ws_frame(message: bytes) -> bytes:
@@ -160,6 +169,7 @@ class Hub:
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._notifier: psycopg.AsyncConnection[Any] | None = None
+        self._catch_up_again: asyncio.TimerHandle | None = None
         self._outbox: list[str] = []  # awareness notices for other gateways, sent in batches
         self._outbox_ready = asyncio.Event()
         documents.log.committed = self._committed
@@ -183,6 +193,8 @@ class Hub:
 
     async def stop(self) -> None:
         """Close the connections still open with 1001; commits in flight finish first."""
+        if self._catch_up_again is not None:
+            self._catch_up_again.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -311,8 +323,8 @@ class Hub:
             batch, self._outbox = self._outbox, []
             try:
                 async with self.documents.db.pool.connection() as conn:
-                    await conn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
-                                       (NOTIFY_CHANNEL, batch))
+                    await conn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p"
+                                       " WHERE doc_notify_wanted(%s)", (NOTIFY_CHANNEL, batch, self.origin))
             except Exception:  # awareness is ephemeral: a lost one is renewed by the client
                 log.debug("could not relay awareness", exc_info=True)
 
@@ -323,12 +335,14 @@ class Hub:
         delay = 0.5
         while True:
             try:
-                self._notifier = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+                self._notifier = await psycopg.AsyncConnection.connect(
+                    self.conninfo, autocommit=True, application_name=LISTENER_NAME.format(origin=self.origin))
                 async with self._notifier as conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     self.listening, delay = True, 0.5
-                    for room in list(self.rooms.values()):  # what happened while not listening
-                        asyncio.get_running_loop().create_task(self.catch_up(room))
+                    self._catch_up_all()  # what happened while not listening
+                    self._catch_up_again = asyncio.get_running_loop().call_later(
+                        _CATCH_UP_AGAIN_S, self._catch_up_all)
                     async for notice in conn.notifies():
                         self._heard(notice.payload)
             except asyncio.CancelledError:
@@ -339,6 +353,10 @@ class Hub:
             self.listening = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10)
+
+    def _catch_up_all(self) -> None:
+        for room in list(self.rooms.values()):
+            asyncio.get_running_loop().create_task(self.catch_up(room))
 
     def _heard(self, payload: str) -> None:
         try:

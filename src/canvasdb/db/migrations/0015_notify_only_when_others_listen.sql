@@ -1,4 +1,4 @@
--- Commits notify other processes only when another process listens.
+-- Commits notify other processes only when another process listens; doc_append plans once.
 --
 -- Every commit of the op log notified canvasdb_docs for the gateways of other
 -- processes, and so did the awareness relay. A gateway alone on its database heard only
@@ -20,12 +20,16 @@ LANGUAGE sql STABLE AS $$
     FROM pg_stat_activity a WHERE a.application_name LIKE 'canvasdb-listen %'
 $$;
 
--- As in 0014, with the notices sent only when wanted.
+-- As in 0014, with the notices sent only when wanted, and the statements inside run
+-- their generic plans: with the number of updates as a constant, a custom plan of the
+-- INSERT (rows from generate_series(1, n)) always looked cheaper than the generic one,
+-- so PostgreSQL planned it again at every call (measured: 0.18 -> 0.13 ms inside the
+-- function for one update, 0.61 -> 0.55 ms for the whole commit at 200 commits/s).
 CREATE OR REPLACE FUNCTION doc_append(
     p_orgs uuid[], p_docs text[], p_counts integer[],
     p_payloads bytea[], p_users uuid[], p_clients bigint[], p_origin text
 ) RETURNS TABLE (org_id uuid, doc_id text, seq bigint, at timestamptz)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     i      integer;
     n      integer;

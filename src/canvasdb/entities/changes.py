@@ -3,13 +3,14 @@
 A change is one call of ``entity_change`` (migration 0002). Alone, its cost is mostly
 the transaction around it: the round trip, the statement, the commit's WAL flush.
 Changes that arrive while a batch is being written wait and form the next batch,
-one statement that calls ``entity_change`` once per change, in (org, id) order so
-that two batches lock rows in the same order. Nothing waits for a timer: a change
-that finds nothing in flight is written at once, alone, by its caller; up to two
-batches are in flight, the second only once two changes wait for it. A batch takes
-its share of the changes waiting and in flight (half, with two), so that the two
-stay even: one large batch and one small one, each waking its own writers, would
-keep that shape for good, with one backend busy and the other mostly idle.
+one call of ``entity_change_many`` (migration 0016), which calls ``entity_change``
+once per change, in (org, id) order so that two batches lock rows in the same order.
+Nothing waits for a timer: a change that finds nothing in flight is written at once,
+alone, by its caller; up to two batches are in flight, the second only once two
+changes wait for it. A batch takes its share of the changes waiting and in flight
+(half, with two), so that the two stay even: one large batch and one small one, each
+waking its own writers, would keep that shape for good, with one backend busy and
+the other mostly idle.
 
 Every caller is answered after the commit that holds its change, with its own
 outcome. If a batch fails as a whole (a reference field that names a missing
@@ -31,15 +32,9 @@ from canvasdb.errors import CanvasdbError, Unavailable
 
 _CHANGE = """SELECT * FROM entity_change(%(org)s, %(id)s, %(actor)s, %(admin)s, %(op)s,
     %(value)s::jsonb, %(if_version)s, %(validated_at)s, %(keyframe_interval)s, %(max_bytes)s)"""
-_CHANGE_MANY = """
-SELECT c.* FROM unnest(%(org)b::uuid[], %(id)b::uuid[], %(actor)b::uuid[], %(admin)b::boolean[],
-                       %(op)b::text[], %(if_version)s::integer[], %(validated_at)s::integer[])
-     WITH ORDINALITY AS b(org, id, actor, admin, op, if_version, validated_at, n)
-CROSS JOIN LATERAL entity_change(b.org, b.id, b.actor, b.admin, b.op,
-                                 nullif(%(values)s::jsonb -> (b.n::integer - 1), 'null'),
-                                 b.if_version, b.validated_at, %(keyframe_interval)s, %(max_bytes)s) c
-ORDER BY b.n
-"""
+_CHANGE_MANY = """SELECT * FROM entity_change_many(%(org)b::uuid[], %(id)b::uuid[], %(actor)b::uuid[],
+    %(admin)b::boolean[], %(op)b::text[], %(values)s::jsonb, %(if_version)s::integer[],
+    %(validated_at)s::integer[], %(keyframe_interval)s, %(max_bytes)s)"""
 _COLUMNS = ("org", "id", "actor", "admin", "op", "if_version", "validated_at")
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from uuid import uuid4
 
 import psycopg
 import pytest
 from conftest import Tenant
 
 from canvasdb.db import Database
-from canvasdb.errors import NotFound
+from canvasdb.errors import NotFound, Unauthorized
 from canvasdb.services import Services
 
 GLOBAL_TABLES = {"orgs", "users", "api_tokens", "schema_migrations",
@@ -157,3 +158,30 @@ async def test_a_batch_of_changes_keeps_each_to_its_org(svc: Services, tenant: T
     for e in theirs:
         stored = await svc.entities.get(other_tenant.owner, e.id)
         assert stored.data == {"n": e.data["n"], "by": "them"} and stored.version == 2
+
+
+async def test_a_token_reaches_only_its_users_orgs(svc: Services, tenant: Tenant, other_tenant: Tenant) -> None:
+    """One round trip (auth_principal) answers who is calling: 401 for a token that is not
+    live, before anything about the org; 404 alike for an org that does not exist and one
+    the user is not a member of; an org by slug or id, even a slug that reads as a UUID."""
+    who = await svc.tenancy.authorize(tenant.token, tenant.slug)
+    assert (who.org_id, who.user_id, who.org_role) == (tenant.org_id, tenant.owner_id, "owner")
+    assert (await svc.tenancy.authorize(tenant.token, str(tenant.org_id))).org_id == tenant.org_id
+    for org in (other_tenant.slug, str(other_tenant.org_id), "no-such-org", str(uuid4())):
+        with pytest.raises(NotFound):
+            await svc.tenancy.authorize(tenant.token, org)
+    for token in (None, "", "cdb_" + "x" * 43, "not-a-token", other_tenant.token[:-1] + "?"):
+        with pytest.raises(Unauthorized):
+            await svc.tenancy.authorize(token, tenant.slug)
+    with pytest.raises(Unauthorized):
+        await svc.tenancy.authorize("cdb_unknown", "no-such-org")
+
+    uuid_slug = str(uuid4())  # a valid slug, and not any org's id
+    await svc.tenancy.create_org(uuid_slug, owner=tenant.owner_id)
+    assert (await svc.tenancy.authorize(tenant.token, uuid_slug)).org_role == "owner"
+
+    _, spare = await svc.tenancy.create_token(tenant.owner_id)
+    assert (await svc.tenancy.authorize(spare, tenant.slug)).user_id == tenant.owner_id
+    assert await svc.tenancy.revoke_token(spare)
+    with pytest.raises(Unauthorized):
+        await svc.tenancy.authorize(spare, tenant.slug)

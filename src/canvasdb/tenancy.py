@@ -67,6 +67,16 @@ def _parse_uuid(ref: str) -> UUID | None:
         return None
 
 
+def _by_ref(ref: str) -> tuple[str, tuple[Any, ...]]:
+    """A condition matching a slug or id ``ref`` and its parameters. Only a ref that reads
+    as a UUID may be either: with ``slug = %s OR id = NULL`` PostgreSQL found a plan of its
+    own cheaper for every call and planned the lookup anew (each request resolves its org)."""
+    as_id = _parse_uuid(ref)
+    if as_id is None:
+        return "slug = %s", (ref,)
+    return "(id = %s OR slug = %s)", (as_id, ref)
+
+
 def hash_token(token: str) -> bytes:
     # Tokens carry 256 random bits, so a fast hash is enough: no dictionary to attack.
     return hashlib.sha256(token.encode()).digest()
@@ -107,11 +117,9 @@ class Tenancy:
 
     async def resolve_org(self, ref: str) -> Org:
         """An org by slug or id."""
-        as_id = _parse_uuid(ref)
+        where, params = _by_ref(ref)
         async with self.db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT id, slug, name FROM orgs WHERE slug = %s OR id = %s", (ref, as_id)
-            )
+            cur = await conn.execute(f"SELECT id, slug, name FROM orgs WHERE {where}", params)
             row = await cur.fetchone()
         if row is None:
             raise NotFound(f"org {ref!r} not found")
@@ -185,13 +193,26 @@ class Tenancy:
             raise Unauthorized("unknown or revoked API token")
         return UUID(str(row["user_id"]))
 
+    async def authorize(self, token: str | None, org_ref: str) -> Principal:
+        """``authenticate`` and ``principal`` in one round trip (``auth_principal``, migration
+        0017): the caller behind a live token as a member of the org. Unauthorized for a
+        missing, unknown or revoked token; NotFound when the org does not exist or the user
+        is not a member."""
+        if not token or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+            raise Unauthorized("missing or malformed API token")
+        row = await self.db.one("SELECT * FROM auth_principal(%s, %s, %s)",
+                                (hash_token(token), org_ref, _parse_uuid(org_ref)))
+        if row is None:
+            raise Unauthorized("unknown or revoked API token")
+        if row["role"] is None:
+            raise NotFound(f"org {org_ref!r} not found")
+        return Principal(org_id=row["org_id"], user_id=row["user_id"], org_role=row["role"])
+
     async def principal(self, user_id: UUID, org_ref: str) -> Principal:
         """The user as a member of the org, or NotFound: a stranger learns nothing of the org."""
-        as_id = _parse_uuid(org_ref)
+        where, params = _by_ref(org_ref)
         async with self.db.transaction() as conn:
-            org = await (await conn.execute(
-                "SELECT id FROM orgs WHERE slug = %s OR id = %s", (org_ref, as_id)
-            )).fetchone()
+            org = await (await conn.execute(f"SELECT id FROM orgs WHERE {where}", params)).fetchone()
             if org is None:
                 raise NotFound(f"org {org_ref!r} not found")
             await _set_org_context(conn, org["id"])
@@ -224,11 +245,10 @@ class Tenancy:
 
     async def resolve_project(self, who: Principal, ref: str, *, write: bool = False) -> UUID:
         """A project id by slug or id, checking the caller may read (or write) it."""
-        as_id = _parse_uuid(ref)
+        where, params = _by_ref(ref)
         async with self.db.transaction(who.org_id) as conn:
             row = await (await conn.execute(
-                "SELECT id FROM projects WHERE org_id = %s AND (slug = %s OR id = %s)",
-                (who.org_id, ref, as_id),
+                f"SELECT id FROM projects WHERE org_id = %s AND {where}", (who.org_id, *params)
             )).fetchone()
             if row is None:
                 raise NotFound(f"project {ref!r} not found")

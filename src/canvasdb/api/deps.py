@@ -33,10 +33,10 @@ async def current_user(
 
 async def org_principal(
     svc: Annotated[Services, Depends(services)],
-    user: Annotated[UUID, Depends(current_user)],
+    token: Annotated[str, Depends(bearer)],
     org: Annotated[str, Path(description="the org's slug or id", max_length=100)],
 ) -> Principal:
-    return await svc.tenancy.principal(user, org)
+    return await svc.tenancy.authorize(token, org)
 
 
 Svc = Annotated[Services, Depends(services)]

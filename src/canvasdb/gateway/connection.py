@@ -132,8 +132,7 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
 
 async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, settings: Settings) -> None:
     try:
-        user = await svc.tenancy.authenticate(_token(ws))
-        who = await svc.tenancy.principal(user, org)
+        who = await svc.tenancy.authorize(_token(ws), org)
         await svc.documents.check_access(who, doc_id)
     except Unauthorized as exc:
         raise _Closing(4401, exc.detail, "unauthorized") from None

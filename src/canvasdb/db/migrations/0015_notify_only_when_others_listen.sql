@@ -7,8 +7,8 @@
 -- gateway's CPU at 200-500 updates/s, 5-8 % of its flood throughput).
 --
 -- Each gateway names its listening connection 'canvasdb-listen <origin>' (the origin
--- its notices carry). A commit notifies unless the only listener so named is the
--- committing process's own. A process whose own listener is not seen (none yet, one
+-- its notices carry). A commit notifies unless the only listener so named, in this
+-- database, is the committing process's own. A process whose own listener is not seen (none yet, one
 -- reconnecting, a process without a gateway, or a connection pooler that drops
 -- application names) always notifies, as before. application_name is shown to every
 -- role, and the activity it is read from is a snapshot of shared memory taken once per
@@ -17,7 +17,8 @@ CREATE FUNCTION doc_notify_wanted(p_origin text) RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(bool_or(a.application_name <> 'canvasdb-listen ' || p_origin), false)
         OR NOT coalesce(bool_or(a.application_name = 'canvasdb-listen ' || p_origin), false)
-    FROM pg_stat_activity a WHERE a.application_name LIKE 'canvasdb-listen %'
+    FROM pg_stat_activity a
+    WHERE a.datname = current_database() AND a.application_name LIKE 'canvasdb-listen %'
 $$;
 
 -- As in 0014, with the notices sent only when wanted, and the statements inside run

@@ -29,13 +29,17 @@ from canvasdb.db import Connection, Database
 from canvasdb.documents import yjs
 from canvasdb.documents.log import Appended, UpdateLog
 from canvasdb.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unavailable
-from canvasdb.tenancy import Principal, check_project_access
+from canvasdb.tenancy import Principal, check_project_access, require_project_role
 
 log = logging.getLogger("canvasdb.documents")
 DOC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
 KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_CHANGES_PAGE = 1000
 _MERGE_MAX = 256  # pieces state() merges into one update; beyond, it decodes the document
+# The document's project and the caller's role in it (for org members), in one statement.
+_ACCESS = ("SELECT (SELECT m.role FROM project_members m WHERE m.org_id = d.org_id"
+           " AND m.project_id = d.project_id AND m.user_id = %s) AS role"
+           " FROM documents d WHERE d.org_id = %s AND d.id = %s")
 
 
 @dataclass(frozen=True)
@@ -224,17 +228,20 @@ class DocumentStore:
         async with self.db.transaction(who.org_id) as conn:
             return await self._meta(conn, who, doc_id, write=write)
 
-    async def check_access(self, who: Principal, doc_id: str, *, write: bool = False) -> None:
-        """``get`` for a caller that needs only the check: the last sequence number, read
-        from the ends of two indexes, is not looked up."""
+    async def check_access(self, who: Principal, doc_id: str, *, write: bool = False) -> bool:
+        """``get`` for a caller that needs only the check, in one statement: NotFound if the
+        caller may not read the document, Forbidden if ``write`` and it may only read;
+        otherwise whether it may write (a gateway asks once what a connection may do)."""
         check_doc_id(doc_id)
-        async with self.db.transaction(who.org_id) as conn:
-            await self._meta(conn, who, doc_id, write=write, last_seq=False)
+        rows = await self.db.read(who.org_id, _ACCESS, (who.user_id, who.org_id, doc_id))
+        if not rows:
+            raise NotFound(f"document {doc_id!r} not found")
+        role = rows[0]["role"]
+        require_project_role(who, role, write=write, what=f"document {doc_id!r}")
+        return who.is_org_admin or role != "viewer"
 
-    async def _meta(self, conn: Connection, who: Principal, doc_id: str, *, write: bool,
-                    last_seq: bool = True) -> Document:
-        seq = "doc_last_seq(org_id, id)" if last_seq else "NULL::bigint"
-        cur = await conn.execute(f"SELECT *, {seq} AS last_seq FROM documents"
+    async def _meta(self, conn: Connection, who: Principal, doc_id: str, *, write: bool) -> Document:
+        cur = await conn.execute("SELECT *, doc_last_seq(org_id, id) AS last_seq FROM documents"
                                  " WHERE org_id = %s AND id = %s", (who.org_id, doc_id))
         row = await cur.fetchone()
         if row is None:
@@ -364,14 +371,12 @@ class DocumentStore:
         """The log entries after ``after`` (oldest first): when, by whom, how large."""
         if not 1 <= limit <= MAX_CHANGES_PAGE:
             raise InvalidInput(f"limit must be between 1 and {MAX_CHANGES_PAGE}", pointer="query:limit")
-        async with self.db.transaction(who.org_id) as conn:
-            await self._meta(conn, who, doc_id, write=False, last_seq=False)
-            cur = await conn.execute(
-                "SELECT seq, at, user_id, client_id, octet_length(payload) AS size FROM doc_updates"
-                " WHERE org_id = %s AND doc_id = %s AND seq > %s ORDER BY seq LIMIT %s",
-                (who.org_id, doc_id, after, limit),
-            )
-            return [Change(**r) for r in await cur.fetchall()]
+        await self.check_access(who, doc_id)
+        rows = await self.db.read(
+            who.org_id, "SELECT seq, at, user_id, client_id, octet_length(payload) AS size FROM doc_updates"
+            " WHERE org_id = %s AND doc_id = %s AND seq > %s ORDER BY seq LIMIT %s",
+            (who.org_id, doc_id, after, limit))
+        return [Change(**r) for r in rows]
 
     async def updates_since(self, org_id: UUID, doc_id: str, seq: int) -> list[tuple[int, bytes]] | None:
         """The held updates after ``seq`` (brought up to date with the log), or None when they

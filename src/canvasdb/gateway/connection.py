@@ -20,7 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from canvasdb import metrics
 from canvasdb.documents import yjs
-from canvasdb.errors import CanvasdbError, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
+from canvasdb.errors import InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from canvasdb.gateway import protocol
 from canvasdb.gateway.hub import Hub, Peer
 from canvasdb.services import Services
@@ -133,16 +133,11 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
 async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, settings: Settings) -> None:
     try:
         who = await svc.tenancy.authorize(_token(ws), org)
-        await svc.documents.check_access(who, doc_id)
+        writer = await svc.documents.check_access(who, doc_id)
     except Unauthorized as exc:
         raise _Closing(4401, exc.detail, "unauthorized") from None
     except (NotFound, InvalidInput) as exc:
         raise _Closing(4404, exc.detail, "not_found") from None
-    try:
-        await svc.documents.check_access(who, doc_id, write=True)
-        writer = True
-    except CanvasdbError:
-        writer = False
     max_message = settings.max_update_bytes + 64
 
     peer = Peer(send=ws.send_bytes, close=lambda code, reason: _close(ws, code, reason), direct=_direct(ws))

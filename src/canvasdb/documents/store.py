@@ -419,7 +419,10 @@ class DocumentStore:
 
     async def _catch_up(self, key: tuple[UUID, str], held: _Held) -> None:
         org_id, doc_id = key
-        async with self.db.transaction(org_id) as conn:
+        # Generic plans: each statement here is an index range of one document, and with
+        # ``seq > n`` a constant PostgreSQL kept planning the tail's read anew (another
+        # gateway's every commit brings a catch-up here).
+        async with self.db.transaction(org_id, generic_plans=True) as conn:
             rows = [] if held.seq == 0 else await self._updates_after(conn, key, held.seq)
             # First load, or retention removed updates this copy has not seen: start again
             # from the newest snapshot.

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+
 import httpx
 from conftest import Tenant
+from fastapi.routing import APIRoute, APIWebSocketRoute
 
+from canvasdb.api import attachments, create_app, documents, entities, graph, search, tenants
 from canvasdb.services import Services
+from canvasdb.settings import Settings
 
 
 async def _entity(client: httpx.AsyncClient, t: Tenant, data: dict, type: str = "note") -> dict:
@@ -138,3 +143,19 @@ async def test_other_org_is_invisible(client: httpx.AsyncClient, tenant: Tenant,
     assert mine.status_code == theirs.status_code == missing.status_code == 404
     assert theirs.json()["detail"].replace(other_tenant.slug, "X") == \
         missing.json()["detail"].replace(f"no-such-org-{tenant.slug}", "X")
+
+
+def test_no_endpoint_or_dependency_runs_in_the_thread_pool(settings: Settings) -> None:
+    """FastAPI runs a plain function (endpoint or dependency) in its thread pool: the two
+    hops a request made that way cost a GET 0.2 ms of its 0.9."""
+    def plain(dependant) -> list[str]:
+        found = [] if dependant.call is None or inspect.iscoroutinefunction(dependant.call) else [
+            getattr(dependant.call, "__qualname__", repr(dependant.call))]
+        return found + [name for sub in dependant.dependencies for name in plain(sub)]
+
+    app = create_app(settings, services=object())  # type: ignore[arg-type]
+    routers = (app, attachments.router, documents.router, entities.router, graph.router, search.router,
+               tenants.router)
+    routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute | APIWebSocketRoute)]
+    assert len(routes) > 20
+    assert [(r.path, name) for r in routes for name in plain(r.dependant)] == []

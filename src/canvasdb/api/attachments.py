@@ -37,7 +37,7 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
         raise BadRequest("the client stopped before the body was complete; nothing was stored") from None
 
 
-def _key_as_sent(request: Request, key: Annotated[str, Path(
+async def _key_as_sent(request: Request, key: Annotated[str, Path(
     description="the attachment's name in the org: 1-512 of A-Z a-z 0-9 . _ - and /, in segments "
                 "separated by single '/' (no '.' or '..' segment)", examples=["images/logo.png"],
 )]) -> str:  # fmt: skip

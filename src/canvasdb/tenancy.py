@@ -246,14 +246,15 @@ class Tenancy:
     async def resolve_project(self, who: Principal, ref: str, *, write: bool = False) -> UUID:
         """A project id by slug or id, checking the caller may read (or write) it."""
         where, params = _by_ref(ref)
-        async with self.db.transaction(who.org_id) as conn:
-            row = await (await conn.execute(
-                f"SELECT id FROM projects WHERE org_id = %s AND {where}", (who.org_id, *params)
-            )).fetchone()
-            if row is None:
-                raise NotFound(f"project {ref!r} not found")
-            await check_project_access(conn, who, row["id"], write=write, what=f"project {ref!r}")
-        return UUID(str(row["id"]))
+        rows = await self.db.read(who.org_id, (  # the project and the caller's role, in one statement
+            "SELECT p.id, (SELECT m.role FROM project_members m WHERE m.org_id = p.org_id"
+            " AND m.project_id = p.id AND m.user_id = %s) AS role"
+            f" FROM projects p WHERE p.org_id = %s AND {where}"
+        ), (who.user_id, who.org_id, *params))
+        if not rows:
+            raise NotFound(f"project {ref!r} not found")
+        require_project_role(who, rows[0]["role"], write=write, what=f"project {ref!r}")
+        return UUID(str(rows[0]["id"]))
 
     async def list_projects(self, who: Principal) -> list[dict[str, Any]]:
         async with self.db.transaction(who.org_id) as conn:

@@ -272,6 +272,10 @@ async def test_a_fast_sender_is_slowed_down_not_cut_off(
             assert await eventually(lambda: stored(151))
         assert counter(gw.port, "canvasdb_gateway_throttled_total") > 0
         assert counter(gw.port, "canvasdb_gateway_rejected_total") == 0
+        # counted once per message and per broadcast, without a lock (metrics.LoopCounter)
+        assert counter(gw.port, 'canvasdb_gateway_messages_total{kind="sync"}') >= 151
+        assert counter(gw.port, "canvasdb_gateway_broadcast_fanout_count") >= 151
+        assert counter(gw.port, 'canvasdb_gateway_broadcast_fanout_bucket{le="0.0"}') >= 151  # no peer
     finally:
         gw.stop()
 

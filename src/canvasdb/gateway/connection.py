@@ -29,9 +29,7 @@ from canvasdb.settings import Settings
 log = logging.getLogger("canvasdb.gateway")
 _MAX_IN_FLIGHT = 1000  # updates of one connection waiting for their commit
 RAW_SEND = "canvasdb.raw_send"  # scope key: the server's own ASGI send, before any middleware
-_COUNTED = {protocol.SYNC: metrics.GATEWAY_MESSAGES.labels("sync"),
-            protocol.AWARENESS: metrics.GATEWAY_MESSAGES.labels("awareness")}
-_OTHER = metrics.GATEWAY_MESSAGES.labels("other")
+_KINDS = {protocol.SYNC: "sync", protocol.AWARENESS: "awareness"}  # counted by these names
 
 
 class KeepRawSend:
@@ -197,7 +195,7 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
                 message = protocol.read(data)
             except protocol.ProtocolError as exc:
                 raise _Closing(4400, str(exc), "malformed") from None
-            _COUNTED.get(message.kind, _OTHER).inc()
+            metrics.GATEWAY_MESSAGES.inc(_KINDS.get(message.kind, "other"))
             if message.kind == protocol.SYNC and message.step == protocol.STEP1:
                 await _answer_step1(svc, who.org_id, doc_id, message.payload, peer)
             elif message.kind == protocol.SYNC:  # step 2 (what we lacked) or an update

@@ -89,20 +89,20 @@ class Database:
                 return await cur.fetchall()
 
     async def read(self, org_id: UUID, query: str, params: Any, *, generic_plans: bool = False,
-                   row_factory: Any = dict_row) -> list[Any]:
+                   row_factory: Any = dict_row, binary: bool = False) -> list[Any]:
         """Run one read-only statement scoped to ``org_id`` and return its rows.
 
         The org setting and the statement travel together in a pipeline with no BEGIN or
         COMMIT: PostgreSQL runs the statements before a Sync as one implicit transaction,
         so the setting lasts exactly as long as the statement, as in ``transaction()``, at
         two statements' cost instead of four (a third less for a small graph query).
-        ``generic_plans`` as in ``transaction()``.
+        ``generic_plans`` as in ``transaction()``; ``binary``: results in binary format.
         """
         with _translated():
             async with self.pool.connection() as conn, conn.cursor(row_factory=row_factory) as cur:
                 async with _pipelined(conn):
                     await cur.execute(_SET_ORG_GENERIC if generic_plans else _SET_ORG, (str(org_id),))
-                    await cur.execute(query, params)
+                    await cur.execute(query, params, binary=binary)
                 return await cur.fetchall()
 
     @asynccontextmanager

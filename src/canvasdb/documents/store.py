@@ -418,47 +418,45 @@ class DocumentStore:
         return held
 
     async def _catch_up(self, key: tuple[UUID, str], held: _Held) -> None:
+        """Bring the held copy up to date: usually one statement for the updates past it (a
+        new peer's sync and another gateway's every commit come here), the newest snapshot
+        too on the first load, after a gap, or once the tail is long."""
         org_id, doc_id = key
-        # Generic plans: each statement here is an index range of one document, and with
-        # ``seq > n`` a constant PostgreSQL kept planning the tail's read anew (another
-        # gateway's every commit brings a catch-up here).
-        async with self.db.transaction(org_id, generic_plans=True) as conn:
-            rows = [] if held.seq == 0 else await self._updates_after(conn, key, held.seq)
-            # First load, or retention removed updates this copy has not seen: start again
-            # from the newest snapshot.
-            reload = held.seq == 0 or bool(rows and rows[0]["seq"] != held.seq + 1)
-            if not reload and len(held.tail) + len(rows) >= held.rebase_at:
-                # A long tail: if a worker compacted meanwhile, start from its snapshot too, so
-                # a new peer gets the snapshot and a short tail, and the tail stops growing.
-                held.rebase_at = len(held.tail) + len(rows) + self.compact_after_updates
-                cur = await conn.execute("SELECT max(seq) AS seq FROM doc_snapshots"
-                                         " WHERE org_id = %s AND doc_id = %s", key)
-                newest = await cur.fetchone()
-                reload = newest is not None and (newest["seq"] or 0) > held.snapshot_seq
-            if reload:
-                held.rebase_at = 2 * self.compact_after_updates
-                cur = await conn.execute(
-                    "SELECT seq, state, blob_sha256, state_vector FROM doc_snapshots"
-                    " WHERE org_id = %s AND doc_id = %s ORDER BY seq DESC LIMIT 1", (org_id, doc_id),
-                    binary=True)
-                snapshot = await cur.fetchone()
-                if snapshot is None:
-                    held.reset(None, 0, {})
-                else:
-                    state = await self._snapshot_state(snapshot)
-                    vector = snapshot["state_vector"]
-                    held.reset(state, snapshot["seq"],
-                               yjs.read_state_vector(bytes(vector) if vector is not None
-                                                     else get_state(state)))
-                rows = await self._updates_after(conn, key, held.seq)
+        rows = [] if held.seq == 0 else await self._updates_after(key, held.seq)
+        # First load, or retention removed updates this copy has not seen: start again
+        # from the newest snapshot.
+        reload = held.seq == 0 or bool(rows and rows[0]["seq"] != held.seq + 1)
+        if not reload and len(held.tail) + len(rows) >= held.rebase_at:
+            # A long tail: if a worker compacted meanwhile, start from its snapshot too, so
+            # a new peer gets the snapshot and a short tail, and the tail stops growing.
+            held.rebase_at = len(held.tail) + len(rows) + self.compact_after_updates
+            newest = await self.db.read(org_id, "SELECT max(seq) AS seq FROM doc_snapshots"
+                                        " WHERE org_id = %s AND doc_id = %s", key, generic_plans=True)
+            reload = bool(newest) and (newest[0]["seq"] or 0) > held.snapshot_seq
+        if reload:
+            held.rebase_at = 2 * self.compact_after_updates
+            found = await self.db.read(
+                org_id, "SELECT seq, state, blob_sha256, state_vector FROM doc_snapshots"
+                " WHERE org_id = %s AND doc_id = %s ORDER BY seq DESC LIMIT 1", key,
+                generic_plans=True, binary=True)
+            if not found:
+                held.reset(None, 0, {})
+            else:
+                snapshot = found[0]
+                state = await self._snapshot_state(snapshot)
+                vector = snapshot["state_vector"]
+                held.reset(state, snapshot["seq"],
+                           yjs.read_state_vector(bytes(vector) if vector is not None else get_state(state)))
+            rows = await self._updates_after(key, held.seq)
         for row in rows:
             held.add(row["seq"], bytes(row["payload"]))
 
-    async def _updates_after(self, conn: Connection, key: tuple[UUID, str], seq: int) -> list[Any]:
-        cur = await conn.execute(
-            "SELECT seq, payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s"
-            " ORDER BY seq", (*key, seq), binary=True)
-        return await cur.fetchall()
+    async def _updates_after(self, key: tuple[UUID, str], seq: int) -> list[Any]:
+        # Generic plans: an index range of one document; with ``seq > n`` a constant,
+        # PostgreSQL kept planning this read anew.
+        return await self.db.read(key[0], "SELECT seq, payload FROM doc_updates WHERE org_id = %s"
+                                  " AND doc_id = %s AND seq > %s ORDER BY seq", (*key, seq),
+                                  generic_plans=True, binary=True)
 
     def _evict(self) -> None:
         while self._held_bytes > self.cache_bytes and len(self._cache) > 1:

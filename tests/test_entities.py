@@ -292,5 +292,9 @@ async def test_roles_inside_the_store(svc: Services, tenant: Tenant) -> None:
     assert await svc.entities.get_many(stranger, [e.id]) == []
     with pytest.raises(NotFound):
         await svc.entities.list(stranger, tenant.project_id)
+    with pytest.raises(NotFound):  # an empty page too: the question is whether it may read
+        await svc.entities.list(stranger, tenant.project_id, type="nothing")
+    assert [x.id for x in (await svc.entities.list(viewer, tenant.project_id)).items] == [e.id]
+    assert (await svc.entities.list(viewer, tenant.project_id, type="nothing")).items == []
     await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, viewer_id, "editor")
     assert (await svc.entities.patch(viewer, e.id, {"n": 2})).updated_by == viewer_id

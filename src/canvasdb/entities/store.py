@@ -311,20 +311,16 @@ class EntityStore:
         """The live entities among ``ids`` that the caller can read, in the order asked."""
         if len(ids) > MAX_IDS:
             raise InvalidInput(f"at most {MAX_IDS} ids at once", pointer="/ids")
-        async with self.db.transaction(who.org_id) as conn:
-            if who.is_org_admin:
-                cur = await conn.execute(
-                    "SELECT * FROM entities WHERE org_id = %s AND id = ANY(%s) AND NOT deleted",
-                    (who.org_id, ids),
-                )
-            else:
-                cur = await conn.execute(
-                    "SELECT e.* FROM entities e JOIN project_members m ON m.org_id = e.org_id"
-                    " AND m.project_id = e.project_id AND m.user_id = %s"
-                    " WHERE e.org_id = %s AND e.id = ANY(%s) AND NOT e.deleted",
-                    (who.user_id, who.org_id, ids),
-                )
-            found = {r["id"]: _entity(r) for r in await cur.fetchall()}
+        if who.is_org_admin:
+            rows = await self.db.read(
+                who.org_id, "SELECT * FROM entities WHERE org_id = %s AND id = ANY(%s) AND NOT deleted",
+                (who.org_id, ids))
+        else:
+            rows = await self.db.read(
+                who.org_id, "SELECT e.* FROM entities e JOIN project_members m ON m.org_id = e.org_id"
+                " AND m.project_id = e.project_id AND m.user_id = %s"
+                " WHERE e.org_id = %s AND e.id = ANY(%s) AND NOT e.deleted", (who.user_id, who.org_id, ids))
+        found = {r["id"]: _entity(r) for r in rows}
         return [found[i] for i in ids if i in found]
 
     async def list(
@@ -341,23 +337,30 @@ class EntityStore:
         if type is not None:
             check_type_name(type)
         cursor = _cursor(after)
+        if as_of is None:
+            return await self._page_now(who, project_id, type, cursor, limit)
         async with self.db.transaction(who.org_id) as conn:
             await check_project_access(conn, who, project_id, write=False)
-            if as_of is None:
-                return await self._page_now(conn, who, project_id, type, cursor, limit)
             return await self._page_as_of(conn, who, project_id, type, cursor, limit, as_of)
 
-    async def _page_now(self, conn: Connection, who: Principal, project_id: UUID,
-                        type: str | None, cursor: UUID, limit: int) -> Page:
+    async def _page_now(self, who: Principal, project_id: UUID, type: str | None, cursor: UUID,
+                        limit: int) -> Page:
+        """One statement, which for an org member holds rows only if it has a role in the
+        project; an empty page then asks whether the caller may read the project at all."""
         where = "org_id = %s AND project_id = %s AND id > %s AND NOT deleted"
         params: list[Any] = [who.org_id, project_id, cursor]
         if type is not None:
             where += " AND type = %s"
             params.append(type)
-        cur = await conn.execute(
-            f"SELECT * FROM entities WHERE {where} ORDER BY id LIMIT %s", [*params, limit + 1]
-        )
-        rows = await cur.fetchall()
+        if not who.is_org_admin:
+            where += (" AND EXISTS (SELECT FROM project_members m WHERE m.org_id = %s"
+                      " AND m.project_id = %s AND m.user_id = %s)")
+            params += [who.org_id, project_id, who.user_id]
+        rows = await self.db.read(
+            who.org_id, f"SELECT * FROM entities WHERE {where} ORDER BY id LIMIT %s", [*params, limit + 1])
+        if not rows:
+            async with self.db.transaction(who.org_id) as conn:
+                await check_project_access(conn, who, project_id, write=False)
         items = [_entity(r) for r in rows[:limit]]
         return Page(items, str(items[-1].id) if len(rows) > limit else None)
 
@@ -395,14 +398,10 @@ class EntityStore:
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}", pointer="/limit")
         await self._read(who, id, write=False)
-        async with self.db.transaction(who.org_id) as conn:
-            cur = await conn.execute(
-                "SELECT version, op, at, actor, deleted, patch FROM entity_versions"
-                " WHERE org_id = %s AND entity_id = %s AND version < %s"
-                " ORDER BY version DESC LIMIT %s",
-                (who.org_id, id, before if before is not None else 2**31 - 1, limit + 1),
-            )
-            rows = await cur.fetchall()
+        rows = await self.db.read(
+            who.org_id, "SELECT version, op, at, actor, deleted, patch FROM entity_versions"
+            " WHERE org_id = %s AND entity_id = %s AND version < %s ORDER BY version DESC LIMIT %s",
+            (who.org_id, id, before if before is not None else 2**31 - 1, limit + 1))
         items = [Version(**r) for r in rows[:limit]]
         return Page(items, str(items[-1].version) if len(rows) > limit else None)
 

@@ -31,12 +31,14 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
+import httpx
 import psycopg
 from harness import machine_facts, phase, print_footer, run, run_writers, summary
 from psycopg.rows import dict_row
 from rich.console import Console
 from rich.table import Table
 
+from canvasdb.api import create_app
 from canvasdb.db import Database, migrate
 from canvasdb.entities import EntityStore
 from canvasdb.entities.store import MAX_PAGE, encode_data
@@ -314,13 +316,27 @@ async def check_bulk_rows(url: str, tree: Tree) -> dict[str, Any]:
                 microseconds=1)}
 
 
-async def measure_gets(url: str, tree: Tree, scale: Scale, rng: random.Random) -> dict[str, Any]:
-    """EntityStore.get of random entities, one at a time, as the org's owner; warm."""
+async def measure_gets(url: str, tree: Tree, scale: Scale, rng: random.Random) -> tuple[dict, dict]:
+    """EntityStore.get of random entities, one at a time, as the org's owner; warm. Then the
+    same over the HTTP API, in process (httpx's ASGI transport: the whole stack from routing
+    and the token check to the JSON answer, without a socket; the client's work included)."""
     picks = rng.sample(tree.sample, min(scale.gets, len(tree.sample)))
     async with Database(url, min_size=1, max_size=2) as db:
-        store = services(url, db).entities
-        calls = [(lambda who=tree.orgs[oi].who, eid=eid: store.get(who, eid)) for oi, eid in picks]
-        return await timed("get", calls)
+        svc = services(url, db)
+        calls = [(lambda who=tree.orgs[oi].who, eid=eid: svc.entities.get(who, eid)) for oi, eid in picks]
+        direct = await timed("get", calls)
+        owners = {oi for oi, _ in picks}
+        tokens = {oi: (await svc.tenancy.create_token(tree.orgs[oi].owner))[1] for oi in owners}
+        app = create_app(Settings(database_url=url), services=svc)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as http:
+            async def get(oi: int, eid: UUID) -> None:
+                answer = await http.get(f"/v1/orgs/{tree.orgs[oi].slug}/entities/{eid}",
+                                        headers={"Authorization": f"Bearer {tokens[oi]}"})
+                answer.raise_for_status()
+
+            over_http = await timed("GET over HTTP",
+                                    [(lambda oi=oi, eid=eid: get(oi, eid)) for oi, eid in picks])
+        return direct, over_http
 
 
 async def measure_writes(url: str, tree: Tree, scale: Scale, rng: random.Random) -> list[dict[str, Any]]:
@@ -541,6 +557,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     g = report["get"]
     row("EntityStore.get (owner, warm, random entities)", g, target=f"p99 < {GET_P99_MS} ms",
         ok=g["p99_ms"] < GET_P99_MS)
+    row("  the same as GET /v1/orgs/{org}/entities/{id}, in process (ASGI, no socket)", report["get_http"])
     table.add_section()
     for w in report["writes"]:
         raw, upd = w["raw_insert"], w["update"]
@@ -584,7 +601,7 @@ NOTES = [
 async def run_async(url: str, tree: Tree, scale: Scale, rng: random.Random, workdir: Path,
                     report: dict[str, Any]) -> None:
     report["bulk_rows_check"] = await check_bulk_rows(url, tree)
-    report["get"] = await measure_gets(url, tree, scale, rng)
+    report["get"], report["get_http"] = await measure_gets(url, tree, scale, rng)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_raw")
         conn.execute("CREATE TABLE bench_raw (LIKE entities INCLUDING DEFAULTS)")

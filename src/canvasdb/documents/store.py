@@ -36,7 +36,7 @@ DOC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
 KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_CHANGES_PAGE = 1000
 _MERGE_MAX = 256  # pieces state() merges into one update; beyond, it decodes the document
-# The document's project and the caller's role in it (for org members), in one statement.
+# Whether the document exists, and the caller's role in its project (for org members).
 _ACCESS = ("SELECT (SELECT m.role FROM project_members m WHERE m.org_id = d.org_id"
            " AND m.project_id = d.project_id AND m.user_id = %s) AS role"
            " FROM documents d WHERE d.org_id = %s AND d.id = %s")

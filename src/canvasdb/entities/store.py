@@ -130,6 +130,11 @@ def _entity(row: dict[str, Any]) -> Entity:
     )  # fmt: skip
 
 
+_ROLE_AND_TYPE = ("SELECT (SELECT m.role FROM project_members m WHERE m.user_id = %s AND m.org_id = %s"
+                  " AND m.project_id = %s) AS role,"
+                  " (SELECT to_jsonb(t) FROM entity_types t WHERE t.org_id = %s AND t.name = %s)"
+                  " AS entity_type")
+
 _INSERT = """
 WITH e AS (
     INSERT INTO entities (org_id, id, project_id, type, data, version, keyframe_version, deleted,
@@ -213,8 +218,13 @@ class EntityStore:
         text = encode_data(data, self.max_data_bytes)
         entity_id = id or uuid4()
         async with self.db.transaction(who.org_id) as conn:
-            await check_project_access(conn, who, project_id, write=True)
-            await self.types.validate(conn, who, type, data)
+            # the caller's role in the project and the type, in one statement
+            found = await (await conn.execute(_ROLE_AND_TYPE, (who.user_id, who.org_id, project_id,
+                                                               who.org_id, type))).fetchone()
+            assert found is not None
+            require_project_role(who, found["role"], write=True, what="project")
+            spec = found["entity_type"]
+            self.types.check(who, None if spec is None else type_from_json(spec), data)
             cur = await conn.execute(_INSERT, {
                 "org": who.org_id, "id": entity_id, "project": project_id, "type": type,
                 "data": text, "actor": who.user_id,

@@ -8,16 +8,20 @@ that the RLS policies read; it cannot leak into the next user of the connection.
 
 from __future__ import annotations
 
+import json
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 from uuid import UUID
 
+import orjson
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from canvasdb.errors import CanvasdbError, Conflict, InvalidInput, NotFound, Unavailable
@@ -55,6 +59,7 @@ class Database:
         self.pool._pool = _MostRecentFirst(self.pool._pool)
 
     async def _configure(self, conn: Connection) -> None:
+        set_json_loads(read_json, conn)
         await conn.execute(f"SET ROLE {APP_ROLE}")
         await conn.execute(
             "SELECT set_config('statement_timeout', %s, false)", (str(self._statement_timeout_ms),)
@@ -124,6 +129,23 @@ class Database:
                     await conn.execute(_SET_ORG_GENERIC if generic_plans else _SET_ORG, (str(org_id),))
                 yield conn
                 await conn.execute(b"COMMIT")
+
+
+_LONG_INTEGER = re.compile(rb"\d{19}")
+
+
+def read_json(data: bytes) -> Any:
+    """A json or jsonb value as Python objects, read with orjson (a page of 100 entities took
+    0.72 ms with the standard library's reader, 0.59 with orjson). The standard library reads
+    what orjson would read differently or not at all: integers past 64 bits (orjson makes
+    them floats, so any run of 19 digits sends the value there), numbers past a double's
+    range and nesting past 1,024 levels (orjson refuses those)."""
+    if _LONG_INTEGER.search(data):
+        return json.loads(data)
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 @contextmanager

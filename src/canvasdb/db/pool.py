@@ -9,7 +9,6 @@ that the RLS policies read; it cannot leak into the next user of the connection.
 from __future__ import annotations
 
 import json
-import re
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -131,16 +130,18 @@ class Database:
                 await conn.execute(b"COMMIT")
 
 
-_LONG_INTEGER = re.compile(rb"\d{19}")
+_DIGITS_ZERO = bytes(48 if b in b"0123456789" else 32 for b in range(256))  # digits to '0', the rest to ' '
+_LONG_RUN = b"0" * 19
 
 
 def read_json(data: bytes) -> Any:
-    """A json or jsonb value as Python objects, read with orjson (a page of 100 entities took
-    0.72 ms with the standard library's reader, 0.59 with orjson). The standard library reads
-    what orjson would read differently or not at all: integers past 64 bits (orjson makes
-    them floats, so any run of 19 digits sends the value there), numbers past a double's
-    range and nesting past 1,024 levels (orjson refuses those)."""
-    if _LONG_INTEGER.search(data):
+    """A json or jsonb value as Python objects, read with orjson (1.2 against 2.6 µs for a
+    typical entity, the check below included). The standard library reads what orjson would
+    read differently or not at all: integers past 64 bits (orjson makes them floats, so any
+    run of 19 digits sends the value there; found by mapping digits to '0' and the rest to
+    spaces, five times faster than a regular expression), numbers past a double's range and
+    nesting past 1,024 levels (orjson refuses those)."""
+    if _LONG_RUN in data.translate(_DIGITS_ZERO):
         return json.loads(data)
     try:
         return orjson.loads(data)

@@ -77,6 +77,20 @@ def _by_ref(ref: str) -> tuple[str, tuple[Any, ...]]:
     return "(id = %s OR slug = %s)", (as_id, ref)
 
 
+def role_in_project(org: str, project: str) -> str:
+    """SQL for a member's role in a project (NULL: none), given SQL for the org and the
+    project; its one parameter, last, is the user's id. Statements that resolve a project
+    or a document, or create an entity, read the role in the same statement."""
+    return (f"(SELECT m.role FROM project_members m WHERE m.org_id = {org}"
+            f" AND m.project_id = {project} AND m.user_id = %s)")
+
+
+def _check_token_shape(token: str | None) -> str:
+    if not token or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        raise Unauthorized("missing or malformed API token")
+    return token
+
+
 def hash_token(token: str) -> bytes:
     # Tokens carry 256 random bits, so a fast hash is enough: no dictionary to attack.
     return hashlib.sha256(token.encode()).digest()
@@ -182,8 +196,7 @@ class Tenancy:
 
     async def authenticate(self, token: str | None) -> UUID:
         """The user behind a live token, or Unauthorized."""
-        if not token or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
-            raise Unauthorized("missing or malformed API token")
+        token = _check_token_shape(token)
         async with self.db.transaction() as conn:
             row = await (await conn.execute(
                 "SELECT user_id FROM api_tokens WHERE token_hash = %s AND revoked_at IS NULL",
@@ -198,10 +211,8 @@ class Tenancy:
         0017): the caller behind a live token as a member of the org. Unauthorized for a
         missing, unknown or revoked token; NotFound when the org does not exist or the user
         is not a member."""
-        if not token or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
-            raise Unauthorized("missing or malformed API token")
         row = await self.db.one("SELECT * FROM auth_principal(%s, %s, %s)",
-                                (hash_token(token), org_ref, _parse_uuid(org_ref)))
+                                (hash_token(_check_token_shape(token)), org_ref, _parse_uuid(org_ref)))
         if row is None:
             raise Unauthorized("unknown or revoked API token")
         if row["role"] is None:
@@ -246,11 +257,9 @@ class Tenancy:
     async def resolve_project(self, who: Principal, ref: str, *, write: bool = False) -> UUID:
         """A project id by slug or id, checking the caller may read (or write) it."""
         where, params = _by_ref(ref)
-        rows = await self.db.read(who.org_id, (  # the project and the caller's role, in one statement
-            "SELECT p.id, (SELECT m.role FROM project_members m WHERE m.org_id = p.org_id"
-            " AND m.project_id = p.id AND m.user_id = %s) AS role"
-            f" FROM projects p WHERE p.org_id = %s AND {where}"
-        ), (who.user_id, who.org_id, *params))
+        rows = await self.db.read(  # the project and the caller's role, in one statement
+            who.org_id, f"SELECT p.id, {role_in_project('p.org_id', 'p.id')} AS role"
+            f" FROM projects p WHERE p.org_id = %s AND {where}", (who.user_id, who.org_id, *params))
         if not rows:
             raise NotFound(f"project {ref!r} not found")
         require_project_role(who, rows[0]["role"], write=write, what=f"project {ref!r}")
@@ -308,11 +317,9 @@ async def project_role(conn: Connection, who: Principal, project_id: UUID) -> st
     """'admin', 'editor', 'viewer' or None: the caller's reach into one project."""
     if who.is_org_admin:
         return "admin"
-    row = await (await conn.execute(
-        "SELECT role FROM project_members WHERE org_id = %s AND project_id = %s AND user_id = %s",
-        (who.org_id, project_id, who.user_id),
-    )).fetchone()
-    return None if row is None else str(row["role"])
+    row = await (await conn.execute(f"SELECT {role_in_project('%s', '%s')} AS role",
+                                    (who.org_id, project_id, who.user_id))).fetchone()
+    return None if row is None or row["role"] is None else str(row["role"])
 
 
 async def check_project_access(

@@ -29,7 +29,7 @@ from canvasdb.db import Connection, Database
 from canvasdb.documents import yjs
 from canvasdb.documents.log import Appended, UpdateLog
 from canvasdb.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unavailable
-from canvasdb.tenancy import Principal, check_project_access, require_project_role
+from canvasdb.tenancy import Principal, check_project_access, require_project_role, role_in_project
 
 log = logging.getLogger("canvasdb.documents")
 DOC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
@@ -37,8 +37,7 @@ KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_CHANGES_PAGE = 1000
 _MERGE_MAX = 256  # pieces state() merges into one update; beyond, it decodes the document
 # Whether the document exists, and the caller's role in its project (for org members).
-_ACCESS = ("SELECT (SELECT m.role FROM project_members m WHERE m.org_id = d.org_id"
-           " AND m.project_id = d.project_id AND m.user_id = %s) AS role"
+_ACCESS = (f"SELECT {role_in_project('d.org_id', 'd.project_id')} AS role"
            " FROM documents d WHERE d.org_id = %s AND d.id = %s")
 
 

@@ -28,7 +28,7 @@ from canvasdb.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from canvasdb.tenancy import Principal, check_project_access, require_project_role
+from canvasdb.tenancy import Principal, check_project_access, require_project_role, role_in_project
 
 AsOf = int | datetime | None
 MAX_PAGE = 1000
@@ -130,10 +130,9 @@ def _entity(row: dict[str, Any]) -> Entity:
     )  # fmt: skip
 
 
-_ROLE_AND_TYPE = ("SELECT (SELECT m.role FROM project_members m WHERE m.user_id = %s AND m.org_id = %s"
-                  " AND m.project_id = %s) AS role,"
+_ROLE_AND_TYPE = (f"SELECT {role_in_project('%s', '%s')} AS role,"
                   " (SELECT to_jsonb(t) FROM entity_types t WHERE t.org_id = %s AND t.name = %s)"
-                  " AS entity_type")
+                  " AS entity_type")  # (org, project, user, org, type)
 
 _INSERT = """
 WITH e AS (
@@ -219,7 +218,7 @@ class EntityStore:
         entity_id = id or uuid4()
         async with self.db.transaction(who.org_id) as conn:
             # the caller's role in the project and the type, in one statement
-            found = await (await conn.execute(_ROLE_AND_TYPE, (who.user_id, who.org_id, project_id,
+            found = await (await conn.execute(_ROLE_AND_TYPE, (who.org_id, project_id, who.user_id,
                                                                who.org_id, type))).fetchone()
             assert found is not None
             require_project_role(who, found["role"], write=True, what="project")
@@ -363,8 +362,7 @@ class EntityStore:
             where += " AND type = %s"
             params.append(type)
         if not who.is_org_admin:
-            where += (" AND EXISTS (SELECT FROM project_members m WHERE m.org_id = %s"
-                      " AND m.project_id = %s AND m.user_id = %s)")
+            where += f" AND {role_in_project('%s', '%s')} IS NOT NULL"
             params += [who.org_id, project_id, who.user_id]
         rows = await self.db.read(
             who.org_id, f"SELECT * FROM entities WHERE {where} ORDER BY id LIMIT %s", [*params, limit + 1])

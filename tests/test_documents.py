@@ -10,6 +10,7 @@ import httpx
 import psycopg
 import pytest
 from conftest import Tenant
+from prometheus_client import REGISTRY
 from pycrdt import Array, Doc, Map
 
 from canvasdb.db import Database
@@ -17,7 +18,7 @@ from canvasdb.documents import DocumentStore, UpdateLog
 from canvasdb.documents.log import NOTIFY_CHANNEL
 from canvasdb.errors import Conflict, Forbidden, InvalidInput, NotFound
 from canvasdb.gateway import protocol
-from canvasdb.gateway.hub import LISTENER_NAME, Hub, Room
+from canvasdb.gateway.hub import LISTENER_NAME, Hub, Peer, Room
 from canvasdb.services import Services
 from canvasdb.tenancy import Principal
 
@@ -275,6 +276,73 @@ async def test_two_stores_on_one_document_converge(db: Database, tenant: Tenant)
     assert da.get("list", type=Array).to_py() == ["from a"]
     await a.close()
     await b.close()
+
+
+async def test_the_cache_keeps_to_its_bytes_and_its_count_is_exact(db: Database, tenant: Tenant) -> None:
+    """Committed updates count against the cache as loads do: past ``cache_bytes`` the least
+    recently used documents go (the one in use stays); loading and unloading leave nothing
+    counted; /metrics reads the stores' counts when scraped."""
+    store = DocumentStore(db, cache_bytes=16 * 1024)
+    try:
+        for name in ("old", "busy"):
+            await store.create(tenant.owner, tenant.project_id, name)
+            await store.sync(tenant.org_id, name)
+        assert store.held_documents == 2
+        writer = Client()
+        for i in range(150):  # about 150 bytes each, as a gateway commits them
+            await store.submit_checked(tenant.org_id, "busy", writer.edit(f"k{i}", "x" * 100))
+        assert store.held_documents == 1  # "old" went; "busy" stays, however large
+        assert content(await store.state(tenant.owner, "busy")) == {
+            f"k{i}": "x" * 100 for i in range(150)}
+        await store.create(tenant.owner, tenant.project_id, "small")
+        await store.sync(tenant.org_id, "small")
+        assert store.held_documents == 1 and store.held_bytes <= 16 * 1024  # "busy" went in turn
+        for _ in range(5):  # load and unload: the count returns to nothing each time
+            for name in ("old", "busy", "small"):
+                await store.sync(tenant.org_id, name)
+                store.unload(tenant.org_id, name)
+            assert (store.held_documents, store.held_bytes) == (0, 0)
+        await store.sync(tenant.org_id, "small")
+        scraped = REGISTRY.get_sample_value("canvasdb_doc_cache_bytes")
+        assert scraped is not None and scraped >= store.held_bytes > 0
+    finally:
+        await store.close()
+
+
+async def test_a_catch_up_never_echoes_an_update_to_its_sender(db: Database, tenant: Tenant) -> None:
+    """An update is visible in the log a moment before its commit reaches the gateway's
+    listener; a catch-up in that moment (a peer joining, another gateway's notice) sends it
+    to the others, never back to the client that sent it."""
+    store = DocumentStore(db)
+    hub = Hub(store, "")
+    commit = store.log._commit
+
+    async def slow_to_return(groups):  # committed, then a pause before the listener hears of it
+        results = await commit(groups)
+        await asyncio.sleep(0.3)
+        return results
+
+    store.log._commit = slow_to_return  # type: ignore[method-assign]
+    try:
+        await store.create(tenant.owner, tenant.project_id, "echo")
+        sender, joiner = Peer(send=None, close=None), Peer(send=None, close=None)  # type: ignore[arg-type]
+        room = hub.join(tenant.org_id, "echo", sender, (await store.sync(tenant.org_id, "echo")).seq)
+        update = Client().edit("k", 1)
+        submitted = store.submit_checked(tenant.org_id, "echo", update, tag=sender)
+        room.sending[update] = sender  # as the gateway's connection does
+        await asyncio.sleep(0.15)  # committed, not yet heard
+        hub.join(tenant.org_id, "echo", joiner, (await store.sync(tenant.org_id, "echo")).seq)
+        await submitted
+        await asyncio.sleep(0.05)
+
+        def queued(peer: Peer) -> list[bytes]:
+            return [peer.queue.get_nowait() for _ in range(peer.queue.qsize())]
+
+        assert queued(sender) == []
+        assert queued(joiner) == [protocol.sync_update(update)]
+        assert room.sending == {}
+    finally:
+        await store.close()
 
 
 async def test_state_vector_diff_and_as_of(svc: Services, tenant: Tenant) -> None:

@@ -202,14 +202,19 @@ async def test_refusals_close_with_final_codes(
         assert (await c.wait_event(lambda e: e["event"] == "close" and e.get("code"), 10))["code"] == 4404
 
 
+async def viewer_token(svc: Services, t: Tenant) -> str:
+    """A token of an org member who may only read the tenant's project."""
+    viewer = await svc.tenancy.ensure_user(f"viewer-{t.slug}@example.com")
+    await svc.tenancy.set_org_role(t.org_id, viewer, "member")
+    await svc.tenancy.set_project_role(t.owner, t.project_id, viewer, "viewer")
+    return (await svc.tenancy.create_token(viewer))[1]
+
+
 async def test_a_viewer_reads_but_its_updates_are_refused(
     gateways: list[Gateway], svc: Services, board: tuple[Tenant, str]
 ) -> None:
     t, doc = board
-    viewer = await svc.tenancy.ensure_user(f"viewer-{t.slug}@example.com")
-    await svc.tenancy.set_org_role(t.org_id, viewer, "member")
-    await svc.tenancy.set_project_role(t.owner, t.project_id, viewer, "viewer")
-    _, token = await svc.tenancy.create_token(viewer)
+    token = await viewer_token(svc, t)
     async with (await JsClient.start(gateways[0].url(t.slug), doc, t.token) as editor,
                 await JsClient.start(gateways[1].url(t.slug), doc, token) as reader):
         await editor.wait_synced()
@@ -318,12 +323,122 @@ async def test_malformed_frames_close_only_that_connection(
                 assert info.value.rcvd is not None and info.value.rcvd.code == 4400
         async with websockets.connect(url) as ws:
             await ws.send("text frame")
-            with pytest.raises(websockets.ConnectionClosed):
+            with pytest.raises(websockets.ConnectionClosed) as info:
                 while True:
                     await asyncio.wait_for(ws.recv(), 5)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 4400
         await good.map_set("nodes", "still-fine", 1)
         async with await JsClient.start(gateways[1].url(t.slug), doc, t.token) as other:
             await other.wait_for("nodes", "still-fine")
+
+
+async def closed_with(ws: websockets.ClientConnection) -> int | None:
+    """The close code the server sent, reading (and dropping) whatever came before it."""
+    with pytest.raises(websockets.ConnectionClosed) as info:
+        while True:
+            await asyncio.wait_for(ws.recv(), 5)
+    return info.value.rcvd.code if info.value.rcvd is not None else None
+
+
+async def synced(ws: websockets.ClientConnection) -> None:
+    """Answer the server's step 1 with ours, and wait for its step 2."""
+    await ws.send(protocol.sync_step1(b"\x00"))
+    while protocol.read(await asyncio.wait_for(ws.recv(), 5)).step != protocol.STEP2:
+        pass
+
+
+async def test_oversized_messages_close_4413_and_far_larger_ones_unread(
+    pg_url: str, board: tuple[Tenant, str], tmp_path: Path
+) -> None:
+    """Over CANVASDB_MAX_UPDATE_BYTES: 4413 (the official client does not send it again); past
+    twice that, the WebSocket layer refuses the message unread (1009). Both are counted."""
+    t, doc = board
+    gw = Gateway(pg_url, tmp_path, CANVASDB_MAX_UPDATE_BYTES="1024")
+    try:
+        url = f"{gw.url(t.slug)}/{doc}?token={t.token}"
+        for size, code in [(1500, 4413), (2100, 4413), (10_000, 1009), (5_000_000, 1009)]:
+            async with websockets.connect(url, max_size=None) as ws:
+                try:
+                    await ws.send(protocol.sync_update(b"\x00" * size))
+                except websockets.ConnectionClosed as closed:  # while it was still sending
+                    assert closed.rcvd is not None and closed.rcvd.code == code, size
+                else:
+                    assert await closed_with(ws) == code, size
+        assert counter(gw.port, 'canvasdb_gateway_rejected_total{reason="too_large"}') == 4
+        async with await JsClient.start(gw.url(t.slug), doc, t.token) as fine:  # and it serves on
+            await fine.wait_synced()
+    finally:
+        gw.stop()
+
+
+async def test_tokens_in_the_header_and_revoked_tokens(
+    gateways: list[Gateway], svc: Services, board: tuple[Tenant, str]
+) -> None:
+    t, doc = board
+    url = f"{gateways[0].url(t.slug)}/{doc}"
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {t.token}"}) as ws:
+        await synced(ws)
+    token_id, token = await svc.tenancy.create_token(t.owner.user_id)
+    async with websockets.connect(f"{url}?token={token}") as ws:
+        await synced(ws)
+    await svc.tenancy.revoke_token(token)
+    for connect in (websockets.connect(f"{url}?token={token}"), websockets.connect(url)):
+        async with connect as ws:
+            assert await closed_with(ws) == 4401
+
+
+async def test_updates_are_not_echoed_and_a_viewer_is_told_why_its_are_refused(
+    gateways: list[Gateway], svc: Services, board: tuple[Tenant, str]
+) -> None:
+    t, doc = board
+    url = f"{gateways[0].url(t.slug)}/{doc}"
+    async with (websockets.connect(f"{url}?token={t.token}") as sender,
+                websockets.connect(f"{url}?token={t.token}") as peer,
+                websockets.connect(f"{url}?token={await viewer_token(svc, t)}") as reader):
+        for ws in (sender, peer, reader):
+            await synced(ws)
+        client = Doc()
+        updates: list[bytes] = []
+        client.observe(lambda event: updates.append(event.update))
+        for i in range(20):
+            client.get("nodes", type=Map)[f"k{i}"] = i
+            await sender.send(protocol.sync_update(updates[-1]))
+        received = [protocol.read(await asyncio.wait_for(peer.recv(), 5)).payload for _ in range(20)]
+        assert received == updates  # the other client got each one, in order
+        with pytest.raises(TimeoutError):  # and the sender none back
+            while True:
+                message = protocol.read(await asyncio.wait_for(sender.recv(), 1))
+                assert message.kind != protocol.SYNC, message
+
+        await reader.send(protocol.sync_update(updates[0]))
+        seen = [protocol.read(await asyncio.wait_for(reader.recv(), 5)) for _ in range(21)]
+        assert [m.payload for m in seen[:20]] == updates  # a viewer receives...
+        assert seen[20].kind == protocol.AUTH and b"read-only" in seen[20].payload  # ...and is told
+    assert len(await stored_nodes(svc, t, doc)) == 20
+
+
+async def test_an_idle_document_is_unloaded_and_metrics_say_so(
+    pg_url: str, board: tuple[Tenant, str], tmp_path: Path
+) -> None:
+    t, doc = board
+    gw = Gateway(pg_url, tmp_path, CANVASDB_GATEWAY_IDLE_SECONDS="1")
+    try:
+        async with await JsClient.start(gw.url(t.slug), doc, t.token) as client:
+            await client.wait_synced()
+            await client.map_set("nodes", "a", 1)
+            assert counter(gw.port, "canvasdb_gateway_connections") == 1
+            assert counter(gw.port, "canvasdb_gateway_open_documents") == 1
+            assert counter(gw.port, "canvasdb_docs_loaded") == 1
+            assert counter(gw.port, "canvasdb_doc_cache_bytes") > 0
+            assert counter(gw.port, "canvasdb_doc_commit_seconds_count") >= 1
+        assert await eventually(lambda: asyncio.sleep(0, counter(gw.port, "canvasdb_gateway_open_documents") == 0))
+
+        async def unloaded() -> bool:
+            return counter(gw.port, "canvasdb_docs_loaded") == 0 == counter(gw.port, "canvasdb_doc_cache_bytes")
+
+        assert await eventually(unloaded, 10)
+    finally:
+        gw.stop()
 
 
 async def test_awareness_is_relayed_as_each_clients_latest_state(

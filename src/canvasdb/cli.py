@@ -141,8 +141,10 @@ def gateway(
 def _serve(api: object, settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
+    from canvasdb.gateway.connection import frame_limit
+
     config = uvicorn.Config(api, host=host, port=port, log_level=settings.log_level, lifespan="on",  # type: ignore[arg-type]
-                            ws_max_size=settings.max_update_bytes + 1024, ws_ping_interval=20,
+                            ws_max_size=frame_limit(settings), ws_ping_interval=20,
                             # Yjs messages are small and binary: compressing each one costs both
                             # ends more CPU and latency than it saves (Node's ws servers default
                             # to off too).

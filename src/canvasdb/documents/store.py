@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,6 +37,11 @@ DOC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
 KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_CHANGES_PAGE = 1000
 _MERGE_MAX = 256  # pieces state() merges into one update; beyond, it decodes the document
+# Every live store of this process: /metrics reads their cache sizes when scraped, so the
+# gauges are current without a call per update.
+_STORES: weakref.WeakSet[DocumentStore] = weakref.WeakSet()
+metrics.DOCS_LOADED.set_function(lambda: sum(s.held_documents for s in list(_STORES)))
+metrics.DOC_CACHE_BYTES.set_function(lambda: sum(s.held_bytes for s in list(_STORES)))
 # Whether the document exists, and the caller's role in its project (for org members).
 _ACCESS = (f"SELECT {role_in_project('d.org_id', 'd.project_id')} AS role"
            " FROM documents d WHERE d.org_id = %s AND d.id = %s")
@@ -195,6 +201,7 @@ class DocumentStore:
         self.changed_every = changed_every
         self._cache: OrderedDict[tuple[UUID, str], _Held] = OrderedDict()
         self._held_bytes = 0
+        _STORES.add(self)
         self._hook_tasks: set[asyncio.Task[None]] = set()  # change and compaction notices under way
 
     async def close(self) -> None:
@@ -300,13 +307,18 @@ class DocumentStore:
     def _hold(self, org_id: UUID, doc_id: str, payload: bytes, done: Appended) -> tuple[bool, bool]:
         """Account for a committed update in the document's cache entry; whether ``changed``
         and ``compaction_due`` are now due."""
-        held = self._cache.get((org_id, doc_id))
+        key = (org_id, doc_id)
+        held = self._cache.get(key)
         if held is None:  # held from now on (and loaded in full on first use): its counters live here
-            held = self._cache[(org_id, doc_id)] = _Held()
+            held = self._cache[key] = _Held()
             self._held_bytes += held.size
+        else:
+            self._cache.move_to_end(key)
         before = held.size
         held.add(done.seq, payload)  # if another process wrote in between, the next use catches up
         self._held_bytes += held.size - before
+        if self._held_bytes > self.cache_bytes:
+            self._evict()
         now = time.monotonic()
         changed = self.changed is not None and now - held.announced >= self.changed_every
         if changed:
@@ -390,7 +402,6 @@ class DocumentStore:
         held = self._cache.pop((org_id, doc_id), None)
         if held is not None:
             self._held_bytes -= held.size
-            metrics.DOCS_LOADED.set(len(self._cache))
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -401,6 +412,7 @@ class DocumentStore:
             before = held.size
             held.decoded()
             self._held_bytes += held.size - before
+        self._evict()
         return held
 
     async def _held(self, key: tuple[UUID, str]) -> _Held:
@@ -408,6 +420,7 @@ class DocumentStore:
         held = self._cache.get(key)
         if held is None:
             held = self._cache[key] = _Held()
+            self._held_bytes += held.size
         self._cache.move_to_end(key)
         async with held.lock:
             before = held.size
@@ -458,11 +471,20 @@ class DocumentStore:
                                   generic_plans=True, binary=True)
 
     def _evict(self) -> None:
+        """Forget the least recently used documents while over ``cache_bytes`` (the one in
+        use stays, however large: it is the most recent)."""
         while self._held_bytes > self.cache_bytes and len(self._cache) > 1:
             _, oldest = self._cache.popitem(last=False)
             self._held_bytes -= oldest.size
-        metrics.DOCS_LOADED.set(len(self._cache))
-        metrics.DOC_CACHE_BYTES.set(self._held_bytes)
+
+    @property
+    def held_bytes(self) -> int:
+        """About how many bytes the held documents take (``cache_bytes`` bounds it)."""
+        return self._held_bytes
+
+    @property
+    def held_documents(self) -> int:
+        return len(self._cache)
 
     async def _state_as_of(self, org_id: UUID, doc_id: str, as_of: datetime) -> bytes:
         """Exact while the updates up to ``as_of`` are kept; beyond that, the nearest earlier

@@ -2,7 +2,8 @@
 
 Close codes (4400-4499 make the official y-websocket client stop reconnecting):
 4400 malformed message or invalid update, 4401 missing/unknown/revoked token, 4404 no such
-document (or no access to it), 4413 message too large, 4429 update rate exceeded for longer
+document (or no access to it), 4413 message too large (past twice the limit, the WebSocket
+layer's own 1009, unread: ``frame_limit``), 4429 update rate exceeded for longer
 than the grace period (below it, the sender is only slowed down), 4408 too
 slow to receive, 1001 server shutting down. A viewer's updates are refused with the
 protocol's "permission denied" message (auth type 2) and the connection stays open.
@@ -28,6 +29,16 @@ from canvasdb.settings import Settings
 
 log = logging.getLogger("canvasdb.gateway")
 _MAX_IN_FLIGHT = 1000  # updates of one connection waiting for their commit
+_FRAMING = 64  # bytes a y-websocket message may add around its update
+
+
+def frame_limit(settings: Settings) -> int:
+    """The largest message the WebSocket layer reads; past it, it refuses the message itself
+    with 1009 ("message too big") before reading it. Twice the gateway's own limit (an update
+    of ``max_update_bytes`` and its framing), so that a message merely over that limit is
+    refused by the gateway with 4413, which tells the official client not to send it again,
+    and only a far larger one, which would otherwise fill memory, is cut off unread."""
+    return 2 * (settings.max_update_bytes + _FRAMING)
 RAW_SEND = "canvasdb.raw_send"  # scope key: the server's own ASGI send, before any middleware
 _KINDS = {protocol.SYNC: "sync", protocol.AWARENESS: "awareness"}  # counted by these names
 
@@ -136,11 +147,11 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
         raise _Closing(4401, exc.detail, "unauthorized") from None
     except (NotFound, InvalidInput) as exc:
         raise _Closing(4404, exc.detail, "not_found") from None
-    max_message = settings.max_update_bytes + 64
+    max_message = settings.max_update_bytes + _FRAMING
 
+    sync = await svc.documents.sync(who.org_id, doc_id)
     peer = Peer(send=ws.send_bytes, close=lambda code, reason: _close(ws, code, reason), direct=_direct(ws))
     sender = asyncio.create_task(peer.run_sender())
-    sync = await svc.documents.sync(who.org_id, doc_id)
     room = hub.join(who.org_id, doc_id, peer, sync.seq)
     in_flight: set[asyncio.Future[object]] = set()
     below_limit = asyncio.Event()  # fewer than _MAX_IN_FLIGHT updates wait for their commit
@@ -175,6 +186,7 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
                                                                        user_id=who.user_id, tag=peer)
         except PayloadTooLarge as exc:
             raise _Closing(4413, exc.detail, "too_large") from None
+        room.sending[update] = peer
         in_flight.add(commit)
         commit.add_done_callback(settled)
 
@@ -185,6 +197,8 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
         while True:
             frame = await ws.receive()
             if frame["type"] == "websocket.disconnect":
+                if frame.get("code") == 1009:  # refused unread by the WebSocket layer (frame_limit)
+                    metrics.GATEWAY_REJECTED.labels("too_large").inc()
                 break
             data = frame.get("bytes")
             if data is None:

@@ -132,6 +132,9 @@ class Room:
     relay_due: asyncio.TimerHandle | None = None
     catching_up: asyncio.Lock = field(default_factory=asyncio.Lock)
     idle_since: float | None = None
+    # Updates of clients here on their way to the log, by sender, until their commit is
+    # broadcast: a catch-up that reads one from the log first skips its sender too.
+    sending: dict[bytes, Peer] = field(default_factory=dict)
 
     def delivered(self, seq: int) -> bool:
         return seq <= self.floor or seq in self.above
@@ -214,7 +217,8 @@ class Hub:
         room = self.rooms.get((org_id, doc_id))
         if room is None:
             room = self.rooms[(org_id, doc_id)] = Room(org_id, doc_id, floor=seq)
-            metrics.GATEWAY_DOCS.set(len(self.rooms))
+        if not room.peers:
+            metrics.GATEWAY_DOCS.inc()
         room.peers.add(peer)
         room.idle_since = None
         if seq > room.floor:  # updates from elsewhere this room has not broadcast yet
@@ -222,7 +226,13 @@ class Hub:
         return room
 
     def leave(self, room: Room, peer: Peer) -> None:
+        if peer not in room.peers:
+            return
         room.peers.discard(peer)
+        if not room.peers:
+            metrics.GATEWAY_DOCS.dec()
+        for update in [u for u, sender in room.sending.items() if sender is peer]:  # commits that failed
+            del room.sending[update]
         if peer.awareness_ids:  # tell the others this client's cursors are gone
             gone = [(client, clock + 1, "null") for client, clock in peer.awareness_ids.items()]
             for client, _, _ in gone:
@@ -241,14 +251,17 @@ class Hub:
                 if not room.peers and idle is not None and now - idle >= self.idle_seconds:
                     del self.rooms[key]
                     self.documents.unload(*key)
-            metrics.GATEWAY_DOCS.set(len(self.rooms))
 
     # --- updates --------------------------------------------------------------------------------
 
     def _committed(self, org_id: UUID, doc_id: str, seq: int, payload: bytes, tag: object) -> None:
         """An update was committed by this process: send it to the room's other peers now."""
         room = self.rooms.get((org_id, doc_id))
-        if room is None or room.delivered(seq):
+        if room is None:
+            return
+        if room.sending:
+            room.sending.pop(payload, None)
+        if room.delivered(seq):
             return
         room.mark(seq)
         room.broadcast(protocol.sync_update(payload), skip=tag if isinstance(tag, Peer) else None)
@@ -266,7 +279,7 @@ class Hub:
             for seq, update in updates:
                 if not room.delivered(seq):
                     room.mark(seq)
-                    room.broadcast(protocol.sync_update(update))
+                    room.broadcast(protocol.sync_update(update), skip=room.sending.get(update))
 
     # --- awareness ------------------------------------------------------------------------------
 

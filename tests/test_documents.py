@@ -297,11 +297,28 @@ async def test_the_cache_keeps_to_its_bytes_and_its_count_is_exact(db: Database,
         await store.create(tenant.owner, tenant.project_id, "small")
         await store.sync(tenant.org_id, "small")
         assert store.held_documents == 1 and store.held_bytes <= 16 * 1024  # "busy" went in turn
+        for name in ("old", "small"):
+            other = Client()
+            for i in range(60):
+                await store.append(tenant.owner, name, other.edit(f"k{i}", "y" * 100))
         for _ in range(5):  # load and unload: the count returns to nothing each time
             for name in ("old", "busy", "small"):
                 await store.sync(tenant.org_id, name)
                 store.unload(tenant.org_id, name)
             assert (store.held_documents, store.held_bytes) == (0, 0)
+        catch_up = store._catch_up
+
+        async def slow_for_old(key, held):  # "old" still reads the log when "busy" evicts it
+            if key[1] == "old":
+                await asyncio.sleep(0.2)
+            await catch_up(key, held)
+
+        store._catch_up = slow_for_old  # type: ignore[method-assign]
+        await asyncio.gather(store.sync(tenant.org_id, "old"), store.sync(tenant.org_id, "busy"))
+        assert store.held_bytes == sum(held.size for held in store._cache.values())
+        for name in ("old", "busy", "small"):
+            store.unload(tenant.org_id, name)
+        assert (store.held_documents, store.held_bytes) == (0, 0)
         await store.sync(tenant.org_id, "small")
         scraped = REGISTRY.get_sample_value("canvasdb_doc_cache_bytes")
         assert scraped is not None and scraped >= store.held_bytes > 0

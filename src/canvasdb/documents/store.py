@@ -411,7 +411,7 @@ class DocumentStore:
         async with held.lock:
             before = held.size
             held.decoded()
-            self._held_bytes += held.size - before
+            self._grew((org_id, doc_id), held, before)
         self._evict()
         return held
 
@@ -425,9 +425,15 @@ class DocumentStore:
         async with held.lock:
             before = held.size
             await self._catch_up(key, held)
-            self._held_bytes += held.size - before
+            self._grew(key, held, before)
         self._evict()
         return held
+
+    def _grew(self, key: tuple[UUID, str], held: _Held, before: int) -> None:
+        """Count what an entry grew by, unless it left the cache meanwhile (evicted or
+        unloaded while its caller awaited: its bytes are no longer counted at all)."""
+        if self._cache.get(key) is held:
+            self._held_bytes += held.size - before
 
     async def _catch_up(self, key: tuple[UUID, str], held: _Held) -> None:
         """Bring the held copy up to date: usually one statement for the updates past it (a

@@ -889,6 +889,36 @@ async def test_bad_member_is_422(client: httpx.AsyncClient, svc: Services, tenan
     assert await state(client, svc, tenant) == before
 
 
+async def test_owners_are_changed_only_by_owners_and_one_always_remains(
+        client: httpx.AsyncClient, svc: Services, tenant: Tenant, other_tenant: Tenant) -> None:
+    members = f"{org_url(tenant)}/members"
+    owner_email = f"{tenant.slug}@example.com"  # as make_tenant registers it
+    admin_email = f"{unique('admin')}@example.com"
+    ok(await client.post(members, json={"email": admin_email, "role": "admin"}, headers=tenant.headers), 201)
+    _, admin_token = await svc.tenancy.create_token(await svc.tenancy.user_by_email(admin_email))
+    as_admin = {"Authorization": f"Bearer {admin_token}"}
+    before = await state(client, svc, tenant)
+    for body in ({"email": owner_email, "role": "member"}, {"email": owner_email, "role": "admin"},
+                 {"email": admin_email, "role": "owner"}, {"email": "new@example.com", "role": "owner"}):
+        problem(await client.post(members, json=body, headers=as_admin), 403)
+    problem(await client.post(members, json={"email": owner_email, "role": "admin"}, headers=tenant.headers),
+            409)  # the last owner
+    assert await state(client, svc, tenant) == before
+    ok(await client.post(members, json={"email": admin_email, "role": "owner"}, headers=tenant.headers), 201)
+    ok(await client.post(members, json={"email": owner_email, "role": "member"}, headers=as_admin), 201)
+    problem(await client.post(f"{org_url(tenant)}/projects", json={"slug": "p2", "name": "p2"},
+                              headers=tenant.headers), 403)  # the old owner is a member now
+
+    # Whether an email is registered (here, in another org) is not told by the project routes.
+    project_member = f"{org_url(other_tenant)}/projects/main/members/"
+    foreign = ok(await client.post(f"{org_url(tenant)}/members", json={"email": "elsewhere@example.com"},
+                                   headers=as_admin), 201)["email"]
+    answers = [problem(await client.put(project_member + q(email), json={"role": "viewer"},
+                                        headers=other_tenant.headers), 404)["detail"]
+               for email in (foreign, f"{unique('nobody')}@example.com")]
+    assert answers[0] == answers[1]
+
+
 @pytest.mark.parametrize("role", ["owner", "admin", "editor'--", "", None, 1])
 async def test_bad_project_role_is_422(client: httpx.AsyncClient, svc: Services, tenant: Tenant,
                                        role: Any) -> None:
@@ -1009,6 +1039,37 @@ async def test_invalid_json_schema_is_refused_at_registration(
     body = problem(r, 422, pointer=pointer)
     assert body.get("pointer", "").startswith("/json_schema"), body
     assert await state(client, svc, tenant) == before
+
+
+@pytest.mark.parametrize(("schema", "data", "pointer"), [
+    # backtracking without end in Python's re: 3 s at 28 characters, doubling with each one more
+    ({"properties": {"t": {"type": "string", "pattern": "^(a+)+$"}}}, {"t": "a" * 64 + "!"}, "/data/t"),
+    ({"patternProperties": {"^(a|aa)+$": {"type": "string"}}}, {"a" * 64: 1}, "/data/" + "a" * 64),
+    # a backreference needs backtracking: bounded, and a refusal once past the bound
+    ({"properties": {"t": {"pattern": "^(a*)*b\\1$"}}}, {"t": "a" * 5000}, "/data/t"),
+    ({"$ref": "#"}, None, None),  # refers to itself without end: every value matches
+    ({"$defs": {"x": {"$ref": "#/$defs/x"}}, "$ref": "#/$defs/x"}, None, None),
+    ({"properties": {"child": {"$ref": "#"}, "n": {"type": "integer"}}},  # a tree, checked all the way down
+     {"child": {"child": {"child": {"n": "x"}}}}, "/data/child/child/child/n"),
+])
+async def test_hostile_schemas_never_stall_or_fail_a_write(
+    client: httpx.AsyncClient, tenant: Tenant, schema: dict[str, Any], data: dict[str, Any] | None,
+    pointer: str | None
+) -> None:
+    """A tenant's schema runs on every write of its type, inside the server: whatever it says,
+    a write is answered at once with 201 or a 422 naming the field (never a 500)."""
+    r = await client.post(f"{org_url(tenant)}/entity-types", json={"name": "hostile.type", "json_schema": schema},
+                          headers=tenant.headers)
+    if r.status_code == 422:  # refused at registration, as a schema it cannot check
+        problem(r, 422, pointer="/json_schema")
+        return
+    ok(r, 201)
+    written = await client.post(entities_url(tenant), json={"type": "hostile.type", "data": data or {}},
+                                headers=tenant.headers)
+    if pointer is None:
+        ok(written, 201)
+    else:
+        problem(written, 422, pointer=pointer)
 
 
 async def test_json_schema_never_fetches_remote_references(client: httpx.AsyncClient, svc: Services,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import typer
 
@@ -64,6 +65,19 @@ def test_org_token_entity_round_trip(env: dict[str, str]) -> None:
     assert slug in [o["slug"] for o in listed]
     token = run(env, "token", "create", "--org", slug, "--user", f"ops@{slug}.io", "--role", "admin").stdout
     assert token.startswith("cdb_") and token.count("\n") == 1, "only the token, for scripts"
+    run(env, "token", "create", "--org", slug, "--user", f"dev@{slug}.io")  # a new user: a member
+    run(env, "user", "create", f"pm@{slug}.io", "--org", slug, "--role", "admin")
+    for refused in (["token", "create", "--org", slug, "--user", f"typo@{slug}.io", "--role", "bogus"],
+                    ["user", "create", f"typo@{slug}.io", "--org", slug, "--role", "bogus"],
+                    ["user", "create", f"typo@{slug}.io", "--org", "no-such-org"]):
+        bad = run(env, *refused, check=False)
+        assert bad.returncode == 1 and bad.stderr.startswith("Error:"), bad.stderr
+    with psycopg.connect(env["CANVASDB_DATABASE_URL"]) as conn:
+        roles = dict(conn.execute("SELECT u.email, m.role FROM users u JOIN org_members m ON m.user_id = u.id"
+                                  " JOIN orgs o ON o.id = m.org_id WHERE o.slug = %s", (slug,)).fetchall())
+        typo = conn.execute("SELECT count(*) FROM users WHERE email = %s", (f"typo@{slug}.io",)).fetchone()
+    assert roles == {f"ops@{slug}.io": "admin", f"dev@{slug}.io": "member", f"pm@{slug}.io": "admin"}
+    assert typo == (0,), "a refused command writes nothing"
     run(env, "project", "create", "--org", slug, "main")
     created = json.loads(run(env, "entity", "put", "--org", slug, "--project", "main", "--type", "note",
                              '{"title": "hello"}').stdout)

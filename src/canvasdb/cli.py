@@ -315,9 +315,11 @@ def user_create(email: str, name: Annotated[str, typer.Option()] = "",
     """Create a user (or find it by email), optionally adding it to an org."""
 
     async def work(svc: Services) -> UUID:
+        target = await svc.tenancy.resolve_org(org) if org else None  # refused before anything is written
+        _check_org_role(role)
         user_id = await svc.tenancy.ensure_user(email, name)
-        if org:
-            await svc.tenancy.set_org_role((await svc.tenancy.resolve_org(org)).id, user_id, role)
+        if target is not None:
+            await svc.tenancy.set_org_role(target.id, user_id, role)
         return user_id
 
     out.print(str(_with_services(work)))
@@ -333,6 +335,8 @@ def token_create(
 
     async def work(svc: Services) -> str:
         target = await svc.tenancy.resolve_org(org)
+        if role is not None:
+            _check_org_role(role)  # before the user is created
         user_id = await svc.tenancy.ensure_user(user)
         current = await _org_role(svc, target.id, user_id)
         if role is not None or current is None:
@@ -341,6 +345,11 @@ def token_create(
         return token
 
     print(_with_services(work))
+
+
+def _check_org_role(role: str) -> None:
+    if role not in ORG_ROLES:
+        raise InvalidInput(f"org role must be one of {', '.join(ORG_ROLES)}", pointer="/role")
 
 
 async def _org_role(svc: Services, org_id: UUID, user_id: UUID) -> str | None:

@@ -23,6 +23,7 @@ ProjectRole = Literal["editor", "viewer"]
 ORG_ROLES: tuple[str, ...] = ("owner", "admin", "member")
 PROJECT_ROLES: tuple[str, ...] = ("editor", "viewer")
 TOKEN_PREFIX = "cdb_"
+NOT_A_MEMBER = "no member of this org has that email or id"
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 EMAIL = re.compile(r"^[^@\s\x00]{1,200}@[^@\s\x00]{1,119}$")
 
@@ -172,6 +173,26 @@ class Tenancy:
                 (org_id, user_id, role),
             )
 
+    async def change_org_role(self, who: Principal, user_id: UUID, role: str) -> None:
+        """``set_org_role`` as an org member asks it: owners and admins manage members, only an
+        owner makes an owner or changes an owner's role, and an org keeps at least one owner."""
+        who.require_org_admin()
+        if role not in ORG_ROLES:
+            raise InvalidInput(f"org role must be one of {', '.join(ORG_ROLES)}", pointer="/role")
+        async with self.db.transaction(who.org_id) as conn:
+            owners = [r["user_id"] for r in await (await conn.execute(  # locked: two demotions take turns
+                "SELECT user_id FROM org_members WHERE org_id = %s AND role = 'owner' FOR UPDATE",
+                (who.org_id,))).fetchall()]
+            if (role == "owner" or user_id in owners) and who.org_role != "owner":
+                raise Forbidden("only an owner may make an owner or change an owner's role")
+            if role != "owner" and owners == [user_id]:
+                raise Conflict("an org keeps at least one owner: make another owner first")
+            await conn.execute(
+                "INSERT INTO org_members (org_id, user_id, role) VALUES (%s, %s, %s) "
+                "ON CONFLICT (org_id, user_id) DO UPDATE SET role = EXCLUDED.role",
+                (who.org_id, user_id, role),
+            )
+
     async def create_token(self, user_id: UUID, *, name: str = "") -> tuple[UUID, str]:
         """A new API token for the user: (token id, the token). The token is not stored."""
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -300,7 +321,7 @@ class Tenancy:
                 "SELECT 1 FROM org_members WHERE org_id = %s AND user_id = %s", (who.org_id, user_id)
             )).fetchone()
             if member is None:
-                raise NotFound("that user is not a member of this org")
+                raise NotFound(NOT_A_MEMBER)
             await conn.execute(
                 "INSERT INTO project_members (org_id, project_id, user_id, role) "
                 "VALUES (%s, %s, %s, %s) ON CONFLICT (org_id, project_id, user_id) "

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from canvasdb.api.deps import Svc, User, Who
 from canvasdb.entities import EntityType
-from canvasdb.errors import Conflict
+from canvasdb.errors import NotFound
+from canvasdb.tenancy import NOT_A_MEMBER
 
 router = APIRouter(prefix="/v1")
 
@@ -57,12 +58,12 @@ async def create_org(body: OrgIn, svc: Svc, user: User) -> dict[str, Any]:
 
 @router.post("/orgs/{org}/members", status_code=201, tags=["tenancy"])
 async def add_member(org: str, body: MemberIn, svc: Svc, who: Who) -> dict[str, Any]:
-    """Add a user (created if unknown) to the org with a role. Owner or admin only."""
+    """Add a user (created if unknown) to the org, or change a member's role. Owner or admin
+    only; only an owner makes an owner or changes an owner's role (403), and the last owner
+    stays one (409)."""
     who.require_org_admin()
-    if body.role == "owner" and who.org_role != "owner":
-        raise Conflict("only an owner can make another owner")
     user_id = await svc.tenancy.ensure_user(body.email)
-    await svc.tenancy.set_org_role(who.org_id, user_id, body.role)
+    await svc.tenancy.change_org_role(who, user_id, body.role)
     return {"user_id": str(user_id), "email": body.email, "role": body.role}
 
 
@@ -85,7 +86,10 @@ async def set_project_member(
 ) -> Response:
     """Give an org member the ``editor`` or ``viewer`` role on a project."""
     project_id = await svc.tenancy.resolve_project(who, project)
-    user_id = await svc.tenancy.user_by_email(email)
+    try:
+        user_id = await svc.tenancy.user_by_email(email)
+    except NotFound:  # as for a user of another org: whether an email is registered is not said
+        raise NotFound(NOT_A_MEMBER) from None
     await svc.tenancy.set_project_role(who, project_id, user_id, body.role)
     return Response(status_code=204)
 

@@ -47,11 +47,11 @@ User = Annotated[UUID, Depends(current_user)]
 Who = Annotated[Principal, Depends(org_principal)]
 
 
-def parse_id(value: str, what: str = "entity") -> UUID:
+def parse_id(value: str, what: str = "entity", *, pointer: str = "path:id") -> UUID:
     try:
         return UUID(value)
     except ValueError:
-        raise InvalidInput(f"{what} id {value[:80]!r} is not a UUID", pointer="path:id") from None
+        raise InvalidInput(f"{what} id {value[:80]!r} is not a UUID", pointer=pointer) from None
 
 
 def parse_if_match(value: str | None) -> int | None:

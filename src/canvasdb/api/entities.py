@@ -85,7 +85,7 @@ async def get_entities(
     ids: Annotated[str, Query(max_length=100 * 37, description="comma-separated ids, at most 100")],
 ) -> dict[str, Any]:  # fmt: skip
     """Many entities by id in one call; ids that are missing, deleted or unreadable are omitted."""
-    wanted = [parse_id(i.strip()) for i in ids.split(",") if i.strip()]
+    wanted = [parse_id(i.strip(), pointer="query:ids") for i in ids.split(",") if i.strip()]
     return {"items": [e.to_json() for e in await svc.entities.get_many(who, wanted)]}
 
 

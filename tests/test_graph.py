@@ -6,13 +6,15 @@ import asyncio
 import random
 from collections import deque
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID, uuid4
 
 import httpx
 import pytest
 from conftest import Tenant
 
-from canvasdb.entities import EntityType
+from canvasdb.db import Database
+from canvasdb.entities import EntityStore, EntityType
 from canvasdb.errors import Conflict, Gone, InvalidInput, NotFound
 from canvasdb.graph import Graph
 from canvasdb.graph import traverse as graph_module
@@ -346,3 +348,247 @@ async def test_huge_fan_out_and_long_cycles_stay_bounded(svc: Services, db, pg_u
     assert deps["total"] == 499 and max(n["depth"] for n in deps["nodes"]) == 499
     around = await svc.graph.path(tenant.owner, ring[0], ring[5], max_depth=10)
     assert around["length"] == 5
+
+
+# --- fixes of the graph audit ------------------------------------------------------------------------
+
+
+class CountingDb:
+    """A Database whose one-statement reads record how many rows each sent back."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.rows: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+    async def read(self, *args: Any, **kwargs: Any) -> list[Any]:
+        rows = await self._db.read(*args, **kwargs)
+        self.rows.append(len(rows))
+        return rows
+
+
+def bulk(pg_url: str, t: Tenant, sql: str, **params: object) -> list[tuple[Any, ...]]:
+    """Rows written straight to the tables, as an import would (quick for thousands)."""
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("SELECT set_config('canvasdb.org_id', %s, false)", (str(t.org_id),))
+        cur = conn.execute(sql, {"org": t.org_id, "p": t.project_id, **params})
+        return cur.fetchall() if cur.description else []
+
+
+_LEAVES = ("INSERT INTO entities (org_id, id, project_id, type, data, version, keyframe_version, created_at,"
+           " updated_at) SELECT %(org)s, gen_random_uuid(), %(p)s, 'task', jsonb_build_object('title',"
+           " %(prefix)s || i), 1, 1, now(), now() FROM generate_series(1, %(n)s) i RETURNING id")
+
+
+async def test_a_page_holds_the_rows_of_the_page_not_of_the_fan_out(svc: Services, db: Database, pg_url: str,
+                                                                   tenant: Tenant) -> None:
+    """A page of a hub's neighbours (or of a node many edges enter) sends back rows of the page:
+    never one row per edge of the level before it."""
+    n = 3000
+    hub, x, sink, y = [await node(svc, tenant, title) for title in ("hub", "x", "sink", "y")]
+    bulk(pg_url, tenant, f"WITH leaf AS ({_LEAVES}) INSERT INTO relationships (org_id, id, src, dst, kind,"
+         " src_project, dst_project) SELECT %(org)s, gen_random_uuid(), %(hub)s, id, 'mentions', %(p)s, %(p)s"
+         " FROM leaf", prefix="out ", n=n, hub=hub)
+    bulk(pg_url, tenant, f"WITH leaf AS ({_LEAVES}) INSERT INTO relationships (org_id, id, src, dst, kind,"
+         " src_project, dst_project) SELECT %(org)s, gen_random_uuid(), id, %(sink)s, 'mentions', %(p)s, %(p)s"
+         " FROM leaf", prefix="in ", n=n, sink=sink)
+    # made last, so that it is not among the first edges into the sink: found from x's side
+    x_sink = await svc.relationships.create(tenant.owner, x, sink, "mentions")
+    sink_y = await svc.relationships.create(tenant.owner, sink, y, "mentions")
+    counted = CountingDb(db)
+    graph = Graph(counted)  # type: ignore[arg-type]
+
+    page = await graph.neighbors(tenant.owner, hub, limit=10)
+    assert len(page["nodes"]) == 10 and page["total"] == n and page["next"] is not None
+    assert counted.rows[-1] <= 1 + 2 * 10, "the statement sent back one row per edge of the hub"
+    assert {(r["from"], r["to"]) for r in page["relationships"]} == {(str(hub), v["id"]) for v in page["nodes"]}
+
+    page = await graph.neighbors(tenant.owner, x)
+    assert [v["id"] for v in page["nodes"]] == [str(sink)] and counted.rows[-1] <= 3
+    assert page["relationships"] == [{"id": str(x_sink.id), "from": str(x), "to": str(sink), "kind": "mentions"}]
+
+    deps = await graph.dependents(tenant.owner, y, depth=2, limit=10)
+    assert deps["total"] == n + 2 and counted.rows[-1] <= 1 + 2 * 10
+    assert deps["nodes"][0]["id"] == str(sink) and deps["relationships"][0] == {
+        "id": str(sink_y.id), "from": str(sink), "to": str(y), "kind": "mentions"}
+    assert {(r["to"], r["kind"]) for r in deps["relationships"][1:]} == {(str(sink), "mentions")}
+    assert len(deps["relationships"]) == 10
+
+
+async def test_concurrent_edges_never_close_a_cycle_of_an_acyclic_kind(svc: Services, db: Database,
+                                                                       tenant: Tenant) -> None:
+    await svc.types.register(tenant.owner, EntityType(name="task", reference_fields=["$.depends_on[*]"],
+                                                      acyclic_kinds=["depends_on"]))
+    # a second writer with a group commit of its own, as another server process would have
+    other = EntityStore(db, svc.entities.types, keyframe_interval=svc.entities.keyframe_interval)
+
+    async def cycle_edges(a: UUID, b: UUID) -> int:
+        rows = await db.read(tenant.org_id, "SELECT count(*) AS n FROM relationships WHERE org_id = %s"
+                             " AND live AND kind = 'depends_on' AND ((src = %s AND dst = %s) OR (src = %s AND dst = %s))",
+                             (tenant.org_id, a, b, b, a))
+        return int(rows[0]["n"])
+
+    for _ in range(6):
+        a, b = await node(svc, tenant, "a"), await node(svc, tenant, "b")
+        got = await asyncio.gather(svc.relationships.create(tenant.owner, a, b, "depends_on"),
+                                   svc.relationships.create(tenant.owner, b, a, "depends_on"),
+                                   return_exceptions=True)
+        assert sum(isinstance(r, InvalidInput) for r in got) == 1, got
+        assert await cycle_edges(a, b) == 1
+    for _ in range(4):
+        a, b = await node(svc, tenant, "a"), await node(svc, tenant, "b")
+        got = await asyncio.gather(svc.entities.patch(tenant.owner, a, {"depends_on": [str(b)]}),
+                                   other.patch(tenant.owner, b, {"depends_on": [str(a)]}),
+                                   return_exceptions=True)
+        assert all(not isinstance(r, BaseException) or isinstance(r, InvalidInput | Conflict) for r in got), got
+        assert sum(isinstance(r, BaseException) for r in got) == 1, got
+        assert await cycle_edges(a, b) == 1
+
+
+async def test_a_relationship_made_while_its_end_is_deleted_is_never_live(svc: Services, db: Database,
+                                                                          tenant: Tenant) -> None:
+    await svc.types.register(tenant.owner, EntityType(name="task", reference_fields=["$.parent"]))
+    other = EntityStore(db, svc.entities.types, keyframe_interval=svc.entities.keyframe_interval)
+
+    async def live_to(dst: UUID) -> int:
+        rows = await db.read(tenant.org_id, "SELECT count(*) AS n FROM relationships WHERE org_id = %s"
+                             " AND dst = %s AND live", (tenant.org_id, dst))
+        return int(rows[0]["n"])
+
+    for i in range(12):
+        a, b = await node(svc, tenant, "a"), await node(svc, tenant, "b")
+        make = (svc.relationships.create(tenant.owner, a, b, "mentions") if i % 2 == 0
+                else other.patch(tenant.owner, a, {"parent": str(b)}))
+        got = await asyncio.gather(make, svc.entities.delete(tenant.owner, b), return_exceptions=True)
+        assert not isinstance(got[1], BaseException), got
+        assert not isinstance(got[0], BaseException) or isinstance(got[0], Gone | InvalidInput), got
+        assert await live_to(b) == 0, f"a live relationship to a deleted entity ({got[0]!r})"
+        await svc.entities.undelete(tenant.owner, b)  # what was hidden comes back, and only that
+        assert await live_to(b) == (0 if isinstance(got[0], BaseException) else 1)
+
+
+async def test_the_cycle_check_follows_a_chain_of_any_length(svc: Services, pg_url: str, tenant: Tenant) -> None:
+    """A depends_on chain 1,001 steps long (the old check stopped after 1,000) cannot be closed."""
+    await svc.types.register(tenant.owner, EntityType(name="task", reference_fields=["$.depends_on[*]"],
+                                                      acyclic_kinds=["depends_on"]))
+    chain = [row[0] for row in bulk(pg_url, tenant, _LEAVES, prefix="c", n=1002)]
+    bulk(pg_url, tenant, "INSERT INTO relationships (org_id, id, src, dst, kind, src_project, dst_project)"
+         " SELECT %(org)s, gen_random_uuid(), s, d, 'depends_on', %(p)s, %(p)s FROM unnest(%(s)s::uuid[],"
+         " %(d)s::uuid[]) x(s, d)", s=chain[:-1], d=chain[1:])
+    first, last = chain[0], chain[-1]
+    assert await svc.graph.creates_cycle(tenant.owner, last, first, "depends_on")
+    assert not await svc.graph.creates_cycle(tenant.owner, first, last, "depends_on")  # a shortcut
+    with pytest.raises(InvalidInput, match="cycle"):
+        await svc.relationships.create(tenant.owner, last, first, "depends_on")
+    with pytest.raises(InvalidInput, match="cycle"):
+        await svc.entities.patch(tenant.owner, last, {"depends_on": [str(first)]})
+    await svc.entities.patch(tenant.owner, first, {"depends_on": [str(last)]})  # no cycle: accepted
+
+
+async def test_a_reference_to_an_unreadable_entity_answers_like_a_missing_one(
+        svc: Services, client: httpx.AsyncClient, tenant: Tenant) -> None:
+    await svc.types.register(tenant.owner, EntityType(name="task", reference_fields=["$.parent"]))
+    secret = (await svc.tenancy.create_project(tenant.owner, "secret"))["id"]
+    shared = (await svc.tenancy.create_project(tenant.owner, "shared"))["id"]
+    member_id = await svc.tenancy.ensure_user(f"m-{uuid4().hex[:8]}@example.com")
+    await svc.tenancy.set_org_role(tenant.org_id, member_id, "member")
+    await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, member_id, "editor")
+    await svc.tenancy.set_project_role(tenant.owner, shared, member_id, "viewer")
+    member = Principal(org_id=tenant.org_id, user_id=member_id, org_role="member")
+    headers = {"Authorization": f"Bearer {(await svc.tenancy.create_token(member_id))[1]}"}
+    hidden = await node(svc, tenant, "hidden", project=secret)
+    readable = await node(svc, tenant, "shared", project=shared)
+    mine = (await svc.entities.create(member, tenant.project_id, "task", {"title": "mine"})).id
+
+    async def refused(target: UUID) -> tuple[str, dict[str, Any], int, dict[str, Any]]:
+        with pytest.raises(InvalidInput) as create:
+            await svc.entities.create(member, tenant.project_id, "task", {"parent": str(target)})
+        with pytest.raises(InvalidInput) as patch:
+            await svc.entities.patch(member, mine, {"parent": str(target)})
+        assert str(patch.value) == str(create.value) and patch.value.fields == create.value.fields
+        r = await client.post(f"/v1/orgs/{tenant.slug}/projects/{tenant.project_slug}/entities",
+                              headers=headers, json={"type": "task", "data": {"parent": str(target)}})
+        body = {k: v for k, v in r.json().items() if k != "instance"}
+        return str(create.value).replace(str(target), "ID"), create.value.fields, r.status_code, \
+            {k: v.replace(str(target), "ID") if isinstance(v, str) else v for k, v in body.items()}
+
+    assert await refused(hidden) == await refused(uuid4())
+    assert (await refused(hidden))[2] == 422
+    await svc.entities.patch(member, mine, {"parent": str(readable)})  # a viewer may link to it
+    await svc.entities.patch(tenant.owner, mine, {"parent": str(hidden)})  # an owner reads every project
+    page = await svc.graph.neighbors(tenant.owner, mine, kinds=["parent"])
+    assert [n["id"] for n in page["nodes"]] == [str(hidden)]
+    await svc.entities.patch(member, mine, {"title": "renamed"})  # a reference kept is not checked again
+
+
+async def test_all_shortest_paths_say_when_some_were_left_out(svc: Services, tenant: Tenant) -> None:
+    s, t, x, y = [await node(svc, tenant, title) for title in ("s", "t", "x", "y")]
+    for i in range(5):  # five shortest paths s -> m -> t, and a longer one s -> x -> y -> t
+        m = await node(svc, tenant, f"m{i}")
+        await svc.relationships.create(tenant.owner, s, m, "link")
+        await svc.relationships.create(tenant.owner, m, t, "link")
+    for a, b in ((s, x), (x, y), (y, t)):
+        await svc.relationships.create(tenant.owner, a, b, "link")
+    simple = graph_module._simple_paths_sql
+    for by_nodes in (False, True):
+        if by_nodes:  # over its time: the node-based statement answers
+            graph_module._simple_paths_sql = lambda *variant: "SELECT pg_sleep(1)"
+        try:
+            for cap, count, cut in ((3, 3, True), (5, 5, False), (10, 5, False), (1, 1, True)):
+                got = await svc.graph.path(tenant.owner, s, t, all_paths=True, max_paths=cap)
+                assert (got["length"], len(got["paths"]), got["truncated"]) == (2, count, cut), (by_nodes, cap)
+            one = await svc.graph.path(tenant.owner, s, t)
+            assert (one["length"], len(one["paths"]), one["truncated"]) == (2, 1, False)
+        finally:
+            graph_module._simple_paths_sql = simple
+
+
+async def test_relationships_are_listed_from_their_source_to_their_target(svc: Services,
+                                                                          tenant: Tenant) -> None:
+    """Whichever way a walk follows a relationship, "from" is its source and "to" its target."""
+    a, b, c, d = [await node(svc, tenant, title) for title in "abcd"]
+    edges = {}
+    for src, dst in ((a, b), (c, b), (b, d)):
+        rel = await svc.relationships.create(tenant.owner, src, dst, "depends_on")
+        edges[str(rel.id)] = (str(src), str(dst))
+
+    def pairs(answer: dict[str, Any]) -> set[tuple[str, str]]:
+        for r in answer["relationships"]:
+            assert (r["from"], r["to"]) == edges[r["id"]]
+        return {(r["from"], r["to"]) for r in answer["relationships"]}
+
+    assert pairs(await svc.graph.neighbors(tenant.owner, b, direction="in")) == {(str(a), str(b)), (str(c), str(b))}
+    assert pairs(await svc.graph.dependents(tenant.owner, b)) == {(str(a), str(b)), (str(c), str(b))}
+    assert pairs(await svc.graph.neighbors(tenant.owner, b, direction="both")) == \
+        {(str(a), str(b)), (str(c), str(b)), (str(b), str(d))}
+    assert pairs(await svc.graph.neighbors(tenant.owner, a, direction="both", depth=2)) == \
+        {(str(a), str(b)), (str(c), str(b)), (str(b), str(d))}
+    assert pairs(await svc.graph.dependents(tenant.owner, d, depth=2)) == \
+        {(str(b), str(d)), (str(a), str(b)), (str(c), str(b))}
+    sub = await svc.graph.subgraph(tenant.owner, [b], depth=1)
+    assert pairs(sub) == {(str(a), str(b)), (str(c), str(b)), (str(b), str(d))}
+
+
+async def test_lineage_takes_a_depth_and_says_when_it_was_cut(svc: Services, client: httpx.AsyncClient,
+                                                              pg_url: str, tenant: Tenant) -> None:
+    a, b, c = [await node(svc, tenant, title) for title in "abc"]
+    await svc.relationships.create(tenant.owner, b, a, "derived_from")  # b is a copy of a, c of b
+    await svc.relationships.create(tenant.owner, c, b, "derived_from")
+    full = await svc.graph.lineage(tenant.owner, c)
+    assert [n["title"] for n in full["ancestors"]] == ["b", "a"] and not full["truncated"]
+    near = await svc.graph.lineage(tenant.owner, c, depth=1)
+    assert [n["title"] for n in near["ancestors"]] == ["b"] and not near["truncated"]
+    url = f"/v1/orgs/{tenant.slug}/entities/{c}/lineage"
+    r = await client.get(f"{url}?depth=1", headers=tenant.headers)
+    assert r.status_code == 200 and [n["title"] for n in r.json()["ancestors"]] == ["b"]
+    assert [n["title"] for n in (await client.get(url, headers=tenant.headers)).json()["ancestors"]] == ["b", "a"]
+    assert (await client.get(f"{url}?depth=0", headers=tenant.headers)).status_code == 422
+    bulk(pg_url, tenant, f"WITH leaf AS ({_LEAVES}) INSERT INTO relationships (org_id, id, src, dst, kind,"
+         " src_project, dst_project) SELECT %(org)s, gen_random_uuid(), id, %(a)s, 'derived_from', %(p)s, %(p)s"
+         " FROM leaf", prefix="copy ", n=1001, a=a)
+    many = await svc.graph.lineage(tenant.owner, a, depth=1)
+    assert len(many["descendants"]) == 1000 and many["truncated"]

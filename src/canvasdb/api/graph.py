@@ -150,9 +150,11 @@ async def dependents(org: str, id: str, svc: Svc, who: Who, kinds: Kinds = None,
 
 
 @router.get("/entities/{id}/lineage")
-async def lineage(org: str, id: str, svc: Svc, who: Who, as_of: AsOf = None) -> dict[str, Any]:
-    """The ``derived_from`` chain back to the origin, and the copies made from this entity."""
-    return await svc.graph.lineage(who, parse_id(id), as_of=_moment(as_of))
+async def lineage(org: str, id: str, svc: Svc, who: Who, as_of: AsOf = None,
+                  depth: Annotated[int, Query(ge=1, le=MAX_DEPTH_TO_END)] = MAX_DEPTH) -> dict[str, Any]:
+    """The ``derived_from`` chain back to the origin, and the copies made from this entity, within
+    ``depth`` steps; up to 1,000 of each (``truncated`` when there were more)."""
+    return await svc.graph.lineage(who, parse_id(id), depth=depth, as_of=_moment(as_of))
 
 
 @router.get("/graph/path")

@@ -2,8 +2,8 @@
 
 A relationship's ends, kind and the ends' projects are fixed at creation; its ``data``
 (label, style) changes by versions, like an entity's. The database keeps the rest in
-step (migration 0008): each change writes a version row, deleting an entity hides the
-relationships it is an end of and undeleting it brings them back, and reference fields
+step (migrations 0008 and 0018): each change writes a version row, deleting an entity
+hides the relationships it is an end of and undeleting it brings them back, and reference fields
 declared by entity types are mirrored as relationships of origin ``field`` (changed by
 editing the entity, not here), and the edges of live boards as relationships of origin
 ``board`` (changed by editing the board).
@@ -96,9 +96,14 @@ async def require_readable(conn: Connection, who: Principal, id: UUID, projects:
 
 async def _require_end(conn: Connection, who: Principal, id: UUID, pointer: str, *,
                        write: bool) -> dict[str, Any]:
-    """An end entity the caller may read (or write): 422 when it does not exist or is hidden."""
+    """An end entity the caller may read (or write): 422 when it does not exist or is hidden.
+
+    The row is locked FOR KEY SHARE until the transaction ends, so that whether it is deleted
+    stays true until the relationship is committed: deleting an entity locks it FOR UPDATE
+    first (migration 0018), which waits for this lock, and a delete that came first makes
+    this read wait for it and see the entity deleted. Edits of the entity do not wait."""
     row = await (await conn.execute(
-        "SELECT id, project_id, type, deleted FROM entities WHERE org_id = %s AND id = %s",
+        "SELECT id, project_id, type, deleted FROM entities WHERE org_id = %s AND id = %s FOR KEY SHARE",
         (who.org_id, id))).fetchone()
     role = None if row is None else await project_role(conn, who, row["project_id"])
     if row is None or role is None:
@@ -118,7 +123,9 @@ class RelationshipStore:
                      data: dict[str, Any] | None = None, *, id: UUID | None = None) -> Relationship:
         """A new relationship ``src -> dst``. The caller must be able to change ``src``'s project
         and read ``dst``'s; both must exist (422). A kind the source's type declares acyclic
-        refuses an edge that would close a cycle (422)."""
+        refuses an edge that would close a cycle (422): the check searches the whole graph of
+        the kind, and creations of one acyclic kind in an org take turns (an advisory lock held
+        to the commit), so two concurrent edges can never close a cycle together."""
         check_kind(kind)
         data = {} if data is None else data
         encode_data(data, MAX_DATA_BYTES)
@@ -131,7 +138,8 @@ class RelationshipStore:
             acyclic = await (await conn.execute(
                 "SELECT acyclic_kinds ? %s AS yes FROM entity_types WHERE org_id = %s AND name = %s",
                 (kind, who.org_id, s["type"]))).fetchone()
-            if acyclic is not None and acyclic["yes"] and await reaches(conn, who.org_id, dst, src, kind):
+            if acyclic is not None and acyclic["yes"] and await reaches(conn, who.org_id, dst, src, kind,
+                                                                        lock=True):
                 raise InvalidInput(f"{src} -> {dst} would close a cycle of {kind!r}, which "
                                    f"{s['type']} forbids", pointer="/dst")
             cur = await conn.execute(
@@ -249,7 +257,14 @@ class RelationshipStore:
         return _relationship(changed or row)
 
 
-async def reaches(conn: Connection, org_id: UUID, src: UUID, dst: UUID, kind: str) -> bool:
+async def reaches(conn: Connection, org_id: UUID, src: UUID, dst: UUID, kind: str, *,
+                  lock: bool = False) -> bool:
+    """Does ``src`` reach ``dst`` through live relationships of ``kind``? The search is exhaustive
+    (each node once, bounded by the statement timeout). With ``lock``, first wait for the org's
+    other creations of this kind to commit and keep them waiting until this transaction ends:
+    the answer then holds until this transaction's own edge is committed."""
+    if lock:
+        await conn.execute("SELECT relationship_kind_lock(%s, %s)", (org_id, kind))
     row = await (await conn.execute("SELECT relationship_reaches(%s, %s, %s, %s) AS yes",
                                     (org_id, src, dst, kind))).fetchone()
     return bool(row and row["yes"])

@@ -72,15 +72,17 @@ def _kinds(kinds: Iterable[str] | None) -> list[str] | None:
 
 
 def _edges(node: str, direction: Literal["out", "in"], *, as_of: bool, kinds: bool, acl: bool) -> str:
-    """A FROM item ``e(id, near, far, kind)``: the live edges with ``near = {node}``, going
-    ``direction``, of the wanted kinds, whose far end the caller may read."""
+    """A FROM item ``e(id, near, far, kind, fwd)``: the live edges with ``near = {node}``, going
+    ``direction``, of the wanted kinds, whose far end the caller may read; ``fwd`` is true
+    when ``near`` is the relationship's source (``direction`` out)."""
     near, far = ("src", "dst") if direction == "out" else ("dst", "src")
+    fwd = "true" if direction == "out" else "false"
     filters = (" AND e.kind = ANY(%(kinds)s)" if kinds else "") + \
               (f" AND e.{far}_project = ANY(acl.p)" if acl else "")
     if not as_of:
-        return (f"(SELECT e.id, e.{near} AS near, e.{far} AS far, e.kind FROM relationships e"
+        return (f"(SELECT e.id, e.{near} AS near, e.{far} AS far, e.kind, {fwd} AS fwd FROM relationships e"
                 f" WHERE e.org_id = %(org)s AND e.{near} = {node} AND e.live{filters})")
-    return (f"(SELECT e.id, e.{near} AS near, e.{far} AS far, e.kind FROM ("
+    return (f"(SELECT e.id, e.{near} AS near, e.{far} AS far, e.kind, {fwd} AS fwd FROM ("
             f"SELECT DISTINCT ON (v.relationship_id) v.relationship_id AS id, v.src, v.dst, v.kind,"
             f" v.src_project, v.dst_project, v.deleted, v.end_deleted FROM relationship_versions v"
             f" WHERE v.org_id = %(org)s AND v.{near} = {node} AND v.at <= %(as_of)s"
@@ -121,25 +123,39 @@ def _reach_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool) -> str
             " FROM capped GROUP BY id")
 
 
+_BACK: dict[Direction, Direction] = {"out": "in", "in": "out", "both": "both"}
+
+
 @cache
 def _walk_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool, via: bool) -> str:
     """Breadth-first from the start(s): ``found(id, depth)`` capped at %(cap)s rows, then rows of
     three sorts (column ``row``): 's' a readable start; 'n' a node of the page (after
     %(after_depth)s, %(after_id)s) with its summary, the count and the cap flag; with ``via``,
-    'v' the edges from the levels leading into the page (the walk's own step, redone only
-    there), from which the caller picks, per node, one edge from a node a level closer.
-    (Matching them here costs more: the planner nests loops over the small CTEs.)"""
-    flags = {"as_of": as_of, "kinds": kinds, "acl": acl}
-    acl_from = ", acl" if acl else ""
+    'v' at most one row per node of the page: a relationship that reached it from a found node
+    one level closer, with the relationship's own source (``frm``) and target (``too``).
+
+    The 'v' rows come from the walk's own step, redone from the levels just before the page,
+    kept only where they reach a node of the page, and one per node:
+    rows sent back are O(page) however many edges a hub on the level before has (the
+    statement reads them, within its timeout; it sent every one of them back, a million
+    rows and 800 MB for a page of ten)."""
     via_rows = ""
     if via:
-        via_rows = (" UNION ALL SELECT 'v', e.far::text, f.depth + 1, NULL, NULL, NULL, e.id::text,"
-                    " e.near::text, e.kind, NULL, NULL"
-                    f" FROM found f{acl_from}, LATERAL {_step('f.id', direction, **flags)} e"
-                    # scalar subqueries: computed once (as a joined subquery, a generic plan
-                    # re-ran it for every found row)
-                    " WHERE f.depth BETWEEN (SELECT min(depth) - 1 FROM page)"
-                    " AND (SELECT max(depth) - 1 FROM page)")
+        flags = {"as_of": as_of, "kinds": kinds, "acl": acl}
+        via_rows = (
+            " UNION ALL SELECT * FROM (SELECT DISTINCT ON (e.far, f.depth) 'v', e.far::text, f.depth + 1,"
+            " NULL::text, NULL::text, NULL::text, e.id::text,"
+            " (CASE WHEN e.fwd THEN e.near ELSE e.far END)::text, e.kind, NULL::bigint, NULL::boolean,"
+            " (CASE WHEN e.fwd THEN e.far ELSE e.near END)::text"
+            f" FROM found f{', acl' if acl else ''}, LATERAL {_step('f.id', direction, **flags)} e"
+            # scalar subqueries: computed once (as a joined subquery, a generic plan re-ran it
+            # for every found row)
+            " WHERE f.depth BETWEEN (SELECT min(depth) - 1 FROM page) AND (SELECT max(depth) - 1 FROM page)"
+            # the page as a jsonb object, built once: a key lookup per edge (a semi-join with
+            # the page was planned as nested loops, every edge against every page node)
+            " AND (SELECT jsonb_object_agg(id::text || ' ' || depth, 1) FROM page)"
+            " ? (e.far::text || ' ' || (f.depth + 1))"
+            " ORDER BY e.far, f.depth, f.id, e.id) via")
     return (
         f"WITH RECURSIVE {_prelude(acl=acl, as_of=as_of, starts='%(starts)s')},"
         f" {_recursion(direction, as_of=as_of, kinds=kinds, acl=acl)},"
@@ -151,9 +167,9 @@ def _walk_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool, via: bo
         f" SELECT 'n' AS row, p.id::text, p.depth, x.type, x.project_id::text, {_TITLE} AS title,"
         " NULL AS rel, NULL AS frm, NULL AS kind,"
         " (SELECT count(*) FROM found WHERE depth > 0) AS total,"
-        " (SELECT count(*) FROM capped) >= %(cap)s AS truncated"
+        " (SELECT count(*) FROM capped) >= %(cap)s AS truncated, NULL AS too"
         " FROM page p JOIN entities x ON x.org_id = %(org)s AND x.id = p.id"
-        " UNION ALL SELECT 's', id::text, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM start"
+        " UNION ALL SELECT 's', id::text, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM start"
         f"{via_rows}")
 
 
@@ -215,7 +231,7 @@ def _node_paths_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool) -
     (up to %(paths)s of them)."""
     flags = {"as_of": as_of, "kinds": kinds, "acl": acl}
     acl_from = ", acl" if acl else ""
-    back: Direction = {"out": "in", "in": "out", "both": "both"}[direction]  # type: ignore[assignment]
+    back = _BACK[direction]
     return (
         f"WITH RECURSIVE {_prelude(acl=acl, as_of=as_of, starts='ARRAY[%(src)s, %(dst)s]::uuid[]')},"
         " r(id, d) AS (SELECT %(src)s::uuid, 0"
@@ -266,29 +282,28 @@ class Graph:
         sql = _walk_sql(direction, as_of is not None, kinds is not None, not who.is_org_admin, via)
         params = self._params(who, starts=starts, kinds=kinds, as_of=as_of, depth=depth, cap=cap,
                               limit=limit, after_depth=after_depth, after_id=after_id)
-        # (row, id, depth, type, project_id, title, rel, frm, kind, total, truncated): tuples,
-        # as there can be thousands of edge rows; only the page becomes dicts
+        # (row, id, depth, type, project_id, title, rel, frm, kind, total, truncated, too): tuples;
+        # at most one 'v' row per page node, and only the page becomes dicts
         rows = await self.db.read(who.org_id, sql, params, generic_plans=True, row_factory=tuple_row)
         readable = {r[1] for r in rows if r[0] == "s"}
         for s in starts:
             if str(s) not in readable:
                 raise NotFound(f"entity {s} not found")
-        first: dict[tuple[str, int], tuple[Any, ...]] = {}
-        for r in rows:
-            if r[0] == "v":
-                first.setdefault((r[1], r[2]), r)
+        via_edge = {(r[1], r[2]): r for r in rows if r[0] == "v"}
         page = []
         for r in sorted((r for r in rows if r[0] == "n"), key=lambda r: (r[2], r[1])):
-            edge = first.get((r[1], r[2]))
+            edge = via_edge.get((r[1], r[2]))
             page.append({"id": r[1], "depth": r[2], "type": r[3], "project_id": r[4], "title": r[5],
                          "rel": edge[6] if edge else None, "frm": edge[7] if edge else None,
-                         "kind": edge[8] if edge else None, "total": r[9], "truncated": r[10]})
+                         "to": edge[11] if edge else None, "kind": edge[8] if edge else None,
+                         "total": r[9], "truncated": r[10]})
         meta = {"total": page[0]["total"] if page else 0, "truncated": bool(page and page[0]["truncated"])}
         return page, meta
 
     def _listing(self, page: list[dict[str, Any]], meta: dict[str, Any], limit: int) -> dict[str, Any]:
         nodes = [{**_summary(r), "depth": r["depth"]} for r in page]
-        rels = [{"id": str(r["rel"]), "from": str(r["frm"]), "to": str(r["id"]), "kind": r["kind"]}
+        # "from" and "to" are the relationship's own source and target, whichever way it was walked
+        rels = [{"id": str(r["rel"]), "from": str(r["frm"]), "to": str(r["to"]), "kind": r["kind"]}
                 for r in page if r["rel"] is not None]
         last = page[-1] if page else None
         more = last is not None and len(page) == limit
@@ -383,8 +398,8 @@ class Graph:
                    max_depth: int = 6, direction: Direction = "out", all_paths: bool = False,
                    max_paths: int = 10, as_of: datetime | None = None) -> dict[str, Any]:
         """The shortest path from ``src`` to ``dst`` (following edges out, in or both ways), or
-        with ``all_paths`` every shortest path up to ``max_paths``; ``paths`` is empty (and
-        ``length`` None) when none is within ``max_depth``."""
+        with ``all_paths`` every shortest path up to ``max_paths`` (``truncated`` when there
+        are more); ``paths`` is empty (and ``length`` None) when none is within ``max_depth``."""
         direction = check_direction(direction)
         max_depth = check_depth(max_depth, name="max_depth")
         kinds_ = _kinds(kinds)
@@ -404,21 +419,25 @@ class Graph:
                 rows = await cur.fetchall()
                 hits = [r for r in rows if r["d"] >= 0]
                 shortest = min((r["d"] for r in hits), default=None)
-                hits = [r for r in hits if r["d"] == shortest][:paths_cap]
+                # the hits come level by level, so more than the cap at the shortest length
+                # (the statement returns up to 4 times the cap) means some were left out
+                hits = [r for r in hits if r["d"] == shortest]
+                truncated, hits = len(hits) > paths_cap, hits[:paths_cap]
                 found = await summaries(conn, hits)
         except Unavailable:  # many simple paths and no hit: walk nodes instead, each once
-            params["paths"] = paths_cap
+            params["paths"] = paths_cap + 1 if all_paths else 1  # one more: was any left out?
             async with self.db.transaction(who.org_id, generic_plans=True) as conn:
                 rows = await (await conn.execute(_node_paths_sql(*variant), params)).fetchall()
                 hits = [r for r in rows if r["d"] >= 0]  # every one a shortest path
                 shortest = len(hits[0]["nodes"]) - 1 if hits else None
+                truncated, hits = len(hits) > paths_cap, hits[:paths_cap]
                 found = await summaries(conn, hits)
         seen = {r["d"] for r in rows if r["d"] < 0}
         if -1 not in seen:
             raise NotFound(f"entity {src} not found")
         if -2 not in seen:
             raise NotFound(f"entity {dst} not found")
-        return {"length": shortest, "truncated": False,
+        return {"length": shortest, "truncated": all_paths and truncated,
                 "paths": [{"nodes": [found.get(n, {"id": str(n)}) for n in r["nodes"]],
                            "relationships": [{"id": str(rel), "kind": k}
                                              for rel, k in zip(r["rels"], r["kinds"], strict=True)]}
@@ -437,7 +456,9 @@ class Graph:
     async def lineage(self, who: Principal, id: UUID, *, kind: str = "derived_from", depth: int = MAX_DEPTH,
                       as_of: datetime | None = None) -> dict[str, Any]:
         """Where an entity came from (its ``derived_from`` chain back to the origin) and its
-        copies (everything derived from it), each with its distance."""
+        copies (everything derived from it), each with its distance, within ``depth`` steps;
+        up to MAX_PAGE of each, nearest first, ``truncated`` when either side had more (or
+        the walk reached ``max_nodes``)."""
         check_kind(kind)
         depth = check_depth(depth, cap=MAX_DEPTH_TO_END)
         back, back_meta = await self._walk(who, [id], "out", [kind], depth, as_of, limit=MAX_PAGE,
@@ -446,6 +467,8 @@ class Graph:
         forth, forth_meta = await self._walk(who, [id], "in", [kind], depth, as_of, limit=MAX_PAGE,
                                              cursor=None,
                                              cap=self.max_nodes, via=False)
+        cut = any(meta["truncated"] or meta["total"] > len(page)
+                  for page, meta in ((back, back_meta), (forth, forth_meta)))
         return {"ancestors": [{**_summary(r), "depth": r["depth"]} for r in back],
                 "descendants": [{**_summary(r), "depth": r["depth"]} for r in forth],
-                "truncated": back_meta["truncated"] or forth_meta["truncated"]}
+                "truncated": cut}

@@ -592,3 +592,37 @@ async def test_lineage_takes_a_depth_and_says_when_it_was_cut(svc: Services, cli
          " FROM leaf", prefix="copy ", n=1001, a=a)
     many = await svc.graph.lineage(tenant.owner, a, depth=1)
     assert len(many["descendants"]) == 1000 and many["truncated"]
+
+
+async def test_cycles_never_make_a_whole_answer_look_cut(svc: Services, tenant: Tenant) -> None:
+    """Around cycles a walk reaches a node again at every depth: "to the end" goes level at a
+    time (each node once), and a subgraph has room for every node at every depth, so
+    ``truncated`` means that something was left out."""
+    hub = await node(svc, tenant, "hub")
+    spokes = [await node(svc, tenant, f"s{i}") for i in range(40)]
+    for s in spokes:  # both ways: a cycle through the hub for every spoke
+        await svc.relationships.create(tenant.owner, s, hub, "depends_on")
+        await svc.relationships.create(tenant.owner, hub, s, "depends_on")
+    member_id = await svc.tenancy.ensure_user(f"reader-{tenant.slug}@example.com")
+    await svc.tenancy.set_org_role(tenant.org_id, member_id, "member")
+    await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, member_id, "viewer")
+    member = Principal(tenant.org_id, member_id, "member")  # through the access filter too
+    roomy = Graph(svc.db, max_nodes=100)  # room for every node, not for each at every depth
+    for who in (member, tenant.owner):
+        found = await roomy.dependents(who, hub, limit=1000)
+        assert (found["total"], found["truncated"]) == (40, False)
+        assert {n["id"] for n in found["nodes"]} == {str(s) for s in spokes}
+        assert {r["to"] for r in found["relationships"]} == {str(hub)}  # each spoke's edge into the hub
+    small = Graph(svc.db, max_nodes=10)  # a real cut is still said
+    cut = await small.dependents(tenant.owner, hub, limit=1000)
+    assert cut["truncated"] and cut["total"] == 10
+
+    clique = [await node(svc, tenant, f"c{i}") for i in range(5)]
+    for a in clique:
+        for b in clique:
+            if a != b:
+                await svc.relationships.create(tenant.owner, a, b, "board.edge")
+    whole = await svc.graph.subgraph(tenant.owner, [clique[0]], depth=10, limit=5)
+    assert (len(whole["nodes"]), len(whole["relationships"]), whole["truncated"]) == (5, 20, False)
+    part = await svc.graph.subgraph(tenant.owner, [clique[0]], depth=10, limit=4)
+    assert (len(part["nodes"]), part["truncated"]) == (4, True)

@@ -126,8 +126,19 @@ def _reach_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool) -> str
 _BACK: dict[Direction, Direction] = {"out": "in", "in": "out", "both": "both"}
 
 
+def _levels(direction: Literal["out", "in"], *, acl: bool) -> str:
+    """``found(id, depth)`` and ``capped(id)`` (what counts against the cap) from
+    ``graph_reach`` (migration 0009): level at a time, each node expanded once."""
+    projects = "(SELECT p FROM acl)" if acl else "NULL"
+    return (" found AS MATERIALIZED (SELECT id, 0 AS depth FROM start UNION ALL SELECT g.id, g.depth"
+            f" FROM graph_reach(%(org)s, ARRAY(SELECT id FROM start), {direction == 'in'},"
+            f" %(kinds)s::text[], {projects}, %(depth)s, %(cap)s) g),"
+            " capped AS (SELECT id FROM found WHERE depth > 0),")
+
+
 @cache
-def _walk_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool, via: bool) -> str:
+def _walk_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool, via: bool,
+              levels: bool = False) -> str:
     """Breadth-first from the start(s): ``found(id, depth)`` capped at %(cap)s rows, then rows of
     three sorts (column ``row``): 's' a readable start; 'n' a node of the page (after
     %(after_depth)s, %(after_id)s) with its summary, the count and the cap flag; with ``via``,
@@ -138,7 +149,12 @@ def _walk_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool, via: bo
     kept only where they reach a node of the page, and one per node:
     rows sent back are O(page) however many edges a hub on the level before has (the
     statement reads them, within its timeout; it sent every one of them back, a million
-    rows and 800 MB for a page of ten)."""
+    rows and 800 MB for a page of ten).
+
+    With ``levels`` (a walk out or in, now, deeper than MAX_DEPTH: "to the end"), ``found``
+    comes level at a time instead: the recursive CTE keeps a node once per depth it reaches
+    it at, so around a cycle it went on to the depth limit, a thousand rows per node, and
+    said ``truncated`` of an answer it had whole."""
     via_rows = ""
     if via:
         flags = {"as_of": as_of, "kinds": kinds, "acl": acl}
@@ -156,11 +172,15 @@ def _walk_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool, via: bo
             " AND (SELECT jsonb_object_agg(id::text || ' ' || depth, 1) FROM page)"
             " ? (e.far::text || ' ' || (f.depth + 1))"
             " ORDER BY e.far, f.depth, f.id, e.id) via")
+    if levels:
+        assert direction != "both" and not as_of
+        walk = _levels(direction, acl=acl)
+    else:
+        walk = (f" {_recursion(direction, as_of=as_of, kinds=kinds, acl=acl)},"
+                " capped AS (SELECT id, d FROM r LIMIT %(cap)s),"
+                " found AS MATERIALIZED (SELECT id, min(d) AS depth FROM capped GROUP BY id),")
     return (
-        f"WITH RECURSIVE {_prelude(acl=acl, as_of=as_of, starts='%(starts)s')},"
-        f" {_recursion(direction, as_of=as_of, kinds=kinds, acl=acl)},"
-        " capped AS (SELECT id, d FROM r LIMIT %(cap)s),"
-        " found AS MATERIALIZED (SELECT id, min(d) AS depth FROM capped GROUP BY id),"
+        f"WITH RECURSIVE {_prelude(acl=acl, as_of=as_of, starts='%(starts)s')},{walk}"
         " page AS MATERIALIZED (SELECT id, depth FROM found"
         " WHERE depth > 0 AND (depth, id) > (%(after_depth)s, %(after_id)s)"
         " ORDER BY depth, id LIMIT %(limit)s)"
@@ -279,7 +299,8 @@ class Graph:
                 after_depth, after_id = int(c_depth), UUID(c_id)
             except ValueError:
                 raise InvalidInput("cursor is not one this API returned", pointer="/cursor") from None
-        sql = _walk_sql(direction, as_of is not None, kinds is not None, not who.is_org_admin, via)
+        levels = depth > MAX_DEPTH and as_of is None and direction != "both"
+        sql = _walk_sql(direction, as_of is not None, kinds is not None, not who.is_org_admin, via, levels)
         params = self._params(who, starts=starts, kinds=kinds, as_of=as_of, depth=depth, cap=cap,
                               limit=limit, after_depth=after_depth, after_id=after_id)
         # (row, id, depth, type, project_id, title, rel, frm, kind, total, truncated, too): tuples;
@@ -378,8 +399,11 @@ class Graph:
         limit = check_depth(limit, cap=10 * MAX_PAGE, name="limit")
         roots = list(dict.fromkeys(roots))
         sql = _subgraph_sql(direction, as_of is not None, kinds_ is not None, not who.is_org_admin)
-        params = self._params(who, starts=roots, kinds=kinds_, as_of=as_of, depth=depth, cap=limit * 4,
-                              limit=max(limit - len(roots), 0))
+        # The recursion keeps a node once per depth it reaches it at: with room for every node
+        # of the limit at every depth, hitting the cap means more nodes than the limit (with
+        # four rows a node, a small clique walked ten deep said truncated of a whole answer).
+        params = self._params(who, starts=roots, kinds=kinds_, as_of=as_of, depth=depth,
+                              cap=limit * (depth + 1) + 1, limit=max(limit - len(roots), 0))
         # (row, id, depth, type, project_id, title, rel, frm, kind, total, truncated)
         rows = await self.db.read(who.org_id, sql, params, generic_plans=True, row_factory=tuple_row)
         nodes = sorted((r for r in rows if r[0] == "n"), key=lambda r: (r[2], r[1]))

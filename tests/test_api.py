@@ -67,7 +67,8 @@ async def test_entity_crud_with_etags(client: httpx.AsyncClient, tenant: Tenant)
     assert deleted.status_code == 200 and deleted.json()["deleted"] is True
     gone = await client.get(url, headers=h)
     assert gone.status_code == 410 and gone.json()["status"] == 410
-    back = await client.post(url + "/undelete", headers=h)
+    assert (await client.post(url + "/undelete", headers={**h, "If-Match": '"3"'})).status_code == 409
+    back = await client.post(url + "/undelete", headers={**h, "If-Match": '"4"'})
     assert back.status_code == 200 and back.json()["version"] == 5
     old = await client.get(url, headers=h, params={"as_of": "1"})
     assert old.json()["data"] == {"title": "a", "status": "todo"} and old.headers["etag"] == '"1"'
@@ -77,7 +78,9 @@ async def test_entity_crud_with_etags(client: httpx.AsyncClient, tenant: Tenant)
     assert then.json()["version"] == 3
     diff = await client.get(url + "/diff", headers=h, params={"from": 1, "to": 3})
     assert diff.status_code == 200 and diff.json()["patch"]
-    restored = await client.post(url + "/restore", headers=h, params={"version": 1})
+    stale = await client.post(url + "/restore", headers={**h, "If-Match": '"4"'}, params={"version": 1})
+    assert stale.status_code == 409 and stale.json()["current_version"] == 5
+    restored = await client.post(url + "/restore", headers={**h, "If-Match": '"5"'}, params={"version": 1})
     assert restored.json()["data"] == {"title": "a", "status": "todo"} and restored.json()["version"] == 6
 
 

@@ -626,3 +626,16 @@ async def test_cycles_never_make_a_whole_answer_look_cut(svc: Services, tenant: 
     assert (len(whole["nodes"]), len(whole["relationships"]), whole["truncated"]) == (5, 20, False)
     part = await svc.graph.subgraph(tenant.owner, [clique[0]], depth=10, limit=4)
     assert (len(part["nodes"]), part["truncated"]) == (4, True)
+
+
+async def test_undeleting_an_edge_is_checked_for_a_cycle(svc: Services, tenant: Tenant) -> None:
+    await svc.types.register(tenant.owner, EntityType(name="task", acyclic_kinds=["depends_on"]))
+    a, b = await node(svc, tenant, "a"), await node(svc, tenant, "b")
+    ab = await svc.relationships.create(tenant.owner, a, b, "depends_on")
+    await svc.relationships.delete(tenant.owner, ab.id)
+    ba = await svc.relationships.create(tenant.owner, b, a, "depends_on")  # fine while a -> b is gone
+    with pytest.raises(InvalidInput):
+        await svc.relationships.undelete(tenant.owner, ab.id)
+    assert (await svc.graph.reachable(tenant.owner, a, depth=5))["found"] == {}
+    await svc.relationships.delete(tenant.owner, ba.id)
+    assert not (await svc.relationships.undelete(tenant.owner, ab.id)).deleted

@@ -122,16 +122,19 @@ async def delete_entity(org: str, id: str, svc: Svc, who: Who, if_match: IfMatch
 
 
 @router.post("/entities/{id}/undelete")
-async def undelete_entity(org: str, id: str, svc: Svc, who: Who) -> JSONResponse:
-    return await _written(svc, who, await svc.entities.undelete(who, parse_id(id)))
+async def undelete_entity(org: str, id: str, svc: Svc, who: Who, if_match: IfMatch = None) -> JSONResponse:
+    entity = await svc.entities.undelete(who, parse_id(id), if_version=parse_if_match(if_match))
+    return await _written(svc, who, entity)
 
 
 @router.post("/entities/{id}/restore")
 async def restore_entity(
-    org: str, id: str, svc: Svc, who: Who, version: Annotated[int, Query(ge=1, le=2**31 - 1)]
+    org: str, id: str, svc: Svc, who: Who, version: Annotated[int, Query(ge=1, le=2**31 - 1)],
+    if_match: IfMatch = None,
 ) -> JSONResponse:
-    """Make an old version current again, as a new version."""
-    return await _written(svc, who, await svc.entities.restore(who, parse_id(id), version))
+    """Make an old version current again, as a new version (If-Match: only if still at that one)."""
+    entity = await svc.entities.restore(who, parse_id(id), version, if_version=parse_if_match(if_match))
+    return await _written(svc, who, entity)
 
 
 @router.get("/entities/{id}/history")

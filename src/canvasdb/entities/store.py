@@ -283,18 +283,22 @@ class EntityStore:
         """Soft delete: a tombstone version. Deleting a deleted entity changes nothing."""
         return await self._change(who, id, "delete", None, if_version=if_version)
 
-    async def undelete(self, who: Principal, id: UUID) -> Entity:
+    async def undelete(self, who: Principal, id: UUID, *, if_version: int | None = None) -> Entity:
         """Bring a deleted entity back as it was. Undeleting a live entity changes nothing."""
-        return await self._change(who, id, "undelete", None)
+        return await self._change(who, id, "undelete", None, if_version=if_version)
 
-    async def restore(self, who: Principal, id: UUID, version: int) -> Entity:
+    async def restore(self, who: Principal, id: UUID, version: int, *,
+                      if_version: int | None = None) -> Entity:
         """Make an old version current again, as a new version (also undeletes)."""
         latest = (await self._read(who, id, write=True))["version"]
+        if if_version is not None and if_version != latest:
+            raise _refusal("conflict", id, latest, self.max_data_bytes)
         if not 1 <= version <= latest:
             raise NotFound(f"entity {id} has no version {version}")
         async with self.db.transaction(who.org_id) as conn:
             old = history.rebuild(await self._rebuild_rows(conn, who, id, version))
-        return await self._change(who, id, "restore", json.dumps(old, ensure_ascii=False))
+        return await self._change(who, id, "restore", json.dumps(old, ensure_ascii=False),
+                                  if_version=if_version)
 
     async def _change(
         self, who: Principal, id: UUID, op: str, value: str | None, *, if_version: int | None = None

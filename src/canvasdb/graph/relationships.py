@@ -11,6 +11,7 @@ editing the entity, not here), and the edges of live boards as relationships of 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -182,7 +183,20 @@ class RelationshipStore:
         return await self._change(who, id, if_version, "deleted = true", ())
 
     async def undelete(self, who: Principal, id: UUID) -> Relationship:
-        return await self._change(who, id, None, "deleted = false", ())
+        """Bring a deleted relationship back: checked for a cycle as a new one would be (422)."""
+        async def no_cycle(conn: Connection, row: dict[str, Any]) -> None:
+            if not row["deleted"]:
+                return
+            acyclic = await (await conn.execute(
+                "SELECT t.acyclic_kinds ? %s AS yes FROM entities e JOIN entity_types t"
+                " ON t.org_id = e.org_id AND t.name = e.type WHERE e.org_id = %s AND e.id = %s",
+                (row["kind"], who.org_id, row["src"]))).fetchone()
+            if acyclic is not None and acyclic["yes"] and await reaches(
+                    conn, who.org_id, row["dst"], row["src"], row["kind"], lock=True):
+                raise InvalidInput(f"relationship {id} would close a cycle of {row['kind']!r} again",
+                                   pointer="/id")
+
+        return await self._change(who, id, None, "deleted = false", (), check=no_cycle)
 
     async def list(self, who: Principal, *, entity: UUID | None = None, direction: str = "both",
                    kinds: list[str] | None = None, after: UUID | None = None,
@@ -240,7 +254,9 @@ class RelationshipStore:
         return row
 
     async def _change(self, who: Principal, id: UUID, if_version: int | None, assignment: str,
-                      params: tuple[Any, ...]) -> Relationship:
+                      params: tuple[Any, ...], *,
+                      check: Callable[[Connection, dict[str, Any]], Awaitable[None]] | None = None
+                      ) -> Relationship:
         async with self.db.transaction(who.org_id) as conn:
             row = await self._row(conn, who, id, write=True)
             if row["origin"] == "field":
@@ -250,6 +266,8 @@ class RelationshipStore:
             if if_version is not None and if_version != row["version"]:
                 raise Conflict(f"relationship {id} is at version {row['version']}",
                                current_version=row["version"])
+            if check is not None:
+                await check(conn, row)
             cur = await conn.execute(
                 f"UPDATE relationships SET {assignment}, updated_by = %s"
                 " WHERE org_id = %s AND id = %s RETURNING *", (*params, who.user_id, who.org_id, id))

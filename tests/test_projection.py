@@ -152,3 +152,22 @@ async def test_metrics_expose_appends_commits_and_projection_lag(
     assert value("canvasdb_projection_lag_seconds_count") >= 1
     assert value("canvasdb_projection_entity_writes_total") >= 1
     assert "canvasdb_doc_cache_bytes" in text
+
+
+async def test_an_edge_projected_to_a_node_deleted_meanwhile_is_not_live(svc: Services, tenant: Tenant) -> None:
+    """The projection writes a board's node entities, then its edges: a node entity deleted in
+    between (through the API) makes the new edge a hidden one, as any relationship made to a
+    deleted entity is."""
+    await svc.documents.create(tenant.owner, tenant.project_id, "race", "board")
+    board = Board()
+    board.nodes["a"] = {"type": "sticky", "text": "a"}
+    board.nodes["b"] = {"type": "sticky", "text": "b"}
+    await push(svc, tenant, "race", board)
+    await svc.projection.project(tenant.org_id, "race")
+    a, b = entity_id("race", "nodes", "a"), entity_id("race", "nodes", "b")
+    await svc.entities.delete(tenant.owner, b)
+    wanted = {("nodes", "a"): {}, ("nodes", "b"): {}, ("edges", "e"): {"from": "a", "to": "b"}}
+    await svc.projection._edges(tenant.org_id, "race", tenant.project_id, wanted, [])  # the edge step alone
+    assert (await svc.graph.neighbors(tenant.owner, a, kinds=["board.edge"]))["nodes"] == []
+    await svc.entities.undelete(tenant.owner, b)  # and it comes back with its end
+    assert [n["id"] for n in (await svc.graph.neighbors(tenant.owner, a, kinds=["board.edge"]))["nodes"]] == [str(b)]

@@ -129,12 +129,23 @@ class BoardProjection:
                                                          entity_id(doc_id, "nodes", dst), data)
         stale = [_edge_id(doc_id, e["key"], e.get("from"), e.get("to")) for e in before]
         async with self.documents.db.transaction(org_id) as conn:
+            # The ends locked FOR KEY SHARE to the commit, as every maker of relationships does
+            # (migration 0018): a node entity deleted meanwhile (through the API) is seen
+            # deleted here, or its deletion waits and then hides these edges.
+            ends = sorted({end for src_id, dst_id, _ in keep.values() for end in (src_id, dst_id)})
+            alive = {r["id"]: not r["deleted"] for r in await (await conn.execute(
+                "SELECT id, deleted FROM entities WHERE org_id = %s AND id = ANY(%s)"
+                " ORDER BY id FOR KEY SHARE", (org_id, ends))).fetchall()}
             for rid, (src_id, dst_id, data) in keep.items():
+                if src_id not in alive or dst_id not in alive:
+                    continue
                 await conn.execute(
                     "INSERT INTO relationships (org_id, id, src, dst, kind, data, src_project, dst_project,"
-                    " origin) VALUES (%s, %s, %s, %s, 'board.edge', %s, %s, %s, 'board')"
-                    " ON CONFLICT (org_id, id) DO UPDATE SET data = EXCLUDED.data, deleted = false",
-                    (org_id, rid, src_id, dst_id, Jsonb(data), project_id, project_id))
+                    " origin, end_deleted) VALUES (%s, %s, %s, %s, 'board.edge', %s, %s, %s, 'board', %s)"
+                    " ON CONFLICT (org_id, id) DO UPDATE SET data = EXCLUDED.data, deleted = false,"
+                    " end_deleted = EXCLUDED.end_deleted",
+                    (org_id, rid, src_id, dst_id, Jsonb(data), project_id, project_id,
+                     not (alive[src_id] and alive[dst_id])))
             await conn.execute(
                 "UPDATE relationships SET deleted = true WHERE org_id = %s AND id = ANY(%s)"
                 " AND origin = 'board' AND NOT deleted AND NOT id = ANY(%s)",

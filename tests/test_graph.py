@@ -274,6 +274,17 @@ async def test_queries_as_of_a_past_time(svc: Services, tenant: Tenant) -> None:
     assert [n["title"] for n in lineage["descendants"]] == ["a"]
     assert (await svc.graph.lineage(tenant.owner, b))["descendants"] == []
 
+    # a start deleted at that moment is not found then, as it is not now
+    await svc.entities.delete(tenant.owner, b)
+    deleted = datetime.now(UTC)
+    await asyncio.sleep(0.01)
+    await svc.entities.undelete(tenant.owner, b)
+    with pytest.raises(NotFound):
+        await svc.graph.neighbors(tenant.owner, b, as_of=deleted)
+    with pytest.raises(NotFound):
+        await svc.graph.reachable(tenant.owner, b, as_of=deleted)
+    assert [n["title"] for n in (await svc.graph.neighbors(tenant.owner, b, as_of=before))["nodes"]] == ["c"]
+
 
 async def test_http_routes(client: httpx.AsyncClient, svc: Services, tenant: Tenant,
                            other_tenant: Tenant) -> None:

@@ -100,7 +100,10 @@ def _prelude(*, acl: bool, as_of: bool, starts: str) -> str:
     """``acl`` (the caller's readable projects) and ``start`` (the start entities it may read)."""
     acl_cte = ("acl AS (SELECT coalesce(array_agg(project_id), '{}') AS p FROM project_members"
                " WHERE org_id = %(org)s AND user_id = %(user)s), ") if acl else ""
-    alive = "s.created_at <= %(as_of)s" if as_of else "NOT s.deleted"
+    # as of a moment: the entity existed then and its version of that moment is not a tombstone
+    alive = ("s.created_at <= %(as_of)s AND NOT (SELECT v.deleted FROM entity_versions v"
+             " WHERE v.org_id = s.org_id AND v.entity_id = s.id AND v.at <= %(as_of)s"
+             " ORDER BY v.version DESC LIMIT 1)") if as_of else "NOT s.deleted"
     readable = " AND EXISTS (SELECT FROM acl WHERE s.project_id = ANY(acl.p))" if acl else ""
     return (f"{acl_cte}start AS (SELECT s.id FROM entities s WHERE s.org_id = %(org)s"
             f" AND s.id = ANY({starts}) AND {alive}{readable})")

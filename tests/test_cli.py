@@ -106,6 +106,9 @@ def test_errors_are_one_clear_line(env: dict[str, str]) -> None:
     assert bad.returncode == 1 and "not valid JSON" in bad.stderr
     bad = run(env, "org", "create", "Not A Slug", check=False)
     assert bad.returncode == 1 and "slug" in bad.stderr and "Traceback" not in bad.stderr
+    long_name = "x" * 150  # piped, a long message stays one line (rich wrapped it at 80 columns)
+    bad = run(env, "entity", "get", "--org", long_name, "00000000-0000-0000-0000-000000000000", check=False)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and long_name in bad.stderr, bad.stderr
 
 
 def _free_port() -> int:

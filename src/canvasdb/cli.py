@@ -39,8 +39,8 @@ for sub, name in [(db_app, "db"), (org_app, "org"), (user_app, "user"), (token_a
                   (project_app, "project"), (entity_app, "entity")]:
     app.add_typer(sub, name=name)
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)  # a line stays one line when piped (80 columns otherwise)
+err = Console(stderr=True, soft_wrap=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 OrgOpt = Annotated[str, typer.Option("--org", help="Org slug or id.")]
 

@@ -26,7 +26,7 @@ from test_blobs import Backend, chunked, new_s3_store, s3_client, s3_endpoint  #
 
 from canvasdb.api import create_app
 from canvasdb.blobs import FilesystemBlobStore
-from canvasdb.blobs.attachments import _lock_key
+from canvasdb.blobs.gc import lock_key
 from canvasdb.db import Database
 from canvasdb.errors import Conflict
 from canvasdb.services import Services
@@ -469,7 +469,7 @@ async def test_a_write_whose_content_is_collected_meanwhile_is_refused(api: Api,
     content = os.urandom(1000)
     key = sha(content)
     async with api.svc.db.transaction() as conn:
-        await (await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _lock_key(key))).fetchone()
+        await (await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", lock_key(key))).fetchone()
         task = asyncio.create_task(api.svc.attachments.put(tenant.owner, "late", content))
         for _ in range(500):  # until the upload is done and the write waits for the lock
             if await api.backend.store.exists(key):

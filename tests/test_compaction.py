@@ -195,3 +195,77 @@ async def test_a_held_document_moves_to_a_newer_snapshot(svc: Services, tenant: 
     assert view(doc) == view(editor.doc)
     await gateway.close()
     await worker.close()
+
+
+async def test_a_snapshot_blob_outlives_an_attachment_of_the_same_bytes(svc: Services, tenant: Tenant) -> None:
+    """Snapshots and attachments share content in the blob store: deleting an attachment whose
+    bytes are a snapshot's leaves the snapshot's blob; retention deleting the snapshot frees it."""
+    store = DocumentStore(svc.db, blobs=svc.blobs, snapshot_inline_bytes=16)
+    await store.create(tenant.owner, tenant.project_id, "shared")
+    editor = Editor(5)
+    for _ in range(30):
+        await store.append(tenant.owner, "shared", editor.step())
+    await store.compact(tenant.org_id, "shared")
+    async with svc.db.transaction(tenant.org_id) as conn:
+        sha = (await (await conn.execute("SELECT blob_sha256 FROM doc_snapshots WHERE org_id = %s"
+                                         " AND doc_id = 'shared'", (tenant.org_id,))).fetchone())["blob_sha256"]
+    state = await svc.blobs.get(sha)
+    await svc.attachments.put(tenant.owner, "copy.bin", state)
+    await svc.attachments.delete(tenant.owner, "copy.bin")
+    assert await svc.blobs.exists(sha), "still the snapshot's"
+    assert view(replay([await DocumentStore(svc.db, blobs=svc.blobs).state(tenant.owner, "shared")])) == \
+        view(editor.doc)
+    # A newer snapshot on another day; past retention the old one goes, and its blob with it.
+    await store.append(tenant.owner, "shared", editor.step())
+    await store.compact(tenant.org_id, "shared")
+    async with svc.db.transaction(tenant.org_id) as conn:
+        await conn.execute("UPDATE doc_snapshots SET at = at - interval '40 days' WHERE org_id = %s"
+                           " AND doc_id = 'shared' AND blob_sha256 = %s", (tenant.org_id, sha))
+    assert (await store.prune(tenant.org_id, "shared"))[1] == 0, "the only one of its day stays"
+    async with svc.db.transaction(tenant.org_id) as conn:
+        await conn.execute("UPDATE doc_snapshots SET at = now() - interval '40 days' + interval '1 second'"
+                           " WHERE org_id = %s AND doc_id = 'shared' AND blob_sha256 <> %s",
+                           (tenant.org_id, sha))
+    assert (await store.prune(tenant.org_id, "shared"))[1] == 1
+    assert not await svc.blobs.exists(sha)
+    await store.close()
+
+
+async def test_an_update_waiting_for_its_predecessor_survives_compaction(svc: Services, tenant: Tenant) -> None:
+    store = svc.documents
+    await store.create(tenant.owner, tenant.project_id, "pending")
+    writer, updates = Doc(), []
+    writer.observe(lambda e: updates.append(e.update))
+    text = writer.get("t", type=Text)
+    text += "hello"
+    text += " world"
+    await store.append(tenant.owner, "pending", updates[1])  # its predecessor comes later
+    await store.compact(tenant.org_id, "pending")
+    await store.append(tenant.owner, "pending", updates[0])
+    await store.compact(tenant.org_id, "pending")
+    for reader in (store, DocumentStore(svc.db)):
+        assert str(replay([await reader.state(tenant.owner, "pending")]).get("t", type=Text)) == "hello world"
+
+
+async def test_time_travel_inside_the_window_survives_retention(svc: Services, tenant: Tenant) -> None:
+    """Updates go only once a snapshot from before the cut covers them: a moment after the cut
+    is read from the snapshot before it and every update after that one."""
+    store = svc.documents
+    await store.create(tenant.owner, tenant.project_id, "window")
+    editor = Editor(9)
+    await store.append(tenant.owner, "window", editor.step())
+    await store.compact(tenant.org_id, "window")  # S1
+    moments = []
+    for _ in range(3):
+        await store.append(tenant.owner, "window", editor.step())
+        moments.append((datetime.now(UTC), view(replay(editor.updates))))
+        await asyncio.sleep(0.01)
+    await store.compact(tenant.org_id, "window")  # S2, after all of them
+    async with svc.db.transaction(tenant.org_id) as conn:  # S1 30 h ago, the updates 25 h to 23 h ago
+        await conn.execute("UPDATE doc_snapshots SET at = now() - interval '30 hours' WHERE org_id = %s"
+                           " AND doc_id = 'window' AND seq = 1", (tenant.org_id,))
+        await conn.execute("UPDATE doc_updates SET at = now() - interval '25 hours' WHERE org_id = %s"
+                           " AND doc_id = 'window' AND seq = 2", (tenant.org_id,))
+    await store.prune(tenant.org_id, "window")
+    for moment, expected in moments[1:]:  # inside the window: exact
+        assert view(replay([await store.state(tenant.owner, "window", as_of=moment)])) == expected

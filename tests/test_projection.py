@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 
 import httpx
+import pytest
 from conftest import Tenant
 from pycrdt import Doc, Map
 
 from canvasdb import jobs
 from canvasdb.documents import DocumentStore
 from canvasdb.documents.projection import BoardProjection, entity_id
+from canvasdb.errors import InvalidInput
 from canvasdb.services import Services
 
 
@@ -171,3 +174,38 @@ async def test_an_edge_projected_to_a_node_deleted_meanwhile_is_not_live(svc: Se
     assert (await svc.graph.neighbors(tenant.owner, a, kinds=["board.edge"]))["nodes"] == []
     await svc.entities.undelete(tenant.owner, b)  # and it comes back with its end
     assert [n["id"] for n in (await svc.graph.neighbors(tenant.owner, a, kinds=["board.edge"]))["nodes"]] == [str(b)]
+
+
+async def test_malformed_boards_and_squatted_ids_stop_nothing_and_leak_nothing(
+        svc: Services, tenant: Tenant) -> None:
+    """A node the entity store refuses, an edge whose ends are not keys, a board.edge entity
+    without a key: the rest of the board is projected and the hourly pass goes on. An entity
+    of another project that names the board, or takes a node's id, is never written into."""
+    await svc.documents.create(tenant.owner, tenant.project_id, "messy", "board")
+    side = await svc.tenancy.create_project(tenant.owner, "side", "side")
+    squat = entity_id("messy", "nodes", "secret")
+    await svc.entities.create(tenant.owner, side["id"], "task", {"doc": "messy", "key": "x"}, id=squat)
+    await svc.entities.create(tenant.owner, tenant.project_id, "board.edge", {"doc": "messy"})  # no key
+    board = Board()
+    board.nodes["fine"] = {"type": "sticky", "text": "ok"}
+    board.nodes["nul"] = {"type": "sticky", "text": "a\x00b"}
+    board.nodes["secret"] = {"type": "sticky", "text": "TOP SECRET"}
+    board.edges["odd"] = Map({"from": ["fine"], "to": "fine"})
+    await push(svc, tenant, "messy", board)
+    assert await svc.projection.project(tenant.org_id, "messy") >= 1
+    assert (await svc.entities.get(tenant.owner, entity_id("messy", "nodes", "fine"))).data["text"] == "ok"
+    meta = await svc.documents.get(tenant.owner, "messy")
+    assert meta.projected_seq == meta.last_seq, "a refused node does not hold the board back"
+    assert (await svc.entities.get(tenant.owner, squat)).data == {"doc": "messy", "key": "x"}
+    totals = await jobs.maintain(svc)
+    assert totals["failed"] == 0
+
+
+async def test_a_document_names_only_an_entity_its_creator_can_read(
+        svc: Services, tenant: Tenant, other_tenant: Tenant) -> None:
+    mine = await svc.entities.create(tenant.owner, tenant.project_id, "note", {})
+    theirs = await svc.entities.create(other_tenant.owner, other_tenant.project_id, "note", {})
+    await svc.documents.create(tenant.owner, tenant.project_id, "of-mine", "board", entity_id=mine.id)
+    for missing in (theirs.id, uuid.uuid4()):
+        with pytest.raises(InvalidInput):
+            await svc.documents.create(tenant.owner, tenant.project_id, "bad", "board", entity_id=missing)

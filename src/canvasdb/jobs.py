@@ -126,7 +126,7 @@ async def maintain(services: Any) -> dict[str, int]:
                 updates, snapshots = await docs.prune(
                     org.id, doc_id, keep_updates=timedelta(hours=settings.update_retention_hours),
                     keep_hourly=timedelta(days=settings.snapshot_retention_days))
-            except CanvasdbError:
+            except Exception:  # one document's failure, whatever it is, stops no other
                 log.exception("hourly maintenance of document %s failed", doc_id)
                 totals["failed"] += 1
                 continue

@@ -76,6 +76,8 @@ PROJECTION_LAG_SECONDS = Histogram(
     "canvasdb_projection_lag_seconds",
     "How long the oldest update a projection run handled had waited since it was committed",
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 7200))
+PROJECTION_SKIPPED = Counter("canvasdb_projection_skipped_total",
+                             "Board nodes or edges not projected: their data was refused (logged)")
 PROJECTED_ENTITIES = Counter("canvasdb_projection_entity_writes_total",
                              "Entity versions written by the projection of boards")
 

@@ -5,44 +5,30 @@ every key, in any org, that holds the same bytes, and is removed when the last r
 at it goes. Who may do what: every member of the org reads its attachments; owners and
 admins write and delete them.
 
-Invariant: a committed row always points at content that exists. Two advisory locks per
-content hash keep it without a table of reference counts:
-
-- a write first stores the content (no lock, it may take minutes), then, in the transaction
-  that writes the row, takes the hash's lock *shared*, checks the content is still there and
-  commits the row;
-- collecting content takes the hash's lock *exclusive*, asks whether any row in any org
-  still points at it (``blob_in_use``, which reads across orgs), and deletes it only if
-  none does, before it lets go of the lock.
-
-So content is never deleted under a row that is being committed, and a write whose content
-was collected between its upload and its row answers 409 (retry: storing is idempotent)
-instead of committing a dangling row. What is left is a leak, never a loss: content whose
-writer died between the upload and the commit stays unreferenced in the store.
+A committed row always points at content that exists, and content goes when the last row
+pointing at it does (``canvasdb.blobs.gc``): a write whose content was collected between
+its upload and its row answers 409 (retry: storing is idempotent).
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from canvasdb.blobs import gc
 from canvasdb.blobs.store import BlobCorrupt, BlobNotFound, BlobReader, BlobStore, Source
 from canvasdb.db import Connection, Database
-from canvasdb.errors import CanvasdbError, Conflict, InvalidInput, NotFound
+from canvasdb.errors import Conflict, InvalidInput, NotFound
 from canvasdb.tenancy import Principal
-
-log = logging.getLogger("canvasdb.blobs")
 
 MAX_KEY_LENGTH = 512
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 _KEY = re.compile(r"[A-Za-z0-9._/-]{1,512}")
 _TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
 _CONTENT_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ -~]*)?")
-_LOCK_SPACE = 0x63646231  # "cdb1": (this, first 32 bits of the hash) are the two-int advisory lock key
 _COLUMNS = "org_id, key, sha256, size, content_type, created_at, created_by"
 
 
@@ -85,10 +71,6 @@ def check_content_type(value: str | None) -> str:
     return value
 
 
-def _lock_key(sha256: str) -> tuple[int, int]:
-    return _LOCK_SPACE, int.from_bytes(bytes.fromhex(sha256[:8]), "big", signed=True)
-
-
 class Attachments:
     """The attachments of every org, over one blob store."""
 
@@ -121,9 +103,7 @@ class Attachments:
                       content_type: str) -> tuple[Attachment, str | None]:
         """Insert or update the row under the content's shared lock; the sha256 it replaced."""
         async with self.db.transaction(who.org_id) as conn:
-            # Fetching the result makes the pipeline wait until the lock is actually held.
-            await (await conn.execute("SELECT pg_advisory_xact_lock_shared(%s, %s)",
-                                      _lock_key(sha256))).fetchone()
+            await gc.hold(conn, sha256)
             if not await self.blobs.exists(sha256):
                 raise Conflict("the content was removed by a concurrent delete while it was being "
                                "stored; send it again", retry=True)
@@ -207,18 +187,7 @@ class Attachments:
         await self._collect(str(row["sha256"]))
 
     async def _collect(self, sha256: str) -> None:
-        """Delete the content if no row of any org points at it. Never raises: a failure here
-        leaves unreferenced content behind (logged), which costs space and nothing else."""
-        try:
-            async with self.db.transaction() as conn:
-                # Pipelined: the lock is taken before the question is asked, and both have been
-                # answered (the lock held) once the fetch returns.
-                await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _lock_key(sha256))
-                row = await (await conn.execute("SELECT blob_in_use(%s) AS used", (sha256,))).fetchone()
-                if row is not None and not row["used"]:
-                    await self.blobs.delete(sha256)
-        except CanvasdbError as exc:
-            log.warning("blob %s was left in the store: %s", sha256, exc.detail)
+        await gc.collect(self.db, self.blobs, sha256)
 
 
 async def _select(conn: Connection, org_id: UUID, key: str) -> Attachment | None:

@@ -15,6 +15,7 @@ the projection then finds already in place.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 from uuid import UUID
@@ -25,9 +26,10 @@ from pycrdt import Map
 from canvasdb import metrics
 from canvasdb.documents.store import DocumentStore
 from canvasdb.entities import Entity, EntityStore
-from canvasdb.errors import Gone, NotFound
+from canvasdb.errors import CanvasdbError, Gone, NotFound
 from canvasdb.tenancy import Principal
 
+log = logging.getLogger("canvasdb.projection")
 NAMESPACE = uuid.UUID("5f0e3c2a-8d0b-4c7e-9a43-6b2f1d9e7c10")
 # What search reads of a board node, unless the org declared ``board.node`` itself.
 BOARD_NODE_SEARCH = {"text_fields": {"title": "A", "text": "B", "label": "B"}, "tag_field": "tags"}
@@ -87,21 +89,26 @@ class BoardProjection:
             wanted = {(name, key): _plain(value)
                       for name in COLLECTIONS
                       for key, value in loaded.doc.get(name, type=Map).items()}
-        current = await self._projected(org_id, doc_id)
+        current = await self._projected(org_id, doc_id, meta["project_id"])
         current_edges = [e.data for e in current.values() if e.type == "board.edge" and not e.deleted]
         written = 0
         for (name, key), value in wanted.items():
             data = {**value, "doc": doc_id, "key": key}
             eid = entity_id(doc_id, name, key)
             existing = current.pop(eid, None)
-            if existing is None:
-                await self.entities.create(system, meta["project_id"], COLLECTIONS[name], data, id=eid)
-            elif existing.deleted:
-                await self.entities.undelete(system, eid)
-                await self.entities.replace(system, eid, data)
-            elif existing.data != data:
-                await self.entities.replace(system, eid, data)
-            else:
+            try:
+                if existing is None:
+                    await self.entities.create(system, meta["project_id"], COLLECTIONS[name], data, id=eid)
+                elif existing.deleted:
+                    await self.entities.undelete(system, eid)
+                    await self.entities.replace(system, eid, data)
+                elif existing.data != data:
+                    await self.entities.replace(system, eid, data)
+                else:
+                    continue
+            except CanvasdbError as exc:  # one bad node (NUL, too large, an id taken) stops no other
+                log.warning("board %s: %s %r not projected: %s", doc_id, name, key, exc.detail)
+                metrics.PROJECTION_SKIPPED.inc()
                 continue
             written += 1
         for eid, gone in current.items():
@@ -123,11 +130,11 @@ class BoardProjection:
         keep: dict[UUID, tuple[UUID, UUID, dict[str, Any]]] = {}
         for (name, key), value in wanted.items():
             src, dst = value.get("from"), value.get("to")
-            if name == "edges" and src in nodes and dst in nodes:
+            if name == "edges" and isinstance(src, str) and isinstance(dst, str) and {src, dst} <= nodes:
                 data = {k: v for k, v in value.items() if k not in ("from", "to")}
                 keep[_edge_id(doc_id, key, src, dst)] = (entity_id(doc_id, "nodes", src),
                                                          entity_id(doc_id, "nodes", dst), data)
-        stale = [_edge_id(doc_id, e["key"], e.get("from"), e.get("to")) for e in before]
+        stale = [_edge_id(doc_id, e["key"], e.get("from"), e.get("to")) for e in before if "key" in e]
         async with self.documents.db.transaction(org_id) as conn:
             # The ends locked FOR KEY SHARE to the commit, as every maker of relationships does
             # (migration 0018): a node entity deleted meanwhile (through the API) is seen
@@ -151,12 +158,15 @@ class BoardProjection:
                 " AND origin = 'board' AND NOT deleted AND NOT id = ANY(%s)",
                 (org_id, stale, list(keep)))
 
-    async def _projected(self, org_id: UUID, doc_id: str) -> dict[UUID, Entity]:
+    async def _projected(self, org_id: UUID, doc_id: str, project_id: UUID) -> dict[UUID, Entity]:
         from canvasdb.entities.store import _entity
 
         async with self.documents.db.transaction(org_id) as conn:
+            # Only the board's own: its project, its two types (an entity of another project
+            # may name the board in its data, and take the id of one of its nodes).
             cur = await conn.execute(
-                "SELECT * FROM entities WHERE org_id = %s AND board_doc = %s", (org_id, doc_id))
+                "SELECT * FROM entities WHERE org_id = %s AND board_doc = %s AND project_id = %s"
+                " AND type = ANY(%s)", (org_id, doc_id, project_id, list(COLLECTIONS.values())))
             return {row["id"]: _entity(row) for row in await cur.fetchall()}
 
     async def entity_changed(self, who: Principal, entity: Entity) -> None:

@@ -25,12 +25,18 @@ from uuid import UUID
 from pycrdt import Doc, get_state, get_update, merge_updates
 
 from canvasdb import metrics
-from canvasdb.blobs import BlobStore
+from canvasdb.blobs import BlobStore, gc
 from canvasdb.db import Connection, Database
 from canvasdb.documents import yjs
 from canvasdb.documents.log import Appended, UpdateLog
 from canvasdb.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unavailable
-from canvasdb.tenancy import Principal, check_project_access, require_project_role, role_in_project
+from canvasdb.tenancy import (
+    Principal,
+    check_project_access,
+    project_role,
+    require_project_role,
+    role_in_project,
+)
 
 log = logging.getLogger("canvasdb.documents")
 DOC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
@@ -217,6 +223,12 @@ class DocumentStore:
             raise InvalidInput("kind is a lowercase word such as 'board' or 'text'", pointer="/kind")
         async with self.db.transaction(who.org_id) as conn:
             await check_project_access(conn, who, project_id, write=True)
+            if entity_id is not None:  # one of this org's, that the caller can read
+                owner = await (await conn.execute(
+                    "SELECT project_id FROM entities WHERE org_id = %s AND id = %s",
+                    (who.org_id, entity_id))).fetchone()
+                if owner is None or await project_role(conn, who, owner["project_id"]) is None:
+                    raise InvalidInput(f"entity {entity_id} not found", pointer="/entity_id")
             cur = await conn.execute(
                 "INSERT INTO documents (org_id, id, project_id, kind, entity_id, created_by)"
                 " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (org_id, id) DO NOTHING"
@@ -545,11 +557,22 @@ class DocumentStore:
                 return None
             _replay(doc, rows, doc_id)
             at = rows[-1]["at"]
-            state = doc.get_update()
+            # The pieces merged, not the document encoded: an update whose predecessors the
+            # log lacks waits in the document as pending, and get_update() leaves it out (it
+            # was lost once the log's copy went). With garbage collection off, as here, both
+            # hold the same content otherwise; the merge is the smaller of the two.
+            state = merge_updates(*([await self._snapshot_state(base)] if base is not None else []),
+                                  *(bytes(r["payload"]) for r in rows))
             inline, blob = state, None
             if self.blobs is not None and len(state) > self.snapshot_inline_bytes:
-                # Stored (durably) before the row that points at it can commit.
-                inline, blob = None, (await self.blobs.put(state)).key
+                # Stored (durably) before the row that points at it can commit, and held from
+                # collection (blobs/gc.py) until it has: the same bytes may be an attachment's
+                # that is being deleted.
+                blob = (await self.blobs.put(state)).key
+                await gc.hold(conn, blob)
+                if not await self.blobs.exists(blob):
+                    await self.blobs.put(state)
+                inline = None
             await conn.execute(
                 "INSERT INTO doc_snapshots (org_id, doc_id, seq, state, blob_sha256, size, at, state_vector)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
@@ -588,15 +611,20 @@ class DocumentStore:
     async def prune(self, org_id: UUID, doc_id: str, *, now: datetime | None = None,
                     keep_updates: timedelta = timedelta(hours=24),
                     keep_hourly: timedelta = timedelta(days=30)) -> tuple[int, int]:
-        """Apply retention: delete updates older than ``keep_updates`` that a snapshot covers,
-        and thin snapshots older than ``keep_hourly`` to the last one of each day (the newest
-        snapshot always stays). Returns (updates deleted, snapshots deleted)."""
+        """Apply retention: delete updates older than ``keep_updates`` that a snapshot from
+        before then covers, and thin snapshots older than ``keep_hourly`` to the last one of
+        each day (the newest snapshot always stays; a deleted one's blob is collected).
+        Returns (updates deleted, snapshots deleted)."""
         now = now or datetime.now(UTC)
         async with self.db.transaction(org_id) as conn:
+            # Only what a snapshot from before the cut covers: a moment after the cut is read
+            # from the newest snapshot at or before it and the updates after that one, which
+            # must all still be there (with the newest snapshot of all, a moment between an
+            # older snapshot and the cut lost the updates in between).
             cur = await conn.execute(
                 "DELETE FROM doc_updates WHERE org_id = %(org)s AND doc_id = %(doc)s AND at < %(cut)s"
                 " AND seq <= (SELECT max(seq) FROM doc_snapshots"
-                "             WHERE org_id = %(org)s AND doc_id = %(doc)s) RETURNING seq",
+                "             WHERE org_id = %(org)s AND doc_id = %(doc)s AND at <= %(cut)s) RETURNING seq",
                 {"org": org_id, "doc": doc_id, "cut": now - keep_updates})
             updates = len(await cur.fetchall())
             cur = await conn.execute(
@@ -607,10 +635,13 @@ class DocumentStore:
                 " AND EXISTS (SELECT 1 FROM doc_snapshots later WHERE later.org_id = s.org_id"
                 "             AND later.doc_id = s.doc_id AND later.seq > s.seq"
                 "             AND date_trunc('day', later.at) = date_trunc('day', s.at))"
-                " RETURNING seq",
+                " RETURNING seq, blob_sha256",
                 {"org": org_id, "doc": doc_id, "cut": now - keep_hourly})
-            snapshots = len(await cur.fetchall())
-        return updates, snapshots
+            gone = await cur.fetchall()
+        if self.blobs is not None:
+            for sha256 in {r["blob_sha256"] for r in gone if r["blob_sha256"] is not None}:
+                await gc.collect(self.db, self.blobs, sha256)
+        return updates, len(gone)
 
 
 @dataclass(frozen=True)

@@ -651,7 +651,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
              f"avg {total / b['updates']:.0f} bytes; stored sum(octet_length) {b['stored_update_bytes']:,}")
     size_row("  doc_updates growth on disk (heap + primary key + TOAST)",
              b["bulk_load"]["doc_updates_growth_bytes"], "after the COPY, VACUUM ANALYZE")
-    size_row("snapshot after compaction (Doc(skip_gc=True).get_update())", b["snapshot"]["bytes"],
+    size_row("snapshot after compaction (the pieces merged)", b["snapshot"]["bytes"],
              f"compact() took {b['compact_seconds']:.2f} s")
     if b["snapshot"]["in_blob_store"]:
         size_row("  snapshot as stored: in the blob store (over CANVASDB_SNAPSHOT_INLINE_BYTES)",

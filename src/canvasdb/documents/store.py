@@ -561,8 +561,8 @@ class DocumentStore:
             # log lacks waits in the document as pending, and get_update() leaves it out (it
             # was lost once the log's copy went). With garbage collection off, as here, both
             # hold the same content otherwise; the merge is the smaller of the two.
-            state = yjs.merge([await self._snapshot_state(base)] * (base is not None)
-                              + [bytes(r["payload"]) for r in rows])
+            pieces = [] if base is None else [await self._snapshot_state(base)]
+            state = yjs.merge(pieces + [bytes(r["payload"]) for r in rows])
             inline, blob = state, None
             if self.blobs is not None and len(state) > self.snapshot_inline_bytes:
                 # Stored (durably) before the row that points at it can commit, and held from

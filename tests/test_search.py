@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import json
+import os
 import socket
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -25,7 +32,7 @@ from canvasdb.runtime import prepare_schema
 from canvasdb.search.embedders import make_embedder
 from canvasdb.search.engine import Filters, Search
 from canvasdb.search.models import Models
-from canvasdb.search.query import allowed_typos, parse, slip, typo_cost
+from canvasdb.search.query import allowed_typos, corrections, parse, slip, typo_cost
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 from canvasdb.tenancy import Principal
@@ -541,3 +548,199 @@ async def test_board_nodes_are_searchable(svc: Services, tenant: Tenant) -> None
     assert (await _ids(svc, tenant.owner, "car", mode="semantic"))[:1] == [node]
     res = await svc.search.search(tenant.owner, "delivery", mode="text", facets=("module",))
     assert res.facets == {"module": {"board": 1}}
+
+
+# --- corrections, times, cursors, markers, bad text, exclusions, counts -------------------------
+
+async def _viewer(svc: Services, tenant: Tenant) -> Principal:
+    """A member of the org who may read the project ``main`` only."""
+    member_id = await svc.tenancy.ensure_user(f"viewer-{tenant.slug}@example.com")
+    await svc.tenancy.set_org_role(tenant.org_id, member_id, "member")
+    await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, member_id, "viewer")
+    return Principal(org_id=tenant.org_id, user_id=member_id, org_role="member")
+
+
+async def test_corrections_come_only_from_words_the_caller_can_read_now(svc: Services, tenant: Tenant) -> None:
+    """The term dictionary is the whole org's, and keeps the words of deleted entities and of
+    edited text: a correction is offered only when it finds something the caller may read."""
+    secret = await svc.tenancy.create_project(tenant.owner, "secret")
+    gone, edited, _ = await _setup(svc, tenant, [("note", {"title": "gondola", "body": ""}),
+                                                 ("note", {"title": "lantern", "body": ""}),
+                                                 ("note", {"title": "weekly kitchen", "body": ""})])
+    await svc.entities.create(tenant.owner, secret["id"], "note", {"title": "zeppelin", "body": ""})
+    await svc.entities.delete(tenant.owner, gone)
+    await svc.entities.patch(tenant.owner, edited, {"title": "lamp"})
+    await svc.indexer.drain(tenant.org_id)
+    viewer = await _viewer(svc, tenant)
+    for mode in ("text", "hybrid"):
+        res = await svc.search.search(viewer, "zepelin gondla lantrn kitchn ", mode=mode)
+        assert res.corrections == {"kitchn": ["kitchen"]}, mode
+        res = await svc.search.search(tenant.owner, "zepelin gondla lantrn ", mode=mode)
+        assert res.corrections == {"zepelin": ["zeppelin"]}, mode
+    # Within the filters and the exclusions too.
+    cards = await svc.search.search(tenant.owner, "zepelin", mode="text", filters=Filters(types=("kanban.card",)))
+    assert cards.corrections == {} and cards.hits == []
+    assert (await svc.search.search(tenant.owner, "kitchn -weekly", mode="text")).corrections == {}
+
+
+async def test_corrections_are_listed_once(svc: Services, tenant: Tenant) -> None:
+    (note,) = await _setup(svc, tenant, [("note", {"title": "restructuring plan", "body": ""})])
+    # A 9+ letter word's correction is found by both lookups (one typo away, and trigrams).
+    res = await svc.search.search(tenant.owner, "restructurng restructurng ", mode="text")
+    assert res.corrections == {"restructurng": ["restructuring"]}
+    assert [h.id for h in res.hits] == [note]
+    assert corrections("restructurng", ["restructuring", "restructuring", "re-structuring"]) == [
+        ("restructuring", 1, 0)]
+
+
+async def test_update_times_without_a_zone_are_utc(client: httpx.AsyncClient, svc: Services,
+                                                   tenant: Tenant) -> None:
+    (note,) = await _setup(svc, tenant, [("note", {"title": "timely", "body": ""})])
+    res = await svc.search.search(tenant.owner, "timely", mode="text", filters=Filters(
+        updated_after=datetime(2020, 1, 1), updated_before=datetime(2100, 1, 1, tzinfo=UTC)))
+    assert [h.id for h in res.hits] == [note]
+    at = (await svc.entities.get(tenant.owner, note)).updated_at.astimezone(UTC).replace(tzinfo=None)
+    for after, found in ((at - timedelta(seconds=1), True), (at + timedelta(seconds=1), False)):
+        hits = (await svc.search.search(tenant.owner, "timely", mode="text",
+                                        filters=Filters(updated_after=after))).hits
+        assert bool(hits) == found
+    with pytest.raises(InvalidInput):
+        await svc.search.search(tenant.owner, "timely", filters=Filters(
+            updated_after=datetime(2021, 1, 1), updated_before=datetime(2021, 1, 1, tzinfo=UTC)))
+    r = await client.get(f"/v1/orgs/{tenant.slug}/search", headers=tenant.headers, params={
+        "q": "timely", "updated_after": "2020-01-01T00:00:00", "updated_before": "2100-01-01T00:00:00Z"})
+    assert r.status_code == 200, r.text
+    assert [h["id"] for h in r.json()["hits"]] == [str(note)]
+
+
+def _cursor(parts: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(parts).encode()).decode().rstrip("=")
+
+
+def _opened(cursor: str | None) -> list[Any]:
+    assert cursor is not None
+    return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+
+
+async def test_forged_cursors_answer_invalid_input(client: httpx.AsyncClient, svc: Services,
+                                                   tenant: Tenant) -> None:
+    await _setup(svc, tenant, [("note", {"title": f"report {i}", "body": ""}) for i in range(4)])
+    search = svc.search.search
+    for mode, text in (("text", "report"), ("hybrid", "report"), ("semantic", "report"), ("text", "")):
+        real = _opened((await search(tenant.owner, text, mode=mode, limit=1)).next_cursor)
+        fp = real[0]
+        for parts in ([fp, ["a", "b"]], [fp, [1, 2, 3]], [fp, ["a", "b", "c", "d", "e", "f", "g"]],
+                      [fp, [0.5, str(UUID(int=1)), -5]], [fp, [-1, 0, 0, 0, 1, 0.0, "x"]]):
+            with pytest.raises(InvalidInput):
+                await search(tenant.owner, text, mode=mode, limit=1, cursor=_cursor(parts))
+        _, kind, key = real
+        forged: list[Any] = [[fp, key], [fp, kind, []], [fp, kind, key + [1]],
+                             [fp, "x", key], [fp, 1, key], [fp, kind, "key"], [fp, kind, {"a": 1}],
+                             [fp, kind, [[] for _ in key]], [fp, kind, [True for _ in key]],
+                             [fp, kind, [None for _ in key]], [fp, kind, [-(10**30) for _ in key]]]
+        forged += [[fp, k, key] for k in ("t", "r", "s") if k != kind]
+        forged += [[fp, kind, [*key[:i], "a", *key[i + 1:]]] for i in range(len(key))]
+        forged += [[fp, kind, [*key[:i], 10**30, *key[i + 1:]]] for i in range(len(key))]
+        if kind == "s":
+            forged += [[fp, kind, [key[0], key[1], n]] for n in (-1, 0, 10**6)]
+            forged += [[fp, kind, [1e999, key[1], 1]]]
+        for parts in forged:
+            with pytest.raises(InvalidInput) as caught:
+                await search(tenant.owner, text, mode=mode, limit=1, cursor=_cursor(parts))
+            assert "cursor" in caught.value.detail, (mode, parts)
+    for garbage in ("garbage", "\ud800", _cursor([1, 2, 3]), _cursor("x"), "=" * 10, "W" * 1900 + "10",
+                    base64.urlsafe_b64encode(b"[" * 1400).decode(), "x" * 5000):
+        with pytest.raises(InvalidInput):
+            await search(tenant.owner, "report", mode="text", cursor=garbage)
+    fp, _, _ = _opened((await search(tenant.owner, "report", mode="text", limit=1)).next_cursor)
+    r = await client.get(f"/v1/orgs/{tenant.slug}/search", headers=tenant.headers,
+                         params={"q": "report", "mode": "text", "cursor": _cursor([fp, ["a", "b"]])})
+    assert r.status_code == 422 and "not one this API returned" in r.json()["detail"], r.text
+
+
+async def test_pages_go_on_when_the_embedder_stops_or_comes_back(svc: Services, tenant: Tenant) -> None:
+    """A hybrid page's cursor with the embedder down goes on with the text list from as deep;
+    a text-only (degraded) page's cursor goes on as text when it is back."""
+    ids = await _setup(svc, tenant, [("note", {"title": f"report {i}", "body": ""}) for i in range(6)])
+    down = Search(svc.db, svc.models, embed_timeout=1e-6)
+    first = await svc.search.search(tenant.owner, "report", limit=2)
+    second = await down.search(tenant.owner, "report", limit=2, cursor=first.next_cursor)
+    assert second.degraded and len(second.hits) == 2
+    third = await svc.search.search(tenant.owner, "report", limit=10, cursor=second.next_cursor)
+    assert third.degraded is None and set(h.id for h in second.hits + third.hits) <= set(ids)
+    assert not {h.id for h in third.hits} & {h.id for h in second.hits}
+    for mode in ("semantic", "hybrid"):
+        for text in ("report", "!!!"):
+            page = await svc.search.search(tenant.owner, text, mode=mode, limit=1)
+            after = await down.search(tenant.owner, text, mode=mode, limit=1, cursor=page.next_cursor)
+            assert after.degraded and len(after.hits) == 1, (mode, text)
+
+
+async def test_control_characters_in_text_are_not_highlights(svc: Services, tenant: Tenant) -> None:
+    (note,) = await _setup(svc, tenant, [("note", {"title": "fake \x02highlight\x03 kitchen", "body": ""})])
+    res = await svc.search.search(tenant.owner, "kitchen", mode="text")
+    assert [h.id for h in res.hits] == [note]
+    assert res.hits[0].highlights["title"] == "fake  highlight  <mark>kitchen</mark>"
+    res = await svc.search.search(tenant.owner, "highlight", mode="text")
+    assert res.hits[0].highlights["title"] == "fake  <mark>highlight</mark>  kitchen"
+
+
+async def test_text_that_is_not_unicode_answers_invalid_input(client: httpx.AsyncClient, svc: Services,
+                                                              tenant: Tenant, tmp_path: Path) -> None:
+    await _setup(svc, tenant, [("note", {"title": "kitchen", "body": ""})])
+    search = svc.search.search
+    for text, filters in (("kitchen \ud800", Filters()), ("kitchen", Filters(types=("\ud800",))),
+                          ("kitchen", Filters(modules=("notes\udcff",))),
+                          ("kitchen", Filters(data=(("status", "\ud800"),))),
+                          ("kitchen", Filters(types=("a\x00",))), ("kitchen", Filters(data=(("s", "\x00"),)))):
+        for mode in ("text", "hybrid", "semantic"):
+            with pytest.raises(InvalidInput):
+                await search(tenant.owner, text, mode=mode, filters=filters)
+    for params in ({"q": "kitchen", "type": "a\x00"}, {"q": "kitchen", "data.status": "\x00"}):
+        r = await client.get(f"/v1/orgs/{tenant.slug}/search", headers=tenant.headers, params=params)
+        assert r.status_code == 422, r.text
+    done = subprocess.run([sys.executable, "-m", "canvasdb", "search", "--org", tenant.slug, b"kitchen\xff"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "CANVASDB_HOME": str(tmp_path)})
+    assert done.returncode == 1 and done.stderr.startswith("Error:"), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+
+
+async def test_exclusions_apply_in_every_mode(svc: Services, tenant: Tenant) -> None:
+    draft, final, budget = await _setup(svc, tenant, [("note", {"title": "draft report", "body": ""}),
+                                                      ("note", {"title": "final report", "body": ""}),
+                                                      ("kanban.card", {"title": "budget figures"})])
+    for mode in ("text", "hybrid", "semantic"):
+        res = await svc.search.search(tenant.owner, "-draft", mode=mode, facets=("type",))
+        assert [h.id for h in res.hits] == [budget, final], mode
+        assert res.total == 2 and res.facets == {"type": {"kanban.card": 1, "note": 1}}, mode
+        res = await svc.search.search(tenant.owner, "report -draft", mode=mode, facets=("type",))
+        assert draft not in [h.id for h in res.hits] and final in [h.id for h in res.hits], mode
+        assert res.total == len(res.hits) and res.facets is not None, mode
+        assert sum(res.facets["type"].values()) == res.total, mode
+        res = await svc.search.search(tenant.owner, "-draft -report -budget", mode=mode, facets=("type",))
+        assert (res.hits, res.total, res.facets) == ([], 0, {"type": {}}), mode
+
+
+async def test_semantic_counts_do_not_depend_on_the_limit(svc: Services, tenant: Tenant) -> None:
+    await _setup(svc, tenant, [("note", {"title": f"report {i}", "body": ""}) for i in range(5)]
+                 + [("kanban.card", {"title": f"invoice {i}"}) for i in range(3)])
+    for mode in ("semantic", "hybrid"):
+        counts = set()
+        for limit in (1, 3, 8, 100):
+            res = await svc.search.search(tenant.owner, "report", mode=mode, limit=limit, facets=("type",))
+            counts.add((res.total, res.total_approximate, json.dumps(res.facets, sort_keys=True)))
+        assert counts == {(8, False, json.dumps({"type": {"kanban.card": 3, "note": 5}}, sort_keys=True))}, mode
+    capped = Search(svc.db, svc.models, total_cap=3)
+    res = await capped.search(tenant.owner, "report", mode="semantic", limit=1)
+    assert (res.total, res.total_approximate) == (3, True)
+
+
+async def test_indexing_status_is_for_org_admins(client: httpx.AsyncClient, svc: Services, tenant: Tenant) -> None:
+    viewer = await _viewer(svc, tenant)
+    assert viewer.user_id is not None
+    _, token = await svc.tenancy.create_token(viewer.user_id)
+    url = f"/v1/orgs/{tenant.slug}/search/status"
+    r = await client.get(url, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 403, r.text
+    assert (await client.get(url, headers=tenant.headers)).status_code == 200

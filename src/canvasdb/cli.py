@@ -490,6 +490,11 @@ def search(
     as_json: JsonOpt = False,
 ) -> None:  # fmt: skip
     """Search an org's entities by words, mistyped words and meaning (as its operator)."""
+    for given in (org, query, *(project or ()), *(type or ()), *(module or ()), *(where or ()), facets or ""):
+        try:
+            given.encode()
+        except UnicodeEncodeError:  # a byte that is not UTF-8 (Python keeps it as a lone surrogate)
+            _fail(InvalidInput("arguments must be UTF-8 text"))
     data = []
     for item in where or []:
         field, sep, value = item.partition("=")

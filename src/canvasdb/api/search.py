@@ -56,7 +56,9 @@ async def search(
 
 @router.get("/search/status")
 async def status(svc: Svc, who: Who) -> dict[str, Any]:
-    """Indexing backlog of the org (entities waiting for their words and vectors) and the models."""
+    """Indexing backlog of the org (entities waiting for their words and vectors) and the models:
+    for the org's owners and admins (403 otherwise), as the backlog is the whole org's."""
+    who.require_org_admin()
     active = await svc.models.active()
     return {"backlog": await svc.indexer.backlog(who.org_id),
             "active_model": active.model if active else None,

@@ -20,9 +20,15 @@ cutoff is reached: a broad word or a 3-letter prefix reads a fraction of its pos
 page resumes after the last hit's sort key, and whole buckets before it are skipped
 (keyset pagination).
 
+Typo corrections come from the org's term dictionary, which is the whole org's and keeps
+the words of deleted entities and edited text: a correction is used (and shown) only if it
+alone matches an entity the caller may read, within the filters.
+
 Semantic search finds the nearest vectors of the active model (HNSW, or an exact scan
-for an org with few vectors). Hybrid fuses both lists by reciprocal rank (k = 60). If
-the embedder is down or slow, the text results still come back, flagged ``degraded``.
+for an org with few vectors) of the query without its ``-exclusions``. Hybrid fuses both
+lists by reciprocal rank (k = 60). If the embedder is down or slow, the text results
+still come back, flagged ``degraded``. The excluded words leave entities out of every
+list (text, meaning, recent) and of the counts.
 
 Every query runs in the org's transaction (row-level security) and keeps to the
 projects the caller can read, in hits, totals and facets alike.
@@ -33,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import html
 import json
@@ -41,7 +48,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID
 
@@ -64,15 +71,19 @@ RRF_K = 60
 MAX_LIMIT = 100
 MAX_DEPTH = 1000  # semantic and hybrid results end this deep
 HYBRID_WINDOW = 40  # hybrid fuses lists this deep at least (as deep as the page otherwise)
+SEMANTIC_COUNT = 100  # semantic totals and facets cover this many nearest entities, whatever the limit
+CHECKED_CORRECTIONS = 16  # per word: the likeliest corrections checked against the readable index
 VECTOR_COUNT_TTL = 60.0  # seconds an org's vector count (exact scan or HNSW) is trusted
 SEMANTIC_QUERY_CHARS = 2000
+MAX_CURSOR_CHARS = 2000  # as the HTTP API allows
 DATA_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62}){0,7}$")
 # The buckets of a tier, in their order: exact matches, then those through corrections
 # only; each with the words in a title first.
 TITLES, ELSEWHERE, CORRECTED_TITLES, CORRECTED = 0, 1, 2, 3
 # The filters as arguments of search_match and search_facets (0011_search_lookups.sql).
 MATCH_SCOPE = "%(projects)s, %(types)s, %(modules)s, %(updated_after)s, %(updated_before)s, %(data)s"
-_MARK, _END = "\x02", "\x03"  # headline markers, turned into <mark> after HTML-escaping
+# Headline markers, turned into <mark> after HTML-escaping; the text's own are made spaces first.
+_MARK, _END = "\x02", "\x03"
 
 
 @dataclass(frozen=True)
@@ -85,13 +96,19 @@ class Filters:
     data: tuple[tuple[str, str], ...] = ()  # ("status", "done") for data.status=done
 
     def check(self) -> Filters:
-        for name, _ in self.data:
-            if not DATA_FIELD.fullmatch(name):
-                raise InvalidInput(f"bad filter field data.{name}: dotted names of letters, digits and _",
-                                   pointer=f"/data.{name}")
-        if self.updated_after and self.updated_before and self.updated_after >= self.updated_before:
+        """The filters checked, with times without a zone taken as UTC (as ``as_of`` is)."""
+        for name, value in self.data:
+            if not isinstance(name, str) or not DATA_FIELD.fullmatch(name):
+                raise InvalidInput(f"bad filter field data.{name!r}: dotted names of letters, digits and _",
+                                   pointer="/data")
+            _check_text(value, f"/data.{name}")
+        for pointer, values in (("/type", self.types), ("/module", self.modules)):
+            for value in values:
+                _check_text(value, pointer)
+        after, before = _utc(self.updated_after), _utc(self.updated_before)
+        if after and before and after >= before:
             raise InvalidInput("updated_after must be before updated_before", pointer="/updated_after")
-        return self
+        return dataclasses.replace(self, updated_after=after, updated_before=before)
 
 
 @dataclass
@@ -110,6 +127,7 @@ class Hit:
     text_rank: float | None = None
     distance: float | None = None  # semantic: cosine distance
     _key: tuple[Any, ...] = ()
+    _kind: str = ""  # of _key: "t" text buckets, "r" recent, "s" scored (semantic or fused)
 
     def to_json(self) -> dict[str, Any]:
         out = {"id": str(self.id), "project_id": str(self.project_id), "type": self.type,
@@ -194,40 +212,57 @@ class Search:
         for name in facets:
             if name not in FACETS:
                 raise InvalidInput(f"facets are among {', '.join(FACETS)}", pointer="/facets")
-        filters.check()
+        _check_text(text, "/q", nul=False)
+        filters = filters.check()
         parsed = q.parse(text)
         fingerprint = _fingerprint(mode, typo, text, filters)
-        after = _decode_cursor(cursor, fingerprint)
+        kind, after = _decode_cursor(cursor, fingerprint)
+        usable = {"t": not parsed.empty, "r": parsed.empty, "s": mode != "text"}  # what could have made it
+        if kind is not None and not usable[kind]:
+            raise _foreign_cursor()
         results = Results(mode=mode, hits=[], ignored_words=parsed.ignored)
         vector: list[float] | None = None
         model = None
         embedding: asyncio.Future[tuple[Any, list[float] | None, str | None]] | None = None
-        if mode == "hybrid" and not parsed.empty:
+        # A page sequence that began without meaning (text or recent, the embedder being down)
+        # goes on so; the -exclusions are not embedded (their entities are left out anyway).
+        meaning = mode != "text" and kind in (None, "s") and parsed.meaning.strip() != ""
+        if meaning and mode == "hybrid" and not parsed.empty:
             # Embedded while the transaction starts and the text buckets run in PostgreSQL.
-            embedding = asyncio.ensure_future(self._query_vector(text))
-        elif mode != "text" and text.strip():
-            model, vector, results.degraded = await self._query_vector(text)
+            embedding = asyncio.ensure_future(self._query_vector(parsed.meaning))
+        elif meaning:
+            model, vector, results.degraded = await self._query_vector(parsed.meaning)
         async with self.db.transaction(who.org_id) as conn, _cancelled_on_exit(embedding):
             # Every query here has an index made for it; with a LIMIT, the planner may hope
             # to find matches early in a sequential scan, and at a million rows it does not.
             await conn.execute("SELECT set_config('enable_seqscan', 'off', true),"
                                " set_config('pg_trgm.similarity_threshold', '0.25', true)")
             projects = await self._scope(conn, who, filters)
-            where, params = _where(who.org_id, projects, filters)
+            where, params = _where(who.org_id, projects, filters, parsed.unless())
             plan = None
             if not parsed.empty:
-                plan = await self._plan(conn, who.org_id, parsed, typo and mode != "semantic",
+                plan = await self._plan(conn, parsed, typo and mode != "semantic", params,
                                         results.corrections)
-            nearest: list[UUID] = []
+            nearest: list[UUID] | None = None  # the semantic list, for the counts
             text_list: list[Hit] = []
             if embedding is not None and plan is not None:
                 text_list = await self._text(conn, plan, params, _hybrid_depth(limit + 1, after), None)
                 model, vector, results.degraded = await embedding
-            if parsed.empty and (mode == "text" or vector is None):
+            if vector is None and kind == "s":
+                # Pages of meaning, and now the embedder is down: the text (or recent) list
+                # goes on from as deep as they went.
+                seen = int(after[2])
+                if embedding is not None:
+                    hits = text_list[seen:]
+                elif plan is not None:
+                    hits = (await self._text(conn, plan, params, seen + limit + 1, None))[seen:]
+                else:
+                    hits = (await self._recent(conn, where, params, seen + limit + 1, None))[seen:]
+            elif vector is None and plan is None:
                 hits = await self._recent(conn, where, params, limit + 1, after)
             elif embedding is not None and vector is None and after is None:
                 hits = text_list[:limit + 1]  # degraded hybrid: the text list's head is the page
-            elif mode == "text" or vector is None:
+            elif vector is None:
                 hits = await self._text(conn, plan, params, limit + 1, after) if plan else []
             elif mode == "semantic":
                 hits, nearest = await self._semantic(conn, who.org_id, model, vector, where, params,
@@ -237,10 +272,17 @@ class Search:
                                                    limit + 1, after)
             if len(hits) > limit:
                 del hits[limit:]
-                results.next_cursor = _encode_cursor(fingerprint, hits[-1]._key)
+                results.next_cursor = _encode_cursor(fingerprint, hits[-1]._kind, hits[-1]._key)
             if facets or after is None:
-                await self._count(conn, None if nearest and mode == "semantic" else plan, params,
-                                  facets, results, nearest)
+                if mode == "semantic" and nearest is not None:
+                    await self._count(conn, None, nearest, params, facets, results, SEMANTIC_COUNT)
+                elif plan is None and parsed.excluded:
+                    # Only exclusions: the entities within the filters that have none of them.
+                    cap = self.facet_cap if facets else self.total_cap
+                    await self._count(conn, None, await self._listed(conn, where, params, cap + 1),
+                                      params, facets, results)
+                else:
+                    await self._count(conn, plan, nearest, params, facets, results)
             await self._hydrate(conn, who.org_id, plan, hits)
         results.hits = hits
         metrics.SEARCH_QUERIES.labels(mode=mode).inc()
@@ -266,9 +308,15 @@ class Search:
 
     # --- text -----------------------------------------------------------------------------
 
-    async def _plan(self, conn: Connection, org_id: UUID, parsed: q.ParsedQuery, typo: bool,
+    async def _plan(self, conn: Connection, parsed: q.ParsedQuery, typo: bool, params: dict[str, Any],
                     corrections: dict[str, list[str]]) -> _Plan:
-        """Look up corrections for the query's words in the org's term dictionary."""
+        """Look up corrections for the query's words in the org's term dictionary, and keep
+        those that find something the caller may read now, within the filters.
+
+        The dictionary is the whole org's, and it keeps the words of deleted entities and of
+        edited text: a word of a project the caller cannot read, or of no live entity, is
+        never offered (it would tell that it exists somewhere)."""
+        org_id = params["org"]
         found: dict[str, list[str]] = {}
         words = [w for w in dict.fromkeys(parsed.words()) if q.allowed_typos(w)] if typo else []
         if words:
@@ -287,7 +335,10 @@ class Search:
             for row in await cur.fetchall():
                 word = variants.get(row["w"], row["w"])
                 found.setdefault(word, []).append(row["term"])
-        by_word = {w: q.corrections(w, terms) for w, terms in found.items()}
+        by_word = {w: q.corrections(w, terms, CHECKED_CORRECTIONS) for w, terms in found.items()}
+        live = await self._live_terms(conn, [t for alts in by_word.values() for t, _, _ in alts],
+                                      params, parsed.unless())
+        by_word = {w: [a for a in alts if a[0] in live][:q.MAX_CORRECTIONS] for w, alts in by_word.items()}
         exact, corrected = [], []
         for group in parsed.groups:
             exact.append(" | ".join(t.tsquery() for t in group.terms))
@@ -295,11 +346,28 @@ class Search:
             for term in group.terms:
                 found_alts = [] if term.phrase else by_word.get(term.words[0], [])
                 if found_alts:
-                    alts += found_alts
-                    corrections.setdefault(term.words[0], []).extend(alt for alt, _, _ in found_alts)
+                    alts += [a for a in found_alts if a not in alts]
+                    said = corrections.setdefault(term.words[0], [])
+                    said += [alt for alt, _, _ in found_alts if alt not in said]
             corrected.append(alts)
         excluded = " & ".join(f"!({t.tsquery()})" for t in parsed.excluded)
         return _Plan(parsed, exact, corrected, excluded)
+
+    async def _live_terms(self, conn: Connection, terms: list[str], params: dict[str, Any],
+                          unless: str | None) -> set[str]:
+        """Those of ``terms`` that alone match an entity in the search's scope (the projects the
+        caller may read, the filters, not an excluded word): one statement for all of them."""
+        terms = list(dict.fromkeys(terms))
+        if not terms:
+            return set()
+        # In a title first: a common word's first title shard answers at once, where a GIN
+        # scan of every body would build the bitmap of all its matches first.
+        cur = await conn.execute(
+            "SELECT c.term FROM unnest(%(terms)s::text[]) AS c(term)"
+            f" WHERE EXISTS (SELECT FROM search_match(c.term, %(unless)s, true, {MATCH_SCOPE}, 1))"
+            f"    OR EXISTS (SELECT FROM search_match(c.term, %(unless)s, NULL, {MATCH_SCOPE}, 1))",
+            {**params, "terms": terms, "unless": unless})
+        return {row["term"] for row in await cur.fetchall()}
 
     async def _text(self, conn: Connection, plan: _Plan, params: dict[str, Any], need: int,
                     after: Sequence[Any] | None) -> list[Hit]:
@@ -391,6 +459,7 @@ class Search:
                                   + min(row["rank"], 1.0) / 100, 6),
                       words=tier, typos=row["typos"], text_rank=row["rank"])
             hit._key = (-tier, phase, row["typos"], row["slips"], row["turn"], -row["rank"], str(row["id"]))
+            hit._kind = "t"
             out.append(hit)
         return out
 
@@ -410,8 +479,17 @@ class Search:
         for row in await cur.fetchall():
             hit = Hit(row["id"], row["project_id"], row["type"], row["module"], score=0.0)
             hit._key = (row["updated_at"].isoformat(), str(row["id"]))
+            hit._kind = "r"
             out.append(hit)
         return out
+
+    async def _listed(self, conn: Connection, where: sql.Composable, params: dict[str, Any],
+                      need: int) -> list[UUID]:
+        """At most ``need`` entities within the filters (and without an excluded word), for
+        the counts of a query of exclusions only."""
+        cur = await conn.execute(sql.SQL("SELECT s.entity_id FROM search_docs s WHERE {where} LIMIT %(need)s")
+                                 .format(where=where), {**params, "need": need})
+        return [row["entity_id"] for row in await cur.fetchall()]
 
     # --- meaning --------------------------------------------------------------------------
 
@@ -477,10 +555,12 @@ class Search:
                         where: sql.Composable, params: dict[str, Any], need: int,
                         after: Sequence[Any] | None) -> tuple[list[Hit], list[UUID]]:
         seen = int(after[2]) if after is not None else 0
-        nearest = await self._nearest(conn, org_id, model, vector, where, params, min(MAX_DEPTH, seen + need))
+        # At least one more than the counts cover, whatever the page (ef_search is 100 anyway).
+        depth = min(MAX_DEPTH, max(seen + need, SEMANTIC_COUNT + 1))
+        nearest = await self._nearest(conn, org_id, model, vector, where, params, depth)
         hits = _page([(1.0 - hit.distance, hit) for hit in nearest if hit.distance is not None],
                      after, need, seen)
-        return hits, [hit.id for hit in nearest]
+        return hits, [hit.id for hit in nearest[:SEMANTIC_COUNT + 1]]
 
     async def _hybrid(self, conn: Connection, org_id: UUID, text: list[Hit], model: Any,
                       vector: list[float], where: sql.Composable, params: dict[str, Any], need: int,
@@ -501,20 +581,25 @@ class Search:
             else:
                 found[hit.id] = hit
         hits = _page([(score, found[eid]) for eid, score in scores.items()], after, need, seen)
-        return hits, [hit.id for hit in nearest]
+        return hits, [hit.id for hit in nearest[:HYBRID_WINDOW]]  # counted as deep whatever the page
 
     # --- totals, facets, and what a hit shows ---------------------------------------------
 
-    async def _count(self, conn: Connection, plan: _Plan | None, params: dict[str, Any],
-                     facets: Sequence[str], results: Results, also: list[UUID]) -> None:
+    async def _count(self, conn: Connection, plan: _Plan | None, also: list[UUID] | None,
+                     params: dict[str, Any], facets: Sequence[str], results: Results,
+                     most: int | None = None) -> None:
         """The number of matches and the facet counts, over at most ``facet_cap`` matches (or
-        ``total_cap`` when no facets are asked): those of the text query's first word (the broadest
-        tier; title matches first, the others only while within the cap), and ``also`` (the
-        semantic list)."""
+        ``total_cap`` when no facets are asked; at most ``most``): those of the text query's first
+        word (the broadest tier; title matches first, the others only while within the cap), and
+        ``also`` (the semantic list, or the entities listed). With neither, every entity within
+        the filters."""
         cap = self.facet_cap if facets else self.total_cap
-        if plan is None and also and not facets:
-            # The semantic list alone, already within the filters.
+        cap = cap if most is None else min(cap, most)
+        if plan is None and also is not None and not (also and facets):
+            # The list alone, already within the filters.
             results.total, results.total_approximate = min(len(also), cap), len(also) > cap
+            if facets:
+                results.facets = {f: {} for f in facets}
             return
         if plan is not None and not facets and (plan.title_matches or 0) > cap:
             # The first word's title bucket already found more than the cap.
@@ -546,7 +631,8 @@ class Search:
             "SELECT e.id, e.data, e.version, e.updated_at,"
             " (SELECT jsonb_object_agg(f.key, ts_headline('english', f.text, to_tsquery('english', %(q)s),"
             "   'StartSel=\x02, StopSel=\x03, MaxWords=30, MinWords=10'))"
-            "  FROM (SELECT key, string_agg(s, ' ') AS text"
+            # the text's own markers, if any, become spaces: only the matches are marked
+            "  FROM (SELECT key, translate(string_agg(s, ' '), chr(2) || chr(3), '  ') AS text"
             # the hit's type by its key (joined, the planner would rather scan the org's
             # types and look every hit up again for each of them)
             "        FROM jsonb_object_keys((SELECT t.text_fields FROM entity_types t"
@@ -592,17 +678,20 @@ def _page(scored: list[tuple[float, Hit]], after: Sequence[Any] | None, need: in
         hit.score = round(score, 6)
         hit.distance = None if hit.distance is None else round(hit.distance, 6)
         hit._key = (score, str(hit.id), seen + i)
+        hit._kind = "s"
         hits.append(hit)
     return hits
 
 
-def _where(org_id: UUID, projects: list[UUID] | None,
-           filters: Filters) -> tuple[sql.Composable, dict[str, Any]]:
-    """The filter over ``search_docs s``, and its named parameters (also those of MATCH_SCOPE)."""
+def _where(org_id: UUID, projects: list[UUID] | None, filters: Filters,
+           excluded: str | None = None) -> tuple[sql.Composable, dict[str, Any]]:
+    """The filter over ``search_docs s``, and its named parameters (also those of MATCH_SCOPE).
+    ``excluded`` (a to_tsquery text) leaves out the entities that match it: the -words of the
+    query, for the lists that are not text matches (recent, and meaning)."""
     params: dict[str, Any] = {
         "org": org_id, "projects": projects, "types": list(filters.types) or None,
         "modules": list(filters.modules) or None, "updated_after": filters.updated_after,
-        "updated_before": filters.updated_before, "data": None}
+        "updated_before": filters.updated_before, "data": None, "excluded": excluded}
     parts = ["s.org_id = %(org)s"]
     if projects is not None:
         parts.append("s.project_id = ANY(%(projects)s)")
@@ -618,6 +707,8 @@ def _where(org_id: UUID, projects: list[UUID] | None,
         params["data"] = _data_filter(filters.data)
         parts.append("EXISTS (SELECT FROM entities e WHERE e.org_id = s.org_id AND e.id = s.entity_id"
                      " AND search_data_filter(e.data, %(data)s))")
+    if excluded:
+        parts.append("NOT s.tsv @@ to_tsquery('english', %(excluded)s)")
     return sql.SQL(" AND ".join(parts)), params
 
 
@@ -662,20 +753,83 @@ def _fingerprint(mode: str, typo: bool, text: str, filters: Filters) -> str:
     return hashlib.blake2b(raw.encode(), digest_size=6).hexdigest()
 
 
-def _encode_cursor(fingerprint: str, key: tuple[Any, ...]) -> str:
-    raw = json.dumps([fingerprint, list(key)], separators=(",", ":"))
+def _encode_cursor(fingerprint: str, kind: str, key: tuple[Any, ...]) -> str:
+    raw = json.dumps([fingerprint, kind, list(key)], separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str | None, fingerprint: str) -> tuple[Any, ...] | None:
+def _foreign_cursor() -> InvalidInput:
+    return InvalidInput("the cursor is not one this API returned", pointer="/cursor")
+
+
+def _decode_cursor(cursor: str | None, fingerprint: str) -> tuple[str | None, tuple[Any, ...] | None]:
+    """The kind of a cursor's key and the key, each part checked: a cursor is the client's to
+    change, so anything but a key this API made answers 422."""
     if not cursor:
-        return None
+        return None, None
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        owner, key = json.loads(raw)
-        if owner != fingerprint or not isinstance(key, list):
+        if len(cursor) > MAX_CURSOR_CHARS:
             raise ValueError
-    except (ValueError, TypeError):
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        owner, kind, key = json.loads(raw)
+    except (ValueError, TypeError, RecursionError):  # RecursionError: [[[[... nested too deep
+        raise _foreign_cursor() from None
+    if owner != fingerprint:
         raise InvalidInput("this cursor does not belong to this search (same query, mode and "
-                           "filters)", pointer="/cursor") from None
-    return tuple(key)
+                           "filters)", pointer="/cursor")
+    check = _CURSOR_KEYS.get(kind) if isinstance(kind, str) else None
+    if check is None or not isinstance(key, list) or len(key) != len(check):
+        raise _foreign_cursor()
+    if not all(ok(part) for ok, part in zip(check, key, strict=True)):
+        raise _foreign_cursor()
+    return kind, tuple(key)
+
+
+def _int_in(low: int, high: int) -> Any:
+    return lambda v: type(v) is int and low <= v <= high
+
+
+def _number(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _uuid(v: Any) -> bool:
+    try:
+        return isinstance(v, str) and len(v) == 36 and UUID(v) is not None
+    except ValueError:
+        return False
+
+
+def _moment(v: Any) -> bool:
+    try:
+        return isinstance(v, str) and len(v) <= 40 and datetime.fromisoformat(v).tzinfo is not None
+    except ValueError:
+        return False
+
+
+# The parts of each kind of key (Hit._key): a text bucket's (-words, bucket, typos, slips,
+# turn, -rank, id), a recent entity's (updated_at, id), a scored one's (score, id, position).
+_CURSOR_KEYS: dict[str, tuple[Any, ...]] = {
+    "t": (_int_in(-q.MAX_GROUPS, -1), _int_in(TITLES, CORRECTED), _int_in(0, 2 * q.MAX_GROUPS),
+          _int_in(0, q.MAX_GROUPS), _int_in(1, 2**31 - 1), lambda v: _number(v) and v <= 0, _uuid),
+    "r": (_moment, _uuid),
+    "s": (lambda v: _number(v) and -2 <= v <= 2, _uuid, _int_in(1, MAX_DEPTH)),  # 1 - distance, or RRF
+}
+
+
+def _check_text(value: Any, pointer: str, *, nul: bool = True) -> None:
+    """A string that can be sent to PostgreSQL: UTF-8 (no lone surrogate) and, unless ``nul``
+    is false (the query: its words are read out of it), without NUL."""
+    if not isinstance(value, str):
+        raise InvalidInput("expected text", pointer=pointer)
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidInput("text must be valid Unicode (no lone surrogate)", pointer=pointer) from None
+    if nul and "\x00" in value:
+        raise InvalidInput("text must not contain NUL", pointer=pointer)
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """A time without a zone is taken as UTC."""
+    return moment if moment is None or moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -22,6 +22,7 @@ WORD = re.compile(r"[^\W_]+")
 TOKEN = re.compile(r'-?"[^"]*"?|\S+')
 MAX_GROUPS = 10  # like Meilisearch, words beyond the tenth are ignored
 MAX_WORD_CHARS = 40
+MAX_CORRECTIONS = 8  # per word
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,16 @@ class ParsedQuery:
     groups: list[Group] = field(default_factory=list)
     excluded: list[Term] = field(default_factory=list)
     ignored: int = 0  # groups beyond MAX_GROUPS
+    meaning: str = ""  # the text without its -exclusions: what semantic search embeds
 
     @property
     def empty(self) -> bool:
+        """No words to match (there may still be exclusions)."""
         return not self.groups
+
+    def unless(self) -> str | None:
+        """The excluded terms as one to_tsquery text (any of them), or None."""
+        return " | ".join(f"({t.tsquery()})" for t in self.excluded) or None
 
     def words(self) -> list[str]:
         """The single words a typo could be corrected in (not phrases, not excluded ones)."""
@@ -65,14 +72,18 @@ def parse(text: str) -> ParsedQuery:
     pending_or = False
     tokens = TOKEN.findall(text)
     open_end = bool(text) and not text[-1].isspace() and text[-1] != '"'  # still typing the last word
+    meant = []
     for i, token in enumerate(tokens):
         if token == "OR":
             pending_or = bool(out.groups)
+            meant.append(token)
             continue
         negated = token.startswith("-") and len(token) > 1
         body = token[1:] if negated else token
         quoted = body.startswith('"')
         words = tuple(w.lower()[:MAX_WORD_CHARS] for w in WORD.findall(body))
+        if not (negated and words):
+            meant.append(token)
         if not words:
             continue
         phrase = len(words) > 1  # "red car", and also e-mail or don't, as websearch_to_tsquery reads them
@@ -85,6 +96,7 @@ def parse(text: str) -> ParsedQuery:
         else:
             out.groups.append(Group((term,)))
         pending_or = False
+    out.meaning = " ".join(meant)
     if len(out.groups) > MAX_GROUPS:
         out.ignored = len(out.groups) - MAX_GROUPS
         del out.groups[MAX_GROUPS:]
@@ -144,15 +156,17 @@ def slip(word: str, term: str) -> int:
     return 1
 
 
-def corrections(word: str, candidates: list[str], limit: int = 8) -> list[tuple[str, int, int]]:
+def corrections(word: str, candidates: list[str], limit: int = MAX_CORRECTIONS) -> list[tuple[str, int, int]]:
     """The dictionary words within the typos allowed for ``word``, with their typos and
-    slips: fewest typos first, then the likelier slips."""
+    slips: fewest typos first, then the likelier slips. Each word once (a 9+ letter word's
+    candidates come from two lookups), and only words of letters and digits (what may
+    reach ``to_tsquery``)."""
     allowed = allowed_typos(word)
     if not allowed:
         return []
     found = []
-    for term in candidates:
-        if term == word:
+    for term in dict.fromkeys(candidates):
+        if term == word or not WORD.fullmatch(term):
             continue
         cost = typo_cost(word, term)
         if cost <= allowed:

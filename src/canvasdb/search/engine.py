@@ -71,7 +71,10 @@ RRF_K = 60
 MAX_LIMIT = 100
 MAX_DEPTH = 1000  # semantic and hybrid results end this deep
 HYBRID_WINDOW = 40  # hybrid fuses lists this deep at least (as deep as the page otherwise)
-SEMANTIC_COUNT = 100  # semantic totals and facets cover this many nearest entities, whatever the limit
+# Semantic totals and facets cover this many nearest entities, whatever the limit: a page's
+# worth (with 100, a type filter that 1 entity in 20 passes made the HNSW scan go five times
+# deeper: 18 -> 32 ms median at 100,000 entities)
+SEMANTIC_COUNT = 20
 CHECKED_CORRECTIONS = 16  # per word: the likeliest corrections checked against the readable index
 VECTOR_COUNT_TTL = 60.0  # seconds an org's vector count (exact scan or HNSW) is trusted
 SEMANTIC_QUERY_CHARS = 2000

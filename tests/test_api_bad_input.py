@@ -917,6 +917,15 @@ async def test_owners_are_changed_only_by_owners_and_one_always_remains(
                                         headers=other_tenant.headers), 404)["detail"]
                for email in (foreign, f"{unique('nobody')}@example.com")]
     assert answers[0] == answers[1]
+    # A member who may not manage members learns nothing of emails either: 403 before any lookup.
+    member_email = f"{unique('member')}@example.com"
+    ok(await client.post(members, json={"email": member_email}, headers=as_admin), 201)  # an owner now
+    member_id = await svc.tenancy.user_by_email(member_email)
+    await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, member_id, "editor")
+    _, member_token = await svc.tenancy.create_token(member_id)
+    for email in (foreign, f"{unique('nobody')}@example.com"):
+        problem(await client.put(f"{org_url(tenant)}/projects/main/members/{q(email)}", json={"role": "viewer"},
+                                 headers={"Authorization": f"Bearer {member_token}"}), 403)
 
 
 @pytest.mark.parametrize("role", ["owner", "admin", "editor'--", "", None, 1])

@@ -441,6 +441,47 @@ async def test_an_idle_document_is_unloaded_and_metrics_say_so(
         gw.stop()
 
 
+async def test_access_taken_away_closes_an_open_connection(
+    pg_url: str, svc: Services, board: tuple[Tenant, str], tmp_path: Path
+) -> None:
+    """A connection's token and access are checked again every CANVASDB_GATEWAY_REAUTH_SECONDS:
+    revoked, it is closed (4401); a project role taken away, 4404; lowered to viewer, its
+    updates are refused from then on."""
+    t, doc = board
+    gw = Gateway(pg_url, tmp_path, CANVASDB_GATEWAY_REAUTH_SECONDS="0.3")
+    try:
+        url = f"{gw.url(t.slug)}/{doc}"
+        editor = await svc.tenancy.ensure_user(f"editor-{t.slug}@example.com")
+        await svc.tenancy.set_org_role(t.org_id, editor, "member")
+        await svc.tenancy.set_project_role(t.owner, t.project_id, editor, "editor")
+        _, token = await svc.tenancy.create_token(editor)
+        async with websockets.connect(f"{url}?token={token}") as ws:
+            await synced(ws)
+            await svc.tenancy.revoke_token(token)
+            assert await closed_with(ws) == 4401
+        _, token = await svc.tenancy.create_token(editor)
+        async with websockets.connect(f"{url}?token={token}") as ws:
+            await synced(ws)
+            await svc.tenancy.set_project_role(t.owner, t.project_id, editor, None)
+            assert await closed_with(ws) == 4404
+        await svc.tenancy.set_project_role(t.owner, t.project_id, editor, "editor")
+        async with websockets.connect(f"{url}?token={token}") as ws:
+            await synced(ws)
+            await svc.tenancy.set_project_role(t.owner, t.project_id, editor, "viewer")
+            await asyncio.sleep(1)
+            client = Doc()
+            updates: list[bytes] = []
+            client.observe(lambda event: updates.append(event.update))
+            client.get("nodes", type=Map)["late"] = 1
+            await ws.send(protocol.sync_update(updates[-1]))
+            refusal = protocol.read(await asyncio.wait_for(ws.recv(), 5))
+            assert refusal.kind == protocol.AUTH and b"read-only" in refusal.payload
+        assert "late" not in await stored_nodes(svc, t, doc)
+        assert counter(gw.port, 'canvasdb_gateway_rejected_total{reason="unauthorized"}') == 1
+    finally:
+        gw.stop()
+
+
 async def test_awareness_is_relayed_as_each_clients_latest_state(
     gateways: list[Gateway], board: tuple[Tenant, str]
 ) -> None:

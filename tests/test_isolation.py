@@ -10,7 +10,7 @@ import pytest
 from conftest import Tenant
 
 from canvasdb.db import Database
-from canvasdb.errors import NotFound, Unauthorized
+from canvasdb.errors import InvalidInput, NotFound, Unauthorized
 from canvasdb.services import Services
 
 GLOBAL_TABLES = {"orgs", "users", "api_tokens", "schema_migrations",
@@ -160,10 +160,11 @@ async def test_a_batch_of_changes_keeps_each_to_its_org(svc: Services, tenant: T
         assert stored.data == {"n": e.data["n"], "by": "them"} and stored.version == 2
 
 
-async def test_a_token_reaches_only_its_users_orgs(svc: Services, tenant: Tenant, other_tenant: Tenant) -> None:
+async def test_a_token_reaches_only_its_users_orgs(svc: Services, pg_url: str, tenant: Tenant,
+                                                   other_tenant: Tenant) -> None:
     """One round trip (auth_principal) answers who is calling: 401 for a token that is not
     live, before anything about the org; 404 alike for an org that does not exist and one
-    the user is not a member of; an org by slug or id, even a slug that reads as a UUID."""
+    the user is not a member of; an org by slug or id."""
     who = await svc.tenancy.authorize(tenant.token, tenant.slug)
     assert (who.org_id, who.user_id, who.org_role) == (tenant.org_id, tenant.owner_id, "owner")
     assert (await svc.tenancy.authorize(tenant.token, str(tenant.org_id))).org_id == tenant.org_id
@@ -176,9 +177,26 @@ async def test_a_token_reaches_only_its_users_orgs(svc: Services, tenant: Tenant
     with pytest.raises(Unauthorized):
         await svc.tenancy.authorize("cdb_unknown", "no-such-org")
 
-    uuid_slug = str(uuid4())  # a valid slug, and not any org's id
-    await svc.tenancy.create_org(uuid_slug, owner=tenant.owner_id)
-    assert (await svc.tenancy.authorize(tenant.token, uuid_slug)).org_role == "owner"
+    # A reference that reads as a UUID is an id, never a slug: no slug may read as one (an
+    # org whose slug was another org's id could stand in for it), and one that did, from
+    # before, is not what that id names.
+    for slug in (str(tenant.org_id), str(uuid4()), uuid4().hex):
+        with pytest.raises(InvalidInput):
+            await svc.tenancy.create_org(slug, owner=other_tenant.owner_id)
+        with pytest.raises(InvalidInput):
+            await svc.tenancy.create_project(other_tenant.owner, slug)
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # an impostor, as old data could hold
+        conn.execute("INSERT INTO orgs (id, slug, name) VALUES (%s, %s, 'impostor')",
+                     (uuid4(), str(tenant.org_id)))
+        impostor = conn.execute("SELECT id FROM orgs WHERE slug = %s", (str(tenant.org_id),)).fetchone()[0]
+        conn.execute("INSERT INTO org_members (org_id, user_id, role) VALUES (%s, %s, 'owner')",
+                     (impostor, other_tenant.owner_id))
+    for token in (tenant.token, other_tenant.token):
+        try:
+            assert (await svc.tenancy.authorize(token, str(tenant.org_id))).org_id == tenant.org_id
+        except NotFound:
+            assert token == other_tenant.token  # not a member of the real one: never the impostor
+    assert (await svc.tenancy.resolve_org(str(tenant.org_id))).id == tenant.org_id
 
     _, spare = await svc.tenancy.create_token(tenant.owner_id)
     assert (await svc.tenancy.authorize(spare, tenant.slug)).user_id == tenant.owner_id

@@ -191,12 +191,15 @@ async def test_malformed_boards_and_squatted_ids_stop_nothing_and_leak_nothing(
     board.nodes["nul"] = {"type": "sticky", "text": "a\x00b"}
     board.nodes["secret"] = {"type": "sticky", "text": "TOP SECRET"}
     board.edges["odd"] = Map({"from": ["fine"], "to": "fine"})
+    board.edges["to-squat"] = Map({"from": "fine", "to": "secret"})  # its end is not the board's
     await push(svc, tenant, "messy", board)
     assert await svc.projection.project(tenant.org_id, "messy") >= 1
     assert (await svc.entities.get(tenant.owner, entity_id("messy", "nodes", "fine"))).data["text"] == "ok"
     meta = await svc.documents.get(tenant.owner, "messy")
     assert meta.projected_seq == meta.last_seq, "a refused node does not hold the board back"
     assert (await svc.entities.get(tenant.owner, squat)).data == {"doc": "messy", "key": "x"}
+    fine = entity_id("messy", "nodes", "fine")
+    assert (await svc.graph.neighbors(tenant.owner, fine, kinds=["board.edge"]))["nodes"] == []
     totals = await jobs.maintain(svc)
     assert totals["failed"] == 0
 

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
                                         "slowed down; one that stays over it this long is closed (4429)")
     gateway_idle_seconds: float = Field(default=30, ge=0, description="Unload a document this long "
                                         "after its last client left")
+    gateway_reauth_seconds: float = Field(default=30, gt=0, description="An open connection's token "
+                                          "and access are checked again this often (revoked: closed)")
     gateway_awareness_delay_ms: float = Field(default=50, ge=0, le=1000, description="Awareness (cursors, "
                                               "presence) is relayed per document at most this often, "
                                               "each client's latest state in one message")

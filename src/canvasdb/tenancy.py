@@ -53,11 +53,14 @@ class Org:
 
 
 def check_slug(slug: str, what: str = "slug") -> str:
+    """A slug that cannot be taken for an id: a reference that reads as a UUID is an id."""
     if not isinstance(slug, str) or not SLUG.fullmatch(slug):
         raise InvalidInput(
             f"{what} must be 1-63 lowercase letters, digits or '-', starting with a letter or digit",
             pointer=f"/{what}",
         )
+    if _parse_uuid(slug) is not None:
+        raise InvalidInput(f"{what} must not read as a UUID (that names an id)", pointer=f"/{what}")
     return slug
 
 
@@ -69,13 +72,14 @@ def _parse_uuid(ref: str) -> UUID | None:
 
 
 def _by_ref(ref: str) -> tuple[str, tuple[Any, ...]]:
-    """A condition matching a slug or id ``ref`` and its parameters. Only a ref that reads
-    as a UUID may be either: with ``slug = %s OR id = NULL`` PostgreSQL found a plan of its
-    own cheaper for every call and planned the lookup anew (each request resolves its org)."""
+    """A condition matching a slug or id ``ref`` and its parameters: a ref that reads as a
+    UUID is an id, any other a slug (slugs never read as one: ``check_slug``). Matching
+    either, with the first row found, let an org whose slug was another's id stand in for
+    it (migration 0020)."""
     as_id = _parse_uuid(ref)
     if as_id is None:
         return "slug = %s", (ref,)
-    return "(id = %s OR slug = %s)", (as_id, ref)
+    return "id = %s", (as_id,)
 
 
 def role_in_project(org: str, project: str) -> str:

@@ -84,7 +84,8 @@ async def list_projects(org: str, svc: Svc, who: Who) -> dict[str, Any]:
 async def set_project_member(
     org: str, project: str, email: str, body: ProjectMemberIn, svc: Svc, who: Who
 ) -> Response:
-    """Give an org member the ``editor`` or ``viewer`` role on a project."""
+    """Give an org member the ``editor`` or ``viewer`` role on a project (owners and admins)."""
+    who.require_org_admin()  # first: whether the email is anyone's is not for the others to learn
     project_id = await svc.tenancy.resolve_project(who, project)
     try:
         user_id = await svc.tenancy.user_by_email(email)

@@ -140,9 +140,12 @@ class BoardProjection:
             # (migration 0018): a node entity deleted meanwhile (through the API) is seen
             # deleted here, or its deletion waits and then hides these edges.
             ends = sorted({end for src_id, dst_id, _ in keep.values() for end in (src_id, dst_id)})
+            # Only the board's own node entities: an entity elsewhere that took a node's id
+            # (ids are derived from the board and the key) is no end of the board's edges.
             alive = {r["id"]: not r["deleted"] for r in await (await conn.execute(
-                "SELECT id, deleted FROM entities WHERE org_id = %s AND id = ANY(%s)"
-                " ORDER BY id FOR KEY SHARE", (org_id, ends))).fetchall()}
+                "SELECT id, deleted FROM entities WHERE org_id = %s AND id = ANY(%s) AND project_id = %s"
+                " AND type = 'board.node' AND board_doc = %s ORDER BY id FOR KEY SHARE",
+                (org_id, ends, project_id, doc_id))).fetchall()}
             for rid, (src_id, dst_id, data) in keep.items():
                 if src_id not in alive or dst_id not in alive:
                     continue

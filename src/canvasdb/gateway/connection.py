@@ -139,20 +139,44 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
             await ws.close(code, reason[:120])
 
 
-async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, settings: Settings) -> None:
+async def _authorized(svc: Services, token: str | None, org: str, doc_id: str) -> tuple[Any, bool]:
+    """(who, may write), or the _Closing that refuses the connection."""
     try:
-        who = await svc.tenancy.authorize(_token(ws), org)
-        writer = await svc.documents.check_access(who, doc_id)
+        who = await svc.tenancy.authorize(token, org)
+        return who, await svc.documents.check_access(who, doc_id)
     except Unauthorized as exc:
         raise _Closing(4401, exc.detail, "unauthorized") from None
     except (NotFound, InvalidInput) as exc:
         raise _Closing(4404, exc.detail, "not_found") from None
+
+
+async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, settings: Settings) -> None:
+    token = _token(ws)
+    who, writer = await _authorized(svc, token, org, doc_id)
     max_message = settings.max_update_bytes + _FRAMING
 
     sync = await svc.documents.sync(who.org_id, doc_id)
     peer = Peer(send=ws.send_bytes, close=lambda code, reason: _close(ws, code, reason), direct=_direct(ws))
     sender = asyncio.create_task(peer.run_sender())
     room = hub.join(who.org_id, doc_id, peer, sync.seq)
+
+    async def recheck() -> None:
+        """Access is checked again every ``gateway_reauth_seconds``: a revoked token, a
+        membership or project role taken away closes the connection (4401, 4404), a role
+        lowered to viewer makes it read-only; until then it would have gone on for good."""
+        nonlocal writer
+        while True:
+            await asyncio.sleep(settings.gateway_reauth_seconds)
+            try:
+                _, writer = await _authorized(svc, token, org, doc_id)
+            except _Closing as stop:
+                metrics.GATEWAY_REJECTED.labels(stop.metric).inc()
+                await peer.close(stop.code, stop.reason)
+                return
+            except Exception:  # the database is away: the connection goes on, checked next time
+                log.warning("could not check access to %s again", doc_id, exc_info=True)
+
+    checker = asyncio.create_task(recheck())
     in_flight: set[asyncio.Future[object]] = set()
     below_limit = asyncio.Event()  # fewer than _MAX_IN_FLIGHT updates wait for their commit
     below_limit.set()
@@ -223,6 +247,7 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
             elif message.kind == protocol.QUERY_AWARENESS and (aware := hub.awareness_snapshot(room)):
                 peer.push(aware)
     finally:
+        checker.cancel()
         if in_flight:  # the client left; what it sent is still committed and broadcast
             await asyncio.gather(*in_flight, return_exceptions=True)
         hub.leave(room, peer)

@@ -650,3 +650,21 @@ async def test_undeleting_an_edge_is_checked_for_a_cycle(svc: Services, tenant: 
     assert (await svc.graph.reachable(tenant.owner, a, depth=5))["found"] == {}
     await svc.relationships.delete(tenant.owner, ba.id)
     assert not (await svc.relationships.undelete(tenant.owner, ab.id)).deleted
+
+
+async def test_undeleting_an_entity_never_closes_a_cycle(svc: Services, tenant: Tenant) -> None:
+    """Its relationships come back with it, checked as new ones would be: a path the other way
+    made while it was deleted refuses the undeletion (422), and nothing changes."""
+    await svc.types.register(tenant.owner, EntityType(name="task", acyclic_kinds=["depends_on"]))
+    a, b, c = [await node(svc, tenant, x) for x in "abc"]
+    await svc.relationships.create(tenant.owner, a, b, "depends_on")
+    await svc.relationships.create(tenant.owner, b, c, "depends_on")
+    await svc.entities.delete(tenant.owner, b)
+    back = await svc.relationships.create(tenant.owner, c, a, "depends_on")  # a -> b -> c is hidden now
+    with pytest.raises(InvalidInput):
+        await svc.entities.undelete(tenant.owner, b)
+    with pytest.raises(Gone):
+        await svc.entities.get(tenant.owner, b)
+    await svc.relationships.delete(tenant.owner, back.id)
+    assert not (await svc.entities.undelete(tenant.owner, b)).deleted
+    assert [n["id"] for n in (await svc.graph.neighbors(tenant.owner, a, depth=2))["nodes"]] == [str(b), str(c)]

@@ -269,3 +269,22 @@ async def test_time_travel_inside_the_window_survives_retention(svc: Services, t
     await store.prune(tenant.org_id, "window")
     for moment, expected in moments[1:]:  # inside the window: exact
         assert view(replay([await store.state(tenant.owner, "window", as_of=moment)])) == expected
+
+
+async def test_a_copy_held_past_retention_is_read_again(svc: Services, tenant: Tenant) -> None:
+    """A process that held a document while another appended, compacted and, past retention,
+    pruned the updates it never saw reads the snapshot again: the log after its copy is empty,
+    and was not always so."""
+    a, b = DocumentStore(svc.db), DocumentStore(svc.db)  # as two processes would
+    await a.create(tenant.owner, tenant.project_id, "held")
+    editor = Editor(3)
+    await a.append(tenant.owner, "held", editor.step())
+    assert view(replay([await a.state(tenant.owner, "held")])) == view(replay(editor.updates))  # held at 1
+    for _ in range(5):
+        await b.append(tenant.owner, "held", editor.step())
+    await b.compact(tenant.org_id, "held")
+    deleted, _ = await b.prune(tenant.org_id, "held", now=datetime.now(UTC) + timedelta(days=2))
+    assert deleted == 6
+    assert view(replay([await a.state(tenant.owner, "held")])) == view(editor.doc)
+    await a.close()
+    await b.close()

@@ -43,6 +43,13 @@ DOC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
 KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_CHANGES_PAGE = 1000
 _MERGE_MAX = 256  # pieces state() merges into one update; beyond, it decodes the document
+_UPDATES_AFTER = ("SELECT seq, payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s"
+                  " ORDER BY seq")
+_UPDATES_AFTER_OR_GONE = (
+    "(SELECT seq, payload FROM doc_updates WHERE org_id = %(org)s AND doc_id = %(doc)s AND seq > %(seq)s"
+    " ORDER BY seq) UNION ALL SELECT -1, NULL WHERE NOT EXISTS (SELECT FROM doc_updates"
+    " WHERE org_id = %(org)s AND doc_id = %(doc)s AND seq > %(seq)s) AND EXISTS (SELECT FROM doc_snapshots"
+    " WHERE org_id = %(org)s AND doc_id = %(doc)s AND seq > %(seq)s)")
 # Every live store of this process: /metrics reads their cache sizes when scraped, so the
 # gauges are current without a call per update.
 _STORES: weakref.WeakSet[DocumentStore] = weakref.WeakSet()
@@ -452,9 +459,10 @@ class DocumentStore:
         new peer's sync and another gateway's every commit come here), the newest snapshot
         too on the first load, after a gap, or once the tail is long."""
         org_id, doc_id = key
-        rows = [] if held.seq == 0 else await self._updates_after(key, held.seq)
-        # First load, or retention removed updates this copy has not seen: start again
-        # from the newest snapshot.
+        rows = [] if held.seq == 0 else await self._updates_after(key, held.seq, gone=True)
+        # First load, or retention removed updates this copy has not seen (a gap before the
+        # first row, or, with no row at all, the marker row of seq -1): start again from
+        # the newest snapshot.
         reload = held.seq == 0 or bool(rows and rows[0]["seq"] != held.seq + 1)
         if not reload and len(held.tail) + len(rows) >= held.rebase_at:
             # A long tail: if a worker compacted meanwhile, start from its snapshot too, so
@@ -481,11 +489,15 @@ class DocumentStore:
         for row in rows:
             held.add(row["seq"], bytes(row["payload"]))
 
-    async def _updates_after(self, key: tuple[UUID, str], seq: int) -> list[Any]:
+    async def _updates_after(self, key: tuple[UUID, str], seq: int, *, gone: bool = False) -> list[Any]:
+        """The log after ``seq``. With ``gone``, when the log has nothing after ``seq`` but a
+        snapshot past it exists and the update after ``seq`` does not (retention took the
+        updates a copy held this long never saw), one row of seq -1 says so."""
         # Generic plans: an index range of one document; with ``seq > n`` a constant,
         # PostgreSQL kept planning this read anew.
-        return await self.db.read(key[0], "SELECT seq, payload FROM doc_updates WHERE org_id = %s"
-                                  " AND doc_id = %s AND seq > %s ORDER BY seq", (*key, seq),
+        if not gone:
+            return await self.db.read(key[0], _UPDATES_AFTER, (*key, seq), generic_plans=True, binary=True)
+        return await self.db.read(key[0], _UPDATES_AFTER_OR_GONE, {"org": key[0], "doc": key[1], "seq": seq},
                                   generic_plans=True, binary=True)
 
     def _evict(self) -> None:

@@ -109,6 +109,44 @@ async def test_websearch_syntax_phrase_or_and_exclusion(svc: Services, tenant: T
     assert await _ids(svc, tenant.owner, "red -draft", mode="text") == [red_car]
 
 
+def test_terms_reach_postgresql_whole_and_quoted() -> None:
+    """PostgreSQL splits each term into tokens (see query.py): one quoted operand, its quotes
+    and backslashes escaped, the operators inside it inert."""
+    terms = [g.terms[0] for g in parse(r"john@example.com it's a\b !c:* ./run.sh ").groups]
+    assert [t.tsquery() for t in terms] == ["'john@example.com'", "'it''s'", r"'a\\b'", "'!c:*'",
+                                            "('./run.sh' | ' ./run.sh')"]
+    assert [t.word for t in terms] == [None, None, None, "c", None], "typos are corrected in single words"
+    assert parse("e-mai").groups[0].terms[0].tsquery() == "'e-mai':*", "a prefix of every token"
+    assert parse("""-"a 'b'" c""").unless() == "('a ''b''')"
+
+
+async def test_exact_tokens_are_found_as_postgresql_indexed_them(svc: Services, tenant: Tenant) -> None:
+    """An e-mail, a host, a version, a number, a path are one token each to PostgreSQL's parser,
+    "İstanbul" keeps its capital (the C locale lower-cases ASCII only) and an Arabic word its
+    vowel marks: typed exactly (or as a prefix), each finds its entity, in text and hybrid modes.
+    The other note has the same letters as separate words, which a query split in Python found."""
+    tokens = ["john@example.com", "example.com", "1.2.3", "3.14", "/usr/local/bin", "İstanbul", "مَرْحَبًا"]
+    title = "Mail john@example.com about example.com 1.2.3 (3.14) in /usr/local/bin, İstanbul: مَرْحَبًا"
+    note, other = await _setup(svc, tenant, [
+        ("note", {"title": title, "body": "then run ./deploy.sh"}),
+        ("note", {"title": "john example com 1 2 3 14 usr local bin istanbul", "body": ""}),
+    ])
+    for token in [*tokens, "./deploy.sh", '"example.com 1.2.3"']:
+        for typed in (token, token + " "):
+            assert await _ids(svc, tenant.owner, typed, mode="text", typo=False) == [note], typed
+            # ("İstanbul" is one typo from "istanbul": the other note comes after, corrected)
+            assert (await _ids(svc, tenant.owner, typed, mode="text"))[:1] == [note], typed
+            res = await svc.search.search(tenant.owner, typed, mode="hybrid")
+            # found by its words (the fusion with meaning may rank the corrected "istanbul" first)
+            assert note in [h.id for h in res.hits if h.words], typed
+    res = await svc.search.search(tenant.owner, "john@example.com ", mode="text")
+    assert "<mark>john@example.com</mark>" in res.hits[0].highlights["title"] and res.total == 1
+    assert await _ids(svc, tenant.owner, "john example com ", mode="text") == [other]
+    for mode in ("text", "hybrid"):
+        assert note not in await _ids(svc, tenant.owner, "-john@example.com", mode=mode), mode
+    assert await _ids(svc, tenant.owner, "mail -İstanbul", mode="text") == []
+
+
 async def test_more_query_words_matched_rank_first(svc: Services, tenant: Tenant) -> None:
     both, first = await _setup(svc, tenant, [
         ("note", {"title": "garden", "body": "tomato seedlings"}),

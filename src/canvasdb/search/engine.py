@@ -347,10 +347,11 @@ class Search:
             exact.append(" | ".join(t.tsquery() for t in group.terms))
             alts = []
             for term in group.terms:
-                found_alts = [] if term.phrase else by_word.get(term.words[0], [])
-                if found_alts:
+                typed = term.word  # None: a phrase, or no letters (no typo to correct)
+                found_alts = by_word.get(typed, []) if typed is not None else []
+                if typed is not None and found_alts:
                     alts += [a for a in found_alts if a not in alts]
-                    said = corrections.setdefault(term.words[0], [])
+                    said = corrections.setdefault(typed, [])
                     said += [alt for alt, _, _ in found_alts if alt not in said]
             corrected.append(alts)
         excluded = " & ".join(f"!({t.tsquery()})" for t in parsed.excluded)

@@ -5,9 +5,17 @@ phrase or the word, then ``bus``) and one that must not. A group is what the
 ranking counts as a "query word". The last word, when the user has not finished it
 (no space after it), matches as a prefix, so results follow the typing.
 
-Words are runs of letters and digits: nothing the user types ever reaches
-``to_tsquery`` except such runs joined by operators built here, so quotes,
-backslashes and tsquery operators (``& | ! :*``) in a query are inert text.
+Splitting a term into words is left to PostgreSQL. Each term (a run of characters
+between spaces, or a quoted phrase) reaches ``to_tsquery`` as one quoted operand, its
+quotes and backslashes escaped, and ``to_tsquery`` runs on it the parser and the
+``english`` configuration that indexed the documents: ``john@example.com``,
+``example.com``, ``1.2.3``, ``3.14`` and ``/usr/local/bin`` are one token each there,
+and ``İstanbul`` or an Arabic word with its vowel marks keep the letters PostgreSQL
+indexed (the C locale lower-cases ASCII only, and reads every other character as a
+letter; Python's ``lower()`` and letter runs changed or split them). A term of
+several tokens (``e-mail``) becomes their phrase, as in the document. Tsquery
+operators (``& | ! :* <->``) inside a term are text: only the operators joining the
+terms are built here. Python's own letter runs (``words``) serve the typo rules only.
 """
 
 from __future__ import annotations
@@ -18,7 +26,15 @@ from dataclasses import dataclass, field
 
 from rapidfuzz.distance import OSA
 
-WORD = re.compile(r"[^\W_]+")
+WORD = re.compile(r"[^\W_]+")  # the words a typo is looked for in (letters and digits)
+# A term can hold a token: ASCII letters, digits and "_" (a path such as "/_"), and any other
+# character, which PostgreSQL's parser reads as a letter in the C locale. A term without
+# any (punctuation alone) is skipped, as before.
+TOKENISH = re.compile(r"[0-9A-Za-z_]|[^\x00-\x7f]")
+# After a space, PostgreSQL's parser reads a "." or "~" in front of a path as a blank
+# ("see ./run.sh" is indexed as "/run.sh"), at the start of a text as part of it
+# ("./run.sh"): a term that starts so is also asked for as it reads after a space.
+AFTER_SPACE = (".", "~")
 TOKEN = re.compile(r'-?"[^"]*"?|\S+')
 MAX_GROUPS = 10  # like Meilisearch, words beyond the tenth are ignored
 MAX_WORD_CHARS = 40
@@ -29,13 +45,31 @@ MAX_CORRECTIONS = 8  # per word
 class Term:
     """One word, or the words of a quoted phrase (which must appear next to each other)."""
 
-    words: tuple[str, ...]
+    words: tuple[str, ...]  # its runs of letters and digits, lower case (for the typo rules)
     phrase: bool = False
     prefix: bool = False
+    text: str = ""  # as typed (a phrase without its quotes): what PostgreSQL splits into tokens
+
+    @property
+    def word(self) -> str | None:
+        """The one word a typo may be corrected in: None for a phrase or a term without letters."""
+        return self.words[0] if len(self.words) == 1 and not self.phrase else None
 
     def tsquery(self) -> str:
-        """The term as to_tsquery text (letters and digits joined by operators built here)."""
-        return " <-> ".join(self.words) if self.phrase else self.words[0] + (":*" if self.prefix else "")
+        """The term as to_tsquery text: its text as one quoted operand (``:*`` on every token
+        when a prefix), which to_tsquery splits and normalises as to_tsvector did the
+        documents; several tokens make a phrase."""
+        text = self.text or " ".join(self.words)
+        star = ":*" if self.prefix else ""
+        operands = [_quoted(text) + star]
+        if text.startswith(AFTER_SPACE):
+            operands.append(_quoted(" " + text) + star)
+        return operands[0] if len(operands) == 1 else "(" + " | ".join(operands) + ")"
+
+
+def _quoted(text: str) -> str:
+    """``text`` as one quoted tsquery operand: quotes doubled, backslashes escaped."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 @dataclass(frozen=True)
@@ -63,7 +97,7 @@ class ParsedQuery:
 
     def words(self) -> list[str]:
         """The single words a typo could be corrected in (not phrases, not excluded ones)."""
-        return [t.words[0] for g in self.groups for t in g.terms if not t.phrase]
+        return [t.word for g in self.groups for t in g.terms if t.word is not None]
 
 
 def parse(text: str) -> ParsedQuery:
@@ -81,16 +115,20 @@ def parse(text: str) -> ParsedQuery:
         negated = token.startswith("-") and len(token) > 1
         body = token[1:] if negated else token
         quoted = body.startswith('"')
-        words = tuple(w.lower()[:MAX_WORD_CHARS] for w in WORD.findall(body))
-        if not (negated and words):
+        # as typed, for PostgreSQL to split (a NUL cannot be sent: a space, as between words)
+        said = (body.strip('"') if quoted else body).replace("\x00", " ").strip()
+        tokenish = TOKENISH.search(said) is not None
+        if not (negated and tokenish):
             meant.append(token)
-        if not words:
+        if not tokenish:
             continue
+        words = tuple(w.lower()[:MAX_WORD_CHARS] for w in WORD.findall(said))
         phrase = len(words) > 1  # "red car", and also e-mail or don't, as websearch_to_tsquery reads them
         last = i == len(tokens) - 1
-        term = Term(words, phrase=phrase, prefix=last and open_end and not (phrase or quoted or negated))
+        # A prefix applies to each token of the term: "e-mai" finds "e-mail".
+        term = Term(words, phrase=phrase, prefix=last and open_end and not (quoted or negated), text=said)
         if negated:
-            out.excluded.append(Term(term.words, phrase=term.phrase))
+            out.excluded.append(Term(term.words, phrase=term.phrase, text=term.text))
         elif pending_or:
             out.groups[-1] = Group((*out.groups[-1].terms, term))
         else:
@@ -159,8 +197,8 @@ def slip(word: str, term: str) -> int:
 def corrections(word: str, candidates: list[str], limit: int = MAX_CORRECTIONS) -> list[tuple[str, int, int]]:
     """The dictionary words within the typos allowed for ``word``, with their typos and
     slips: fewest typos first, then the likelier slips. Each word once (a 9+ letter word's
-    candidates come from two lookups), and only words of letters and digits (what may
-    reach ``to_tsquery``)."""
+    candidates come from two lookups), and only words of letters and digits (they reach
+    ``to_tsquery`` unquoted)."""
     allowed = allowed_typos(word)
     if not allowed:
         return []

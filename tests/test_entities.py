@@ -12,9 +12,11 @@ import pytest
 from conftest import KEYFRAME_INTERVAL, Tenant
 from prometheus_client import REGISTRY
 
-from canvasdb.entities import EntityType
+from canvasdb.db import Database
+from canvasdb.entities import EntityType, parse_as_of
 from canvasdb.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound, PayloadTooLarge
 from canvasdb.services import Services
+from canvasdb.settings import Settings
 from canvasdb.tenancy import Principal
 
 
@@ -329,3 +331,19 @@ async def test_numbers_and_nesting_come_back_exactly(svc: Services, tenant: Tena
     page = await svc.entities.list(tenant.owner, tenant.project_id, type="numbers")
     assert [x.data for x in page.items] == [now]
     assert type(page.items[0].data["big"]) is int and type(page.items[0].data["float"]) is float
+
+
+async def test_as_of_without_a_zone_is_utc(svc: Services, tenant: Tenant, pg_url: str) -> None:
+    """A time without a zone means UTC, whatever the zone of the database's sessions."""
+    assert parse_as_of("2024-01-01T10:00:00") == datetime(2024, 1, 1, 10, tzinfo=UTC)
+    assert parse_as_of("2024-01-01T10:00:00+02:00") == datetime(2024, 1, 1, 8, tzinfo=UTC)
+    assert parse_as_of("20240101") == 20240101  # digits alone: a version
+    e = await svc.entities.create(tenant.owner, tenant.project_id, "note", {"n": 1})
+    await asyncio.sleep(0.01)
+    await svc.entities.patch(tenant.owner, e.id, {"n": 2})
+    changed = (await svc.entities.get(tenant.owner, e.id)).updated_at
+    naive = (e.created_at + (changed - e.created_at) / 2).astimezone(UTC).replace(tzinfo=None).isoformat()
+    tokyo = f"{pg_url}{'&' if '?' in pg_url else '?'}options=-ctimezone%3DAsia%2FTokyo"
+    async with Database(tokyo, min_size=1, max_size=1) as far_east:  # sessions nine hours east
+        store = Services.build(Settings(database_url=tokyo), far_east).entities
+        assert (await store.get(tenant.owner, e.id, as_of=parse_as_of(naive))).data == {"n": 1}

@@ -492,10 +492,12 @@ def parse_as_of(value: str | None) -> AsOf:
     if value.isascii() and value.isdigit() and len(value) <= 9:
         return int(value)
     try:
-        return datetime.fromisoformat(value)
+        moment = datetime.fromisoformat(value)
     except ValueError:
         raise InvalidInput("as_of must be a version number or an ISO 8601 time",
                            pointer="query:as_of") from None
+    # without a zone, UTC (as everywhere in the API), whatever the database session's zone
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _cursor(after: str | None) -> UUID:

@@ -47,9 +47,8 @@ _UPDATES_AFTER = ("SELECT seq, payload FROM doc_updates WHERE org_id = %s AND do
                   " ORDER BY seq")
 _UPDATES_AFTER_OR_GONE = (
     "(SELECT seq, payload FROM doc_updates WHERE org_id = %(org)s AND doc_id = %(doc)s AND seq > %(seq)s"
-    " ORDER BY seq) UNION ALL SELECT -1, NULL WHERE NOT EXISTS (SELECT FROM doc_updates"
-    " WHERE org_id = %(org)s AND doc_id = %(doc)s AND seq > %(seq)s) AND EXISTS (SELECT FROM doc_snapshots"
-    " WHERE org_id = %(org)s AND doc_id = %(doc)s AND seq > %(seq)s)")
+    " ORDER BY seq) UNION ALL (SELECT -1, NULL FROM doc_snapshots"
+    " WHERE org_id = %(org)s AND doc_id = %(doc)s AND seq > %(seq)s LIMIT 1)")
 # Every live store of this process: /metrics reads their cache sizes when scraped, so the
 # gauges are current without a call per update.
 _STORES: weakref.WeakSet[DocumentStore] = weakref.WeakSet()
@@ -460,10 +459,13 @@ class DocumentStore:
         too on the first load, after a gap, or once the tail is long."""
         org_id, doc_id = key
         rows = [] if held.seq == 0 else await self._updates_after(key, held.seq, gone=True)
+        covered = bool(rows) and rows[-1]["seq"] == -1  # a snapshot is past this copy
+        if covered:
+            rows.pop()
         # First load, or retention removed updates this copy has not seen (a gap before the
-        # first row, or, with no row at all, the marker row of seq -1): start again from
+        # first row, or no row at all while a snapshot is past this copy): start again from
         # the newest snapshot.
-        reload = held.seq == 0 or bool(rows and rows[0]["seq"] != held.seq + 1)
+        reload = held.seq == 0 or (rows[0]["seq"] != held.seq + 1 if rows else covered)
         if not reload and len(held.tail) + len(rows) >= held.rebase_at:
             # A long tail: if a worker compacted meanwhile, start from its snapshot too, so
             # a new peer gets the snapshot and a short tail, and the tail stops growing.
@@ -490,9 +492,8 @@ class DocumentStore:
             held.add(row["seq"], bytes(row["payload"]))
 
     async def _updates_after(self, key: tuple[UUID, str], seq: int, *, gone: bool = False) -> list[Any]:
-        """The log after ``seq``. With ``gone``, when the log has nothing after ``seq`` but a
-        snapshot past it exists and the update after ``seq`` does not (retention took the
-        updates a copy held this long never saw), one row of seq -1 says so."""
+        """The log after ``seq``. With ``gone``, a last row of seq -1 when a snapshot is past
+        ``seq``: with no update after ``seq`` left, retention took what the copy never saw."""
         # Generic plans: an index range of one document; with ``seq > n`` a constant,
         # PostgreSQL kept planning this read anew.
         if not gone:

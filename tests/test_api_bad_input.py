@@ -520,7 +520,7 @@ async def test_invalid_uuid_in_ids(client: httpx.AsyncClient, tenant: Tenant, en
                                    ids: str) -> None:
     r = await client.get(f"{org_url(tenant)}/entities", params={"ids": ids.replace("{id}", entity["id"])},
                          headers=tenant.headers)
-    problem(r, 422)
+    problem(r, 422, pointer="query:ids")
 
 
 async def test_too_many_ids(client: httpx.AsyncClient, tenant: Tenant, entity: dict[str, Any]) -> None:

@@ -273,6 +273,15 @@ async def test_queries_as_of_a_past_time(svc: Services, tenant: Tenant) -> None:
     assert [n["title"] for n in lineage["ancestors"]] == ["c"]
     assert [n["title"] for n in lineage["descendants"]] == ["a"]
     assert (await svc.graph.lineage(tenant.owner, b))["descendants"] == []
+    # every query reads the relationships as they were then
+    assert (await svc.graph.path(tenant.owner, a, c, as_of=before))["length"] == 2
+    assert (await svc.graph.path(tenant.owner, a, c))["length"] is None
+    assert len((await svc.graph.subgraph(tenant.owner, [a], depth=2, as_of=before))["nodes"]) == 3
+    assert len((await svc.graph.subgraph(tenant.owner, [a], depth=2))["nodes"]) == 1
+    then = await svc.graph.dependents(tenant.owner, c, as_of=before)
+    assert [n["title"] for n in then["nodes"]] == ["b", "a"]
+    assert [n["title"] for n in (await svc.graph.dependents(tenant.owner, c))["nodes"]] == ["b"]
+    assert set((await svc.graph.reachable(tenant.owner, a, depth=2, as_of=before))["found"]) == {b, c}
 
     # a start deleted at that moment is not found then, as it is not now
     await svc.entities.delete(tenant.owner, b)
@@ -668,3 +677,52 @@ async def test_undeleting_an_entity_never_closes_a_cycle(svc: Services, tenant: 
     await svc.relationships.delete(tenant.owner, back.id)
     assert not (await svc.entities.undelete(tenant.owner, b)).deleted
     assert [n["id"] for n in (await svc.graph.neighbors(tenant.owner, a, depth=2))["nodes"]] == [str(b), str(c)]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("GET", "entities/{a}/dependents?depth=0", None),
+    ("GET", "entities/{a}/dependents?depth=1001", None),
+    ("GET", "entities/{a}/dependents?kinds=Bad%20Kind", None),
+    ("GET", "entities/{a}/dependents?limit=0", None),
+    ("GET", "entities/{a}/dependents?cursor=garbage", None),
+    ("GET", "entities/{a}/dependents?as_of=yesterday", None),
+    ("GET", "entities/not-a-uuid/dependents", None),
+    ("GET", "entities/{a}/reachable?depth=-1", None),
+    ("GET", "entities/{a}/lineage?depth=1001", None),
+    ("GET", "graph/path?from={a}&to=not-a-uuid", None),
+    ("GET", "graph/path?from={a}&to={b}&max_depth=0", None),
+    ("GET", "graph/path?from={a}&to={b}&max_depth=11", None),
+    ("GET", "graph/path?from={a}&to={b}&direction=sideways", None),
+    ("GET", "graph/path?from={a}&to={b}&all=true&max_paths=0", None),
+    ("GET", "graph/path?from={a}&to={missing}", None),
+    ("GET", "graph/cycle?src={a}&dst={b}&kind=%27%3B--", None),
+    ("POST", "graph/subgraph", {"roots": []}),
+    ("POST", "graph/subgraph", {"roots": "{a}"}),
+    ("POST", "graph/subgraph", {"roots": ["not-a-uuid"]}),
+    ("POST", "graph/subgraph", {"roots": ["{a}"] * 101}),
+    ("POST", "graph/subgraph", {"roots": ["{a}"], "depth": 0}),
+    ("POST", "graph/subgraph", {"roots": ["{a}"], "limit": 0}),
+    ("POST", "graph/subgraph", {"roots": ["{a}"], "kinds": ["$.x[*]"]}),
+    ("POST", "graph/subgraph", {"roots": ["{missing}"]}),
+    ("POST", "graph/subgraph", {"roots": ["{a}"], "extra": 1}),
+])
+async def test_graph_routes_answer_bad_input_with_a_problem(
+        client: httpx.AsyncClient, svc: Services, tenant: Tenant, method: str, path: str, body: Any) -> None:
+    a, b = await node(svc, tenant, "a"), await node(svc, tenant, "b")
+    ids = {"{a}": str(a), "{b}": str(b), "{missing}": str(uuid4())}
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, str):
+            for k, v in ids.items():
+                value = value.replace(k, v)
+            return value
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        return value
+
+    r = await client.request(method, f"/v1/orgs/{tenant.slug}/{fill(path)}", json=fill(body),
+                             headers=tenant.headers)
+    assert r.status_code in (404, 422), (r.status_code, r.text)
+    assert r.headers["content-type"] == "application/problem+json" and r.json()["status"] == r.status_code

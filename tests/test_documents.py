@@ -443,3 +443,55 @@ async def test_compaction_is_asked_for_at_most_every_interval(svc: Services, ten
         await store.close()
     assert asked.count("asks-once") == 1, "a request still waiting was asked for again"
     assert asked.count("asks-each-time") == 5
+
+
+async def test_a_batch_whose_reply_is_lost_is_never_written_twice(db: Database, tenant: Tenant) -> None:
+    """The connection breaks after the commit, before its reply: the batch may be stored, so it
+    is not written again document by document (that stored each update twice); its callers
+    hear of the failure."""
+    store = DocumentStore(db)
+    log = store.log
+    for doc in ("lost-1", "lost-2"):
+        await store.create(tenant.owner, tenant.project_id, doc)
+    commit = log._commit
+    calls = 0
+
+    async def reply_lost(groups):
+        nonlocal calls
+        results = await commit(groups)
+        calls += 1
+        if calls == 1:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return results
+
+    log._commit = reply_lost  # type: ignore[method-assign]
+    a, b = Client().edit("k", 1), Client().edit("k", 2)
+    outcomes = await asyncio.gather(log.submit(tenant.org_id, "lost-1", a), log.submit(tenant.org_id, "lost-2", b),
+                                    return_exceptions=True)
+    assert all(isinstance(o, Exception) for o in outcomes), outcomes
+    for doc in ("lost-1", "lost-2"):
+        assert [c.seq for c in await store.changes(tenant.owner, doc)] == [1], "stored once"
+    await store.close()
+
+
+async def test_a_cancelled_close_strands_no_caller(db: Database, tenant: Tenant) -> None:
+    store = DocumentStore(db)
+    log = store.log
+    await store.create(tenant.owner, tenant.project_id, "closing")
+    commit = log._commit
+
+    async def slow(groups):
+        await asyncio.sleep(0.2)
+        return await commit(groups)
+
+    log._commit = slow  # type: ignore[method-assign]
+    writer = Client()
+    waiting = [log.submit(tenant.org_id, "closing", writer.edit(f"k{i}", i)) for i in range(50)]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(log.close(), 0.05)
+    done, pending = await asyncio.wait(waiting, timeout=5)
+    assert not pending, "every caller hears how its update ended"
+    stored = {c.seq for c in await store.changes(tenant.owner, "closing", limit=100)}
+    acknowledged = {f.result().seq for f in done if not f.cancelled() and f.exception() is None}
+    assert acknowledged <= stored
+    await log.close()

@@ -98,8 +98,8 @@ class UpdateLog:
     async def close(self) -> None:
         """Commit what is pending, then stop the flusher."""
         while self._flushers or self._pending:
-            if self._flushers:
-                await asyncio.gather(*self._flushers, return_exceptions=True)
+            if self._flushers:  # shielded: a cancelled close() must not cancel commits under way
+                await asyncio.shield(asyncio.gather(*self._flushers, return_exceptions=True))
             else:
                 await self._flush_next(wait=False)
 
@@ -156,17 +156,22 @@ class UpdateLog:
         try:
             results = await self._commit(groups)
         except psycopg.Error as exc:
-            if len(groups) > 1:  # isolate the failing document; the others still commit
+            if len(groups) > 1 and _rolled_back(exc):  # isolate the failing document; the others commit
                 for items in groups.values():
                     await self._flush(items)
                 return
+            # Also when the connection broke: the batch may have committed before the reply
+            # was lost, and written again it would be stored twice. Its callers hear of the
+            # failure; a client resyncs by its state vector, which never doubles an update.
             error = translate(exc)
             for item in batch:
                 _settle(item.future, error)
             return
-        except Exception as exc:
+        except BaseException as exc:  # cancelled too: no caller is left waiting for good
             for item in batch:
                 _settle(item.future, exc)
+            if not isinstance(exc, Exception):
+                raise
             return
         metrics.DOC_COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.DOC_BATCH_UPDATES.observe(len(batch))
@@ -201,8 +206,17 @@ class UpdateLog:
         return results
 
 
+def _rolled_back(exc: psycopg.Error) -> bool:
+    """Whether the server answered with an error, so that nothing of the statement was
+    committed; not so when the connection broke (class 08, or no SQLSTATE at all)."""
+    return bool(exc.sqlstate) and not exc.sqlstate.startswith("08")
+
+
 def _settle(future: asyncio.Future[Appended], outcome: Appended | BaseException) -> None:
     if future.done():  # the caller gave up waiting; the update is stored all the same
+        return
+    if isinstance(outcome, asyncio.CancelledError):  # stopped mid-commit: the outcome is unknown
+        future.cancel()
         return
     if isinstance(outcome, BaseException):
         metrics.DOC_APPEND_FAILURES.inc()

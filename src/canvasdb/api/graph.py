@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -55,11 +55,6 @@ def _kinds(value: str | None) -> list[str] | None:
     if value is None or value.strip() == "":
         return None
     return [k.strip() for k in value.split(",") if k.strip()]
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    """A time without a zone is UTC, as ``parse_as_of`` reads one."""
-    return moment if moment is None or moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _moment(value: str | None) -> datetime | None:
@@ -178,7 +173,7 @@ async def path(org: str, svc: Svc, who: Who,
 async def subgraph(org: str, body: SubgraphIn, svc: Svc, who: Who) -> dict[str, Any]:
     """The entities within ``depth`` of the roots and the relationships among them, in one call."""
     return await svc.graph.subgraph(who, body.roots, depth=body.depth, kinds=body.kinds,
-                                    direction=body.direction, limit=body.limit, as_of=_utc(body.as_of))
+                                    direction=body.direction, limit=body.limit, as_of=body.as_of)
 
 
 @router.get("/graph/cycle")

@@ -29,6 +29,7 @@ from canvasdb.blobs import BlobStore, gc
 from canvasdb.db import Connection, Database
 from canvasdb.documents import yjs
 from canvasdb.documents.log import Appended, UpdateLog
+from canvasdb.entities import utc
 from canvasdb.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unavailable
 from canvasdb.tenancy import (
     Principal,
@@ -520,7 +521,7 @@ class DocumentStore:
     async def _state_as_of(self, org_id: UUID, doc_id: str, as_of: datetime) -> bytes:
         """Exact while the updates up to ``as_of`` are kept; beyond that, the nearest earlier
         snapshot (retention deletes only updates that a snapshot covers)."""
-        moment = as_of if as_of.tzinfo else as_of.replace(tzinfo=UTC)
+        moment = utc(as_of)
         doc = Doc(skip_gc=True)
         async with self.db.transaction(org_id) as conn:
             cur = await conn.execute(

@@ -410,7 +410,7 @@ class EntityStore:
     async def _page_as_of(self, conn: Connection, who: Principal, project_id: UUID,
                           type: str | None, cursor: UUID, limit: int, as_of: datetime) -> Page:
         items: list[Entity] = []
-        params = {"org": who.org_id, "project": project_id, "type": type, "t": _aware(as_of),
+        params = {"org": who.org_id, "project": project_id, "type": type, "t": utc(as_of),
                   "n": limit}
         query = _PAGE_AS_OF.format(type_filter="AND type = %(type)s" if type is not None else "")
         while len(items) < limit:
@@ -471,7 +471,7 @@ class EntityStore:
                 raise NotFound(f"entity {id} has no version {as_of}")
             return as_of
         assert isinstance(as_of, datetime)
-        row = await (await conn.execute(_VERSION_AT, (who.org_id, id, _aware(as_of)))).fetchone()
+        row = await (await conn.execute(_VERSION_AT, (who.org_id, id, utc(as_of)))).fetchone()
         return None if row is None or row["v"] is None else int(row["v"])
 
     async def _rebuild_rows(self, conn: Connection, who: Principal, id: UUID,
@@ -480,9 +480,10 @@ class EntityStore:
         return await cur.fetchall()
 
 
-def _aware(moment: datetime) -> datetime:
-    """A time without a zone is taken as UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+def utc(moment: datetime | None) -> datetime | None:
+    """A time without a zone is taken as UTC, everywhere in the API (PostgreSQL would read it
+    in the session's zone)."""
+    return moment if moment is None or moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def parse_as_of(value: str | None) -> AsOf:
@@ -496,8 +497,7 @@ def parse_as_of(value: str | None) -> AsOf:
     except ValueError:
         raise InvalidInput("as_of must be a version number or an ISO 8601 time",
                            pointer="query:as_of") from None
-    # without a zone, UTC (as everywhere in the API), whatever the database session's zone
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return utc(moment)
 
 
 def _cursor(after: str | None) -> UUID:

@@ -20,7 +20,7 @@ from uuid import UUID, uuid4
 from psycopg.types.json import Jsonb
 
 from canvasdb.db import Connection, Database
-from canvasdb.entities.store import encode_data
+from canvasdb.entities.store import encode_data, utc
 from canvasdb.entities.types import KIND
 from canvasdb.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound
 from canvasdb.tenancy import Principal, project_role
@@ -155,6 +155,7 @@ class RelationshipStore:
         return _relationship(row)
 
     async def get(self, who: Principal, id: UUID, *, as_of: datetime | None = None) -> Relationship:
+        as_of = utc(as_of)
         """The relationship now (deleted ones answer 410), or as it was at a moment."""
         async with self.db.transaction(who.org_id) as conn:
             row = await self._row(conn, who, id)

@@ -31,6 +31,7 @@ from uuid import UUID
 from psycopg.rows import tuple_row
 
 from canvasdb.db import Database
+from canvasdb.entities import utc
 from canvasdb.errors import InvalidInput, NotFound, Unavailable
 from canvasdb.graph.relationships import check_kind, reaches, readable_projects, require_readable
 from canvasdb.tenancy import Principal
@@ -288,8 +289,8 @@ class Graph:
         self.db = db
         self.max_nodes = max_nodes
 
-    def _params(self, who: Principal, **more: Any) -> dict[str, Any]:
-        return {"org": who.org_id, "user": who.user_id, **more}
+    def _params(self, who: Principal, *, as_of: datetime | None = None, **more: Any) -> dict[str, Any]:
+        return {"org": who.org_id, "user": who.user_id, "as_of": utc(as_of), **more}
 
     async def _walk(self, who: Principal, starts: list[UUID], direction: Direction, kinds: list[str] | None,
                     depth: int, as_of: datetime | None, *, limit: int, cursor: str | None,

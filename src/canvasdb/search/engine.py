@@ -48,7 +48,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
@@ -57,6 +57,7 @@ from psycopg.types.json import Jsonb
 
 from canvasdb import metrics
 from canvasdb.db import Connection, Database
+from canvasdb.entities import utc
 from canvasdb.errors import InvalidInput, NotFound
 from canvasdb.graph.relationships import readable_projects
 from canvasdb.search import query as q
@@ -108,7 +109,7 @@ class Filters:
         for pointer, values in (("/type", self.types), ("/module", self.modules)):
             for value in values:
                 _check_text(value, pointer)
-        after, before = _utc(self.updated_after), _utc(self.updated_before)
+        after, before = utc(self.updated_after), utc(self.updated_before)
         if after and before and after >= before:
             raise InvalidInput("updated_after must be before updated_before", pointer="/updated_after")
         return dataclasses.replace(self, updated_after=after, updated_before=before)
@@ -832,8 +833,3 @@ def _check_text(value: Any, pointer: str, *, nul: bool = True) -> None:
         raise InvalidInput("text must be valid Unicode (no lone surrogate)", pointer=pointer) from None
     if nul and "\x00" in value:
         raise InvalidInput("text must not contain NUL", pointer=pointer)
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    """A time without a zone is taken as UTC."""
-    return moment if moment is None or moment.tzinfo else moment.replace(tzinfo=UTC)

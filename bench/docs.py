@@ -42,7 +42,8 @@ from rich.console import Console
 from rich.table import Table
 
 from canvasdb.db import Database
-from canvasdb.documents import DocumentStore, UpdateLog
+from canvasdb.documents import DocumentStore, UpdateLog, yjs
+from canvasdb.documents.yjs import MERGE_CHUNK
 from canvasdb.runtime import prepare_schema, settle_gc
 from canvasdb.services import Services
 from canvasdb.settings import Settings
@@ -52,7 +53,6 @@ DOCS_PER_LEVEL = 10  # writers are spread over this many documents (writer w edi
 WARMUP_OPS = 5  # untimed appends per writer before each timed run (loads the documents)
 PILOT_SECONDS = 1.0  # untimed run that sizes the edits made ahead of the timed run
 RAW_BATCHES = (100, 1000)  # rows per transaction in the raw baseline
-MERGE_CHUNK = 100  # merge_updates is superlinear in its argument count: merge in chunks, then merge those
 DIRECT_MERGE_MAX = 10_000  # one merge_updates call over this many updates is also timed
 UPDATE_COLS = ("org_id", "doc_id", "seq", "payload", "user_id", "client_id")
 UPDATE_TYPES = ("uuid", "text", "int8", "bytea", "uuid", "int8")
@@ -435,11 +435,10 @@ async def fresh_opens(svc: Services, t: Tenant, doc_id: str, runs: int, title: s
 
 
 def chunked_merge(updates: list[bytes]) -> tuple[bytes, float]:
+    """yjs.merge (as compaction merges): merge_updates over a hundred at a time, then those."""
     start = time.perf_counter()
-    parts = [merge_updates(*updates[i:i + MERGE_CHUNK]) for i in range(0, len(updates), MERGE_CHUNK)]
-    while len(parts) > 1:
-        parts = [merge_updates(*parts[i:i + MERGE_CHUNK]) for i in range(0, len(parts), MERGE_CHUNK)]
-    return parts[0], time.perf_counter() - start
+    merged = yjs.merge(updates)
+    return merged, time.perf_counter() - start
 
 
 async def measure_board(svc: Services, url: str, t: Tenant, scale: Scale) -> dict[str, Any]:

@@ -251,12 +251,12 @@ def check_update(payload: bytes) -> None:
 
 
 EMPTY_UPDATE = b"\x00\x00"  # no structs, no deletions
-_MERGE_CHUNK = 100
+MERGE_CHUNK = 100  # pieces per merge_updates call in merge()
 
 
 def merge(pieces: list[bytes]) -> bytes:
     """The pieces as one update. ``merge_updates`` grows faster than its argument count (one
     call over 100,000 updates: a minute), so it merges a hundred at a time, then those."""
     while len(pieces) > 1:
-        pieces = [merge_updates(*pieces[i:i + _MERGE_CHUNK]) for i in range(0, len(pieces), _MERGE_CHUNK)]
+        pieces = [merge_updates(*pieces[i:i + MERGE_CHUNK]) for i in range(0, len(pieces), MERGE_CHUNK)]
     return pieces[0] if pieces else EMPTY_UPDATE

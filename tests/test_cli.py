@@ -156,6 +156,25 @@ def test_up_with_embedded_database(tmp_path: Path) -> None:
     assert oct((tmp_path / "home" / "admin-token").stat().st_mode & 0o777) == "0o600"
 
 
+def test_up_and_gateway_on_a_busy_port_fail_in_one_line(tmp_path: Path) -> None:
+    """A port in use (or an address not of this machine) is a one-line error before anything
+    starts: no "serving" announced, no traceback, no embedded PostgreSQL left running."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
+    env["CANVASDB_HOME"] = str(tmp_path / "home")
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = str(busy.getsockname()[1])
+        for args in (["up", "--port", port], ["gateway", "--port", port]):
+            done = run(env, *args, check=False)
+            assert done.returncode == 1, done.stderr
+            assert done.stderr.splitlines() == [
+                f"Error: cannot listen on 127.0.0.1:{port}: address already in use",
+                "Try: choose another port with --port or CANVASDB_PORT"]
+            assert "serving" not in done.stdout
+    done = run(env, "up", "--host", "no-such-host.invalid", check=False)
+    assert done.returncode == 1 and "--host or CANVASDB_HOST" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "home" / "pgdata").exists(), "nothing was started for a server that cannot listen"
+
+
 def test_db_start_status_url_stop(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
     env["CANVASDB_HOME"] = str(tmp_path / "home")

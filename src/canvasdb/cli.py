@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import html
 import json
+import os
 import signal
 import socket
 import sys
@@ -20,7 +22,7 @@ from rich.table import Table
 
 from canvasdb import __version__, runtime
 from canvasdb.entities import parse_as_of
-from canvasdb.errors import CanvasdbError, InvalidInput, NotFound
+from canvasdb.errors import CanvasdbError, InvalidInput, NotFound, Unavailable
 from canvasdb.search.engine import Filters
 from canvasdb.services import Services
 from canvasdb.settings import Settings
@@ -93,6 +95,13 @@ def up(
     from canvasdb.api import create_app
 
     settings = _settings()
+    host = host or settings.host
+    port = port or settings.port
+    try:
+        listener = _listen(host, port)  # before the database: a port in use costs nothing
+    except CanvasdbError as exc:
+        _fail(exc)
+        return
     try:
         target = runtime.database(settings)
 
@@ -102,16 +111,15 @@ def up(
 
         token = asyncio.run(boot())
     except CanvasdbError as exc:
+        listener.close()
         _fail(exc)
         return
-    host = host or settings.host
-    port = port or settings.port
     out.print(f"canvasdb {__version__} serving http://{host}:{port}  (OpenAPI: /docs)")
     if token:
         out.print(f"admin token (org '{runtime.DEMO_ORG}'): {token}")
         out.print(f"  saved in {settings.token_file}")
     try:
-        _serve(create_app(settings, database_url=target.url, run_worker=True), settings, host, port)
+        _serve(create_app(settings, database_url=target.url, run_worker=True), settings, listener)
     finally:
         if target.started_here:
             runtime.embedded(settings).stop()
@@ -128,21 +136,38 @@ def gateway(
     from canvasdb.api import create_app
 
     settings = _settings()
+    host, port = host or settings.host, port or settings.port
     try:
+        listener = _listen(host, port)
         target = runtime.database(settings)
     except CanvasdbError as exc:
         _fail(exc)
         return
-    host, port = host or settings.host, port or settings.port
     out.print(f"canvasdb gateway {__version__} serving http://{host}:{port}")
-    _serve(create_app(settings, database_url=target.url), settings, host, port)
+    _serve(create_app(settings, database_url=target.url), settings, listener)
 
 
-def _serve(api: object, settings: Settings, host: str, port: int) -> None:
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before anything is announced: a port in use or an
+    address that is not this machine's is a one-line error, not a traceback after "serving"."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        in_use = exc.errno == errno.EADDRINUSE
+        gai = isinstance(exc, socket.gaierror)  # its errno is a resolver code, not an OS one
+        reason = exc.strerror if gai or not exc.errno else os.strerror(exc.errno)
+        raise Unavailable(f"cannot listen on {host}:{port}: {reason.lower()}",
+                          hint="choose another port with --port or CANVASDB_PORT" if in_use else
+                          "choose an address of this machine with --host or CANVASDB_HOST") from None
+
+
+def _serve(api: object, settings: Settings, listener: socket.socket) -> None:
     import uvicorn
 
     from canvasdb.gateway.connection import frame_limit
 
+    host, port = listener.getsockname()[:2]
     config = uvicorn.Config(api, host=host, port=port, log_level=settings.log_level, lifespan="on",  # type: ignore[arg-type]
                             ws_max_size=frame_limit(settings), ws_ping_interval=20,
                             # Yjs messages are small and binary: compressing each one costs both
@@ -165,7 +190,7 @@ def _serve(api: object, settings: Settings, host: str, port: int) -> None:
     # signal to the handler it found: make that one a clean exit so the finally block runs.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_cleanly)
-    Server(config).run()
+    Server(config).run(sockets=[listener])
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

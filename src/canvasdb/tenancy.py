@@ -19,7 +19,6 @@ from canvasdb.db import Connection, Database
 from canvasdb.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized
 
 OrgRole = Literal["owner", "admin", "member"]
-ProjectRole = Literal["editor", "viewer"]
 ORG_ROLES: tuple[str, ...] = ("owner", "admin", "member")
 PROJECT_ROLES: tuple[str, ...] = ("editor", "viewer")
 TOKEN_PREFIX = "cdb_"

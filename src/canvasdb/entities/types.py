@@ -208,12 +208,9 @@ class TypeRegistry:
         row = await cur.fetchone()
         return None if row is None else _from_row(row)
 
-    async def validate(self, conn: Connection, who: Principal, type_name: str, data: Any) -> None:
-        """InvalidInput naming the JSON pointer of the first bad field, if the type has a schema."""
-        self.check(who, await self.lookup(conn, who, type_name), data)
-
     def check(self, who: Principal, spec: EntityType | None, data: Any) -> None:
-        """Validate ``data`` against an already loaded type (None: unregistered, anything goes)."""
+        """Validate ``data`` against an already loaded type (None: unregistered, anything goes):
+        InvalidInput naming the JSON pointer of the first bad field."""
         if spec is None or spec.json_schema is None:
             return
         key = (who.org_id, spec.name, spec.updated_at)

@@ -175,6 +175,30 @@ def test_up_and_gateway_on_a_busy_port_fail_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "home" / "pgdata").exists(), "nothing was started for a server that cannot listen"
 
 
+def test_bad_settings_are_named_in_one_line(tmp_path: Path) -> None:
+    """Each bad CANVASDB_* value is named with what it should be; nothing starts (a log level
+    uvicorn does not know, or a pool smaller than its minimum, failed only once serving)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
+    env["CANVASDB_HOME"] = str(tmp_path / "home")
+    cases = {
+        ("CANVASDB_PORT", "abc"): "CANVASDB_PORT='abc': input should be a valid integer",
+        ("CANVASDB_LOG_LEVEL", "loud"): "CANVASDB_LOG_LEVEL='loud': input should be 'critical', 'error', "
+                                        "'warning', 'info', 'debug' or 'trace'",
+        ("CANVASDB_POOL_MIN_SIZE", "30"): "CANVASDB_POOL_MIN_SIZE (30) is more than CANVASDB_POOL_MAX_SIZE (20)",
+    }
+    for (name, value), expected in cases.items():
+        done = run({**env, name: value}, "up", check=False)
+        assert done.returncode == 1, done.stderr
+        first, hint = done.stderr.splitlines()
+        assert first.startswith("Error: invalid setting ") and expected in first, first
+        assert hint.startswith("Try: ") and "Traceback" not in done.stderr
+    assert not (tmp_path / "home" / "pgdata").exists()
+    both = run({**env, "CANVASDB_PORT": "0", "CANVASDB_LOG_LEVEL": "x"}, "db", "status", check=False)
+    assert "CANVASDB_PORT='0'" in both.stderr and "CANVASDB_LOG_LEVEL='x'" in both.stderr
+    upper = run({**env, "CANVASDB_LOG_LEVEL": "WARNING"}, "db", "status", check=False)
+    assert upper.returncode == 3, upper.stderr  # any case is a level; the server is not running
+
+
 def test_db_start_status_url_stop(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
     env["CANVASDB_HOME"] = str(tmp_path / "home")

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -50,9 +51,22 @@ OrgOpt = Annotated[str, typer.Option("--org", help="Org slug or id.")]
 def _settings() -> Settings:
     try:
         return Settings()
-    except Exception as exc:  # pydantic's ValidationError: a bad CANVASDB_* value
-        _fail(CanvasdbError(f"invalid setting: {exc}"))
+    except ValidationError as exc:  # a bad CANVASDB_* value: name it, in one line
+        _fail(CanvasdbError("invalid setting " + "; ".join(_setting_problem(e) for e in exc.errors()),
+                            hint="the README's Settings table lists each CANVASDB_* variable"))
         raise
+
+
+def _setting_problem(error: Any) -> str:
+    """``CANVASDB_PORT='abc': input should be a valid integer`` (a check across settings,
+    with no single field, is its own message)."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if message[1:2].islower():  # "Input should...", not a name such as CANVASDB_...
+        message = message[:1].lower() + message[1:]
+    if not error["loc"]:
+        return message
+    name = "CANVASDB_" + "_".join(str(part) for part in error["loc"]).upper()
+    return f"{name}={error['input']!r}: {message}"
 
 
 def _fail(exc: CanvasdbError) -> None:

@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     pool_min_size: int = Field(default=2, ge=1)
     pool_max_size: int = Field(default=20, ge=1)
     statement_timeout_ms: int = Field(default=10_000, ge=0)
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        default="info", description="Server log level")
     group_commit_window_ms: float = Field(default=0.0, ge=0, le=1000,
                                           description="How long the op log waits to batch appends")
     group_commit_max_batch: int = Field(default=1000, ge=1, description="Most updates in one commit")
@@ -80,6 +81,18 @@ class Settings(BaseSettings):
     search_exact_below: int = Field(default=10_000, ge=0, description="An org with fewer vectors is "
                                     "searched exactly (no HNSW)")
     search_ef_search: int = Field(default=100, ge=10, le=1000, description="HNSW candidate list size")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _pool_sizes(self) -> Settings:
+        if self.pool_min_size > self.pool_max_size:
+            raise ValueError(f"CANVASDB_POOL_MIN_SIZE ({self.pool_min_size}) is more than "
+                             f"CANVASDB_POOL_MAX_SIZE ({self.pool_max_size})")
+        return self
 
     @cached_property
     def home_dir(self) -> Path:

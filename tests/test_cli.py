@@ -177,7 +177,8 @@ def test_up_and_gateway_on_a_busy_port_fail_in_one_line(tmp_path: Path) -> None:
 
 def test_bad_settings_are_named_in_one_line(tmp_path: Path) -> None:
     """Each bad CANVASDB_* value is named with what it should be; nothing starts (a log level
-    uvicorn does not know, or a pool smaller than its minimum, failed only once serving)."""
+    uvicorn does not know, or a pool smaller than its minimum, failed only once serving); so is
+    a CANVASDB_HOME that cannot hold the embedded database (it was a traceback)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
     env["CANVASDB_HOME"] = str(tmp_path / "home")
     cases = {
@@ -197,6 +198,13 @@ def test_bad_settings_are_named_in_one_line(tmp_path: Path) -> None:
     assert "CANVASDB_PORT='0'" in both.stderr and "CANVASDB_LOG_LEVEL='x'" in both.stderr
     upper = run({**env, "CANVASDB_LOG_LEVEL": "WARNING"}, "db", "status", check=False)
     assert upper.returncode == 3, upper.stderr  # any case is a level; the server is not running
+    (tmp_path / "a-file").write_text("not a folder")
+    for args in (["up"], ["db", "start"]):
+        done = run({**env, "CANVASDB_HOME": str(tmp_path / "a-file")}, *args, check=False)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.splitlines() == [
+            f"Error: cannot keep the embedded database in {tmp_path / 'a-file'}: it is not a folder",
+            "Try: set CANVASDB_HOME to a folder this user can write"]
 
 
 def test_db_start_status_url_stop(tmp_path: Path) -> None:

@@ -74,13 +74,21 @@ class EmbeddedPostgres:
 
     def start(self, *, timeout: int = 60) -> str:
         """Initialise the cluster if needed, start it unless running; return its URL."""
-        if not (self.pgdata / "PG_VERSION").exists():
-            self._initdb()
-        if not self.status().running:
-            port = self._conf_port()
-            if port is not None:
-                self._write_conf(self.pgdata, port)  # a newer canvasdb may tune differently
-            self._prepare_runtime_dirs()
+        try:
+            if not (self.pgdata / "PG_VERSION").exists():
+                self._initdb()
+            running = self.status().running
+            if not running:
+                port = self._conf_port()
+                if port is not None:
+                    self._write_conf(self.pgdata, port)  # a newer canvasdb may tune differently
+                self._prepare_runtime_dirs()
+        except OSError as exc:  # CANVASDB_HOME is a file, read-only, or not ours
+            home = self.pgdata.parent
+            reason = "it is not a folder" if home.exists() and not home.is_dir() else exc.strerror or exc
+            raise Unavailable(f"cannot keep the embedded database in {home}: {str(reason).lower()}",
+                              hint="set CANVASDB_HOME to a folder this user can write") from None
+        if not running:
             self._run(
                 "pg_ctl", "-D", str(self.pgdata), "-l", str(self.log_file), "-w", "-t", str(timeout),
                 "start", timeout=timeout + 5,

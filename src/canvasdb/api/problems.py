@@ -18,7 +18,9 @@ MEDIA_TYPE = "application/problem+json"
 
 def problem(status: int, title: str, detail: str, **fields: Any) -> JSONResponse:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **fields}
-    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE)
+    # RFC 6750: a 401 names the scheme the client must use
+    headers = {"WWW-Authenticate": 'Bearer realm="canvasdb"'} if status == 401 else None
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
 def _pointer(loc: tuple[Any, ...]) -> str:
@@ -46,6 +48,13 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     if any(e.get("type") == "json_invalid" for e in exc.errors()):
         return problem(400, "Bad request", "the body is not valid JSON", errors=errors)
     first = errors[0] if errors else {"pointer": "", "detail": "invalid"}
+    if first["pointer"] == "":  # the body as a whole: missing, or not an object
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media and media != "application/json" and not media.endswith("+json"):
+            # FastAPI reads JSON only when the request says it is JSON
+            return problem(415, "Unsupported media type",
+                           f"send the body as JSON with 'Content-Type: application/json', not {media[:80]!r}")
+        return problem(422, "Invalid input", "the body must be a JSON object", pointer="", errors=errors)
     return problem(422, "Invalid input", f"{first['pointer']}: {first['detail']}",
                    pointer=first["pointer"], errors=errors)
 

@@ -30,6 +30,36 @@ async def test_health_and_openapi(client: httpx.AsyncClient) -> None:
         assert path in spec["paths"], path
 
 
+async def test_openapi_tells_clients_how_to_authenticate_and_what_errors_look_like(
+        client: httpx.AsyncClient, tenant: Tenant) -> None:
+    """A client generated from /openapi.json sends the bearer token and reads problem documents
+    (FastAPI's own document had no security scheme and a 422 shape the API never sends)."""
+    spec = (await client.get("/openapi.json")).json()
+    assert spec["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer", "description": spec["components"]["securitySchemes"]["bearer"]["description"]}
+    assert spec["security"] == [{"bearer": []}]
+    assert "HTTPValidationError" not in str(spec) and "Problem" in spec["components"]["schemas"]
+    ops = {(path, method): op for path, item in spec["paths"].items() for method, op in item.items()}
+    for (path, method), op in ops.items():
+        if path in ("/healthz", "/readyz", "/metrics"):
+            assert op["security"] == [] and "401" not in op["responses"], path
+            continue
+        assert "security" not in op, (path, method)  # the document's default: a token
+        for status in ("401", "404", "422", "503"):
+            ref = op["responses"][status]["$ref"]
+            assert spec["components"]["responses"][ref.rsplit("/", 1)[1]]["content"][
+                "application/problem+json"]["schema"] == {"$ref": "#/components/schemas/Problem"}
+        assert ("415" in op["responses"]) == ("requestBody" in op), (path, method)
+    # what the document promises is what the API sends
+    r = await client.post(f"/v1/orgs/{tenant.slug}/projects/{tenant.project_slug}/entities",
+                          headers=tenant.headers, json={"type": "note", "data": [1]})
+    body = r.json()
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+    assert set(spec["components"]["schemas"]["Problem"]["required"]) <= set(body)
+    anonymous = await client.get(f"/v1/orgs/{tenant.slug}/projects")
+    assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Bearer")
+
+
 async def test_org_and_project_lifecycle(client: httpx.AsyncClient, tenant: Tenant) -> None:
     slug = f"new-{tenant.slug}"
     r = await client.post("/v1/orgs", headers=tenant.headers, json={"slug": slug, "name": "New"})

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from canvasdb import __version__, jobs, runtime
-from canvasdb.api import attachments, documents, entities, graph, problems, search, tenants
+from canvasdb.api import attachments, documents, entities, graph, openapi, problems, search, tenants
 from canvasdb.api.deps import Svc
 from canvasdb.api.limits import BodySizeLimit
 from canvasdb.db import Database
@@ -54,11 +54,15 @@ def create_app(settings: Settings, *, database_url: str | None = None,
             runtime.settle_gc()  # a server process of its own: see there
             yield
 
-    app = FastAPI(title="canvasdb", version=__version__, lifespan=lifespan,
-                  description="Entities with full history, for a collaborative whiteboard platform.")
+    app = FastAPI(title="canvasdb", version=__version__, lifespan=lifespan, description=(
+        "Persistence for a collaborative whiteboard platform: entities with full history, live "
+        "Yjs documents (and their WebSocket gateway at `/v1/orgs/{org}/docs/{doc}`), attachments, "
+        "the graph of relationships, and search. Every `/v1` call takes an API token as "
+        "`Authorization: Bearer <token>`; errors are RFC 9457 problem documents."))
     if services is not None:
         app.state.services = services
     problems.install(app)
+    openapi.install(app)
     app.include_router(tenants.router)
     app.include_router(entities.router)
     app.include_router(documents.router)

@@ -198,6 +198,13 @@ def test_bad_settings_are_named_in_one_line(tmp_path: Path) -> None:
     assert "CANVASDB_PORT='0'" in both.stderr and "CANVASDB_LOG_LEVEL='x'" in both.stderr
     upper = run({**env, "CANVASDB_LOG_LEVEL": "WARNING"}, "db", "status", check=False)
     assert upper.returncode == 3, upper.stderr  # any case is a level; the server is not running
+    for command in ("up", "gateway"):  # settings that only fail together: before anything starts
+        for name, value, expected in (("CANVASDB_BLOB_BACKEND", "s3", "CANVASDB_S3_BUCKET is not set"),
+                                      ("CANVASDB_EMBEDDER", "openai", "needs the API's base url")):
+            done = run({**env, name: value}, command, "--port", str(_free_port()), check=False)
+            assert done.returncode == 1 and expected in done.stderr.splitlines()[0], done.stderr
+            assert "serving" not in done.stdout and "Traceback" not in done.stderr
+    assert not (tmp_path / "home" / "pgdata").exists()
     (tmp_path / "a-file").write_text("not a folder")
     for args in (["up"], ["db", "start"]):
         done = run({**env, "CANVASDB_HOME": str(tmp_path / "a-file")}, *args, check=False)

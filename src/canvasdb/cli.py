@@ -53,7 +53,8 @@ def _settings() -> Settings:
         return Settings()
     except ValidationError as exc:  # a bad CANVASDB_* value: name it, in one line
         _fail(CanvasdbError("invalid setting " + "; ".join(_setting_problem(e) for e in exc.errors()),
-                            hint="the README's Settings table lists each CANVASDB_* variable"))
+                            hint="the README's Settings and Object storage sections list "
+                                 "every CANVASDB_* variable"))
         raise
 
 
@@ -111,7 +112,9 @@ def up(
     settings = _settings()
     host = host or settings.host
     port = port or settings.port
+    target = None
     try:
+        runtime.check_components(settings)
         listener = _listen(host, port)  # before the database: a port in use costs nothing
     except CanvasdbError as exc:
         _fail(exc)
@@ -126,6 +129,8 @@ def up(
         token = asyncio.run(boot())
     except CanvasdbError as exc:
         listener.close()
+        if target is not None and target.started_here:  # leave nothing running for a failed start
+            runtime.embedded(settings).stop()
         _fail(exc)
         return
     out.print(f"canvasdb {__version__} serving http://{host}:{port}  (OpenAPI: /docs)")
@@ -152,6 +157,7 @@ def gateway(
     settings = _settings()
     host, port = host or settings.host, port or settings.port
     try:
+        runtime.check_components(settings)
         listener = _listen(host, port)
         target = runtime.database(settings)
     except CanvasdbError as exc:

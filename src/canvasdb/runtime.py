@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from canvasdb.blobs import open_blob_store
 from canvasdb.db import Database, EmbeddedPostgres, migrate
+from canvasdb.search.embedders import embedder_from_settings
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 from canvasdb.tenancy import Principal
@@ -39,6 +41,14 @@ def settle_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def check_components(settings: Settings) -> None:
+    """Build the blob store and the embedder the settings name, and drop them: a setting that
+    only makes sense with others (s3 without a bucket, openai without a URL) fails here, before
+    a server starts anything, rather than in its start-up once "serving" was announced."""
+    open_blob_store(settings)
+    embedder_from_settings(settings)
 
 
 def embedded(settings: Settings) -> EmbeddedPostgres:

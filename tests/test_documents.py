@@ -20,6 +20,7 @@ from canvasdb.errors import Conflict, Forbidden, InvalidInput, NotFound
 from canvasdb.gateway import protocol
 from canvasdb.gateway.hub import LISTENER_NAME, Hub, Peer, Room
 from canvasdb.services import Services
+from canvasdb.settings import Settings
 from canvasdb.tenancy import Principal
 
 
@@ -426,6 +427,24 @@ async def test_http_round_trip(client: httpx.AsyncClient, tenant: Tenant) -> Non
     assert meta["last_seq"] == 3
     assert (await client.get(f"{base}/docs/nope", headers=h)).status_code == 404
     assert (await client.post(f"{base}/docs/board-42/updates", headers=h, content=b"")).status_code == 422
+
+
+async def test_http_updates_are_limited_by_the_update_limit(client: httpx.AsyncClient, settings: Settings,
+                                                            tenant: Tenant) -> None:
+    """CANVASDB_MAX_UPDATE_BYTES, not the JSON bodies' limit (4 x max_data_bytes + 64 KiB),
+    bounds an update sent over HTTP, as it does over the gateway."""
+    h, base = tenant.headers, f"/v1/orgs/{tenant.slug}"
+    json_limit = 4 * settings.max_data_bytes + 64 * 1024
+    assert json_limit < settings.max_update_bytes
+    await client.post(f"{base}/projects/main/docs", headers=h, json={"id": "big-updates"})
+    fits = Client().edit("text", "x" * (json_limit + 1000))
+    assert json_limit < len(fits) <= settings.max_update_bytes
+    r = await client.post(f"{base}/docs/big-updates/updates", headers=h, content=fits)
+    assert r.status_code == 201, r.text
+    over = Client().edit("text", "y" * settings.max_update_bytes)
+    r = await client.post(f"{base}/docs/big-updates/updates", headers=h, content=over)
+    assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
+    assert [c["seq"] for c in (await client.get(f"{base}/docs/big-updates/changes", headers=h)).json()["items"]] == [1]
 
 
 async def test_compaction_is_asked_for_at_most_every_interval(svc: Services, tenant: Tenant) -> None:

@@ -100,10 +100,12 @@ def create_app(settings: Settings, *, database_url: str | None = None,
         return {"status": "ok", "version": __version__}
 
     # JSON may legitimately be larger than the compact form counted against max_data_bytes.
-    # Attachment uploads stream into the blob store and have their own, larger limit.
+    # Attachment uploads stream into the blob store and have their own, larger limit; Yjs
+    # updates theirs (the store answers 413 over it, naming the setting).
     app.add_middleware(connection.KeepRawSend)
     app.add_middleware(BodySizeLimit, max_bytes=4 * settings.max_data_bytes + 64 * 1024,
-                       path_limits=[(attachments.UPLOAD_PATHS, settings.max_attachment_bytes)])
+                       path_limits=[(attachments.UPLOAD_PATHS, settings.max_attachment_bytes),
+                                    (documents.UPDATE_PATHS, settings.max_update_bytes + 1)])
     return app
 
 

@@ -60,6 +60,9 @@ async def document_state(
     return Response(state, media_type=YJS_UPDATE)
 
 
+UPDATE_PATHS = r"^/v1/orgs/[^/]+/docs/[^/]+/updates$"  # bodies up to CANVASDB_MAX_UPDATE_BYTES
+
+
 @router.post("/docs/{doc}/updates", status_code=201,
              openapi_extra={"requestBody": {"required": True,
                                             "content": {YJS_UPDATE: {"schema": {"type": "string",

@@ -50,6 +50,8 @@ async def test_openapi_tells_clients_how_to_authenticate_and_what_errors_look_li
             assert spec["components"]["responses"][ref.rsplit("/", 1)[1]]["content"][
                 "application/problem+json"]["schema"] == {"$ref": "#/components/schemas/Problem"}
         assert ("415" in op["responses"]) == ("requestBody" in op), (path, method)
+    assert "410" in ops[("/v1/orgs/{org}/entities/{id}", "get")]["responses"]
+    assert "410" in ops[("/v1/orgs/{org}/relationships/{id}", "get")]["responses"]
     # what the document promises is what the API sends
     r = await client.post(f"/v1/orgs/{tenant.slug}/projects/{tenant.project_slug}/entities",
                           headers=tenant.headers, json={"type": "note", "data": [1]})

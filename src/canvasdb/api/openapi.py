@@ -17,6 +17,7 @@ from canvasdb.api.problems import MEDIA_TYPE
 
 PUBLIC = ("/healthz", "/readyz", "/metrics")  # the only paths that take no token
 _METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
+_DELETABLE = ("entities", "relationships")  # soft-deleted: reading one answers 410
 
 PROBLEM_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -42,6 +43,7 @@ ERRORS = {
     "403": "The caller's role may read but not write this",
     "404": "Not found, or in an org the caller does not belong to",
     "409": "Stale If-Match, or an id that is taken",
+    "410": "Deleted: undelete or restore it first",
     "413": "Body or data too large",
     "415": "A body sent as another media type than JSON",
     "422": "Invalid input",
@@ -88,6 +90,8 @@ def rewrite(doc: dict[str, Any]) -> dict[str, Any]:
                 if status in ("413", "415") and "requestBody" not in operation:
                     continue
                 if status == "409" and method == "get":
+                    continue
+                if status == "410" and not any(f"/{what}/{{id}}" in path for what in _DELETABLE):
                     continue
                 responses[status] = {"$ref": f"#/components/responses/{status}"}
     return doc

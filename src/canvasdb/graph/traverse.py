@@ -189,11 +189,13 @@ def _walk_sql(direction: Direction, as_of: bool, kinds: bool, acl: bool, via: bo
         " WHERE depth > 0 AND (depth, id) > (%(after_depth)s, %(after_id)s)"
         " ORDER BY depth, id LIMIT %(limit)s)"
         f" SELECT 'n' AS row, p.id::text, p.depth, x.type, x.project_id::text, {_TITLE} AS title,"
-        " NULL AS rel, NULL AS frm, NULL AS kind,"
-        " (SELECT count(*) FROM found WHERE depth > 0) AS total,"
-        " (SELECT count(*) FROM capped) >= %(cap)s AS truncated, NULL AS too"
+        " NULL AS rel, NULL AS frm, NULL AS kind, NULL::bigint AS total, NULL::boolean AS truncated,"
+        " NULL AS too"
         " FROM page p JOIN entities x ON x.org_id = %(org)s AND x.id = p.id"
-        " UNION ALL SELECT 's', id::text, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM start"
+        # the count and the cap flag on the start rows: present also when the page is empty
+        " UNION ALL SELECT 's', id::text, 0, NULL, NULL, NULL, NULL, NULL, NULL,"
+        " (SELECT count(*) FROM found WHERE depth > 0), (SELECT count(*) FROM capped) >= %(cap)s,"
+        " NULL FROM start"
         f"{via_rows}")
 
 
@@ -305,12 +307,14 @@ class Graph:
                 raise InvalidInput("cursor is not one this API returned", pointer="/cursor") from None
         levels = depth > MAX_DEPTH and as_of is None and direction != "both"
         sql = _walk_sql(direction, as_of is not None, kinds is not None, not who.is_org_admin, via, levels)
+        # one node more than the page: whether another page follows
         params = self._params(who, starts=starts, kinds=kinds, as_of=as_of, depth=depth, cap=cap,
-                              limit=limit, after_depth=after_depth, after_id=after_id)
+                              limit=limit + 1, after_depth=after_depth, after_id=after_id)
         # (row, id, depth, type, project_id, title, rel, frm, kind, total, truncated, too): tuples;
         # at most one 'v' row per page node, and only the page becomes dicts
         rows = await self.db.read(who.org_id, sql, params, generic_plans=True, row_factory=tuple_row)
-        readable = {r[1] for r in rows if r[0] == "s"}
+        started = [r for r in rows if r[0] == "s"]
+        readable = {r[1] for r in started}
         for s in starts:
             if str(s) not in readable:
                 raise NotFound(f"entity {s} not found")
@@ -320,20 +324,18 @@ class Graph:
             edge = via_edge.get((r[1], r[2]))
             page.append({"id": r[1], "depth": r[2], "type": r[3], "project_id": r[4], "title": r[5],
                          "rel": edge[6] if edge else None, "frm": edge[7] if edge else None,
-                         "to": edge[11] if edge else None, "kind": edge[8] if edge else None,
-                         "total": r[9], "truncated": r[10]})
-        meta = {"total": page[0]["total"] if page else 0, "truncated": bool(page and page[0]["truncated"])}
-        return page, meta
+                         "to": edge[11] if edge else None, "kind": edge[8] if edge else None})
+        meta = {"total": started[0][9], "truncated": bool(started[0][10]), "more": len(page) > limit}
+        return page[:limit], meta
 
     def _listing(self, page: list[dict[str, Any]], meta: dict[str, Any], limit: int) -> dict[str, Any]:
         nodes = [{**_summary(r), "depth": r["depth"]} for r in page]
         # "from" and "to" are the relationship's own source and target, whichever way it was walked
         rels = [{"id": str(r["rel"]), "from": str(r["frm"]), "to": str(r["to"]), "kind": r["kind"]}
                 for r in page if r["rel"] is not None]
-        last = page[-1] if page else None
-        more = last is not None and len(page) == limit
+        last = page[-1] if page and meta["more"] else None
         return {"nodes": nodes, "relationships": rels, "total": meta["total"], "truncated": meta["truncated"],
-                "next": f"{last['depth']}:{last['id']}" if more and last is not None else None}
+                "next": f"{last['depth']}:{last['id']}" if last is not None else None}
 
     # --- queries ------------------------------------------------------------------------------
 

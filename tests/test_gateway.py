@@ -247,6 +247,8 @@ async def test_burst_then_disconnect_loses_nothing(
         assert await eventually(all_arrived)
     assert len(await stored_nodes(svc, t, doc)) == 300
     assert (await svc.documents.get(t.owner, doc)).last_seq == 300
+    logged = await svc.documents.changes(t.owner, doc, limit=1000)
+    assert {c.client_id for c in logged} == {sender.client_id}, "each update names the Yjs client that sent it"
     assert httpx.get(f"http://127.0.0.1:{gateways[0].port}/readyz").status_code == 200
 
 

@@ -73,6 +73,22 @@ def test_an_update_past_a_gap_is_not_claimed() -> None:
     assert clock == {peer.doc.client_id: 1}, "the third's predecessor is missing"
 
 
+def test_the_author_of_an_update_is_its_one_client() -> None:
+    a, b = Peer(), Peer()
+    a.doc.get("m", type=Map)["k"] = 1
+    b.doc.get("m", type=Map)["j"] = 2
+    (edit,), (other,) = a.out, b.out
+    assert yjs.author(edit) == a.doc.client_id and yjs.author(other) == b.doc.client_id
+    b.doc.apply_update(edit)
+    b.out.clear()
+    del b.doc.get("m", type=Map)["k"]  # a deletion of a's struct: no struct of b's own
+    (deletion,) = b.out
+    assert yjs.clock_ranges(deletion) == [] and yjs.author(deletion) is None
+    assert yjs.author(merge_updates(edit, other)) is None, "two clients: no single author"
+    for bad in (b"", b"\x01", b"\x01\x01", b"\x01\x01\xff\xff\xff\xff\xff\xff\xff\xff\xff\x7f"):
+        assert yjs.author(bad) is None
+
+
 def test_state_vector_round_trip_and_bad_bytes() -> None:
     vector = {1: 5, 2**53 - 1: 300, 77: 0}
     assert yjs.read_state_vector(yjs.write_state_vector(vector)) == vector

@@ -277,20 +277,20 @@ class DocumentStore:
 
     # --- updates ------------------------------------------------------------------------------
 
-    async def append(self, who: Principal, doc_id: str, payload: bytes, *,
-                     client_id: int | None = None) -> Appended:
-        """Validate a Yjs v1 update by applying it, then store it; returns once committed."""
+    async def append(self, who: Principal, doc_id: str, payload: bytes) -> Appended:
+        """Validate a Yjs v1 update by applying it, then store it; returns once committed. The
+        update's author (its Yjs client id) is read from it: see ``yjs.author``."""
         await self.check_access(who, doc_id, write=True)
-        return await self.append_checked(who.org_id, doc_id, payload, user_id=who.user_id,
-                                         client_id=client_id)
+        return await self.append_checked(who.org_id, doc_id, payload, user_id=who.user_id)
 
     async def append_checked(self, org_id: UUID, doc_id: str, payload: bytes, *,
-                             user_id: UUID | None = None, client_id: int | None = None,
-                             tag: object = None, validated: bool = False) -> Appended:
+                             user_id: UUID | None = None, tag: object = None,
+                             validated: bool = False) -> Appended:
         """``append`` for a caller whose access was checked already. ``validated``: the caller
         ran ``yjs.check_update`` on these bytes itself."""
         self._admit(payload, validated=validated)
-        done = await self.log.append(org_id, doc_id, payload, user_id=user_id, client_id=client_id, tag=tag)
+        done = await self.log.append(org_id, doc_id, payload, user_id=user_id, client_id=yjs.author(payload),
+                                     tag=tag)
         await self._announce(org_id, doc_id, *self._hold(org_id, doc_id, payload, done))
         return done
 
@@ -301,7 +301,8 @@ class DocumentStore:
         ``committed`` listener). A task per update to await each one cost a tenth of the
         gateway's CPU under load."""
         self._admit(payload, validated=True)
-        future = self.log.submit(org_id, doc_id, payload, user_id=user_id, tag=tag)
+        future = self.log.submit(org_id, doc_id, payload, user_id=user_id, client_id=yjs.author(payload),
+                                 tag=tag)
 
         def held(f: asyncio.Future[Appended]) -> None:
             if f.cancelled() or f.exception() is not None:

@@ -168,6 +168,20 @@ def clock_ranges(update: bytes) -> list[tuple[int, int, int]]:
     return ranges
 
 
+def author(update: bytes) -> int | None:
+    """The Yjs client id whose structs the update carries, when it carries one client's
+    only (an edit as a client sends it); None for deletions alone, or a merge of several."""
+    r = Reader(update)
+    try:
+        if r.uint() != 1:
+            return None
+        r.uint()  # how many structs
+        client = r.uint()
+    except IndexError:
+        return None
+    return client if client < 2**63 else None  # stored as a bigint
+
+
 def advance(clock: StateVector, update: bytes) -> bool:
     """Move ``clock`` past what ``update`` carries, as a Yjs document would once it applied it.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 
 import httpx
@@ -40,13 +41,17 @@ async def test_nodes_and_edges_become_entities(svc: Services, tenant: Tenant) ->
     await svc.documents.create(tenant.owner, tenant.project_id, "plan", "board")
     board = Board()
     board.nodes["n1"] = Map({"type": "sticky", "x": 10, "y": 20, "text": "car"})
-    board.nodes["n2"] = {"type": "shape", "x": 0, "y": 0, "w": 5, "h": 5}
+    board.nodes["n2"] = {"type": "shape", "x": 0, "y": -0.5, "w": 5, "h": 5, "pts": [[1, 2.25]]}
     board.edges["e1"] = Map({"from": "n1", "to": "n2", "label": "needs"})
     await push(svc, tenant, "plan", board)
     assert await svc.projection.project(tenant.org_id, "plan") == 3
     n1 = await svc.entities.get(tenant.owner, entity_id("plan", "nodes", "n1"))
     assert n1.type == "board.node" and n1.project_id == tenant.project_id
-    assert n1.data == {"type": "sticky", "x": 10.0, "y": 20.0, "text": "car", "doc": "plan", "key": "n1"}
+    assert n1.data == {"type": "sticky", "x": 10, "y": 20, "text": "car", "doc": "plan", "key": "n1"}
+    # as a browser wrote them (pycrdt reads every Yjs number as a float): 10, not 10.0
+    assert json.dumps(n1.data["x"]) == "10" and type(n1.data["y"]) is int
+    n2 = (await svc.entities.get(tenant.owner, entity_id("plan", "nodes", "n2"))).data
+    assert json.dumps([n2["x"], n2["y"], n2["pts"]]) == "[0, -0.5, [[1, 2.25]]]"
     edge = await svc.entities.get(tenant.owner, entity_id("plan", "edges", "e1"))
     assert (edge.type, edge.data["from"], edge.data["to"]) == ("board.edge", "n1", "n2")
     assert await svc.projection.project(tenant.org_id, "plan") == 0, "nothing new: nothing written"

@@ -208,6 +208,22 @@ def _plain(value: Any) -> dict[str, Any]:
     """A node or edge as a JSON object (a Y.Map, or a JSON value kept in the map)."""
     if isinstance(value, Map):
         value = value.to_py()
+    value = _js_numbers(value)
     if isinstance(value, dict):
         return value
     return {"value": value}
+
+
+_SAFE_INTEGER = 2**53  # past it, JavaScript's numbers are not exact integers
+
+
+def _js_numbers(value: Any) -> Any:
+    """Numbers as JavaScript prints them: pycrdt reads every Yjs number as a float, so the
+    ``x: 10`` a browser wrote would become ``10.0`` in the entity (and in typed clients)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < _SAFE_INTEGER:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _js_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_js_numbers(v) for v in value]
+    return value

@@ -98,6 +98,15 @@ def test_org_token_entity_round_trip(env: dict[str, str]) -> None:
     again = run(env, "token", "revoke", token.strip(), check=False)
     assert again.returncode == 1 and "Error:" in again.stderr
 
+    # --json names the token's id, which revokes it too (the token itself need not be kept)
+    made = json.loads(run(env, "token", "create", "--org", slug, "--user", f"dev@{slug}.io", "--json").stdout)
+    assert made["token"].startswith("cdb_") and made["user"] == f"dev@{slug}.io"
+    assert (made["org"], made["role"]) == (slug, "member")
+    with psycopg.connect(env["CANVASDB_DATABASE_URL"]) as conn:
+        owner = conn.execute("SELECT user_id::text FROM api_tokens WHERE id = %s", (made["id"],)).fetchone()
+    assert owner == (made["user_id"],)
+    assert run(env, "token", "revoke", made["id"]).stdout.strip() == "revoked"
+
 
 def test_errors_are_one_clear_line(env: dict[str, str]) -> None:
     bad = run(env, "entity", "get", "--org", "no-such-org", "not-a-uuid", check=False)

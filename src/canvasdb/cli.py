@@ -375,10 +375,12 @@ def token_create(
     org: OrgOpt, user: Annotated[str, typer.Option("--user", help="The user's email.")],
     role: Annotated[str | None, typer.Option(help=f"Org role: {', '.join(ORG_ROLES)}.")] = None,
     name: Annotated[str, typer.Option(help="A label for the token.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the token with its id (to revoke it "
+                                                         "by), user, org and role, as JSON.")] = False,
 ) -> None:  # fmt: skip
     """Create an API token; prints only the token. Creates the user and membership if missing."""
 
-    async def work(svc: Services) -> str:
+    async def work(svc: Services) -> dict[str, str]:
         target = await svc.tenancy.resolve_org(org)
         if role is not None:
             _check_org_role(role)  # before the user is created
@@ -386,10 +388,15 @@ def token_create(
         current = await _org_role(svc, target.id, user_id)
         if role is not None or current is None:
             await svc.tenancy.set_org_role(target.id, user_id, role or "member")
-        _, token = await svc.tenancy.create_token(user_id, name=name)
-        return token
+        token_id, token = await svc.tenancy.create_token(user_id, name=name)
+        return {"id": str(token_id), "token": token, "user_id": str(user_id), "user": user,
+                "org": target.slug, "role": role or current or "member"}
 
-    print(_with_services(work))
+    made = _with_services(work)
+    if as_json:
+        _print_json(made)
+    else:
+        print(made["token"])
 
 
 def _check_org_role(role: str) -> None:

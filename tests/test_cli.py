@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,8 @@ import httpx
 import psycopg
 import pytest
 import typer
+import websockets.exceptions
+import websockets.sync.client
 
 from canvasdb.cli import app
 
@@ -153,11 +156,20 @@ def test_up_with_embedded_database(tmp_path: Path) -> None:
                            headers={"Authorization": f"Bearer {token}"},
                            json={"type": "note", "data": {"hello": "world"}})
             assert r.status_code == 201, r.text
+            # the y-websocket client's way: the token in the query string, which servers log
+            with contextlib.suppress(websockets.exceptions.WebSocketException), \
+                    websockets.sync.client.connect(
+                        f"ws://127.0.0.1:{port}/v1/orgs/demo/docs/none?token={token}") as ws:
+                ws.recv(timeout=10)
+            httpx.get(f"http://127.0.0.1:{port}/healthz?token={token}&x=1")
         finally:
             proc.send_signal(signal.SIGTERM)
             output, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, output
-        assert token in output and "embedded PostgreSQL stopped" in output
+        assert "embedded PostgreSQL stopped" in output
+        announced, logs = output.split("\n", 3)[1], output.split("\n", 3)[3]
+        assert token in announced and "token=[hidden]&x=1" in logs and "docs/none?token=[hidden]" in logs
+        assert token not in logs, "an API token was written to the log"
         tokens.append(token)
         status = run(env, "db", "status", check=False)
         assert status.returncode == 3 and "running: False" in status.stdout

@@ -195,6 +195,8 @@ def _serve(api: object, settings: Settings, listener: socket.socket) -> None:
                             # to off too).
                             ws_per_message_deflate=False)
 
+    runtime.hide_tokens_in_logs()  # after uvicorn's Config has set its loggers up
+
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             # Before uvicorn closes WebSockets with 1012: stop accepting, let each gateway

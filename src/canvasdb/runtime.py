@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -41,6 +43,28 @@ def settle_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+_TOKEN_IN_QUERY = re.compile(r"(?<=[?&])token=[^&\s\"']*")
+
+
+class _HideTokens(logging.Filter):
+    """The y-websocket client sends its API token as ``?token=``, and the web server logs
+    each request and WebSocket with its query string: keep the token out of the logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_TOKEN_IN_QUERY.sub("token=[hidden]", a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
+
+
+def hide_tokens_in_logs() -> None:
+    """Redact tokens from the web server's access and connection logs (uvicorn's loggers)."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _HideTokens) for f in logger.filters):
+            logger.addFilter(_HideTokens())
 
 
 def check_components(settings: Settings) -> None:

@@ -14,7 +14,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from canvasdb.db import Database, migrate
 from canvasdb.db.embedded import _memory_tuning
 from canvasdb.db.migrate import Migration, applied, available
-from canvasdb.errors import MigrationError
+from canvasdb.errors import MigrationError, Unavailable
 
 
 @pytest.fixture
@@ -137,3 +137,33 @@ async def test_the_pool_hands_out_the_connection_returned_last(pg_url: str) -> N
             pair = {(await (await conn.execute("SELECT pg_backend_pid() AS pid")).fetchone())["pid"]
                     for conn in (first, second)}
         assert pair == {held[0], held[1]}, "two at once: the two most recently returned"
+
+
+async def test_after_a_restart_one_request_fails_not_one_per_dead_connection(pg_url: str) -> None:
+    """The server ending every pooled connection (a restart does) costs one 503: the first
+    failure has the pool's idle connections checked; the others found dead are replaced.
+    Health probes (``ping``) retry once on a fresh connection, and give up fast."""
+    async with Database(pg_url, min_size=4, max_size=4) as db:
+        pool = db.pool
+        async with pool.connection() as a, pool.connection() as b, pool.connection() as c, \
+                pool.connection() as d:
+            pids = [(await (await conn.execute("SELECT pg_backend_pid() AS pid")).fetchone())["pid"]
+                    for conn in (a, b, c, d)]
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+        failures = 0
+        for _ in range(8):
+            try:
+                assert (await db.one("SELECT 1 AS one", None)) == {"one": 1}
+            except Unavailable:
+                failures += 1
+        assert failures == 1, f"{failures} requests failed on dead pooled connections"
+
+        async with pool.connection() as a:
+            pid = (await (await a.execute("SELECT pg_backend_pid() AS pid")).fetchone())["pid"]
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        await db.ping()  # the dead one, then a live one
+    async with Database("postgresql://127.0.0.1:9/nowhere?connect_timeout=1", min_size=0, max_size=1) as gone:
+        with pytest.raises(Unavailable):
+            await gone.ping(timeout=0.5)

@@ -8,10 +8,12 @@ that the RLS policies read; it cannot leak into the next user of the connection.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
 from uuid import UUID
 
@@ -25,7 +27,9 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from canvasdb.errors import CanvasdbError, Conflict, InvalidInput, NotFound, Unavailable
 
+log = logging.getLogger("canvasdb.db")
 APP_ROLE = "canvasdb_app"
+CHECK_SECONDS = 2.0  # longest a failed request waits for the pool's idle connections to be checked
 _SET_ORG = "SELECT set_config('canvasdb.org_id', %s, true)"
 _SET_ORG_GENERIC = ("SELECT set_config('canvasdb.org_id', %s, true),"
                     " set_config('plan_cache_mode', 'force_generic_plan', true)")
@@ -56,6 +60,7 @@ class Database:
             kwargs={"autocommit": True, "row_factory": dict_row},
         )
         self.pool._pool = _MostRecentFirst(self.pool._pool)
+        self._checking: asyncio.Task[None] | None = None
 
     async def _configure(self, conn: Connection) -> None:
         set_json_loads(read_json, conn)
@@ -63,6 +68,48 @@ class Database:
         await conn.execute(
             "SELECT set_config('statement_timeout', %s, false)", (str(self._statement_timeout_ms),)
         )
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Database and pool errors raised as canvasdb errors. A connection that broke (the
+        server restarted, or ended it) says the pool's idle ones likely died too: they are
+        checked at once, and the requests that come meanwhile wait for that (``_settled``),
+        so one request answers 503, not one per dead connection (each would fail once,
+        whenever it was next handed out)."""
+        try:
+            yield
+        except psycopg.Error as exc:
+            if _connection_lost(exc) and self._checking is None:
+                self._checking = asyncio.get_running_loop().create_task(self.pool.check())
+                self._checking.add_done_callback(self._checked)
+            raise translate(exc) from exc
+        except PoolTimeout as exc:
+            raise Unavailable("no database connection available", hint=str(exc)) from None
+
+    def _checked(self, task: asyncio.Task[None]) -> None:
+        self._checking = None
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("checking the pool's idle connections failed: %s", task.exception())
+
+    async def _settled(self) -> None:
+        """Wait (a little) for a check of the idle connections in progress."""
+        if self._checking is not None:
+            with suppress(Exception):  # the server is still away: the request will say so
+                await asyncio.wait_for(asyncio.shield(self._checking), CHECK_SECONDS)
+
+    async def ping(self, *, timeout: float = 2.0) -> None:
+        """``SELECT 1`` within ``timeout`` seconds (connection wait included), for health
+        probes: Unavailable rather than the pool's 10 s wait while the database is away."""
+        for attempt in range(2):  # a connection that died idle is dropped; a fresh one answers
+            try:
+                await self._settled()
+                with self._translated():
+                    async with self.pool.connection(timeout=timeout) as conn:
+                        await conn.execute("SELECT 1")
+                return
+            except Unavailable as exc:
+                if attempt or not isinstance(exc.__cause__, psycopg.Error):  # not a pool timeout
+                    raise
 
     async def open(self) -> Database:
         try:
@@ -72,6 +119,8 @@ class Database:
         return self
 
     async def close(self) -> None:
+        if self._checking is not None:
+            self._checking.cancel()
         await self.pool.close()
 
     async def __aenter__(self) -> Database:
@@ -87,7 +136,8 @@ class Database:
 
     async def all(self, query: str, params: Any) -> list[dict[str, Any]]:
         """Run one statement on its own (autocommit) and return its rows."""
-        with _translated():
+        await self._settled()
+        with self._translated():
             async with self.pool.connection() as conn:
                 cur = await conn.execute(query, params)
                 return await cur.fetchall()
@@ -102,7 +152,8 @@ class Database:
         two statements' cost instead of four (a third less for a small graph query).
         ``generic_plans`` as in ``transaction()``; ``binary``: results in binary format.
         """
-        with _translated():
+        await self._settled()
+        with self._translated():
             async with self.pool.connection() as conn, conn.cursor(row_factory=row_factory) as cur:
                 async with _pipelined(conn):
                     await cur.execute(_SET_ORG_GENERIC if generic_plans else _SET_ORG, (str(org_id),))
@@ -121,7 +172,8 @@ class Database:
         # Pipeline mode: BEGIN and the org setting travel with the first query, and COMMIT
         # with the last one when its result is read after the block (one round trip saved
         # at each end). Code inside the block reads results as usual.
-        with _translated():
+        await self._settled()
+        with self._translated():
             async with self.pool.connection() as conn, _pipelined(conn):
                 await conn.execute(b"BEGIN")
                 if org_id is not None:
@@ -149,15 +201,12 @@ def read_json(data: bytes) -> Any:
         return json.loads(data)
 
 
-@contextmanager
-def _translated() -> Iterator[None]:
-    """Database and pool errors raised as canvasdb errors."""
-    try:
-        yield
-    except psycopg.Error as exc:
-        raise translate(exc) from exc
-    except PoolTimeout as exc:
-        raise Unavailable("no database connection available", hint=str(exc)) from None
+def _connection_lost(exc: psycopg.Error) -> bool:
+    """The connection itself failed (class 08, the server shutting down or crashing: 57P0x,
+    or no SQLSTATE at all), not the statement."""
+    state = exc.sqlstate or ""
+    return isinstance(exc, psycopg.OperationalError) and (not state or state[:2] == "08"
+                                                          or state.startswith("57P0"))
 
 
 @asynccontextmanager

@@ -175,10 +175,14 @@ class EmbeddedPostgres:
     def _ensure_database(self) -> None:
         import psycopg
 
-        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
-            if exists.fetchone() is None:
-                conn.execute(f'CREATE DATABASE "{DATABASE}"')
+        try:
+            with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+                exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+                if exists.fetchone() is None:
+                    conn.execute(f'CREATE DATABASE "{DATABASE}"')
+        except psycopg.OperationalError as exc:  # e.g. every connection slot taken
+            raise Unavailable(f"cannot connect to the embedded PostgreSQL: {' '.join(str(exc).split())}",
+                              hint=f"see its log, {self.log_file}") from None
 
     def _prepare_root(self) -> None:
         """As root: make the system user, and let it reach the binaries and the data folder."""

@@ -8,13 +8,14 @@ from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
 import jsonpatch
+import psycopg
 import pytest
 from conftest import KEYFRAME_INTERVAL, Tenant
 from prometheus_client import REGISTRY
 
 from canvasdb.db import Database
-from canvasdb.entities import EntityType, parse_as_of
-from canvasdb.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound, PayloadTooLarge
+from canvasdb.entities import EntityStore, EntityType, parse_as_of
+from canvasdb.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound, PayloadTooLarge, Unavailable
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 from canvasdb.tenancy import Principal
@@ -167,6 +168,31 @@ async def test_waiting_changes_are_shared_evenly_by_the_batches_in_flight(
 
 def splits_so_far() -> float:
     return REGISTRY.get_sample_value("canvasdb_entity_commit_batch_splits_total") or 0
+
+
+async def test_a_batch_past_the_statement_timeout_fails_only_the_change_that_waited(
+        pg_url: str, svc: Services, tenant: Tenant) -> None:
+    """One entity locked by another transaction held the whole batch past the statement
+    timeout, and every change in it answered 503: the batch is rolled back, so each is
+    written on its own, and only the locked one times out."""
+    made = [await svc.entities.create(tenant.owner, tenant.project_id, "note", {"n": i}) for i in range(8)]
+    async with Database(pg_url, min_size=1, max_size=4, statement_timeout_ms=500) as impatient:
+        store = EntityStore(impatient, svc.entities.types, keyframe_interval=svc.entities.keyframe_interval)
+        with psycopg.connect(pg_url) as holder:  # a transaction that keeps the first row locked
+            holder.execute("SELECT 1 FROM entities WHERE org_id = %s AND id = %s FOR UPDATE",
+                           (tenant.org_id, made[0].id))
+            splits = splits_so_far()
+            outcomes = await asyncio.gather(
+                *(store.patch(tenant.owner, e.id, {"m": 1}) for e in made[1:4]),  # the first goes alone
+                store.patch(tenant.owner, made[0].id, {"m": 1}),
+                *(store.patch(tenant.owner, e.id, {"m": 1}) for e in made[4:]), return_exceptions=True)
+            holder.rollback()
+    stuck = outcomes[3]
+    others = outcomes[:3] + outcomes[4:]
+    assert isinstance(stuck, Unavailable) and stuck.fields.get("retry") is True
+    assert splits_so_far() > splits, "the locked change shared a batch"
+    assert [o.data.get("m") if not isinstance(o, BaseException) else o for o in others] == [1] * 7
+    assert (await svc.entities.get(tenant.owner, made[0].id)).version == 1
 
 
 async def test_a_failing_change_in_a_batch_fails_alone(svc: Services, tenant: Tenant) -> None:

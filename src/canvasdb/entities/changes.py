@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
+from psycopg import errors as pg_errors
+
 from canvasdb import metrics
 from canvasdb.db import Database
 from canvasdb.errors import CanvasdbError, Unavailable
@@ -126,8 +128,16 @@ class ChangeQueue:
             batch.sort(key=lambda item: (item.params["org"], item.key))  # all lock rows in one order
             try:
                 rows = await self._write_many(batch)
-            except Unavailable:
-                raise  # no connection, or too slow: one by one would not fare better
+            except Unavailable as exc:
+                if not isinstance(exc.__cause__, pg_errors.QueryCanceled):
+                    raise  # no connection: one by one would not fare better (a lost reply may hide a commit)
+                # Past the statement timeout, and rolled back: the batch as a whole waited on one
+                # row another transaction holds, or was too much for one statement. Each on its
+                # own, so the others are not failed with it.
+                metrics.ENTITY_BATCH_SPLITS.inc()
+                for item in batch:
+                    await self._write_one(item)
+                return
             except CanvasdbError:
                 metrics.ENTITY_BATCH_SPLITS.inc()
                 for item in batch:  # nothing was written: each on its own, so one bad change fails alone

@@ -9,6 +9,7 @@ from conftest import Tenant
 from fastapi.routing import APIRoute, APIWebSocketRoute
 
 from canvasdb.api import attachments, create_app, documents, entities, graph, search, tenants
+from canvasdb.db import Database
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 
@@ -60,6 +61,19 @@ async def test_openapi_tells_clients_how_to_authenticate_and_what_errors_look_li
     assert set(spec["components"]["schemas"]["Problem"]["required"]) <= set(body)
     anonymous = await client.get(f"/v1/orgs/{tenant.slug}/projects")
     assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_a_database_that_is_away_is_a_503_with_retry_after(settings: Settings) -> None:
+    """Probes answer within about 2 s (not the pool's 10 s) with a problem document that
+    says when to try again."""
+    async with Database("postgresql://127.0.0.1:9/nowhere?connect_timeout=1", min_size=0, max_size=2) as db:
+        svc = Services.build(settings, db)
+        transport = httpx.ASGITransport(app=create_app(settings, services=svc))
+        async with httpx.AsyncClient(transport=transport, base_url="http://canvasdb.test") as http:
+            for probe in ("/healthz", "/readyz"):
+                r = await http.get(probe)
+                assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
+                assert r.headers["retry-after"] == "1" and r.json()["retry"] is True
 
 
 async def test_org_and_project_lifecycle(client: httpx.AsyncClient, tenant: Tenant) -> None:

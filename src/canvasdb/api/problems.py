@@ -18,8 +18,11 @@ MEDIA_TYPE = "application/problem+json"
 
 def problem(status: int, title: str, detail: str, **fields: Any) -> JSONResponse:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **fields}
-    # RFC 6750: a 401 names the scheme the client must use
-    headers = {"WWW-Authenticate": 'Bearer realm="canvasdb"'} if status == 401 else None
+    headers = None
+    if status == 401:  # RFC 6750: a 401 names the scheme the client must use
+        headers = {"WWW-Authenticate": 'Bearer realm="canvasdb"'}
+    elif status == 503:  # RFC 9110: when to try again (the database is back, or less busy, soon)
+        headers = {"Retry-After": "1"}
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 

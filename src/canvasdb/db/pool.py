@@ -78,13 +78,13 @@ class Database:
         whenever it was next handed out)."""
         try:
             yield
+        except PoolTimeout as exc:  # (an OperationalError too) no connection within the wait
+            raise Unavailable("no database connection available", hint=str(exc), retry=True) from None
         except psycopg.Error as exc:
             if _connection_lost(exc) and self._checking is None:
                 self._checking = asyncio.get_running_loop().create_task(self.pool.check())
                 self._checking.add_done_callback(self._checked)
             raise translate(exc) from exc
-        except PoolTimeout as exc:
-            raise Unavailable("no database connection available", hint=str(exc)) from None
 
     def _checked(self, task: asyncio.Task[None]) -> None:
         self._checking = None
@@ -108,7 +108,8 @@ class Database:
                         await conn.execute("SELECT 1")
                 return
             except Unavailable as exc:
-                if attempt or not isinstance(exc.__cause__, psycopg.Error):  # not a pool timeout
+                cause = exc.__cause__  # None for a pool timeout: no connection to retry on
+                if attempt or not (isinstance(cause, psycopg.Error) and _connection_lost(cause)):
                     raise
 
     async def open(self) -> Database:

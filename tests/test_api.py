@@ -74,6 +74,7 @@ async def test_a_database_that_is_away_is_a_503_with_retry_after(settings: Setti
                 r = await http.get(probe)
                 assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
                 assert r.headers["retry-after"] == "1" and r.json()["retry"] is True
+                assert "hint" not in r.json() and "127.0.0.1" not in r.text, "the operator's detail"
 
 
 async def test_org_and_project_lifecycle(client: httpx.AsyncClient, tenant: Tenant) -> None:

@@ -37,9 +37,15 @@ def _pointer(loc: tuple[Any, ...]) -> str:
 
 async def _canvasdb_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CanvasdbError)
+    fields = exc.fields
     if exc.status >= 500:
-        log.error("%s %s failed: %s", request.method, request.url.path, exc.detail)
-    return problem(exc.status, exc.title, exc.detail, **exc.fields)
+        # The hint of a server-side failure is for the operator (the database's or the
+        # object store's own message, with hosts and ports): logged, not sent to the client.
+        hint = fields.get("hint")
+        log.error("%s %s failed: %s%s", request.method, request.url.path, exc.detail,
+                  f" ({hint})" if hint else "")
+        fields = {k: v for k, v in fields.items() if k != "hint"}
+    return problem(exc.status, exc.title, exc.detail, **fields)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -1,11 +1,22 @@
-"""The job queue: early compaction deferred to a worker, the hourly maintenance pass."""
+"""The job queue: early compaction deferred to a worker, the hourly maintenance pass, and the
+worker's resilience (it starts again, stops in bounded time, its dead peers' jobs are recovered)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
 
+import psycopg
+import pytest
 from conftest import Tenant
+from prometheus_client import REGISTRY
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pycrdt import Doc, Map
 
 from canvasdb import jobs
@@ -63,3 +74,178 @@ async def test_hourly_maintenance_compacts_and_prunes(svc: Services, tenant: Ten
 
 def test_schema_install_is_idempotent(pg_url: str) -> None:
     assert jobs.ensure_schema(pg_url) is False
+
+
+class Relay:
+    """The test database through a unix socket of its own, that can be cut as if PostgreSQL went
+    down: the connections through it drop, and new ones are closed at once until ``restore``."""
+
+    def __init__(self, pg_url: str, folder: Path) -> None:
+        params = conninfo_to_dict(pg_url)
+        self.target = f"{params['host']}/.s.PGSQL.{params['port']}"
+        self.path = folder / f".s.PGSQL.{params['port']}"
+        self.url = make_conninfo(pg_url, host=str(folder))
+        self.down = False
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def __aenter__(self) -> Relay:
+        self.server = await asyncio.start_unix_server(self._relay, path=str(self.path))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+        self.server.close()
+        await self.server.wait_closed()
+
+    def cut(self) -> None:
+        self.down = True
+        for writer in list(self.writers):
+            writer.close()
+
+    def restore(self) -> None:
+        self.down = False
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self.down:
+            client_w.close()
+            return
+        server_r, server_w = await asyncio.open_unix_connection(self.target)
+        self.writers |= {client_w, server_w}
+        await asyncio.gather(self._pump(client_r, server_w), self._pump(server_r, client_w))
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            self.writers.discard(writer)
+
+
+async def until(done: Callable[[], Any], seconds: float = 20) -> None:
+    """Wait for ``done()`` to be true (awaited if it is a coroutine), at most ``seconds``."""
+    for _ in range(int(seconds * 20)):
+        result = done()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not done within {seconds} s")
+
+
+def logged(caplog: pytest.LogCaptureFixture, action: str) -> bool:
+    """Whether procrastinate logged ``action`` (its records carry one)."""
+    return any(getattr(r, "action", None) == action for r in caplog.records)
+
+
+def workers_running() -> float | None:
+    return REGISTRY.get_sample_value("canvasdb_job_workers_running")
+
+
+async def test_the_worker_starts_again_after_losing_the_database(
+        pg_url: str, svc: Services, tenant: Tenant, tmp_path_factory: pytest.TempPathFactory,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="procrastinate")
+    await svc.documents.create(tenant.owner, tenant.project_id, "after-outage")
+    for update in edits(5)[1]:
+        await svc.documents.append(tenant.owner, "after-outage", update)
+    async with (Relay(pg_url, tmp_path_factory.mktemp("relay")) as relay, jobs.connected(relay.url),
+                jobs.working(svc)):
+        await until(lambda: logged(caplog, "start_worker"))
+        relay.cut()  # the listener loses its connection and cannot make another: procrastinate stops
+        await until(lambda: logged(caplog, "side_task_failed"))
+        relay.restore()
+        await jobs.defer_compaction(tenant.org_id, "after-outage")
+        await until(lambda: snapshots(svc, tenant, "after-outage"))
+        assert workers_running() == 1
+    assert any("starting it again" in r.getMessage() for r in caplog.records if r.name == "canvasdb.jobs")
+    assert workers_running() == 0
+
+
+async def test_stopping_the_worker_with_the_database_down_is_quick_and_quiet(
+        pg_url: str, svc: Services, tmp_path_factory: pytest.TempPathFactory,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="procrastinate")
+    async with (Relay(pg_url, tmp_path_factory.mktemp("relay")) as relay, jobs.connected(relay.url),
+                jobs.working(svc, stop_within=0.5)):
+        await until(lambda: logged(caplog, "start_worker"))
+        relay.cut()  # its unregistering would wait 30 s for a connection, then fail
+    # no exception from the block, and one line saying what happened
+    warned = [r for r in caplog.records if r.name == "canvasdb.jobs" and r.levelno == logging.WARNING]
+    assert warned and all(r.exc_info is None for r in warned)
+
+
+async def dead_worker(pg_url: str) -> int:
+    """A worker row whose last heartbeat is an hour old: the process was killed."""
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        cur = await conn.execute("INSERT INTO procrastinate_workers (last_heartbeat)"
+                                 " VALUES (now() - interval '1 hour') RETURNING id")
+        row = await cur.fetchone()
+        assert row is not None
+        return row[0]
+
+
+async def job_rows(pg_url: str, where: str, *args: object) -> list[tuple[int, str, int]]:
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        cur = await conn.execute(f"SELECT id, status::text, attempts FROM procrastinate_jobs WHERE {where}"
+                                 " ORDER BY id", args)
+        return await cur.fetchall()
+
+
+async def test_jobs_of_a_killed_worker_are_run_again(pg_url: str, svc: Services, tenant: Tenant) -> None:
+    await svc.documents.create(tenant.owner, tenant.project_id, "orphan")
+    for update in edits(3)[1]:
+        await svc.documents.append(tenant.owner, "orphan", update)
+    org, dead = str(tenant.org_id), await dead_worker(pg_url)
+    async with jobs.connected(pg_url):
+        await jobs.defer_indexing([tenant.org_id])
+        await jobs.defer_projections([(tenant.org_id, "orphan")])
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+            await conn.execute("UPDATE procrastinate_jobs SET status = 'doing', worker_id = %s"
+                               " WHERE status = 'todo' AND args->>'org_id' = %s", (dead, org))
+        await jobs.defer_indexing([tenant.org_id])  # its twin: waits behind the stalled one's lock
+        async with jobs.working(svc):
+            assert await jobs.recover_stalled_jobs() >= 2
+            indexing = "task_name = 'index_search' AND args->>'org_id' = %s"
+            await until(lambda: job_rows(pg_url, f"{indexing} AND status = 'succeeded'", org))
+            projection = "task_name = 'project_board' AND args->>'org_id' = %s"
+            await until(lambda: job_rows(pg_url, f"{projection} AND status = 'succeeded'", org))
+    statuses = [status for _, status, _ in await job_rows(pg_url, indexing, org)]
+    assert statuses == ["failed", "succeeded"], "the twin does the stalled job's work: indexing goes on"
+    [(_, status, attempts)] = await job_rows(pg_url, projection, org)
+    assert (status, attempts) == ("succeeded", 2), "retried, then run"
+    assert (await svc.documents.get(tenant.owner, "orphan")).projected_seq == 3
+
+
+class Overlaps:
+    """A board projection that notes the most runs of it at once."""
+
+    def __init__(self, projection: Any) -> None:
+        self.projection, self.running, self.most, self.runs = projection, 0, 0, 0
+
+    async def project(self, org_id: UUID, doc_id: str) -> int:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(0.3)  # time for a second run to start, were it allowed to
+            return await self.projection.project(org_id, doc_id)
+        finally:
+            self.running -= 1
+            self.runs += 1
+
+
+async def test_one_projection_of_a_board_at_a_time(pg_url: str, svc: Services, tenant: Tenant) -> None:
+    await svc.documents.create(tenant.owner, tenant.project_id, "busy")
+    for update in edits(3)[1]:
+        await svc.documents.append(tenant.owner, "busy", update)
+    watched = Overlaps(svc.projection)
+    async with jobs.connected(pg_url):
+        await jobs.defer_projections([(tenant.org_id, "busy")])
+        await jobs.defer_projections([(tenant.org_id, "busy")])  # a backlog: two jobs of the board wait
+        async with jobs.working(dataclasses.replace(svc, projection=watched), concurrency=2):
+            await until(lambda: watched.runs == 2)
+    assert watched.most == 1

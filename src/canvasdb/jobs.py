@@ -5,6 +5,10 @@ Jobs live in PostgreSQL beside the data, so one backup covers them and they outl
 any process. ``canvasdb up`` runs a worker; ``canvasdb worker`` runs one on its own,
 for scaling out. Every job is idempotent: running one twice, or two at once on
 different workers, changes nothing more than running it once.
+
+A worker that stops on its own (procrastinate stops it when its listener or heartbeat
+loses the database) is started again; the jobs of a worker that died (SIGKILL, OOM) are
+given back to the queue once its heartbeat is old (``recover_stalled_jobs``, every minute).
 """
 
 from __future__ import annotations
@@ -19,13 +23,23 @@ from uuid import UUID
 
 import psycopg
 from procrastinate import App, JobContext, PsycopgConnector, RetryStrategy
-from procrastinate.exceptions import AlreadyEnqueued
+from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
+from procrastinate.jobs import Status
+from prometheus_client import Gauge
 
 from canvasdb.db.migrate import LOCK_KEY
 from canvasdb.errors import CanvasdbError, NotFound
 
 log = logging.getLogger("canvasdb.jobs")
 queue = App(connector=PsycopgConnector())
+
+RESTART_WAIT = (1.0, 30.0)  # s: the first wait before starting a stopped worker again, and the longest
+STEADY_SECONDS = 60.0  # a worker that ran this long before stopping is started again after the first wait
+STOP_SECONDS = 5.0  # the longest a worker may take to stop (half of it for its running jobs)
+STALLED_SECONDS = 60.0  # a worker silent this long is dead (it sends a heartbeat every 10 s)
+
+WORKERS_RUNNING = Gauge("canvasdb_job_workers_running",
+                        "Job workers running in this process (0 while a stopped one waits to start again)")
 
 
 def ensure_schema(conninfo: str) -> bool:
@@ -102,6 +116,42 @@ async def hourly_maintenance(context: JobContext, timestamp: int) -> dict[str, i
     """Every hour: snapshot every document that changed, then apply retention to it."""
     services = context.additional_context["services"]
     return await maintain(services)
+
+
+@queue.periodic(cron="* * * * *", periodic_id="stalled_jobs")
+@queue.task(name="stalled_jobs_sweep", pass_context=True, queueing_lock="stalled_jobs_sweep")
+async def stalled_jobs_sweep(context: JobContext, timestamp: int) -> int:
+    """Every minute: give back to the queue the jobs of workers that died."""
+    return await recover_stalled_jobs()
+
+
+class WorkerGone(Exception):
+    """What a stalled job is retried for (its task's retry strategy decides whether it is)."""
+
+
+async def recover_stalled_jobs(*, silent_for: float = STALLED_SECONDS) -> int:
+    """Jobs left in ``doing`` by a worker silent for ``silent_for`` s, back in the queue; how many.
+
+    Such a job would stay there for ever, and one with a lock (an org's indexing, a board's
+    projection) would hold back every later job of its lock. Each is retried as its task's
+    retry strategy allows (one that kills its worker every time is not retried for ever); one
+    whose twin already waits (the same queueing lock) is marked failed: the twin does its work.
+    """
+    manager = queue.job_manager
+    stalled = await manager.get_stalled_jobs(seconds_since_heartbeat=silent_for)
+    for job in stalled:
+        task = queue.tasks.get(job.task_name)
+        again = task.get_retry_exception(exception=WorkerGone(), job=job) if task else None
+        outcome = "failed"
+        if again is not None:
+            with contextlib.suppress(UniqueViolation):
+                await manager.retry_job(job, retry_at=again.retry_decision.retry_at)
+                outcome = "retried"
+        if outcome == "failed":
+            await manager.finish_job(job, status=Status.FAILED, delete_job=False)
+        log.warning("job %s (%s) was left running by a worker that is gone: %s",
+                    job.id, job.task_name, outcome)
+    return len(stalled)
 
 
 async def maintain(services: Any) -> dict[str, int]:
@@ -182,10 +232,13 @@ class Requests:
 
 
 async def defer_projections(boards: list[tuple[UUID, str]]) -> None:
-    """Boards to project. No queueing lock (a batch would fail whole on one conflict); a
-    duplicate is harmless, as projection resumes from the board's ``projected_seq``."""
-    await project_board.batch_defer_async(
-        *({"org_id": str(org), "doc_id": doc} for org, doc in boards))
+    """Boards to project, one run of a board at a time (its lock): two at once both create its
+    new nodes, and all but one are refused as "already exists" (logged and counted as skipped).
+    No queueing lock (a batch would fail whole on one conflict); a duplicate is harmless, as
+    projection resumes from the board's ``projected_seq``."""
+    await queue.job_manager.batch_defer_jobs_async([
+        project_board.configure(lock=f"project:{org}:{doc}").make_new_job(org_id=str(org), doc_id=doc)
+        for org, doc in boards])
 
 
 async def defer_indexing(orgs: list[UUID]) -> None:
@@ -204,19 +257,74 @@ async def connected(conninfo: str) -> AsyncIterator[App]:
             yield queue
 
 
-async def run_worker(services: Any, *, concurrency: int = 2) -> None:
-    """Work through jobs until cancelled."""
+async def run_worker(services: Any, *, concurrency: int = 2, stop_within: float = STOP_SECONDS) -> None:
+    """Work through jobs until cancelled (or until procrastinate stops the worker). Jobs still
+    running when it stops get half of ``stop_within`` to finish, then are aborted (and retried as
+    their task allows)."""
     await queue.run_worker_async(concurrency=concurrency, install_signal_handlers=False,
+                                 shutdown_graceful_timeout=stop_within / 2,
                                  additional_context={"services": services})
 
 
 @contextlib.asynccontextmanager
-async def working(services: Any, *, concurrency: int = 2) -> AsyncIterator[None]:
-    """A worker running in this process for the length of the block (the queue is connected)."""
-    worker = asyncio.create_task(run_worker(services, concurrency=concurrency))
+async def working(services: Any, *, concurrency: int = 2, restart_wait: tuple[float, float] = RESTART_WAIT,
+                  stop_within: float = STOP_SECONDS) -> AsyncIterator[None]:
+    """A worker running in this process for the length of the block (the queue is connected),
+    started again whenever it stops on its own."""
+    stopping = asyncio.Event()
+    worker = asyncio.create_task(_supervise(services, concurrency, restart_wait, stop_within, stopping))
     try:
         yield
     finally:
-        worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await worker
+        stopping.set()
+        await _stop(worker, stop_within)
+
+
+async def _supervise(services: Any, concurrency: int, restart_wait: tuple[float, float],
+                     stop_within: float, stopping: asyncio.Event) -> None:
+    """Run a worker until ``stopping``, starting it again after a growing wait each time it ends:
+    procrastinate stops its worker when the listener or the heartbeat fails (a PostgreSQL restart),
+    and nothing else would start it again."""
+    loop = asyncio.get_running_loop()
+    first, longest = restart_wait
+    wait = first
+    while True:
+        started = loop.time()
+        WORKERS_RUNNING.inc()
+        failure = None
+        try:
+            await run_worker(services, concurrency=concurrency, stop_within=stop_within)
+        except Exception as exc:  # whatever it was, the worker must run again
+            failure = _one_line(exc)
+        finally:
+            WORKERS_RUNNING.dec()
+        if stopping.is_set():
+            if failure:
+                log.warning("the job worker failed while stopping: %s", failure)
+            return
+        if loop.time() - started >= STEADY_SECONDS:
+            wait = first
+        log.warning("the job worker stopped (%s); starting it again in %g s",
+                    failure or "a side task failed, logged above", wait)
+        await asyncio.sleep(wait)
+        wait = min(2 * wait, longest)
+
+
+async def _stop(worker: asyncio.Task[None], within: float) -> None:
+    """Stop the worker, waiting ``within`` s at most: with the database down, unregistering it
+    would wait 30 s for a connection. The jobs it leaves in ``doing`` are recovered later."""
+    worker.cancel()
+    done, _ = await asyncio.wait({worker}, timeout=within)
+    if not done:
+        log.warning("the job worker did not stop within %g s (is the database down?); the jobs it leaves"
+                    " running will be retried", within)
+        worker.cancel()  # interrupts its unregistering; it may still wait on a job saving its status
+        await asyncio.wait({worker}, timeout=1.0)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error in one line: a procrastinate ConnectorException says only "Database error.",
+    the psycopg error it wraps says what happened."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__

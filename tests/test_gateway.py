@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
+import logging
 import os
 import signal
 import socket
@@ -19,11 +21,14 @@ import httpx
 import pytest
 import websockets
 from conftest import Tenant, make_tenant
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pycrdt import Doc, Map
 from yjs_client import JsClient
 
+from canvasdb.db import Database
 from canvasdb.documents import DocumentStore
 from canvasdb.gateway import protocol
+from canvasdb.gateway.hub import Hub, Peer
 from canvasdb.services import Services
 
 
@@ -113,6 +118,90 @@ class Balancer:
                 pass
             finally:
                 dst.close()
+
+        for task in (asyncio.create_task(pipe(reader, up_writer)), asyncio.create_task(pipe(up_reader, writer))):
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+
+class PgProxy:
+    """A TCP proxy to the test database, to fail its connections as a network or an outage
+    does. ``silence()``: the listening connections open now (application_name
+    ``canvasdb-listen ...``) stop forwarding anything, both ways, and stay open, as when a
+    NAT or firewall drops a flow (no RST, no FIN); new connections forward as before.
+    ``cut()``: every connection closes and new ones are closed at once (the database away)."""
+
+    def __init__(self, pg_url: str) -> None:
+        params = {k: v for k, v in conninfo_to_dict(pg_url).items() if k not in ("host", "hostaddr", "port")}
+        self._params, self._target = params, conninfo_to_dict(pg_url)
+        self._relays: list[dict] = []  # per connection: {"listener", "silent", "writers"}
+        self._pipes: set[asyncio.Task[None]] = set()
+        self._refusing = False
+        self.url = ""
+
+    async def __aenter__(self) -> PgProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = make_conninfo("", **self._params, host="127.0.0.1", port=str(port),
+                                 sslmode="disable", gssencmode="disable")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        self.cut()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+        await self._server.wait_closed()
+
+    def silence(self) -> int:
+        """Silence the listening connections open now; how many."""
+        quiet = [r for r in self._relays if r["listener"] and not r["silent"]]
+        for relay in quiet:
+            relay["silent"] = True
+        return len(quiet)
+
+    @property
+    def listeners(self) -> int:
+        """Listening connections made through the proxy so far."""
+        return sum(r["listener"] for r in self._relays)
+
+    def cut(self) -> None:
+        self._refusing = True
+        for relay in self._relays:
+            for writer in relay["writers"]:
+                writer.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refusing:
+            writer.close()
+            return
+        host, port = self._target.get("host") or "localhost", self._target.get("port") or "5432"
+        if host.startswith("/"):
+            up_reader, up_writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+        else:
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        relay = {"listener": False, "silent": False, "writers": [writer, up_writer]}
+        self._relays.append(relay)
+        try:  # the startup packet names the application
+            size = await reader.readexactly(4)
+            startup = await reader.readexactly(int.from_bytes(size, "big") - 4)
+        except (OSError, asyncio.IncompleteReadError):
+            writer.close()
+            up_writer.close()
+            return
+        relay["listener"] = b"canvasdb-listen" in startup
+        up_writer.write(size + startup)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    if not relay["silent"]:
+                        dst.write(data)
+                        await dst.drain()
+            except OSError:
+                pass
+            finally:
+                if not relay["silent"]:  # a dropped flow delivers no FIN either
+                    dst.close()
 
         for task in (asyncio.create_task(pipe(reader, up_writer)), asyncio.create_task(pipe(up_reader, writer))):
             self._pipes.add(task)
@@ -603,3 +692,119 @@ def test_awareness_updates_split_to_fit_a_notify_payload() -> None:
     assert len(updates) > 1 and all(len(u) <= 300 for u in updates)
     relayed = [e for u in updates for e in protocol.awareness_entries(u)]
     assert relayed == [e for e in entries if e[0] != 99]
+
+
+def edits() -> tuple[Map, list[bytes]]:
+    """A pycrdt map standing in for a Yjs client's, and the updates its edits make."""
+    doc, updates = Doc(), []
+    doc.observe(lambda event: updates.append(event.update))
+    return doc.get("nodes", type=Map), updates
+
+
+async def test_a_silently_dead_listener_is_noticed_and_replaced(
+    pg_url: str, db: Database, svc: Services, board: tuple[Tenant, str]
+) -> None:
+    """The listening connection stays open but nothing comes through it any more (a NAT or
+    firewall dropped the flow: no RST, no FIN). The hub stops saying it listens (/readyz),
+    connects again, and its clients get what other processes committed meanwhile and after."""
+    t, doc = board
+    nodes, updates = edits()
+    async with PgProxy(pg_url) as proxy:
+        store = DocumentStore(db)  # as another gateway process: only its listener goes through the proxy
+        hub = Hub(store, proxy.url, liveness_seconds=0.5)
+        await hub.start()
+        peer = Peer(send=None, close=None)  # type: ignore[arg-type]
+        received: list[bytes] = []
+
+        async def got(update: bytes) -> bool:
+            while not peer.queue.empty():
+                received.append(peer.queue.get_nowait())  # type: ignore[arg-type]
+            return protocol.sync_update(update) in received
+
+        try:
+            hub.join(t.org_id, doc, peer, (await store.sync(t.org_id, doc)).seq)
+            assert await eventually(lambda: asyncio.sleep(0, hub.listening))
+            assert proxy.silence() == 1
+            nodes["while-deaf"] = 1
+            await svc.documents.append(t.owner, doc, updates[-1])  # its notice is lost
+            assert await eventually(lambda: asyncio.sleep(0, not hub.listening)), "still says it listens"
+            assert await eventually(lambda: asyncio.sleep(0, hub.listening))
+            assert proxy.listeners == 2  # over a new connection
+            assert await eventually(lambda: got(updates[0]))  # read again from the log
+            nodes["after"] = 2
+            await svc.documents.append(t.owner, doc, updates[-1])
+            assert await eventually(lambda: got(updates[1]))
+        finally:
+            await hub.stop()
+            await store.close()
+
+
+async def test_connecting_while_the_database_is_away_is_try_again_later(
+    pg_url: str, board: tuple[Tenant, str], tmp_path: Path
+) -> None:
+    """No database: the connection is closed with 1013 ("try again later", so the client
+    reconnects), counted, and logged in one line, not as an internal error with a traceback."""
+    t, doc = board
+    async with PgProxy(pg_url) as proxy:
+        gw = await asyncio.to_thread(Gateway, proxy.url, tmp_path)
+        try:
+            proxy.cut()
+            async with websockets.connect(f"{gw.url(t.slug)}/{doc}?token={t.token}") as ws:
+                with pytest.raises(websockets.ConnectionClosed) as info:
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 30)
+            assert info.value.rcvd is not None
+            assert (info.value.rcvd.code, info.value.rcvd.reason) == (1013, "try again later")
+            assert counter(gw.port, 'canvasdb_gateway_rejected_total{reason="unavailable"}') == 1
+        finally:
+            await asyncio.to_thread(gw.stop)
+    lines = gw.log.read_text().splitlines()
+    assert f"gateway connection to {doc} failed" not in lines
+    refused = [i for i, line in enumerate(lines) if f"closed a connection to {doc} with 1013" in line]
+    assert len(refused) == 1
+    assert not any(line.startswith("Traceback") for line in lines[refused[0] + 1:refused[0] + 2])
+
+
+async def test_a_catch_up_that_fails_is_one_line_in_the_log(
+    pg_url: str, board: tuple[Tenant, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A room catching up with the log while the database is away: the task's failure is
+    logged in one line, never left for asyncio's "Task exception was never retrieved"."""
+    t, doc = board
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    unhandled: list[str] = []
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        if "catch_up" in repr(context.get("future")):
+            unhandled.append(context["message"])
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    try:
+        async with PgProxy(pg_url) as proxy, Database(proxy.url, min_size=1, max_size=1, timeout=1) as away:
+            store = DocumentStore(away)
+            hub = Hub(store, "")
+            try:
+                hub.join(t.org_id, doc, Peer(send=None, close=None), 0)  # type: ignore[arg-type]
+                proxy.cut()
+                with caplog.at_level(logging.WARNING, "canvasdb.gateway"):
+                    # a peer whose sync included an update the room has not sent: it catches up
+                    hub.join(t.org_id, doc, Peer(send=None, close=None), 1)  # type: ignore[arg-type]
+
+                    async def logged() -> list[logging.LogRecord]:
+                        return [r for r in caplog.records if "could not catch" in r.getMessage()]
+
+                    records = await eventually(logged)
+            finally:
+                await hub.stop()
+                await store.close()
+        gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+    assert [r.getMessage().startswith(f"could not catch {doc} up with the log: ") for r in records] == [True]
+    assert records[0].exc_info is None
+    assert unhandled == []

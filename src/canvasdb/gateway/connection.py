@@ -5,8 +5,10 @@ Close codes (4400-4499 make the official y-websocket client stop reconnecting):
 document (or no access to it), 4413 message too large (past twice the limit, the WebSocket
 layer's own 1009, unread: ``frame_limit``), 4429 update rate exceeded for longer
 than the grace period (below it, the sender is only slowed down), 4408 too
-slow to receive, 1001 server shutting down. A viewer's updates are refused with the
-protocol's "permission denied" message (auth type 2) and the connection stays open.
+slow to receive, 1001 server shutting down, 1013 ("try again later") the database
+unavailable: the client reconnects with backoff and resyncs. A viewer's updates are
+refused with the protocol's "permission denied" message (auth type 2) and the connection
+stays open.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from canvasdb import metrics
 from canvasdb.documents import yjs
-from canvasdb.errors import InvalidInput, NotFound, PayloadTooLarge, Unauthorized
+from canvasdb.errors import InvalidInput, NotFound, PayloadTooLarge, Unauthorized, Unavailable
 from canvasdb.gateway import protocol
 from canvasdb.gateway.hub import Hub, Peer
 from canvasdb.services import Services
@@ -126,6 +128,10 @@ async def serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, s
         await _close(ws, stop.code, stop.reason)
     except WebSocketDisconnect:
         pass
+    except Unavailable as exc:  # not a fault of the gateway: one line, not a traceback per client
+        metrics.GATEWAY_REJECTED.labels("unavailable").inc()
+        log.warning("closed a connection to %s with 1013, try again later: %s", doc_id, exc.detail)
+        await _close(ws, 1013, "try again later")
     except Exception:
         log.exception("gateway connection to %s failed", doc_id)
         await _close(ws, 1011, "internal error")
@@ -173,7 +179,9 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
                 metrics.GATEWAY_REJECTED.labels(stop.metric).inc()
                 await peer.close(stop.code, stop.reason)
                 return
-            except Exception:  # the database is away: the connection goes on, checked next time
+            except Unavailable as exc:  # the database is away: the connection goes on, checked next time
+                log.warning("could not check access to %s again: %s", doc_id, exc.detail)
+            except Exception:
                 log.warning("could not check access to %s again", doc_id, exc_info=True)
 
     checker = asyncio.create_task(recheck())

@@ -10,7 +10,9 @@ here and, through NOTIFY, to the other gateways.
 
 The listening connection is named ``canvasdb-listen <origin>``: commits and awareness
 are notified only while some other process listens (migration 0015), so a gateway alone
-on its database is not woken by its own notices.
+on its database is not woken by its own notices. It is also proven alive: a connection
+that a NAT or firewall dropped without a word would otherwise stay open, hear nothing,
+and look ready for hours.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import asyncio
 import base64
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +30,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from canvasdb import metrics
 from canvasdb.documents import DocumentStore
@@ -42,6 +47,12 @@ LISTENER_NAME = "canvasdb-listen {origin}"  # application_name of the listening 
 # for listeners before this one connected, and became visible only after the first
 # catch-up read the log, sent no notice (migration 0015).
 _CATCH_UP_AGAIN_S = 1.0
+# The listening connection's libpq settings (what the conninfo sets wins): the kernel gives
+# a silent peer up after 25 s of unanswered probes, or 20 s of unacknowledged data, not
+# after the two hours of the default keepalive (both ignored on Unix sockets), and a
+# connection attempt after 10 s.
+_LISTENER_TCP = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5",
+                 "keepalives_count": "3", "tcp_user_timeout": "20000", "connect_timeout": "10"}
 
 
 def ws_frame(message: bytes) -> bytes:
@@ -161,21 +172,32 @@ class Hub:
     """All rooms of this process, the commit listener and the NOTIFY listener."""
 
     def __init__(self, documents: DocumentStore, conninfo: str, *, idle_seconds: float = 30,
-                 awareness_delay: float = 0.05) -> None:
+                 awareness_delay: float = 0.05, liveness_seconds: float = 10) -> None:
         self.documents = documents
         self.conninfo = conninfo
         self.idle_seconds = idle_seconds
         self.awareness_delay = awareness_delay
+        # The listening connection is asked SELECT 1 after this long without a notice, and
+        # given up when it has not answered this long after.
+        self.liveness_seconds = liveness_seconds
         self.origin = documents.log.origin
         self.rooms: dict[tuple[UUID, str], Room] = {}
-        self.listening = False
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._catch_ups: set[asyncio.Task[None]] = set()  # kept: a task only the loop holds may vanish
+        self._alive_at: float | None = None  # when the listening connection last proved alive
         self._notifier: psycopg.AsyncConnection[Any] | None = None
         self._catch_up_again: asyncio.TimerHandle | None = None
         self._outbox: list[str] = []  # awareness notices for other gateways, sent in batches
         self._outbox_ready = asyncio.Event()
         documents.log.committed = self._committed
+
+    @property
+    def listening(self) -> bool:
+        """LISTENing on a connection that proved alive lately (a notice, or an answer to
+        SELECT 1): one that has not is not trusted to hear other processes."""
+        alive = self._alive_at
+        return alive is not None and time.monotonic() - alive < 2 * self.liveness_seconds
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._sweep()),
@@ -198,11 +220,12 @@ class Hub:
         """Close the connections still open with 1001; commits in flight finish first."""
         if self._catch_up_again is not None:
             self._catch_up_again.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._catch_ups]:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await asyncio.gather(*self._catch_ups, return_exceptions=True)
         peers = [peer for room in self.rooms.values() for peer in room.peers]
         for peer in peers:
             with contextlib.suppress(Exception):
@@ -222,7 +245,7 @@ class Hub:
         room.peers.add(peer)
         room.idle_since = None
         if seq > room.floor:  # updates from elsewhere this room has not broadcast yet
-            asyncio.get_running_loop().create_task(self.catch_up(room))
+            self._catch_up_soon(room)
         return room
 
     def leave(self, room: Room, peer: Peer) -> None:
@@ -280,6 +303,19 @@ class Hub:
                 if not room.delivered(seq):
                     room.mark(seq)
                     room.broadcast(protocol.sync_update(update), skip=room.sending.get(update))
+
+    def _catch_up_soon(self, room: Room) -> None:
+        """``catch_up`` in a task of its own. A failure (the database away) is one line in
+        the log: the room catches up at the document's next notice, or when the listening
+        connection comes back."""
+        task = asyncio.get_running_loop().create_task(self.catch_up(room))
+        self._catch_ups.add(task)
+        task.add_done_callback(lambda done: self._caught_up(done, room))
+
+    def _caught_up(self, task: asyncio.Task[None], room: Room) -> None:
+        self._catch_ups.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("could not catch %s up with the log: %s", room.doc_id, _one_line(exc))
 
     # --- awareness ------------------------------------------------------------------------------
 
@@ -344,32 +380,70 @@ class Hub:
     # --- other processes ------------------------------------------------------------------------
 
     async def _listen(self) -> None:
-        """LISTEN for other processes' commits and awareness; reconnect with backoff."""
+        """LISTEN for other processes' commits and awareness; reconnect with backoff.
+
+        A connection can die without a word (a NAT or firewall that drops the flow sends no
+        RST), and one that nothing comes through looks the same as an idle one: after
+        ``liveness_seconds`` without a notice it is asked SELECT 1, and given up if that is
+        not answered within as long again. A new connection then re-reads every open
+        document, as after any lost one."""
         delay = 0.5
         while True:
             try:
-                self._notifier = await psycopg.AsyncConnection.connect(
-                    self.conninfo, autocommit=True, application_name=LISTENER_NAME.format(origin=self.origin))
+                self._notifier = await psycopg.AsyncConnection.connect(**self._listener_conninfo(),
+                                                                       autocommit=True)
                 async with self._notifier as conn:
-                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    self.listening, delay = True, 0.5
+                    await self._answered(conn, f"LISTEN {NOTIFY_CHANNEL}")
+                    self._alive_at, delay = time.monotonic(), 0.5
                     self._catch_up_all()  # what happened while not listening
                     self._catch_up_again = asyncio.get_running_loop().call_later(
                         _CATCH_UP_AGAIN_S, self._catch_up_all)
-                    async for notice in conn.notifies():
-                        self._heard(notice.payload)
+                    while True:
+                        quiet = time.monotonic() - self._alive_at
+                        if quiet >= self.liveness_seconds:
+                            await self._answered(conn, "SELECT 1")
+                            self._alive_at = time.monotonic()
+                        else:
+                            async for notice in conn.notifies(timeout=self.liveness_seconds - quiet):
+                                self._alive_at = time.monotonic()
+                                self._heard(notice.payload)
             except asyncio.CancelledError:
-                self.listening = False
+                self._alive_at = None
                 raise
+            except (psycopg.OperationalError, TimeoutError) as exc:  # the database away, or silent
+                log.warning("lost the notification connection (%s); retrying in %.1f s",
+                            _one_line(exc), delay)
             except Exception:
                 log.warning("lost the notification connection; retrying in %.1f s", delay, exc_info=True)
-            self.listening = False
+            self._alive_at = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10)
 
+    def _listener_conninfo(self) -> dict[str, Any]:
+        params: dict[str, Any] = {**_LISTENER_TCP, **conninfo_to_dict(self.conninfo)}
+        params["application_name"] = LISTENER_NAME.format(origin=self.origin)
+        return params
+
+    async def _answered(self, conn: psycopg.AsyncConnection[Any], statement: str) -> None:
+        """Run ``statement`` on the listening connection; TimeoutError if no answer comes within
+        ``liveness_seconds``. The statement is not cancelled then: psycopg would wait for the
+        server to confirm the cancel, which a silent connection never does (for ever in older
+        versions: psycopg#1371); its socket is shut down instead, so that it fails at once."""
+        query = asyncio.ensure_future(conn.execute(statement))
+        try:
+            done, _ = await asyncio.wait({query}, timeout=self.liveness_seconds)
+        finally:
+            if not query.done():  # no answer yet, or the hub is stopping
+                _shut_down(conn)
+                await asyncio.wait({query})
+        if not done:
+            query.exception()  # the error of the shut-down socket: expected
+            raise TimeoutError(f"no answer in {self.liveness_seconds:g} s")
+        query.result()
+
     def _catch_up_all(self) -> None:
         for room in list(self.rooms.values()):
-            asyncio.get_running_loop().create_task(self.catch_up(room))
+            self._catch_up_soon(room)
 
     def _heard(self, payload: str) -> None:
         try:
@@ -381,10 +455,20 @@ class Hub:
         if room is None or origin == self.origin:
             return
         if kind == "u" and value.isdigit() and not room.delivered(int(value)):
-            asyncio.get_running_loop().create_task(self.catch_up(room))
+            self._catch_up_soon(room)
         elif kind == "a":
             try:
                 entries = protocol.awareness_entries(base64.b64decode(value))
             except (ValueError, protocol.ProtocolError):
                 return
             self._queue_awareness(room, entries, notify=False)
+
+
+def _shut_down(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Shut the connection's socket down under libpq: what waits on it fails at once."""
+    with contextlib.suppress(OSError, psycopg.Error), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

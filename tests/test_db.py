@@ -70,6 +70,11 @@ def test_the_embedded_server_is_sized_to_the_machine(pg_url: str) -> None:
                           " WHERE name = 'shared_buffers'").fetchone()[0]
     assert f"{mb}MB" == _memory_tuning()["shared_buffers"]
     assert 128 <= mb <= 8192
+    with psycopg.connect(pg_url) as conn:  # (a session over a Unix socket reads them as 0)
+        keepalive = dict(conn.execute("SELECT name, setting FROM pg_file_settings WHERE applied"
+                                      " AND name LIKE 'tcp_keepalives_%'").fetchall())
+    assert keepalive == {"tcp_keepalives_idle": "60", "tcp_keepalives_interval": "10",
+                         "tcp_keepalives_count": "6"}, "a silent client would hold its backend for hours"
 
 
 def test_an_edit_changes_no_indexed_column_of_entities(pg_url: str) -> None:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 import websockets
 from conftest import Tenant, make_tenant
@@ -730,6 +731,11 @@ async def test_a_silently_dead_listener_is_noticed_and_replaced(
             assert await eventually(lambda: asyncio.sleep(0, not hub.listening)), "still says it listens"
             assert await eventually(lambda: asyncio.sleep(0, hub.listening))
             assert proxy.listeners == 2  # over a new connection
+            name = f"canvasdb-listen {store.log.origin}"
+            with psycopg.connect(pg_url) as admin:  # the silent one ended on the server too
+                open_there = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                                           (name,)).fetchone()
+            assert open_there == (1,)
             assert await eventually(lambda: got(updates[0]))  # read again from the log
             nodes["after"] = 2
             await svc.documents.append(t.owner, doc, updates[-1])

@@ -37,6 +37,12 @@ _TUNING = {
     "checkpoint_timeout": "15min",
     "jit": "off",
     "log_min_messages": "warning",
+    # a client gone without a word (a NAT or firewall dropped the flow) is noticed in
+    # about two minutes, not the system's two hours: its backend would hold locks,
+    # a connection slot and, if it listened, the notification queue
+    "tcp_keepalives_idle": "60",
+    "tcp_keepalives_interval": "10",
+    "tcp_keepalives_count": "6",
 }
 
 

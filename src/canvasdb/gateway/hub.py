@@ -394,6 +394,7 @@ class Hub:
                                                                        autocommit=True)
                 async with self._notifier as conn:
                     await self._answered(conn, f"LISTEN {NOTIFY_CHANNEL}")
+                    await self._end_earlier_listeners(conn)
                     self._alive_at, delay = time.monotonic(), 0.5
                     self._catch_up_all()  # what happened while not listening
                     self._catch_up_again = asyncio.get_running_loop().call_later(
@@ -424,12 +425,23 @@ class Hub:
         params["application_name"] = LISTENER_NAME.format(origin=self.origin)
         return params
 
-    async def _answered(self, conn: psycopg.AsyncConnection[Any], statement: str) -> None:
+    async def _end_earlier_listeners(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """End this process's earlier listening connection if the server still holds it (one
+        given up as silent stays open there until the server's TCP notices): PostgreSQL keeps
+        every notification until each listener has read it, and that one reads nothing. A
+        role that may not end it leaves it to the server's keepalives."""
+        with contextlib.suppress(psycopg.Error):
+            await self._answered(conn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                       " WHERE application_name = %s AND pid <> pg_backend_pid()",
+                                 (LISTENER_NAME.format(origin=self.origin),))
+
+    async def _answered(self, conn: psycopg.AsyncConnection[Any], statement: str,
+                        params: tuple[Any, ...] | None = None) -> None:
         """Run ``statement`` on the listening connection; TimeoutError if no answer comes within
         ``liveness_seconds``. The statement is not cancelled then: psycopg would wait for the
         server to confirm the cancel, which a silent connection never does (for ever in older
         versions: psycopg#1371); its socket is shut down instead, so that it fails at once."""
-        query = asyncio.ensure_future(conn.execute(statement))
+        query = asyncio.ensure_future(conn.execute(statement, params))
         try:
             done, _ = await asyncio.wait({query}, timeout=self.liveness_seconds)
         finally:

@@ -252,7 +252,9 @@ async def defer_indexing(orgs: list[UUID]) -> None:
 @contextlib.asynccontextmanager
 async def connected(conninfo: str) -> AsyncIterator[App]:
     """The queue, connected to the database for this process (to defer jobs or run a worker)."""
-    with queue.replace_connector(PsycopgConnector(conninfo=conninfo, min_size=1, max_size=4)):
+    # a connection within 5 s or an error: deferring work (also on the way out, when the
+    # database may be down) must not wait the pool's default 30 s
+    with queue.replace_connector(PsycopgConnector(conninfo=conninfo, min_size=1, max_size=4, timeout=5)):
         async with queue.open_async():
             yield queue
 

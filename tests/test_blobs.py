@@ -346,6 +346,8 @@ async def test_filesystem_layout_and_permissions(tmp_path: Path) -> None:
     path = tmp_path / "blobs" / info.key[:2] / info.key
     assert store.path(info.key) == path and path.read_bytes() == b"layout"
     assert path.stat().st_mode & 0o077 == 0  # private to the server's user
+    for folder in (tmp_path / "blobs", path.parent, tmp_path / "blobs" / "tmp"):  # their names are hashes
+        assert folder.stat().st_mode & 0o077 == 0, (folder, oct(folder.stat().st_mode))
     assert sorted(p.name for p in (tmp_path / "blobs").iterdir()) == sorted([info.key[:2], "tmp"])
     assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
 

@@ -97,7 +97,7 @@ def test_org_token_entity_round_trip(env: dict[str, str]) -> None:
     # The token works against the API, then stops working once revoked.
     from canvasdb.services import Services  # noqa: F401  (import check: CLI and API share settings)
 
-    assert run(env, "token", "revoke", token.strip()).stdout.strip() == "revoked"
+    assert run(env, "token", "revoke", "-", input=token).stdout.strip() == "revoked"  # not in argv
     again = run(env, "token", "revoke", token.strip(), check=False)
     assert again.returncode == 1 and "Error:" in again.stderr
 

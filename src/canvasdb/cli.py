@@ -414,8 +414,12 @@ async def _org_role(svc: Services, org_id: UUID, user_id: UUID) -> str | None:
 
 
 @token_app.command("revoke")
-def token_revoke(token: Annotated[str, typer.Argument(help="The token, or its id.")]) -> None:
+def token_revoke(token: Annotated[str, typer.Argument(
+        help="The token's id (from token create --json), or - to read the token itself from stdin "
+             "(on the command line, other users would see it in the process list).")]) -> None:
     """Revoke a token: requests with it answer 401 from now on."""
+    if token == "-":
+        token = sys.stdin.readline().strip()
     if not _with_services(lambda svc: svc.tenancy.revoke_token(token)):
         _fail(NotFound("no live token matches", hint="check the token or its id"))
     out.print("revoked")

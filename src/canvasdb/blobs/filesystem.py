@@ -102,7 +102,10 @@ class FilesystemBlobStore:
         tmp_dir = self.root / _TMP
         try:
             if not self._prepared:
-                tmp_dir.mkdir(parents=True, exist_ok=True)
+                # folders for this user alone: listed, the names are the contents' hashes,
+                # which tell whether a known file is stored
+                self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+                tmp_dir.mkdir(mode=0o700, exist_ok=True)
                 self._remove_stale(tmp_dir)
                 self._prepared = True
             fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="put-", suffix=".part")
@@ -129,7 +132,7 @@ class FilesystemBlobStore:
     def _install(self, tmp: Path, final: Path) -> None:
         try:
             created = not final.parent.is_dir()
-            final.parent.mkdir(exist_ok=True)
+            final.parent.mkdir(mode=0o700, exist_ok=True)
             # Same content under the same name: replacing is harmless, and repairs a damaged copy.
             os.replace(tmp, final)
             if self._fsync:

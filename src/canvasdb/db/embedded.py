@@ -8,6 +8,7 @@ we are root the cluster belongs to an unprivileged system user.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -37,12 +38,6 @@ _TUNING = {
     "checkpoint_timeout": "15min",
     "jit": "off",
     "log_min_messages": "warning",
-    # a client gone without a word (a NAT or firewall dropped the flow) is noticed in
-    # about two minutes, not the system's two hours: its backend would hold locks,
-    # a connection slot and, if it listened, the notification queue
-    "tcp_keepalives_idle": "60",
-    "tcp_keepalives_interval": "10",
-    "tcp_keepalives_count": "6",
 }
 
 
@@ -125,11 +120,14 @@ class EmbeddedPostgres:
 
     def _run(self, exe: str, *args: str, timeout: int = 120) -> str:
         cmd = [str(POSTGRES_BIN_PATH / exe), *args]
-        user = SYSTEM_USER if self._as_root else None
+        # As root: the system user, with its own group only (user= alone kept root's group,
+        # and the server could read every file readable by group root).
+        ids = {"user": SYSTEM_USER, "group": pwd.getpwnam(SYSTEM_USER).pw_gid, "extra_groups": []} \
+            if self._as_root else {}
         try:
             done = subprocess.run(
-                cmd, check=True, capture_output=True, text=True, timeout=timeout, user=user,
-                stdin=subprocess.DEVNULL,
+                cmd, check=True, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                **ids,
             )  # fmt: skip
         except subprocess.CalledProcessError as exc:
             tail = self._log_tail()
@@ -171,9 +169,12 @@ class EmbeddedPostgres:
         conf = {
             **_TUNING,
             **_memory_tuning(),
-            "listen_addresses": "'127.0.0.1'",
+            # Only the owner's socket: the cluster trusts who connects (no passwords), so no
+            # TCP (any local user could reach 127.0.0.1) and a socket for its owner alone.
+            "listen_addresses": "''",
             "port": str(port),
             "unix_socket_directories": f"'{self._socket_dir(port)}'",
+            "unix_socket_permissions": "0700",
         }
         (pgdata / _CONF_NAME).write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
         self._chown(pgdata / _CONF_NAME)
@@ -204,11 +205,25 @@ class EmbeddedPostgres:
 
     def _prepare_runtime_dirs(self) -> None:
         sock = Path(self._socket_dir())
-        sock.mkdir(parents=True, exist_ok=True)
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            sock.mkdir(mode=0o700)
+        self._check_ours(sock)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self.log_file.touch(exist_ok=True)
         self._chown(sock)
+        sock.chmod(0o700)
         self._chown(self.log_file)
+
+    def _check_ours(self, sock: Path) -> None:
+        """The socket folder (under /tmp when the home's path is long: a name anyone can
+        compute) must be a folder of this user's or the server's: one made by another user
+        could have the socket swapped for theirs, and hear every query."""
+        info = sock.lstat()
+        owners = {os.geteuid()} | ({pwd.getpwnam(SYSTEM_USER).pw_uid} if self._as_root else set())
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid not in owners:
+            raise Unavailable(f"the socket folder {sock} belongs to someone else",
+                              hint="remove it, or set CANVASDB_HOME to a shorter path")
 
     def _chown(self, path: Path) -> None:
         if self._as_root:

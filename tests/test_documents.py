@@ -423,6 +423,8 @@ async def test_http_round_trip(client: httpx.AsyncClient, tenant: Tenant) -> Non
                              params={"state_vector": "!!"})).status_code == 422
     changes = (await client.get(f"{base}/docs/board-42/changes", headers=h, params={"limit": 2})).json()
     assert [c["seq"] for c in changes["items"]] == [1, 2] and changes["next"] == "2"
+    rest = (await client.get(f"{base}/docs/board-42/changes", headers=h, params={"after": 2, "limit": 1})).json()
+    assert [c["seq"] for c in rest["items"]] == [3] and rest["next"] is None, "the last page says so"
     assert {c["client_id"] for c in changes["items"]} == {yc.doc.client_id}, "the Yjs client that wrote"
     meta = (await client.get(f"{base}/docs/board-42", headers=h)).json()
     assert meta["last_seq"] == 3

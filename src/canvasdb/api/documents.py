@@ -83,6 +83,5 @@ async def document_changes(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:  # fmt: skip
     """The document's change times, oldest first: one entry per stored update."""
-    items = await svc.documents.changes(who, doc, after=after, limit=limit)
-    return {"items": [c.to_json() for c in items],
-            "next": str(items[-1].seq) if len(items) == limit else None}
+    items, more = await svc.documents.changes_page(who, doc, after=after, limit=limit)
+    return {"items": [c.to_json() for c in items], "next": str(items[-1].seq) if more else None}

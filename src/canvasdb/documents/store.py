@@ -400,14 +400,19 @@ class DocumentStore:
     async def changes(self, who: Principal, doc_id: str, *, after: int = 0,
                       limit: int = 100) -> list[Change]:
         """The log entries after ``after`` (oldest first): when, by whom, how large."""
+        return (await self.changes_page(who, doc_id, after=after, limit=limit))[0]
+
+    async def changes_page(self, who: Principal, doc_id: str, *, after: int = 0,
+                           limit: int = 100) -> tuple[list[Change], bool]:
+        """``changes``, and whether more follow (one row more is read to know)."""
         if not 1 <= limit <= MAX_CHANGES_PAGE:
             raise InvalidInput(f"limit must be between 1 and {MAX_CHANGES_PAGE}", pointer="query:limit")
         await self.check_access(who, doc_id)
         rows = await self.db.read(
             who.org_id, "SELECT seq, at, user_id, client_id, octet_length(payload) AS size FROM doc_updates"
             " WHERE org_id = %s AND doc_id = %s AND seq > %s ORDER BY seq LIMIT %s",
-            (who.org_id, doc_id, after, limit))
-        return [Change(**r) for r in rows]
+            (who.org_id, doc_id, after, limit + 1))
+        return [Change(**r) for r in rows[:limit]], len(rows) > limit
 
     async def updates_since(self, org_id: UUID, doc_id: str, seq: int) -> list[tuple[int, bytes]] | None:
         """The held updates after ``seq`` (brought up to date with the log), or None when they

@@ -256,6 +256,16 @@ async def test_list_pages_by_type_and_as_of(svc: Services, tenant: Tenant) -> No
     assert all(x.version == 1 for x in paged)
     now = await svc.entities.list(who, tenant.project_id, limit=100, as_of=datetime.now(UTC))
     assert made[0].id not in {x.id for x in now.items} and len(now.items) == 24
+    for limit in (6, 8, 12, 24):  # 24 live now, the deleted one among them: pages that end exactly
+        pages, after = 0, None
+        while True:
+            page = await svc.entities.list(who, tenant.project_id, limit=limit, after=after,
+                                           as_of=datetime.now(UTC))
+            pages += 1
+            assert page.items, "an empty page after a cursor"
+            if (after := page.next) is None:
+                break
+        assert pages == 24 // limit
     before_all = await svc.entities.list(who, tenant.project_id, as_of=made[0].created_at - timedelta(seconds=1))
     assert before_all.items == [] and before_all.next is None
     with pytest.raises(InvalidInput):

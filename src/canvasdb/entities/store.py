@@ -409,15 +409,15 @@ class EntityStore:
 
     async def _page_as_of(self, conn: Connection, who: Principal, project_id: UUID,
                           type: str | None, cursor: UUID, limit: int, as_of: datetime) -> Page:
+        # One live entity more than the page, to know whether another page follows (an exactly
+        # full last page gave a cursor to an empty one).
         items: list[Entity] = []
         params = {"org": who.org_id, "project": project_id, "type": type, "t": utc(as_of),
-                  "n": limit}
+                  "n": limit + 1}
         query = _PAGE_AS_OF.format(type_filter="AND type = %(type)s" if type is not None else "")
-        while len(items) < limit:
+        while len(items) <= limit:
             cur = await conn.execute(query, {**params, "after": cursor})
             rows = await cur.fetchall()
-            if not rows:
-                return Page(items, None)
             by_entity: dict[UUID, list[dict[str, Any]]] = {}
             for row in rows:
                 by_entity.setdefault(row["id"], []).append(row)
@@ -428,11 +428,13 @@ class EntityStore:
                     continue
                 items.append(_entity({**last, "data": history.rebuild(versions), "updated_at": last["at"],
                                       "updated_by": last["actor"]}))
-                if len(items) == limit:
+                if len(items) > limit:
                     break
-            if len(by_entity) < limit:
-                return Page(items, None)
-        return Page(items, str(cursor))
+            if len(by_entity) <= limit:  # the project has no more entities
+                break
+        if len(items) > limit:
+            return Page(items[:limit], str(items[limit - 1].id))
+        return Page(items, None)
 
     async def history(
         self, who: Principal, id: UUID, *, before: int | None = None, limit: int = 100

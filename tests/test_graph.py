@@ -343,6 +343,11 @@ async def test_http_routes(client: httpx.AsyncClient, svc: Services, tenant: Ten
     assert r.status_code == 200 and r.json()["live"] is False
     r = await client.get(f"{base}/relationships?entity={a}", headers=tenant.headers)
     assert r.json()["items"] == []
+    undelete = f"{base}/relationships/{rel['id']}/undelete"  # If-Match holds here as on the other writes
+    r = await client.post(undelete, headers={**tenant.headers, "If-Match": '"1"'})
+    assert r.status_code == 409 and r.json()["current_version"] == 2
+    r = await client.post(undelete, headers={**tenant.headers, "If-Match": '"2"'})
+    assert r.status_code == 200 and r.json()["live"] is True and r.headers["etag"] == '"3"'
 
 
 async def test_huge_fan_out_and_long_cycles_stay_bounded(svc: Services, db, pg_url: str, tenant: Tenant) -> None:

@@ -106,8 +106,10 @@ async def delete_relationship(org: str, id: str, svc: Svc, who: Who,
 
 
 @router.post("/relationships/{id}/undelete")
-async def undelete_relationship(org: str, id: str, svc: Svc, who: Who) -> JSONResponse:
-    return _one(await svc.relationships.undelete(who, parse_id(id, "relationship")))
+async def undelete_relationship(org: str, id: str, svc: Svc, who: Who,
+                                if_match: IfMatch = None) -> JSONResponse:
+    return _one(await svc.relationships.undelete(who, parse_id(id, "relationship"),
+                                                 if_version=parse_if_match(if_match)))
 
 
 @router.get("/relationships/{id}/history")

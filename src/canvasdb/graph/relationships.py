@@ -183,7 +183,7 @@ class RelationshipStore:
         """Soft delete: a tombstone version. Deleting a deleted relationship changes nothing."""
         return await self._change(who, id, if_version, "deleted = true", ())
 
-    async def undelete(self, who: Principal, id: UUID) -> Relationship:
+    async def undelete(self, who: Principal, id: UUID, *, if_version: int | None = None) -> Relationship:
         """Bring a deleted relationship back: checked for a cycle as a new one would be (422)."""
         async def no_cycle(conn: Connection, row: dict[str, Any]) -> None:
             if not row["deleted"]:
@@ -197,7 +197,7 @@ class RelationshipStore:
                 raise InvalidInput(f"relationship {id} would close a cycle of {row['kind']!r} again",
                                    pointer="/id")
 
-        return await self._change(who, id, None, "deleted = false", (), check=no_cycle)
+        return await self._change(who, id, if_version, "deleted = false", (), check=no_cycle)
 
     async def list(self, who: Principal, *, entity: UUID | None = None, direction: str = "both",
                    kinds: list[str] | None = None, after: UUID | None = None,

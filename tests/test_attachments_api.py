@@ -238,6 +238,26 @@ async def test_if_none_match(api: Api, tenant: Tenant) -> None:
     assert r.status_code == 200 and r.content == content
 
 
+async def test_writes_hold_their_preconditions(api: Api, tenant: Tenant) -> None:
+    """If-Match: replace or delete only the content read; If-None-Match: * creates only. A
+    precondition that fails changes nothing (and leaves no stray content) and answers 409."""
+    first, second, third = b"first", b"second", b"third"
+    etag = (await put(api, tenant, "cond", first, headers={"If-None-Match": "*"})).headers["etag"]
+    r = await put(api, tenant, "cond", second, status=None, headers={"If-None-Match": "*"})
+    assert problem(r, 409)["current_etag"] == sha(first)
+    r = await put(api, tenant, "cond", second, status=None, headers={"If-Match": '"' + sha(third) + '"'})
+    assert problem(r, 409)["current_etag"] == sha(first)
+    r = await put(api, tenant, "fresh", second, status=None, headers={"If-Match": "*"})  # no such key
+    problem(r, 409)
+    assert not await api.backend.store.exists(sha(second)), "the refused content was kept"
+    await put(api, tenant, "cond", second, status=200, headers={"If-Match": f'"other", {etag}'})
+    r = await api.http.delete(url(tenant, "cond"), headers={**tenant.headers, "If-Match": etag})
+    assert problem(r, 409)["current_etag"] == sha(second)
+    assert (await api.http.get(url(tenant, "cond"), headers=tenant.headers)).content == second
+    r = await api.http.delete(url(tenant, "cond"), headers={**tenant.headers, "If-Match": f'"{sha(second)}"'})
+    assert r.status_code == 204 and await rows(api, tenant) == []
+
+
 # --- size limit ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["declared", "streamed"])

@@ -53,19 +53,31 @@ def _etag(sha256: str) -> str:
     return f'"{sha256}"'
 
 
+def _tags(header: str | None) -> set[str] | None:
+    """The SHA-256 values (or ``*``) an If-Match / If-None-Match header names; None: no header."""
+    if header is None:
+        return None
+    return {t.strip().removeprefix("W/").strip('"') for t in header.split(",") if t.strip()}
+
+
 @router.put("/blobs/{key:path}", status_code=201,
             openapi_extra={"requestBody": {"required": True, "content": {"*/*": BINARY}}},
             responses={200: {"description": "replaced"}, 201: {"description": "created"}})
 async def put_attachment(
     org: str, key: Key, request: Request, svc: Svc, who: Who,
     content_type: Annotated[str | None, Header(alias="Content-Type")] = None,
+    if_match: Annotated[str | None, Header(alias="If-Match")] = None,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
 ) -> JSONResponse:  # fmt: skip
-    """Store the body under ``key`` (replacing it); its ``Content-Type`` is kept. Owners and admins."""
+    """Store the body under ``key`` (replacing it); its ``Content-Type`` is kept. Owners and admins.
+    ``If-Match`` (replace only that content) and ``If-None-Match: *`` (create only): 409 if not."""
     declared = request.headers.get("content-length", "")
     limit = svc.attachments.max_bytes
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the content is over the limit of {limit} bytes", limit=limit)
-    attachment, created = await svc.attachments.put(who, key, _body(request), content_type=content_type)
+    attachment, created = await svc.attachments.put(
+        who, key, _body(request), content_type=content_type, if_match=_tags(if_match),
+        if_none_match=_tags(if_none_match))
     return JSONResponse(attachment.to_json(), status_code=201 if created else 200,
                         headers={"ETag": _etag(attachment.sha256)})
 
@@ -85,8 +97,7 @@ async def get_attachment(
     """
     attachment = await svc.attachments.get(who, key)
     etag = _etag(attachment.sha256)
-    wanted = {t.strip().removeprefix("W/") for t in (if_none_match or "").split(",")}
-    if {"*", etag} & wanted:
+    if {"*", attachment.sha256} & (_tags(if_none_match) or set()):
         return Response(status_code=304, headers={"ETag": etag})
     attachment, reader = await svc.attachments.open(who, attachment)
     chunks = aiter(reader)
@@ -120,7 +131,11 @@ async def get_attachment(
 
 
 @router.delete("/blobs/{key:path}", status_code=204, response_class=Response)
-async def delete_attachment(org: str, key: Key, svc: Svc, who: Who) -> Response:
-    """Remove ``key``; its content goes when no other key, in any org, holds the same bytes."""
-    await svc.attachments.delete(who, key)
+async def delete_attachment(
+    org: str, key: Key, svc: Svc, who: Who,
+    if_match: Annotated[str | None, Header(alias="If-Match")] = None,
+) -> Response:  # fmt: skip
+    """Remove ``key``; its content goes when no other key, in any org, holds the same bytes.
+    With ``If-Match``, only if the key still holds that content (409 if not)."""
+    await svc.attachments.delete(who, key, if_match=_tags(if_match))
     return Response(status_code=204)

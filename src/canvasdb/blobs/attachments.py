@@ -79,19 +79,23 @@ class Attachments:
         self.blobs = blobs
         self.max_bytes = max_bytes
 
-    async def put(self, who: Principal, key: str, source: Source, *,
-                  content_type: str | None = None) -> tuple[Attachment, bool]:
+    async def put(self, who: Principal, key: str, source: Source, *, content_type: str | None = None,
+                  if_match: set[str] | None = None,
+                  if_none_match: set[str] | None = None) -> tuple[Attachment, bool]:
         """Store ``source`` under ``key`` (replacing what was there); True when the key is new.
 
         Checks the key, the caller's role and the content type before reading ``source``.
-        Over ``max_bytes``: PayloadTooLarge, and nothing changes.
+        Over ``max_bytes``: PayloadTooLarge, and nothing changes. ``if_match`` / ``if_none_match``
+        are the SHA-256 values (or ``*``) of HTTP's preconditions, checked under the row's lock:
+        Conflict, and nothing changes, when they do not hold.
         """
         check_key(key)
         who.require_org_admin()
         media_type = check_content_type(content_type)
         info = await self.blobs.put(source, max_bytes=self.max_bytes)
         try:
-            attachment, previous = await self._record(who, key, info.key, info.size, media_type)
+            attachment, previous = await self._record(who, key, info.key, info.size, media_type,
+                                                      (if_match, if_none_match))
         except Exception:
             await self._collect(info.key)  # this content may now be referenced by nothing
             raise
@@ -99,8 +103,9 @@ class Attachments:
             await self._collect(previous)
         return attachment, previous is None
 
-    async def _record(self, who: Principal, key: str, sha256: str, size: int,
-                      content_type: str) -> tuple[Attachment, str | None]:
+    async def _record(self, who: Principal, key: str, sha256: str, size: int, content_type: str,
+                      preconditions: tuple[set[str] | None, set[str] | None] = (None, None),
+                      ) -> tuple[Attachment, str | None]:
         """Insert or update the row under the content's shared lock; the sha256 it replaced."""
         async with self.db.transaction(who.org_id) as conn:
             await gc.hold(conn, sha256)
@@ -113,6 +118,7 @@ class Attachments:
                     "SELECT sha256 FROM attachments WHERE org_id = %s AND key = %s FOR UPDATE",
                     (who.org_id, key),
                 )).fetchone()
+                _check_preconditions(key, None if old is None else str(old["sha256"]), *preconditions)
                 if old is not None:
                     row = await (await conn.execute(
                         "UPDATE attachments SET sha256 = %s, size = %s, content_type = %s,"
@@ -173,21 +179,34 @@ class Attachments:
             return current, reader
         raise Conflict(f"attachment {attachment.key!r} is being replaced; try again", retry=True)
 
-    async def delete(self, who: Principal, key: str) -> None:
-        """Remove the key; its content goes too if nothing else points at it. NotFound if absent."""
+    async def delete(self, who: Principal, key: str, *, if_match: set[str] | None = None) -> None:
+        """Remove the key; its content goes too if nothing else points at it. NotFound if absent;
+        Conflict if ``if_match`` (SHA-256 values, or ``*``) does not hold."""
         check_key(key)
         who.require_org_admin()
         async with self.db.transaction(who.org_id) as conn:
             row = await (await conn.execute(
-                "DELETE FROM attachments WHERE org_id = %s AND key = %s RETURNING sha256",
+                "SELECT sha256 FROM attachments WHERE org_id = %s AND key = %s FOR UPDATE",
                 (who.org_id, key),
             )).fetchone()
-        if row is None:
-            raise NotFound(f"attachment {key!r} not found")
+            if row is None:
+                raise NotFound(f"attachment {key!r} not found")
+            _check_preconditions(key, str(row["sha256"]), if_match, None)
+            await conn.execute("DELETE FROM attachments WHERE org_id = %s AND key = %s", (who.org_id, key))
         await self._collect(str(row["sha256"]))
 
     async def _collect(self, sha256: str) -> None:
         await gc.collect(self.db, self.blobs, sha256)
+
+
+def _check_preconditions(key: str, current: str | None, if_match: set[str] | None,
+                         if_none_match: set[str] | None) -> None:
+    """HTTP's If-Match / If-None-Match against the key's current SHA-256 (None: no such key)."""
+    if if_match is not None and (current is None or not ({"*", current} & if_match)):
+        raise Conflict(f"attachment {key!r} is not at the version If-Match names", current_etag=current)
+    if if_none_match is not None and current is not None and {"*", current} & if_none_match:
+        raise Conflict(f"attachment {key!r} exists, and If-None-Match said it must not",
+                       current_etag=current)
 
 
 async def _select(conn: Connection, org_id: UUID, key: str) -> Attachment | None:

@@ -714,6 +714,28 @@ async def test_pages_go_on_when_the_embedder_stops_or_comes_back(svc: Services, 
             assert after.degraded and len(after.hits) == 1, (mode, text)
 
 
+async def test_hybrid_pages_go_on_when_the_vectors_come_between_them(svc: Services, tenant: Tenant) -> None:
+    """A new project's entities, just written, have words but no vectors yet: the first hybrid
+    page is the text list's; once the vectors are made, the next pages still go on from there
+    (they came back empty: every remaining match now scored above the first page's cursor)."""
+    await _setup(svc, tenant, [("note", {"title": "an older note", "body": ""})])  # the org has vectors
+    fresh = (await svc.tenancy.create_project(tenant.owner, "fresh"))["id"]
+    ids = [(await svc.entities.create(tenant.owner, fresh, "note", {"title": f"walrus item {i}", "body": ""})).id
+           for i in range(6)]
+    scope = Filters(projects=(fresh,))
+    first = await svc.search.search(tenant.owner, "walrus", mode="hybrid", limit=3, typo=False, filters=scope)
+    assert len(first.hits) == 3 and first.next_cursor is not None and not first.degraded
+    await svc.indexer.drain(tenant.org_id)  # the vectors come
+    seen, cursor = [h.id for h in first.hits], first.next_cursor
+    while cursor is not None:
+        page = await svc.search.search(tenant.owner, "walrus", mode="hybrid", limit=3, typo=False,
+                                       filters=scope, cursor=cursor)
+        assert page.hits, "an empty page after a cursor"
+        seen += [h.id for h in page.hits]
+        cursor = page.next_cursor
+    assert sorted(seen) == sorted(ids)
+
+
 async def test_control_characters_in_text_are_not_highlights(svc: Services, tenant: Tenant) -> None:
     (note,) = await _setup(svc, tenant, [("note", {"title": "fake \x02highlight\x03 kitchen", "body": ""})])
     res = await svc.search.search(tenant.owner, "kitchen", mode="text")

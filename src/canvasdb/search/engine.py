@@ -574,6 +574,12 @@ class Search:
         entities: each list adds 1 / (60 + rank) to an entity's score."""
         seen = int(after[2]) if after is not None else 0
         nearest = await self._nearest(conn, org_id, model, vector, where, params, _hybrid_depth(need, after))
+        if not nearest and after is None:
+            # No vector yet among the entities in scope (they were just written): the page is
+            # the text list's head, with its own cursor, so that the next pages go on with the
+            # text list. Fused scores would not do: once the vectors come, every remaining
+            # match scores above this page's and falls before its cursor (an empty next page).
+            return text[:need], []
         scores: dict[UUID, float] = {}
         found: dict[UUID, Hit] = {}
         for rank, hit in enumerate(text, 1):

@@ -612,7 +612,7 @@ async def test_bad_history_parameters(client: httpx.AsyncClient, tenant: Tenant,
 
 
 GARBAGE_IF_MATCH: list[str | bytes] = [
-    "abc", '"abc"', "'; DROP TABLE entities; --", '"1", "2"', '"-1"', '"1.0"', "W/", '""', '"1234567890"',
+    "abc", '"abc"', "'; DROP TABLE entities; --", '"1", "x"', '"-1"', '"1.0"', "W/", '""', '"1234567890"',
     '"2"; --', "$.a[*]", "x" * 10_000, b'"\xb2"', b'W/"\xb9"', b'"\xd9\xa2"',
 ]
 WRITE_ROUTES = {
@@ -632,6 +632,21 @@ async def test_garbage_if_match_is_400(client: httpx.AsyncClient, svc: Services,
                    headers={**tenant.headers, "If-Match": if_match})
     problem(r, 400)
     assert await state(client, svc, tenant) == before
+
+
+@pytest.mark.parametrize("route", WRITE_ROUTES)
+async def test_if_match_with_a_list_holds_if_any_version_is_current(
+        client: httpx.AsyncClient, svc: Services, tenant: Tenant, entity: dict[str, Any], route: str) -> None:
+    """RFC 9110: If-Match may name several tags. The entity is at version 2."""
+    method, body = WRITE_ROUTES[route]
+    before = await state(client, svc, tenant)
+    r = await send(client, method, entity_url(tenant, entity["id"]), body,
+                   headers={**tenant.headers, "If-Match": '"1", W/"3", "7"'})
+    assert problem(r, 409)["current_version"] == 2
+    assert await state(client, svc, tenant) == before
+    r = await send(client, method, entity_url(tenant, entity["id"]), body,
+                   headers={**tenant.headers, "If-Match": '"5", "2", "1"'})
+    assert r.status_code == 200 and r.headers["etag"] == '"3"', r.text
 
 
 @pytest.mark.parametrize("route", WRITE_ROUTES)

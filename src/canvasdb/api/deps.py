@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
 from uuid import UUID
 
 from fastapi import Depends, Header, Path, Request
 
-from canvasdb.errors import BadRequest, InvalidInput, Unauthorized
+from canvasdb.errors import BadRequest, Conflict, InvalidInput, Unauthorized
 from canvasdb.services import Services
 from canvasdb.tenancy import Principal
+
+T = TypeVar("T")
 
 # Dependencies are coroutines even when they do not await: FastAPI runs a plain function
 # in its thread pool, and the two hops per request cost more than reading the entity.
@@ -54,11 +57,34 @@ def parse_id(value: str, what: str = "entity", *, pointer: str = "path:id") -> U
         raise InvalidInput(f"{what} id {value[:80]!r} is not a UUID", pointer=pointer) from None
 
 
-def parse_if_match(value: str | None) -> int | None:
-    """The version in an If-Match header (``"3"``, ``W/"3"`` or ``3``); ``*`` or none: any."""
-    if value is None or value.strip() == "*":
+def parse_if_match(value: str | None) -> set[int] | None:
+    """The versions an If-Match header names (``"3"``, ``W/"3"``, ``3``, or a list of them,
+    RFC 9110); ``*`` or none: any."""
+    if value is None:
         return None
-    raw = value.strip().removeprefix("W/").strip('"')
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:  # not '²': int() refuses it
-        raise BadRequest('If-Match must be an ETag from this API, such as "3"')
-    return int(raw)
+    versions = set()
+    for tag in value.split(","):
+        raw = tag.strip().removeprefix("W/").strip('"')
+        if raw == "*":
+            return None
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:  # not '²': int() refuses it
+            raise BadRequest('If-Match must be an ETag from this API, such as "3"')
+        versions.add(int(raw))
+    return versions
+
+
+async def conditionally(write: Callable[[int | None], Awaitable[T]], if_match: str | None) -> T:
+    """``write(if_version)`` under an If-Match header: with several versions, the write holds
+    if the object is at any of them. The store checks one version, atomically; when that one
+    is stale but the object is at another of the list, the write is tried at that one."""
+    versions = parse_if_match(if_match)
+    if versions is None:
+        return await write(None)
+    first = max(versions)
+    try:
+        return await write(first)
+    except Conflict as exc:
+        current = exc.fields.get("current_version")
+        if current not in versions or current == first:
+            raise
+    return await write(current)

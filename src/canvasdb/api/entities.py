@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from canvasdb.api.deps import Svc, Who, parse_id, parse_if_match
+from canvasdb.api.deps import Svc, Who, conditionally, parse_id
 from canvasdb.entities import Entity, parse_as_of
 from canvasdb.errors import InvalidInput
 from canvasdb.services import Services
@@ -102,7 +102,8 @@ async def get_entity(
 async def replace_entity(org: str, id: str, body: DataIn, svc: Svc, who: Who,
                          if_match: IfMatch = None) -> JSONResponse:
     """Replace ``data``. Send the ETag back in If-Match to refuse a stale write (409)."""
-    entity = await svc.entities.replace(who, parse_id(id), body.data, if_version=parse_if_match(if_match))
+    entity = await conditionally(
+        lambda v: svc.entities.replace(who, parse_id(id), body.data, if_version=v), if_match)
     return await _written(svc, who, entity)
 
 
@@ -110,20 +111,21 @@ async def replace_entity(org: str, id: str, body: DataIn, svc: Svc, who: Who,
 async def patch_entity(org: str, id: str, body: DataIn, svc: Svc, who: Who,
                        if_match: IfMatch = None) -> JSONResponse:
     """JSON Merge Patch (RFC 7396) of ``data``: members set to null are removed."""
-    entity = await svc.entities.patch(who, parse_id(id), body.data, if_version=parse_if_match(if_match))
+    entity = await conditionally(
+        lambda v: svc.entities.patch(who, parse_id(id), body.data, if_version=v), if_match)
     return await _written(svc, who, entity)
 
 
 @router.delete("/entities/{id}")
 async def delete_entity(org: str, id: str, svc: Svc, who: Who, if_match: IfMatch = None) -> JSONResponse:
     """Soft delete: a tombstone version; ``undelete`` or ``restore`` brings it back."""
-    entity = await svc.entities.delete(who, parse_id(id), if_version=parse_if_match(if_match))
+    entity = await conditionally(lambda v: svc.entities.delete(who, parse_id(id), if_version=v), if_match)
     return await _written(svc, who, entity)
 
 
 @router.post("/entities/{id}/undelete")
 async def undelete_entity(org: str, id: str, svc: Svc, who: Who, if_match: IfMatch = None) -> JSONResponse:
-    entity = await svc.entities.undelete(who, parse_id(id), if_version=parse_if_match(if_match))
+    entity = await conditionally(lambda v: svc.entities.undelete(who, parse_id(id), if_version=v), if_match)
     return await _written(svc, who, entity)
 
 
@@ -133,7 +135,8 @@ async def restore_entity(
     if_match: IfMatch = None,
 ) -> JSONResponse:
     """Make an old version current again, as a new version (If-Match: only if still at that one)."""
-    entity = await svc.entities.restore(who, parse_id(id), version, if_version=parse_if_match(if_match))
+    entity = await conditionally(lambda v: svc.entities.restore(who, parse_id(id), version, if_version=v),
+                                  if_match)
     return await _written(svc, who, entity)
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from canvasdb.api.deps import Svc, Who, parse_id, parse_if_match
+from canvasdb.api.deps import Svc, Who, conditionally, parse_id
 from canvasdb.entities import parse_as_of
 from canvasdb.errors import InvalidInput
 from canvasdb.graph import Relationship
@@ -93,23 +93,24 @@ async def get_relationship(org: str, id: str, svc: Svc, who: Who, as_of: AsOf = 
 async def update_relationship(org: str, id: str, body: RelationshipDataIn, svc: Svc, who: Who,
                               if_match: IfMatch = None) -> JSONResponse:
     """Replace the relationship's data (label, style): a new version."""
-    rel = await svc.relationships.update(who, parse_id(id, "relationship"), body.data,
-                                         if_version=parse_if_match(if_match))
+    rel = await conditionally(
+        lambda v: svc.relationships.update(who, parse_id(id, "relationship"), body.data, if_version=v),
+        if_match)
     return _one(rel)
 
 
 @router.delete("/relationships/{id}")
 async def delete_relationship(org: str, id: str, svc: Svc, who: Who,
                               if_match: IfMatch = None) -> JSONResponse:
-    return _one(await svc.relationships.delete(who, parse_id(id, "relationship"),
-                                               if_version=parse_if_match(if_match)))
+    return _one(await conditionally(
+        lambda v: svc.relationships.delete(who, parse_id(id, "relationship"), if_version=v), if_match))
 
 
 @router.post("/relationships/{id}/undelete")
 async def undelete_relationship(org: str, id: str, svc: Svc, who: Who,
                                 if_match: IfMatch = None) -> JSONResponse:
-    return _one(await svc.relationships.undelete(who, parse_id(id, "relationship"),
-                                                 if_version=parse_if_match(if_match)))
+    return _one(await conditionally(
+        lambda v: svc.relationships.undelete(who, parse_id(id, "relationship"), if_version=v), if_match))
 
 
 @router.get("/relationships/{id}/history")

@@ -22,8 +22,8 @@ import psycopg
 import pytest
 import websockets
 from conftest import Tenant, make_tenant
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pycrdt import Doc, Map
+from relays import Balancer, PgProxy
 from yjs_client import JsClient
 
 from canvasdb.db import Database
@@ -74,139 +74,6 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-class Balancer:
-    """A TCP load balancer in front of gateways: each new connection goes to the first backend
-    that accepts it, so when one gateway dies its clients reconnect to the next."""
-
-    def __init__(self, ports: list[int]) -> None:
-        self.ports = ports
-        self.port = 0
-        self._pipes: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> Balancer:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._server.close()
-        for task in self._pipes:
-            task.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-
-    def url(self, org: str) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/orgs/{org}/docs"
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        for port in self.ports:
-            try:
-                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
-                break
-            except OSError:
-                continue
-        else:
-            writer.close()
-            return
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except OSError:
-                pass
-            finally:
-                dst.close()
-
-        for task in (asyncio.create_task(pipe(reader, up_writer)), asyncio.create_task(pipe(up_reader, writer))):
-            self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
-
-
-class PgProxy:
-    """A TCP proxy to the test database, to fail its connections as a network or an outage
-    does. ``silence()``: the listening connections open now (application_name
-    ``canvasdb-listen ...``) stop forwarding anything, both ways, and stay open, as when a
-    NAT or firewall drops a flow (no RST, no FIN); new connections forward as before.
-    ``cut()``: every connection closes and new ones are closed at once (the database away)."""
-
-    def __init__(self, pg_url: str) -> None:
-        params = {k: v for k, v in conninfo_to_dict(pg_url).items() if k not in ("host", "hostaddr", "port")}
-        self._params, self._target = params, conninfo_to_dict(pg_url)
-        self._relays: list[dict] = []  # per connection: {"listener", "silent", "writers"}
-        self._pipes: set[asyncio.Task[None]] = set()
-        self._refusing = False
-        self.url = ""
-
-    async def __aenter__(self) -> PgProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = make_conninfo("", **self._params, host="127.0.0.1", port=str(port),
-                                 sslmode="disable", gssencmode="disable")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._server.close()
-        self.cut()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-        await self._server.wait_closed()
-
-    def silence(self) -> int:
-        """Silence the listening connections open now; how many."""
-        quiet = [r for r in self._relays if r["listener"] and not r["silent"]]
-        for relay in quiet:
-            relay["silent"] = True
-        return len(quiet)
-
-    @property
-    def listeners(self) -> int:
-        """Listening connections made through the proxy so far."""
-        return sum(r["listener"] for r in self._relays)
-
-    def cut(self) -> None:
-        self._refusing = True
-        for relay in self._relays:
-            for writer in relay["writers"]:
-                writer.close()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._refusing:
-            writer.close()
-            return
-        host, port = self._target.get("host") or "localhost", self._target.get("port") or "5432"
-        if host.startswith("/"):
-            up_reader, up_writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
-        else:
-            up_reader, up_writer = await asyncio.open_connection(host, int(port))
-        relay = {"listener": False, "silent": False, "writers": [writer, up_writer]}
-        self._relays.append(relay)
-        try:  # the startup packet names the application
-            size = await reader.readexactly(4)
-            startup = await reader.readexactly(int.from_bytes(size, "big") - 4)
-        except (OSError, asyncio.IncompleteReadError):
-            writer.close()
-            up_writer.close()
-            return
-        relay["listener"] = b"canvasdb-listen" in startup
-        up_writer.write(size + startup)
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    if not relay["silent"]:
-                        dst.write(data)
-                        await dst.drain()
-            except OSError:
-                pass
-            finally:
-                if not relay["silent"]:  # a dropped flow delivers no FIN either
-                    dst.close()
-
-        for task in (asyncio.create_task(pipe(reader, up_writer)), asyncio.create_task(pipe(up_reader, writer))):
-            self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -16,8 +15,8 @@ import psycopg
 import pytest
 from conftest import Tenant
 from prometheus_client import REGISTRY
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pycrdt import Doc, Map
+from relays import PgProxy
 
 from canvasdb import jobs
 from canvasdb.documents import DocumentStore
@@ -76,55 +75,6 @@ def test_schema_install_is_idempotent(pg_url: str) -> None:
     assert jobs.ensure_schema(pg_url) is False
 
 
-class Relay:
-    """The test database through a unix socket of its own, that can be cut as if PostgreSQL went
-    down: the connections through it drop, and new ones are closed at once until ``restore``."""
-
-    def __init__(self, pg_url: str, folder: Path) -> None:
-        params = conninfo_to_dict(pg_url)
-        self.target = f"{params['host']}/.s.PGSQL.{params['port']}"
-        self.path = folder / f".s.PGSQL.{params['port']}"
-        self.url = make_conninfo(pg_url, host=str(folder))
-        self.down = False
-        self.writers: set[asyncio.StreamWriter] = set()
-
-    async def __aenter__(self) -> Relay:
-        self.server = await asyncio.start_unix_server(self._relay, path=str(self.path))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.cut()
-        self.server.close()
-        await self.server.wait_closed()
-
-    def cut(self) -> None:
-        self.down = True
-        for writer in list(self.writers):
-            writer.close()
-
-    def restore(self) -> None:
-        self.down = False
-
-    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        if self.down:
-            client_w.close()
-            return
-        server_r, server_w = await asyncio.open_unix_connection(self.target)
-        self.writers |= {client_w, server_w}
-        await asyncio.gather(self._pump(client_r, server_w), self._pump(server_r, client_w))
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-            self.writers.discard(writer)
-
-
 async def until(done: Callable[[], Any], seconds: float = 20) -> None:
     """Wait for ``done()`` to be true (awaited if it is a coroutine), at most ``seconds``."""
     for _ in range(int(seconds * 20)):
@@ -147,13 +97,13 @@ def workers_running() -> float | None:
 
 
 async def test_the_worker_starts_again_after_losing_the_database(
-        pg_url: str, svc: Services, tenant: Tenant, tmp_path_factory: pytest.TempPathFactory,
+        pg_url: str, svc: Services, tenant: Tenant,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="procrastinate")
     await svc.documents.create(tenant.owner, tenant.project_id, "after-outage")
     for update in edits(5)[1]:
         await svc.documents.append(tenant.owner, "after-outage", update)
-    async with (Relay(pg_url, tmp_path_factory.mktemp("relay")) as relay, jobs.connected(relay.url),
+    async with (PgProxy(pg_url) as relay, jobs.connected(relay.url),
                 jobs.working(svc)):
         await until(lambda: logged(caplog, "start_worker"))
         relay.cut()  # the listener loses its connection and cannot make another: procrastinate stops
@@ -167,10 +117,10 @@ async def test_the_worker_starts_again_after_losing_the_database(
 
 
 async def test_stopping_the_worker_with_the_database_down_is_quick_and_quiet(
-        pg_url: str, svc: Services, tmp_path_factory: pytest.TempPathFactory,
+        pg_url: str, svc: Services,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="procrastinate")
-    async with (Relay(pg_url, tmp_path_factory.mktemp("relay")) as relay, jobs.connected(relay.url),
+    async with (PgProxy(pg_url) as relay, jobs.connected(relay.url),
                 jobs.working(svc, stop_within=0.5)):
         await until(lambda: logged(caplog, "start_worker"))
         relay.cut()  # its unregistering would wait 30 s for a connection, then fail

@@ -75,3 +75,11 @@ class Unavailable(CanvasdbError):
 
 class MigrationError(CanvasdbError):
     title = "Migration error"
+
+
+def one_line(exc: BaseException) -> str:
+    """An error for a log line or a message: its text on one line, the wrapped error's when it
+    wraps one (a procrastinate ConnectorException says only "Database error."), its type's
+    name when it has no text."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    return " ".join(str(cause).split()) or type(cause).__name__

@@ -28,7 +28,7 @@ from procrastinate.jobs import Status
 from prometheus_client import Gauge
 
 from canvasdb.db.migrate import LOCK_KEY
-from canvasdb.errors import CanvasdbError, NotFound
+from canvasdb.errors import CanvasdbError, NotFound, one_line
 
 log = logging.getLogger("canvasdb.jobs")
 queue = App(connector=PsycopgConnector())
@@ -297,7 +297,7 @@ async def _supervise(services: Any, concurrency: int, restart_wait: tuple[float,
         try:
             await run_worker(services, concurrency=concurrency, stop_within=stop_within)
         except Exception as exc:  # whatever it was, the worker must run again
-            failure = _one_line(exc)
+            failure = one_line(exc)
         finally:
             WORKERS_RUNNING.dec()
         if stopping.is_set():
@@ -322,11 +322,3 @@ async def _stop(worker: asyncio.Task[None], within: float) -> None:
                     " running will be retried", within)
         worker.cancel()  # interrupts its unregistering; it may still wait on a job saving its status
         await asyncio.wait({worker}, timeout=1.0)
-
-
-def _one_line(exc: BaseException) -> str:
-    """The error in one line: a procrastinate ConnectorException says only "Database error.",
-    the psycopg error it wraps says what happened."""
-    cause = exc.__cause__ if exc.__cause__ is not None else exc
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__

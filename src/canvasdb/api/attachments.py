@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from canvasdb.api.deps import Svc, Who
+from canvasdb.api.deps import Svc, Who, etags
 from canvasdb.blobs import BlobCorrupt
 from canvasdb.errors import BadRequest, CanvasdbError, PayloadTooLarge
 
@@ -53,13 +53,6 @@ def _etag(sha256: str) -> str:
     return f'"{sha256}"'
 
 
-def _tags(header: str | None) -> set[str] | None:
-    """The SHA-256 values (or ``*``) an If-Match / If-None-Match header names; None: no header."""
-    if header is None:
-        return None
-    return {t.strip().removeprefix("W/").strip('"') for t in header.split(",") if t.strip()}
-
-
 @router.put("/blobs/{key:path}", status_code=201,
             openapi_extra={"requestBody": {"required": True, "content": {"*/*": BINARY}}},
             responses={200: {"description": "replaced"}, 201: {"description": "created"}})
@@ -76,8 +69,8 @@ async def put_attachment(
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the content is over the limit of {limit} bytes", limit=limit)
     attachment, created = await svc.attachments.put(
-        who, key, _body(request), content_type=content_type, if_match=_tags(if_match),
-        if_none_match=_tags(if_none_match))
+        who, key, _body(request), content_type=content_type, if_match=etags(if_match),
+        if_none_match=etags(if_none_match))
     return JSONResponse(attachment.to_json(), status_code=201 if created else 200,
                         headers={"ETag": _etag(attachment.sha256)})
 
@@ -97,7 +90,7 @@ async def get_attachment(
     """
     attachment = await svc.attachments.get(who, key)
     etag = _etag(attachment.sha256)
-    if {"*", attachment.sha256} & (_tags(if_none_match) or set()):
+    if {"*", attachment.sha256} & (etags(if_none_match) or set()):
         return Response(status_code=304, headers={"ETag": etag})
     attachment, reader = await svc.attachments.open(who, attachment)
     chunks = aiter(reader)
@@ -137,5 +130,5 @@ async def delete_attachment(
 ) -> Response:  # fmt: skip
     """Remove ``key``; its content goes when no other key, in any org, holds the same bytes.
     With ``If-Match``, only if the key still holds that content (409 if not)."""
-    await svc.attachments.delete(who, key, if_match=_tags(if_match))
+    await svc.attachments.delete(who, key, if_match=etags(if_match))
     return Response(status_code=204)

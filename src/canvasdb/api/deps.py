@@ -57,20 +57,23 @@ def parse_id(value: str, what: str = "entity", *, pointer: str = "path:id") -> U
         raise InvalidInput(f"{what} id {value[:80]!r} is not a UUID", pointer=pointer) from None
 
 
-def parse_if_match(value: str | None) -> set[int] | None:
-    """The versions an If-Match header names (``"3"``, ``W/"3"``, ``3``, or a list of them,
-    RFC 9110); ``*`` or none: any."""
+def etags(value: str | None) -> set[str] | None:
+    """The entity tags an If-Match or If-None-Match header lists (RFC 9110), without quotes or
+    ``W/`` (``*`` stays); None without the header."""
     if value is None:
         return None
-    versions = set()
-    for tag in value.split(","):
-        raw = tag.strip().removeprefix("W/").strip('"')
-        if raw == "*":
-            return None
-        if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:  # not '²': int() refuses it
-            raise BadRequest('If-Match must be an ETag from this API, such as "3"')
-        versions.add(int(raw))
-    return versions
+    return {tag.strip().removeprefix("W/").strip('"') for tag in value.split(",") if tag.strip()}
+
+
+def parse_if_match(value: str | None) -> set[int] | None:
+    """The versions an If-Match header names (``"3"``, ``W/"3"``, ``3``, or a list of them);
+    ``*`` or none: any."""
+    tags = etags(value)
+    if tags is None or "*" in tags:
+        return None
+    if not tags or not all(tag.isascii() and tag.isdigit() and len(tag) <= 9 for tag in tags):
+        raise BadRequest('If-Match must be an ETag from this API, such as "3"')  # not '²': int() refuses it
+    return {int(tag) for tag in tags}
 
 
 async def conditionally(write: Callable[[int | None], Awaitable[T]], if_match: str | None) -> T:

@@ -95,7 +95,7 @@ class Attachments:
         info = await self.blobs.put(source, max_bytes=self.max_bytes)
         try:
             attachment, previous = await self._record(who, key, info.key, info.size, media_type,
-                                                      (if_match, if_none_match))
+                                                      if_match=if_match, if_none_match=if_none_match)
         except Exception:
             await self._collect(info.key)  # this content may now be referenced by nothing
             raise
@@ -103,8 +103,8 @@ class Attachments:
             await self._collect(previous)
         return attachment, previous is None
 
-    async def _record(self, who: Principal, key: str, sha256: str, size: int, content_type: str,
-                      preconditions: tuple[set[str] | None, set[str] | None] = (None, None),
+    async def _record(self, who: Principal, key: str, sha256: str, size: int, content_type: str, *,
+                      if_match: set[str] | None, if_none_match: set[str] | None,
                       ) -> tuple[Attachment, str | None]:
         """Insert or update the row under the content's shared lock; the sha256 it replaced."""
         async with self.db.transaction(who.org_id) as conn:
@@ -118,7 +118,8 @@ class Attachments:
                     "SELECT sha256 FROM attachments WHERE org_id = %s AND key = %s FOR UPDATE",
                     (who.org_id, key),
                 )).fetchone()
-                _check_preconditions(key, None if old is None else str(old["sha256"]), *preconditions)
+                current = None if old is None else str(old["sha256"])
+                _check_preconditions(key, current, if_match, if_none_match)
                 if old is not None:
                     row = await (await conn.execute(
                         "UPDATE attachments SET sha256 = %s, size = %s, content_type = %s,"
@@ -186,13 +187,15 @@ class Attachments:
         who.require_org_admin()
         async with self.db.transaction(who.org_id) as conn:
             row = await (await conn.execute(
-                "SELECT sha256 FROM attachments WHERE org_id = %s AND key = %s FOR UPDATE",
-                (who.org_id, key),
+                "DELETE FROM attachments WHERE org_id = %(org)s AND key = %(key)s AND (%(tags)s::text[]"
+                " IS NULL OR sha256 = ANY(%(tags)s) OR '*' = ANY(%(tags)s)) RETURNING sha256",
+                {"org": who.org_id, "key": key, "tags": None if if_match is None else sorted(if_match)},
             )).fetchone()
-            if row is None:
-                raise NotFound(f"attachment {key!r} not found")
-            _check_preconditions(key, str(row["sha256"]), if_match, None)
-            await conn.execute("DELETE FROM attachments WHERE org_id = %s AND key = %s", (who.org_id, key))
+            if row is None:  # absent, or If-Match did not hold: which?
+                found = await _select(conn, who.org_id, key)
+                if found is None:
+                    raise NotFound(f"attachment {key!r} not found")
+                _check_preconditions(key, found.sha256, if_match, None)
         await self._collect(str(row["sha256"]))
 
     async def _collect(self, sha256: str) -> None:

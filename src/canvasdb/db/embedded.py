@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from canvasdb.errors import Unavailable
+from canvasdb.errors import Unavailable, one_line
 
 DATABASE = "canvasdb"
 SUPERUSER = "postgres"
@@ -188,7 +188,7 @@ class EmbeddedPostgres:
                 if exists.fetchone() is None:
                     conn.execute(f'CREATE DATABASE "{DATABASE}"')
         except psycopg.OperationalError as exc:  # e.g. every connection slot taken
-            raise Unavailable(f"cannot connect to the embedded PostgreSQL: {' '.join(str(exc).split())}",
+            raise Unavailable(f"cannot connect to the embedded PostgreSQL: {one_line(exc)}",
                               hint=f"see its log, {self.log_file}") from None
 
     def _prepare_root(self) -> None:

@@ -35,6 +35,7 @@ from psycopg.conninfo import conninfo_to_dict
 from canvasdb import metrics
 from canvasdb.documents import DocumentStore
 from canvasdb.documents.log import NOTIFY_CHANNEL
+from canvasdb.errors import one_line
 from canvasdb.gateway import protocol
 
 log = logging.getLogger("canvasdb.gateway")
@@ -315,7 +316,7 @@ class Hub:
     def _caught_up(self, task: asyncio.Task[None], room: Room) -> None:
         self._catch_ups.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.warning("could not catch %s up with the log: %s", room.doc_id, _one_line(exc))
+            log.warning("could not catch %s up with the log: %s", room.doc_id, one_line(exc))
 
     # --- awareness ------------------------------------------------------------------------------
 
@@ -413,7 +414,7 @@ class Hub:
                 raise
             except (psycopg.OperationalError, TimeoutError) as exc:  # the database away, or silent
                 log.warning("lost the notification connection (%s); retrying in %.1f s",
-                            _one_line(exc), delay)
+                            one_line(exc), delay)
             except Exception:
                 log.warning("lost the notification connection; retrying in %.1f s", delay, exc_info=True)
             self._alive_at = None
@@ -480,7 +481,3 @@ def _shut_down(conn: psycopg.AsyncConnection[Any]) -> None:
     """Shut the connection's socket down under libpq: what waits on it fails at once."""
     with contextlib.suppress(OSError, psycopg.Error), socket.socket(fileno=os.dup(conn.fileno())) as sock:
         sock.shutdown(socket.SHUT_RDWR)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -136,11 +136,7 @@ class RelationshipStore:
             d = await _require_end(conn, who, dst, "/dst", write=False)
             if s["deleted"] or d["deleted"]:
                 raise Gone("an end of the relationship is deleted; undelete it first")
-            acyclic = await (await conn.execute(
-                "SELECT acyclic_kinds ? %s AS yes FROM entity_types WHERE org_id = %s AND name = %s",
-                (kind, who.org_id, s["type"]))).fetchone()
-            if acyclic is not None and acyclic["yes"] and await reaches(conn, who.org_id, dst, src, kind,
-                                                                        lock=True):
+            if await _closes_cycle(conn, who.org_id, src, dst, kind):
                 raise InvalidInput(f"{src} -> {dst} would close a cycle of {kind!r}, which "
                                    f"{s['type']} forbids", pointer="/dst")
             cur = await conn.execute(
@@ -186,14 +182,7 @@ class RelationshipStore:
     async def undelete(self, who: Principal, id: UUID, *, if_version: int | None = None) -> Relationship:
         """Bring a deleted relationship back: checked for a cycle as a new one would be (422)."""
         async def no_cycle(conn: Connection, row: dict[str, Any]) -> None:
-            if not row["deleted"]:
-                return
-            acyclic = await (await conn.execute(
-                "SELECT t.acyclic_kinds ? %s AS yes FROM entities e JOIN entity_types t"
-                " ON t.org_id = e.org_id AND t.name = e.type WHERE e.org_id = %s AND e.id = %s",
-                (row["kind"], who.org_id, row["src"]))).fetchone()
-            if acyclic is not None and acyclic["yes"] and await reaches(
-                    conn, who.org_id, row["dst"], row["src"], row["kind"], lock=True):
+            if row["deleted"] and await _closes_cycle(conn, who.org_id, row["src"], row["dst"], row["kind"]):
                 raise InvalidInput(f"relationship {id} would close a cycle of {row['kind']!r} again",
                                    pointer="/id")
 
@@ -274,6 +263,17 @@ class RelationshipStore:
                 " WHERE org_id = %s AND id = %s RETURNING *", (*params, who.user_id, who.org_id, id))
             changed = await cur.fetchone()
         return _relationship(changed or row)
+
+
+async def _closes_cycle(conn: Connection, org_id: UUID, src: UUID, dst: UUID, kind: str) -> bool:
+    """Whether an edge ``src -> dst`` of ``kind`` would close a cycle that the source's type
+    forbids; when the kind is acyclic, its creations in the org take turns from here to the
+    commit (``reaches`` with ``lock``)."""
+    acyclic = await (await conn.execute(
+        "SELECT t.acyclic_kinds ? %s AS yes FROM entities e JOIN entity_types t"
+        " ON t.org_id = e.org_id AND t.name = e.type WHERE e.org_id = %s AND e.id = %s",
+        (kind, org_id, src))).fetchone()
+    return bool(acyclic and acyclic["yes"]) and await reaches(conn, org_id, dst, src, kind, lock=True)
 
 
 async def reaches(conn: Connection, org_id: UUID, src: UUID, dst: UUID, kind: str, *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import uuid
@@ -12,6 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from relays import PgProxy
 
 from canvasdb.db import Database, EmbeddedPostgres, migrate
 from canvasdb.db.embedded import _memory_tuning
@@ -169,6 +171,27 @@ async def test_after_a_restart_one_request_fails_not_one_per_dead_connection(pg_
     async with Database("postgresql://127.0.0.1:9/nowhere?connect_timeout=1", min_size=0, max_size=1) as gone:
         with pytest.raises(Unavailable):
             await gone.ping(timeout=0.5)
+
+
+async def test_the_pool_connects_again_soon_after_a_long_outage(pg_url: str) -> None:
+    """psycopg_pool waits twice as long before each new attempt to replace a lost connection
+    (1, 2, 4, 8 s ...): after 8 s away, the server would be back 6-8 s before it tried.
+    Requests work again within ``RECONNECT_EVERY`` s of its return."""
+    loop = asyncio.get_running_loop()
+    async with PgProxy(pg_url) as relay, Database(relay.url, min_size=2, max_size=2, timeout=0.5) as db:
+        relay.cut()
+        with pytest.raises(Unavailable):
+            await db.one("SELECT 1", None)
+        await asyncio.sleep(8)
+        relay.restore()
+        back = loop.time()
+        while True:
+            try:
+                assert await db.one("SELECT 1 AS one", None) == {"one": 1}
+                break
+            except Unavailable:
+                assert loop.time() - back < 4.5, "no connection 4.5 s after the server came back"
+                await asyncio.sleep(0.1)
 
 
 def test_only_the_owner_can_reach_the_embedded_server(pg_url: str) -> None:

@@ -19,6 +19,7 @@ from pycrdt import Doc, Map
 from relays import PgProxy
 
 from canvasdb import jobs
+from canvasdb.db import ConnectionPool
 from canvasdb.documents import DocumentStore
 from canvasdb.services import Services
 
@@ -106,6 +107,7 @@ async def test_the_worker_starts_again_after_losing_the_database(
     async with (PgProxy(pg_url) as relay, jobs.connected(relay.url),
                 jobs.working(svc)):
         await until(lambda: logged(caplog, "start_worker"))
+        assert isinstance(jobs.queue.connector.pool, ConnectionPool)  # it connects again soon after
 
         def restarting() -> bool:
             return any("starting it again" in r.getMessage() for r in caplog.records

@@ -27,6 +27,7 @@ from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
 from procrastinate.jobs import Status
 from prometheus_client import Gauge
 
+from canvasdb.db import ConnectionPool
 from canvasdb.db.migrate import LOCK_KEY
 from canvasdb.errors import CanvasdbError, NotFound, one_line
 
@@ -253,8 +254,10 @@ async def defer_indexing(orgs: list[UUID]) -> None:
 async def connected(conninfo: str) -> AsyncIterator[App]:
     """The queue, connected to the database for this process (to defer jobs or run a worker)."""
     # a connection within 5 s or an error: deferring work (also on the way out, when the
-    # database may be down) must not wait the pool's default 30 s
-    with queue.replace_connector(PsycopgConnector(conninfo=conninfo, min_size=1, max_size=4, timeout=5)):
+    # database may be down) must not wait the pool's default 30 s; and connect again soon after
+    # an outage (ConnectionPool)
+    with queue.replace_connector(PsycopgConnector(conninfo=conninfo, min_size=1, max_size=4, timeout=5,
+                                                  pool_factory=ConnectionPool)):
         async with queue.open_async():
             yield queue
 

@@ -2,6 +2,6 @@
 
 from canvasdb.db.embedded import EmbeddedPostgres
 from canvasdb.db.migrate import migrate
-from canvasdb.db.pool import Connection, Database, translate
+from canvasdb.db.pool import Connection, ConnectionPool, Database, translate
 
-__all__ = ["Connection", "Database", "EmbeddedPostgres", "migrate", "translate"]
+__all__ = ["Connection", "ConnectionPool", "Database", "EmbeddedPostgres", "migrate", "translate"]

@@ -33,6 +33,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from canvasdb import metrics
+from canvasdb.db.pool import RECONNECT_EVERY
 from canvasdb.documents import DocumentStore
 from canvasdb.documents.log import NOTIFY_CHANNEL
 from canvasdb.errors import one_line
@@ -381,7 +382,8 @@ class Hub:
     # --- other processes ------------------------------------------------------------------------
 
     async def _listen(self) -> None:
-        """LISTEN for other processes' commits and awareness; reconnect with backoff.
+        """LISTEN for other processes' commits and awareness; reconnect with backoff (every
+        ``RECONNECT_EVERY`` s at most, as the pool).
 
         A connection can die without a word (a NAT or firewall that drops the flow sends no
         RST), and one that nothing comes through looks the same as an idle one: after
@@ -419,7 +421,7 @@ class Hub:
                 log.warning("lost the notification connection; retrying in %.1f s", delay, exc_info=True)
             self._alive_at = None
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 10)
+            delay = min(delay * 2, RECONNECT_EVERY)
 
     def _listener_conninfo(self) -> dict[str, Any]:
         params: dict[str, Any] = {**_LISTENER_TCP, **conninfo_to_dict(self.conninfo)}

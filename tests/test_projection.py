@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import uuid
 
 import httpx
@@ -217,3 +218,19 @@ async def test_a_document_names_only_an_entity_its_creator_can_read(
     for missing in (theirs.id, uuid.uuid4()):
         with pytest.raises(InvalidInput):
             await svc.documents.create(tenant.owner, tenant.project_id, "bad", "board", entity_id=missing)
+
+
+async def test_two_projections_of_a_board_at_once_take_turns(
+        svc: Services, tenant: Tenant, caplog: pytest.LogCaptureFixture) -> None:
+    """The hourly pass projects boards itself while a worker may be projecting the same one
+    (in this process or another): both would create its new nodes, and one fail on each."""
+    await svc.documents.create(tenant.owner, tenant.project_id, "twice", "board")
+    board = Board()
+    for i in range(40):
+        board.nodes[f"n{i}"] = {"type": "sticky", "text": f"note {i}"}
+    await push(svc, tenant, "twice", board)
+    with caplog.at_level(logging.WARNING, logger="canvasdb.projection"):
+        written = await asyncio.gather(svc.projection.project(tenant.org_id, "twice"),
+                                       svc.projection.project(tenant.org_id, "twice"))
+    assert sorted(written) == [0, 40], "the second found the board projected"
+    assert not [r for r in caplog.records if "not projected" in r.getMessage()]

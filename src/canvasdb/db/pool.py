@@ -31,6 +31,7 @@ from canvasdb.errors import CanvasdbError, Conflict, InvalidInput, NotFound, Una
 log = logging.getLogger("canvasdb.db")
 APP_ROLE = "canvasdb_app"
 CHECK_SECONDS = 2.0  # longest a failed request waits for the pool's idle connections to be checked
+_TURNS_SPACE = 0x63646232  # "cdb2": the first int of ``taking_turns``'s advisory locks
 RECONNECT_EVERY = 2.0  # while the server is away, the pool tries to connect again this often at most
 _SET_ORG = "SELECT set_config('canvasdb.org_id', %s, true)"
 _SET_ORG_GENERIC = ("SELECT set_config('canvasdb.org_id', %s, true),"
@@ -162,6 +163,21 @@ class Database:
                     await cur.execute(_SET_ORG_GENERIC if generic_plans else _SET_ORG, (str(org_id),))
                     await cur.execute(query, params, binary=binary)
                 return await cur.fetchall()
+
+    @asynccontextmanager
+    async def taking_turns(self, name: str) -> AsyncIterator[None]:
+        """The block runs while no other holder of ``name`` runs theirs, in any process: a
+        session advisory lock, on a connection of its own, for work of several transactions.
+        Waits at most the statement timeout (then Unavailable); a lost connection frees it."""
+        await self._settled()
+        async with self.pool.connection() as conn:
+            with self._translated():
+                await conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (_TURNS_SPACE, name))
+            try:
+                yield
+            finally:
+                with suppress(psycopg.Error):
+                    await conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_TURNS_SPACE, name))
 
     @asynccontextmanager
     async def transaction(self, org_id: UUID | None = None, *,

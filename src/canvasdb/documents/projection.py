@@ -65,7 +65,14 @@ class BoardProjection:
         self._declared.add(org_id)
 
     async def project(self, org_id: UUID, doc_id: str) -> int:
-        """Bring the board's entities up to date with its log; returns how many were written."""
+        """Bring the board's entities up to date with its log; returns how many were written.
+
+        One projection of a board at a time, in any process (the hourly pass and a worker's
+        job may meet): both would create its new nodes, and one of them fail on each."""
+        async with self.documents.db.taking_turns(f"project {org_id} {doc_id}"):
+            return await self._project(org_id, doc_id)
+
+    async def _project(self, org_id: UUID, doc_id: str) -> int:
         system = Principal(org_id=org_id, user_id=None, org_role="owner")
         async with self.documents.db.transaction(org_id) as conn:
             cur = await conn.execute(

@@ -638,6 +638,41 @@ async def test_connecting_while_the_database_is_away_is_try_again_later(
     assert not any(line.startswith("Traceback") for line in lines[refused[0] + 1:refused[0] + 2])
 
 
+async def test_a_room_whose_catch_up_failed_tries_again(
+    pg_url: str, svc: Services, board: tuple[Tenant, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A catch-up that fails (here: the database away) is tried again while the room is
+    open: a quiet document sends no further notice, and its peers would miss the update."""
+    t, doc = board
+    ydoc = Doc()
+    ydoc.get("nodes", type=Map)["n1"] = "from another gateway"
+    await svc.documents.append(t.owner, doc, ydoc.get_update())  # seq 1, never sent by this room
+    async with PgProxy(pg_url) as proxy, Database(proxy.url, min_size=1, max_size=1, timeout=0.5) as away:
+        store = DocumentStore(away)
+        hub = Hub(store, "")
+        waiting = Peer(send=None, close=None)  # type: ignore[arg-type]
+        try:
+            hub.join(t.org_id, doc, waiting, 0)
+            proxy.cut()
+            with caplog.at_level(logging.WARNING, "canvasdb.gateway"):
+                # the notice of seq 1 arrives while the database is away
+                hub._heard(f"u {t.org_id} 1 another-gateway {doc}")
+
+                async def failed() -> bool:
+                    return any("could not catch" in r.getMessage() for r in caplog.records)
+
+                assert await eventually(failed)
+            proxy.restore()
+
+            async def received() -> int:
+                return waiting.queue.qsize()
+
+            assert await eventually(received, timeout=10) == 1, "the room never tried again"
+        finally:
+            await hub.stop()
+            await store.close()
+
+
 async def test_a_catch_up_that_fails_is_one_line_in_the_log(
     pg_url: str, board: tuple[Tenant, str], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -144,6 +144,7 @@ class Room:
     notify: dict[int, tuple[int, str]] = field(default_factory=dict)
     relay_due: asyncio.TimerHandle | None = None
     catching_up: asyncio.Lock = field(default_factory=asyncio.Lock)
+    catch_up_due: asyncio.TimerHandle | None = None  # another try after one failed
     idle_since: float | None = None
     # Updates of clients here on their way to the log, by sender, until their commit is
     # broadcast: a catch-up that reads one from the log first skips its sender too.
@@ -228,6 +229,9 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.gather(*self._catch_ups, return_exceptions=True)
+        for room in self.rooms.values():
+            if room.catch_up_due is not None:
+                room.catch_up_due.cancel()
         peers = [peer for room in self.rooms.values() for peer in room.peers]
         for peer in peers:
             with contextlib.suppress(Exception):
@@ -307,17 +311,29 @@ class Hub:
                     room.broadcast(protocol.sync_update(update), skip=room.sending.get(update))
 
     def _catch_up_soon(self, room: Room) -> None:
-        """``catch_up`` in a task of its own. A failure (the database away) is one line in
-        the log: the room catches up at the document's next notice, or when the listening
-        connection comes back."""
+        """``catch_up`` in a task of its own. A failure (the database away, no connection
+        free in time) is one line in the log, and the room tries again ``RECONNECT_EVERY``
+        s later while it is open here: a quiet document sends no notice that would."""
+        if room.catch_up_due is not None:
+            room.catch_up_due.cancel()
+            room.catch_up_due = None
         task = asyncio.get_running_loop().create_task(self.catch_up(room))
         self._catch_ups.add(task)
         task.add_done_callback(lambda done: self._caught_up(done, room))
 
     def _caught_up(self, task: asyncio.Task[None], room: Room) -> None:
         self._catch_ups.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.warning("could not catch %s up with the log: %s", room.doc_id, one_line(exc))
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        log.warning("could not catch %s up with the log: %s", room.doc_id, one_line(exc))
+        if self.rooms.get((room.org_id, room.doc_id)) is room and room.catch_up_due is None:
+            room.catch_up_due = asyncio.get_running_loop().call_later(
+                RECONNECT_EVERY, self._catch_up_again_if_open, room)
+
+    def _catch_up_again_if_open(self, room: Room) -> None:
+        room.catch_up_due = None
+        if self.rooms.get((room.org_id, room.doc_id)) is room:
+            self._catch_up_soon(room)
 
     # --- awareness ------------------------------------------------------------------------------
 

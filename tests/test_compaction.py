@@ -218,14 +218,17 @@ async def test_a_snapshot_blob_outlives_an_attachment_of_the_same_bytes(svc: Ser
     # A newer snapshot on another day; past retention the old one goes, and its blob with it.
     await store.append(tenant.owner, "shared", editor.step())
     await store.compact(tenant.org_id, "shared")
+    # noon, 40 days ago: the two snapshots below are a second apart on one day (with now()
+    # they could fall either side of a midnight)
+    old_day = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0) - timedelta(days=40)
     async with svc.db.transaction(tenant.org_id) as conn:
-        await conn.execute("UPDATE doc_snapshots SET at = at - interval '40 days' WHERE org_id = %s"
-                           " AND doc_id = 'shared' AND blob_sha256 = %s", (tenant.org_id, sha))
+        await conn.execute("UPDATE doc_snapshots SET at = %s WHERE org_id = %s"
+                           " AND doc_id = 'shared' AND blob_sha256 = %s", (old_day, tenant.org_id, sha))
     assert (await store.prune(tenant.org_id, "shared"))[1] == 0, "the only one of its day stays"
     async with svc.db.transaction(tenant.org_id) as conn:
-        await conn.execute("UPDATE doc_snapshots SET at = now() - interval '40 days' + interval '1 second'"
+        await conn.execute("UPDATE doc_snapshots SET at = %s"
                            " WHERE org_id = %s AND doc_id = 'shared' AND blob_sha256 <> %s",
-                           (tenant.org_id, sha))
+                           (old_day + timedelta(seconds=1), tenant.org_id, sha))
     assert (await store.prune(tenant.org_id, "shared"))[1] == 1
     assert not await svc.blobs.exists(sha)
     await store.close()

@@ -4,9 +4,9 @@ worker's resilience (it starts again, stops in bounded time, its dead peers' job
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -47,7 +47,7 @@ async def test_growing_document_is_compacted_by_a_worker(pg_url: str, svc: Servi
     async with jobs.connected(pg_url), jobs.working(svc):
         for update in made:
             await store.append(tenant.owner, "grows", update)
-        for _ in range(100):
+        for _ in range(300):  # the session's other jobs may be ahead of it in the queue
             if await snapshots(svc, tenant, "grows"):
                 break
             await asyncio.sleep(0.1)
@@ -91,6 +91,16 @@ async def until(done: Callable[[], Any], seconds: float = 20) -> None:
 def logged(caplog: pytest.LogCaptureFixture, action: str) -> bool:
     """Whether procrastinate logged ``action`` (its records carry one)."""
     return any(getattr(r, "action", None) == action for r in caplog.records)
+
+
+@pytest.fixture(autouse=True)
+def collected() -> Iterator[None]:
+    """Collect each test's garbage before the next: a job cut off by a lost database leaves a
+    task whose exception nobody read, and its "never retrieved" report, formatted while a
+    later test parses Python, hits a bug of Python 3.11.7 (SystemError from ``ast``, gh-106905)
+    that crashes pytest."""
+    yield
+    gc.collect()
 
 
 def workers_running() -> float | None:
@@ -177,30 +187,36 @@ async def test_jobs_of_a_killed_worker_are_run_again(pg_url: str, svc: Services,
 
 
 class Overlaps:
-    """A board projection that notes the most runs of it at once."""
+    """Notes the most runs at once of one board's projection work (inside its turn)."""
 
-    def __init__(self, projection: Any) -> None:
-        self.projection, self.running, self.most, self.runs = projection, 0, 0, 0
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, projection: Any, doc_id: str) -> None:
+        self.inner, self.doc_id, self.running, self.most, self.runs = projection._project, doc_id, 0, 0, 0
+        monkeypatch.setattr(projection, "_project", self.project)
 
     async def project(self, org_id: UUID, doc_id: str) -> int:
+        if doc_id != self.doc_id:  # other boards may be projected meanwhile
+            return await self.inner(org_id, doc_id)
         self.running += 1
         self.most = max(self.most, self.running)
         try:
             await asyncio.sleep(0.3)  # time for a second run to start, were it allowed to
-            return await self.projection.project(org_id, doc_id)
+            return await self.inner(org_id, doc_id)
         finally:
             self.running -= 1
             self.runs += 1
 
 
-async def test_one_projection_of_a_board_at_a_time(pg_url: str, svc: Services, tenant: Tenant) -> None:
-    await svc.documents.create(tenant.owner, tenant.project_id, "busy")
+async def test_one_projection_of_a_board_at_a_time(pg_url: str, svc: Services, tenant: Tenant,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two jobs of a board waiting, on a worker of two, and the hourly pass (which projects
+    boards itself) at the same time: one run at a time."""
+    await svc.documents.create(tenant.owner, tenant.project_id, "busy", "board")
     for update in edits(3)[1]:
         await svc.documents.append(tenant.owner, "busy", update)
-    watched = Overlaps(svc.projection)
+    watched = Overlaps(monkeypatch, svc.projection, "busy")
     async with jobs.connected(pg_url):
         await jobs.defer_projections([(tenant.org_id, "busy")])
         await jobs.defer_projections([(tenant.org_id, "busy")])  # a backlog: two jobs of the board wait
-        async with jobs.working(dataclasses.replace(svc, projection=watched), concurrency=2):
-            await until(lambda: watched.runs == 2)
+        async with jobs.working(svc, concurrency=2):
+            await asyncio.gather(jobs.maintain(svc), until(lambda: watched.runs >= 2))
     assert watched.most == 1

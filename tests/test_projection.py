@@ -131,7 +131,7 @@ async def test_projection_runs_shortly_after_commit_on_a_worker(pg_url: str, svc
     async with jobs.connected(pg_url), jobs.working(svc):
         for update in board.take():
             await store.append(tenant.owner, "auto", update)
-        for _ in range(100):
+        for _ in range(300):  # the session's other jobs may be ahead of it in the queue
             with contextlib.suppress(Exception):
                 await svc.entities.get(tenant.owner, entity_id("auto", "nodes", "a"))
                 break

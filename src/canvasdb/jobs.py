@@ -233,10 +233,10 @@ class Requests:
 
 
 async def defer_projections(boards: list[tuple[UUID, str]]) -> None:
-    """Boards to project, one run of a board at a time (its lock): two at once both create its
-    new nodes, and all but one are refused as "already exists" (logged and counted as skipped).
-    No queueing lock (a batch would fail whole on one conflict); a duplicate is harmless, as
-    projection resumes from the board's ``projected_seq``."""
+    """Boards to project, one job of a board at a time (its lock), so that a backlog of them
+    does not hold the worker's slots waiting for the board's turn (``project`` takes turns
+    itself, with the hourly pass too). No queueing lock (a batch would fail whole on one
+    conflict); a duplicate is harmless, as projection resumes from the board's ``projected_seq``."""
     await queue.job_manager.batch_defer_jobs_async([
         project_board.configure(lock=f"project:{org}:{doc}").make_new_job(org_id=str(org), doc_id=doc)
         for org, doc in boards])

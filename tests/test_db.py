@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -12,9 +14,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from procrastinate.exceptions import ConnectorException
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from relays import PgProxy
 
+from canvasdb import runtime
 from canvasdb.db import Database, EmbeddedPostgres, migrate
 from canvasdb.db.embedded import _memory_tuning
 from canvasdb.db.migrate import Migration, applied, available
@@ -192,6 +196,41 @@ async def test_the_pool_connects_again_soon_after_a_long_outage(pg_url: str) -> 
             except Unavailable:
                 assert loop.time() - back < 4.5, "no connection 4.5 s after the server came back"
                 await asyncio.sleep(0.1)
+
+
+async def test_an_outage_is_a_few_lines_in_the_log(
+        pg_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the database is away, the pool tries to connect every 2 s per connection, and
+    psycopg_pool logs each failure: a server logs each kind once per ``every`` s, saying how
+    many it stands for; the job queue's traceback when its worker stops is one line."""
+    loggers = ("psycopg.pool", "canvasdb.gateway", "procrastinate.worker", "procrastinate.worker.worker",
+               "procrastinate.utils")
+    for name in loggers:  # this process's loggers, as they were, after the test
+        monkeypatch.setattr(logging.getLogger(name), "filters", [])
+    runtime.quiet_outage_logs(every=3)
+    caplog.set_level(logging.WARNING)
+    async with PgProxy(pg_url) as relay, Database(relay.url, min_size=2, max_size=2, timeout=0.5) as db:
+        relay.cut()
+        with pytest.raises(Unavailable):
+            await db.one("SELECT 1", None)
+        await asyncio.sleep(7)  # two connections, an attempt each every 2 s at most: 6 to 8 failures
+    failed = [r.getMessage() for r in caplog.records
+              if r.name == "psycopg.pool" and r.getMessage().startswith("error connecting")]
+    assert 2 <= len(failed) <= 3, failed
+    assert re.search(r"\(\d more like it in [345] s\)$", failed[1]), failed[1]
+
+    try:
+        try:
+            raise psycopg.OperationalError("connection refused\n\tIs the server running?")
+        except psycopg.OperationalError as exc:
+            raise ConnectorException() from exc
+    except ConnectorException as stopped:
+        logging.getLogger("procrastinate.worker.worker").error(
+            "Side task listener failed, stopping worker", exc_info=stopped, extra={"action": "side_task_failed"})
+    [record] = [r for r in caplog.records if r.name == "procrastinate.worker.worker"]
+    assert record.exc_info is None
+    assert record.getMessage() == ("Side task listener failed, stopping worker"
+                                   " (connection refused Is the server running?)")
 
 
 def test_only_the_owner_can_reach_the_embedded_server(pg_url: str) -> None:

@@ -196,6 +196,7 @@ def _serve(api: object, settings: Settings, listener: socket.socket) -> None:
                             ws_per_message_deflate=False)
 
     runtime.hide_tokens_in_logs()  # after uvicorn's Config has set its loggers up
+    runtime.quiet_outage_logs()
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -226,6 +227,7 @@ def worker(concurrency: Annotated[int, typer.Option(min=1, max=64, help="Jobs at
     from canvasdb import jobs
 
     settings = _settings()
+    runtime.quiet_outage_logs()
 
     async def main() -> None:
         target = runtime.database(settings)

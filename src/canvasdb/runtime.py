@@ -6,12 +6,16 @@ import gc
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import psycopg
+
 from canvasdb.blobs import open_blob_store
 from canvasdb.db import Database, EmbeddedPostgres, migrate
+from canvasdb.errors import Unavailable, one_line
 from canvasdb.search.embedders import embedder_from_settings
 from canvasdb.services import Services
 from canvasdb.settings import Settings
@@ -28,6 +32,7 @@ class Target:
     started_here: bool  # True when this call started the embedded server
 
 
+OUTAGE_LOG_EVERY = 30.0  # s: while the database is away, each kind of complaint once this often
 GC_THRESHOLDS = (20_000, 20, 20)  # Python's defaults: (700, 10, 10)
 
 
@@ -62,9 +67,75 @@ class _HideTokens(logging.Filter):
 def hide_tokens_in_logs() -> None:
     """Redact tokens from the web server's access and connection logs (uvicorn's loggers)."""
     for name in ("uvicorn.access", "uvicorn.error"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _HideTokens) for f in logger.filters):
-            logger.addFilter(_HideTokens())
+        _add_filter(logging.getLogger(name), _HideTokens())
+
+
+class _OncePer(logging.Filter):
+    """Lets the first record of a kind through, then one per ``every`` seconds, which says how
+    many it stands for. ``kind`` names a record's kind, or None to let it through."""
+
+    def __init__(self, kind: Callable[[logging.LogRecord], str | None], every: float) -> None:
+        super().__init__()
+        self.kind, self.every = kind, every
+        self._seen: dict[str, tuple[float, int]] = {}  # kind -> (when one last passed, held since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = self.kind(record)
+        if kind is None:
+            return True
+        now = time.monotonic()
+        passed, held = self._seen.get(kind, (-self.every, 0))
+        if now - passed < self.every:
+            self._seen[kind] = (passed, held + 1)
+            return False
+        if held:
+            message = " ".join(record.getMessage().split())
+            record.msg = f"{message} ({held} more like it in {now - passed:.0f} s)"
+            record.args = None
+        self._seen[kind] = (now, 0)
+        return True
+
+
+class _OutageInOneLine(logging.Filter):
+    """A record whose error is the database being away: its message on one line, the error's
+    after it, no traceback (the job queue logs one per stopped worker and per failed job)."""
+
+    def __init__(self, *outages: type[BaseException]) -> None:
+        super().__init__()
+        self.outages = (Unavailable, psycopg.OperationalError, *outages)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, self.outages):
+            record.msg, record.args = f"{' '.join(record.getMessage().split())} ({one_line(exc)})", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _starts(prefix: str) -> Callable[[logging.LogRecord], str | None]:
+    return lambda record: prefix if isinstance(record.msg, str) and record.msg.startswith(prefix) else None
+
+
+def quiet_outage_logs(every: float = OUTAGE_LOG_EVERY) -> None:
+    """While the database is away, the pools log each attempt to connect (every 2 s per
+    connection), the gateway's listener each of its own, and the job queue tracebacks when
+    its worker stops and for each job cut off: hundreds of lines for a 30 s outage, with the
+    one that says what happened lost among them. Each kind of attempt is logged once per
+    ``every`` s, and the job queue's in one line each."""
+    from procrastinate.exceptions import ConnectorException
+    from procrastinate.worker import WORKER_NAME
+
+    _add_filter(logging.getLogger("psycopg.pool"), _OncePer(_starts("error connecting in"), every))
+    _add_filter(logging.getLogger("canvasdb.gateway"),
+                _OncePer(_starts("lost the notification connection"), every))
+    for name in ("procrastinate.worker", f"procrastinate.worker.{WORKER_NAME}", "procrastinate.utils"):
+        _add_filter(logging.getLogger(name), _OutageInOneLine(ConnectorException))
+
+
+def _add_filter(logger: logging.Logger, new: logging.Filter) -> None:
+    """Add ``new`` unless a filter of its class is there already (a second server in one process)."""
+    if not any(type(f) is type(new) for f in logger.filters):
+        logger.addFilter(new)
 
 
 def check_components(settings: Settings) -> None:

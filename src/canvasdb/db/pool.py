@@ -31,7 +31,7 @@ from canvasdb.errors import CanvasdbError, Conflict, InvalidInput, NotFound, Una
 log = logging.getLogger("canvasdb.db")
 APP_ROLE = "canvasdb_app"
 CHECK_SECONDS = 2.0  # longest a failed request waits for the pool's idle connections to be checked
-_TURNS_SPACE = 0x63646232  # "cdb2": the first int of ``taking_turns``'s advisory locks
+_TURNS_SPACE = 0x63646233  # "cdb3" (cdb1: blob collection, cdb2: the op log): ``taking_turns``'s locks
 RECONNECT_EVERY = 2.0  # while the server is away, the pool tries to connect again this often at most
 _SET_ORG = "SELECT set_config('canvasdb.org_id', %s, true)"
 _SET_ORG_GENERIC = ("SELECT set_config('canvasdb.org_id', %s, true),"

@@ -198,6 +198,33 @@ async def test_the_pool_connects_again_soon_after_a_long_outage(pg_url: str) -> 
                 await asyncio.sleep(0.1)
 
 
+async def test_taking_turns_frees_its_lock_however_the_block_ends(pg_url: str) -> None:
+    """Cancelled twice (the second time while unlocking) or with its connection ended: the
+    lock is never left held by a pooled connection, which would stall every later turn."""
+    async with Database(pg_url, min_size=1, max_size=3) as db:
+        inside = asyncio.Event()
+
+        async def hold() -> None:
+            async with db.taking_turns("a turn"):
+                inside.set()
+                await asyncio.sleep(60)
+
+        task = asyncio.create_task(hold())
+        await inside.wait()
+        task.cancel()
+        await asyncio.sleep(0)  # it runs its way out: the unlock is in flight
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with asyncio.timeout(3), db.taking_turns("a turn"):
+            pid = (await db.one("SELECT pg_backend_pid() AS pid", None))["pid"]
+            with psycopg.connect(pg_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks"
+                              " WHERE locktype = 'advisory' AND pid <> %s", (pid,))
+        async with asyncio.timeout(3), db.taking_turns("a turn"):
+            pass
+
+
 async def test_an_outage_is_a_few_lines_in_the_log(
         pg_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """While the database is away, the pool tries to connect every 2 s per connection, and

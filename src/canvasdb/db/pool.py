@@ -168,7 +168,8 @@ class Database:
     async def taking_turns(self, name: str) -> AsyncIterator[None]:
         """The block runs while no other holder of ``name`` runs theirs, in any process: a
         session advisory lock, on a connection of its own, for work of several transactions.
-        Waits at most the statement timeout (then Unavailable); a lost connection frees it."""
+        Waits at most the statement timeout (then Unavailable). A connection whose unlock
+        did not go through is closed, not pooled: the server frees a closed session's locks."""
         await self._settled()
         async with self.pool.connection() as conn:
             with self._translated():
@@ -176,8 +177,12 @@ class Database:
             try:
                 yield
             finally:
-                with suppress(psycopg.Error):
+                try:
                     await conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_TURNS_SPACE, name))
+                except BaseException as exc:  # a lost connection, or cancelled on the way out
+                    await conn.close()
+                    if not isinstance(exc, psycopg.Error):
+                        raise
 
     @asynccontextmanager
     async def transaction(self, org_id: UUID | None = None, *,

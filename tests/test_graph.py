@@ -202,7 +202,9 @@ async def test_pages_subgraph_and_caps(svc: Services, db, tenant: Tenant) -> Non
         assert sorted(seen) == sorted(str(s) for s in spokes) and pages == -(-30 // limit)
     last = await svc.graph.dependents(tenant.owner, hub, limit=30)
     assert len(last["nodes"]) == 30 and last["next"] is None
-    after_the_end = await svc.graph.neighbors(tenant.owner, hub, limit=5, cursor=f"1:{max(seen)}")
+    first = await svc.graph.neighbors(tenant.owner, hub, limit=5)
+    _, _, tag = first["next"].split(":")
+    after_the_end = await svc.graph.neighbors(tenant.owner, hub, limit=5, cursor=f"1:{max(seen)}:{tag}")
     assert after_the_end["nodes"] == [] and after_the_end["total"] == 30 and after_the_end["next"] is None
     sub = await svc.graph.subgraph(tenant.owner, [hub], depth=2, limit=10)
     assert len(sub["nodes"]) == 10 and sub["truncated"]
@@ -215,6 +217,12 @@ async def test_pages_subgraph_and_caps(svc: Services, db, tenant: Tenant) -> Non
             await svc.graph.neighbors(tenant.owner, hub, **bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput):
         await svc.graph.neighbors(tenant.owner, hub, cursor="nonsense")
+    # another walk's cursor (other direction, kinds, depth or start) would start at an arbitrary point
+    for other in ({"direction": "in"}, {"kinds": ["depends_on"]}, {"depth": 2}, {"id": spokes[0]}):
+        with pytest.raises(InvalidInput, match="belongs to another query"):
+            await svc.graph.neighbors(tenant.owner, **{"id": hub, **other}, cursor=first["next"])
+    assert (await svc.graph.neighbors(tenant.owner, hub, limit=9, cursor=first["next"]))["nodes"], \
+        "the same walk, another page size"
 
 
 async def test_a_subgraph_of_several_roots(svc: Services, tenant: Tenant, other_tenant: Tenant) -> None:

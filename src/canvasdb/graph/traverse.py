@@ -22,6 +22,7 @@ it back into a string took a third of a subgraph call's time.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from datetime import datetime
 from functools import cache
@@ -279,6 +280,15 @@ _SUMMARIES = (f"SELECT x.id, x.type, x.project_id, {_TITLE} AS title FROM entiti
               " WHERE x.org_id = %(org)s AND x.id = ANY(%(ids)s)")
 
 
+def _walk_tag(starts: list[UUID], direction: str, kinds: list[str] | None, depth: int,
+              as_of: datetime | None) -> str:
+    """Names the walk a page cursor belongs to: another walk's cursor would start its pages at
+    an arbitrary point, and silently (the page size may change between pages)."""
+    key = repr((sorted(map(str, starts)), direction, sorted(set(kinds)) if kinds is not None else None,
+                depth, as_of.isoformat() if as_of is not None else None))
+    return hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
+
+
 def _summary(row: dict[str, Any]) -> dict[str, Any]:
     return {"id": str(row["id"]), "type": row["type"], "project_id": str(row["project_id"]),
             "title": row["title"]}
@@ -299,12 +309,16 @@ class Graph:
                     cap: int, via: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """(rows of the page, {total, truncated}) of a walk; NotFound unless every start is readable."""
         after_depth, after_id = 0, UUID(int=0)
+        tag = _walk_tag(starts, direction, kinds, depth, as_of)
         if cursor is not None:
             try:
-                c_depth, c_id = cursor.split(":", 1)
+                c_depth, c_id, c_tag = cursor.split(":")
                 after_depth, after_id = int(c_depth), UUID(c_id)
             except ValueError:
                 raise InvalidInput("cursor is not one this API returned", pointer="/cursor") from None
+            if c_tag != tag:
+                raise InvalidInput("the cursor belongs to another query (start, direction, kinds, depth or"
+                                   " as_of differ): ask for the first page without it", pointer="/cursor")
         levels = depth > MAX_DEPTH and as_of is None and direction != "both"
         sql = _walk_sql(direction, as_of is not None, kinds is not None, not who.is_org_admin, via, levels)
         # one node more than the page: whether another page follows
@@ -325,7 +339,8 @@ class Graph:
             page.append({"id": r[1], "depth": r[2], "type": r[3], "project_id": r[4], "title": r[5],
                          "rel": edge[6] if edge else None, "frm": edge[7] if edge else None,
                          "to": edge[11] if edge else None, "kind": edge[8] if edge else None})
-        meta = {"total": started[0][9], "truncated": bool(started[0][10]), "more": len(page) > limit}
+        meta = {"total": started[0][9], "truncated": bool(started[0][10]), "more": len(page) > limit,
+                "tag": tag}
         return page[:limit], meta
 
     def _listing(self, page: list[dict[str, Any]], meta: dict[str, Any], limit: int) -> dict[str, Any]:
@@ -335,7 +350,7 @@ class Graph:
                 for r in page if r["rel"] is not None]
         last = page[-1] if page and meta["more"] else None
         return {"nodes": nodes, "relationships": rels, "total": meta["total"], "truncated": meta["truncated"],
-                "next": f"{last['depth']}:{last['id']}" if last is not None else None}
+                "next": f"{last['depth']}:{last['id']}:{meta['tag']}" if last is not None else None}
 
     # --- queries ------------------------------------------------------------------------------
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from conftest import Tenant, make_tenant
 from hypothesis import HealthCheck, given, settings
@@ -79,6 +81,40 @@ async def test_snapshot_plus_tail_equals_replay(svc: Services, seed: int, n: int
     fresh = DocumentStore(svc.db)  # loads from the latest snapshot and the updates after it
     loaded = replay([await fresh.state(_tenant.owner, doc_id)])
     assert view(loaded) == view(replay(editor.updates)) == view(editor.doc)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(minutes=st.lists(st.integers(0, 50 * 24 * 60), min_size=1, max_size=40, unique=True))
+async def test_old_snapshots_thin_to_the_last_of_each_day(svc: Services, minutes: list[int]) -> None:
+    """Past the hourly window a snapshot goes when a later one is from the same day: the last
+    of each day stays, and the newest of all; those within the window all stay."""
+    global _tenant
+    if _tenant is None:
+        _tenant = await make_tenant(svc)
+    org, doc_id = _tenant.org_id, f"thin-{uuid.uuid4().hex[:12]}"
+    await svc.documents.create(_tenant.owner, _tenant.project_id, doc_id)
+    now = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
+    times = [now - timedelta(days=50) + timedelta(minutes=m) for m in sorted(minutes)]
+    async with svc.db.transaction(org) as conn:
+        zone = ZoneInfo((await (await conn.execute("SELECT current_setting('TimeZone') AS tz")).fetchone())["tz"])
+        async with conn.cursor() as cur:
+            await cur.executemany("INSERT INTO doc_snapshots (org_id, doc_id, seq, state, size, at)"
+                                  " VALUES (%s, %s, %s, '\\x00', 1, %s)",
+                                  [(org, doc_id, seq, at) for seq, at in enumerate(times, 1)])
+    try:
+        await svc.documents.prune(org, doc_id, now=now, keep_hourly=timedelta(days=30))
+    finally:  # these states are not Yjs: gone before any other test's pass reads them
+        async with svc.db.transaction(org) as conn:
+            cur = await conn.execute("DELETE FROM doc_snapshots WHERE org_id = %s AND doc_id = %s RETURNING seq",
+                                     (org, doc_id))
+            kept = sorted(r["seq"] for r in await cur.fetchall())
+
+    def day(at: datetime) -> object:
+        return at.astimezone(zone).date()
+
+    cut = now - timedelta(days=30)
+    assert kept == [seq for seq, at in enumerate(times, 1)
+                    if at >= cut or seq == len(times) or day(times[seq]) != day(at)]
 
 
 async def _exists(store: DocumentStore, tenant: Tenant, doc_id: str) -> bool:

@@ -647,14 +647,17 @@ class DocumentStore:
                 "             WHERE org_id = %(org)s AND doc_id = %(doc)s AND at <= %(cut)s) RETURNING seq",
                 {"org": org_id, "doc": doc_id, "cut": now - keep_updates})
             updates = len(await cur.fetchall())
+            # A snapshot goes when the next one is from the same day (so the newest never does):
+            # one pass over the document's snapshots, where asking each old one whether any
+            # later one shares its day read them all again (a year of daily snapshots, 18 ms
+            # a document every hour). A next one more than a day later is another day's: the
+            # snapshots from after that are not read.
             cur = await conn.execute(
-                "DELETE FROM doc_snapshots s WHERE s.org_id = %(org)s AND s.doc_id = %(doc)s"
-                " AND s.at < %(cut)s"
-                " AND s.seq < (SELECT max(seq) FROM doc_snapshots"
-                "              WHERE org_id = %(org)s AND doc_id = %(doc)s)"
-                " AND EXISTS (SELECT 1 FROM doc_snapshots later WHERE later.org_id = s.org_id"
-                "             AND later.doc_id = s.doc_id AND later.seq > s.seq"
-                "             AND date_trunc('day', later.at) = date_trunc('day', s.at))"
+                "DELETE FROM doc_snapshots s WHERE s.org_id = %(org)s AND s.doc_id = %(doc)s AND s.seq IN ("
+                " SELECT seq FROM (SELECT seq, at, lead(at) OVER (ORDER BY seq) AS next_at"
+                "                  FROM doc_snapshots WHERE org_id = %(org)s AND doc_id = %(doc)s"
+                "                  AND at < %(cut)s + interval '1 day') x"
+                " WHERE x.at < %(cut)s AND date_trunc('day', x.next_at) = date_trunc('day', x.at))"
                 " RETURNING seq, blob_sha256",
                 {"org": org_id, "doc": doc_id, "cut": now - keep_hourly})
             gone = await cur.fetchall()

@@ -234,3 +234,13 @@ async def test_two_projections_of_a_board_at_once_take_turns(
                                        svc.projection.project(tenant.org_id, "twice"))
     assert sorted(written) == [0, 40], "the second found the board projected"
     assert not [r for r in caplog.records if "not projected" in r.getMessage()]
+
+    board.nodes["late"] = {"type": "sticky", "text": "one more"}
+    await push(svc, tenant, "twice", board)
+    async with svc.db.taking_turns(f"project {tenant.org_id} twice"):  # another process's run
+        # the hourly pass leaves the board to that run, and does not wait for it
+        assert await asyncio.wait_for(svc.projection.project(tenant.org_id, "twice", wait=False), 2) == 0
+        waiting = asyncio.create_task(svc.projection.project(tenant.org_id, "twice"))
+        await asyncio.sleep(0.3)
+        assert not waiting.done(), "a job waits for its turn"
+    assert await waiting == 1

@@ -170,8 +170,8 @@ async def maintain(services: Any) -> dict[str, int]:
         for doc_id in await docs.all_ids(org.id):
             totals["documents"] += 1
             try:
-                if doc_id in behind:
-                    totals["projected"] += await services.projection.project(org.id, doc_id)
+                if doc_id in behind:  # (a board a job projects now is left to it)
+                    totals["projected"] += await services.projection.project(org.id, doc_id, wait=False)
                 if doc_id in changed:
                     totals["snapshots"] += await docs.compact(org.id, doc_id) is not None
                 updates, snapshots = await docs.prune(

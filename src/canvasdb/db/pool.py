@@ -165,17 +165,24 @@ class Database:
                 return await cur.fetchall()
 
     @asynccontextmanager
-    async def taking_turns(self, name: str) -> AsyncIterator[None]:
-        """The block runs while no other holder of ``name`` runs theirs, in any process: a
-        session advisory lock, on a connection of its own, for work of several transactions.
-        Waits at most the statement timeout (then Unavailable). A connection whose unlock
-        did not go through is closed, not pooled: the server frees a closed session's locks."""
+    async def taking_turns(self, name: str, *, wait: bool = True) -> AsyncIterator[bool]:
+        """Whether this is the turn of ``name`` for the block: no other holder of ``name`` runs
+        theirs meanwhile, in any process (a session advisory lock, on a connection of its own,
+        for work of several transactions). ``wait``: for the turn, at most the statement
+        timeout (then Unavailable); without, the block runs at once, told False if it is
+        another's turn. A connection whose unlock did not go through is closed, not pooled:
+        the server frees a closed session's locks."""
         await self._settled()
         async with self.pool.connection() as conn:
             with self._translated():
-                await conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (_TURNS_SPACE, name))
+                cur = await conn.execute(f"SELECT {'pg_advisory_lock' if wait else 'pg_try_advisory_lock'}"
+                                         "(%s, hashtext(%s)) AS taken", (_TURNS_SPACE, name))
+                row = await cur.fetchone()
+            if wait is False and not (row and row["taken"]):
+                yield False
+                return
             try:
-                yield
+                yield True
             finally:
                 try:
                     await conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_TURNS_SPACE, name))

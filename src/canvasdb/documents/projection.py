@@ -64,13 +64,14 @@ class BoardProjection:
                 (org_id, Jsonb(BOARD_NODE_SEARCH["text_fields"]), BOARD_NODE_SEARCH["tag_field"]))
         self._declared.add(org_id)
 
-    async def project(self, org_id: UUID, doc_id: str) -> int:
+    async def project(self, org_id: UUID, doc_id: str, *, wait: bool = True) -> int:
         """Bring the board's entities up to date with its log; returns how many were written.
 
         One projection of a board at a time, in any process (the hourly pass and a worker's
-        job may meet): both would create its new nodes, and one of them fail on each."""
-        async with self.documents.db.taking_turns(f"project {org_id} {doc_id}"):
-            return await self._project(org_id, doc_id)
+        job may meet): both would create its new nodes, and one of them fail on each. Without
+        ``wait``, a board being projected now is left to that run (0)."""
+        async with self.documents.db.taking_turns(f"project {org_id} {doc_id}", wait=wait) as mine:
+            return await self._project(org_id, doc_id) if mine else 0
 
     async def _project(self, org_id: UUID, doc_id: str) -> int:
         system = Principal(org_id=org_id, user_id=None, org_role="owner")

@@ -21,6 +21,7 @@ from relays import PgProxy
 from canvasdb import jobs
 from canvasdb.db import ConnectionPool
 from canvasdb.documents import DocumentStore
+from canvasdb.errors import Unavailable
 from canvasdb.services import Services
 
 
@@ -70,6 +71,25 @@ async def test_hourly_maintenance_compacts_and_prunes(svc: Services, tenant: Ten
     assert totals["failed"] == again["failed"] == 0
     deleted, _ = await svc.documents.prune(tenant.org_id, "hourly", now=datetime.now(UTC) + timedelta(days=2))
     assert deleted == 5
+
+
+async def test_the_hourly_pass_stops_when_the_database_goes_away(
+        svc: Services, tenant: Tenant, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each document would wait for a connection, then fail with a traceback, in turn."""
+    for doc_id in ("away-1", "away-2"):
+        await svc.documents.create(tenant.owner, tenant.project_id, doc_id)
+        for update in edits(2)[1]:
+            await svc.documents.append(tenant.owner, doc_id, update)
+    tried: list[str] = []
+
+    async def away(org_id: UUID, doc_id: str) -> None:
+        tried.append(doc_id)
+        raise Unavailable("database unavailable", retry=True)
+
+    monkeypatch.setattr(svc.documents, "compact", away)
+    with pytest.raises(Unavailable):
+        await jobs.maintain(svc)
+    assert len(tried) == 1
 
 
 def test_schema_install_is_idempotent(pg_url: str) -> None:

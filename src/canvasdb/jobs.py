@@ -29,7 +29,7 @@ from prometheus_client import Gauge
 
 from canvasdb.db import ConnectionPool
 from canvasdb.db.migrate import LOCK_KEY
-from canvasdb.errors import CanvasdbError, NotFound, one_line
+from canvasdb.errors import CanvasdbError, NotFound, Unavailable, one_line
 
 log = logging.getLogger("canvasdb.jobs")
 queue = App(connector=PsycopgConnector())
@@ -158,7 +158,9 @@ async def recover_stalled_jobs(*, silent_for: float = STALLED_SECONDS) -> int:
 async def maintain(services: Any) -> dict[str, int]:
     """Projection, compaction and retention over every org's documents; the hourly job's body.
 
-    A document that fails is logged and counted, and the pass goes on with the others.
+    A document that fails is logged and counted, and the pass goes on with the others; but
+    not when the database is away (every other document would wait for a connection, then
+    fail in turn): the pass stops, and the next one starts over.
     """
     settings = services.settings
     docs = services.documents
@@ -177,7 +179,9 @@ async def maintain(services: Any) -> dict[str, int]:
                 updates, snapshots = await docs.prune(
                     org.id, doc_id, keep_updates=timedelta(hours=settings.update_retention_hours),
                     keep_hourly=timedelta(days=settings.snapshot_retention_days))
-            except Exception:  # one document's failure, whatever it is, stops no other
+            except Unavailable:
+                raise
+            except Exception:  # one document's failure, whatever else it is, stops no other
                 log.exception("hourly maintenance of document %s failed", doc_id)
                 totals["failed"] += 1
                 continue

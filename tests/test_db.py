@@ -231,7 +231,7 @@ async def test_an_outage_is_a_few_lines_in_the_log(
     psycopg_pool logs each failure: a server logs each kind once per ``every`` s, saying how
     many it stands for; the job queue's traceback when its worker stops is one line."""
     loggers = ("psycopg.pool", "canvasdb.gateway", "procrastinate.worker", "procrastinate.worker.worker",
-               "procrastinate.utils")
+               "procrastinate.utils", "canvasdb.jobs", "canvasdb.documents")
     for name in loggers:  # this process's loggers, as they were, after the test
         monkeypatch.setattr(logging.getLogger(name), "filters", [])
     runtime.quiet_outage_logs(every=3)
@@ -258,6 +258,14 @@ async def test_an_outage_is_a_few_lines_in_the_log(
     assert record.exc_info is None
     assert record.getMessage() == ("Side task listener failed, stopping worker"
                                    " (connection refused Is the server running?)")
+    for _ in range(3):  # the write path, a batch a second
+        try:
+            raise Unavailable("database unavailable")
+        except Unavailable:
+            logging.getLogger("canvasdb.jobs").warning("could not defer the work for %d keys", 2, exc_info=True)
+    [record] = [r for r in caplog.records if r.name == "canvasdb.jobs"]
+    assert (record.getMessage(), record.exc_info) == ("could not defer the work for 2 keys (database unavailable)",
+                                                      None)
 
 
 def test_only_the_owner_can_reach_the_embedded_server(pg_url: str) -> None:

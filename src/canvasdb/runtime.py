@@ -112,23 +112,34 @@ class _OutageInOneLine(logging.Filter):
         return True
 
 
-def _starts(prefix: str) -> Callable[[logging.LogRecord], str | None]:
-    return lambda record: prefix if isinstance(record.msg, str) and record.msg.startswith(prefix) else None
+def _starts(*prefixes: str) -> Callable[[logging.LogRecord], str | None]:
+    """A record's kind: the prefix its message starts with, if any."""
+    def kind(record: logging.LogRecord) -> str | None:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        return next((prefix for prefix in prefixes if msg.startswith(prefix)), None)
+    return kind
 
 
 def quiet_outage_logs(every: float = OUTAGE_LOG_EVERY) -> None:
     """While the database is away, the pools log each attempt to connect (every 2 s per
     connection), the gateway's listener each of its own, and the job queue tracebacks when
     its worker stops and for each job cut off: hundreds of lines for a 30 s outage, with the
-    one that says what happened lost among them. Each kind of attempt is logged once per
-    ``every`` s, and the job queue's in one line each."""
+    one that says what happened lost among them; and the write path, a traceback for each
+    batch of work it could not hand to the queue. Each kind is logged once per ``every`` s,
+    and a lost database is one line, not a traceback."""
     from procrastinate.exceptions import ConnectorException
     from procrastinate.worker import WORKER_NAME
 
-    _add_filter(logging.getLogger("psycopg.pool"), _OncePer(_starts("error connecting in"), every))
-    _add_filter(logging.getLogger("canvasdb.gateway"),
-                _OncePer(_starts("lost the notification connection"), every))
-    for name in ("procrastinate.worker", f"procrastinate.worker.{WORKER_NAME}", "procrastinate.utils"):
+    repeated = {
+        "psycopg.pool": ("error connecting in",),
+        "canvasdb.gateway": ("lost the notification connection",),
+        "canvasdb.jobs": ("could not defer the work",),  # (a batch a second on the write path)
+        "canvasdb.documents": ("could not announce a change", "could not ask for compaction"),
+    }
+    for name, prefixes in repeated.items():
+        _add_filter(logging.getLogger(name), _OncePer(_starts(*prefixes), every))
+    for name in ("procrastinate.worker", f"procrastinate.worker.{WORKER_NAME}", "procrastinate.utils",
+                 "canvasdb.jobs", "canvasdb.documents"):
         _add_filter(logging.getLogger(name), _OutageInOneLine(ConnectorException))
 
 

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from conftest import Tenant
 from prometheus_client import REGISTRY
+from psycopg.errors import QueryCanceled
 from pycrdt import Doc, Map
 from relays import PgProxy
 
@@ -90,6 +91,17 @@ async def test_the_hourly_pass_stops_when_the_database_goes_away(
     with pytest.raises(Unavailable):
         await jobs.maintain(svc)
     assert len(tried) == 1
+
+    async def too_long(org_id: UUID, doc_id: str) -> None:  # one document over the statement timeout
+        tried.append(doc_id)
+        try:
+            raise QueryCanceled("canceling statement due to statement timeout")
+        except QueryCanceled as exc:
+            raise Unavailable("the query took too long and was cancelled", retry=True) from exc
+
+    monkeypatch.setattr(svc.documents, "compact", too_long)
+    totals = await jobs.maintain(svc)
+    assert len(tried) > 2 and totals["failed"] == len(tried) - 1, "the others went on"
 
 
 def test_schema_install_is_idempotent(pg_url: str) -> None:

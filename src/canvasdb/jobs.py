@@ -26,6 +26,7 @@ from procrastinate import App, JobContext, PsycopgConnector, RetryStrategy
 from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
 from procrastinate.jobs import Status
 from prometheus_client import Gauge
+from psycopg.errors import QueryCanceled
 
 from canvasdb.db import ConnectionPool
 from canvasdb.db.migrate import LOCK_KEY
@@ -179,9 +180,9 @@ async def maintain(services: Any) -> dict[str, int]:
                 updates, snapshots = await docs.prune(
                     org.id, doc_id, keep_updates=timedelta(hours=settings.update_retention_hours),
                     keep_hourly=timedelta(days=settings.snapshot_retention_days))
-            except Unavailable:
-                raise
-            except Exception:  # one document's failure, whatever else it is, stops no other
+            except Exception as exc:  # one document's failure, whatever else it is, stops no other
+                if isinstance(exc, Unavailable) and not isinstance(exc.__cause__, QueryCanceled):
+                    raise  # no connection: the database is away (over the statement timeout: this one is)
                 log.exception("hourly maintenance of document %s failed", doc_id)
                 totals["failed"] += 1
                 continue

@@ -84,37 +84,46 @@ async def test_snapshot_plus_tail_equals_replay(svc: Services, seed: int, n: int
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(minutes=st.lists(st.integers(0, 50 * 24 * 60), min_size=1, max_size=40, unique=True))
-async def test_old_snapshots_thin_to_the_last_of_each_day(svc: Services, minutes: list[int]) -> None:
+@given(minutes=st.lists(st.integers(0, 50 * 24 * 60), min_size=1, max_size=40, unique=True),
+       shift=st.integers(0, 24 * 60))
+async def test_old_snapshots_thin_to_the_last_of_each_day(svc: Services, minutes: list[int], shift: int) -> None:
     """Past the hourly window a snapshot goes when a later one is from the same day: the last
-    of each day stays, and the newest of all; those within the window all stay."""
+    of each day stays, and the newest of all; those within the window all stay. Two documents
+    in one call (the hourly pass's batches), the second's times ``shift`` minutes later."""
     global _tenant
     if _tenant is None:
         _tenant = await make_tenant(svc)
-    org, doc_id = _tenant.org_id, f"thin-{uuid.uuid4().hex[:12]}"
-    await svc.documents.create(_tenant.owner, _tenant.project_id, doc_id)
+    org, docs = _tenant.org_id, [f"thin-{uuid.uuid4().hex[:12]}" for _ in range(2)]
     now = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
-    times = [now - timedelta(days=50) + timedelta(minutes=m) for m in sorted(minutes)]
+    times = {doc_id: [now - timedelta(days=50) + timedelta(minutes=m + i * shift) for m in sorted(minutes)]
+             for i, doc_id in enumerate(docs)}
+    for doc_id in docs:
+        await svc.documents.create(_tenant.owner, _tenant.project_id, doc_id)
     async with svc.db.transaction(org) as conn:
         zone = ZoneInfo((await (await conn.execute("SELECT current_setting('TimeZone') AS tz")).fetchone())["tz"])
         async with conn.cursor() as cur:
             await cur.executemany("INSERT INTO doc_snapshots (org_id, doc_id, seq, state, size, at)"
                                   " VALUES (%s, %s, %s, '\\x00', 1, %s)",
-                                  [(org, doc_id, seq, at) for seq, at in enumerate(times, 1)])
+                                  [(org, doc_id, seq, at) for doc_id in docs
+                                   for seq, at in enumerate(times[doc_id], 1)])
     try:
-        await svc.documents.prune(org, doc_id, now=now, keep_hourly=timedelta(days=30))
+        pruned = await svc.documents.prune_many(org, docs, now=now, keep_hourly=timedelta(days=30))
     finally:  # these states are not Yjs: gone before any other test's pass reads them
         async with svc.db.transaction(org) as conn:
-            cur = await conn.execute("DELETE FROM doc_snapshots WHERE org_id = %s AND doc_id = %s RETURNING seq",
-                                     (org, doc_id))
-            kept = sorted(r["seq"] for r in await cur.fetchall())
+            cur = await conn.execute("DELETE FROM doc_snapshots WHERE org_id = %s AND doc_id = ANY(%s)"
+                                     " RETURNING doc_id, seq", (org, docs))
+            kept = {doc_id: sorted(r["seq"] for r in rows if r["doc_id"] == doc_id)
+                    for rows in [await cur.fetchall()] for doc_id in docs}
 
     def day(at: datetime) -> object:
         return at.astimezone(zone).date()
 
     cut = now - timedelta(days=30)
-    assert kept == [seq for seq, at in enumerate(times, 1)
-                    if at >= cut or seq == len(times) or day(times[seq]) != day(at)]
+    for doc_id in docs:
+        at = times[doc_id]
+        expected = [seq for seq, t in enumerate(at, 1) if t >= cut or seq == len(at) or day(at[seq]) != day(t)]
+        assert kept[doc_id] == expected
+        assert pruned.get(doc_id, (0, 0)) == (0, len(at) - len(expected))
 
 
 async def _exists(store: DocumentStore, tenant: Tenant, doc_id: str) -> bool:

@@ -4,6 +4,7 @@ worker's resilience (it starts again, stops in bounded time, its dead peers' job
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from relays import PgProxy
 from canvasdb import jobs
 from canvasdb.db import ConnectionPool
 from canvasdb.documents import DocumentStore
-from canvasdb.errors import Unavailable
+from canvasdb.errors import CanvasdbError, Unavailable
 from canvasdb.services import Services
 
 
@@ -61,17 +62,21 @@ async def test_growing_document_is_compacted_by_a_worker(pg_url: str, svc: Servi
 
 
 async def test_hourly_maintenance_compacts_and_prunes(svc: Services, tenant: Tenant) -> None:
-    await svc.documents.create(tenant.owner, tenant.project_id, "hourly")
-    _, made = edits(5)
-    for update in made:
-        await svc.documents.append(tenant.owner, "hourly", update)
+    for doc_id, n in (("hourly", 5), ("hourly-2", 3), ("hourly-3", 4)):
+        await svc.documents.create(tenant.owner, tenant.project_id, doc_id)
+        for update in edits(n)[1]:
+            await svc.documents.append(tenant.owner, doc_id, update)
+    await svc.documents.compact(tenant.org_id, "hourly-3")
+    await svc.documents.append(tenant.owner, "hourly-3", edits(6)[1][-1])  # past its snapshot
     totals = await jobs.maintain(svc)
-    assert totals["snapshots"] >= 1 and await snapshots(svc, tenant, "hourly") == [5]
+    assert totals["snapshots"] >= 3 and await snapshots(svc, tenant, "hourly") == [5]
     again = await jobs.maintain(svc)
     assert (again["snapshots"], again["updates_deleted"], again["projected"]) == (0, 0, 0), "idempotent"
     assert totals["failed"] == again["failed"] == 0
-    deleted, _ = await svc.documents.prune(tenant.org_id, "hourly", now=datetime.now(UTC) + timedelta(days=2))
-    assert deleted == 5
+    # two days on, the updates each snapshot covers go (in one statement for several documents)
+    later = datetime.now(UTC) + timedelta(days=2)
+    pruned = await svc.documents.prune_many(tenant.org_id, ["hourly", "hourly-2", "hourly-3"], now=later)
+    assert pruned == {"hourly": (5, 0), "hourly-2": (3, 0), "hourly-3": (5, 0)}
 
 
 async def test_the_hourly_pass_stops_when_the_database_goes_away(
@@ -102,6 +107,28 @@ async def test_the_hourly_pass_stops_when_the_database_goes_away(
     monkeypatch.setattr(svc.documents, "compact", too_long)
     totals = await jobs.maintain(svc)
     assert len(tried) > 2 and totals["failed"] == len(tried) - 1, "the others went on"
+
+
+async def test_a_retention_batch_that_fails_is_applied_one_document_at_a_time(
+        svc: Services, tenant: Tenant, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    for doc_id in ("batch-1", "batch-2"):
+        await svc.documents.create(tenant.owner, tenant.project_id, doc_id)
+        for update in edits(3)[1]:
+            await svc.documents.append(tenant.owner, doc_id, update)
+    await jobs.maintain(svc)  # snapshots
+    whole = svc.documents.prune_many
+
+    async def refusing_batches(org_id: UUID, doc_ids: list[str], **keep: Any) -> dict[str, tuple[int, int]]:
+        if len(doc_ids) > 1:
+            raise CanvasdbError("database error (XX000)")
+        return await whole(org_id, doc_ids, **keep)
+
+    monkeypatch.setattr(svc.documents, "prune_many", refusing_batches)
+    ahead = svc.settings.model_copy(update={"update_retention_hours": -48})  # the cut two days on
+    totals = await jobs.maintain(dataclasses.replace(svc, settings=ahead))
+    assert totals["updates_deleted"] >= 6 and totals["failed"] == 0
+    assert any("one by one" in r.getMessage() for r in caplog.records)
 
 
 def test_schema_install_is_idempotent(pg_url: str) -> None:

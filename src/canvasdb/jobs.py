@@ -37,6 +37,7 @@ queue = App(connector=PsycopgConnector())
 
 RESTART_WAIT = (1.0, 30.0)  # s: the first wait before starting a stopped worker again, and the longest
 STEADY_SECONDS = 60.0  # a worker that ran this long before stopping is started again after the first wait
+PRUNE_BATCH = 500  # documents whose retention one statement applies
 STOP_SECONDS = 5.0  # the longest a worker may take to stop (half of it for its running jobs)
 STALLED_SECONDS = 60.0  # a worker silent this long is dead (it sends a heartbeat every 10 s)
 
@@ -159,35 +160,57 @@ async def recover_stalled_jobs(*, silent_for: float = STALLED_SECONDS) -> int:
 async def maintain(services: Any) -> dict[str, int]:
     """Projection, compaction and retention over every org's documents; the hourly job's body.
 
-    A document that fails is logged and counted, and the pass goes on with the others; but
-    not when the database is away (every other document would wait for a connection, then
-    fail in turn): the pass stops, and the next one starts over.
+    Projection and compaction go document by document, over those with something to do;
+    retention over ``PRUNE_BATCH`` documents at a time. A failure is logged and counted (a
+    batch's, then its documents' one by one), and the pass goes on with the others; but not
+    when the database is away (every other document would wait for a connection, then fail
+    in turn): the pass stops, and the next one starts over.
     """
     settings = services.settings
     docs = services.documents
+    keep = {"keep_updates": timedelta(hours=settings.update_retention_hours),
+            "keep_hourly": timedelta(days=settings.snapshot_retention_days)}
     totals = {"documents": 0, "projected": 0, "snapshots": 0, "updates_deleted": 0,
               "snapshots_deleted": 0, "failed": 0}
+
+    async def step(what: str, work: Awaitable[Any]) -> Any:
+        try:
+            return await work
+        except Exception as exc:  # one failure, whatever else it is, stops no other
+            if isinstance(exc, Unavailable) and not isinstance(exc.__cause__, QueryCanceled):
+                raise  # no connection: the database is away (over the statement timeout: this one is)
+            log.exception("hourly maintenance of %s failed", what)
+            totals["failed"] += 1
+            return None
+
     for org in await services.tenancy.list_orgs():
         behind = set(await docs.projection_behind(org.id))
         changed = set(await docs.changed_since_snapshot(org.id))
-        for doc_id in await docs.all_ids(org.id):
-            totals["documents"] += 1
+        for doc_id in sorted(behind | changed):
+            if doc_id in behind:  # (a board a job projects now is left to it)
+                totals["projected"] += await step(
+                    f"document {doc_id}", services.projection.project(org.id, doc_id, wait=False)) or 0
+            if doc_id in changed:
+                made = await step(f"document {doc_id}", docs.compact(org.id, doc_id))
+                totals["snapshots"] += made is not None
+        ids = await docs.all_ids(org.id)
+        totals["documents"] += len(ids)
+        for start in range(0, len(ids), PRUNE_BATCH):
+            batch = ids[start:start + PRUNE_BATCH]
             try:
-                if doc_id in behind:  # (a board a job projects now is left to it)
-                    totals["projected"] += await services.projection.project(org.id, doc_id, wait=False)
-                if doc_id in changed:
-                    totals["snapshots"] += await docs.compact(org.id, doc_id) is not None
-                updates, snapshots = await docs.prune(
-                    org.id, doc_id, keep_updates=timedelta(hours=settings.update_retention_hours),
-                    keep_hourly=timedelta(days=settings.snapshot_retention_days))
-            except Exception as exc:  # one document's failure, whatever else it is, stops no other
+                pruned = await docs.prune_many(org.id, batch, **keep)
+            except Exception as exc:
                 if isinstance(exc, Unavailable) and not isinstance(exc.__cause__, QueryCanceled):
-                    raise  # no connection: the database is away (over the statement timeout: this one is)
-                log.exception("hourly maintenance of document %s failed", doc_id)
-                totals["failed"] += 1
-                continue
-            totals["updates_deleted"] += updates
-            totals["snapshots_deleted"] += snapshots
+                    raise
+                log.warning("retention of %d documents of org %s at once failed (%s); one by one",
+                            len(batch), org.slug, one_line(exc))
+                pruned = {}
+                for doc_id in batch:
+                    one = await step(f"document {doc_id}", docs.prune(org.id, doc_id, **keep))
+                    if one:
+                        pruned[doc_id] = one
+            totals["updates_deleted"] += sum(updates for updates, _ in pruned.values())
+            totals["snapshots_deleted"] += sum(snapshots for _, snapshots in pruned.values())
     return totals
 
 

@@ -631,40 +631,60 @@ class DocumentStore:
     async def prune(self, org_id: UUID, doc_id: str, *, now: datetime | None = None,
                     keep_updates: timedelta = timedelta(hours=24),
                     keep_hourly: timedelta = timedelta(days=30)) -> tuple[int, int]:
-        """Apply retention: delete updates older than ``keep_updates`` that a snapshot from
-        before then covers, and thin snapshots older than ``keep_hourly`` to the last one of
-        each day (the newest snapshot always stays; a deleted one's blob is collected).
-        Returns (updates deleted, snapshots deleted)."""
+        """Apply retention to one document: (updates deleted, snapshots deleted). See
+        ``prune_many``."""
+        done = await self.prune_many(org_id, [doc_id], now=now, keep_updates=keep_updates,
+                                     keep_hourly=keep_hourly)
+        return done.get(doc_id, (0, 0))
+
+    async def prune_many(self, org_id: UUID, doc_ids: list[str], *, now: datetime | None = None,
+                         keep_updates: timedelta = timedelta(hours=24),
+                         keep_hourly: timedelta = timedelta(days=30)) -> dict[str, tuple[int, int]]:
+        """Apply retention to some documents of an org, in one transaction of two statements
+        (a transaction per document cost the hourly pass 0.3 ms a document with nothing to
+        do): delete updates older than ``keep_updates`` that a snapshot from before then
+        covers, and thin snapshots older than ``keep_hourly`` to the last one of each day (the
+        newest snapshot always stays; a deleted one's blob is collected). Returns (updates
+        deleted, snapshots deleted) by document, for those that lost any."""
         now = now or datetime.now(UTC)
+        done: dict[str, list[int]] = {}
         async with self.db.transaction(org_id) as conn:
             # Only what a snapshot from before the cut covers: a moment after the cut is read
             # from the newest snapshot at or before it and the updates after that one, which
             # must all still be there (with the newest snapshot of all, a moment between an
             # older snapshot and the cut lost the updates in between).
             cur = await conn.execute(
-                "DELETE FROM doc_updates WHERE org_id = %(org)s AND doc_id = %(doc)s AND at < %(cut)s"
-                " AND seq <= (SELECT max(seq) FROM doc_snapshots"
-                "             WHERE org_id = %(org)s AND doc_id = %(doc)s AND at <= %(cut)s) RETURNING seq",
-                {"org": org_id, "doc": doc_id, "cut": now - keep_updates})
-            updates = len(await cur.fetchall())
+                "WITH covered AS (SELECT d.id, (SELECT max(s.seq) FROM doc_snapshots s"
+                "                              WHERE s.org_id = %(org)s AND s.doc_id = d.id"
+                "                              AND s.at <= %(cut)s) AS seq"
+                "                 FROM unnest(%(docs)s::text[]) AS d(id))"
+                " DELETE FROM doc_updates u USING covered c WHERE u.org_id = %(org)s AND u.doc_id = c.id"
+                " AND u.seq <= c.seq AND u.at < %(cut)s RETURNING u.doc_id",
+                {"org": org_id, "docs": doc_ids, "cut": now - keep_updates})
+            for row in await cur.fetchall():
+                done.setdefault(row["doc_id"], [0, 0])[0] += 1
             # A snapshot goes when the next one is from the same day (so the newest never does):
-            # one pass over the document's snapshots, where asking each old one whether any
+            # one pass over each document's snapshots, where asking each old one whether any
             # later one shares its day read them all again (a year of daily snapshots, 18 ms
             # a document every hour). A next one more than a day later is another day's: the
             # snapshots from after that are not read.
             cur = await conn.execute(
-                "DELETE FROM doc_snapshots s WHERE s.org_id = %(org)s AND s.doc_id = %(doc)s AND s.seq IN ("
-                " SELECT seq FROM (SELECT seq, at, lead(at) OVER (ORDER BY seq) AS next_at"
-                "                  FROM doc_snapshots WHERE org_id = %(org)s AND doc_id = %(doc)s"
-                "                  AND at < %(cut)s + interval '1 day') x"
-                " WHERE x.at < %(cut)s AND date_trunc('day', x.next_at) = date_trunc('day', x.at))"
-                " RETURNING seq, blob_sha256",
-                {"org": org_id, "doc": doc_id, "cut": now - keep_hourly})
+                "DELETE FROM doc_snapshots s USING ("
+                " SELECT doc_id, seq FROM (SELECT doc_id, seq, at,"
+                "                                 lead(at) OVER (PARTITION BY doc_id ORDER BY seq) AS next_at"
+                "                          FROM doc_snapshots WHERE org_id = %(org)s"
+                "                          AND doc_id = ANY(%(docs)s) AND at < %(cut)s + interval '1 day') x"
+                " WHERE x.at < %(cut)s AND date_trunc('day', x.next_at) = date_trunc('day', x.at)) g"
+                " WHERE s.org_id = %(org)s AND s.doc_id = g.doc_id AND s.seq = g.seq"
+                " RETURNING s.doc_id, s.blob_sha256",
+                {"org": org_id, "docs": doc_ids, "cut": now - keep_hourly})
             gone = await cur.fetchall()
+            for row in gone:
+                done.setdefault(row["doc_id"], [0, 0])[1] += 1
         if self.blobs is not None:
             for sha256 in {r["blob_sha256"] for r in gone if r["blob_sha256"] is not None}:
                 await gc.collect(self.db, self.blobs, sha256)
-        return updates, len(gone)
+        return {doc_id: (updates, snapshots) for doc_id, (updates, snapshots) in done.items()}
 
 
 @dataclass(frozen=True)

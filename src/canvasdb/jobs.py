@@ -177,8 +177,8 @@ async def maintain(services: Any) -> dict[str, int]:
         try:
             return await work
         except Exception as exc:  # one failure, whatever else it is, stops no other
-            if isinstance(exc, Unavailable) and not isinstance(exc.__cause__, QueryCanceled):
-                raise  # no connection: the database is away (over the statement timeout: this one is)
+            if _database_away(exc):
+                raise
             log.exception("hourly maintenance of %s failed", what)
             totals["failed"] += 1
             return None
@@ -200,7 +200,7 @@ async def maintain(services: Any) -> dict[str, int]:
             try:
                 pruned = await docs.prune_many(org.id, batch, **keep)
             except Exception as exc:
-                if isinstance(exc, Unavailable) and not isinstance(exc.__cause__, QueryCanceled):
+                if _database_away(exc):
                     raise
                 log.warning("retention of %d documents of org %s at once failed (%s); one by one",
                             len(batch), org.slug, one_line(exc))
@@ -212,6 +212,11 @@ async def maintain(services: Any) -> dict[str, int]:
             totals["updates_deleted"] += sum(updates for updates, _ in pruned.values())
             totals["snapshots_deleted"] += sum(snapshots for _, snapshots in pruned.values())
     return totals
+
+
+def _database_away(exc: Exception) -> bool:
+    """No connection (over the statement timeout is the statement's own failure)."""
+    return isinstance(exc, Unavailable) and not isinstance(exc.__cause__, QueryCanceled)
 
 
 async def defer_compaction(org_id: UUID, doc_id: str) -> None:

@@ -126,6 +126,40 @@ async def test_old_snapshots_thin_to_the_last_of_each_day(svc: Services, minutes
         assert pruned.get(doc_id, (0, 0)) == (0, len(at) - len(expected))
 
 
+async def test_thinning_keeps_what_updates_kept_longer_need(svc: Services, tenant: Tenant) -> None:
+    """Updates kept 48 days, hourly snapshots 30: thinning must not take the snapshot that the
+    updates deleted before the update cut were folded into (a moment just after that cut would
+    be rebuilt from an older snapshot, without them)."""
+    org, doc = tenant.org_id, "kept-longer"
+    now = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
+    cut = now - timedelta(days=48)
+    updates = {1: cut - timedelta(hours=3), 2: cut - timedelta(hours=2), 3: cut + timedelta(hours=1),
+               4: cut + timedelta(hours=2), 5: now - timedelta(hours=1)}
+    async with svc.db.transaction(org) as conn, conn.cursor() as cur:
+        await cur.executemany("INSERT INTO doc_updates (org_id, doc_id, seq, payload, at)"
+                              " VALUES (%s, %s, %s, '\\x00', %s)", [(org, doc, s, t) for s, t in updates.items()])
+        await cur.executemany("INSERT INTO doc_snapshots (org_id, doc_id, seq, state, size, at)"
+                              " VALUES (%s, %s, %s, '\\x00', 1, %s)",
+                              [(org, doc, s, updates[s]) for s in (2, 4, 5)])
+    try:
+        pruned = await svc.documents.prune_many(org, [doc], now=now, keep_updates=timedelta(days=48),
+                                                keep_hourly=timedelta(days=30))
+        moment = cut + timedelta(minutes=90)  # within the updates kept: exact
+        async with svc.db.transaction(org) as conn:
+            base = (await (await conn.execute(
+                "SELECT coalesce(max(seq), 0) AS seq FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
+                " AND at <= %s", (org, doc, moment))).fetchone())["seq"]
+            after = await (await conn.execute(
+                "SELECT seq FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s AND at <= %s"
+                " ORDER BY seq", (org, doc, base, moment))).fetchall()
+    finally:  # not Yjs: gone before any other test reads them
+        async with svc.db.transaction(org) as conn:
+            await conn.execute("DELETE FROM doc_updates WHERE org_id = %s AND doc_id = %s", (org, doc))
+            await conn.execute("DELETE FROM doc_snapshots WHERE org_id = %s AND doc_id = %s", (org, doc))
+    assert pruned == {doc: (2, 0)}
+    assert [*range(1, base + 1), *(r["seq"] for r in after)] == [1, 2, 3]
+
+
 async def _exists(store: DocumentStore, tenant: Tenant, doc_id: str) -> bool:
     from canvasdb.errors import NotFound
 

@@ -225,6 +225,37 @@ async def test_taking_turns_frees_its_lock_however_the_block_ends(pg_url: str) -
             pass
 
 
+async def test_a_waiter_cancelled_as_its_turn_comes_leaves_no_lock(pg_url: str) -> None:
+    """The server may grant the lock just as the waiting task is cancelled: the lock must not
+    outlive the task (it lasted as long as a pooled connection did)."""
+    async with Database(pg_url, min_size=1, max_size=2) as db:
+        for i in range(10):
+            name, holding, release = f"granted-{i}", asyncio.Event(), asyncio.Event()
+
+            async def holder(name: str = name, holding: asyncio.Event = holding,
+                             release: asyncio.Event = release) -> None:
+                async with db.taking_turns(name):
+                    holding.set()
+                    await release.wait()
+
+            async def waiter(name: str = name) -> None:
+                async with db.taking_turns(name):
+                    await asyncio.sleep(60)
+
+            held = asyncio.create_task(holder())
+            await holding.wait()
+            waiting = asyncio.create_task(waiter())
+            await asyncio.sleep(0.1)  # waiting on the lock
+            release.set()
+            await held
+            await asyncio.sleep(0.001 * (i % 5))
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            async with asyncio.timeout(5), db.taking_turns(name) as mine:  # (a closed session's
+                assert mine  # locks go as its backend exits: a moment after the close)
+
+
 async def test_an_outage_is_a_few_lines_in_the_log(
         pg_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """While the database is away, the pool tries to connect every 2 s per connection, and
@@ -254,6 +285,15 @@ async def test_an_outage_is_a_few_lines_in_the_log(
     except ConnectorException as stopped:
         logging.getLogger("procrastinate.worker.worker").error(
             "Side task listener failed, stopping worker", exc_info=stopped, extra={"action": "side_task_failed"})
+    try:  # the job queue wraps any database error the same way: a statement's keeps its traceback
+        try:
+            raise psycopg.errors.UniqueViolation("duplicate key")
+        except psycopg.Error as exc:
+            raise ConnectorException() from exc
+    except ConnectorException as failed_job:
+        logging.getLogger("procrastinate.worker").error("Job failed", exc_info=failed_job)
+    [kept] = [r for r in caplog.records if r.name == "procrastinate.worker"]
+    assert kept.exc_info is not None and kept.getMessage() == "Job failed"
     [record] = [r for r in caplog.records if r.name == "procrastinate.worker.worker"]
     assert record.exc_info is None
     assert record.getMessage() == ("Side task listener failed, stopping worker"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -223,6 +223,10 @@ async def test_pages_subgraph_and_caps(svc: Services, db, tenant: Tenant) -> Non
             await svc.graph.neighbors(tenant.owner, **{"id": hub, **other}, cursor=first["next"])
     assert (await svc.graph.neighbors(tenant.owner, hub, limit=9, cursor=first["next"]))["nodes"], \
         "the same walk, another page size"
+    moment = datetime.now(UTC)
+    then = await svc.graph.neighbors(tenant.owner, hub, limit=5, as_of=moment)
+    elsewhere = moment.astimezone(timezone(timedelta(hours=2)))  # the same instant, written elsewhere
+    assert (await svc.graph.neighbors(tenant.owner, hub, limit=5, as_of=elsewhere, cursor=then["next"]))["nodes"]
 
 
 async def test_a_subgraph_of_several_roots(svc: Services, tenant: Tenant, other_tenant: Tenant) -> None:

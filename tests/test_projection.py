@@ -14,6 +14,7 @@ from conftest import Tenant
 from pycrdt import Doc, Map
 
 from canvasdb import jobs
+from canvasdb.db import Database
 from canvasdb.documents import DocumentStore
 from canvasdb.documents.projection import BoardProjection, entity_id
 from canvasdb.errors import InvalidInput
@@ -244,3 +245,15 @@ async def test_two_projections_of_a_board_at_once_take_turns(
         await asyncio.sleep(0.3)
         assert not waiting.done(), "a job waits for its turn"
     assert await waiting == 1
+
+
+async def test_projections_on_a_small_pool_do_not_starve_it(pg_url: str, svc: Services, tenant: Tenant) -> None:
+    """As many projections at once as the pool has connections (a worker's --concurrency at its
+    pool's size): the turn of each is held outside the pool, which its work needs."""
+    boards = [f"starve-{i}" for i in range(4)]
+    for doc_id in boards:
+        await svc.documents.create(tenant.owner, tenant.project_id, doc_id, "board")
+    async with Database(pg_url, min_size=1, max_size=4, timeout=3) as small:
+        projection = BoardProjection(DocumentStore(small), svc.projection.entities)
+        done = await asyncio.gather(*(projection.project(tenant.org_id, b) for b in boards), return_exceptions=True)
+    assert done == [0, 0, 0, 0]

@@ -26,9 +26,8 @@ from procrastinate import App, JobContext, PsycopgConnector, RetryStrategy
 from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
 from procrastinate.jobs import Status
 from prometheus_client import Gauge
-from psycopg.errors import QueryCanceled
 
-from canvasdb.db import ConnectionPool
+from canvasdb.db import ConnectionPool, connection_lost
 from canvasdb.db.migrate import LOCK_KEY
 from canvasdb.errors import CanvasdbError, NotFound, Unavailable, one_line
 
@@ -215,8 +214,11 @@ async def maintain(services: Any) -> dict[str, int]:
 
 
 def _database_away(exc: Exception) -> bool:
-    """No connection (over the statement timeout is the statement's own failure)."""
-    return isinstance(exc, Unavailable) and not isinstance(exc.__cause__, QueryCanceled)
+    """No connection: none free in time, or the one in use lost (a statement over the
+    timeout, out of memory or over a limit is that statement's own failure)."""
+    cause = exc.__cause__
+    return isinstance(exc, Unavailable) and (cause is None or (isinstance(cause, psycopg.Error)
+                                                                and connection_lost(cause)))
 
 
 async def defer_compaction(org_id: UUID, doc_id: str) -> None:

@@ -100,12 +100,15 @@ class _OutageInOneLine(logging.Filter):
     """A record whose error is the database being away: its message on one line, the error's
     after it, no traceback (the job queue logs one per stopped worker and per failed job)."""
 
-    def __init__(self, *outages: type[BaseException]) -> None:
+    def __init__(self, *wrappers: type[BaseException]) -> None:
         super().__init__()
-        self.outages = (Unavailable, psycopg.OperationalError, *outages)
+        self.outages = (Unavailable, psycopg.OperationalError)
+        self.wrappers = wrappers  # errors that stand for the one they wrap
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc) in self.wrappers:  # (the job queue's, for any database error)
+            exc = exc.__cause__ if isinstance(exc.__cause__, psycopg.OperationalError) else None
         if isinstance(exc, self.outages):
             record.msg, record.args = f"{' '.join(record.getMessage().split())} ({one_line(exc)})", None
             record.exc_info, record.exc_text = None, None

@@ -2,6 +2,7 @@
 
 from canvasdb.db.embedded import EmbeddedPostgres
 from canvasdb.db.migrate import migrate
-from canvasdb.db.pool import Connection, ConnectionPool, Database, translate
+from canvasdb.db.pool import Connection, ConnectionPool, Database, connection_lost, translate
 
-__all__ = ["Connection", "ConnectionPool", "Database", "EmbeddedPostgres", "migrate", "translate"]
+__all__ = ["Connection", "ConnectionPool", "Database", "EmbeddedPostgres", "connection_lost", "migrate",
+           "translate"]

@@ -84,7 +84,7 @@ class Database:
         except PoolTimeout as exc:  # (an OperationalError too) no connection within the wait
             raise Unavailable("no database connection available", hint=str(exc), retry=True) from None
         except psycopg.Error as exc:
-            if _connection_lost(exc) and self._checking is None:
+            if connection_lost(exc) and self._checking is None:
                 self._checking = asyncio.get_running_loop().create_task(self.pool.check())
                 self._checking.add_done_callback(self._checked)
             raise translate(exc) from exc
@@ -112,7 +112,7 @@ class Database:
                 return
             except Unavailable as exc:
                 cause = exc.__cause__  # None for a pool timeout: no connection to retry on
-                if attempt or not (isinstance(cause, psycopg.Error) and _connection_lost(cause)):
+                if attempt or not (isinstance(cause, psycopg.Error) and connection_lost(cause)):
                     raise
 
     async def open(self) -> Database:
@@ -167,29 +167,27 @@ class Database:
     @asynccontextmanager
     async def taking_turns(self, name: str, *, wait: bool = True) -> AsyncIterator[bool]:
         """Whether this is the turn of ``name`` for the block: no other holder of ``name`` runs
-        theirs meanwhile, in any process (a session advisory lock, on a connection of its own,
-        for work of several transactions). ``wait``: for the turn, at most the statement
-        timeout (then Unavailable); without, the block runs at once, told False if it is
-        another's turn. A connection whose unlock did not go through is closed, not pooled:
-        the server frees a closed session's locks."""
-        await self._settled()
-        async with self.pool.connection() as conn:
+        theirs meanwhile, in any process (a session advisory lock, for work of several
+        transactions). ``wait``: for the turn, at most the statement timeout (then
+        Unavailable); without, the block runs at once, told False if it is another's turn.
+
+        The lock is held on a connection of its own, outside the pool, closed at the end
+        (the server frees a closed session's locks, however the block ended, cancelled while
+        waiting included): held on a pooled connection it could go back to the pool still
+        held, and the block, needing connections of the pool, could starve it."""
+        with self._translated():
+            conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+        try:
             with self._translated():
-                cur = await conn.execute(f"SELECT {'pg_advisory_lock' if wait else 'pg_try_advisory_lock'}"
-                                         "(%s, hashtext(%s)) AS taken", (_TURNS_SPACE, name))
+                await conn.execute("SELECT set_config('statement_timeout', %s, false)",
+                                   (str(self._statement_timeout_ms),))
+                cur = await conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s)), true" if wait else
+                                         "SELECT null, pg_try_advisory_lock(%s, hashtext(%s))",
+                                         (_TURNS_SPACE, name))
                 row = await cur.fetchone()
-            if wait is False and not (row and row["taken"]):
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                try:
-                    await conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_TURNS_SPACE, name))
-                except BaseException as exc:  # a lost connection, or cancelled on the way out
-                    await conn.close()
-                    if not isinstance(exc, psycopg.Error):
-                        raise
+            yield bool(row and row[1])
+        finally:
+            await conn.close()
 
     @asynccontextmanager
     async def transaction(self, org_id: UUID | None = None, *,
@@ -232,7 +230,7 @@ def read_json(data: bytes) -> Any:
         return json.loads(data)
 
 
-def _connection_lost(exc: psycopg.Error) -> bool:
+def connection_lost(exc: psycopg.Error) -> bool:
     """The connection itself failed (class 08, the server shutting down or crashing: 57P0x,
     or no SQLSTATE at all), not the statement."""
     state = exc.sqlstate or ""

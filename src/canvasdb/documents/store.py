@@ -677,7 +677,11 @@ class DocumentStore:
                 " WHERE x.at < %(cut)s AND date_trunc('day', x.next_at) = date_trunc('day', x.at)) g"
                 " WHERE s.org_id = %(org)s AND s.doc_id = g.doc_id AND s.seq = g.seq"
                 " RETURNING s.doc_id, s.blob_sha256",
-                {"org": org_id, "docs": doc_ids, "cut": now - keep_hourly})
+                # never a snapshot that updates still kept may need, from a day before their cut
+                # on (with update retention longer than the hourly snapshots', thinning took the
+                # snapshot those deleted updates had been folded into)
+                {"org": org_id, "docs": doc_ids,
+                 "cut": min(now - keep_hourly, now - keep_updates - timedelta(days=1))})
             gone = await cur.fetchall()
             for row in gone:
                 done.setdefault(row["doc_id"], [0, 0])[1] += 1

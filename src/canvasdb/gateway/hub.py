@@ -223,15 +223,15 @@ class Hub:
         """Close the connections still open with 1001; commits in flight finish first."""
         if self._catch_up_again is not None:
             self._catch_up_again.cancel()
+        for room in self.rooms.values():  # no catch-up tried again from here on
+            if room.catch_up_due is not None:
+                room.catch_up_due.cancel()
         for task in [*self._tasks, *self._catch_ups]:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.gather(*self._catch_ups, return_exceptions=True)
-        for room in self.rooms.values():
-            if room.catch_up_due is not None:
-                room.catch_up_due.cancel()
         peers = [peer for room in self.rooms.values() for peer in room.peers]
         for peer in peers:
             with contextlib.suppress(Exception):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any, Literal
 from uuid import UUID
@@ -284,8 +284,8 @@ def _walk_tag(starts: list[UUID], direction: str, kinds: list[str] | None, depth
               as_of: datetime | None) -> str:
     """Names the walk a page cursor belongs to: another walk's cursor would start its pages at
     an arbitrary point, and silently (the page size may change between pages)."""
-    key = repr((sorted(map(str, starts)), direction, sorted(set(kinds)) if kinds is not None else None,
-                depth, as_of.isoformat() if as_of is not None else None))
+    key = repr((sorted(set(map(str, starts))), direction, sorted(set(kinds)) if kinds is not None else None,
+                depth, utc(as_of).astimezone(UTC).isoformat() if as_of is not None else None))
     return hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
 
 

@@ -176,7 +176,7 @@ class Database:
         waiting included): held on a pooled connection it could go back to the pool still
         held, and the block, needing connections of the pool, could starve it."""
         with self._translated():
-            conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+            conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, connect_timeout=10)
         try:
             with self._translated():
                 await conn.execute("SELECT set_config('statement_timeout', %s, false)",

@@ -27,9 +27,9 @@ from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
 from procrastinate.jobs import Status
 from prometheus_client import Gauge
 
-from canvasdb.db import ConnectionPool, connection_lost
+from canvasdb.db import ConnectionPool, database_away
 from canvasdb.db.migrate import LOCK_KEY
-from canvasdb.errors import CanvasdbError, NotFound, Unavailable, one_line
+from canvasdb.errors import CanvasdbError, NotFound, one_line
 
 log = logging.getLogger("canvasdb.jobs")
 queue = App(connector=PsycopgConnector())
@@ -176,7 +176,7 @@ async def maintain(services: Any) -> dict[str, int]:
         try:
             return await work
         except Exception as exc:  # one failure, whatever else it is, stops no other
-            if _database_away(exc):
+            if database_away(exc):
                 raise
             log.exception("hourly maintenance of %s failed", what)
             totals["failed"] += 1
@@ -199,7 +199,7 @@ async def maintain(services: Any) -> dict[str, int]:
             try:
                 pruned = await docs.prune_many(org.id, batch, **keep)
             except Exception as exc:
-                if _database_away(exc):
+                if database_away(exc):
                     raise
                 log.warning("retention of %d documents of org %s at once failed (%s); one by one",
                             len(batch), org.slug, one_line(exc))
@@ -211,14 +211,6 @@ async def maintain(services: Any) -> dict[str, int]:
             totals["updates_deleted"] += sum(updates for updates, _ in pruned.values())
             totals["snapshots_deleted"] += sum(snapshots for _, snapshots in pruned.values())
     return totals
-
-
-def _database_away(exc: Exception) -> bool:
-    """No connection: none free in time, or the one in use lost (a statement over the
-    timeout, out of memory or over a limit is that statement's own failure)."""
-    cause = exc.__cause__
-    return isinstance(exc, Unavailable) and (cause is None or (isinstance(cause, psycopg.Error)
-                                                                and connection_lost(cause)))
 
 
 async def defer_compaction(org_id: UUID, doc_id: str) -> None:

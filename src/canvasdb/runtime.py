@@ -11,11 +11,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import psycopg
-
 from canvasdb.blobs import open_blob_store
-from canvasdb.db import Database, EmbeddedPostgres, migrate
-from canvasdb.errors import Unavailable, one_line
+from canvasdb.db import Database, EmbeddedPostgres, database_away, migrate
+from canvasdb.errors import one_line
 from canvasdb.search.embedders import embedder_from_settings
 from canvasdb.services import Services
 from canvasdb.settings import Settings
@@ -97,19 +95,19 @@ class _OncePer(logging.Filter):
 
 
 class _OutageInOneLine(logging.Filter):
-    """A record whose error is the database being away: its message on one line, the error's
-    after it, no traceback (the job queue logs one per stopped worker and per failed job)."""
+    """A record whose error is the database being away (``database_away``): its message on
+    one line, the error's after it, no traceback (the job queue logs one per stopped worker
+    and per failed job)."""
 
     def __init__(self, *wrappers: type[BaseException]) -> None:
         super().__init__()
-        self.outages = (Unavailable, psycopg.OperationalError)
         self.wrappers = wrappers  # errors that stand for the one they wrap
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and type(exc) in self.wrappers:  # (the job queue's, for any database error)
-            exc = exc.__cause__ if isinstance(exc.__cause__, psycopg.OperationalError) else None
-        if isinstance(exc, self.outages):
+            exc = exc.__cause__
+        if exc is not None and database_away(exc):
             record.msg, record.args = f"{' '.join(record.getMessage().split())} ({one_line(exc)})", None
             record.exc_info, record.exc_text = None, None
         return True

@@ -2,7 +2,7 @@
 
 from canvasdb.db.embedded import EmbeddedPostgres
 from canvasdb.db.migrate import migrate
-from canvasdb.db.pool import Connection, ConnectionPool, Database, connection_lost, translate
+from canvasdb.db.pool import Connection, ConnectionPool, Database, database_away, translate
 
-__all__ = ["Connection", "ConnectionPool", "Database", "EmbeddedPostgres", "connection_lost", "migrate",
+__all__ = ["Connection", "ConnectionPool", "Database", "EmbeddedPostgres", "database_away", "migrate",
            "translate"]

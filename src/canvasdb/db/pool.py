@@ -230,6 +230,16 @@ def read_json(data: bytes) -> Any:
         return json.loads(data)
 
 
+def database_away(exc: BaseException) -> bool:
+    """The database cannot be reached: no connection free in time, or the one in use lost.
+    A statement's own failure (over the timeout, a limit, the disk full) is not that."""
+    if isinstance(exc, Unavailable):
+        if exc.__cause__ is None:  # the pool's wait for a connection ran out
+            return True
+        exc = exc.__cause__
+    return isinstance(exc, psycopg.Error) and connection_lost(exc)
+
+
 def connection_lost(exc: psycopg.Error) -> bool:
     """The connection itself failed (class 08, the server shutting down or crashing: 57P0x,
     or no SQLSTATE at all), not the statement."""

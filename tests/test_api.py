@@ -44,6 +44,7 @@ async def test_openapi_tells_clients_how_to_authenticate_and_what_errors_look_li
     for (path, method), op in ops.items():
         if path in ("/healthz", "/readyz", "/metrics"):
             assert op["security"] == [] and "401" not in op["responses"], path
+            assert ("503" in op["responses"]) == (path != "/metrics"), path  # the probes' "not now"
             continue
         assert "security" not in op, (path, method)  # the document's default: a token
         for status in ("401", "404", "422", "503"):
@@ -75,6 +76,16 @@ async def test_a_database_that_is_away_is_a_503_with_retry_after(settings: Setti
                 assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
                 assert r.headers["retry-after"] == "1" and r.json()["retry"] is True
                 assert "hint" not in r.json() and "127.0.0.1" not in r.text, "the operator's detail"
+
+
+async def test_readyz_is_a_problem_document_until_the_gateway_listens(client: httpx.AsyncClient) -> None:
+    """The suite's app runs no lifespan, so its gateway never listens: not ready, said as every
+    other error is (and the database's health apart: /healthz is fine)."""
+    assert (await client.get("/healthz")).status_code == 200
+    r = await client.get("/readyz")
+    assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["status"] == 503 and r.json()["state"] == "starting" and r.json()["retry"] is True
 
 
 async def test_org_and_project_lifecycle(client: httpx.AsyncClient, tenant: Tenant) -> None:

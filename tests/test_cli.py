@@ -53,7 +53,8 @@ def test_every_command_has_help() -> None:
     names = {" ".join(p) for p in [("db", "start"), ("db", "stop"), ("db", "status"), ("db", "url"),
                                    ("db", "migrate"), ("org", "create"), ("org", "list"), ("user", "create"),
                                    ("token", "create"), ("token", "revoke"), ("entity", "get"),
-                                   ("entity", "put"), ("entity", "history"), ("up",)]}
+                                   ("entity", "put"), ("entity", "history"), ("type", "register"),
+                                   ("type", "list"), ("up",)]}
     for name in names:
         cmd: Any = group
         for part in name.split():
@@ -264,3 +265,28 @@ async def test_search_command(env: dict[str, str], svc: Any, tenant: Any) -> Non
     assert "[bold] quarterly plan" in table and "1 shown of 1 matches" in table and "note (1)" in table
     bad = run(env, "search", "--org", tenant.slug, "x", "--where", "status=done", check=False)
     assert bad.returncode == 1 and "data.FIELD=VALUE" in bad.stderr
+
+
+def test_search_from_the_cli_alone(env: dict[str, str]) -> None:
+    """The README's walk: an org, a type that declares what search reads, a card, a search; no
+    HTTP call and no token needed."""
+    slug = f"cli-search-{os.getpid()}-{time.time_ns() % 10**6}"
+    run(env, "org", "create", slug)
+    run(env, "project", "create", "--org", slug, "roadmap")
+    declared = json.loads(run(env, "type", "register", "--org", slug,
+                              '{"name": "kanban.card", "text_fields": {"title": "A"}}').stdout)
+    assert declared["name"] == "kanban.card" and declared["text_fields"] == {"title": "A"}
+    card = json.loads(run(env, "entity", "put", "--org", slug, "--project", "roadmap", "--type", "kanban.card",
+                          '{"title": "Ship the board"}').stdout)
+    found = json.loads(run(env, "search", "--org", slug, "ship -draft", "--mode", "text", "--json").stdout)
+    assert [h["id"] for h in found["hits"]] == [card["id"]]
+    listed = json.loads(run(env, "type", "list", "--org", slug, "--json").stdout)
+    assert [t["name"] for t in listed] == ["kanban.card"]
+    assert "kanban.card" in run({**env, "COLUMNS": "200"}, "type", "list", "--org", slug).stdout
+    for spec, says in (('{"name": "x", "colour": 1}', "colour"), ("{not json", "not valid"),
+                       ('{"name": "x", "text_fields": {"title": "Z"}}', "weight")):
+        bad = run(env, "type", "register", "--org", slug, spec, check=False)
+        assert bad.returncode == 1 and bad.stderr.startswith("Error:") and says in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr
+    assert [t["name"] for t in json.loads(run(env, "type", "list", "--org", slug, "--json").stdout)] == [
+        "kanban.card"], "a refused declaration writes nothing"

@@ -447,6 +447,10 @@ async def test_http_updates_are_limited_by_the_update_limit(client: httpx.AsyncC
     over = Client().edit("text", "y" * settings.max_update_bytes)
     r = await client.post(f"{base}/docs/big-updates/updates", headers=h, content=over)
     assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["limit"] == settings.max_update_bytes, "the limit is the setting's, to the byte"
+    one_over = (await client.post(f"{base}/docs/big-updates/updates", headers=h,
+                                  content=b"\0" * (settings.max_update_bytes + 1))).json()
+    assert one_over["status"] == 413 and one_over["limit"] == settings.max_update_bytes
     assert [c["seq"] for c in (await client.get(f"{base}/docs/big-updates/changes", headers=h)).json()["items"]] == [1]
 
 

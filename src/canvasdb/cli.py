@@ -38,8 +38,10 @@ user_app = typer.Typer(help="Users.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 project_app = typer.Typer(help="Projects.", no_args_is_help=True)
 entity_app = typer.Typer(help="Entities and their history.", no_args_is_help=True)
+type_app = typer.Typer(help="The entity type registry (what search reads, references, schemas).",
+                       no_args_is_help=True)
 for sub, name in [(db_app, "db"), (org_app, "org"), (user_app, "user"), (token_app, "token"),
-                  (project_app, "project"), (entity_app, "entity")]:
+                  (project_app, "project"), (entity_app, "entity"), (type_app, "type")]:
     app.add_typer(sub, name=name)
 
 out = Console(soft_wrap=True)  # a line stays one line when piped (80 columns otherwise)
@@ -417,8 +419,8 @@ async def _org_role(svc: Services, org_id: UUID, user_id: UUID) -> str | None:
 
 @token_app.command("revoke")
 def token_revoke(token: Annotated[str, typer.Argument(
-        help="The token's id (from token create --json), or - to read the token itself from stdin "
-             "(on the command line, other users would see it in the process list).")]) -> None:
+        help="The token's id (from token create --json), the token itself, or - to read the token "
+             "from stdin (better: on the command line, other users see it in the process list).")]) -> None:
     """Revoke a token: requests with it answer 401 from now on."""
     if token == "-":
         token = sys.stdin.readline().strip()
@@ -453,6 +455,58 @@ def project_list(org: OrgOpt, as_json: JsonOpt = False) -> None:
     table = Table("slug", "name", "id")
     for r in rows:
         table.add_row(r["slug"], r["name"], str(r["id"]))
+    out.print(table)
+
+
+# --- entity types ---------------------------------------------------------------------------------
+
+
+@type_app.command("register")
+def type_register(
+    org: OrgOpt,
+    spec: Annotated[str, typer.Argument(help="The declaration as JSON, as POST /v1/orgs/{org}/entity-types"
+                                              " takes it, or - to read stdin.")],
+) -> None:  # fmt: skip
+    """Register (or replace) an entity type; prints it as JSON.
+
+    Example: canvasdb type register --org acme '{"name": "kanban.card", "text_fields": {"title": "A"}}'
+    """
+    from pydantic import ValidationError
+
+    from canvasdb.api.tenants import EntityTypeIn  # the HTTP API's checks, to the letter
+    from canvasdb.entities import EntityType
+
+    try:
+        body = EntityTypeIn.model_validate_json(sys.stdin.read() if spec == "-" else spec)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "/".join(str(p) for p in first.get("loc", ()))
+        _fail(InvalidInput(f"the declaration is not valid: {where + ': ' if where else ''}{first['msg']}"))
+        return
+
+    async def work(svc: Services) -> Any:
+        target = await svc.tenancy.resolve_org(org)
+        return await svc.types.register(runtime.operator(target.id), EntityType(**body.model_dump()))
+
+    _print_json(_with_services(work).to_json())
+
+
+@type_app.command("list")
+def type_list(org: OrgOpt, as_json: JsonOpt = False) -> None:
+    """List an org's entity types."""
+
+    async def work(svc: Services) -> Any:
+        target = await svc.tenancy.resolve_org(org)
+        return await svc.types.list(runtime.operator(target.id))
+
+    types = _with_services(work)
+    if as_json:
+        _print_json([t.to_json() for t in types])
+        return
+    table = Table("name", "module", "schema", "text fields", "references")
+    for t in types:
+        table.add_row(t.name, t.module, "yes" if t.json_schema else "", ", ".join(t.text_fields),
+                      ", ".join(t.reference_fields))
     out.print(table)
 
 

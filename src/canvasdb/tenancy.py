@@ -176,9 +176,10 @@ class Tenancy:
                 (org_id, user_id, role),
             )
 
-    async def change_org_role(self, who: Principal, user_id: UUID, role: str) -> None:
+    async def change_org_role(self, who: Principal, user_id: UUID, role: str) -> bool:
         """``set_org_role`` as an org member asks it: owners and admins manage members, only an
-        owner makes an owner or changes an owner's role, and an org keeps at least one owner."""
+        owner makes an owner or changes an owner's role, and an org keeps at least one owner.
+        True when the user was not a member before."""
         who.require_org_admin()
         if role not in ORG_ROLES:
             raise InvalidInput(f"org role must be one of {', '.join(ORG_ROLES)}", pointer="/role")
@@ -190,11 +191,13 @@ class Tenancy:
                 raise Forbidden("only an owner may make an owner or change an owner's role")
             if role != "owner" and owners == [user_id]:
                 raise Conflict("an org keeps at least one owner: make another owner first")
-            await conn.execute(
+            row = await (await conn.execute(  # xmax is 0 in a row the INSERT made, not in an updated one
                 "INSERT INTO org_members (org_id, user_id, role) VALUES (%s, %s, %s) "
-                "ON CONFLICT (org_id, user_id) DO UPDATE SET role = EXCLUDED.role",
+                "ON CONFLICT (org_id, user_id) DO UPDATE SET role = EXCLUDED.role"
+                " RETURNING xmax = 0 AS added",
                 (who.org_id, user_id, role),
-            )
+            )).fetchone()
+            return bool(row and row["added"])
 
     async def create_token(self, user_id: UUID, *, name: str = "") -> tuple[UUID, str]:
         """A new API token for the user: (token id, the token). The token is not stored."""

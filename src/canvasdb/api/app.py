@@ -89,8 +89,13 @@ def create_app(settings: Settings, *, database_url: str | None = None,
         """Ready for traffic: the database answers and the gateway hears other processes."""
         hub: Hub | None = getattr(request.app.state, "hub", None)
         await svc.db.ping()  # within 2 s: a probe's own timeout is often not much longer
-        ready = hub is not None and hub.listening and not hub.stopping
-        return JSONResponse({"status": "ready" if ready else "starting"}, status_code=200 if ready else 503)
+        if hub is not None and hub.listening and not hub.stopping:
+            return JSONResponse({"status": "ready"})
+        stopping = hub is not None and hub.stopping
+        detail = ("shutting down" if stopping
+                  else "not ready: the gateway does not hear other processes yet (or for now)")
+        return problems.problem(503, "Unavailable", detail, state="stopping" if stopping else "starting",
+                                retry=not stopping)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz(svc: Svc) -> dict[str, Any]:
@@ -103,7 +108,7 @@ def create_app(settings: Settings, *, database_url: str | None = None,
     app.add_middleware(connection.KeepRawSend)
     app.add_middleware(BodySizeLimit, max_bytes=4 * settings.max_data_bytes + 64 * 1024,
                        path_limits=[(attachments.UPLOAD_PATHS, settings.max_attachment_bytes),
-                                    (documents.UPDATE_PATHS, settings.max_update_bytes + 1)])
+                                    (documents.UPDATE_PATHS, settings.max_update_bytes)])
     return app
 
 

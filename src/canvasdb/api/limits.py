@@ -62,7 +62,7 @@ class BodySizeLimit:
         body = json.dumps({
             "type": "about:blank", "title": "Payload too large", "status": 413,
             "detail": f"the request body is over {max_bytes} bytes", "limit": max_bytes,
-        }).encode()  # fmt: skip
+        }, separators=(",", ":")).encode()  # fmt: skip
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"application/problem+json"),
             (b"content-length", str(len(body)).encode()),

@@ -84,6 +84,8 @@ def rewrite(doc: dict[str, Any]) -> dict[str, Any]:
             if path in PUBLIC:
                 operation["security"] = []
                 operation.get("responses", {}).pop("422", None)
+                if path != "/metrics":  # the probes: the database away, or not ready
+                    operation["responses"]["503"] = {"$ref": "#/components/responses/503"}
                 continue
             responses = operation.setdefault("responses", {})
             for status in ERRORS:

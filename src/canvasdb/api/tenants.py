@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from canvasdb.api.deps import Svc, User, Who
@@ -56,15 +57,17 @@ async def create_org(body: OrgIn, svc: Svc, user: User) -> dict[str, Any]:
     return {"id": str(org.id), "slug": org.slug, "name": org.name}
 
 
-@router.post("/orgs/{org}/members", status_code=201, tags=["tenancy"])
-async def add_member(org: str, body: MemberIn, svc: Svc, who: Who) -> dict[str, Any]:
-    """Add a user (created if unknown) to the org, or change a member's role. Owner or admin
-    only; only an owner makes an owner or changes an owner's role (403), and the last owner
-    stays one (409)."""
+@router.post("/orgs/{org}/members", status_code=201, tags=["tenancy"],
+             responses={200: {"description": "an existing member's role changed"}})
+async def add_member(org: str, body: MemberIn, svc: Svc, who: Who) -> JSONResponse:
+    """Add a user (created if unknown) to the org (201), or change a member's role (200). Owner
+    or admin only; only an owner makes an owner or changes an owner's role (403), and the last
+    owner stays one (409)."""
     who.require_org_admin()
     user_id = await svc.tenancy.ensure_user(body.email)
-    await svc.tenancy.change_org_role(who, user_id, body.role)
-    return {"user_id": str(user_id), "email": body.email, "role": body.role}
+    added = await svc.tenancy.change_org_role(who, user_id, body.role)
+    return JSONResponse({"user_id": str(user_id), "email": body.email, "role": body.role},
+                        status_code=201 if added else 200)
 
 
 @router.post("/orgs/{org}/projects", status_code=201, tags=["tenancy"])

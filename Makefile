@@ -30,8 +30,9 @@ test: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench
 
+# Every capability's benchmark at its default scale (about 15 minutes; gateway.py needs Node.js).
 bench: $(VENV)/.installed
-	$(BIN)/python bench/entities.py
+	set -e; for script in entities docs graph search gateway; do $(BIN)/python bench/$$script.py; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -324,6 +324,19 @@ async def test_nil_uuid_as_client_id_is_refused(client: httpx.AsyncClient, svc: 
                           headers=tenant.headers)
     problem(r, 422, pointer="/id")
     assert await state(client, svc, tenant) == before
+    ends = [ok(await client.post(entities_url(tenant), json={"type": "note", "data": {}}, headers=tenant.headers),
+               201)["id"] for _ in range(2)]
+    r = await client.post(f"{org_url(tenant)}/relationships", headers=tenant.headers,
+                          json={"id": NIL, "src": ends[0], "dst": ends[1], "kind": "mentions"})
+    problem(r, 422, pointer="/id")
+    assert ok(await client.get(f"{org_url(tenant)}/relationships", params={"entity": ends[0]},
+                               headers=tenant.headers))["items"] == []
+
+
+async def test_relationship_listing_names_its_bad_parameter(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    for name in ("entity", "after"):
+        problem(await client.get(f"{org_url(tenant)}/relationships", params={name: "garbage"},
+                                 headers=tenant.headers), 422, pointer=f"query:{name}")
 
 
 async def test_client_chosen_ids_in_other_spellings_work(client: httpx.AsyncClient,
@@ -1078,6 +1091,13 @@ async def test_schema_valid_data_is_accepted(client: httpx.AsyncClient, tenant: 
     ({"minimum": "zero"}, "/json_schema/minimum"),
     ({"properties": {"a": {"$ref": "#/$defs/missing"}}}, None),
     ({"$ref": "#/nowhere"}, None),
+    # python-jsonschema itself fails on these (a TypeError, a RecursionError): refused before it
+    ({"$schema": 5}, "/json_schema/$schema"),
+    ({"$schema": True}, "/json_schema/$schema"),
+    ({"$schema": []}, "/json_schema/$schema"),
+    ({"$schema": {}}, "/json_schema/$schema"),
+    (json.loads('{"items":' * 120 + "{}" + "}" * 120), "/json_schema"),
+    (json.loads('{"properties": {"a":' * 150 + "{}" + "}}" * 150), "/json_schema"),
 ])
 async def test_invalid_json_schema_is_refused_at_registration(
     client: httpx.AsyncClient, svc: Services, tenant: Tenant, schema: dict[str, Any], pointer: str | None
@@ -1100,6 +1120,7 @@ async def test_invalid_json_schema_is_refused_at_registration(
     ({"$defs": {"x": {"$ref": "#/$defs/x"}}, "$ref": "#/$defs/x"}, None, None),
     ({"properties": {"child": {"$ref": "#"}, "n": {"type": "integer"}}},  # a tree, checked all the way down
      {"child": {"child": {"child": {"n": "x"}}}}, "/data/child/child/child/n"),
+    (json.loads('{"items":' * 60 + '{"type": "integer"}' + "}" * 60), None, None),  # deep, within the cap
 ])
 async def test_hostile_schemas_never_stall_or_fail_a_write(
     client: httpx.AsyncClient, tenant: Tenant, schema: dict[str, Any], data: dict[str, Any] | None,

@@ -704,6 +704,24 @@ async def test_undeleting_an_entity_never_closes_a_cycle(svc: Services, tenant: 
     assert [n["id"] for n in (await svc.graph.neighbors(tenant.owner, a, depth=2))["nodes"]] == [str(b), str(c)]
 
 
+async def test_walks_as_of_the_edges_of_time(client: httpx.AsyncClient, svc: Services, tenant: Tenant) -> None:
+    """Moments at the ends of what Python can name, with an offset that takes them past it in
+    UTC (a page cursor is named after the moment in UTC): before time, nothing; after, now."""
+    a, b = await node(svc, tenant, "a"), await node(svc, tenant, "b")
+    await svc.relationships.create(tenant.owner, a, b, "derived_from")
+    base, h = f"/v1/orgs/{tenant.slug}", tenant.headers
+    for path, ahead in ((f"entities/{a}/neighbors", [str(b)]), (f"entities/{b}/dependents", [str(a)]),
+                        (f"entities/{a}/lineage", None)):
+        for as_of in ("0001-01-01T00:00:00+00:01", "9999-12-31T23:59:59-14:00"):
+            r = await client.get(f"{base}/{path}", params={"as_of": as_of}, headers=h)
+            if as_of.startswith("0001"):  # the start did not exist yet
+                assert r.status_code == 404 and r.json()["status"] == 404, r.text
+            elif ahead is not None:
+                assert r.status_code == 200 and [n["id"] for n in r.json()["nodes"]] == ahead, r.text
+            else:
+                assert r.status_code == 200 and [n["id"] for n in r.json()["ancestors"]] == [str(b)], r.text
+
+
 @pytest.mark.parametrize(("method", "path", "body"), [
     ("GET", "entities/{a}/dependents?depth=0", None),
     ("GET", "entities/{a}/dependents?depth=1001", None),

@@ -495,10 +495,16 @@ async def test_http_search(client: httpx.AsyncClient, svc: Services, tenant: Ten
     for params, status in [({"q": "x", "colour": "red"}, 422), ({"q": "x", "data.bad;": "1"}, 422),
                            ({"q": "x", "mode": "fuzzy"}, 422), ({"q": "x", "limit": 0}, 422),
                            ({"q": "x", "cursor": "garbage"}, 422), ({"q": "x", "project": "nope"}, 404),
-                           ({"q": "x" * 10_001}, 422), ({"q": "x", "updated_after": "yesterday"}, 422)]:
+                           ({"q": "x" * 10_001}, 422), ({"q": "x", "updated_after": "yesterday"}, 422),
+                           ({"q": "x", "project": ",".join(f"p{i}" for i in range(101))}, 422),
+                           ({"q": "x", "type": ",".join(f"t{i}" for i in range(101))}, 422)]:
         r = await client.get(url, params=params, headers=tenant.headers)
         assert r.status_code == status, (params, r.text)
         assert r.headers["content-type"].startswith("application/problem+json")
+    # the same project named a thousand times is one project (looked up once, not a thousand times)
+    many = await client.get(url, params={"q": "releas", "mode": "text", "project": ",".join(
+        [tenant.project_slug] * 1000)}, headers=tenant.headers)
+    assert many.status_code == 200 and [h["id"] for h in many.json()["hits"]] == [str(card)], many.text
     assert (await client.get(url, params={"q": "x"})).status_code == 401
     status = await client.get(f"{url}/status", headers=tenant.headers)
     assert status.status_code == 200 and status.json()["backlog"] == {"terms": 0, "embeddings": 0}

@@ -119,6 +119,34 @@ def test_the_panicking_update_decodes() -> None:
         yjs.check_update(DECODES_THEN_PANICS)
 
 
+def test_a_few_bytes_declaring_millions_of_clients_cost_no_memory() -> None:
+    """Yrs reserves room for the clients an update declares before reading them: 7 bytes
+    declaring 2^28 took 512 MB to refuse, through any gateway connection or HTTP append."""
+    import subprocess
+    import sys
+
+    script = ("import resource; from canvasdb.documents import yjs\n"
+              "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "for bad in (bytes([0xff, 0xff, 0xff, 0x7f, 1, 1, 0]), bytes([0xff, 0xff, 0xff, 0xff, 0x0f, 1, 1, 0])):\n"
+              "    try:\n        yjs.check_update(bad)\n    except Exception as exc:\n        print(exc)\n"
+              "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    *refusals, grown_mib = out.splitlines()
+    assert [r.split(":")[0] for r in refusals] == ["not a valid Yjs update"] * 2
+    assert int(grown_mib) < 64, f"refusing 7 bytes took {grown_mib} MiB"
+    # a real update of many clients (a merge, as an offline client sends it) still passes
+    many = merge_updates(*[_one_client_edit(i) for i in range(300)])
+    assert many[0] & 0x80, "the test's update declares 128 clients or more"
+    yjs.check_update(many)
+
+
+def _one_client_edit(i: int) -> bytes:
+    doc = Doc()
+    doc["m"] = m = Map()
+    m[f"k{i}"] = i
+    return doc.get_update()
+
+
 async def test_a_new_peer_gets_the_stored_bytes_without_decoding(svc: Services, tenant: Tenant) -> None:
     """After compaction, a new peer is served the snapshot's own bytes and the updates after it
     as they were logged: nothing merged, nothing decoded."""

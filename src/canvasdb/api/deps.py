@@ -7,6 +7,7 @@ from typing import Annotated, TypeVar
 from uuid import UUID
 
 from fastapi import Depends, Header, Path, Request
+from pydantic import AfterValidator, Field
 
 from canvasdb.errors import BadRequest, Conflict, InvalidInput, Unauthorized
 from canvasdb.services import Services
@@ -48,6 +49,17 @@ async def org_principal(
 Svc = Annotated[Services, Depends(services)]
 User = Annotated[UUID, Depends(current_user)]
 Who = Annotated[Principal, Depends(org_principal)]
+
+
+def _not_nil(value: UUID | None) -> UUID | None:
+    if value is not None and value.int == 0:  # pages start after it: never listed
+        raise ValueError("id must not be the nil UUID")
+    return value
+
+
+# An id a client chooses for what it creates (entities, relationships).
+ClientId = Annotated[UUID | None, AfterValidator(_not_nil),
+                     Field(description="client-chosen id; generated if absent")]
 
 
 def parse_id(value: str, what: str = "entity", *, pointer: str = "path:id") -> UUID:

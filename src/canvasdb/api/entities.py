@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from typing import Annotated, Any
-from uuid import UUID
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from canvasdb.api.deps import Svc, Who, conditionally, parse_id
+from canvasdb.api.deps import ClientId, Svc, Who, conditionally, parse_id
 from canvasdb.entities import Entity, parse_as_of
 from canvasdb.entities.store import MAX_IDS
 from canvasdb.errors import InvalidInput
@@ -25,17 +24,9 @@ ASCII = r"^[ -~]*$"
 
 class EntityIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: UUID | None = Field(default=None, description="client-chosen id; generated if absent")
+    id: ClientId = None
     type: str = Field(max_length=200, examples=["kanban.card"])
     data: dict[str, Any] = Field(examples=[{"title": "Ship it", "status": "todo"}])
-
-    @field_validator("id")
-    @classmethod
-    def _not_nil(cls, value: UUID | None) -> UUID | None:
-        # Pages start after the nil UUID: an entity with that id would never be listed.
-        if value is not None and value.int == 0:
-            raise ValueError("id must not be the nil UUID")
-        return value
 
 
 class DataIn(BaseModel):

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from canvasdb.api.deps import Svc, Who, conditionally, parse_id
+from canvasdb.api.deps import ClientId, Svc, Who, conditionally, parse_id
 from canvasdb.entities import parse_as_of
 from canvasdb.errors import InvalidInput
 from canvasdb.graph import Relationship
@@ -25,7 +25,7 @@ DirectionQ = Annotated[Literal["out", "in", "both"], Query()]
 
 class RelationshipIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: UUID | None = Field(default=None, description="client-chosen id; generated if absent")
+    id: ClientId = None
     src: UUID
     dst: UUID
     kind: str = Field(max_length=320, examples=["depends_on"])
@@ -79,8 +79,9 @@ async def list_relationships(org: str, svc: Svc, who: Who,
                              limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100) -> dict[str, Any]:
     """One page (by id) of the live relationships of ``entity`` (or of all the caller can see)."""
     items, nxt = await svc.relationships.list(
-        who, entity=parse_id(entity) if entity else None, direction=direction, kinds=_kinds(kinds),
-        after=parse_id(after, "cursor") if after else None, limit=limit)
+        who, entity=parse_id(entity, pointer="query:entity") if entity else None, direction=direction,
+        kinds=_kinds(kinds), after=parse_id(after, "cursor", pointer="query:after") if after else None,
+        limit=limit)
     return {"items": [r.to_json() for r in items], "next": str(nxt) if nxt else None}
 
 

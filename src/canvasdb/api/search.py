@@ -12,13 +12,18 @@ from canvasdb.errors import InvalidInput
 from canvasdb.search.engine import FACETS, MAX_LIMIT, Filters, Mode
 
 router = APIRouter(prefix="/v1/orgs/{org}", tags=["search"])
-List = Annotated[list[str] | None, Query(max_length=100, description="repeat, or comma-separated")]
+MAX_VALUES = 100  # of a list parameter (project, type, module), repeated or comma-separated
+List = Annotated[list[str] | None, Query(max_length=MAX_VALUES, description="repeat, or comma-separated")]
 _KNOWN = {"q", "mode", "typo", "project", "type", "module", "updated_after", "updated_before", "facets",
           "limit", "cursor"}
 
 
-def _split(values: list[str] | None) -> tuple[str, ...]:
-    return tuple(v.strip() for value in values or () for v in value.split(",") if v.strip())
+def _split(values: list[str] | None, name: str) -> tuple[str, ...]:
+    """The values of a repeated or comma-separated parameter, each once, at most MAX_VALUES."""
+    out = tuple(dict.fromkeys(v.strip() for value in values or () for v in value.split(",") if v.strip()))
+    if len(out) > MAX_VALUES:
+        raise InvalidInput(f"at most {MAX_VALUES} values of {name}", pointer=f"query:{name}")
+    return out
 
 
 @router.get("/search")
@@ -45,11 +50,11 @@ async def search(
         elif key not in _KNOWN:
             raise InvalidInput(f"unknown parameter {key!r}; filters on data are written data.FIELD=VALUE",
                                pointer=f"/{key}")
-    projects = tuple([await svc.tenancy.resolve_project(who, ref) for ref in _split(project)])
-    filters = Filters(projects=projects, types=_split(type), modules=_split(module),
+    projects = tuple([await svc.tenancy.resolve_project(who, ref) for ref in _split(project, "project")])
+    filters = Filters(projects=projects, types=_split(type, "type"), modules=_split(module, "module"),
                       updated_after=updated_after, updated_before=updated_before, data=tuple(data))
     results = await svc.search.search(who, q, mode=mode, typo=typo, filters=filters,
-                                      facets=_split([facets] if facets else None), limit=limit,
+                                      facets=_split([facets] if facets else None, "facets"), limit=limit,
                                       cursor=cursor)
     return results.to_json()
 

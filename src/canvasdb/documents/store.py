@@ -379,7 +379,8 @@ class DocumentStore:
             held = await self.loaded(who.org_id, doc_id)
             async with held.lock:
                 assert held.doc is not None
-                return held.doc.get_update(state_vector) if peer else held.doc.get_update()
+                # the vector as read and written again by canvasdb, not the caller's bytes
+                return held.doc.get_update(yjs.write_state_vector(peer)) if peer else held.doc.get_update()
         pieces = held.missing(peer)
         if len(pieces) == 1:
             return pieces[0]

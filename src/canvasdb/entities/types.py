@@ -34,6 +34,7 @@ REFERENCE_PATH = re.compile(r"^\$(\.[A-Za-z_][A-Za-z0-9_]{0,62}(\[\*\])?){1,8}$"
 KIND = TYPE_NAME  # relationship kinds are named like types: 'depends_on', 'board.edge'
 WEIGHTS = ("A", "B", "C", "D")
 _CACHE_SIZE = 1024
+MAX_SCHEMA_DEPTH = 64  # nesting of objects and arrays in a JSON Schema
 
 
 @dataclass(frozen=True)
@@ -102,12 +103,33 @@ def _validator(schema: dict[str, Any]) -> Any:
     return jsonschema_rs.validator_for(schema, validate_formats=False, retriever=_never_fetch)
 
 
+def _depth(value: Any) -> int:
+    """How deep objects and arrays nest in ``value`` (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def _never_fetch(uri: str) -> Any:
     raise ValueError(f"{uri} is not fetched: a $ref points inside the schema")
 
 
 def _check_schema(schema: dict[str, Any]) -> None:
-    """A valid JSON Schema whose every ``$ref`` points inside itself and resolves."""
+    """A valid JSON Schema whose every ``$ref`` points inside itself and resolves.
+
+    What python-jsonschema cannot check is refused first: a ``$schema`` that is not a string
+    (it fails on it with a TypeError), and nesting deeper than MAX_SCHEMA_DEPTH (it recurses
+    about eight frames a level: 120 levels ran out of stack)."""
+    if not isinstance(schema.get("$schema", ""), str):
+        raise InvalidInput("$schema is the URI of a JSON Schema dialect (a string)",
+                           pointer="/json_schema/$schema")
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise InvalidInput(f"the schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep",
+                           pointer="/json_schema")
     try:
         validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
     except SchemaError as exc:

@@ -22,6 +22,7 @@ it back into a string took a third of a subgraph call's time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -284,8 +285,11 @@ def _walk_tag(starts: list[UUID], direction: str, kinds: list[str] | None, depth
               as_of: datetime | None) -> str:
     """Names the walk a page cursor belongs to: another walk's cursor would start its pages at
     an arbitrary point, and silently (the page size may change between pages)."""
+    moment = utc(as_of)
+    with contextlib.suppress(OverflowError):  # 9999-12-31T23:59:59-01:00 has no UTC Python can name
+        moment = moment.astimezone(UTC) if moment is not None else None
     key = repr((sorted(set(map(str, starts))), direction, sorted(set(kinds)) if kinds is not None else None,
-                depth, utc(as_of).astimezone(UTC).isoformat() if as_of is not None else None))
+                depth, moment.isoformat() if moment is not None else None))
     return hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
 
 

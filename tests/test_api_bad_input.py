@@ -333,6 +333,14 @@ async def test_nil_uuid_as_client_id_is_refused(client: httpx.AsyncClient, svc: 
                                headers=tenant.headers))["items"] == []
 
 
+async def test_a_method_not_allowed_says_which_are(client: httpx.AsyncClient, tenant: Tenant,
+                                                   entity: dict[str, Any]) -> None:
+    """RFC 9110: a 405 lists the methods the resource allows (the problem handler dropped them)."""
+    r = await client.request("TRACE", entity_url(tenant, entity["id"]), headers=tenant.headers)
+    problem(r, 405)
+    assert {"GET", "PUT", "PATCH", "DELETE"} <= {m.strip() for m in r.headers["allow"].split(",")}
+
+
 async def test_relationship_listing_names_its_bad_parameter(client: httpx.AsyncClient, tenant: Tenant) -> None:
     for name in ("entity", "after"):
         problem(await client.get(f"{org_url(tenant)}/relationships", params={name: "garbage"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,13 +17,14 @@ log = logging.getLogger("canvasdb.api")
 MEDIA_TYPE = "application/problem+json"
 
 
-def problem(status: int, title: str, detail: str, **fields: Any) -> JSONResponse:
+def problem(status: int, title: str, detail: str, *, headers: dict[str, str] | None = None,
+            **fields: Any) -> JSONResponse:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **fields}
-    headers = None
+    headers = dict(headers or {})
     if status == 401:  # RFC 6750: a 401 names the scheme the client must use
-        headers = {"WWW-Authenticate": 'Bearer realm="canvasdb"'}
+        headers["WWW-Authenticate"] = 'Bearer realm="canvasdb"'
     elif status == 503:  # RFC 9110: when to try again (the database is back, or less busy, soon)
-        headers = {"Retry-After": "1"}
+        headers["Retry-After"] = "1"
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
@@ -71,7 +73,20 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     titles = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 413: "Payload too large"}
-    return problem(exc.status_code, titles.get(exc.status_code, "Error"), str(exc.detail))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # RFC 9110: the methods the resource allows (Starlette names one route's)
+        headers["Allow"] = ", ".join(_allowed(request.app, request.url.path))
+    return problem(exc.status_code, titles.get(exc.status_code, "Error"), str(exc.detail), headers=headers)
+
+
+def _allowed(app: FastAPI, path: str) -> list[str]:
+    """The methods of every operation whose path template matches ``path`` (from the OpenAPI
+    document: FastAPI makes each method of a path a route of its own)."""
+    if not hasattr(app.state, "operations"):
+        app.state.operations = [(re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"),
+                                 [m.upper() for m in item])
+                                for template, item in app.openapi().get("paths", {}).items()]
+    return sorted({m for pattern, methods in app.state.operations if pattern.match(path) for m in methods})
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

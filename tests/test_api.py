@@ -40,6 +40,8 @@ async def test_openapi_tells_clients_how_to_authenticate_and_what_errors_look_li
         "type": "http", "scheme": "bearer", "description": spec["components"]["securitySchemes"]["bearer"]["description"]}
     assert spec["security"] == [{"bearer": []}]
     assert "HTTPValidationError" not in str(spec) and "Problem" in spec["components"]["schemas"]
+    assert not [(path, p["name"]) for path, item in spec["paths"].items() for op in item.values()
+                for p in op.get("parameters", []) if p["name"].lower() == "authorization"], "the scheme says it"
     ops = {(path, method): op for path, item in spec["paths"].items() for method, op in item.items()}
     for (path, method), op in ops.items():
         if path in ("/healthz", "/readyz", "/metrics"):

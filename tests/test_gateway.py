@@ -27,7 +27,7 @@ from relays import Balancer, PgProxy
 from yjs_client import JsClient
 
 from canvasdb.db import Database
-from canvasdb.documents import DocumentStore
+from canvasdb.documents import DocumentStore, yjs
 from canvasdb.gateway import protocol
 from canvasdb.gateway.hub import Hub, Peer
 from canvasdb.services import Services
@@ -272,8 +272,13 @@ async def test_malformed_frames_close_only_that_connection(
     url = f"{gateways[0].url(t.slug)}/{doc}?token={t.token}"
     async with await JsClient.start(gateways[0].url(t.slug), doc, t.token) as good:
         await good.wait_synced()
+        deep = b"[" * 5000 + b"]" * 5000  # JSON past the parser's depth
         for bad in [b"\xff\xff\xff", protocol.sync_update(b"not an update"), b"\x00\x07\x01\x00",
-                    protocol.awareness(b"\x01\x01\x01\x05{oops")]:
+                    protocol.awareness(b"\x01\x01\x01\x05{oops"),
+                    # a lone surrogate in UTF-8 (not UTF-8): once held, it broke every later
+                    # joiner's awareness snapshot (1011) and the room's relays
+                    protocol.awareness(b"\x01\x07\x01\x06\"\xed\xa0\x80x\""),
+                    protocol.awareness(b"\x01\x08\x01" + yjs.write_uint(len(deep)) + deep)]:
             async with websockets.connect(url) as ws:
                 await ws.send(bad)
                 with pytest.raises(websockets.ConnectionClosed) as info:
@@ -286,6 +291,8 @@ async def test_malformed_frames_close_only_that_connection(
                 while True:
                     await asyncio.wait_for(ws.recv(), 5)
             assert info.value.rcvd is not None and info.value.rcvd.code == 4400
+        async with websockets.connect(url) as ws:  # a later joiner of this gateway's room syncs
+            await synced(ws)
         await good.map_set("nodes", "still-fine", 1)
         async with await JsClient.start(gateways[1].url(t.slug), doc, t.token) as other:
             await other.wait_for("nodes", "still-fine")

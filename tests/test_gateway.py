@@ -4,6 +4,7 @@ with two gateway processes sharing documents through PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import json
@@ -278,7 +279,11 @@ async def test_malformed_frames_close_only_that_connection(
                     # a lone surrogate in UTF-8 (not UTF-8): once held, it broke every later
                     # joiner's awareness snapshot (1011) and the room's relays
                     protocol.awareness(b"\x01\x07\x01\x06\"\xed\xa0\x80x\""),
-                    protocol.awareness(b"\x01\x08\x01" + yjs.write_uint(len(deep)) + deep)]:
+                    protocol.awareness(b"\x01\x08\x01" + yjs.write_uint(len(deep)) + deep),
+                    # what JSON.parse (the official client's) refuses, or a JavaScript number cannot hold
+                    protocol.awareness(protocol.awareness_update([(9, 1, "NaN")])),
+                    protocol.awareness(protocol.awareness_update([(2**60, 1, "{}")])),
+                    protocol.awareness(protocol.awareness_update([(9, 1, '"' + "x" * 70_000 + '"')]))]:
             async with websockets.connect(url) as ws:
                 await ws.send(bad)
                 with pytest.raises(websockets.ConnectionClosed) as info:
@@ -446,6 +451,111 @@ async def test_access_taken_away_closes_an_open_connection(
         assert counter(gw.port, 'canvasdb_gateway_rejected_total{reason="unauthorized"}') == 1
     finally:
         gw.stop()
+
+
+def never_reading(port: int, path: str) -> socket.socket:
+    """A WebSocket client that completes the handshake, then never reads (a small receive
+    buffer, so the server's writes back up at once)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def client_frame(message: bytes) -> bytes:
+    """A client's (masked, with a zero mask) binary frame of a short message."""
+    assert len(message) < 126
+    return bytes((0x82, 0x80 | len(message))) + b"\0\0\0\0" + message
+
+
+async def test_a_client_that_never_reads_is_cut_off(
+    gateways: list[Gateway], board: tuple[Tenant, str]
+) -> None:
+    """Writers send 20 MB; a client of the document that reads nothing is closed (4408,
+    written behind what waits, then the connection dropped) instead of holding its 16 MB
+    backlog, and the others are served on. Query-awareness frames pile answers up the same
+    way, the whole room's states each; they are answered once per relay delay."""
+    t, doc = board
+    gw = gateways[0]
+    path = f"/v1/orgs/{t.slug}/docs/{doc}?token={t.token}"
+    slow = never_reading(gw.port, path)
+    cut_before = counter(gw.port, 'canvasdb_gateway_rejected_total{reason="slow_client"}')
+    try:
+        async with websockets.connect(f"ws://127.0.0.1:{gw.port}{path}", max_size=None) as writer:
+            await synced(writer)
+            client = Doc()
+            updates: list[bytes] = []
+            client.observe(lambda event: updates.append(event.update))
+            for i in range(20):
+                client.get("nodes", type=Map)[f"big-{i}"] = "x" * 1_000_000
+                await writer.send(protocol.sync_update(updates[-1]))
+            deadline = time.monotonic() + 30
+            while counter(gw.port, 'canvasdb_gateway_rejected_total{reason="slow_client"}') == cut_before:
+                assert time.monotonic() < deadline, "the client that never reads was not cut off"
+                await asyncio.sleep(0.2)
+            async with await JsClient.start(gw.url(t.slug), doc, t.token) as late:  # served on
+                await late.wait_for("nodes", "big-19")
+        assert counter(gw.port, 'canvasdb_gateway_rejected_total{reason="slow_client"}') == cut_before + 1
+        slow.settimeout(30)  # the server ends the connection: the socket reaches its end (or a reset)
+        with contextlib.suppress(ConnectionResetError):
+            while slow.recv(1 << 20):
+                pass
+
+        async with websockets.connect(f"ws://127.0.0.1:{gw.port}{path}") as asker:
+            await synced(asker)
+            await asker.send(protocol.awareness(protocol.awareness_update([(99, 1, '{"name": "x"}')])))
+            for _ in range(200):
+                await asker.send(bytes([protocol.QUERY_AWARENESS]))
+            answers = 0
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    if protocol.read(await asyncio.wait_for(asker.recv(), 1)).kind == protocol.AWARENESS:
+                        answers += 1
+            assert 1 <= answers <= 5, answers  # its own relay and one or two answers, not 200
+    finally:
+        slow.close()
+
+
+async def test_awareness_is_bounded_and_belongs_to_who_introduced_it(
+    gateways: list[Gateway], board: tuple[Tenant, str]
+) -> None:
+    """A connection may introduce 64 clients' states (an official client introduces one, and
+    sends back those it hears of others: those stay theirs, and stay when it leaves)."""
+    t, doc = board
+    url = f"{gateways[0].url(t.slug)}/{doc}?token={t.token}"
+    async with websockets.connect(url) as watcher, websockets.connect(url) as alice:
+        for ws in (watcher, alice):
+            await synced(ws)
+        await alice.send(protocol.awareness(protocol.awareness_update([(1, 1, '{"name": "alice"}')])))
+        async with websockets.connect(url) as bob:
+            await synced(bob)
+            # bob's own state, alice's sent back as the official client does, then 100 made up
+            await bob.send(protocol.awareness(protocol.awareness_update(
+                [(2, 1, '{"name": "bob"}'), (1, 1, '{"name": "alice"}')]
+                + [(1000 + i, 1, '{"fake": true}') for i in range(100)])))
+            states: dict[int, str] = {}
+
+            async def heard(want: dict[int, str]) -> None:
+                while any(states.get(c) != v for c, v in want.items()):
+                    message = protocol.read(await asyncio.wait_for(watcher.recv(), 5))
+                    if message.kind == protocol.AWARENESS:
+                        states.update((c, v) for c, _, v in protocol.awareness_entries(message.payload))
+
+            await heard({1: '{"name": "alice"}', 2: '{"name": "bob"}'})
+            await asyncio.sleep(0.3)
+            with contextlib.suppress(TimeoutError):
+                await heard({0: "never"})
+            assert len([c for c in states if c >= 1000]) == 63, "64 clients per connection, bob's included"
+        await heard({2: "null"})  # bob left: his states go, alice's stays
+        assert states[1] == '{"name": "alice"}'
+    assert counter(gateways[0].port, 'canvasdb_gateway_rejected_total{reason="awareness_full"}') >= 37
 
 
 async def test_awareness_is_relayed_as_each_clients_latest_state(

@@ -25,7 +25,7 @@ from canvasdb import metrics
 from canvasdb.documents import yjs
 from canvasdb.errors import InvalidInput, NotFound, PayloadTooLarge, Unauthorized, Unavailable
 from canvasdb.gateway import protocol
-from canvasdb.gateway.hub import Hub, Peer
+from canvasdb.gateway.hub import SLOW_CLIENT_BYTES, Hub, Peer
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 
@@ -63,7 +63,7 @@ def _direct(ws: WebSocket) -> Any:
     of it), for direct frame writes; None under any other server, which then takes the
     ordinary path."""
     proto = getattr(ws.scope.get(RAW_SEND), "__self__", None)
-    needed = ("transport", "close_sent", "disconnected")
+    needed = ("transport", "close_sent", "disconnected", "conn")
     return proto if proto is not None and all(hasattr(proto, a) for a in needed) else None
 
 
@@ -184,7 +184,21 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
             except Exception:
                 log.warning("could not check access to %s again", doc_id, exc_info=True)
 
+    async def watch_backlog() -> None:
+        """A client that leaves more than SLOW_CLIENT_BYTES unread, and no fewer a second
+        later, is cut off (what the gateway did not write counts too: the WebSocket layer
+        answers each ping with a pong, whether the client reads them or not)."""
+        before = float("inf")  # unsent a second ago, when over the limit
+        while True:
+            await asyncio.sleep(1)
+            now = peer.unsent()
+            if now > SLOW_CLIENT_BYTES and now >= before:
+                peer.cut_off()
+                return
+            before = now if now > SLOW_CLIENT_BYTES else float("inf")
+
     checker = asyncio.create_task(recheck())
+    watcher = asyncio.create_task(watch_backlog())
     in_flight: set[asyncio.Future[object]] = set()
     below_limit = asyncio.Event()  # fewer than _MAX_IN_FLIGHT updates wait for their commit
     below_limit.set()
@@ -252,10 +266,11 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
                     hub.relay_awareness(room, message.payload, peer)
                 except protocol.ProtocolError as exc:
                     raise _Closing(4400, str(exc), "malformed") from None
-            elif message.kind == protocol.QUERY_AWARENESS and (aware := hub.awareness_snapshot(room)):
+            elif message.kind == protocol.QUERY_AWARENESS and (aware := hub.awareness_snapshot(room, peer)):
                 peer.push(aware)
     finally:
         checker.cancel()
+        watcher.cancel()
         if in_flight:  # the client left; what it sent is still committed and broadcast
             await asyncio.gather(*in_flight, return_exceptions=True)
         hub.leave(room, peer)

@@ -43,7 +43,17 @@ log = logging.getLogger("canvasdb.gateway")
 _MAX_NOTIFY_AWARENESS = 6000  # bytes of awareness relayed through NOTIFY (its payload limit is 8000)
 _SEND_QUEUE = 10_000  # messages waiting for one slow client before it is disconnected
 _GOING_AWAY = b""  # queued last by drain(): the sender closes with 1001 once it gets there
-_WRITE_BUFFER_LIMIT = 16 * 1024 * 1024  # bytes a direct write may leave unsent before 4408
+# Bytes written to a client and not yet taken by it: past SLOW_CLIENT_BYTES and not going
+# down for a second, it is too slow (4408); past 4 times that, at once. (The answer to a
+# client's sync of a large document is what it asked for: it may go past the first.)
+SLOW_CLIENT_BYTES = 16 * 1024 * 1024
+_UNSENT_LIMIT = 4 * SLOW_CLIENT_BYTES
+_CUT_OFF_GRACE_S = 5.0  # a client cut off for being too slow gets this long to read its 4408
+# Awareness is held in memory and sent to every joiner: bounded per connection (the clients
+# it introduced: an official client introduces its own, and sends back everyone else's
+# states as it hears them), per room, and per state.
+MAX_AWARENESS_CLIENTS_PER_CONNECTION = 64
+MAX_AWARENESS_CLIENTS_PER_ROOM = 10_000
 LISTENER_NAME = "canvasdb-listen {origin}"  # application_name of the listening connection
 # Once listening, rooms catch up at once and again after this long: a commit that checked
 # for listeners before this one connected, and became visible only after the first
@@ -80,12 +90,15 @@ class Peer:
     close: Callable[[int, str], Any]
     direct: Any = None
     queue: asyncio.Queue[bytes | None] = field(default_factory=lambda: asyncio.Queue(_SEND_QUEUE))
-    awareness_ids: dict[int, int] = field(default_factory=dict)  # client id -> last clock it sent
+    # client id -> last clock, of the awareness clients this connection introduced to the room
+    awareness_ids: dict[int, int] = field(default_factory=dict)
+    awareness_answered: float = 0.0  # when a query for the room's awareness was last answered
     busy: bool = False  # the sender task is sending a message
     pending: list[bytes] = field(default_factory=list)  # frames for the next direct write
+    pending_bytes: int = 0
 
     def _write(self) -> None:
-        frames, self.pending = self.pending, []
+        frames, self.pending, self.pending_bytes = self.pending, [], 0
         d = self.direct
         if frames and not (d.close_sent or d.disconnected or d.transport.is_closing()):
             d.transport.write(b"".join(frames))
@@ -95,21 +108,47 @@ class Peer:
         if d is not None and not self.busy and self.queue.empty():  # else in order, through the queue
             if d.close_sent or d.disconnected or d.transport.is_closing():
                 return  # on its way out: the client resyncs when it reconnects
-            if d.transport.get_write_buffer_size() > _WRITE_BUFFER_LIMIT:
-                metrics.GATEWAY_REJECTED.labels("slow_client").inc()
-                asyncio.get_running_loop().create_task(self.close(4408, "too slow to receive updates"))
+            if self.unsent() > _UNSENT_LIMIT:
+                self.cut_off()
                 return
             # Written when this turn of the event loop ends: what one commit sends a peer is
             # one write.
             if not self.pending:
                 asyncio.get_running_loop().call_soon(self._write)
-            self.pending.append(frame if frame is not None else ws_frame(message))
+            frame = frame if frame is not None else ws_frame(message)
+            self.pending.append(frame)
+            self.pending_bytes += len(frame)
             return
         try:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:  # too slow to keep up: it resyncs when it reconnects
+            self.cut_off()
+
+    def unsent(self) -> int:
+        """Bytes written to this client and not yet taken by it (direct writes only; the
+        queue has its own bound)."""
+        d = self.direct
+        return d.transport.get_write_buffer_size() + self.pending_bytes if d is not None else 0
+
+    def cut_off(self) -> None:
+        """4408 for a client too slow to receive (it resyncs when it reconnects). A graceful
+        close waits for room in the socket's buffer, which a client that does not read never
+        makes: the close frame is written at once, behind what waits, and the connection is
+        dropped if the client has not read up to it within _CUT_OFF_GRACE_S."""
+        d = self.direct
+        if d is None:
             metrics.GATEWAY_REJECTED.labels("slow_client").inc()
             asyncio.get_running_loop().create_task(self.close(4408, "too slow to receive updates"))
+            return
+        if d.close_sent or d.disconnected:
+            return
+        metrics.GATEWAY_REJECTED.labels("slow_client").inc()
+        self.pending, self.pending_bytes = [], 0
+        d.conn.fail(4408, "too slow to receive updates")  # as uvicorn's own keepalive timeout does
+        d.transport.write(b"".join(d.conn.data_to_send()))
+        d.close_sent = True
+        d.transport.close()
+        asyncio.get_running_loop().call_later(_CUT_OFF_GRACE_S, d.transport.abort)
 
     def going_away(self) -> None:
         """Close with 1001 ("going away") after what is already queued has been sent."""
@@ -339,10 +378,27 @@ class Hub:
 
     def relay_awareness(self, room: Room, update: bytes, sender: Peer | None) -> None:
         """To everyone here (the sender too: it keeps the client's connection watchdog fed,
-        as the reference server does) and, through NOTIFY, to the other gateways."""
+        as the reference server does) and, through NOTIFY, to the other gateways.
+
+        A client a connection introduces (one the room did not know) is that connection's:
+        its state is taken away when the connection goes. An official client also sends
+        back the states it hears of others; those stay theirs. Past the caps (clients per
+        connection and per room), new clients are not taken in."""
         entries = protocol.awareness_entries(update)
         if sender is not None:
-            sender.awareness_ids.update((client, clock) for client, clock, _ in entries)
+            kept = []
+            for client, clock, state in entries:
+                if client in sender.awareness_ids:
+                    sender.awareness_ids[client] = clock
+                elif client not in room.awareness:
+                    if (len(sender.awareness_ids) >= MAX_AWARENESS_CLIENTS_PER_CONNECTION
+                            or len(room.awareness) >= MAX_AWARENESS_CLIENTS_PER_ROOM):
+                        metrics.GATEWAY_REJECTED.labels("awareness_full").inc()
+                        continue
+                    if state != "null":
+                        sender.awareness_ids[client] = clock
+                kept.append((client, clock, state))
+            entries = kept
         self._queue_awareness(room, entries, notify=self._notifier is not None)
 
     def _queue_awareness(self, room: Room, entries: list[tuple[int, int, str]], *, notify: bool) -> None:
@@ -374,7 +430,14 @@ class Hub:
             self._outbox.append(f"a {room.org_id} {encoded} {self.origin} {room.doc_id}")
             self._outbox_ready.set()
 
-    def awareness_snapshot(self, room: Room) -> bytes | None:
+    def awareness_snapshot(self, room: Room, peer: Peer | None = None) -> bytes | None:
+        """Every client's state, for a joiner or a query; a peer's queries are answered at most
+        once per ``awareness_delay`` (each answer is the whole room's awareness)."""
+        if peer is not None:
+            now = time.monotonic()
+            if now - peer.awareness_answered < self.awareness_delay:
+                return None
+            peer.awareness_answered = now
         if not room.awareness:
             return None
         return protocol.awareness(protocol.awareness_update(

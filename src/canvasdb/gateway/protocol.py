@@ -17,6 +17,8 @@ from canvasdb.documents.yjs import Reader
 from canvasdb.documents.yjs import write_uint as _uint
 
 SYNC, AWARENESS, AUTH, QUERY_AWARENESS = 0, 1, 2, 3
+MAX_SAFE_INTEGER = 2**53 - 1
+MAX_AWARENESS_STATE = 64 * 1024  # characters of one client's awareness state (a cursor, a name)
 STEP1, STEP2, UPDATE = 0, 1, 2
 _PERMISSION_DENIED = 0
 
@@ -83,12 +85,21 @@ def awareness_entries(update: bytes) -> list[tuple[int, int, str]]:
         entries = [(r.uint(), r.uint(), r.chunk().decode()) for _ in range(r.uint())]
     except (IndexError, ValueError) as exc:  # (UnicodeDecodeError is a ValueError)
         raise ProtocolError(f"malformed awareness update: {exc}") from None
-    for _, _, state in entries:
+    for client, clock, state in entries:
+        if client > MAX_SAFE_INTEGER or clock > MAX_SAFE_INTEGER:  # what a JavaScript number holds
+            raise ProtocolError("an awareness client id or clock is past 2^53 - 1")
+        if len(state) > MAX_AWARENESS_STATE:
+            raise ProtocolError(f"an awareness state is at most {MAX_AWARENESS_STATE} characters")
         try:
-            json.loads(state)
+            json.loads(state, parse_constant=_not_json)
         except (ValueError, RecursionError):  # nested past the parser's depth: not a state either
             raise ProtocolError("an awareness state is not JSON") from None
     return entries
+
+
+def _not_json(constant: str) -> None:
+    """NaN and Infinity, which Python's parser takes and JSON.parse (the client's) does not."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 def awareness_update(entries: list[tuple[int, int, str]]) -> bytes:

@@ -245,6 +245,27 @@ async def test_a_fast_sender_is_slowed_down_not_cut_off(
         gw.stop()
 
 
+async def test_large_sync_requests_are_paid_for_at_the_update_rate(
+    pg_url: str, board: tuple[Tenant, str], tmp_path: Path
+) -> None:
+    """A sync step 1 costs a token per KiB of its state vector (one of 40,000 clients, 157 KiB,
+    takes a burst's worth): each is answered, and the next waits for the rate."""
+    t, doc = board
+    gw = Gateway(pg_url, tmp_path, CANVASDB_GATEWAY_MAX_UPDATES_PER_S="100", CANVASDB_GATEWAY_UPDATE_BURST="100")
+    try:
+        vector = yjs.write_state_vector({client: 1 for client in range(1, 40_001)})
+        async with websockets.connect(f"{gw.url(t.slug)}/{doc}?token={t.token}", max_size=None) as ws:
+            for _ in range(3):
+                await ws.send(protocol.sync_step1(vector))
+            answered = 0
+            while answered < 3:
+                answered += protocol.read(await asyncio.wait_for(ws.recv(), 10)).step == protocol.STEP2
+        assert counter(gw.port, "canvasdb_gateway_throttled_total") >= 2
+        assert counter(gw.port, "canvasdb_gateway_rejected_total") == 0
+    finally:
+        gw.stop()
+
+
 async def test_a_sender_over_the_rate_for_too_long_is_closed(
     pg_url: str, svc: Services, board: tuple[Tenant, str], tmp_path: Path
 ) -> None:

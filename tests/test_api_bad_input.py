@@ -733,8 +733,10 @@ async def test_unstorable_text_in_data_is_refused(client: httpx.AsyncClient, svc
     if method == "POST":
         body["type"] = "note"
     before = await state(client, svc, tenant)
-    problem(await send(client, method, url, body, headers=tenant.headers), 422)
+    refused = problem(await send(client, method, url, body, headers=tenant.headers), 422, pointer="/data")
     assert await state(client, svc, tenant) == before
+    if "nul" in bad:  # said before the database is asked (its refusal aborted the request's pipeline)
+        assert "NUL" in refused["detail"], refused
 
 
 BAD_SLUGS = [

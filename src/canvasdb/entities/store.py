@@ -9,6 +9,7 @@ Reads are by id, by ids, or by page; nothing reads a whole project.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -83,6 +84,9 @@ def _str(value: UUID | None) -> str | None:
     return None if value is None else str(value)
 
 
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")  # an escaped NUL, not an escaped backslash before "u0000"
+
+
 def encode_data(data: object, max_bytes: int) -> str:
     """``data`` as JSON text, refusing what PostgreSQL's jsonb or the size limit would not take."""
     if not isinstance(data, dict):
@@ -101,6 +105,9 @@ def encode_data(data: object, max_bytes: int) -> str:
         raise InvalidInput(f"data is not valid JSON: {exc}", pointer="/data") from None
     except RecursionError:
         raise InvalidInput("data is nested too deeply", pointer="/data") from None
+    if "\\u0000" in text and _NUL.search(text):
+        raise InvalidInput("data holds a NUL character (\\u0000), which PostgreSQL's jsonb cannot store",
+                           pointer="/data")
     if size > max_bytes:
         raise PayloadTooLarge(f"data is {size} bytes; the limit is {max_bytes}", limit=max_bytes)
     return text

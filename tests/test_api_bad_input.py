@@ -338,7 +338,9 @@ async def test_a_method_not_allowed_says_which_are(client: httpx.AsyncClient, te
     """RFC 9110: a 405 lists the methods the resource allows (the problem handler dropped them)."""
     r = await client.request("TRACE", entity_url(tenant, entity["id"]), headers=tenant.headers)
     problem(r, 405)
-    assert {"GET", "PUT", "PATCH", "DELETE"} <= {m.strip() for m in r.headers["allow"].split(",")}
+    assert {"GET", "HEAD", "PUT", "PATCH", "DELETE"} <= {m.strip() for m in r.headers["allow"].split(",")}
+    blob = await client.request("TRACE", f"{org_url(tenant)}/blobs/images/a.png", headers=tenant.headers)
+    assert {"GET", "PUT", "DELETE"} <= {m.strip() for m in problem(blob, 405) and blob.headers["allow"].split(",")}
 
 
 async def test_relationship_listing_names_its_bad_parameter(client: httpx.AsyncClient, tenant: Tenant) -> None:

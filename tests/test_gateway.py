@@ -304,6 +304,7 @@ async def test_malformed_frames_close_only_that_connection(
                     # what JSON.parse (the official client's) refuses, or a JavaScript number cannot hold
                     protocol.awareness(protocol.awareness_update([(9, 1, "NaN")])),
                     protocol.awareness(protocol.awareness_update([(2**60, 1, "{}")])),
+                    protocol.awareness(protocol.awareness_update([(9, 2**53 - 1, "{}")])),
                     protocol.awareness(protocol.awareness_update([(9, 1, '"' + "x" * 70_000 + '"')]))]:
             async with websockets.connect(url) as ws:
                 await ws.send(bad)
@@ -490,19 +491,24 @@ def never_reading(port: int, path: str) -> socket.socket:
     return sock
 
 
-def client_frame(message: bytes) -> bytes:
-    """A client's (masked, with a zero mask) binary frame of a short message."""
-    assert len(message) < 126
-    return bytes((0x82, 0x80 | len(message))) + b"\0\0\0\0" + message
+async def send_megabytes(ws: websockets.ClientConnection, prefix: str, count: int) -> None:
+    """``count`` updates of a megabyte each (nodes ``{prefix}-0`` ...), as one client makes them."""
+    client = Doc()
+    updates: list[bytes] = []
+    client.observe(lambda event: updates.append(event.update))
+    for i in range(count):
+        client.get("nodes", type=Map)[f"{prefix}-{i}"] = "x" * 1_000_000
+        await ws.send(protocol.sync_update(updates[-1]))
 
 
 async def test_a_client_that_never_reads_is_cut_off(
     gateways: list[Gateway], board: tuple[Tenant, str]
 ) -> None:
-    """Writers send 20 MB; a client of the document that reads nothing is closed (4408,
-    written behind what waits, then the connection dropped) instead of holding its 16 MB
-    backlog, and the others are served on. Query-awareness frames pile answers up the same
-    way, the whole room's states each; they are answered once per relay delay."""
+    """Writers send 20 MB; a client of the document that reads nothing is closed (1013, it
+    reconnects and resyncs; written behind what waits, then the connection dropped) instead of
+    holding its 16 MB backlog for good, and the others are served on. Query-awareness frames
+    pile answers up the same way, the whole room's states each; they are answered once per
+    relay delay."""
     t, doc = board
     gw = gateways[0]
     path = f"/v1/orgs/{t.slug}/docs/{doc}?token={t.token}"
@@ -511,18 +517,25 @@ async def test_a_client_that_never_reads_is_cut_off(
     try:
         async with websockets.connect(f"ws://127.0.0.1:{gw.port}{path}", max_size=None) as writer:
             await synced(writer)
-            client = Doc()
-            updates: list[bytes] = []
-            client.observe(lambda event: updates.append(event.update))
-            for i in range(20):
-                client.get("nodes", type=Map)[f"big-{i}"] = "x" * 1_000_000
-                await writer.send(protocol.sync_update(updates[-1]))
+            await send_megabytes(writer, "big", 20)
             deadline = time.monotonic() + 30
             while counter(gw.port, 'canvasdb_gateway_rejected_total{reason="slow_client"}') == cut_before:
                 assert time.monotonic() < deadline, "the client that never reads was not cut off"
                 await asyncio.sleep(0.2)
             async with await JsClient.start(gw.url(t.slug), doc, t.token) as late:  # served on
                 await late.wait_for("nodes", "big-19")
+            # a client that asks for all 20 MB and reads nothing for 3 s (busy, or its network
+            # stalled) is not cut off: what it asked for is not held against it, and a stall
+            # must last 10 s
+            small = socket.socket()
+            small.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the backlog stays at the server
+            small.connect(("127.0.0.1", gw.port))
+            async with websockets.connect(f"ws://127.0.0.1:{gw.port}{path}", max_size=None, max_queue=1,
+                                          sock=small) as pausing:
+                await pausing.send(protocol.sync_step1(b"\x00"))
+                await asyncio.sleep(3)
+                while protocol.read(await asyncio.wait_for(pausing.recv(), 10)).step != protocol.STEP2:
+                    pass
         assert counter(gw.port, 'canvasdb_gateway_rejected_total{reason="slow_client"}') == cut_before + 1
         slow.settimeout(30)  # the server ends the connection: the socket reaches its end (or a reset)
         with contextlib.suppress(ConnectionResetError):
@@ -547,36 +560,82 @@ async def test_a_client_that_never_reads_is_cut_off(
 async def test_awareness_is_bounded_and_belongs_to_who_introduced_it(
     gateways: list[Gateway], board: tuple[Tenant, str]
 ) -> None:
-    """A connection may introduce 64 clients' states (an official client introduces one, and
-    sends back those it hears of others: those stay theirs, and stay when it leaves)."""
+    """Each client's state belongs to one connection, and goes when it goes: the clients of
+    its first awareness message (an official client's own) and those it introduces, at most
+    64. An official client sends back the states it hears of others: those stay theirs. A
+    tab may introduce another tab's state (heard over a BroadcastChannel) before that tab's
+    socket opens: the state is that tab's once its socket says so."""
     t, doc = board
     url = f"{gateways[0].url(t.slug)}/{doc}?token={t.token}"
+    states: dict[int, str] = {}
+
+    def aware(*entries: tuple[int, int, str]) -> bytes:
+        return protocol.awareness(protocol.awareness_update(list(entries)))
+
     async with websockets.connect(url) as watcher, websockets.connect(url) as alice:
+        async def heard(want: dict[int, str]) -> None:
+            while any(states.get(c) != v for c, v in want.items()):
+                message = protocol.read(await asyncio.wait_for(watcher.recv(), 5))
+                if message.kind == protocol.AWARENESS:
+                    states.update((c, v) for c, _, v in protocol.awareness_entries(message.payload))
+
         for ws in (watcher, alice):
             await synced(ws)
-        await alice.send(protocol.awareness(protocol.awareness_update([(1, 1, '{"name": "alice"}')])))
+        await alice.send(aware((1, 1, '{"name": "alice"}')))
         async with websockets.connect(url) as bob:
             await synced(bob)
-            # bob's own state, alice's sent back as the official client does, then 100 made up
-            await bob.send(protocol.awareness(protocol.awareness_update(
-                [(2, 1, '{"name": "bob"}'), (1, 1, '{"name": "alice"}')]
-                + [(1000 + i, 1, '{"fake": true}') for i in range(100)])))
-            states: dict[int, str] = {}
-
-            async def heard(want: dict[int, str]) -> None:
-                while any(states.get(c) != v for c, v in want.items()):
-                    message = protocol.read(await asyncio.wait_for(watcher.recv(), 5))
-                    if message.kind == protocol.AWARENESS:
-                        states.update((c, v) for c, _, v in protocol.awareness_entries(message.payload))
-
+            await bob.send(aware((2, 1, '{"name": "bob"}')))  # its own first, as the official client
+            await bob.send(aware((1, 1, '{"name": "alice"}'), *[(1000 + i, 1, '{"fake": 1}') for i in range(100)]))
             await heard({1: '{"name": "alice"}', 2: '{"name": "bob"}'})
             await asyncio.sleep(0.3)
             with contextlib.suppress(TimeoutError):
                 await heard({0: "never"})
             assert len([c for c in states if c >= 1000]) == 63, "64 clients per connection, bob's included"
         await heard({2: "null"})  # bob left: his states go, alice's stays
-        assert states[1] == '{"name": "alice"}'
+        assert states[1] == '{"name": "alice"}' and states[1000] == "null"
+
+        async with websockets.connect(url) as tab1:
+            await synced(tab1)
+            await tab1.send(aware((3, 1, '{"tab": 1}')))
+            await tab1.send(aware((4, 1, '{"tab": 2}')))  # the other tab's, before its socket opened
+            async with websockets.connect(url) as tab2:
+                await synced(tab2)
+                await tab2.send(aware((4, 2, '{"tab": 2}')))
+                await heard({3: '{"tab": 1}', 4: '{"tab": 2}'})
+                await tab1.close()
+                await heard({3: "null"})
+                await asyncio.sleep(0.3)
+                with contextlib.suppress(TimeoutError):
+                    await heard({0: "never"})
+                assert states[4] == '{"tab": 2}', "the first tab took the second's state with it"
+            await heard({4: "null"})
     assert counter(gateways[0].port, 'canvasdb_gateway_rejected_total{reason="awareness_full"}') >= 37
+
+
+async def test_a_closing_client_that_never_reads_is_dropped(
+    pg_url: str, svc: Services, board: tuple[Tenant, str], tmp_path: Path
+) -> None:
+    """A close the gateway asks for (here: its token revoked) waits for room in the socket's
+    buffer, which a client that reads nothing never makes: the close frame is then written
+    behind what waits, and the connection dropped 5 s later, with a backlog under the
+    slow-client limit too."""
+    t, doc = board
+    gw = Gateway(pg_url, tmp_path, CANVASDB_GATEWAY_REAUTH_SECONDS="1")
+    token_id, token = await svc.tenancy.create_token(t.owner.user_id)
+    slow = never_reading(gw.port, f"/v1/orgs/{t.slug}/docs/{doc}?token={token}")
+    try:
+        async with websockets.connect(f"{gw.url(t.slug)}/{doc}?token={t.token}", max_size=None) as writer:
+            await synced(writer)
+            await send_megabytes(writer, "mid", 4)  # the socket's buffers full, the slow-client limit far
+            await svc.tenancy.revoke_token(token)
+            deadline = time.monotonic() + 40
+            while counter(gw.port, "canvasdb_gateway_connections") > 1:
+                assert time.monotonic() < deadline, "the closing connection was kept"
+                await asyncio.sleep(0.5)
+        assert counter(gw.port, 'canvasdb_gateway_rejected_total{reason="slow_client"}') == 0
+    finally:
+        slow.close()
+        gw.stop()
 
 
 async def test_awareness_is_relayed_as_each_clients_latest_state(

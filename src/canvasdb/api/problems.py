@@ -23,7 +23,7 @@ def problem(status: int, title: str, detail: str, *, headers: dict[str, str] | N
     headers = dict(headers or {})
     if status == 401:  # RFC 6750: a 401 names the scheme the client must use
         headers["WWW-Authenticate"] = 'Bearer realm="canvasdb"'
-    elif status == 503:  # RFC 9110: when to try again (the database is back, or less busy, soon)
+    elif status == 503 and fields.get("retry") is not False:  # RFC 9110: when to try again
         headers["Retry-After"] = "1"
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
@@ -83,10 +83,16 @@ def _allowed(app: FastAPI, path: str) -> list[str]:
     """The methods of every operation whose path template matches ``path`` (from the OpenAPI
     document: FastAPI makes each method of a path a route of its own)."""
     if not hasattr(app.state, "operations"):
-        app.state.operations = [(re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"),
-                                 [m.upper() for m in item])
-                                for template, item in app.openapi().get("paths", {}).items()]
-    return sorted({m for pattern, methods in app.state.operations if pattern.match(path) for m in methods})
+        paths = app.openapi().get("paths", {})
+        app.state.operations = [  # a parameter is one segment; failing that (a blob key), several
+            [(re.compile(re.sub(r"\\\{[^/]+?\\\}", param, re.escape(template)) + "$"),
+              [m.upper() for m in item]) for template, item in paths.items()]
+            for param in ("[^/]+", ".+")]
+    for operations in app.state.operations:
+        allowed = {m for pattern, methods in operations if pattern.match(path) for m in methods}
+        if allowed:
+            return sorted(allowed | ({"HEAD"} if "GET" in allowed else set()))
+    return []
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

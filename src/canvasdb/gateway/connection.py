@@ -4,9 +4,9 @@ Close codes (4400-4499 make the official y-websocket client stop reconnecting):
 4400 malformed message or invalid update, 4401 missing/unknown/revoked token, 4404 no such
 document (or no access to it), 4413 message too large (past twice the limit, the WebSocket
 layer's own 1009, unread: ``frame_limit``), 4429 update rate exceeded for longer
-than the grace period (below it, the sender is only slowed down), 4408 too
-slow to receive, 1001 server shutting down, 1013 ("try again later") the database
-unavailable: the client reconnects with backoff and resyncs. A viewer's updates are
+than the grace period (below it, the sender is only slowed down), 1001 server shutting
+down, 1013 ("try again later") the database unavailable or the client too slow to
+receive (see hub.SLOW_CLIENT_BYTES): the client reconnects with backoff and resyncs. A viewer's updates are
 refused with the protocol's "permission denied" message (auth type 2) and the connection
 stays open.
 """
@@ -25,7 +25,7 @@ from canvasdb import metrics
 from canvasdb.documents import yjs
 from canvasdb.errors import InvalidInput, NotFound, PayloadTooLarge, Unauthorized, Unavailable
 from canvasdb.gateway import protocol
-from canvasdb.gateway.hub import SLOW_CLIENT_BYTES, Hub, Peer
+from canvasdb.gateway.hub import CLOSE_GRACE_S, SLOW_CLIENT_BYTES, SLOW_CLIENT_STALL_S, Hub, Peer, close_now
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 
@@ -64,7 +64,9 @@ def _direct(ws: WebSocket) -> Any:
     ordinary path."""
     proto = getattr(ws.scope.get(RAW_SEND), "__self__", None)
     needed = ("transport", "close_sent", "disconnected", "conn")
-    return proto if proto is not None and all(hasattr(proto, a) for a in needed) else None
+    if proto is None or not all(hasattr(proto, a) for a in needed):
+        return None
+    return proto if hasattr(proto.conn, "fail") and hasattr(proto.conn, "data_to_send") else None
 
 
 class _Closing(Exception):
@@ -142,9 +144,15 @@ async def serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, s
 
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    """A graceful close, within CLOSE_GRACE_S: it waits for room in the socket's buffer, which a
+    client that does not read never makes; then the close frame goes behind what waits."""
     if ws.application_state == WebSocketState.CONNECTED:
         with contextlib.suppress(Exception):
-            await ws.close(code, reason[:120])
+            try:
+                await asyncio.wait_for(ws.close(code, reason[:120]), CLOSE_GRACE_S)
+            except TimeoutError:
+                if (proto := _direct(ws)) is not None and not (proto.close_sent or proto.disconnected):
+                    close_now(proto, code, reason[:120])
 
 
 async def _authorized(svc: Services, token: str | None, org: str, doc_id: str) -> tuple[Any, bool]:
@@ -187,16 +195,22 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
                 log.warning("could not check access to %s again", doc_id, exc_info=True)
 
     async def watch_backlog() -> None:
-        """A client that leaves more than SLOW_CLIENT_BYTES unread, and no fewer a second
-        later, is cut off (what the gateway did not write counts too: the WebSocket layer
-        answers each ping with a pong, whether the client reads them or not)."""
-        before = float("inf")  # unsent a second ago, when over the limit
+        """A client that leaves more than SLOW_CLIENT_BYTES unread, and no fewer for
+        SLOW_CLIENT_STALL_S, is cut off (what the gateway did not write counts too: the
+        WebSocket layer answers each ping with a pong, whether the client reads them or
+        not). A connection whose close frame was written (by anyone: uvicorn's keepalive
+        too) and that is still open CLOSE_GRACE_S later is dropped."""
+        before, stalled, stuck = float("inf"), 0, 0
         while True:
             await asyncio.sleep(1)
-            now = peer.unsent()
-            if now > SLOW_CLIENT_BYTES and now >= before:
-                peer.cut_off()
+            stuck = stuck + 1 if peer.closing_stuck() else 0
+            if stuck > CLOSE_GRACE_S:
+                peer.direct.transport.abort()
                 return
+            now = peer.unsent()
+            stalled = stalled + 1 if now > SLOW_CLIENT_BYTES and now >= before else 0
+            if stalled >= SLOW_CLIENT_STALL_S:
+                peer.cut_off()
             before = now if now > SLOW_CLIENT_BYTES else float("inf")
 
     checker = asyncio.create_task(recheck())
@@ -262,6 +276,8 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
                 # a token per KiB of state vector: reading one of 140,000 clients took 0.14 s
                 if not await bucket.take(1 + len(message.payload) // 1024):
                     raise _Closing(4429, "too many sync requests for too long; slow down", "rate")
+                while peer.unsent() > SLOW_CLIENT_BYTES and not peer.closing_stuck():
+                    await asyncio.sleep(0.1)  # the last answer first (not reading meanwhile: TCP waits)
                 await _answer_step1(svc, who.org_id, doc_id, message.payload, peer)
             elif message.kind == protocol.SYNC:  # step 2 (what we lacked) or an update
                 if message.payload != yjs.EMPTY_UPDATE:
@@ -298,5 +314,5 @@ async def _answer_step1(svc: Services, org_id: object, doc_id: str, state_vector
         raise _Closing(4413, exc.detail, "too_large") from None
     pieces = sync.updates or [yjs.EMPTY_UPDATE]
     for piece in pieces[:-1]:
-        peer.push(protocol.sync_update(piece))
-    peer.push(protocol.sync_step2(pieces[-1]))
+        peer.push(protocol.sync_update(piece), asked=True)
+    peer.push(protocol.sync_step2(pieces[-1]), asked=True)

@@ -44,16 +44,19 @@ _MAX_NOTIFY_AWARENESS = 6000  # bytes of awareness relayed through NOTIFY (its p
 _SEND_QUEUE = 10_000  # messages waiting for one slow client before it is disconnected
 _GOING_AWAY = b""  # queued last by drain(): the sender closes with 1001 once it gets there
 # Bytes written to a client and not yet taken by it: past SLOW_CLIENT_BYTES and not going
-# down for a second, it is too slow (4408); past 4 times that, at once. (The answer to a
-# client's sync of a large document is what it asked for: it may go past the first.)
+# down for SLOW_CLIENT_STALL_S, the client is too slow; past _UNSENT_LIMIT of what it did
+# not ask for, at once. It is closed with 1013 ("try again later"): the official client
+# reconnects and resyncs (a 44xx code would make it stop for good). The answer to its own
+# sync request does not count against the second limit: a large document may pass it.
 SLOW_CLIENT_BYTES = 16 * 1024 * 1024
+SLOW_CLIENT_STALL_S = 10
 _UNSENT_LIMIT = 4 * SLOW_CLIENT_BYTES
-_CUT_OFF_GRACE_S = 5.0  # a client cut off for being too slow gets this long to read its 4408
+CLOSE_GRACE_S = 5.0  # a closing client gets this long to read up to its close frame; then dropped
 # Awareness is held in memory and sent to every joiner: bounded per connection (the clients
-# it introduced: an official client introduces its own, and sends back everyone else's
-# states as it hears them), per room, and per state.
+# it introduced), per room (clients, and bytes of their states) and per state (protocol.py).
 MAX_AWARENESS_CLIENTS_PER_CONNECTION = 64
 MAX_AWARENESS_CLIENTS_PER_ROOM = 10_000
+MAX_AWARENESS_BYTES_PER_ROOM = 4 * 1024 * 1024
 LISTENER_NAME = "canvasdb-listen {origin}"  # application_name of the listening connection
 # Once listening, rooms catch up at once and again after this long: a commit that checked
 # for listeners before this one connected, and became visible only after the first
@@ -77,6 +80,17 @@ def ws_frame(message: bytes) -> bytes:
     return bytes((0x82, 127)) + n.to_bytes(8, "big") + message
 
 
+def close_now(proto: Any, code: int, reason: str) -> None:
+    """Close uvicorn's WebSocket ``proto`` without waiting for room in its buffer, which a
+    client that does not read never makes: the close frame goes behind what waits, and the
+    connection is dropped if the client has not read up to it within CLOSE_GRACE_S."""
+    proto.conn.fail(code, reason)  # as uvicorn's own keepalive timeout does
+    proto.transport.write(b"".join(proto.conn.data_to_send()))
+    proto.close_sent = True
+    proto.transport.close()
+    asyncio.get_running_loop().call_later(CLOSE_GRACE_S, proto.transport.abort)
+
+
 @dataclass(eq=False)
 class Peer:
     """One WebSocket connection's outbound side: messages are queued, a task sends them.
@@ -90,8 +104,8 @@ class Peer:
     close: Callable[[int, str], Any]
     direct: Any = None
     queue: asyncio.Queue[bytes | None] = field(default_factory=lambda: asyncio.Queue(_SEND_QUEUE))
-    # client id -> last clock, of the awareness clients this connection introduced to the room
-    awareness_ids: dict[int, int] = field(default_factory=dict)
+    awareness_ids: set[int] = field(default_factory=set)  # the awareness clients it introduced
+    awareness_heard: bool = False  # it sent awareness already (its first message is its own)
     awareness_answered: float = 0.0  # when a query for the room's awareness was last answered
     busy: bool = False  # the sender task is sending a message
     pending: list[bytes] = field(default_factory=list)  # frames for the next direct write
@@ -103,12 +117,14 @@ class Peer:
         if frames and not (d.close_sent or d.disconnected or d.transport.is_closing()):
             d.transport.write(b"".join(frames))
 
-    def push(self, message: bytes, frame: bytes | None = None) -> None:
+    def push(self, message: bytes, frame: bytes | None = None, *, asked: bool = False) -> None:
+        """Send ``message`` (``frame``: the same, framed); ``asked``: the answer to the client's
+        own sync request, which no backlog limit refuses (the next request waits for it)."""
         d = self.direct
         if d is not None and not self.busy and self.queue.empty():  # else in order, through the queue
             if d.close_sent or d.disconnected or d.transport.is_closing():
                 return  # on its way out: the client resyncs when it reconnects
-            if self.unsent() > _UNSENT_LIMIT:
+            if not asked and self.unsent() > _UNSENT_LIMIT:
                 self.cut_off()
                 return
             # Written when this turn of the event loop ends: what one commit sends a peer is
@@ -131,24 +147,22 @@ class Peer:
         return d.transport.get_write_buffer_size() + self.pending_bytes if d is not None else 0
 
     def cut_off(self) -> None:
-        """4408 for a client too slow to receive (it resyncs when it reconnects). A graceful
-        close waits for room in the socket's buffer, which a client that does not read never
-        makes: the close frame is written at once, behind what waits, and the connection is
-        dropped if the client has not read up to it within _CUT_OFF_GRACE_S."""
+        """Close a client too slow to receive (1013: it reconnects and resyncs)."""
         d = self.direct
-        if d is None:
-            metrics.GATEWAY_REJECTED.labels("slow_client").inc()
-            asyncio.get_running_loop().create_task(self.close(4408, "too slow to receive updates"))
-            return
-        if d.close_sent or d.disconnected:
+        if d is not None and (d.close_sent or d.disconnected):
             return
         metrics.GATEWAY_REJECTED.labels("slow_client").inc()
+        if d is None:
+            asyncio.get_running_loop().create_task(self.close(1013, "too slow to receive updates"))
+            return
         self.pending, self.pending_bytes = [], 0
-        d.conn.fail(4408, "too slow to receive updates")  # as uvicorn's own keepalive timeout does
-        d.transport.write(b"".join(d.conn.data_to_send()))
-        d.close_sent = True
-        d.transport.close()
-        asyncio.get_running_loop().call_later(_CUT_OFF_GRACE_S, d.transport.abort)
+        close_now(d, 1013, "too slow to receive updates")
+
+    def closing_stuck(self) -> bool:
+        """Its close frame is written and the connection still open: a client that does not
+        read keeps it so for as long as TCP stays up (uvicorn's own closes wait for that)."""
+        d = self.direct
+        return d is not None and d.close_sent and not d.disconnected
 
     def going_away(self) -> None:
         """Close with 1001 ("going away") after what is already queued has been sent."""
@@ -177,6 +191,8 @@ class Room:
     floor: int = 0  # every update up to here was delivered
     above: set[int] = field(default_factory=set)  # delivered updates past the floor
     awareness: dict[int, tuple[int, str]] = field(default_factory=dict)  # client id -> (clock, state)
+    awareness_bytes: int = 0  # of the states held
+    owners: dict[int, Peer] = field(default_factory=dict)  # awareness client -> its connection here
     # awareness entries waiting for the room's next relay: for the peers here, and (those of
     # this gateway's clients) for the other gateways
     outgoing: dict[int, tuple[int, str]] = field(default_factory=dict)
@@ -301,11 +317,12 @@ class Hub:
             metrics.GATEWAY_DOCS.dec()
         for update in [u for u, sender in room.sending.items() if sender is peer]:  # commits that failed
             del room.sending[update]
-        if peer.awareness_ids:  # tell the others this client's cursors are gone
-            gone = [(client, clock + 1, "null") for client, clock in peer.awareness_ids.items()]
-            for client, _, _ in gone:
-                room.awareness.pop(client, None)
-            self.relay_awareness(room, protocol.awareness_update(gone), None)
+        mine = [c for c in peer.awareness_ids if room.owners.get(c) is peer]
+        for client in mine:
+            del room.owners[client]
+        gone = [(c, room.awareness[c][0] + 1, "null") for c in mine if c in room.awareness]
+        if gone:  # tell the others this connection's clients are gone
+            self._queue_awareness(room, gone, notify=self._notifier is not None)
         if not room.peers:
             room.idle_since = time.monotonic()
 
@@ -380,23 +397,25 @@ class Hub:
         """To everyone here (the sender too: it keeps the client's connection watchdog fed,
         as the reference server does) and, through NOTIFY, to the other gateways.
 
-        A client a connection introduces (one the room did not know) is that connection's:
-        its state is taken away when the connection goes. An official client also sends
-        back the states it hears of others; those stay theirs. Past the caps (clients per
-        connection and per room), new clients are not taken in."""
+        Each client's state belongs to one connection here, taken away when it goes: the
+        clients of a connection's first awareness message (an official client's first holds
+        its own state only) and those it introduces (that the room did not know: another
+        tab's, heard over a BroadcastChannel before that tab's socket opened). An official
+        client also sends back every state it hears of; those stay their owners'. Past the
+        caps (clients per connection and per room), new clients are not taken in."""
         entries = protocol.awareness_entries(update)
         if sender is not None:
+            first, sender.awareness_heard = not sender.awareness_heard, True
             kept = []
             for client, clock, state in entries:
-                if client in sender.awareness_ids:
-                    sender.awareness_ids[client] = clock
-                elif client not in room.awareness:
-                    if (len(sender.awareness_ids) >= MAX_AWARENESS_CLIENTS_PER_CONNECTION
-                            or len(room.awareness) >= MAX_AWARENESS_CLIENTS_PER_ROOM):
+                known = client in room.awareness
+                if state != "null" and (first or not known):
+                    if not known and (len(sender.awareness_ids) >= MAX_AWARENESS_CLIENTS_PER_CONNECTION
+                                      or len(room.awareness) >= MAX_AWARENESS_CLIENTS_PER_ROOM):
                         metrics.GATEWAY_REJECTED.labels("awareness_full").inc()
                         continue
-                    if state != "null":
-                        sender.awareness_ids[client] = clock
+                    room.owners[client] = sender
+                    sender.awareness_ids.add(client)
                 kept.append((client, clock, state))
             entries = kept
         self._queue_awareness(room, entries, notify=self._notifier is not None)
@@ -407,10 +426,20 @@ class Hub:
         every 15 s, so a thousand clients that connected together renew together, and one
         frame per state and peer stalled the gateway for a third of a second."""
         for client, clock, state in entries:
+            held = room.awareness.get(client)
+            size = len(state.encode()) if state != "null" else 0
+            if size and room.awareness_bytes - (len(held[1].encode()) if held else 0) + size \
+                    > MAX_AWARENESS_BYTES_PER_ROOM:
+                metrics.GATEWAY_REJECTED.labels("awareness_full").inc()
+                continue
+            if held is not None:
+                room.awareness_bytes -= len(held[1].encode())
             if state == "null":
                 room.awareness.pop(client, None)
+                room.owners.pop(client, None)
             else:
                 room.awareness[client] = (clock, state)
+                room.awareness_bytes += size
             for pending in (room.outgoing, room.notify) if notify else (room.outgoing,):
                 if client not in pending or pending[client][0] <= clock:
                     pending[client] = (clock, state)

@@ -18,7 +18,7 @@ from canvasdb.documents.yjs import write_uint as _uint
 
 SYNC, AWARENESS, AUTH, QUERY_AWARENESS = 0, 1, 2, 3
 MAX_SAFE_INTEGER = 2**53 - 1
-MAX_AWARENESS_STATE = 64 * 1024  # characters of one client's awareness state (a cursor, a name)
+MAX_AWARENESS_STATE = 64 * 1024  # bytes of one client's awareness state (a cursor, a name)
 STEP1, STEP2, UPDATE = 0, 1, 2
 _PERMISSION_DENIED = 0
 
@@ -86,10 +86,11 @@ def awareness_entries(update: bytes) -> list[tuple[int, int, str]]:
     except (IndexError, ValueError) as exc:  # (UnicodeDecodeError is a ValueError)
         raise ProtocolError(f"malformed awareness update: {exc}") from None
     for client, clock, state in entries:
-        if client > MAX_SAFE_INTEGER or clock > MAX_SAFE_INTEGER:  # what a JavaScript number holds
+        # what a JavaScript number holds (and the clock one more, for when its client goes)
+        if client > MAX_SAFE_INTEGER or clock >= MAX_SAFE_INTEGER:
             raise ProtocolError("an awareness client id or clock is past 2^53 - 1")
-        if len(state) > MAX_AWARENESS_STATE:
-            raise ProtocolError(f"an awareness state is at most {MAX_AWARENESS_STATE} characters")
+        if len(state) > MAX_AWARENESS_STATE // 4 and len(state.encode()) > MAX_AWARENESS_STATE:
+            raise ProtocolError(f"an awareness state is at most {MAX_AWARENESS_STATE} bytes")
         try:
             json.loads(state, parse_constant=_not_json)
         except (ValueError, RecursionError):  # nested past the parser's depth: not a state either

@@ -73,6 +73,15 @@ def test_an_update_past_a_gap_is_not_claimed() -> None:
     assert clock == {peer.doc.client_id: 1}, "the third's predecessor is missing"
 
 
+def test_clocks_past_what_yrs_holds_are_not_claimed() -> None:
+    """A GC struct of length 2^62 (accepted by Yrs, which keeps 32 bits of it): a state vector
+    that took it at its word would say more than any document holds."""
+    huge = bytes([1, 1, 5, 0, 0]) + yjs.write_uint(2**62) + bytes([0])
+    clock: yjs.StateVector = {}
+    assert yjs.clock_ranges(huge) == [(5, 0, 2**62)]
+    assert not yjs.advance(clock, huge) and clock == {}
+
+
 def test_the_author_of_an_update_is_its_one_client() -> None:
     a, b = Peer(), Peer()
     a.doc.get("m", type=Map)["k"] = 1

@@ -19,6 +19,7 @@ from pycrdt._pycrdt import Doc as _YrsDoc  # the Yrs document under Doc, without
 from canvasdb.errors import InvalidInput
 
 StateVector = dict[int, int]  # client id -> the next clock expected from that client
+MAX_CLOCK = 2**32 - 1  # Yrs keeps clocks as 32-bit numbers
 
 _GC, _SKIP = 0, 10
 _DELETED, _JSON, _BINARY, _STRING, _EMBED, _FORMAT, _TYPE, _ANY, _DOC = range(1, 10)
@@ -196,6 +197,8 @@ def advance(clock: StateVector, update: bytes) -> bool:
     try:
         ranges = clock_ranges(update)
     except ValueError:
+        return False
+    if any(end > MAX_CLOCK for _, _, end in ranges):  # past what Yrs holds (it would truncate)
         return False
     for client, start, end in ranges:
         if start <= clock.get(client, 0) < end:

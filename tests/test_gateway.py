@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from uuid import uuid4
 
 import httpx
 import psycopg
@@ -610,6 +611,85 @@ async def test_awareness_is_bounded_and_belongs_to_who_introduced_it(
                 assert states[4] == '{"tab": 2}', "the first tab took the second's state with it"
             await heard({4: "null"})
     assert counter(gateways[0].port, 'canvasdb_gateway_rejected_total{reason="awareness_full"}') >= 37
+
+
+class _Transport:
+    """What a Peer writes to, counting what waits unread."""
+
+    def __init__(self) -> None:
+        self.buffer, self.closing, self.aborted = 0, False, False
+
+    def write(self, data: bytes) -> None:
+        self.buffer += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffer
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class _Socket:
+    """uvicorn's WebSocket protocol object, as far as a Peer writes through it."""
+
+    def __init__(self) -> None:
+        self.transport, self.close_sent, self.disconnected, self.closed_with = _Transport(), False, False, None
+        self.conn = self
+
+    def fail(self, code: int, reason: str) -> None:
+        self.closed_with = code
+
+    def data_to_send(self) -> list[bytes]:
+        return [b"close"]
+
+
+async def test_the_answer_to_a_clients_own_sync_is_not_held_against_it() -> None:
+    """A 70 MB document's first sync passes the 64 MB a client may leave unread; what others
+    write to it meanwhile is not refused for it, only what it does not read beyond that."""
+    socket_ = _Socket()
+    peer = Peer(send=None, close=None, direct=socket_)  # type: ignore[arg-type]
+    peer.push(b"s" * 70_000_000, asked=True)
+    await asyncio.sleep(0)
+    peer.push(b"an edit")
+    await asyncio.sleep(0)
+    assert socket_.closed_with is None, "cut off for the document it asked for"
+    socket_.transport.buffer -= 69_000_000  # it read most of it
+    peer.push(b"e" * 68_000_000)  # then others' edits it does not read (64 MiB is 67.1 MB)
+    await asyncio.sleep(0)
+    peer.push(b"one more")
+    assert socket_.closed_with == 1013 and socket_.transport.closing
+
+
+async def test_awareness_newer_than_held_only_and_owned_by_who_said_it_first(db: Database) -> None:
+    """A client with no state of its own sends back the room's states as its first message:
+    it owns none of them. A state sent back after its client went stays gone. A state the
+    room's byte budget refused is nobody's."""
+    hub = Hub(DocumentStore(db), "postgresql://unused", awareness_delay=0.01)
+    a, b, v, w1, w2 = (Peer(send=None, close=None, direct=_Socket()) for _ in range(5))  # type: ignore[arg-type]
+    room = hub.join(uuid4(), "room", a, 0)
+    for peer in (b, v, w1, w2):
+        hub.join(room.org_id, "room", peer, 0)
+    hub.relay_awareness(room, protocol.awareness_update([(1, 1, '{"a": 1}')]), a)
+    hub.relay_awareness(room, protocol.awareness_update([(2, 1, '{"b": 1}')]), b)
+    hub.relay_awareness(room, protocol.awareness_update([(1, 1, '{"a": 1}'), (2, 1, '{"b": 1}')]), v)
+    assert room.owners == {1: a, 2: b}
+    hub.leave(room, a)
+    hub.leave(room, v)
+    assert set(room.awareness) == {2}, "a's state went with a; b's stayed when v left"
+    hub.relay_awareness(room, protocol.awareness_update([(1, 1, '{"a": 1}')]), b)  # sent back late
+    assert set(room.awareness) == {2} and room.owners == {2: b}
+    big = '"' + "x" * 60_000 + '"'
+    for peer, base in ((w1, 100), (w2, 200)):
+        hub.relay_awareness(room, protocol.awareness_update([(base + i, 1, big) for i in range(60)]), peer)
+    assert len(room.awareness) < 121 and set(room.owners) == set(room.awareness)
+    assert room.awareness_bytes == sum(len(state.encode()) for _, state in room.awareness.values())
+    assert room.awareness_bytes <= 4 * 1024 * 1024
 
 
 async def test_a_closing_client_that_never_reads_is_dropped(

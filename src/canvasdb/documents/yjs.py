@@ -198,7 +198,7 @@ def advance(clock: StateVector, update: bytes) -> bool:
         ranges = clock_ranges(update)
     except ValueError:
         return False
-    if any(end > MAX_CLOCK for _, _, end in ranges):  # past what Yrs holds (it would truncate)
+    if any(end > MAX_CLOCK + 1 for _, _, end in ranges):  # past what Yrs holds (it would truncate)
         return False
     for client, start, end in ranges:
         if start <= clock.get(client, 0) < end:

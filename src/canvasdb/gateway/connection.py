@@ -147,12 +147,16 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
     """A graceful close, within CLOSE_GRACE_S: it waits for room in the socket's buffer, which a
     client that does not read never makes; then the close frame goes behind what waits."""
     if ws.application_state == WebSocketState.CONNECTED:
+        proto = _direct(ws)
         with contextlib.suppress(Exception):
             try:
                 await asyncio.wait_for(ws.close(code, reason[:120]), CLOSE_GRACE_S)
             except TimeoutError:
-                if (proto := _direct(ws)) is not None and not (proto.close_sent or proto.disconnected):
+                if proto is not None and not (proto.close_sent or proto.disconnected):
                     close_now(proto, code, reason[:120])
+            else:  # written; but uvicorn then waits for the client to read up to it, for good
+                if proto is not None:
+                    asyncio.get_running_loop().call_later(CLOSE_GRACE_S, proto.transport.abort)
 
 
 async def _authorized(svc: Services, token: str | None, org: str, doc_id: str) -> tuple[Any, bool]:

@@ -110,12 +110,16 @@ class Peer:
     busy: bool = False  # the sender task is sending a message
     pending: list[bytes] = field(default_factory=list)  # frames for the next direct write
     pending_bytes: int = 0
+    written: int = 0  # bytes written to the transport, ever
+    asked_end: int = 0  # where (in those) the answer to its last sync request ends
 
     def _write(self) -> None:
         frames, self.pending, self.pending_bytes = self.pending, [], 0
         d = self.direct
         if frames and not (d.close_sent or d.disconnected or d.transport.is_closing()):
-            d.transport.write(b"".join(frames))
+            data = b"".join(frames)
+            self.written += len(data)
+            d.transport.write(data)
 
     def push(self, message: bytes, frame: bytes | None = None, *, asked: bool = False) -> None:
         """Send ``message`` (``frame``: the same, framed); ``asked``: the answer to the client's
@@ -124,7 +128,7 @@ class Peer:
         if d is not None and not self.busy and self.queue.empty():  # else in order, through the queue
             if d.close_sent or d.disconnected or d.transport.is_closing():
                 return  # on its way out: the client resyncs when it reconnects
-            if not asked and self.unsent() > _UNSENT_LIMIT:
+            if not asked and self.unsent() - self._asked_unsent() > _UNSENT_LIMIT:
                 self.cut_off()
                 return
             # Written when this turn of the event loop ends: what one commit sends a peer is
@@ -134,6 +138,8 @@ class Peer:
             frame = frame if frame is not None else ws_frame(message)
             self.pending.append(frame)
             self.pending_bytes += len(frame)
+            if asked:
+                self.asked_end = self.written + self.pending_bytes
             return
         try:
             self.queue.put_nowait(message)
@@ -145,6 +151,11 @@ class Peer:
         queue has its own bound)."""
         d = self.direct
         return d.transport.get_write_buffer_size() + self.pending_bytes if d is not None else 0
+
+    def _asked_unsent(self) -> int:
+        """Of ``unsent()``, the bytes of the answer to its last sync request."""
+        taken = self.written - self.direct.transport.get_write_buffer_size()
+        return max(0, self.asked_end - taken)
 
     def cut_off(self) -> None:
         """Close a client too slow to receive (1013: it reconnects and resyncs)."""
@@ -193,6 +204,7 @@ class Room:
     awareness: dict[int, tuple[int, str]] = field(default_factory=dict)  # client id -> (clock, state)
     awareness_bytes: int = 0  # of the states held
     owners: dict[int, Peer] = field(default_factory=dict)  # awareness client -> its connection here
+    gone: dict[int, int] = field(default_factory=dict)  # awareness client -> clock of its removal
     # awareness entries waiting for the room's next relay: for the peers here, and (those of
     # this gateway's clients) for the other gateways
     outgoing: dict[int, tuple[int, str]] = field(default_factory=dict)
@@ -398,53 +410,78 @@ class Hub:
         as the reference server does) and, through NOTIFY, to the other gateways.
 
         Each client's state belongs to one connection here, taken away when it goes: the
-        clients of a connection's first awareness message (an official client's first holds
-        its own state only) and those it introduces (that the room did not know: another
-        tab's, heard over a BroadcastChannel before that tab's socket opened). An official
-        client also sends back every state it hears of; those stay their owners'. Past the
-        caps (clients per connection and per room), new clients are not taken in."""
+        clients a connection introduces (that the room did not hold: its own, or another
+        tab's heard over a BroadcastChannel before that tab's socket opened), and the one
+        client of its first message when that is newer than what the room holds (an
+        official client's first message holds its own state only: that other tab's, or its
+        own after a reconnection the room has not seen the end of). An official client
+        also sends back every state it hears of, its first message included when it has
+        no state of its own; those stay their owners'. Past the caps (clients per
+        connection and per room), new clients are not taken in."""
         entries = protocol.awareness_entries(update)
-        if sender is not None:
-            first, sender.awareness_heard = not sender.awareness_heard, True
-            kept = []
-            for client, clock, state in entries:
-                known = client in room.awareness
-                if state != "null" and (first or not known):
-                    if not known and (len(sender.awareness_ids) >= MAX_AWARENESS_CLIENTS_PER_CONNECTION
-                                      or len(room.awareness) >= MAX_AWARENESS_CLIENTS_PER_ROOM):
-                        metrics.GATEWAY_REJECTED.labels("awareness_full").inc()
-                        continue
-                    room.owners[client] = sender
-                    sender.awareness_ids.add(client)
-                kept.append((client, clock, state))
-            entries = kept
-        self._queue_awareness(room, entries, notify=self._notifier is not None)
-
-    def _queue_awareness(self, room: Room, entries: list[tuple[int, int, str]], *, notify: bool) -> None:
-        """Awareness is relayed at most every ``awareness_delay`` seconds per room, as one
-        message holding each client's latest state: the official client renews its state
-        every 15 s, so a thousand clients that connected together renew together, and one
-        frame per state and peer stalled the gateway for a third of a second."""
+        if sender is None:
+            self._queue_awareness(room, entries, notify=self._notifier is not None)
+            return
+        first, sender.awareness_heard = not sender.awareness_heard, True
+        kept, claims = [], []
         for client, clock, state in entries:
             held = room.awareness.get(client)
-            size = len(state.encode()) if state != "null" else 0
-            if size and room.awareness_bytes - (len(held[1].encode()) if held else 0) + size \
-                    > MAX_AWARENESS_BYTES_PER_ROOM:
-                metrics.GATEWAY_REJECTED.labels("awareness_full").inc()
-                continue
-            if held is not None:
-                room.awareness_bytes -= len(held[1].encode())
+            if state != "null" and held is None:
+                if (len(sender.awareness_ids) + len(claims) >= MAX_AWARENESS_CLIENTS_PER_CONNECTION
+                        or len(room.awareness) + len(claims) >= MAX_AWARENESS_CLIENTS_PER_ROOM):
+                    metrics.GATEWAY_REJECTED.labels("awareness_full").inc()
+                    continue
+                claims.append(client)
+            elif state != "null" and first and len(entries) == 1 and clock > held[0]:
+                claims.append(client)
+            kept.append((client, clock, state))
+        accepted = self._queue_awareness(room, kept, notify=self._notifier is not None)
+        for client in claims:
+            if client in accepted:
+                room.owners[client] = sender
+                sender.awareness_ids.add(client)
+
+    def _queue_awareness(self, room: Room, entries: list[tuple[int, int, str]], *, notify: bool) -> set[int]:
+        """Take in the entries newer than what the room holds, as y-protocols does (a state
+        with a higher clock; a removal with at least the clock held), within the room's
+        byte budget; the clients taken in.
+
+        Awareness is relayed at most every ``awareness_delay`` seconds per room, as one
+        message holding each client's latest state: the official client renews its state
+        every 15 s, so a thousand clients that connected together renew together, and one
+        frame per state and peer stalled the gateway for a third of a second. What a client
+        sends back of states it heard is not newer, so it goes no further; nor does a state
+        sent back after its client went (the clock of each removal is kept)."""
+        accepted: set[int] = set()
+        for client, clock, state in entries:
+            held = room.awareness.get(client)
+            held_bytes = len(held[1].encode()) if held is not None else 0
             if state == "null":
-                room.awareness.pop(client, None)
+                if held is None or clock < held[0]:
+                    continue
+                del room.awareness[client]
                 room.owners.pop(client, None)
+                room.gone[client] = clock
+                if len(room.gone) > MAX_AWARENESS_CLIENTS_PER_ROOM:
+                    del room.gone[next(iter(room.gone))]
+                room.awareness_bytes -= held_bytes
             else:
+                if clock <= (held[0] if held is not None else room.gone.get(client, -1)):
+                    continue
+                size = len(state.encode())
+                if room.awareness_bytes - held_bytes + size > MAX_AWARENESS_BYTES_PER_ROOM:
+                    metrics.GATEWAY_REJECTED.labels("awareness_full").inc()
+                    continue
                 room.awareness[client] = (clock, state)
-                room.awareness_bytes += size
+                room.gone.pop(client, None)
+                room.awareness_bytes += size - held_bytes
+            accepted.add(client)
             for pending in (room.outgoing, room.notify) if notify else (room.outgoing,):
                 if client not in pending or pending[client][0] <= clock:
                     pending[client] = (clock, state)
-        if room.relay_due is None:
+        if accepted and room.relay_due is None:
             room.relay_due = asyncio.get_running_loop().call_later(self.awareness_delay, self._relay, room)
+        return accepted
 
     def _relay(self, room: Room) -> None:
         room.relay_due = None

@@ -19,7 +19,7 @@ from uuid import UUID, uuid4
 from canvasdb.db import Connection, Database
 from canvasdb.entities import history
 from canvasdb.entities.changes import ChangeQueue
-from canvasdb.entities.types import TypeRegistry, check_type_name, type_from_json
+from canvasdb.entities.types import TypeRegistry, check_type_name, nested_deeper_than, type_from_json
 from canvasdb.errors import (
     CanvasdbError,
     Conflict,
@@ -91,13 +91,8 @@ def encode_data(data: object, max_bytes: int) -> str:
     """``data`` as JSON text, refusing what PostgreSQL's jsonb or the size limit would not take."""
     if not isinstance(data, dict):
         raise InvalidInput("data must be a JSON object", pointer="/data")
-    stack: list[tuple[Any, int]] = [(data, 1)]  # objects and arrays, walked without recursion
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise InvalidInput(f"data is nested more than {MAX_DEPTH} levels deep", pointer="/data")
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    if nested_deeper_than(data, MAX_DEPTH):
+        raise InvalidInput(f"data is nested more than {MAX_DEPTH} levels deep", pointer="/data")
     try:
         text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         size = len(text.encode("utf-8"))

@@ -103,15 +103,17 @@ def _validator(schema: dict[str, Any]) -> Any:
     return jsonschema_rs.validator_for(schema, validate_formats=False, retriever=_never_fetch)
 
 
-def _depth(value: Any) -> int:
-    """How deep objects and arrays nest in ``value`` (without recursion)."""
-    deepest, stack = 0, [(value, 1)]
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether objects and arrays nest in ``value`` more than ``limit`` levels (walked without
+    recursion, which is what such a value would exhaust)."""
+    stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
-        if isinstance(node, dict | list):
-            deepest = max(deepest, depth)
-            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
-    return deepest
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _never_fetch(uri: str) -> Any:
@@ -127,7 +129,7 @@ def _check_schema(schema: dict[str, Any]) -> None:
     if not isinstance(schema.get("$schema", ""), str):
         raise InvalidInput("$schema is the URI of a JSON Schema dialect (a string)",
                            pointer="/json_schema/$schema")
-    if _depth(schema) > MAX_SCHEMA_DEPTH:
+    if nested_deeper_than(schema, MAX_SCHEMA_DEPTH):
         raise InvalidInput(f"the schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep",
                            pointer="/json_schema")
     try:

@@ -154,9 +154,8 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
             except TimeoutError:
                 if proto is not None and not (proto.close_sent or proto.disconnected):
                     close_now(proto, code, reason[:120])
-            else:  # written; but uvicorn then waits for the client to read up to it, for good
-                if proto is not None:
-                    asyncio.get_running_loop().call_later(CLOSE_GRACE_S, proto.transport.abort)
+        if proto is not None:  # written; uvicorn then waits for the client to read up to it, for good
+            asyncio.get_running_loop().call_later(CLOSE_GRACE_S, proto.transport.abort)
 
 
 async def _authorized(svc: Services, token: str | None, org: str, doc_id: str) -> tuple[Any, bool]:

@@ -82,13 +82,12 @@ def ws_frame(message: bytes) -> bytes:
 
 def close_now(proto: Any, code: int, reason: str) -> None:
     """Close uvicorn's WebSocket ``proto`` without waiting for room in its buffer, which a
-    client that does not read never makes: the close frame goes behind what waits, and the
-    connection is dropped if the client has not read up to it within CLOSE_GRACE_S."""
+    client that does not read never makes: the close frame goes behind what waits. (Whoever
+    closes also drops the connection if it is still open CLOSE_GRACE_S later.)"""
     proto.conn.fail(code, reason)  # as uvicorn's own keepalive timeout does
     proto.transport.write(b"".join(proto.conn.data_to_send()))
     proto.close_sent = True
     proto.transport.close()
-    asyncio.get_running_loop().call_later(CLOSE_GRACE_S, proto.transport.abort)
 
 
 @dataclass(eq=False)
@@ -128,7 +127,7 @@ class Peer:
         if d is not None and not self.busy and self.queue.empty():  # else in order, through the queue
             if d.close_sent or d.disconnected or d.transport.is_closing():
                 return  # on its way out: the client resyncs when it reconnects
-            if not asked and self.unsent() - self._asked_unsent() > _UNSENT_LIMIT:
+            if not asked and self._unasked_unsent() > _UNSENT_LIMIT:
                 self.cut_off()
                 return
             # Written when this turn of the event loop ends: what one commit sends a peer is
@@ -152,13 +151,15 @@ class Peer:
         d = self.direct
         return d.transport.get_write_buffer_size() + self.pending_bytes if d is not None else 0
 
-    def _asked_unsent(self) -> int:
-        """Of ``unsent()``, the bytes of the answer to its last sync request."""
-        taken = self.written - self.direct.transport.get_write_buffer_size()
-        return max(0, self.asked_end - taken)
+    def _unasked_unsent(self) -> int:
+        """``unsent()`` less what remains of the answer to its last sync request."""
+        buffered = self.direct.transport.get_write_buffer_size()
+        asked = max(0, self.asked_end - (self.written - buffered))
+        return buffered + self.pending_bytes - asked
 
     def cut_off(self) -> None:
-        """Close a client too slow to receive (1013: it reconnects and resyncs)."""
+        """Close a client too slow to receive (1013: it reconnects and resyncs); its
+        connection's watchdog drops it if the close does not get through."""
         d = self.direct
         if d is not None and (d.close_sent or d.disconnected):
             return

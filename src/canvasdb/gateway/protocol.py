@@ -81,16 +81,20 @@ def permission_denied(reason: str) -> bytes:
 def awareness_entries(update: bytes) -> list[tuple[int, int, str]]:
     """The (client id, clock, JSON state) entries of an awareness update."""
     r = Reader(update)
+    try:
+        raw = [(r.uint(), r.uint(), r.chunk()) for _ in range(r.uint())]
+    except (IndexError, ValueError) as exc:
+        raise ProtocolError(f"malformed awareness update: {exc}") from None
+    if any(len(state) > MAX_AWARENESS_STATE for _, _, state in raw):
+        raise ProtocolError(f"an awareness state is at most {MAX_AWARENESS_STATE} bytes")
     try:  # strict UTF-8 (lib0 writes no other): a lone surrogate read here could not be sent on
-        entries = [(r.uint(), r.uint(), r.chunk().decode()) for _ in range(r.uint())]
-    except (IndexError, ValueError) as exc:  # (UnicodeDecodeError is a ValueError)
+        entries = [(client, clock, state.decode()) for client, clock, state in raw]
+    except UnicodeDecodeError as exc:
         raise ProtocolError(f"malformed awareness update: {exc}") from None
     for client, clock, state in entries:
         # what a JavaScript number holds (and the clock one more, for when its client goes)
         if client > MAX_SAFE_INTEGER or clock >= MAX_SAFE_INTEGER:
             raise ProtocolError("an awareness client id or clock is past 2^53 - 1")
-        if len(state) > MAX_AWARENESS_STATE // 4 and len(state.encode()) > MAX_AWARENESS_STATE:
-            raise ProtocolError(f"an awareness state is at most {MAX_AWARENESS_STATE} bytes")
         try:
             json.loads(state, parse_constant=_not_json)
         except (ValueError, RecursionError):  # nested past the parser's depth: not a state either

@@ -365,6 +365,54 @@ async def test_oversized_messages_close_4413_and_far_larger_ones_unread(
         gw.stop()
 
 
+async def test_requests_whose_headers_dawdle_are_cut_off_but_slow_bodies_and_websockets_are_not(
+    pg_url: str, board: tuple[Tenant, str], tmp_path: Path
+) -> None:
+    """A slowloris client (a header line now and then) held its socket for good: a request's
+    headers must now arrive within CANVASDB_HTTP_HEADER_TIMEOUT_SECONDS of the connection or of
+    the previous response. What comes after the headers is not bound by it."""
+    t, doc = board
+    gw = Gateway(pg_url, tmp_path, CANVASDB_HTTP_HEADER_TIMEOUT_SECONDS="1")
+    loop = asyncio.get_running_loop()
+
+    async def opened() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", gw.port)
+
+    try:
+        silent, silent_w = await opened()
+        dawdler, dawdler_w = await opened()
+        dawdler_w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        kept, kept_w = await opened()  # a second request on a kept-alive connection, the same
+        kept_w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(kept.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        length = next(int(line[15:]) for line in head.split(b"\r\n") if line.startswith(b"content-length: "))
+        await asyncio.wait_for(kept.readexactly(length), 5)
+        kept_w.write(b"GET /healthz HTTP/1.1\r\n")
+        slow_body, slow_body_w = await opened()
+        body = json.dumps({"slug": "slowly"}).encode()
+        slow_body_w.write(b"POST /v1/orgs/%s/projects HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                          % (t.slug.encode(), t.token.encode(), len(body)))
+        async with websockets.connect(f"{gw.url(t.slug)}/{doc}?token={t.token}") as ws:
+            started = loop.time()
+            for i in range(5):  # 2.5 s: the body arrives in pieces, long after the deadline
+                await asyncio.sleep(0.5)
+                slow_body_w.write(body[i * len(body) // 5:(i + 1) * len(body) // 5])
+            assert await asyncio.wait_for(silent.read(), 1) == b""  # closed, no answer
+            for reader in (dawdler, kept):
+                answer = await asyncio.wait_for(reader.read(), 1)
+                assert answer.startswith(b"HTTP/1.1 408 ") and answer.endswith(b'"status":408,'
+                    b'"detail":"the request headers took too long to arrive"}'), answer
+            assert (await asyncio.wait_for(slow_body.readline(), 5)).startswith(b"HTTP/1.1 201"), "slow body"
+            assert loop.time() - started > 2
+            await synced(ws)  # the WebSocket outlived the deadline
+        for writer in (dawdler_w, kept_w, slow_body_w, silent_w):
+            writer.close()
+    finally:
+        gw.stop()
+
+
 async def test_tokens_in_the_header_and_revoked_tokens(
     gateways: list[Gateway], svc: Services, board: tuple[Tenant, str]
 ) -> None:

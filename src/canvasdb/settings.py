@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=1, le=65535)
     max_data_bytes: int = Field(default=1024 * 1024, ge=1024, description="Largest entity `data`")
     keyframe_interval: int = Field(default=20, ge=1, le=10_000, description="Full copy every K versions")
+    http_header_timeout_seconds: float = Field(default=10, gt=0, description="A request's headers must "
+                                               "arrive within this time (else 408 and closed)")
     pool_min_size: int = Field(default=2, ge=1)
     pool_max_size: int = Field(default=20, ge=1)
     statement_timeout_ms: int = Field(default=10_000, ge=0)

@@ -82,6 +82,32 @@ def test_clocks_past_what_yrs_holds_are_not_claimed() -> None:
     assert not yjs.advance(clock, huge) and clock == {}
 
 
+@pytest.mark.parametrize("where", ["struct", "skip", "origin", "right origin", "parent", "deletion"])
+def test_updates_naming_clocks_past_32_bits_are_refused(where: str) -> None:
+    """Yrs keeps 32 bits of a clock where JavaScript's Yjs keeps it whole (or throws): stored,
+    such an update would make the server's document and its clients' differ. Each place a
+    clock is named, one past the last Yrs holds is refused; the last one is not."""
+    w = yjs.write_uint
+
+    def update(last: int) -> bytes:  # names clock ``last`` (as an end, an item's clock + 1)
+        if where == "struct":  # GC from last - 1, length 1
+            return w(1) + w(1) + w(5) + w(last - 1) + bytes([0]) + w(1) + w(0)
+        if where == "skip":
+            return w(1) + w(2) + w(5) + w(0) + bytes([0]) + w(1) + bytes([10]) + w(last - 1) + w(0)
+        if where in ("origin", "right origin"):
+            flag = 0x80 if where == "origin" else 0x40
+            return w(1) + w(1) + w(5) + w(0) + bytes([flag | 1]) + w(7) + w(last - 1) + w(1) + w(0)
+        if where == "parent":  # Deleted content of length 1 under the item (7, last - 1)
+            return w(1) + w(1) + w(5) + w(0) + bytes([1]) + w(0) + w(7) + w(last - 1) + w(1) + w(0)
+        return w(0) + w(1) + w(5) + w(1) + w(last - 1) + w(1)  # deletes last - 1
+
+    yjs.check_update(update(yjs.MAX_CLOCK))
+    assert yjs.highest_clock(update(yjs.MAX_CLOCK)) == yjs.MAX_CLOCK
+    for past in (yjs.MAX_CLOCK + 1, 2**53, 2**62):
+        with pytest.raises(InvalidInput, match="a clock past 4294967295"):
+            yjs.check_update(update(past))
+
+
 def test_the_author_of_an_update_is_its_one_client() -> None:
     a, b = Peer(), Peer()
     a.doc.get("m", type=Map)["k"] = 1

@@ -39,15 +39,18 @@ class Reader:
         return b
 
     def uint(self) -> int:
-        n, shift = 0, 0
-        while True:
-            b = self.byte()
+        data, pos = self.data, self.pos  # inlined byte(): every update is read through here
+        b = data[pos]
+        n, shift = b & 0x7F, 7
+        while b >= 0x80:
+            pos += 1
+            b = data[pos]
             n |= (b & 0x7F) << shift
-            if b < 0x80:
-                return n
             shift += 7
-            if shift > 70:
+            if shift > 77:
                 raise ValueError("varuint too long")
+        self.pos = pos + 1
+        return n
 
     def skip_varint(self) -> None:
         while self.byte() & 0x80:
@@ -133,8 +136,20 @@ def clock_ranges(update: bytes) -> list[tuple[int, int, int]]:
 
     Raises ValueError when the bytes are not a v1 update this reader understands.
     """
+    return _read(update, deletions=False)[0]
+
+
+def highest_clock(update: bytes) -> int:
+    """The highest clock an update names (as an end: an item's clock + 1): its structs' ends
+    (skipped ranges included), the items they refer to, its deletions' ends. Raises
+    ValueError when the bytes cannot be read."""
+    return _read(update, deletions=True)[1]
+
+
+def _read(update: bytes, *, deletions: bool) -> tuple[list[tuple[int, int, int]], int]:
     r = Reader(update)
     ranges = []
+    highest = 0
     try:
         for _ in range(r.uint()):
             count, client, clock = r.uint(), r.uint(), r.uint()
@@ -150,23 +165,32 @@ def clock_ranges(update: bytes) -> list[tuple[int, int, int]]:
                         start = clock + length
                     clock += length
                     continue
-                if info & 0x80:
-                    r.uint(), r.uint()
-                if info & 0x40:
-                    r.uint(), r.uint()
-                if not info & 0xC0:
+                if info & 0x80:  # origin: an item's (client, clock)
+                    r.uint()
+                    highest = max(highest, r.uint() + 1)
+                if info & 0x40:  # right origin
+                    r.uint()
+                    highest = max(highest, r.uint() + 1)
+                if not info & 0xC0:  # parent: a root type's name or an item's id
                     if r.uint() == 1:
                         r.skip_string()
                     else:
-                        r.uint(), r.uint()
+                        r.uint()
+                        highest = max(highest, r.uint() + 1)
                     if info & 0x20:
                         r.skip_string()
                 clock += _content_length(r, ref)
             if clock > start:
                 ranges.append((client, start, clock))
+            highest = max(highest, clock)
+        if deletions:
+            for _ in range(r.uint()):
+                r.uint()  # the client
+                for _ in range(r.uint()):
+                    highest = max(highest, r.uint() + r.uint())
     except IndexError:
         raise ValueError("truncated update") from None
-    return ranges
+    return ranges, highest
 
 
 def author(update: bytes) -> int | None:
@@ -198,7 +222,7 @@ def advance(clock: StateVector, update: bytes) -> bool:
         ranges = clock_ranges(update)
     except ValueError:
         return False
-    if any(end > MAX_CLOCK + 1 for _, _, end in ranges):  # past what Yrs holds (it would truncate)
+    if any(end > MAX_CLOCK for _, _, end in ranges):  # past what Yrs holds (it would truncate)
         return False
     for client, start, end in ranges:
         if start <= clock.get(client, 0) < end:
@@ -262,7 +286,12 @@ def check_update(payload: bytes) -> None:
 
     Yrs reserves room for as many clients as the update declares before it reads them:
     7 bytes declaring 2^28 clients took 512 MB and a quarter of a second to refuse. A
-    client takes at least 3 bytes, so a count past that is refused first, unread."""
+    client takes at least 3 bytes, so a count past that is refused first, unread.
+
+    Yrs keeps clocks in 32 bits and cuts larger ones short where JavaScript's Yjs keeps them
+    (or refuses the update): such an update, stored, would make the server's document
+    differ from its clients' (or break them). So the update is read once more here for the
+    highest clock it names, a few µs."""
     if payload and payload[0] & 0x80:  # 128 clients or more
         try:
             declared = Reader(payload).uint()
@@ -281,6 +310,12 @@ def check_update(payload: bytes) -> None:
         raise InvalidInput(f"not a valid Yjs update: {exc}", pointer="/body") from None
     finally:
         txn.drop()
+    try:
+        highest = highest_clock(payload)
+    except ValueError as exc:
+        raise InvalidInput(f"not a valid Yjs update: {exc}", pointer="/body") from None
+    if highest > MAX_CLOCK:
+        raise InvalidInput(f"not a valid Yjs update: a clock past {MAX_CLOCK}", pointer="/body")
 
 
 EMPTY_UPDATE = b"\x00\x00"  # no structs, no deletions

@@ -28,6 +28,7 @@ from pycrdt import Doc, Map
 from relays import Balancer, PgProxy
 from yjs_client import JsClient
 
+from canvasdb.api.http_protocol import MAX_HEADER_BYTES
 from canvasdb.db import Database
 from canvasdb.documents import DocumentStore, yjs
 from canvasdb.gateway import protocol
@@ -365,12 +366,13 @@ async def test_oversized_messages_close_4413_and_far_larger_ones_unread(
         gw.stop()
 
 
-async def test_requests_whose_headers_dawdle_are_cut_off_but_slow_bodies_and_websockets_are_not(
+async def test_requests_whose_headers_dawdle_or_swell_are_cut_off_but_slow_bodies_and_websockets_are_not(
     pg_url: str, board: tuple[Tenant, str], tmp_path: Path
 ) -> None:
-    """A slowloris client (a header line now and then) held its socket for good: a request's
-    headers must now arrive within CANVASDB_HTTP_HEADER_TIMEOUT_SECONDS of the connection or of
-    the previous response. What comes after the headers is not bound by it."""
+    """A slowloris client (a header line now and then) held its socket for good, and one
+    header of 100 MB took as much memory: a request's headers must now arrive within
+    CANVASDB_HTTP_HEADER_TIMEOUT_SECONDS of the connection or of the previous response, and
+    within 64 KiB. What comes after the headers is not bound by either."""
     t, doc = board
     gw = Gateway(pg_url, tmp_path, CANVASDB_HTTP_HEADER_TIMEOUT_SECONDS="1")
     loop = asyncio.get_running_loop()
@@ -379,6 +381,23 @@ async def test_requests_whose_headers_dawdle_are_cut_off_but_slow_bodies_and_web
         return await asyncio.open_connection("127.0.0.1", gw.port)
 
     try:
+        def headers_of(size: int, *, ended: bool) -> bytes:
+            """Send a request with a header of ``size`` bytes; the status line of the answer."""
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+                try:
+                    for start in range(0, size, 10_000):
+                        sock.sendall(b"a" * min(10_000, size - start))
+                except ConnectionError:
+                    return b"cut off"
+                if ended:
+                    sock.sendall(b"\r\n\r\n")
+                return sock.makefile("rb").readline()
+
+        assert (await asyncio.to_thread(headers_of, 60_000, ended=True)).startswith(b"HTTP/1.1 200")
+        assert (await asyncio.to_thread(headers_of, MAX_HEADER_BYTES + 40_000, ended=False)).startswith(
+            b"HTTP/1.1 431 Request Header Fields Too Large")
+        assert await asyncio.to_thread(headers_of, 100_000_000, ended=False) == b"cut off"
         silent, silent_w = await opened()
         dawdler, dawdler_w = await opened()
         dawdler_w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")

@@ -1,12 +1,14 @@
-"""uvicorn's HTTP/1.1 protocol with a deadline for each request's headers.
+"""uvicorn's HTTP/1.1 protocol with bounds on each request's headers: a deadline and a size.
 
 uvicorn waits for a request's headers for as long as the client takes to send them: its
 keep-alive timeout runs only between requests, and not at all before the first one. A
 client that opens connections and sends a header line now and then (slowloris) holds a
 socket, a file descriptor and a parser each, for good, until the server can accept no
-more. Here the headers of every request must be complete within a deadline, counted
-from the connection or from the previous response; a request still incomplete then is
-answered 408 and its connection closed (one that sent nothing is just closed)."""
+more. And its parser (httptools) takes headers of any size: one header line of 100 MB
+grew the server by 116 MB. Here the headers of every request must be complete within a
+deadline, counted from the connection or from the previous response (else 408; a
+connection that sent nothing is just closed), and within ``MAX_HEADER_BYTES`` (else 431).
+Either way the connection is closed."""
 
 from __future__ import annotations
 
@@ -15,23 +17,52 @@ import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-_TIMED_OUT_BODY = json.dumps({
-    "type": "about:blank", "title": "Request Timeout", "status": 408,
-    "detail": "the request headers took too long to arrive",
-}, separators=(",", ":")).encode()  # fmt: skip
-_TIMED_OUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/problem+json\r\n"
-              b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMED_OUT_BODY), _TIMED_OUT_BODY))
+MAX_HEADER_BYTES = 64 * 1024  # the request line and headers (nginx allows 4 x 8 KiB)
+LINGER_S, LINGER_BYTES = 2.0, 1024 * 1024  # what is read (and dropped) after a refusal
 
 
-class _HeaderDeadline(HttpToolsProtocol):
+def _problem(status: int, title: str, detail: str) -> bytes:
+    body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail},
+                      separators=(",", ":")).encode()
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, title.encode(), len(body), body))
+
+
+_TIMED_OUT = _problem(408, "Request Timeout", "the request headers took too long to arrive")
+_TOO_LARGE = _problem(431, "Request Header Fields Too Large",
+                      f"the request line and headers are over {MAX_HEADER_BYTES} bytes")
+
+
+class _BoundedHeaders(HttpToolsProtocol):
     header_timeout: float
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._started = False  # some bytes of a request have come (its answer is then a 408)
         self._waiting = True  # for the headers of a request
+        self._header_bytes = 0
+        self._lingering: int | None = None  # bytes read since the request was refused
         self._deadline: asyncio.TimerHandle | None = None
         self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:
+            self._lingering += len(data)
+            if self._lingering > LINGER_BYTES:
+                self.transport.close()
+            return
+        # A read that found the server waiting for headers and left it waiting held only
+        # headers; the one that starts a request after a response may end the previous
+        # body, so it is not counted (a read is at most 256 KiB: that bounds the slack).
+        counted = self._waiting
+        super().data_received(data)
+        if counted and self._waiting and not self.transport.is_closing():
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES:
+                if self.cycle is None or self.cycle.response_complete:
+                    self._refuse(_TOO_LARGE)
+                else:  # behind a response still being written (pipelined): no answer fits
+                    self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -39,6 +70,7 @@ class _HeaderDeadline(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._started = self._waiting = False
+        self._header_bytes = 0
         self._disarm()
         super().on_headers_complete()
 
@@ -66,10 +98,22 @@ class _HeaderDeadline(HttpToolsProtocol):
         if not self._waiting or self.transport.is_closing():
             return
         if self._started:
-            self.transport.write(_TIMED_OUT)
-        self.transport.close()
+            self._refuse(_TIMED_OUT)
+        else:
+            self.transport.close()
+
+    def _refuse(self, response: bytes) -> None:
+        """Answer and close, reading (and dropping) what the client still sends for a while
+        first: closed with unread bytes, a socket is reset, and a reset client may lose the
+        answer before it reads it (nginx's "lingering close")."""
+        self._disarm()
+        self.transport.write(response)
+        self._lingering = 0
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
 
-def with_header_deadline(seconds: float) -> type[HttpToolsProtocol]:
+def with_bounded_headers(timeout: float) -> type[HttpToolsProtocol]:
     """The protocol class to give uvicorn's ``Config(http=...)``."""
-    return type("HeaderDeadline", (_HeaderDeadline,), {"header_timeout": seconds})
+    return type("BoundedHeaders", (_BoundedHeaders,), {"header_timeout": timeout})

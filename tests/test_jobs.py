@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import gc
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -237,17 +237,43 @@ async def test_jobs_of_a_killed_worker_are_run_again(pg_url: str, svc: Services,
             await conn.execute("UPDATE procrastinate_jobs SET status = 'doing', worker_id = %s"
                                " WHERE status = 'todo' AND args->>'org_id' = %s", (dead, org))
         await jobs.defer_indexing([tenant.org_id])  # its twin: waits behind the stalled one's lock
+        indexing = "task_name = 'index_search' AND args->>'org_id' = %s"
+        projection = "task_name = 'project_board' AND args->>'org_id' = %s"
         async with jobs.working(svc):
             assert await jobs.recover_stalled_jobs() >= 2
-            indexing = "task_name = 'index_search' AND args->>'org_id' = %s"
-            await until(lambda: job_rows(pg_url, f"{indexing} AND status = 'succeeded'", org))
-            projection = "task_name = 'project_board' AND args->>'org_id' = %s"
-            await until(lambda: job_rows(pg_url, f"{projection} AND status = 'succeeded'", org))
-    statuses = [status for _, status, _ in await job_rows(pg_url, indexing, org)]
-    assert statuses == ["failed", "succeeded"], "the twin does the stalled job's work: indexing goes on"
-    [(_, status, attempts)] = await job_rows(pg_url, projection, org)
-    assert (status, attempts) == ("succeeded", 2), "retried, then run"
-    assert (await svc.documents.get(tenant.owner, "orphan")).projected_seq == 3
+            # a job that succeeds is deleted as it finishes
+            await until(lambda: job_rows(pg_url, f"{indexing} AND status = 'failed'", org))
+            await until(lambda: is_empty(job_rows(pg_url, f"({indexing} AND status <> 'failed') OR {projection}",
+                                                  org, org)))
+    assert [status for _, status, _ in await job_rows(pg_url, indexing, org)] == ["failed"], (
+        "the stalled one fails; its twin does its work (and is gone)")
+    assert (await svc.documents.get(tenant.owner, "orphan")).projected_seq == 3, "retried, then run"
+
+
+async def is_empty(rows: Awaitable[list[Any]]) -> bool:
+    return not await rows
+
+
+async def test_finished_jobs_do_not_pile_up(pg_url: str, svc: Services, tenant: Tenant) -> None:
+    """Successful jobs go as they finish; the others once a week old (the hourly sweep)."""
+    async with jobs.connected(pg_url):
+        await jobs.defer_indexing([tenant.org_id])
+        org = str(tenant.org_id)
+        async with jobs.working(svc):
+            await until(lambda: is_empty(job_rows(pg_url, "args->>'org_id' = %s", org)))
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+            ids = []
+            for status, age in [("failed", "8 days"), ("cancelled", "8 days"), ("failed", "6 days")]:
+                cur = await conn.execute(
+                    "INSERT INTO procrastinate_jobs (queue_name, task_name, args, status)"
+                    " VALUES ('default', 'old_jobs_test', %s, %s) RETURNING id",
+                    (psycopg.types.json.Jsonb({"org_id": org}), status))
+                (job_id,) = await cur.fetchone()  # type: ignore[misc]
+                await conn.execute("INSERT INTO procrastinate_events (job_id, type, at)"
+                                   " VALUES (%s, 'deferred', now() - %s::interval)", (job_id, age))
+                ids.append(job_id)
+        await jobs.drop_old_jobs(jobs.queue)
+    assert [job_id for job_id, _, _ in await job_rows(pg_url, "args->>'org_id' = %s", org)] == ids[2:]
 
 
 class Overlaps:

@@ -39,6 +39,7 @@ STEADY_SECONDS = 60.0  # a worker that ran this long before stopping is started 
 PRUNE_BATCH = 500  # documents whose retention one statement applies
 STOP_SECONDS = 5.0  # the longest a worker may take to stop (half of it for its running jobs)
 STALLED_SECONDS = 60.0  # a worker silent this long is dead (it sends a heartbeat every 10 s)
+KEEP_UNSUCCESSFUL_HOURS = 7 * 24  # failed, cancelled and aborted jobs stay this long (for a look)
 
 WORKERS_RUNNING = Gauge("canvasdb_job_workers_running",
                         "Job workers running in this process (0 while a stopped one waits to start again)")
@@ -125,6 +126,20 @@ async def hourly_maintenance(context: JobContext, timestamp: int) -> dict[str, i
 async def stalled_jobs_sweep(context: JobContext, timestamp: int) -> int:
     """Every minute: give back to the queue the jobs of workers that died."""
     return await recover_stalled_jobs()
+
+
+@queue.periodic(cron="37 * * * *", periodic_id="old_jobs")
+@queue.task(name="old_jobs_sweep", pass_context=True, queueing_lock="old_jobs_sweep")
+async def old_jobs_sweep(context: JobContext, timestamp: int) -> None:
+    """Every hour: drop old jobs that did not succeed (see ``drop_old_jobs``)."""
+    await drop_old_jobs(context.app)
+
+
+async def drop_old_jobs(app: App) -> None:
+    """Drop the jobs that failed, were cancelled or aborted ``KEEP_UNSUCCESSFUL_HOURS`` ago or
+    more. Successful ones go as they finish: kept, they grew the queue by gigabytes a day."""
+    await app.job_manager.delete_old_jobs(KEEP_UNSUCCESSFUL_HOURS, include_failed=True,
+                                          include_cancelled=True, include_aborted=True)
 
 
 class WorkerGone(Exception):
@@ -294,7 +309,7 @@ async def run_worker(services: Any, *, concurrency: int = 2, stop_within: float 
     running when it stops get half of ``stop_within`` to finish, then are aborted (and retried as
     their task allows)."""
     await queue.run_worker_async(concurrency=concurrency, install_signal_handlers=False,
-                                 shutdown_graceful_timeout=stop_within / 2,
+                                 shutdown_graceful_timeout=stop_within / 2, delete_jobs="successful",
                                  additional_context={"services": services})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import httpx
@@ -452,6 +453,42 @@ async def test_http_updates_are_limited_by_the_update_limit(client: httpx.AsyncC
                                   content=b"\0" * (settings.max_update_bytes + 1))).json()
     assert one_over["status"] == 413 and one_over["limit"] == settings.max_update_bytes
     assert [c["seq"] for c in (await client.get(f"{base}/docs/big-updates/changes", headers=h)).json()["items"]] == [1]
+
+
+async def test_a_streamed_update_over_the_limit_or_cut_short_is_a_client_error(
+        client: httpx.AsyncClient, settings: Settings, tenant: Tenant, caplog: pytest.LogCaptureFixture) -> None:
+    """Chunked (no Content-Length), an update over the limit was cut off as a disconnect by the
+    body guard, and its reading then failed with a 500 and two tracebacks; so did a client
+    that left in the middle of its body."""
+    h, base = tenant.headers, f"/v1/orgs/{tenant.slug}"
+    await client.post(f"{base}/projects/main/docs", headers=h, json={"id": "streamed"})
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(settings.max_update_bytes // 65536 + 2):
+            yield b"\0" * 65536
+
+    r = await client.post(f"{base}/docs/streamed/updates", headers=h, content=chunks())
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413 and r.json()["limit"] == settings.max_update_bytes, r.text
+
+    sent: list[dict] = []
+    parts = iter([{"type": "http.request", "body": b"\0" * 100, "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive() -> dict:
+        return next(parts)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": f"{base}/docs/streamed/updates", "raw_path": b"", "query_string": b"",
+             "root_path": "", "server": ("canvasdb.test", 80), "client": ("127.0.0.1", 1),
+             "headers": [(b"authorization", f"Bearer {tenant.token}".encode()), (b"content-length", b"1000")]}
+    with caplog.at_level("WARNING"):
+        await client._transport.app(scope, receive, send)  # type: ignore[attr-defined]
+    assert sent[0]["status"] == 400
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], "no traceback"
+    assert (await client.get(f"{base}/docs/streamed/changes", headers=h)).json()["items"] == []
 
 
 async def test_compaction_is_asked_for_at_most_every_interval(svc: Services, tenant: Tenant) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
 from canvasdb.errors import CanvasdbError
@@ -95,6 +96,12 @@ def _allowed(app: FastAPI, path: str) -> list[str]:
     return []
 
 
+async def _client_gone(request: Request, exc: Exception) -> JSONResponse:
+    # Also how BodySizeLimit cuts off a body that grew too large (it then answers 413 itself).
+    # Nobody reads this answer otherwise, and a client that leaves is no server error to log.
+    return problem(400, "Bad request", "the client stopped before the body was complete; nothing was done")
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error in %s %s", request.method, request.url.path)
     return problem(500, "Internal error", "an unexpected error occurred; it has been logged")
@@ -104,4 +111,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(CanvasdbError, _canvasdb_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)

@@ -395,6 +395,8 @@ async def test_requests_whose_headers_dawdle_or_swell_are_cut_off_but_slow_bodie
                 return sock.makefile("rb").readline()
 
         assert (await asyncio.to_thread(headers_of, 60_000, ended=True)).startswith(b"HTTP/1.1 200")
+        assert (await asyncio.to_thread(headers_of, MAX_HEADER_BYTES + 5_000, ended=True)).startswith(
+            b"HTTP/1.1 431"), "complete in one read, or a few"
         assert (await asyncio.to_thread(headers_of, MAX_HEADER_BYTES + 40_000, ended=False)).startswith(
             b"HTTP/1.1 431 Request Header Fields Too Large")
         assert await asyncio.to_thread(headers_of, 100_000_000, ended=False) == b"cut off"
@@ -430,6 +432,68 @@ async def test_requests_whose_headers_dawdle_or_swell_are_cut_off_but_slow_bodie
             writer.close()
     finally:
         gw.stop()
+
+
+async def test_stalled_bodies_unread_responses_and_trailers_are_cut_off(
+    pg_url: str, svc: Services, board: tuple[Tenant, str], tmp_path: Path
+) -> None:
+    """Once the headers were in, nothing was bounded: a body paused for good, a response never
+    read, and trailers after a chunked body (uvicorn added them to the request's headers: an
+    unbounded list, and an Authorization header no proxy in front had seen) each held their
+    connection and buffers. Now CANVASDB_HTTP_IDLE_TIMEOUT_SECONDS bounds a stall either way,
+    and a trailer closes the connection."""
+    t, _ = board
+    gw = Gateway(pg_url, tmp_path, CANVASDB_HTTP_IDLE_TIMEOUT_SECONDS="1")
+    content, small = os.urandom(30 * 1024 * 1024), os.urandom(200 * 1024)
+    for name, blob in (("big.bin", content), ("small.bin", small)):
+        r = httpx.put(f"http://127.0.0.1:{gw.port}/v1/orgs/{t.slug}/blobs/{name}", content=blob,
+                      headers={"Authorization": f"Bearer {t.token}", "Content-Type": "application/octet-stream"})
+        assert r.status_code == 201, r.text
+
+    def answer(sock: socket.socket) -> bytes:
+        got = b""
+        with contextlib.suppress(ConnectionError):
+            while chunk := sock.recv(1 << 20):
+                got += chunk
+        return got
+
+    def exchange(request: bytes, *, then: bytes = b"", wait: float = 0.0, window: int = 0) -> tuple[bytes, float]:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as sock:
+            if window:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
+            started = time.monotonic()
+            sock.sendall(request)
+            time.sleep(wait)
+            if then:
+                sock.sendall(then)
+            return answer(sock), time.monotonic() - started
+
+    head = b"POST /v1/orgs/%s/projects HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" % t.slug.encode()
+    # a body that stops halfway: closed after the idle timeout, no answer, nothing done
+    got, took = await asyncio.to_thread(exchange, head + b"Authorization: Bearer %s\r\nContent-Length: 100\r\n\r\n{"
+                                        % t.token.encode())
+    assert got == b"" and took < 10
+    # answered (404) without its body, then a byte of the body, then nothing: closed the same way
+    got, took = await asyncio.to_thread(exchange, b"GET /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 4000000\r\n\r\n",
+                                        then=b"x", wait=0.5)
+    assert got.startswith(b"HTTP/1.1 404") and took < 10
+    # the token in a trailer (a proxy in front saw none): the connection closes, nothing is done
+    body = json.dumps({"slug": "from-a-trailer"}).encode()
+    chunked = head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\nAuthorization: Bearer %s\r\n\r\n" % (
+        len(body), body, t.token.encode())
+    got, _ = await asyncio.to_thread(exchange, chunked)
+    assert got == b""
+    assert "from-a-trailer" not in {p["slug"] for p in await svc.tenancy.list_projects(t.owner)}
+    # a 30 MiB download left unread for 4 s is dropped: the rest never comes
+    get = b"GET /v1/orgs/%s/blobs/big.bin HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n" % (
+        t.slug.encode(), t.token.encode())
+    got, _ = await asyncio.to_thread(exchange, get, wait=4)
+    assert got.startswith(b"HTTP/1.1 200") and len(got) < len(content)
+    # read slowly (a 4 KiB window: its buffer drains for longer than the timeout), it goes on
+    slow = get.replace(b"Host: x", b"Host: x\r\nConnection: close").replace(b"big.bin", b"small.bin")
+    got, took = await asyncio.to_thread(exchange, slow, window=4096)
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(small), (len(got), took)
+    gw.stop()
 
 
 async def test_tokens_in_the_header_and_revoked_tokens(

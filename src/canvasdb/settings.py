@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     keyframe_interval: int = Field(default=20, ge=1, le=10_000, description="Full copy every K versions")
     http_header_timeout_seconds: float = Field(default=10, gt=0, description="A request's headers must "
                                                "arrive within this time (else 408 and closed)")
+    http_idle_timeout_seconds: float = Field(default=60, gt=0, description="A request body, or a "
+                                             "response being sent, may stall this long at most")
     pool_min_size: int = Field(default=2, ge=1)
     pool_max_size: int = Field(default=20, ge=1)
     statement_timeout_ms: int = Field(default=10_000, ge=0)

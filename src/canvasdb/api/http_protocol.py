@@ -1,14 +1,23 @@
-"""uvicorn's HTTP/1.1 protocol with bounds on each request's headers: a deadline and a size.
+"""uvicorn's HTTP/1.1 protocol with bounds on what a client may make the server wait for or hold.
 
-uvicorn waits for a request's headers for as long as the client takes to send them: its
-keep-alive timeout runs only between requests, and not at all before the first one. A
-client that opens connections and sends a header line now and then (slowloris) holds a
-socket, a file descriptor and a parser each, for good, until the server can accept no
-more. And its parser (httptools) takes headers of any size: one header line of 100 MB
-grew the server by 116 MB. Here the headers of every request must be complete within a
-deadline, counted from the connection or from the previous response (else 408; a
-connection that sent nothing is just closed), and within ``MAX_HEADER_BYTES`` (else 431).
-Either way the connection is closed."""
+uvicorn waits for a request's headers, its body and the reading of its response for as
+long as the client takes: its keep-alive timeout runs only between requests, and not at
+all before the first one. A client that opens connections and sends a header line now
+and then (slowloris), a body byte now and then, or never reads what it asked for, holds
+a socket, a file descriptor and buffers each, for good, until the server can accept no
+more. And its parser (httptools) takes headers of any size (one header line of 100 MB
+grew the server by 116 MB), and trailers after a chunked body, which uvicorn adds to
+the request's headers: unbounded, and a way to slip in an ``Authorization`` header that
+a proxy in front never saw. Here, as nginx does by default:
+
+- the headers of every request must be complete within a deadline, counted from the
+  connection or from the previous response (else 408; a connection that sent nothing is
+  just closed), and within ``MAX_HEADER_BYTES`` (else 431);
+- a body must not pause for longer than an idle timeout (nginx's client_body_timeout),
+  nor carry more than ``MAX_HEADER_BYTES`` of framing beyond its own size; a trailer
+  closes the connection;
+- a response the client leaves unread for as long is dropped (nginx's send_timeout).
+"""
 
 from __future__ import annotations
 
@@ -33,17 +42,22 @@ _TOO_LARGE = _problem(431, "Request Header Fields Too Large",
                       f"the request line and headers are over {MAX_HEADER_BYTES} bytes")
 
 
-class _BoundedHeaders(HttpToolsProtocol):
+class _BoundedRequests(HttpToolsProtocol):
     header_timeout: float
+    idle_timeout: float
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._started = False  # some bytes of a request have come (its answer is then a 408)
         self._waiting = True  # for the headers of a request
+        self._in_body = False  # between a request's headers and its end
         self._header_bytes = 0
+        self._body_bytes = self._framing_bytes = 0
+        self._body_moved = 0.0  # when the body last made progress (loop time)
         self._lingering: int | None = None  # bytes read since the request was refused
         self._deadline: asyncio.TimerHandle | None = None
-        self._arm()
+        self._send_stall: asyncio.TimerHandle | None = None
+        self._arm(self.header_timeout, self._headers_late)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering is not None:
@@ -51,69 +65,143 @@ class _BoundedHeaders(HttpToolsProtocol):
             if self._lingering > LINGER_BYTES:
                 self.transport.close()
             return
-        # A read that found the server waiting for headers and left it waiting held only
-        # headers; the one that starts a request after a response may end the previous
-        # body, so it is not counted (a read is at most 256 KiB: that bounds the slack).
-        counted = self._waiting
+        # A read that found the server waiting for headers (or in a body) and left it so held
+        # only that; one that starts or ends a request may hold part of another, so it is not
+        # counted (a read is at most 256 KiB: that bounds the slack).
+        waiting, in_body, body_before = self._waiting, self._in_body, self._body_bytes
         super().data_received(data)
-        if counted and self._waiting and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if waiting and self._waiting:
             self._header_bytes += len(data)
             if self._header_bytes > MAX_HEADER_BYTES:
-                if self.cycle is None or self.cycle.response_complete:
-                    self._refuse(_TOO_LARGE)
-                else:  # behind a response still being written (pipelined): no answer fits
-                    self.transport.close()
+                self._refuse_headers(_TOO_LARGE)
+        elif in_body and self._in_body:
+            self._framing_bytes += len(data) - (self._body_bytes - body_before)
+            if self._framing_bytes > MAX_HEADER_BYTES + self._body_bytes:  # chunk sizes, extensions
+                self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._started = self._waiting = True
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._waiting:  # a trailer, after a chunked body: none is taken
+            self.transport.close()
+            return
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
         self._started = self._waiting = False
         self._header_bytes = 0
         self._disarm()
+        # Counted as they arrived, the headers could pass the bound by a read's worth.
+        if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > MAX_HEADER_BYTES:
+            self._refuse_headers(_TOO_LARGE)
+            return
         super().on_headers_complete()
+        if not (self.parser.should_upgrade() and self._should_upgrade()):
+            self._in_body, self._body_bytes, self._framing_bytes = True, 0, 0
+            self._body_moved = self.loop.time()
+            self._arm(self.idle_timeout, self._body_late)
+
+    def on_body(self, body: bytes) -> None:
+        if self._lingering is None:
+            self._body_bytes += len(body)
+            self._body_moved = self.loop.time()
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._lingering is None:
+            self._in_body = False
+            self._disarm()
+            super().on_message_complete()
+            answered = self.cycle is not None and self.cycle.response_complete
+            if answered and not self.pipeline and not self.parser.should_upgrade():  # before its body ended
+                self._arm(self.header_timeout, self._headers_late)
+
+    def handle_websocket_upgrade(self) -> None:
+        if self._lingering is None:  # (refused for its headers' size)
+            super().handle_websocket_upgrade()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         # With pipelined requests queued, their headers are in: the last response arms it.
-        if not self.pipeline and not self.transport.is_closing():
-            self._arm()
+        # A body still coming keeps its own deadline.
+        if not self.pipeline and not self._in_body and not self.transport.is_closing():
+            self._arm(self.header_timeout, self._headers_late)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_stall is None:
+            self._watch_sending(None)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_stall is not None:
+            self._send_stall.cancel()
+            self._send_stall = None
+
+    def _watch_sending(self, unsent: int | None) -> None:
+        """While writes wait, drop the connection once nothing was taken for a whole idle timeout."""
+        now = self.transport.get_write_buffer_size()
+        if unsent is not None and now >= unsent:
+            self._send_stall = None
+            self.transport.abort()
+            return
+        self._send_stall = self.loop.call_later(self.idle_timeout, self._watch_sending, now)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._send_stall is not None:
+            self._send_stall.cancel()
         super().connection_lost(exc)
 
-    def _arm(self) -> None:
+    def _arm(self, delay: float, expired: object) -> None:
         self._disarm()
-        self._deadline = self.loop.call_later(self.header_timeout, self._expired)
+        self._deadline = self.loop.call_later(delay, expired)  # type: ignore[arg-type]
 
     def _disarm(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
 
-    def _expired(self) -> None:
+    def _headers_late(self) -> None:
         self._deadline = None
         if not self._waiting or self.transport.is_closing():
             return
         if self._started:
-            self._refuse(_TIMED_OUT)
+            self._refuse_headers(_TIMED_OUT)
         else:
             self.transport.close()
 
-    def _refuse(self, response: bytes) -> None:
+    def _body_late(self) -> None:
+        self._deadline = None
+        if not self._in_body or self.transport.is_closing():
+            return
+        idle = self.loop.time() - self._body_moved
+        if idle < self.idle_timeout:
+            self._arm(self.idle_timeout - idle, self._body_late)
+        else:  # the application sees the client gone (a 400 nobody reads)
+            self.transport.close()
+
+    def _refuse_headers(self, response: bytes) -> None:
         """Answer and close, reading (and dropping) what the client still sends for a while
         first: closed with unread bytes, a socket is reset, and a reset client may lose the
-        answer before it reads it (nginx's "lingering close")."""
+        answer before it reads it (nginx's "lingering close"). Behind a response still being
+        written (pipelined requests), no answer fits: just close."""
         self._disarm()
-        self.transport.write(response)
         self._lingering = 0
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()
+            return
+        self.transport.write(response)
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
 
 
-def with_bounded_headers(timeout: float) -> type[HttpToolsProtocol]:
+def with_bounded_requests(*, header_timeout: float, idle_timeout: float) -> type[HttpToolsProtocol]:
     """The protocol class to give uvicorn's ``Config(http=...)``."""
-    return type("BoundedHeaders", (_BoundedHeaders,), {"header_timeout": timeout})
+    return type("BoundedRequests", (_BoundedRequests,),
+                {"header_timeout": header_timeout, "idle_timeout": idle_timeout})

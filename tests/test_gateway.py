@@ -22,6 +22,7 @@ from uuid import uuid4
 import httpx
 import psycopg
 import pytest
+import uvicorn
 import websockets
 from conftest import Tenant, make_tenant
 from pycrdt import Doc, Map
@@ -29,6 +30,7 @@ from relays import Balancer, PgProxy
 from yjs_client import JsClient
 
 from canvasdb.api.http_protocol import MAX_HEADER_BYTES
+from canvasdb.api.ws_protocol import with_bounds
 from canvasdb.db import Database
 from canvasdb.documents import DocumentStore, yjs
 from canvasdb.gateway import protocol
@@ -430,6 +432,66 @@ async def test_requests_whose_headers_dawdle_or_swell_are_cut_off_but_slow_bodie
             writer.close()
     finally:
         gw.stop()
+
+
+def upgrade(port: int, path: str, extra: bytes = b"", *, then: bytes = b"") -> bytes:
+    """Send a WebSocket upgrade with ``extra`` header lines (and ``then`` after the headers);
+    all the server answers until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n%s"
+                     % (path.encode(), extra, then))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+async def test_upgrades_the_websocket_parser_refuses_are_answered_and_closed(
+    gateways: list[Gateway], board: tuple[Tenant, str]
+) -> None:
+    """uvicorn's HTTP parser takes upgrades that websockets' own refuses (more than 128
+    headers, a line over 8 KiB, a body): the refusal was never written, and the connection
+    stayed open for good (2 x 10,000 of them took every file descriptor). Each is answered
+    now, and closed."""
+    t, doc = board
+    path = f"/v1/orgs/{t.slug}/docs/{doc}?token={t.token}"
+    port = gateways[0].port
+    for extra, then, path_, status in [
+        (b"".join(b"X-H%d: v\r\n" % i for i in range(129)), b"", path, 431),
+        (b"X-Big: %s\r\n" % (b"a" * 9000), b"", path, 431),
+        (b"", b"", f"{path}&pad={'a' * 9000}", 414),
+        (b"Content-Length: 1\r\n", b"x", path, 400),
+    ]:
+        answer = await asyncio.to_thread(upgrade, port, path_, extra, then=then)
+        assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    async with websockets.connect(f"ws://127.0.0.1:{port}{path}") as ws:  # and it serves on
+        await synced(ws)
+
+
+async def test_a_websocket_handshake_not_completed_by_the_header_deadline_is_closed() -> None:
+    """An application that never accepts (nor refuses) a WebSocket held its connection for
+    good; it is closed at the header deadline (CANVASDB_HTTP_HEADER_TIMEOUT_SECONDS)."""
+    left = asyncio.Event()
+
+    async def never_accepts(scope: dict, receive, send) -> None:
+        if scope["type"] == "websocket":
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
+            left.set()
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(never_accepts, port=port, ws=with_bounds(0.5), lifespan="off",
+                                           log_config=None))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(asyncio.to_thread(upgrade, port, "/"), 10) == b""  # closed, no answer
+        await asyncio.wait_for(left.wait(), 5)
+    finally:
+        server.should_exit = True
+        await serving
 
 
 async def test_tokens_in_the_header_and_revoked_tokens(

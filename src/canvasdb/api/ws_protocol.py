@@ -1,0 +1,45 @@
+"""uvicorn's WebSocket protocol (websockets-sansio) with bounds on what one client makes it hold.
+
+- The handshake. uvicorn's HTTP parser hands an upgrade over to websockets, whose own parser
+  refuses some that it accepted (more than 128 headers, a line over 8 KiB, a request body);
+  uvicorn then waited for a request that never came, with no answer and no timer: 2 x 10,000
+  such connections took the server's 20,000 file descriptors. The refusal is now written and
+  the connection closed, and any handshake not complete within the header deadline is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+
+class _Bounded(WebSocketsSansIOProtocol):
+    handshake_timeout: float
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._deadline = self.loop.call_later(self.handshake_timeout, self._expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        refused = self.conn.handshake_exc
+        if refused is not None and not self.handshake_initiated and not self.transport.is_closing():
+            # websockets answers a 414 or a 431 (uvicorn never wrote it); the rest, nothing
+            answer = b"".join(self.conn.data_to_send()) or self.conn.reject(
+                400, f"Failed to open a WebSocket connection: {refused.__cause__ or refused}.\n").serialize()
+            self.transport.write(answer)
+            self.transport.close()
+
+    def _expired(self) -> None:
+        if not self.handshake_complete:
+            self.transport.close()
+
+
+def with_bounds(handshake_timeout: float) -> type[WebSocketsSansIOProtocol]:
+    """The protocol class to give uvicorn's ``Config(ws=...)``."""
+    return type("BoundedWebSocket", (_Bounded,), {"handshake_timeout": handshake_timeout})

@@ -30,7 +30,7 @@ from relays import Balancer, PgProxy
 from yjs_client import JsClient
 
 from canvasdb.api.http_protocol import MAX_HEADER_BYTES
-from canvasdb.api.ws_protocol import with_bounds
+from canvasdb.api.ws_protocol import MAX_FRAGMENTS, with_bounds
 from canvasdb.db import Database
 from canvasdb.documents import DocumentStore, yjs
 from canvasdb.gateway import protocol
@@ -685,6 +685,26 @@ async def test_a_client_that_never_reads_is_cut_off(
             assert 1 <= answers <= 5, answers  # its own relay and one or two answers, not 200
     finally:
         slow.close()
+
+
+async def test_a_message_of_too_many_frames_is_refused(
+    gateways: list[Gateway], board: tuple[Tenant, str]
+) -> None:
+    """uvicorn kept every frame of a message, and websockets counts only their bytes: empty
+    continuation frames without end grew the server's memory without bound and stalled it.
+    A message may have MAX_FRAGMENTS frames; more, and it is refused as too large (1009)."""
+    t, doc = board
+    gw = gateways[0]
+    too_large = counter(gw.port, 'canvasdb_gateway_rejected_total{reason="too_large"}')
+    step1 = protocol.sync_step1(b"\x00")
+    async with websockets.connect(f"{gw.url(t.slug)}/{doc}?token={t.token}") as ws:
+        await ws.send([step1, *[b""] * (MAX_FRAGMENTS - 2)])  # and the last, empty, frame: the most
+        while protocol.read(await asyncio.wait_for(ws.recv(), 5)).step != protocol.STEP2:
+            pass
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await ws.send([step1, *[b""] * (MAX_FRAGMENTS - 1)])
+        assert await closed_with(ws) == 1009
+    assert counter(gw.port, 'canvasdb_gateway_rejected_total{reason="too_large"}') == too_large + 1
 
 
 async def test_awareness_is_bounded_and_belongs_to_who_introduced_it(

@@ -5,6 +5,12 @@
   uvicorn then waited for a request that never came, with no answer and no timer: 2 x 10,000
   such connections took the server's 20,000 file descriptors. The refusal is now written and
   the connection closed, and any handshake not complete within the header deadline is closed.
+- A message's fragments. uvicorn keeps each one, and websockets counts payload bytes only,
+  so endless empty continuation frames grew memory without bound under ``ws_max_size`` and
+  stalled the event loop (another client's /healthz took up to 7.8 s). A message of more
+  than ``MAX_FRAGMENTS`` frames is refused with 1009 ("message too big"): it is the layer's
+  own refusal of a message too large, counted by the gateway as such; a browser sends a
+  message in one frame.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ from __future__ import annotations
 import asyncio
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
+
+MAX_FRAGMENTS = 1000  # frames of one message
 
 
 class _Bounded(WebSocketsSansIOProtocol):
@@ -38,6 +47,14 @@ class _Bounded(WebSocketsSansIOProtocol):
     def _expired(self) -> None:
         if not self.handshake_complete:
             self.transport.close()
+
+    def handle_cont(self, event: Frame) -> None:
+        if len(self.frames) < MAX_FRAGMENTS:
+            super().handle_cont(event)
+        elif not self.transport.is_closing():
+            self.frames = []
+            self.conn.fail(1009, f"a message is at most {MAX_FRAGMENTS} frames")
+            self.handle_parser_exception()
 
 
 def with_bounds(handshake_timeout: float) -> type[WebSocketsSansIOProtocol]:

@@ -27,6 +27,7 @@ import websockets
 from conftest import Tenant, make_tenant
 from pycrdt import Doc, Map
 from relays import Balancer, PgProxy
+from websockets.frames import Frame, Opcode
 from yjs_client import JsClient
 
 from canvasdb.api.http_protocol import MAX_HEADER_BYTES
@@ -685,6 +686,44 @@ async def test_a_client_that_never_reads_is_cut_off(
             assert 1 <= answers <= 5, answers  # its own relay and one or two answers, not 200
     finally:
         slow.close()
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+async def test_pings_from_a_client_that_never_reads_do_not_pile_up(
+    gateways: list[Gateway], board: tuple[Tenant, str]
+) -> None:
+    """Each ping was answered with a pong written whatever the write buffer held: a client
+    that sent pings and read nothing grew the server by 480 MB in 12 s. While writes wait,
+    pongs are not written; the latest ping is answered once they go again."""
+    t, doc = board
+    gw = gateways[0]
+    sock = never_reading(gw.port, f"/v1/orgs/{t.slug}/docs/{doc}?token={t.token}")
+    try:
+        before = rss_mb(gw.proc.pid)
+        flood = Frame(Opcode.PING, b"p" * 125).serialize(mask=True) * 8000  # a megabyte of pings
+        last = b"the last ping"
+        sock.settimeout(60)
+        for _ in range(64):
+            await asyncio.to_thread(sock.sendall, flood)
+        await asyncio.to_thread(sock.sendall, Frame(Opcode.PING, last).serialize(mask=True))
+        await asyncio.sleep(1)
+        assert rss_mb(gw.proc.pid) - before < 32  # the pongs of 64 MB of pings held: +80 MB
+
+        def answered() -> bool:
+            seen = b""
+            while chunk := sock.recv(1 << 20):
+                seen = seen[-64:] + chunk
+                if b"\x8a%c%s" % (len(last), last) in seen:  # its pong
+                    return True
+            return False
+
+        assert await asyncio.to_thread(answered)
+    finally:
+        sock.close()
 
 
 async def test_a_message_of_too_many_frames_is_refused(

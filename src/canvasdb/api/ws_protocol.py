@@ -11,6 +11,10 @@
   than ``MAX_FRAGMENTS`` frames is refused with 1009 ("message too big"): it is the layer's
   own refusal of a message too large, counted by the gateway as such; a browser sends a
   message in one frame.
+- Pongs. Each ping was answered at once, whatever the write buffer held: a client that sends
+  pings and reads nothing grew the server by 480 MB in 12 s. While the transport's writes
+  are paused, pongs are not written; only the latest ping is answered once they resume,
+  as RFC 6455 (5.5.3) allows.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import Frame
 
 MAX_FRAGMENTS = 1000  # frames of one message
+_PONG = b"\x8a"  # the first byte of a server's pong frame (FIN, opcode 0xA)
 
 
 class _Bounded(WebSocketsSansIOProtocol):
@@ -28,6 +33,7 @@ class _Bounded(WebSocketsSansIOProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self._pong: bytes | None = None  # the answer to the latest ping, held while writes are paused
         self._deadline = self.loop.call_later(self.handshake_timeout, self._expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -55,6 +61,21 @@ class _Bounded(WebSocketsSansIOProtocol):
             self.frames = []
             self.conn.fail(1009, f"a message is at most {MAX_FRAGMENTS} frames")
             self.handle_parser_exception()
+
+    def handle_ping(self) -> None:
+        if self.writable.is_set():
+            super().handle_ping()
+            return
+        output = self.conn.data_to_send()  # pongs, and maybe a close frame
+        pongs = [frame for frame in output if frame.startswith(_PONG)]
+        self._pong = pongs[-1] if pongs else self._pong
+        self.transport.write(b"".join(frame for frame in output if not frame.startswith(_PONG)))
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        pong, self._pong = self._pong, None
+        if pong is not None and not (self.close_sent or self.transport.is_closing()):
+            self.transport.write(pong)
 
 
 def with_bounds(handshake_timeout: float) -> type[WebSocketsSansIOProtocol]:

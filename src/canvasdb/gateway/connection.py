@@ -199,9 +199,8 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
 
     async def watch_backlog() -> None:
         """A client that leaves more than SLOW_CLIENT_BYTES unread, and no fewer for
-        SLOW_CLIENT_STALL_S, is cut off (what the gateway did not write counts too: the
-        WebSocket layer answers each ping with a pong, whether the client reads them or
-        not). A connection whose close frame was written (by anyone: uvicorn's keepalive
+        SLOW_CLIENT_STALL_S, is cut off (the socket's whole buffer counts, what the
+        WebSocket layer wrote too). A connection whose close frame was written (by anyone: uvicorn's keepalive
         too) and that is still open CLOSE_GRACE_S later is dropped."""
         before, stalled, stuck = float("inf"), 0, 0
         while True:

@@ -15,6 +15,8 @@
   pings and reads nothing grew the server by 480 MB in 12 s. While the transport's writes
   are paused, pongs are not written; only the latest ping is answered once they resume,
   as RFC 6455 (5.5.3) allows.
+- A text message that is not UTF-8 is closed with 1007, as before, but without the
+  traceback uvicorn logged for each: it is the client's error, not the server's.
 """
 
 from __future__ import annotations
@@ -76,6 +78,17 @@ class _Bounded(WebSocketsSansIOProtocol):
         pong, self._pong = self._pong, None
         if pong is not None and not (self.close_sent or self.transport.is_closing()):
             self.transport.write(pong)
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError as exc:
+                self.frames = []
+                self.conn.fail(1007, f"invalid UTF-8 at byte {exc.start}")
+                self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
 
 
 def with_bounds(handshake_timeout: float) -> type[WebSocketsSansIOProtocol]:

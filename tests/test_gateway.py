@@ -10,6 +10,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -37,6 +38,7 @@ from canvasdb.documents import DocumentStore, yjs
 from canvasdb.gateway import protocol
 from canvasdb.gateway.hub import Hub, Peer
 from canvasdb.services import Services
+from canvasdb.settings import Settings
 
 
 def free_port() -> int:
@@ -923,6 +925,48 @@ async def test_a_closing_client_that_never_reads_is_dropped(
     finally:
         slow.close()
         gw.stop()
+
+
+async def test_connections_over_a_cap_are_told_to_try_again_later(
+    pg_url: str, svc: Services, board: tuple[Tenant, str], tmp_path: Path
+) -> None:
+    """One token held 4,000 connections, and two clients 20,000 (every file descriptor; other
+    users' connections were reset). Past CANVASDB_GATEWAY_MAX_CONNECTIONS_PER_USER of one
+    user, or CANVASDB_GATEWAY_MAX_CONNECTIONS in all: 1013, counted, logged once per 30 s."""
+    soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert Settings().gateway_max_connections == soft_limit * 3 // 4
+    t, doc = board
+    other = await make_tenant(svc)
+    await svc.documents.create(other.owner, other.project_id, doc, "board")
+    gw = Gateway(pg_url, tmp_path, CANVASDB_GATEWAY_MAX_CONNECTIONS_PER_USER="2",
+                 CANVASDB_GATEWAY_MAX_CONNECTIONS="3")
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            async def connected(tenant: Tenant) -> websockets.ClientConnection:
+                return await stack.enter_async_context(
+                    websockets.connect(f"{gw.url(tenant.slug)}/{doc}?token={tenant.token}"))
+
+            mine = [await connected(t), await connected(t)]
+            for ws in mine:
+                await synced(ws)
+            assert await closed_with(await connected(t)) == 1013  # a third of one user's
+            await synced(await connected(other))  # another user's: three in all
+            for tenant in (other, t, other):
+                assert await closed_with(await connected(tenant)) == 1013
+            await mine[0].close()
+
+            async def fewer() -> bool:
+                return counter(gw.port, "canvasdb_gateway_connections") == 2
+
+            assert await eventually(fewer)
+            await synced(await connected(t))  # a place again
+        assert counter(gw.port, 'canvasdb_gateway_rejected_total{reason="connections_per_user"}') == 1
+        assert counter(gw.port, 'canvasdb_gateway_rejected_total{reason="connections"}') == 3
+    finally:
+        gw.stop()
+    lines = gw.log.read_text().splitlines()
+    assert sum("too many connections of user" in line for line in lines) == 1
+    assert sum("too many connections in this process" in line for line in lines) == 1
 
 
 async def test_awareness_is_relayed_as_each_clients_latest_state(

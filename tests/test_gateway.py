@@ -10,6 +10,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -22,18 +23,22 @@ from uuid import uuid4
 import httpx
 import psycopg
 import pytest
+import uvicorn
 import websockets
 from conftest import Tenant, make_tenant
 from pycrdt import Doc, Map
 from relays import Balancer, PgProxy
+from websockets.frames import Frame, Opcode
 from yjs_client import JsClient
 
 from canvasdb.api.http_protocol import MAX_HEADER_BYTES
+from canvasdb.api.ws_protocol import MAX_FRAGMENTS, with_bounds
 from canvasdb.db import Database
 from canvasdb.documents import DocumentStore, yjs
 from canvasdb.gateway import protocol
 from canvasdb.gateway.hub import Hub, Peer
 from canvasdb.services import Services
+from canvasdb.settings import Settings
 
 
 def free_port() -> int:
@@ -496,6 +501,66 @@ async def test_stalled_bodies_unread_responses_and_trailers_are_cut_off(
     gw.stop()
 
 
+def upgrade(port: int, path: str, extra: bytes = b"", *, then: bytes = b"") -> bytes:
+    """Send a WebSocket upgrade with ``extra`` header lines (and ``then`` after the headers);
+    all the server answers until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n%s"
+                     % (path.encode(), extra, then))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+async def test_upgrades_the_websocket_parser_refuses_are_answered_and_closed(
+    gateways: list[Gateway], board: tuple[Tenant, str]
+) -> None:
+    """uvicorn's HTTP parser takes upgrades that websockets' own refuses (more than 128
+    headers, a line over 8 KiB, a body): the refusal was never written, and the connection
+    stayed open for good (2 x 10,000 of them took every file descriptor). Each is answered
+    now, and closed."""
+    t, doc = board
+    path = f"/v1/orgs/{t.slug}/docs/{doc}?token={t.token}"
+    port = gateways[0].port
+    for extra, then, path_, status in [
+        (b"".join(b"X-H%d: v\r\n" % i for i in range(129)), b"", path, 431),
+        (b"X-Big: %s\r\n" % (b"a" * 9000), b"", path, 431),
+        (b"", b"", f"{path}&pad={'a' * 9000}", 414),
+        (b"Content-Length: 1\r\n", b"x", path, 400),
+    ]:
+        answer = await asyncio.to_thread(upgrade, port, path_, extra, then=then)
+        assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    async with websockets.connect(f"ws://127.0.0.1:{port}{path}") as ws:  # and it serves on
+        await synced(ws)
+
+
+async def test_a_websocket_handshake_not_completed_by_the_header_deadline_is_closed() -> None:
+    """An application that never accepts (nor refuses) a WebSocket held its connection for
+    good; it is closed at the header deadline (CANVASDB_HTTP_HEADER_TIMEOUT_SECONDS)."""
+    left = asyncio.Event()
+
+    async def never_accepts(scope: dict, receive, send) -> None:
+        if scope["type"] == "websocket":
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
+            left.set()
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(never_accepts, port=port, ws=with_bounds(0.5), lifespan="off",
+                                           log_config=None))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(asyncio.to_thread(upgrade, port, "/"), 10) == b""  # closed, no answer
+        await asyncio.wait_for(left.wait(), 5)
+    finally:
+        server.should_exit = True
+        await serving
+
+
 async def test_tokens_in_the_header_and_revoked_tokens(
     gateways: list[Gateway], svc: Services, board: tuple[Tenant, str]
 ) -> None:
@@ -689,6 +754,83 @@ async def test_a_client_that_never_reads_is_cut_off(
         slow.close()
 
 
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+async def test_pings_from_a_client_that_never_reads_do_not_pile_up(
+    gateways: list[Gateway], board: tuple[Tenant, str]
+) -> None:
+    """Each ping was answered with a pong written whatever the write buffer held: a client
+    that sent pings and read nothing grew the server by 480 MB in 12 s. While writes wait,
+    pongs are not written; the latest ping is answered once they go again."""
+    t, doc = board
+    gw = gateways[0]
+    sock = never_reading(gw.port, f"/v1/orgs/{t.slug}/docs/{doc}?token={t.token}")
+    try:
+        before = rss_mb(gw.proc.pid)
+        flood = Frame(Opcode.PING, b"p" * 125).serialize(mask=True) * 8000  # a megabyte of pings
+        last = b"the last ping"
+        sock.settimeout(60)
+        for _ in range(64):
+            await asyncio.to_thread(sock.sendall, flood)
+        await asyncio.to_thread(sock.sendall, Frame(Opcode.PING, last).serialize(mask=True))
+        await asyncio.sleep(1)
+        assert rss_mb(gw.proc.pid) - before < 32  # the pongs of 64 MB of pings held: +80 MB
+
+        def answered() -> bool:
+            seen = b""
+            while chunk := sock.recv(1 << 20):
+                seen = seen[-64:] + chunk
+                if b"\x8a%c%s" % (len(last), last) in seen:  # its pong
+                    return True
+            return False
+
+        assert await asyncio.to_thread(answered)
+    finally:
+        sock.close()
+
+
+async def test_a_message_of_too_many_frames_is_refused(
+    gateways: list[Gateway], board: tuple[Tenant, str]
+) -> None:
+    """uvicorn kept every frame of a message, and websockets counts only their bytes: empty
+    continuation frames without end grew the server's memory without bound and stalled it.
+    A message may have MAX_FRAGMENTS frames; more, and it is refused as too large (1009)."""
+    t, doc = board
+    gw = gateways[0]
+    too_large = counter(gw.port, 'canvasdb_gateway_rejected_total{reason="too_large"}')
+    step1 = protocol.sync_step1(b"\x00")
+    async with websockets.connect(f"{gw.url(t.slug)}/{doc}?token={t.token}") as ws:
+        await ws.send([step1, *[b""] * (MAX_FRAGMENTS - 2)])  # and the last, empty, frame: the most
+        while protocol.read(await asyncio.wait_for(ws.recv(), 5)).step != protocol.STEP2:
+            pass
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await ws.send([step1, *[b""] * (MAX_FRAGMENTS - 1)])
+        assert await closed_with(ws) == 1009
+    assert counter(gw.port, 'canvasdb_gateway_rejected_total{reason="too_large"}') == too_large + 1
+
+
+async def test_a_clients_protocol_error_is_no_traceback_in_the_log(
+    gateways: list[Gateway], board: tuple[Tenant, str]
+) -> None:
+    """A text frame that is not UTF-8 made uvicorn log a traceback for each (8,715 connections
+    with a bogus token in 5 s logged 8,637 of them, 5 MiB). It is closed with 1007 and
+    nothing logged."""
+    t, doc = board
+    gw = gateways[0]
+    start = gw.log.stat().st_size
+    for _ in range(5):
+        async with websockets.connect(f"{gw.url(t.slug)}/{doc}?token={t.token}") as ws:
+            await ws.send(b"\xff\xfe", text=True)
+            assert await closed_with(ws) == 1007
+    with gw.log.open("rb") as log:
+        log.seek(start)
+        logged = log.read().decode()
+    assert "Traceback" not in logged and "UTF-8" not in logged, logged[:2000]
+
+
 async def test_awareness_is_bounded_and_belongs_to_who_introduced_it(
     gateways: list[Gateway], board: tuple[Tenant, str]
 ) -> None:
@@ -847,6 +989,48 @@ async def test_a_closing_client_that_never_reads_is_dropped(
     finally:
         slow.close()
         gw.stop()
+
+
+async def test_connections_over_a_cap_are_told_to_try_again_later(
+    pg_url: str, svc: Services, board: tuple[Tenant, str], tmp_path: Path
+) -> None:
+    """One token held 4,000 connections, and two clients 20,000 (every file descriptor; other
+    users' connections were reset). Past CANVASDB_GATEWAY_MAX_CONNECTIONS_PER_USER of one
+    user, or CANVASDB_GATEWAY_MAX_CONNECTIONS in all: 1013, counted, logged once per 30 s."""
+    soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert Settings().gateway_max_connections == soft_limit * 3 // 4
+    t, doc = board
+    other = await make_tenant(svc)
+    await svc.documents.create(other.owner, other.project_id, doc, "board")
+    gw = Gateway(pg_url, tmp_path, CANVASDB_GATEWAY_MAX_CONNECTIONS_PER_USER="2",
+                 CANVASDB_GATEWAY_MAX_CONNECTIONS="3")
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            async def connected(tenant: Tenant) -> websockets.ClientConnection:
+                return await stack.enter_async_context(
+                    websockets.connect(f"{gw.url(tenant.slug)}/{doc}?token={tenant.token}"))
+
+            mine = [await connected(t), await connected(t)]
+            for ws in mine:
+                await synced(ws)
+            assert await closed_with(await connected(t)) == 1013  # a third of one user's
+            await synced(await connected(other))  # another user's: three in all
+            for tenant in (other, t, other):
+                assert await closed_with(await connected(tenant)) == 1013
+            await mine[0].close()
+
+            async def fewer() -> bool:
+                return counter(gw.port, "canvasdb_gateway_connections") == 2
+
+            assert await eventually(fewer)
+            await synced(await connected(t))  # a place again
+        assert counter(gw.port, 'canvasdb_gateway_rejected_total{reason="connections_per_user"}') == 1
+        assert counter(gw.port, 'canvasdb_gateway_rejected_total{reason="connections"}') == 3
+    finally:
+        gw.stop()
+    lines = gw.log.read_text().splitlines()
+    assert sum("too many connections of user" in line for line in lines) == 1
+    assert sum("too many connections in this process" in line for line in lines) == 1
 
 
 async def test_awareness_is_relayed_as_each_clients_latest_state(

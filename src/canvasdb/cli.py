@@ -188,12 +188,14 @@ def _serve(api: object, settings: Settings, listener: socket.socket) -> None:
     import uvicorn
 
     from canvasdb.api.http_protocol import with_bounded_requests
+    from canvasdb.api.ws_protocol import with_bounds
     from canvasdb.gateway.connection import frame_limit
 
     host, port = listener.getsockname()[:2]
     config = uvicorn.Config(api, host=host, port=port, log_level=settings.log_level, lifespan="on",  # type: ignore[arg-type]
                             http=with_bounded_requests(header_timeout=settings.http_header_timeout_seconds,
                                                       idle_timeout=settings.http_idle_timeout_seconds),
+                            ws=with_bounds(settings.http_header_timeout_seconds),
                             ws_max_size=frame_limit(settings), ws_ping_interval=20,
                             # Yjs messages are small and binary: compressing each one costs both
                             # ends more CPU and latency than it saves (Node's ws servers default

@@ -126,14 +126,16 @@ def quiet_outage_logs(every: float = OUTAGE_LOG_EVERY) -> None:
     connection), the gateway's listener each of its own, and the job queue tracebacks when
     its worker stops and for each job cut off: hundreds of lines for a 30 s outage, with the
     one that says what happened lost among them; and the write path, a traceback for each
-    batch of work it could not hand to the queue. Each kind is logged once per ``every`` s,
+    batch of work it could not hand to the queue; and the gateway, each connection it refuses
+    over a cap (a flood of them, outage or not). Each kind is logged once per ``every`` s,
     and a lost database is one line, not a traceback."""
     from procrastinate.exceptions import ConnectorException
     from procrastinate.worker import WORKER_NAME
 
     repeated = {
         "psycopg.pool": ("error connecting in",),
-        "canvasdb.gateway": ("lost the notification connection",),
+        "canvasdb.gateway": ("lost the notification connection", "too many connections in this process",
+                             "too many connections of user"),
         "canvasdb.jobs": ("could not defer the work",),  # (a batch a second on the write path)
         "canvasdb.documents": ("could not announce a change", "could not ask for compaction"),
     }

@@ -6,12 +6,20 @@ Library code never reads the environment itself: the CLI and the server build a
 
 from __future__ import annotations
 
+import resource
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _most_gateway_connections() -> int:
+    """Three quarters of the file descriptors this process may open (RLIMIT_NOFILE, its soft
+    limit, ``ulimit -n``): each WebSocket holds one for as long as it is open, and the rest
+    is left for HTTP clients, the database pool, the listening socket, logs and blobs."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0] * 3 // 4
 
 
 class Settings(BaseSettings):
@@ -50,6 +58,11 @@ class Settings(BaseSettings):
     gateway_awareness_delay_ms: float = Field(default=50, ge=0, le=1000, description="Awareness (cursors, "
                                               "presence) is relayed per document at most this often, "
                                               "each client's latest state in one message")
+    gateway_max_connections_per_user: int = Field(default=100, ge=1, description="Open gateway "
+                                                  "connections of one user in one process (more: 1013)")
+    gateway_max_connections: int = Field(default_factory=_most_gateway_connections, ge=1,
+                                         description="Open gateway connections of one process (more: "
+                                         "1013); default three quarters of its open-file limit")
     compact_after_updates: int = Field(default=1000, ge=1, description="Compact early after N updates")
     compact_after_bytes: int = Field(default=1024 * 1024, ge=1, description="... or after N bytes")
     update_retention_hours: float = Field(default=24, gt=0, description="Keep updates (time travel)")

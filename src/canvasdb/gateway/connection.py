@@ -5,8 +5,9 @@ Close codes (4400-4499 make the official y-websocket client stop reconnecting):
 document (or no access to it), 4413 message too large (past twice the limit, the WebSocket
 layer's own 1009, unread: ``frame_limit``), 4429 update rate exceeded for longer
 than the grace period (below it, the sender is only slowed down), 1001 server shutting
-down, 1013 ("try again later") the database unavailable or the client too slow to
-receive (see hub.SLOW_CLIENT_BYTES): the client reconnects with backoff and resyncs. A viewer's updates are
+down, 1013 ("try again later") the database unavailable, the client too slow to
+receive (see hub.SLOW_CLIENT_BYTES), or too many connections open here (of its user, or in
+all): the client reconnects with backoff and resyncs. A viewer's updates are
 refused with the protocol's "permission denied" message (auth type 2) and the connection
 stays open.
 """
@@ -28,6 +29,7 @@ from canvasdb.gateway import protocol
 from canvasdb.gateway.hub import CLOSE_GRACE_S, SLOW_CLIENT_BYTES, SLOW_CLIENT_STALL_S, Hub, Peer, close_now
 from canvasdb.services import Services
 from canvasdb.settings import Settings
+from canvasdb.tenancy import Principal
 
 log = logging.getLogger("canvasdb.gateway")
 _MAX_IN_FLIGHT = 1000  # updates of one connection waiting for their commit
@@ -122,11 +124,35 @@ def _token(ws: WebSocket) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
+def _too_many(metric: str, message: str, *args: object) -> _Closing:
+    """The refusal of a connection over a cap (1013: the official client tries again later,
+    with backoff), logged once per 30 s with a count (runtime.quiet_outage_logs)."""
+    log.warning(message, *args)
+    return _Closing(1013, "too many connections; try again later", metric)
+
+
 async def serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, settings: Settings) -> None:
+    """Each connection is counted the moment it is accepted (in all) and authorized (for its
+    user), with no wait between the count and its check: connections that arrive together
+    cannot all slip under a cap. Without caps one token held 4,000 connections, and two
+    clients 20,000, every file descriptor of the process."""
     await ws.accept()
     metrics.GATEWAY_CONNECTIONS.inc()
+    hub.connections += 1
+    user = None  # whose cap the connection counts against, once authorized
     try:
-        await _serve(ws, org, doc_id, svc, hub, settings)
+        if hub.connections > settings.gateway_max_connections:
+            raise _too_many("connections", "too many connections in this process: refused one with 1013 "
+                            "(CANVASDB_GATEWAY_MAX_CONNECTIONS=%d)", settings.gateway_max_connections)
+        token = _token(ws)
+        who, writer = await _authorized(svc, token, org, doc_id)
+        if hub.user_connections[who.user_id] >= settings.gateway_max_connections_per_user:
+            raise _too_many("connections_per_user", "too many connections of user %s: refused one with 1013 "
+                            "(CANVASDB_GATEWAY_MAX_CONNECTIONS_PER_USER=%d)", who.user_id,
+                            settings.gateway_max_connections_per_user)
+        user = who.user_id
+        hub.user_connections[user] += 1
+        await _serve(ws, org, doc_id, svc, hub, settings, token, who, writer)
     except _Closing as stop:
         metrics.GATEWAY_REJECTED.labels(stop.metric).inc()
         await _close(ws, stop.code, stop.reason)
@@ -140,6 +166,11 @@ async def serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, s
         log.exception("gateway connection to %s failed", doc_id)
         await _close(ws, 1011, "internal error")
     finally:
+        hub.connections -= 1
+        if user is not None:
+            hub.user_connections[user] -= 1
+            if not hub.user_connections[user]:
+                del hub.user_connections[user]
         metrics.GATEWAY_CONNECTIONS.dec()
 
 
@@ -169,9 +200,8 @@ async def _authorized(svc: Services, token: str | None, org: str, doc_id: str) -
         raise _Closing(4404, exc.detail, "not_found") from None
 
 
-async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, settings: Settings) -> None:
-    token = _token(ws)
-    who, writer = await _authorized(svc, token, org, doc_id)
+async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, settings: Settings,
+                 token: str | None, who: Principal, writer: bool) -> None:
     max_message = settings.max_update_bytes + _FRAMING
 
     sync = await svc.documents.sync(who.org_id, doc_id)
@@ -199,9 +229,8 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
 
     async def watch_backlog() -> None:
         """A client that leaves more than SLOW_CLIENT_BYTES unread, and no fewer for
-        SLOW_CLIENT_STALL_S, is cut off (what the gateway did not write counts too: the
-        WebSocket layer answers each ping with a pong, whether the client reads them or
-        not). A connection whose close frame was written (by anyone: uvicorn's keepalive
+        SLOW_CLIENT_STALL_S, is cut off (the socket's whole buffer counts, what the
+        WebSocket layer wrote too). A connection whose close frame was written (by anyone: uvicorn's keepalive
         too) and that is still open CLOSE_GRACE_S later is dropped."""
         before, stalled, stuck = float("inf"), 0, 0
         while True:

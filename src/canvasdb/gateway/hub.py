@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -253,6 +254,8 @@ class Hub:
         self.liveness_seconds = liveness_seconds
         self.origin = documents.log.origin
         self.rooms: dict[tuple[UUID, str], Room] = {}
+        self.connections = 0  # open gateway connections here (connection.serve caps them)
+        self.user_connections: Counter[UUID | None] = Counter()  # ... of each user, once authorized
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._catch_ups: set[asyncio.Task[None]] = set()  # kept: a task only the loop holds may vanish

@@ -1,0 +1,96 @@
+"""uvicorn's WebSocket protocol (websockets-sansio) with bounds on what one client makes it hold.
+
+- The handshake. uvicorn's HTTP parser hands an upgrade over to websockets, whose own parser
+  refuses some that it accepted (more than 128 headers, a line over 8 KiB, a request body);
+  uvicorn then waited for a request that never came, with no answer and no timer: 2 x 10,000
+  such connections took the server's 20,000 file descriptors. The refusal is now written and
+  the connection closed, and any handshake not complete within the header deadline is closed.
+- A message's fragments. uvicorn keeps each one, and websockets counts payload bytes only,
+  so endless empty continuation frames grew memory without bound under ``ws_max_size`` and
+  stalled the event loop (another client's /healthz took up to 7.8 s). A message of more
+  than ``MAX_FRAGMENTS`` frames is refused with 1009 ("message too big"): it is the layer's
+  own refusal of a message too large, counted by the gateway as such; a browser sends a
+  message in one frame.
+- Pongs. Each ping was answered at once, whatever the write buffer held: a client that sends
+  pings and reads nothing grew the server by 480 MB in 12 s. While the transport's writes
+  are paused, pongs are not written; only the latest ping is answered once they resume,
+  as RFC 6455 (5.5.3) allows.
+- A text message that is not UTF-8 is closed with 1007, as before, but without the
+  traceback uvicorn logged for each: it is the client's error, not the server's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
+
+MAX_FRAGMENTS = 1000  # frames of one message
+_PONG = b"\x8a"  # the first byte of a server's pong frame (FIN, opcode 0xA)
+
+
+class _Bounded(WebSocketsSansIOProtocol):
+    handshake_timeout: float
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._pong: bytes | None = None  # the answer to the latest ping, held while writes are paused
+        self._deadline = self.loop.call_later(self.handshake_timeout, self._expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        refused = self.conn.handshake_exc
+        if refused is not None and not self.handshake_initiated and not self.transport.is_closing():
+            # websockets answers a 414 or a 431 (uvicorn never wrote it); the rest, nothing
+            answer = b"".join(self.conn.data_to_send()) or self.conn.reject(
+                400, f"Failed to open a WebSocket connection: {refused.__cause__ or refused}.\n").serialize()
+            self.transport.write(answer)
+            self.transport.close()
+
+    def _expired(self) -> None:
+        if not self.handshake_complete:
+            self.transport.close()
+
+    def handle_cont(self, event: Frame) -> None:
+        if len(self.frames) < MAX_FRAGMENTS:
+            super().handle_cont(event)
+        elif not self.transport.is_closing():
+            self.frames = []
+            self.conn.fail(1009, f"a message is at most {MAX_FRAGMENTS} frames")
+            self.handle_parser_exception()
+
+    def handle_ping(self) -> None:
+        if self.writable.is_set():
+            super().handle_ping()
+            return
+        output = self.conn.data_to_send()  # pongs, and maybe a close frame
+        pongs = [frame for frame in output if frame.startswith(_PONG)]
+        self._pong = pongs[-1] if pongs else self._pong
+        self.transport.write(b"".join(frame for frame in output if not frame.startswith(_PONG)))
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        pong, self._pong = self._pong, None
+        if pong is not None and not (self.close_sent or self.transport.is_closing()):
+            self.transport.write(pong)
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError as exc:
+                self.frames = []
+                self.conn.fail(1007, f"invalid UTF-8 at byte {exc.start}")
+                self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
+
+
+def with_bounds(handshake_timeout: float) -> type[WebSocketsSansIOProtocol]:
+    """The protocol class to give uvicorn's ``Config(ws=...)``."""
+    return type("BoundedWebSocket", (_Bounded,), {"handshake_timeout": handshake_timeout})

@@ -12,7 +12,8 @@ N official Yjs clients, one socket each, spread round robin over M documents):
   per-connection update rate limit (CANVASDB_GATEWAY_MAX_UPDATES_PER_S, 500/s by default, a
   guard against a runaway client) raised out of the way: the flood's clients each send more than
   that, and at the default the flood measures the limit (about 11,300 updates/s for 20 clients),
-  not the server. The peers have no such limit.
+  not the server. The peers have no such limit. All clients share one user's token, so the
+  per-user connection cap (CANVASDB_GATEWAY_MAX_CONNECTIONS_PER_USER, 100) is raised too.
 - memory: D documents, one client each, each seeded with a board of K sticky notes; the server's
   resident memory growth divided by D is its memory per open document (connection included).
 
@@ -61,6 +62,7 @@ JS_PACKAGE = REPO / "bench" / "js"
 JS_FILES = ("load.mjs", "hocuspocus.mjs")
 SERVERS = ("canvasdb", "hocuspocus", "y-websocket")
 RATE_LIMIT = 1_000_000  # canvasdb's per-connection updates/s for the run: out of the flood's way
+MAX_CONNECTIONS_PER_USER = 100_000  # every client is the same user here
 PEER_NOTES = {
     "canvasdb": "every update committed to PostgreSQL before broadcast (rate limit raised, see above)",
     "hocuspocus": "SQLite extension, stored 2-10 s after a change (debounced)",
@@ -172,7 +174,8 @@ class Server:
         if self.kind == "canvasdb":
             env = {**os.environ, "CANVASDB_DATABASE_URL": self.db_url,
                    "CANVASDB_HOME": str(self.workdir / "home"), "CANVASDB_LOG_LEVEL": "warning",
-                   "CANVASDB_GATEWAY_MAX_UPDATES_PER_S": str(RATE_LIMIT)}
+                   "CANVASDB_GATEWAY_MAX_UPDATES_PER_S": str(RATE_LIMIT),
+                   "CANVASDB_GATEWAY_MAX_CONNECTIONS_PER_USER": str(MAX_CONNECTIONS_PER_USER)}
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "canvasdb", "gateway", "--port", str(self.port),
                 env=env, stdout=self.log, stderr=self.log)

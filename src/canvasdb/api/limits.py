@@ -1,4 +1,5 @@
-"""A pure ASGI guard that refuses request bodies over a size, before anything buffers them."""
+"""Pure ASGI guards that act before a request's body is read: one refuses bodies over a size,
+before anything buffers them; the other checks the caller's token before a large body is read."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import re
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from canvasdb.api.deps import bearer
+from canvasdb.api.problems import problem_response
+from canvasdb.errors import CanvasdbError
 
 
 class BodySizeLimit:
@@ -69,3 +74,33 @@ class BodySizeLimit:
             (b"connection", b"close"),
         ]})  # fmt: skip
         await send({"type": "http.response.body", "body": body})
+
+
+class CredentialsFirst:
+    """Checks the API token of a ``/v1`` request whose body is over ``min_bytes`` (or chunked)
+    before the body is read. FastAPI reads and parses a body before it resolves a route's
+    dependencies, the token among them: a client with no token at all could make the server
+    read and parse 4 MiB of JSON (170 ms of CPU) for each 401. Smaller bodies cost less than
+    the extra round trip this takes."""
+
+    def __init__(self, app: ASGIApp, *, min_bytes: int = 64 * 1024) -> None:
+        self.app = app
+        self.min_bytes = min_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and self._large(scope):
+            headers = dict(scope["headers"])
+            try:
+                token = await bearer(headers.get(b"authorization", b"").decode("latin-1"))
+                await scope["app"].state.services.tenancy.authenticate(token)
+            except CanvasdbError as exc:
+                await problem_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _large(self, scope: Scope) -> bool:
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is None:
+            return b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        return not declared.isdigit() or int(declared) > self.min_bytes

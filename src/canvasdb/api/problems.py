@@ -40,14 +40,17 @@ def _pointer(loc: tuple[Any, ...]) -> str:
 
 async def _canvasdb_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CanvasdbError)
-    fields = exc.fields
     if exc.status >= 500:
         # The hint of a server-side failure is for the operator (the database's or the
         # object store's own message, with hosts and ports): logged, not sent to the client.
-        hint = fields.get("hint")
+        hint = exc.fields.get("hint")
         log.error("%s %s failed: %s%s", request.method, request.url.path, exc.detail,
                   f" ({hint})" if hint else "")
-        fields = {k: v for k, v in fields.items() if k != "hint"}
+    return problem_response(exc)
+
+
+def problem_response(exc: CanvasdbError) -> JSONResponse:
+    fields = {k: v for k, v in exc.fields.items() if k != "hint"} if exc.status >= 500 else exc.fields
     return problem(exc.status, exc.title, exc.detail, **fields)
 
 

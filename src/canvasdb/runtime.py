@@ -6,9 +6,10 @@ import gc
 import logging
 import os
 import re
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from canvasdb.blobs import open_blob_store
@@ -178,6 +179,26 @@ def database(settings: Settings, *, start: bool = True, run_migrations: bool = T
     if run_migrations:
         prepare_schema(target.url)
     return target
+
+
+@contextmanager
+def embedded_kept_running(settings: Settings) -> Iterator[None]:
+    """For the block, a thread that starts the embedded PostgreSQL again whenever it has exited
+    (``EmbeddedPostgres.watch``): the server stays up only while its database does. Nothing for
+    a database of one's own (``CANVASDB_DATABASE_URL``), which its owner keeps running. Waits
+    for a start in progress on the way out, so that a stop after the block finds the server."""
+    if settings.database_url:
+        yield
+        return
+    stop = threading.Event()
+    watcher = threading.Thread(target=embedded(settings).watch, args=(stop,), name="canvasdb-pg-watch",
+                               daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
 
 
 def prepare_schema(url: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 
 import httpx
 from conftest import Tenant
@@ -67,16 +68,20 @@ async def test_openapi_tells_clients_how_to_authenticate_and_what_errors_look_li
 
 
 async def test_a_database_that_is_away_is_a_503_with_retry_after(settings: Settings) -> None:
-    """Probes answer within about 2 s (not the pool's 10 s) with a problem document that
-    says when to try again."""
+    """Probes, and requests once the pool knows the server is away, answer within about 2 s
+    (not the pool's 10 s) with a problem document that says when to try again: when the pool
+    next tries to connect."""
     async with Database("postgresql://127.0.0.1:9/nowhere?connect_timeout=1", min_size=0, max_size=2) as db:
         svc = Services.build(settings, db)
         transport = httpx.ASGITransport(app=create_app(settings, services=svc))
         async with httpx.AsyncClient(transport=transport, base_url="http://canvasdb.test") as http:
-            for probe in ("/healthz", "/readyz"):
-                r = await http.get(probe)
+            for path in ("/healthz", "/readyz", "/v1/orgs/demo/projects"):
+                started = time.monotonic()
+                r = await http.get(path, headers={"Authorization": "Bearer cdb_x"})
+                assert time.monotonic() - started < 7, f"{path} waited the pool's 10 s"
                 assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
-                assert r.headers["retry-after"] == "1" and r.json()["retry"] is True
+                assert r.headers["retry-after"] == "2" and r.json()["retry"] is True
+                assert r.json()["detail"] == "the database is unreachable"
                 assert "hint" not in r.json() and "127.0.0.1" not in r.text, "the operator's detail"
 
 

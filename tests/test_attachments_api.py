@@ -4,7 +4,7 @@ Every test runs twice: on an app whose blob store is a local folder, and on one 
 is S3 on a real S3-compatible server (moto's, over HTTP). Requests go through the module's
 ``api`` client: app exceptions become 500 responses instead of being raised, and a response
 hook fails the test on any 5xx, so no 500 hides behind another assertion. The only tests
-that expect a 500 (damaged content) use a client without that hook.
+that expect a 500 (damaged content) or a 507 (a full disk) use a client without that hook.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ import httpx
 import pytest
 from conftest import Tenant, unique
 from fastapi import FastAPI
-from test_blobs import Backend, chunked, new_s3_store, s3_client, s3_endpoint  # noqa: F401 (fixtures)
+from test_blobs import Backend, chunked, full_disk, new_s3_store, s3_client, s3_endpoint  # noqa: F401 (fixtures)
 
 from canvasdb.api import create_app
 from canvasdb.blobs import FilesystemBlobStore
@@ -555,6 +556,22 @@ async def test_content_with_a_wrong_size_is_a_500_problem(api: Api, tenant: Tena
     api.backend.overwrite(sha(content), content + b"!")
     r = await api.raw.get(url(tenant, "resized"), headers=tenant.headers)
     assert problem(r, 500)["title"] == "Corrupt blob"
+
+
+@pytest.mark.usefixtures("full_disk")
+async def test_a_full_disk_is_507_and_stores_nothing(api: Api, tenant: Tenant,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    if api.backend.name != "filesystem":
+        pytest.skip("a full disk is the filesystem backend's")
+    stored = api.backend.visible()
+    with caplog.at_level(logging.INFO):
+        r = await api.raw.put(url(tenant, "full.bin"), content=chunked(os.urandom(2 * MiB)),
+                              headers=tenant.headers)
+    body = problem(r, 507)
+    assert body["title"] == "Insufficient storage" and "hint" not in body and "retry-after" not in r.headers
+    assert await rows(api, tenant) == [] and api.backend.visible() == stored  # no temporary file
+    [line] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert line.exc_info is None and "No space left on device" in line.getMessage()
 
 
 # --- the default app and the API description ----------------------------------------------------

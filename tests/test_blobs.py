@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import socket
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from moto.server import ThreadedMotoServer
 from canvasdb.blobs import BlobCorrupt, BlobNotFound, BlobStore, FilesystemBlobStore, open_blob_store
 from canvasdb.blobs.s3 import S3BlobStore
 from canvasdb.blobs.store import CHUNK_SIZE
-from canvasdb.errors import CanvasdbError, InvalidInput, PayloadTooLarge, Unavailable
+from canvasdb.errors import CanvasdbError, InsufficientStorage, InvalidInput, PayloadTooLarge, Unavailable
 from canvasdb.settings import Settings
 
 MiB = 1024 * 1024
@@ -370,6 +371,36 @@ async def test_filesystem_unwritable_folder_is_unavailable(tmp_path: Path) -> No
     with pytest.raises(Unavailable) as raised:
         await store.put(b"x")
     assert raised.value.fields["hint"]
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The filesystem store's temporary files are made as usual, but write to ``/dev/full``
+    (every write: ENOSPC from the kernel), as on a full disk, which no test can make portably."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    make = tempfile.mkstemp
+
+    def mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, name = make(*args, **kwargs)
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, fd)
+        os.close(full)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+@pytest.mark.parametrize("size", [100, 3 * MiB])  # failing at the flush (buffered), at the write
+async def test_filesystem_full_disk_is_insufficient_storage(tmp_path: Path, full_disk: None, size: int) -> None:
+    """A full disk is 507 with a hint, not an OSError (a 500 and its traceback), and leaves nothing."""
+    store = FilesystemBlobStore(tmp_path / "blobs")
+    for source in (os.urandom(size), chunked(os.urandom(size))):
+        with pytest.raises(InsufficientStorage) as raised:
+            await store.put(source)
+        assert raised.value.status == 507 and "No space left on device" in raised.value.detail
+        assert raised.value.fields["hint"] == f"free space under {store.root}"
+        assert [p.name for p in store.root.rglob("*")] == ["tmp"]
 
 
 # --- the S3 backend -----------------------------------------------------------------------------

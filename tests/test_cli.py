@@ -21,6 +21,7 @@ import websockets.exceptions
 import websockets.sync.client
 
 from canvasdb.cli import app
+from canvasdb.db import EmbeddedPostgres
 
 CLI = [sys.executable, "-m", "canvasdb"]
 
@@ -176,6 +177,46 @@ def test_up_with_embedded_database(tmp_path: Path) -> None:
         assert status.returncode == 3 and "running: False" in status.stdout
     assert tokens[0] == tokens[1], "the second run prints the saved token again"
     assert oct((tmp_path / "home" / "admin-token").stat().st_mode & 0o777) == "0o600"
+
+
+def test_up_starts_its_embedded_database_again_when_it_exits(tmp_path: Path) -> None:
+    """A full disk makes PostgreSQL PANIC and exit (here: the postmaster killed): `canvasdb up`
+    says so in its log, with the end of PostgreSQL's, and starts it again; requests work again
+    (it answered 503 until someone ran `canvasdb db start`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
+    port = _free_port()
+    env |= {"CANVASDB_HOME": str(tmp_path / "home"), "CANVASDB_PORT": str(port)}
+    pg = EmbeddedPostgres(tmp_path / "home" / "pgdata")
+    proc = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_ready(proc, port)
+        token = (tmp_path / "home" / "admin-token").read_text().strip()
+
+        def create() -> int:
+            return httpx.post(f"http://127.0.0.1:{port}/v1/orgs/demo/projects/demo/entities",
+                              headers={"Authorization": f"Bearer {token}"},
+                              json={"type": "note", "data": {}}, timeout=30).status_code
+
+        assert create() == 201
+        killed = pg.status().pid
+        assert killed is not None
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while not (pg.status().running and pg.status().pid != killed):
+            assert time.monotonic() < deadline, "the embedded PostgreSQL was not started again"
+            assert proc.poll() is None
+            time.sleep(0.5)
+        while create() != 201:
+            assert time.monotonic() < deadline, "requests did not work again"
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    [exited] = [line for line in output.splitlines() if "has exited" in line]
+    assert exited.startswith("the embedded PostgreSQL has exited; starting it again. The end of its log ")
+    assert "the embedded PostgreSQL runs again" in output and "Traceback" not in output
+    assert "embedded PostgreSQL stopped" in output and not pg.status().running
 
 
 def test_up_and_gateway_on_a_busy_port_fail_in_one_line(tmp_path: Path) -> None:

@@ -181,21 +181,54 @@ async def test_the_pool_connects_again_soon_after_a_long_outage(pg_url: str) -> 
     """psycopg_pool waits twice as long before each new attempt to replace a lost connection
     (1, 2, 4, 8 s ...): after 8 s away, the server would be back 6-8 s before it tried.
     Requests work again within ``RECONNECT_EVERY`` s of its return."""
-    loop = asyncio.get_running_loop()
     async with PgProxy(pg_url) as relay, Database(relay.url, min_size=2, max_size=2, timeout=0.5) as db:
         relay.cut()
         with pytest.raises(Unavailable):
             await db.one("SELECT 1", None)
         await asyncio.sleep(8)
         relay.restore()
-        back = loop.time()
-        while True:
-            try:
-                assert await db.one("SELECT 1 AS one", None) == {"one": 1}
-                break
-            except Unavailable:
-                assert loop.time() - back < 4.5, "no connection 4.5 s after the server came back"
-                await asyncio.sleep(0.1)
+        await answers_within(db, 4.5)
+
+
+async def answers_within(db: Database, seconds: float) -> None:
+    """Query until the server answers, no longer than ``seconds``."""
+    loop = asyncio.get_running_loop()
+    back = loop.time()
+    while True:
+        try:
+            assert await db.one("SELECT 1 AS one", None) == {"one": 1}
+            return
+        except Unavailable:
+            assert loop.time() - back < seconds, f"no connection {seconds} s after the server came back"
+            await asyncio.sleep(0.1)
+
+
+async def test_while_the_database_is_away_requests_fail_fast_but_a_busy_pool_still_waits(pg_url: str) -> None:
+    """Once the pool's attempt to connect has failed for want of the server, a request waits
+    about ``RECONNECT_EVERY`` s, not the pool's 10 s, for its 503 (each one waited 10 s); the
+    server back, requests work again within about as long. Connections all busy with slow
+    queries on a reachable server are not an outage: a request still waits for one."""
+    loop = asyncio.get_running_loop()
+    async with PgProxy(pg_url) as relay, Database(relay.url, min_size=2, max_size=2) as db:
+        async def slow() -> None:
+            await db.one("SELECT pg_sleep(4)", None)
+
+        busy = [asyncio.create_task(slow()) for _ in range(2)]
+        await asyncio.sleep(0.5)
+        assert await db.one("SELECT 1 AS one", None) == {"one": 1}, "a busy pool is not an outage"
+        await asyncio.gather(*busy)
+
+        relay.cut()
+        with pytest.raises(Unavailable):  # a dead connection: at once, and the pool connects again
+            await db.one("SELECT 1", None)
+        for _ in range(3):
+            start = loop.time()
+            with pytest.raises(Unavailable) as raised:
+                await db.one("SELECT 1", None)
+            assert loop.time() - start < 7, "a request waited the pool's 10 s"
+        assert (raised.value.fields["retry"], raised.value.fields["retry_after"]) == (True, 2)
+        relay.restore()
+        await answers_within(db, 7)
 
 
 async def test_taking_turns_frees_its_lock_however_the_block_ends(pg_url: str) -> None:

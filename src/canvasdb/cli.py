@@ -108,7 +108,8 @@ def up(
     host: Annotated[str | None, typer.Option(help="Address to listen on [CANVASDB_HOST].")] = None,
     port: Annotated[int | None, typer.Option(help="Port [CANVASDB_PORT].")] = None,
 ) -> None:
-    """Start the database (embedded unless CANVASDB_DATABASE_URL is set) and serve the API."""
+    """Start the database (embedded unless CANVASDB_DATABASE_URL is set, then started again
+    whenever it exits) and serve the API."""
     from canvasdb.api import create_app
 
     settings = _settings()
@@ -140,7 +141,8 @@ def up(
         out.print(f"admin token (org '{runtime.DEMO_ORG}'): {token}")
         out.print(f"  saved in {settings.token_file}")
     try:
-        _serve(create_app(settings, database_url=target.url, run_worker=True), settings, listener)
+        with runtime.embedded_kept_running(settings):
+            _serve(create_app(settings, database_url=target.url, run_worker=True), settings, listener)
     finally:
         if target.started_here:
             runtime.embedded(settings).stop()

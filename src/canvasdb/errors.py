@@ -73,6 +73,15 @@ class Unavailable(CanvasdbError):
     title = "Unavailable"
 
 
+class InsufficientStorage(CanvasdbError):
+    """No room left to store something (a full disk, a quota reached): not the request's fault,
+    and sending it again helps only once space is freed, so unlike 503 it says nothing of
+    when to retry."""
+
+    status = 507
+    title = "Insufficient storage"
+
+
 class MigrationError(CanvasdbError):
     title = "Migration error"
 

@@ -6,9 +6,10 @@ import gc
 import logging
 import os
 import re
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from canvasdb.blobs import open_blob_store
@@ -125,16 +126,20 @@ def quiet_outage_logs(every: float = OUTAGE_LOG_EVERY) -> None:
     """While the database is away, the pools log each attempt to connect (every 2 s per
     connection), the gateway's listener each of its own, and the job queue tracebacks when
     its worker stops and for each job cut off: hundreds of lines for a 30 s outage, with the
-    one that says what happened lost among them; and the write path, a traceback for each
-    batch of work it could not hand to the queue; and the gateway, each connection it refuses
-    over a cap (a flood of them, outage or not). Each kind is logged once per ``every`` s,
-    and a lost database is one line, not a traceback."""
+    one that says what happened lost among them; the write path, a traceback for each
+    batch of work it could not hand to the queue; the gateway, a line for each open
+    connection whose access it could not check again (3,000 in a 36 s outage with 3,000
+    clients), for each client it refused meanwhile (each reconnects with backoff), and for
+    each connection it refuses over a cap (a flood of them, outage or not). Each kind is
+    logged once per ``every`` s, and a lost database is one line, not a traceback."""
     from procrastinate.exceptions import ConnectorException
     from procrastinate.worker import WORKER_NAME
 
     repeated = {
         "psycopg.pool": ("error connecting in",),
-        "canvasdb.gateway": ("lost the notification connection", "too many connections in this process",
+        # (the access re-check and the refusal of a new connection: one per client)
+        "canvasdb.gateway": ("lost the notification connection", "could not check access to",
+                             "closed a connection to", "too many connections in this process",
                              "too many connections of user"),
         "canvasdb.jobs": ("could not defer the work",),  # (a batch a second on the write path)
         "canvasdb.documents": ("could not announce a change", "could not ask for compaction"),
@@ -176,6 +181,26 @@ def database(settings: Settings, *, start: bool = True, run_migrations: bool = T
     if run_migrations:
         prepare_schema(target.url)
     return target
+
+
+@contextmanager
+def embedded_kept_running(settings: Settings) -> Iterator[None]:
+    """For the block, a thread that starts the embedded PostgreSQL again whenever it has exited
+    (``EmbeddedPostgres.watch``): the server stays up only while its database does. Nothing for
+    a database of one's own (``CANVASDB_DATABASE_URL``), which its owner keeps running. Waits
+    for a start in progress on the way out, so that a stop after the block finds the server."""
+    if settings.database_url:
+        yield
+        return
+    stop = threading.Event()
+    watcher = threading.Thread(target=embedded(settings).watch, args=(stop,), name="canvasdb-pg-watch",
+                               daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
 
 
 def prepare_schema(url: str) -> list[str]:

@@ -25,7 +25,7 @@ def problem(status: int, title: str, detail: str, *, headers: dict[str, str] | N
     if status == 401:  # RFC 6750: a 401 names the scheme the client must use
         headers["WWW-Authenticate"] = 'Bearer realm="canvasdb"'
     elif status == 503 and fields.get("retry") is not False:  # RFC 9110: when to try again
-        headers["Retry-After"] = "1"
+        headers["Retry-After"] = str(fields.get("retry_after", 1))
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 

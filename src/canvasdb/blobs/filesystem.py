@@ -12,17 +12,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import BinaryIO
 
-from canvasdb.blobs.store import CHUNK_SIZE, BlobInfo, BlobNotFound, BlobReader, Source, check_key, consume
-from canvasdb.errors import Unavailable
+from canvasdb.blobs.store import (
+    CHUNK_SIZE,
+    BlobInfo,
+    BlobNotFound,
+    BlobReader,
+    Block,
+    Source,
+    check_key,
+    consume,
+)
+from canvasdb.errors import InsufficientStorage, Unavailable
 
 _TMP = "tmp"
 _STALE_TMP_SECONDS = 24 * 3600
+_FULL = (errno.ENOSPC, errno.EDQUOT)  # no room left: 507, not 503
 
 
 class FilesystemBlobStore:
@@ -47,12 +58,20 @@ class FilesystemBlobStore:
 
     async def put(self, source: Source, *, max_bytes: int | None = None) -> BlobInfo:
         tmp, fh = await asyncio.to_thread(self._new_tmp)
+
+        def write(block: Block) -> None:
+            try:
+                fh.write(block)
+            except OSError as exc:
+                raise self._failed("write", tmp, exc) from exc
+
         try:
-            with fh:
-                info = await consume(source, fh.write, max_bytes=max_bytes)
-                await asyncio.to_thread(self._sync_file, fh)
+            info = await consume(source, write, max_bytes=max_bytes)
+            await asyncio.to_thread(self._sync_file, fh)
             await asyncio.to_thread(self._install, tmp, self.path(info.key))
         except BaseException:
+            with contextlib.suppress(OSError):  # after a failed write, the close fails too (its
+                fh.close()  # flush of what is still buffered): not the error to report
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
@@ -65,18 +84,18 @@ class FilesystemBlobStore:
         except FileNotFoundError:
             raise BlobNotFound(f"blob {key} not found") from None
         except OSError as exc:
-            raise self._unavailable("read", path, exc) from exc
+            raise self._failed("read", path, exc) from exc
         try:
             size = os.fstat(fh.fileno()).st_size
         except OSError as exc:
             fh.close()
-            raise self._unavailable("read", path, exc) from exc
+            raise self._failed("read", path, exc) from exc
 
         def read(n: int) -> bytes:
             try:
                 return fh.read(n) or b""
             except OSError as exc:
-                raise self._unavailable("read", path, exc) from exc
+                raise self._failed("read", path, exc) from exc
 
         return BlobReader(key, size, read, fh.close, chunk_size=self._chunk_size, where=str(path))
 
@@ -91,7 +110,7 @@ class FilesystemBlobStore:
         try:
             await asyncio.to_thread(path.unlink, missing_ok=True)
         except OSError as exc:
-            raise self._unavailable("delete", path, exc) from exc
+            raise self._failed("delete", path, exc) from exc
 
     async def close(self) -> None:
         pass
@@ -110,7 +129,7 @@ class FilesystemBlobStore:
                 self._prepared = True
             fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="put-", suffix=".part")
         except OSError as exc:
-            raise self._unavailable("write", tmp_dir, exc) from exc
+            raise self._failed("write", tmp_dir, exc) from exc
         return Path(name), os.fdopen(fd, "wb")
 
     def _remove_stale(self, tmp_dir: Path) -> None:
@@ -122,12 +141,14 @@ class FilesystemBlobStore:
                     entry.unlink()
 
     def _sync_file(self, fh: BinaryIO) -> None:
+        """Flush, fsync and close the temporary file."""
         try:
             fh.flush()
             if self._fsync:
                 os.fsync(fh.fileno())
+            fh.close()
         except OSError as exc:
-            raise self._unavailable("write", self.root / _TMP, exc) from exc
+            raise self._failed("write", self.root / _TMP, exc) from exc
 
     def _install(self, tmp: Path, final: Path) -> None:
         try:
@@ -140,11 +161,14 @@ class FilesystemBlobStore:
                 if created:
                     _fsync_dir(self.root)
         except OSError as exc:
-            raise self._unavailable("write", final, exc) from exc
+            raise self._failed("write", final, exc) from exc
 
-    def _unavailable(self, op: str, path: Path, exc: OSError) -> Unavailable:
-        return Unavailable(f"blob store: cannot {op} {path}: {exc.strerror or exc}",
-                           hint=f"check that {self.root} exists, is writable and has free space",
+    def _failed(self, op: str, path: Path, exc: OSError) -> InsufficientStorage | Unavailable:
+        """The OS error as the API's: a full disk or quota is 507, anything else 503."""
+        detail = f"blob store: cannot {op} {path}: {exc.strerror or exc}"
+        if exc.errno in _FULL:
+            return InsufficientStorage(detail, hint=f"free space under {self.root}")
+        return Unavailable(detail, hint=f"check that {self.root} exists, is writable and has free space",
                            retry=True)
 
 

@@ -58,8 +58,9 @@ class BlobStore(Protocol):
 
     Keys are the SHA-256 of the content (64 lowercase hex digits); anything else is refused
     with InvalidInput before any I/O, so a key can never name a path or an object outside the
-    store. Backend faults (disk full, S3 unreachable or refusing) raise ``Unavailable`` with a
-    ``hint``; they may be retried.
+    store. Backend faults (S3 unreachable or refusing, a folder that cannot be written) raise
+    ``Unavailable`` with a ``hint``; they may be retried. A full disk raises
+    ``InsufficientStorage`` (507), with a hint: retrying helps only once space is freed.
     """
 
     async def put(self, source: Source, *, max_bytes: int | None = None) -> BlobInfo:

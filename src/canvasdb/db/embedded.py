@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import pwd
 import shutil
@@ -18,11 +19,13 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from canvasdb.errors import Unavailable, one_line
 
+log = logging.getLogger("canvasdb.db")
 DATABASE = "canvasdb"
 SUPERUSER = "postgres"
 SYSTEM_USER = "canvasdb-pg"  # owner of the cluster when canvasdb runs as root
@@ -103,6 +106,33 @@ class EmbeddedPostgres:
             return False
         self._run("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", str(timeout), "stop")
         return True
+
+    def watch(self, stop: threading.Event, *, every: float = 2.0, retry: float = 5.0,
+              longest: float = 60.0) -> None:
+        """Until ``stop`` is set, look every ``every`` s whether the server runs, and start it
+        again when it has exited: first at once, then after ``retry`` s, doubling up to
+        ``longest``. A full disk makes PostgreSQL PANIC and shut down, and a server over it
+        answered 503 for good, even once space was freed, until someone ran ``canvasdb db
+        start``, with nothing in its log to say why. ``start`` finds a running server first,
+        and PostgreSQL's own lock file refuses a second one on the data folder."""
+        delay, failures = every, 0
+        while not stop.wait(delay):
+            if self.status().running:
+                continue
+            if not failures:
+                tail = " | ".join(line.strip() for line in self._log_tail(5).splitlines())
+                log.error("the embedded PostgreSQL has exited; starting it again. The end of its log "
+                          "(%s): %s", self.log_file, tail)
+            try:
+                self.start()
+            except Unavailable as exc:
+                delay = min(retry * 2**failures, longest)
+                failures += 1
+                log.error("could not start the embedded PostgreSQL (%s); trying again in %.0f s",
+                          one_line(exc), delay)
+            else:
+                log.warning("the embedded PostgreSQL runs again")
+                delay, failures = every, 0
 
     def status(self) -> Status:
         pid = self._running_pid()

@@ -82,6 +82,10 @@ class Database:
         try:
             yield
         except PoolTimeout as exc:  # (an OperationalError too) no connection within the wait
+            if self.pool.unreachable:
+                raise Unavailable("the database is unreachable", retry=True,
+                                  retry_after=round(RECONNECT_EVERY),
+                                  hint=f"connecting again every {RECONNECT_EVERY:g} s") from None
             raise Unavailable("no database connection available", hint=str(exc), retry=True) from None
         except psycopg.Error as exc:
             if connection_lost(exc) and self._checking is None:
@@ -261,14 +265,44 @@ async def _pipelined(conn: Connection) -> AsyncIterator[None]:
 
 
 class ConnectionPool(AsyncConnectionPool):  # type: ignore[type-arg]
-    """psycopg_pool's pool, trying to replace a lost connection every ``RECONNECT_EVERY`` s.
+    """psycopg_pool's pool, trying to replace a lost connection every ``RECONNECT_EVERY`` s,
+    and making a request wait no longer than that while the server is known to be away.
 
     Its own attempts wait 1, 2, 4, 8 ... s, with no ceiling short of giving up after five
     minutes: after a 35 s outage the next attempt could be 30 s after the server was back,
     every request failing meanwhile. psycopg_pool has no setting for this; its attempt
     object is passed in when it makes one, so ours is (``test_db`` checks it still works).
-    The job queue's pool is one too.
+
+    While the server is away, every request waited the pool's whole timeout (10 s) for a
+    connection that could not come. Now an attempt that fails to reach the server
+    (``unreachable``) fails the requests waiting, and while no connection is idle, a new
+    request waits only ``RECONNECT_EVERY`` s: either way a request waits for the next
+    attempt at most, and gets its connection if the server is back, else its 503. A pool
+    whose connections are all busy (slow queries, a server that answers) keeps its full
+    wait. The job queue's pool is one too.
     """
+
+    unreachable = False  # the last attempt to connect failed to reach the server
+
+    async def getconn(self, timeout: float | None = None) -> Any:
+        if timeout is None and self.unreachable and not self._pool:
+            timeout = RECONNECT_EVERY
+        return await super().getconn(timeout)
+
+    async def _connect(self, timeout: float | None = None) -> Any:
+        try:
+            conn = await super()._connect(timeout)
+        except psycopg.Error as exc:  # not "too many clients": a server that answers is not away
+            self.unreachable = connection_lost(exc)
+            if self.unreachable:
+                async with self._lock:
+                    waiting = list(self._waiting)
+                    self._waiting.clear()
+                for client in waiting:
+                    await client.fail(PoolTimeout("the server is unreachable"))
+            raise
+        self.unreachable = False
+        return conn
 
     async def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
         await super()._add_connection(attempt or _Reconnecting(timeout=self.reconnect_timeout), growing)

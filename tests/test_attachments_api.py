@@ -16,7 +16,9 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -57,12 +59,19 @@ class Api:
 @pytest.fixture(scope="module", params=["filesystem", "s3"])
 async def api(request: pytest.FixtureRequest, settings: Settings, db: Database,
               tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
-    small = settings.model_copy(update={"max_attachment_bytes": LIMIT})
     if request.param == "filesystem":
         backend = Backend("filesystem", FilesystemBlobStore(tmp_path_factory.mktemp("attachments")))
     else:
         backend = Backend("s3", new_s3_store(request.getfixturevalue("s3_endpoint")),
                           request.getfixturevalue("s3_client"))
+    async with serving(settings, db, backend) as api:
+        yield api
+
+
+@asynccontextmanager
+async def serving(settings: Settings, db: Database, backend: Backend) -> AsyncIterator[Api]:
+    """The API over ``backend``, with this module's attachment limit."""
+    small = settings.model_copy(update={"max_attachment_bytes": LIMIT})
     svc = Services.build(small, db, blobs=backend.store)
     app = create_app(small, services=svc)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -559,17 +568,17 @@ async def test_content_with_a_wrong_size_is_a_500_problem(api: Api, tenant: Tena
 
 
 @pytest.mark.usefixtures("full_disk")
-async def test_a_full_disk_is_507_and_stores_nothing(api: Api, tenant: Tenant,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
-    if api.backend.name != "filesystem":
-        pytest.skip("a full disk is the filesystem backend's")
-    stored = api.backend.visible()
-    with caplog.at_level(logging.INFO):
-        r = await api.raw.put(url(tenant, "full.bin"), content=chunked(os.urandom(2 * MiB)),
-                              headers=tenant.headers)
-    body = problem(r, 507)
-    assert body["title"] == "Insufficient storage" and "hint" not in body and "retry-after" not in r.headers
-    assert await rows(api, tenant) == [] and api.backend.visible() == stored  # no temporary file
+async def test_a_full_disk_is_507_and_stores_nothing(settings: Settings, db: Database, tenant: Tenant,
+                                                     tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    backend = Backend("filesystem", FilesystemBlobStore(tmp_path / "blobs"))  # (a disk is the folder's)
+    async with serving(settings, db, backend) as api:
+        stored = api.backend.visible()
+        with caplog.at_level(logging.INFO):
+            r = await api.raw.put(url(tenant, "full.bin"), content=chunked(os.urandom(2 * MiB)),
+                                  headers=tenant.headers)
+        body = problem(r, 507)
+        assert body["title"] == "Insufficient storage" and "hint" not in body and "retry-after" not in r.headers
+        assert await rows(api, tenant) == [] and api.backend.visible() == stored  # no temporary file
     [line] = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert line.exc_info is None and "No space left on device" in line.getMessage()
 

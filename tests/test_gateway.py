@@ -31,7 +31,7 @@ from relays import Balancer, PgProxy
 from websockets.frames import Frame, Opcode
 from yjs_client import JsClient
 
-from canvasdb.api.http_protocol import MAX_HEADER_BYTES
+from canvasdb.api.http_protocol import MAX_HEADER_BYTES, with_bounded_requests
 from canvasdb.api.ws_protocol import MAX_FRAGMENTS, with_bounds
 from canvasdb.db import Database
 from canvasdb.documents import DocumentStore, yjs
@@ -556,6 +556,60 @@ async def test_a_websocket_handshake_not_completed_by_the_header_deadline_is_clo
             await asyncio.sleep(0.05)
         assert await asyncio.wait_for(asyncio.to_thread(upgrade, port, "/"), 10) == b""  # closed, no answer
         await asyncio.wait_for(left.wait(), 5)
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def test_the_idle_bound_is_the_clients_not_the_servers() -> None:
+    """A body the application reads slowly, one the client holds back until ``100 Continue``,
+    and requests that share a read are served whole: the body's idle clock runs only while
+    the server reads and waits for the client, and bytes are counted per request."""
+
+    async def app(scope: dict, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        size, more = 0, True
+        while more:
+            await asyncio.sleep(2 if scope["path"] == "/slow" else 0)  # past the 1 s idle bound
+            message = await receive()
+            size, more = size + len(message.get("body", b"")), message.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(
+            str(size)))]})
+        await send({"type": "http.response.body", "body": str(size).encode()})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, lifespan="off", log_config=None,
+                                           http=with_bounded_requests(header_timeout=5, idle_timeout=1)))
+    serving = asyncio.create_task(server.serve())
+
+    def post(path: str, size: int, extra: bytes = b"") -> bytes:
+        return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n" % (path.encode(), size, extra)
+
+    def exchange(*steps: bytes | float) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            for step in steps:
+                if isinstance(step, float):
+                    time.sleep(step)
+                elif step == b"100":
+                    assert sock.recv(100).startswith(b"HTTP/1.1 100")
+                else:
+                    sock.sendall(step)
+            sock.shutdown(socket.SHUT_WR)
+            return b"".join(iter(lambda: sock.recv(1 << 16), b""))
+
+    try:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        body = b"x" * 300_000
+        got = await asyncio.to_thread(exchange, post("/slow", len(body)) + body)
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"300000"), got[:200]
+        got = await asyncio.to_thread(exchange, post("/slow", 10, b"Expect: 100-continue\r\n"), b"100", b"y" * 10)
+        assert got.endswith(b"10"), got[:200]
+        second = post("/", len(body))
+        got = await asyncio.to_thread(exchange, post("/", len(body)) + body[:-1000], 0.2,
+                                      body[-1000:] + second + body[:150_000], 0.2, body[150_000:])
+        assert got.count(b"HTTP/1.1 200") == 2 and got.endswith(b"300000"), got[:300]
     finally:
         server.should_exit = True
         await serving

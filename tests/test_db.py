@@ -231,6 +231,38 @@ async def test_while_the_database_is_away_requests_fail_fast_but_a_busy_pool_sti
         await answers_within(db, 7)
 
 
+async def test_one_org_holds_at_most_its_share_of_the_pool(pg_url: str) -> None:
+    """An org running heavy queries filled the pool, and every other org's reads waited 10 s,
+    then failed. One org's work now holds three quarters of the pool at most; past it, it
+    waits its turn (503 after the pool's timeout), and the other orgs' work goes on."""
+    busy, other = uuid.uuid4(), uuid.uuid4()
+    async with Database(pg_url, min_size=4, max_size=4, timeout=1) as db:
+        release = asyncio.Event()
+        held = 0
+
+        async def heavy() -> None:
+            nonlocal held
+            async with db.transaction(busy) as conn:
+                held += 1
+                await release.wait()
+                # the same task reads again, inside its share: it does not wait for another
+                assert await db.read(busy, "SELECT 1 AS one", ()) == [{"one": 1}]
+                await conn.execute("SELECT 1")
+
+        holders = [asyncio.create_task(heavy()) for _ in range(3)]
+        while held < 3:
+            await asyncio.sleep(0.01)
+        with pytest.raises(Unavailable, match="this org has 3 requests at the database at once"):
+            await db.read(busy, "SELECT 1", ())
+        assert await db.read(other, "SELECT 2 AS two", ()) == [{"two": 2}], "another org is served"
+        waiting = asyncio.create_task(db.read(busy, "SELECT 3 AS three", ()))
+        await asyncio.sleep(0.1)
+        release.set()
+        await asyncio.gather(*holders)
+        assert await waiting == [{"three": 3}], "its turn came"
+        assert db._shares == {}, "nothing kept for orgs with nothing at the database"
+
+
 async def test_taking_turns_frees_its_lock_however_the_block_ends(pg_url: str) -> None:
     """Cancelled twice (the second time while unlocking) or with its connection ended: the
     lock is never left held by a pooled connection, which would stall every later turn."""

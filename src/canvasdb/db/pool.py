@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
+from contextvars import ContextVar, Token
 from typing import Any
 from uuid import UUID
 
@@ -33,6 +35,8 @@ APP_ROLE = "canvasdb_app"
 CHECK_SECONDS = 2.0  # longest a failed request waits for the pool's idle connections to be checked
 _TURNS_SPACE = 0x63646233  # "cdb3" (cdb1: blob collection, cdb2: the op log): ``taking_turns``'s locks
 RECONNECT_EVERY = 2.0  # while the server is away, the pool tries to connect again this often at most
+ORG_SHARE = 0.75  # of the pool's connections, the most one org's work holds at once
+_HOLDING: ContextVar[frozenset[UUID]] = ContextVar("canvasdb_org_shares", default=frozenset())
 _SET_ORG = "SELECT set_config('canvasdb.org_id', %s, true)"
 _SET_ORG_GENERIC = ("SELECT set_config('canvasdb.org_id', %s, true),"
                     " set_config('plan_cache_mode', 'force_generic_plan', true)")
@@ -64,6 +68,8 @@ class Database:
         )
         self.pool._pool = _MostRecentFirst(self.pool._pool)
         self._checking: asyncio.Task[None] | None = None
+        self._org_limit = max(1, int(max_size * ORG_SHARE))
+        self._shares: dict[UUID, _Share] = {}
 
     async def _configure(self, conn: Connection) -> None:
         set_json_loads(read_json, conn)
@@ -161,12 +167,22 @@ class Database:
         ``generic_plans`` as in ``transaction()``; ``binary``: results in binary format.
         """
         await self._settled()
-        with self._translated():
-            async with self.pool.connection() as conn, conn.cursor(row_factory=row_factory) as cur:
-                async with _pipelined(conn):
-                    await cur.execute(_SET_ORG_GENERIC if generic_plans else _SET_ORG, (str(org_id),))
-                    await cur.execute(query, params, binary=binary)
-                return await cur.fetchall()
+        async with self._org_share(org_id):
+            with self._translated():
+                async with self.pool.connection() as conn, conn.cursor(row_factory=row_factory) as cur:
+                    async with _pipelined(conn):
+                        await cur.execute(_SET_ORG_GENERIC if generic_plans else _SET_ORG, (str(org_id),))
+                        await cur.execute(query, params, binary=binary)
+                    return await cur.fetchall()
+
+    def _org_share(self, org_id: UUID | None) -> _OrgTurn:
+        """One of the ``ORG_SHARE`` of the pool's connections that one org's work may hold at
+        once, so that an org running heavy queries leaves connections to the others (25 graph
+        walks of 3 s each in one org filled the pool, and every other org's reads waited 10 s,
+        then failed). Past its share an org's work waits, at most the pool's timeout (then
+        503). Work of a task that holds the org's share already (a read inside one of its
+        transactions) does not wait for it again."""
+        return _OrgTurn(self, org_id)
 
     @asynccontextmanager
     async def taking_turns(self, name: str, *, wait: bool = True) -> AsyncIterator[bool]:
@@ -206,13 +222,14 @@ class Database:
         # with the last one when its result is read after the block (one round trip saved
         # at each end). Code inside the block reads results as usual.
         await self._settled()
-        with self._translated():
-            async with self.pool.connection() as conn, _pipelined(conn):
-                await conn.execute(b"BEGIN")
-                if org_id is not None:
-                    await conn.execute(_SET_ORG_GENERIC if generic_plans else _SET_ORG, (str(org_id),))
-                yield conn
-                await conn.execute(b"COMMIT")
+        async with self._org_share(org_id):
+            with self._translated():
+                async with self.pool.connection() as conn, _pipelined(conn):
+                    await conn.execute(b"BEGIN")
+                    if org_id is not None:
+                        await conn.execute(_SET_ORG_GENERIC if generic_plans else _SET_ORG, (str(org_id),))
+                    yield conn
+                    await conn.execute(b"COMMIT")
 
 
 _DIGITS_ZERO = bytes(48 if b in b"0123456789" else 32 for b in range(256))  # digits to '0', the rest to ' '
@@ -262,6 +279,74 @@ async def _pipelined(conn: Connection) -> AsyncIterator[None]:
         if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
             await conn.rollback()
         raise
+
+
+class _Share:
+    """One org's use of the pool: how many of its requests hold a turn, and who waits for one."""
+
+    __slots__ = ("holding", "waiting")
+
+    def __init__(self) -> None:
+        self.holding = 0
+        self.waiting: deque[asyncio.Future[None]] = deque()
+
+
+class _OrgTurn:
+    """``Database._org_share``, a class of its own since it is on every query's path (1.3 µs a
+    call when the org has turns to spare)."""
+
+    __slots__ = ("db", "org_id", "share", "reset")
+
+    def __init__(self, db: Database, org_id: UUID | None) -> None:
+        self.db, self.org_id = db, org_id
+        self.share: _Share | None = None
+        self.reset: Token[frozenset[UUID]] | None = None
+
+    async def __aenter__(self) -> None:
+        org_id, db = self.org_id, self.db
+        if org_id is None or org_id in _HOLDING.get():
+            return
+        share = db._shares.get(org_id)
+        if share is None:
+            share = db._shares[org_id] = _Share()
+        if share.holding >= db._org_limit or share.waiting:
+            turn = asyncio.get_running_loop().create_future()
+            share.waiting.append(turn)
+            try:
+                await asyncio.wait_for(turn, db.pool.timeout)
+            except BaseException:
+                if turn.done() and not turn.cancelled():  # given just as the wait ended
+                    self._pass_on(share)
+                else:
+                    share.waiting.remove(turn)
+                    self._forget(share)
+                if isinstance(sys.exc_info()[1], TimeoutError):
+                    raise Unavailable(f"this org has {db._org_limit} requests at the database at once;"
+                                      " try again shortly", retry=True) from None
+                raise
+        else:
+            share.holding += 1
+        self.share = share
+        self.reset = _HOLDING.set(_HOLDING.get() | {org_id})
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.share is not None and self.reset is not None:
+            _HOLDING.reset(self.reset)
+            self._pass_on(self.share)
+
+    def _pass_on(self, share: _Share) -> None:
+        """Hand this turn to the first waiter still waiting, or give it back."""
+        while share.waiting:
+            turn = share.waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        share.holding -= 1
+        self._forget(share)
+
+    def _forget(self, share: _Share) -> None:
+        if not share.holding and not share.waiting:
+            self.db._shares.pop(self.org_id, None)  # type: ignore[arg-type]
 
 
 class ConnectionPool(AsyncConnectionPool):  # type: ignore[type-arg]

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from canvasdb import runtime
 from canvasdb.db import Database, EmbeddedPostgres, migrate
 from canvasdb.db.embedded import _memory_tuning
 from canvasdb.db.migrate import Migration, applied, available
+from canvasdb.db.pool import ConnectionPool
 from canvasdb.errors import MigrationError, Unavailable
 
 
@@ -261,6 +263,21 @@ async def test_one_org_holds_at_most_its_share_of_the_pool(pg_url: str) -> None:
         await asyncio.gather(*holders)
         assert await waiting == [{"three": 3}], "its turn came"
         assert db._shares == {}, "nothing kept for orgs with nothing at the database"
+
+
+async def test_a_failed_attempt_right_after_one_that_connected_is_no_outage() -> None:
+    """The pool's attempts to connect run side by side: one that fails just after another
+    reached the server (a flap, a full backlog) must not fail every waiting request."""
+    async with ConnectionPool("postgresql://127.0.0.1:9/nowhere?connect_timeout=1", min_size=0, max_size=1,
+                              open=False) as pool:
+        pool._connected_at = time.monotonic()
+        with pytest.raises(psycopg.OperationalError):
+            await pool._connect()
+        assert not pool.unreachable
+        pool._connected_at -= 60
+        with pytest.raises(psycopg.OperationalError):
+            await pool._connect()
+        assert pool.unreachable
 
 
 async def test_taking_turns_frees_its_lock_however_the_block_ends(pg_url: str) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sys
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -368,6 +370,7 @@ class ConnectionPool(AsyncConnectionPool):  # type: ignore[type-arg]
     """
 
     unreachable = False  # the last attempt to connect failed to reach the server
+    _connected_at = -math.inf  # (monotonic) when an attempt last succeeded
 
     async def getconn(self, timeout: float | None = None) -> Any:
         if timeout is None and self.unreachable and not self._pool:
@@ -378,7 +381,9 @@ class ConnectionPool(AsyncConnectionPool):  # type: ignore[type-arg]
         try:
             conn = await super()._connect(timeout)
         except psycopg.Error as exc:  # not "too many clients": a server that answers is not away
-            self.unreachable = connection_lost(exc)
+            # (nor one another attempt reached a moment ago: attempts run side by side)
+            reached_lately = time.monotonic() - self._connected_at < RECONNECT_EVERY
+            self.unreachable = connection_lost(exc) and not reached_lately
             if self.unreachable:
                 async with self._lock:
                     waiting = list(self._waiting)
@@ -386,7 +391,7 @@ class ConnectionPool(AsyncConnectionPool):  # type: ignore[type-arg]
                 for client in waiting:
                     await client.fail(PoolTimeout("the server is unreachable"))
             raise
-        self.unreachable = False
+        self.unreachable, self._connected_at = False, time.monotonic()
         return conn
 
     async def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:

@@ -15,6 +15,8 @@
   pings and reads nothing grew the server by 480 MB in 12 s. While the transport's writes
   are paused, pongs are not written; only the latest ping is answered once they resume,
   as RFC 6455 (5.5.3) allows.
+- Ping floods: past ``PINGS_PER_S`` (after a burst of ``PING_BURST``) the connection is
+  closed with 1008 (policy violation): each ping costs a parse and a pong.
 - A text message that is not UTF-8 is closed with 1007, as before, but without the
   traceback uvicorn logged for each: it is the client's error, not the server's.
 """
@@ -27,6 +29,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import Frame
 
 MAX_FRAGMENTS = 1000  # frames of one message
+PINGS_PER_S, PING_BURST = 10.0, 100  # a client's pings: sustained rate, and burst (then 1008)
 _PONG = b"\x8a"  # the first byte of a server's pong frame (FIN, opcode 0xA)
 
 
@@ -36,6 +39,7 @@ class _Bounded(WebSocketsSansIOProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._pong: bytes | None = None  # the answer to the latest ping, held while writes are paused
+        self._pings, self._pings_at = float(PING_BURST), self.loop.time()  # a token bucket
         self._deadline = self.loop.call_later(self.handshake_timeout, self._expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -65,6 +69,14 @@ class _Bounded(WebSocketsSansIOProtocol):
             self.handle_parser_exception()
 
     def handle_ping(self) -> None:
+        now = self.loop.time()
+        self._pings = min(float(PING_BURST), self._pings + (now - self._pings_at) * PINGS_PER_S) - 1
+        self._pings_at = now
+        if self._pings < 0:  # each costs a parse and a pong; a browser sends none, a library a few a minute
+            if not self.transport.is_closing():
+                self.conn.fail(1008, f"more than {PINGS_PER_S:g} pings a second")
+                self.handle_parser_exception()
+            return
         if self.writable.is_set():
             super().handle_ping()
             return

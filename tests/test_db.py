@@ -344,7 +344,7 @@ async def test_an_outage_is_a_few_lines_in_the_log(
     psycopg_pool logs each failure: a server logs each kind once per ``every`` s, saying how
     many it stands for; the job queue's traceback when its worker stops is one line."""
     loggers = ("psycopg.pool", "canvasdb.gateway", "procrastinate.worker", "procrastinate.worker.worker",
-               "procrastinate.utils", "canvasdb.jobs", "canvasdb.documents")
+               "procrastinate.utils", "canvasdb.jobs", "canvasdb.documents", "canvasdb.api")
     for name in loggers:  # this process's loggers, as they were, after the test
         monkeypatch.setattr(logging.getLogger(name), "filters", [])
     runtime.quiet_outage_logs(every=3)
@@ -388,6 +388,14 @@ async def test_an_outage_is_a_few_lines_in_the_log(
     [record] = [r for r in caplog.records if r.name == "canvasdb.jobs"]
     assert (record.getMessage(), record.exc_info) == ("could not defer the work for 2 keys (database unavailable)",
                                                       None)
+    api = logging.getLogger("canvasdb.api")  # each request that found the database away: once
+    for path in ("/a", "/b", "/c"):
+        api.error("%s %s failed: %s%s", "GET", path, "the database is unreachable", "")
+    for key in ("k1", "k2"):  # other server errors, each
+        api.error("%s %s failed: %s%s", "GET", f"/blobs/{key}", "the content is corrupt", "")
+    assert [r.getMessage() for r in caplog.records if r.name == "canvasdb.api"] == [
+        "GET /a failed: the database is unreachable", "GET /blobs/k1 failed: the content is corrupt",
+        "GET /blobs/k2 failed: the content is corrupt"]
 
 
 def test_only_the_owner_can_reach_the_embedded_server(pg_url: str) -> None:

@@ -122,6 +122,16 @@ def _starts(*prefixes: str) -> Callable[[logging.LogRecord], str | None]:
     return kind
 
 
+_BUSY_OR_AWAY = ("the database is unreachable", "no database connection available", "this org has ")
+
+
+def _busy_or_away(record: logging.LogRecord) -> str | None:
+    """A failed request's kind when the database is away or has no connection to spare: its
+    detail (one line per request otherwise, the path telling nothing more)."""
+    detail = record.args[2] if isinstance(record.args, tuple) and len(record.args) > 2 else None
+    return detail if isinstance(detail, str) and detail.startswith(_BUSY_OR_AWAY) else None
+
+
 def quiet_outage_logs(every: float = OUTAGE_LOG_EVERY) -> None:
     """While the database is away, the pools log each attempt to connect (every 2 s per
     connection), the gateway's listener each of its own, and the job queue tracebacks when
@@ -130,8 +140,9 @@ def quiet_outage_logs(every: float = OUTAGE_LOG_EVERY) -> None:
     batch of work it could not hand to the queue; the gateway, a line for each open
     connection whose access it could not check again (3,000 in a 36 s outage with 3,000
     clients), for each client it refused meanwhile (each reconnects with backoff), and for
-    each connection it refuses over a cap (a flood of them, outage or not). Each kind is
-    logged once per ``every`` s, and a lost database is one line, not a traceback."""
+    each connection it refuses over a cap (a flood of them, outage or not); the API, a line
+    for each request that found the database away or without a connection to spare. Each
+    kind is logged once per ``every`` s, and a lost database is one line, not a traceback."""
     from procrastinate.exceptions import ConnectorException
     from procrastinate.worker import WORKER_NAME
 
@@ -146,6 +157,7 @@ def quiet_outage_logs(every: float = OUTAGE_LOG_EVERY) -> None:
     }
     for name, prefixes in repeated.items():
         _add_filter(logging.getLogger(name), _OncePer(_starts(*prefixes), every))
+    _add_filter(logging.getLogger("canvasdb.api"), _OncePer(_busy_or_away, every))
     for name in ("procrastinate.worker", f"procrastinate.worker.{WORKER_NAME}", "procrastinate.utils",
                  "canvasdb.jobs", "canvasdb.documents"):
         _add_filter(logging.getLogger(name), _OutageInOneLine(ConnectorException))

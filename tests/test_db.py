@@ -265,6 +265,31 @@ async def test_one_org_holds_at_most_its_share_of_the_pool(pg_url: str) -> None:
         assert db._shares == {}, "nothing kept for orgs with nothing at the database"
 
 
+async def test_a_waiter_for_its_orgs_share_that_leaves_as_a_turn_frees_loses_nothing() -> None:
+    """A waiter cancelled in the same turn of the loop as a holder leaves: it is cancelled (a
+    ValueError from the queue took the cancellation's place), and every turn is given back."""
+    db = Database("postgresql://127.0.0.1:9/never-opened", max_size=4, timeout=5)  # three turns an org
+    org, release = uuid.uuid4(), asyncio.Event()
+    entered = 0
+
+    async def hold() -> None:
+        nonlocal entered
+        async with db._org_share(org):
+            entered += 1
+            await release.wait()
+
+    holders = [asyncio.create_task(hold()) for _ in range(3)]
+    while entered < 3:
+        await asyncio.sleep(0)
+    waiter = asyncio.create_task(hold())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    release.set()
+    results = await asyncio.gather(waiter, *holders, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError) and results[1:] == [None] * 3, results
+    assert db._shares == {}
+
+
 async def test_a_failed_attempt_right_after_one_that_connected_is_no_outage() -> None:
     """The pool's attempts to connect run side by side: one that fails just after another
     reached the server (a flap, a full backlog) must not fail every waiting request."""

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import math
-import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -315,14 +314,17 @@ class _OrgTurn:
             turn = asyncio.get_running_loop().create_future()
             share.waiting.append(turn)
             try:
-                await asyncio.wait_for(turn, db.pool.timeout)
-            except BaseException:
-                if turn.done() and not turn.cancelled():  # given just as the wait ended
+                async with asyncio.timeout(db.pool.timeout):
+                    await turn
+            except BaseException as exc:
+                if turn.done() and not turn.cancelled():  # given just as the wait ended: pass it on
                     self._pass_on(share)
                 else:
-                    share.waiting.remove(turn)
+                    turn.cancel()
+                    with suppress(ValueError):  # (a holder leaving may have dropped it already)
+                        share.waiting.remove(turn)
                     self._forget(share)
-                if isinstance(sys.exc_info()[1], TimeoutError):
+                if isinstance(exc, TimeoutError):
                     raise Unavailable(f"this org has {db._org_limit} requests at the database at once;"
                                       " try again shortly", retry=True) from None
                 raise
@@ -333,8 +335,10 @@ class _OrgTurn:
 
     async def __aexit__(self, *exc: object) -> None:
         if self.share is not None and self.reset is not None:
-            _HOLDING.reset(self.reset)
-            self._pass_on(self.share)
+            try:
+                _HOLDING.reset(self.reset)
+            finally:
+                self._pass_on(self.share)
 
     def _pass_on(self, share: _Share) -> None:
         """Hand this turn to the first waiter still waiting, or give it back."""

@@ -605,7 +605,8 @@ async def test_the_idle_bound_is_the_clients_not_the_servers() -> None:
         body = b"x" * 300_000
         got = await asyncio.to_thread(exchange, post("/slow", len(body)) + body)
         assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"300000"), got[:200]
-        got = await asyncio.to_thread(exchange, post("/slow", 10, b"Expect: 100-continue\r\n"), b"100", b"y" * 10)
+        got = await asyncio.to_thread(exchange, post("/slow", 10, b"Expect: 100-continue\r\n"), b"100", 0.5,
+                                      b"y" * 10)  # a whole idle bound from the 100, not what was left
         assert got.endswith(b"10"), got[:200]
         second = post("/", len(body))
         got = await asyncio.to_thread(exchange, post("/", len(body)) + body[:-1000], 0.2,

@@ -55,6 +55,7 @@ class _BoundedRequests(HttpToolsProtocol):
         self._requests = 0  # begun on this connection
         self._body_bytes = self._framing_bytes = 0
         self._body_moved = 0.0  # when the body last made progress (loop time)
+        self._server_paused = False  # the server did not read at the body clock's last look
         self._lingering: int | None = None  # bytes read since the request was refused
         self._deadline: asyncio.TimerHandle | None = None
         self._send_stall: asyncio.TimerHandle | None = None
@@ -105,7 +106,7 @@ class _BoundedRequests(HttpToolsProtocol):
             return
         super().on_headers_complete()
         if not (self.parser.should_upgrade() and self._should_upgrade()):
-            self._in_body, self._body_bytes, self._framing_bytes = True, 0, 0
+            self._in_body, self._body_bytes, self._framing_bytes, self._server_paused = True, 0, 0, False
             self._body_moved = self.loop.time()
             self._arm(self.idle_timeout, self._body_late)
 
@@ -183,8 +184,12 @@ class _BoundedRequests(HttpToolsProtocol):
         self._deadline = None
         if not self._in_body or self.transport.is_closing():
             return
-        if self.flow.read_paused or (self.cycle is not None and self.cycle.waiting_for_100_continue):
-            self._body_moved = self.loop.time()  # the server is not reading: the client may not send
+        # While the server does not read (the client may not send), and once after it starts
+        # again, the clock starts over: the client gets a whole timeout from then.
+        paused = self.flow.read_paused or (self.cycle is not None and self.cycle.waiting_for_100_continue)
+        if paused or self._server_paused:
+            self._body_moved = self.loop.time()
+        self._server_paused = paused
         idle = self.loop.time() - self._body_moved
         if idle < self.idle_timeout:
             self._arm(self.idle_timeout - idle, self._body_late)

@@ -617,6 +617,62 @@ async def test_the_idle_bound_is_the_clients_not_the_servers() -> None:
         await serving
 
 
+class _FedTransport(asyncio.Transport):
+    """Enough of a socket's transport for a protocol fed by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written, self.closed = b"", False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 8000) if name in ("sockname", "peername") else default
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def test_a_read_ending_one_requests_headers_and_body_is_not_counted_as_the_next_ones_headers() -> None:
+    """A read holding the end of one request's headers, its 200 KB body and the start of the
+    next request counted all of it as the next request's headers: 431 for it."""
+    async def app(scope: dict, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    config = Config(app, lifespan="off", log_config=None)
+    config.load()
+    protocol = with_bounded_requests(header_timeout=5, idle_timeout=5)(config=config, server_state=ServerState(),
+                                                                       app_state={})
+    transport = _FedTransport()
+    protocol.connection_made(transport)
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n"
+    protocol.data_received(head[:10])
+    protocol.data_received(head[10:] + b"x" * 200_000 + head[:20])  # one read: all but the first 10 bytes
+    for _ in range(20):
+        await asyncio.sleep(0)
+    protocol.data_received(head[20:] + b"y" * 200_000)
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+    assert transport.written.count(b"HTTP/1.1 200") == 2 and not transport.closed, transport.written[:300]
+    protocol.connection_lost(None)
+
+
 async def test_tokens_in_the_header_and_revoked_tokens(
     gateways: list[Gateway], svc: Services, board: tuple[Tenant, str]
 ) -> None:

@@ -52,7 +52,7 @@ class _BoundedRequests(HttpToolsProtocol):
         self._waiting = True  # for the headers of a request
         self._in_body = False  # between a request's headers and its end
         self._header_bytes = 0
-        self._requests = 0  # begun on this connection
+        self._requests = self._headed = 0  # requests begun on this connection, and whose headers are in
         self._body_bytes = self._framing_bytes = 0
         self._body_moved = 0.0  # when the body last made progress (loop time)
         self._server_paused = False  # the server did not read at the body clock's last look
@@ -67,16 +67,16 @@ class _BoundedRequests(HttpToolsProtocol):
             if self._lingering > LINGER_BYTES:
                 self.transport.close()
             return
-        # A read that found the server waiting for a request's headers (or in its body) and
-        # left it so held only those of one request (the one it began, if any); a read that
-        # ends one request and begins another may hold both, so it is not counted (a read is
-        # at most 256 KiB: that bounds the slack).
+        # A read that found the server waiting for a request's headers, completed none and
+        # left it waiting held only those headers; one that found it in a body and left it in
+        # the same one held only that body. Any other read may hold parts of two requests, so
+        # it is not counted (a read is at most 256 KiB: that bounds the slack).
         waiting, in_body, request = self._waiting, self._in_body, self._requests
-        body_before = self._body_bytes
+        body_before, headed = self._body_bytes, self._headed
         super().data_received(data)
         if self.transport.is_closing():
             return
-        if waiting and self._waiting and self._requests - request <= 1:
+        if waiting and self._waiting and self._headed == headed:
             self._header_bytes += len(data)
             if self._header_bytes > MAX_HEADER_BYTES:
                 self._refuse_headers(_TOO_LARGE)
@@ -98,6 +98,7 @@ class _BoundedRequests(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._started = self._waiting = False
+        self._headed += 1
         self._header_bytes = 0
         self._disarm()
         # Counted as they arrived, the headers could pass the bound by a read's worth.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -106,6 +107,34 @@ def test_updates_naming_clocks_past_32_bits_are_refused(where: str) -> None:
     for past in (yjs.MAX_CLOCK + 1, 2**53, 2**62):
         with pytest.raises(InvalidInput, match="a clock past 4294967295"):
             yjs.check_update(update(past))
+
+
+async def test_a_large_update_is_checked_off_the_event_loop_with_the_same_verdicts() -> None:
+    """A 1 MB update took 100 ms to check, every other connection of the process waiting."""
+    doc = Doc()
+    doc["m"] = m = Map()
+    with doc.transaction():
+        for i in range(20_000):
+            m[f"k{i}"] = i
+    large = doc.get_update()
+    assert len(large) > yjs.CHECK_IN_THREAD_BYTES
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    ticking = asyncio.create_task(tick())
+    await yjs.check_update_off_loop(large)
+    ticking.cancel()
+    assert ticks > 0, "the loop ran while it was checked"
+    assert large[-1] == 0, "no deletions"  # then one: of client 1, clocks MAX_CLOCK and past
+    past = large[:-1] + bytes([1, 1, 1]) + yjs.write_uint(yjs.MAX_CLOCK) + yjs.write_uint(2)
+    for bad, why in ((large[:-5000], "not a valid Yjs update"), (past, "a clock past")):
+        with pytest.raises(InvalidInput, match=why):
+            await yjs.check_update_off_loop(bad)
 
 
 def test_the_author_of_an_update_is_its_one_client() -> None:

@@ -288,7 +288,9 @@ class DocumentStore:
                              validated: bool = False) -> Appended:
         """``append`` for a caller whose access was checked already. ``validated``: the caller
         ran ``yjs.check_update`` on these bytes itself."""
-        self._admit(payload, validated=validated)
+        self._admit(payload)
+        if not validated:
+            await yjs.check_update_off_loop(payload)
         done = await self.log.append(org_id, doc_id, payload, user_id=user_id, client_id=yjs.author(payload),
                                      tag=tag)
         await self._announce(org_id, doc_id, *self._hold(org_id, doc_id, payload, done))
@@ -300,7 +302,7 @@ class DocumentStore:
         future settles once the update is committed (``tag`` names the sender to the log's
         ``committed`` listener). A task per update to await each one cost a tenth of the
         gateway's CPU under load."""
-        self._admit(payload, validated=True)
+        self._admit(payload)
         future = self.log.submit(org_id, doc_id, payload, user_id=user_id, client_id=yjs.author(payload),
                                  tag=tag)
 
@@ -317,12 +319,10 @@ class DocumentStore:
         future.add_done_callback(held)  # before any awaiting caller resumes
         return future
 
-    def _admit(self, payload: bytes, *, validated: bool) -> None:
+    def _admit(self, payload: bytes) -> None:
         if len(payload) > self.max_update_bytes:
             raise PayloadTooLarge(f"an update is at most {self.max_update_bytes} bytes",
                                   limit=self.max_update_bytes)
-        if not validated:
-            yjs.check_update(payload)
 
     def _hold(self, org_id: UUID, doc_id: str, payload: bytes, done: Appended) -> tuple[bool, bool]:
         """Account for a committed update in the document's cache entry; whether ``changed``

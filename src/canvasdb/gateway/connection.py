@@ -269,7 +269,7 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
         if not await bucket.take():
             raise _Closing(4429, "too many updates for too long; slow down", "rate")
         try:
-            yjs.check_update(update)
+            await yjs.check_update_off_loop(update)
         except InvalidInput as exc:
             raise _Closing(4400, exc.detail, "invalid_update") from None
         while len(in_flight) >= _MAX_IN_FLIGHT:  # the socket is not read meanwhile: TCP holds the sender

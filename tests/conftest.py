@@ -6,11 +6,13 @@ truncating tables, so they can share the one database.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from uuid import UUID
 
 import httpx
@@ -114,3 +116,24 @@ async def client(settings: Settings, svc: Services) -> AsyncIterator[httpx.Async
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://canvasdb.test") as http:
         yield http
+
+
+T = TypeVar("T")
+
+
+async def loop_turns_during(work: Awaitable[T], every: float = 0.0) -> tuple[T, int]:
+    """``work``'s result, and how many times the event loop ran a ticker (one turn each
+    ``every`` s) meanwhile: work done off the loop leaves it turning."""
+    turns = 0
+
+    async def tick() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(every)
+            turns += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        return await work, turns
+    finally:
+        ticker.cancel()

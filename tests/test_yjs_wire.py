@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 import pytest
-from conftest import Tenant
+from conftest import Tenant, loop_turns_during
 from pycrdt import Array, Doc, Map, Text, merge_updates
 
 from canvasdb.documents import DocumentStore, yjs
@@ -118,18 +117,8 @@ async def test_a_large_update_is_checked_off_the_event_loop_with_the_same_verdic
             m[f"k{i}"] = i
     large = doc.get_update()
     assert len(large) > yjs.CHECK_IN_THREAD_BYTES
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0)
-            ticks += 1
-
-    ticking = asyncio.create_task(tick())
-    await yjs.check_update_off_loop(large)
-    ticking.cancel()
-    assert ticks > 0, "the loop ran while it was checked"
+    _, turns = await loop_turns_during(yjs.check_update_off_loop(large))
+    assert turns > 0, "the loop ran while it was checked"
     assert large[-1] == 0, "no deletions"  # then one: of client 1, clocks MAX_CLOCK and past
     past = large[:-1] + bytes([1, 1, 1]) + yjs.write_uint(yjs.MAX_CLOCK) + yjs.write_uint(2)
     for bad, why in ((large[:-5000], "not a valid Yjs update"), (past, "a clock past")):

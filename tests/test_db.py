@@ -18,13 +18,15 @@ import pytest
 from procrastinate.exceptions import ConnectorException
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from relays import PgProxy
+from starlette.requests import Request
 
 from canvasdb import runtime
+from canvasdb.api import problems
 from canvasdb.db import Database, EmbeddedPostgres, migrate
 from canvasdb.db.embedded import _memory_tuning
 from canvasdb.db.migrate import Migration, applied, available
-from canvasdb.db.pool import ConnectionPool
-from canvasdb.errors import MigrationError, Unavailable
+from canvasdb.db.pool import ConnectionPool, translate
+from canvasdb.errors import CanvasdbError, MigrationError, Unavailable
 
 
 @pytest.fixture
@@ -290,6 +292,12 @@ async def test_a_waiter_for_its_orgs_share_that_leaves_as_a_turn_frees_loses_not
     assert db._shares == {}
 
 
+def test_a_full_disk_under_the_database_is_507_as_under_the_blobs() -> None:
+    error = translate(psycopg.errors.DiskFull("could not extend file: No space left on device"))
+    assert (error.status, error.detail) == (507, "the database's disk is full")
+    assert "No space left" in error.fields["hint"]  # for the log, not the client
+
+
 async def test_a_failed_attempt_right_after_one_that_connected_is_no_outage() -> None:
     """The pool's attempts to connect run side by side: one that fails just after another
     reached the server (a flap, a full backlog) must not fail every waiting request."""
@@ -413,11 +421,16 @@ async def test_an_outage_is_a_few_lines_in_the_log(
     [record] = [r for r in caplog.records if r.name == "canvasdb.jobs"]
     assert (record.getMessage(), record.exc_info) == ("could not defer the work for 2 keys (database unavailable)",
                                                       None)
-    api = logging.getLogger("canvasdb.api")  # each request that found the database away: once
-    for path in ("/a", "/b", "/c"):
-        api.error("%s %s failed: %s%s", "GET", path, "the database is unreachable", "")
+    def answered(path: str, error: CanvasdbError) -> None:  # by the API's problem handler, which logs it
+        scope = {"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b""}
+        pending.append(problems._canvasdb_error(Request(scope), error))
+
+    pending: list = []
+    for path in ("/a", "/b", "/c"):  # each request that found the database away: once
+        answered(path, Unavailable("the database is unreachable", retry=True))
     for key in ("k1", "k2"):  # other server errors, each
-        api.error("%s %s failed: %s%s", "GET", f"/blobs/{key}", "the content is corrupt", "")
+        answered(f"/blobs/{key}", CanvasdbError("the content is corrupt"))
+    await asyncio.gather(*pending)
     assert [r.getMessage() for r in caplog.records if r.name == "canvasdb.api"] == [
         "GET /a failed: the database is unreachable", "GET /blobs/k1 failed: the content is corrupt",
         "GET /blobs/k2 failed: the content is corrupt"]

@@ -128,7 +128,7 @@ _BUSY_OR_AWAY = ("the database is unreachable", "no database connection availabl
 def _busy_or_away(record: logging.LogRecord) -> str | None:
     """A failed request's kind when the database is away or has no connection to spare: its
     detail (one line per request otherwise, the path telling nothing more)."""
-    detail = record.args[2] if isinstance(record.args, tuple) and len(record.args) > 2 else None
+    detail = getattr(record, "detail", None)  # (what the API's problem handler logs with a 5xx)
     return detail if isinstance(detail, str) and detail.startswith(_BUSY_OR_AWAY) else None
 
 

@@ -22,17 +22,18 @@ a proxy in front never saw. Here, as nginx does by default:
 from __future__ import annotations
 
 import asyncio
-import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from canvasdb.api.problems import problem
 
 MAX_HEADER_BYTES = 64 * 1024  # the request line and headers (nginx allows 4 x 8 KiB)
 LINGER_S, LINGER_BYTES = 2.0, 1024 * 1024  # what is read (and dropped) after a refusal
 
 
 def _problem(status: int, title: str, detail: str) -> bytes:
-    body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail},
-                      separators=(",", ":")).encode()
+    """A whole HTTP response carrying ``problems.problem``'s document, to write to the socket."""
+    body = bytes(problem(status, title, detail).body)
     return (b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\ncontent-length: %d\r\n"
             b"connection: close\r\n\r\n%s" % (status, title.encode(), len(body), body))
 

@@ -45,7 +45,7 @@ async def _canvasdb_error(request: Request, exc: Exception) -> JSONResponse:
         # object store's own message, with hosts and ports): logged, not sent to the client.
         hint = exc.fields.get("hint")
         log.error("%s %s failed: %s%s", request.method, request.url.path, exc.detail,
-                  f" ({hint})" if hint else "")
+                  f" ({hint})" if hint else "", extra={"detail": exc.detail})
     return problem_response(exc)
 
 

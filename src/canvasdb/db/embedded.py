@@ -117,7 +117,7 @@ class EmbeddedPostgres:
         and PostgreSQL's own lock file refuses a second one on the data folder."""
         delay, failures = every, 0
         while not stop.wait(delay):
-            if self.status().running:
+            if self._running_pid() is not None:
                 continue
             if not failures:
                 tail = " | ".join(line.strip() for line in self._log_tail(5).splitlines())

@@ -29,7 +29,7 @@ from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
 
-from canvasdb.errors import CanvasdbError, Conflict, InvalidInput, NotFound, Unavailable
+from canvasdb.errors import CanvasdbError, Conflict, InsufficientStorage, InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger("canvasdb.db")
 APP_ROLE = "canvasdb_app"
@@ -334,7 +334,8 @@ class _OrgTurn:
         self.reset = _HOLDING.set(_HOLDING.get() | {org_id})
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.share is not None and self.reset is not None:
+        if self.reset is not None:
+            assert self.share is not None  # (set together)
             try:
                 _HOLDING.reset(self.reset)
             finally:
@@ -443,6 +444,8 @@ def translate(exc: psycopg.Error) -> CanvasdbError:
         return InvalidInput("a value is not allowed", constraint=exc.diag.constraint_name)
     if isinstance(exc, pg_errors.SerializationFailure | pg_errors.DeadlockDetected):
         return Conflict("concurrent change, try again", retry=True)
+    if isinstance(exc, pg_errors.DiskFull):  # (as for the blob store's disk)
+        return InsufficientStorage("the database's disk is full", hint=str(exc).strip())
     if isinstance(exc, pg_errors.QueryCanceled):
         return Unavailable("the query took too long and was cancelled", retry=True)
     if isinstance(exc, pg_errors.DataError):

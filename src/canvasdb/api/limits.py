@@ -88,19 +88,16 @@ class CredentialsFirst:
         self.min_bytes = min_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/") and self._large(scope):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             headers = dict(scope["headers"])
-            try:
-                token = await bearer(headers.get(b"authorization", b"").decode("latin-1"))
-                await scope["app"].state.services.tenancy.authenticate(token)
-            except CanvasdbError as exc:
-                await problem_response(exc)(scope, receive, send)
-                return
+            declared = headers.get(b"content-length")
+            large = (b"chunked" in headers.get(b"transfer-encoding", b"").lower() if declared is None
+                     else not declared.isdigit() or int(declared) > self.min_bytes)
+            if large:
+                try:
+                    token = await bearer(headers.get(b"authorization", b"").decode("latin-1"))
+                    await scope["app"].state.services.tenancy.authenticate(token)
+                except CanvasdbError as exc:
+                    await problem_response(exc)(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
-
-    def _large(self, scope: Scope) -> bool:
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is None:
-            return b"chunked" in headers.get(b"transfer-encoding", b"").lower()
-        return not declared.isdigit() or int(declared) > self.min_bytes

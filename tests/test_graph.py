@@ -227,6 +227,11 @@ async def test_pages_subgraph_and_caps(svc: Services, db, tenant: Tenant) -> Non
     then = await svc.graph.neighbors(tenant.owner, hub, limit=5, as_of=moment)
     elsewhere = moment.astimezone(timezone(timedelta(hours=2)))  # the same instant, written elsewhere
     assert (await svc.graph.neighbors(tenant.owner, hub, limit=5, as_of=elsewhere, cursor=then["next"]))["nodes"]
+    # an instant past what Python names in UTC, written in two zones: still the same walk
+    late = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(-timedelta(hours=14)))
+    then = await svc.graph.neighbors(tenant.owner, hub, limit=5, as_of=late)
+    later = datetime(9999, 12, 31, 22, 59, 59, tzinfo=timezone(-timedelta(hours=15)))
+    assert (await svc.graph.neighbors(tenant.owner, hub, limit=5, as_of=later, cursor=then["next"]))["nodes"]
 
 
 async def test_a_subgraph_of_several_roots(svc: Services, tenant: Tenant, other_tenant: Tenant) -> None:

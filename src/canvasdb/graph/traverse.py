@@ -22,10 +22,9 @@ it back into a string took a third of a subgraph call's time.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, Literal
 from uuid import UUID
@@ -47,6 +46,8 @@ MAX_PAGE = 1000
 MAX_PATHS = 100
 PATH_FAST_MS = 100  # the path-enumerating query's time before the node-based one takes over
 REACH_FAST_CAP = 2_000  # rows a reachability CTE may produce before it is redone level at a time
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 _TITLE = "left(coalesce(x.data->>'title', x.data->>'name', x.data->>'text', x.data->>'label'), 200)"
 
 
@@ -286,10 +287,11 @@ def _walk_tag(starts: list[UUID], direction: str, kinds: list[str] | None, depth
     """Names the walk a page cursor belongs to: another walk's cursor would start its pages at
     an arbitrary point, and silently (the page size may change between pages)."""
     moment = utc(as_of)
-    with contextlib.suppress(OverflowError):  # 9999-12-31T23:59:59-01:00 has no UTC Python can name
-        moment = moment.astimezone(UTC) if moment is not None else None
+    # the instant, the same in any zone; as a difference, which exists where a UTC time does not
+    # (9999-12-31T23:59:59-01:00)
+    instant = (moment - _EPOCH) // _MICROSECOND if moment is not None else None
     key = repr((sorted(set(map(str, starts))), direction, sorted(set(kinds)) if kinds is not None else None,
-                depth, moment.isoformat() if moment is not None else None))
+                depth, instant))
     return hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
 
 

@@ -8,6 +8,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import httpx
 from conftest import Tenant, make_tenant
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -202,7 +203,8 @@ async def test_compaction_beside_concurrent_appends(svc: Services, tenant: Tenan
     assert view(loaded) == view(expected)
 
 
-async def test_retention_keeps_what_time_travel_needs(svc: Services, tenant: Tenant) -> None:
+async def test_retention_keeps_what_time_travel_needs(svc: Services, tenant: Tenant,
+                                                      client: httpx.AsyncClient) -> None:
     store = svc.documents
     await store.create(tenant.owner, tenant.project_id, "old")
     editor = Editor(7)
@@ -215,13 +217,25 @@ async def test_retention_keeps_what_time_travel_needs(svc: Services, tenant: Ten
         await store.append(tenant.owner, "old", editor.step())
     assert await store.prune(tenant.org_id, "old", now=datetime.now(UTC) + timedelta(days=2)) == (0, 0), \
         "no snapshot yet: nothing may go"
-    await store.compact(tenant.org_id, "old")
-    assert view(replay([await store.state(tenant.owner, "old", as_of=middle)])) == first_half, "exact"
+    snapshot = await store.compact(tenant.org_id, "old")
+    assert snapshot is not None
+    past = await store.state_as_of(tenant.owner, "old", middle)
+    assert view(replay([past.update])) == first_half and past.exact
+    assert (await store.get(tenant.owner, "old")).exact_since is None, "nothing deleted: always exact"
     deleted, _ = await store.prune(tenant.org_id, "old", now=datetime.now(UTC) + timedelta(days=2))
     assert deleted == 20
     assert view(replay([await DocumentStore(svc.db).state(tenant.owner, "old")])) == view(editor.doc)
-    beyond = replay([await store.state(tenant.owner, "old", as_of=middle)])
-    assert view(beyond) == view(Doc()), "before the only snapshot and past retention: nothing older is kept"
+    beyond = await store.state_as_of(tenant.owner, "old", middle)
+    assert view(replay([beyond.update])) == view(Doc()), \
+        "before the only snapshot and past retention: nothing older is kept"
+    assert not beyond.exact, "and the answer says it is not the document of then"
+    assert (await store.get(tenant.owner, "old")).exact_since == snapshot.at
+    assert (await store.state_as_of(tenant.owner, "old", snapshot.at)).exact
+    base, h = f"/v1/orgs/{tenant.slug}/docs/old", tenant.headers
+    assert (await client.get(base, headers=h)).json()["exact_since"] == snapshot.at.isoformat()
+    for moment, exact in ((middle, "false"), (datetime.now(UTC), "true")):
+        answer = await client.get(f"{base}/state", headers=h, params={"as_of": moment.isoformat()})
+        assert answer.status_code == 200 and answer.headers["canvasdb-exact"] == exact
     appended = await store.append(tenant.owner, "old", editor.step())
     assert appended.seq == 21 and (await store.get(tenant.owner, "old")).last_seq == 21, \
         "numbering goes on from the snapshot when retention emptied the log"

@@ -39,7 +39,11 @@ async def get_document(org: str, doc: str, svc: Svc, who: Who) -> dict[str, Any]
 
 
 @router.get("/docs/{doc}/state", response_class=Response,
-            responses={200: {"content": {YJS_UPDATE: {}}, "description": "a Yjs v1 update"}})
+            responses={200: {"content": {YJS_UPDATE: {}}, "description": "a Yjs v1 update",
+                             "headers": {"Canvasdb-Exact": {
+                                 "description": "with as_of: false when retention has deleted updates of"
+                                                " that moment (the answer is the snapshot before it)",
+                                 "schema": {"type": "string", "enum": ["true", "false"]}}}}})
 async def document_state(
     org: str, doc: str, svc: Svc, who: Who,
     as_of: Annotated[str | None, Query(max_length=64, description="ISO 8601 time")] = None,
@@ -57,8 +61,11 @@ async def document_state(
             vector = base64.b64decode(state_vector, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidInput("state_vector must be base64", pointer="query:state_vector") from None
-    state = await svc.documents.state(who, doc, state_vector=vector, as_of=moment)
-    return Response(state, media_type=YJS_UPDATE)
+    if moment is not None:  # with whether it is exact (retention may have taken the updates of then)
+        past = await svc.documents.state_as_of(who, doc, moment)
+        return Response(past.update, media_type=YJS_UPDATE,
+                        headers={"Canvasdb-Exact": "true" if past.exact else "false"})
+    return Response(await svc.documents.state(who, doc, state_vector=vector), media_type=YJS_UPDATE)
 
 
 UPDATE_PATHS = r"^/v1/orgs/[^/]+/docs/[^/]+/updates$"  # bodies up to CANVASDB_MAX_UPDATE_BYTES

@@ -50,6 +50,16 @@ _UPDATES_AFTER_OR_GONE = (
     "(SELECT seq, payload FROM doc_updates WHERE org_id = %(org)s AND doc_id = %(doc)s AND seq > %(seq)s"
     " ORDER BY seq) UNION ALL (SELECT -1, NULL FROM doc_snapshots"
     " WHERE org_id = %(org)s AND doc_id = %(doc)s AND seq > %(seq)s LIMIT 1)")
+# From when on reading the document as of a moment is exact (NULL: always): the time of the
+# first snapshot that covers every update retention has deleted. Sequence numbers have no
+# gaps and retention deletes the oldest, so the deleted ones are those below the first kept
+# (or, with none kept, up to the last number, which the newest snapshot holds).
+_EXACT_SINCE = (
+    "SELECT (SELECT s.at FROM doc_snapshots s WHERE s.org_id = %(org)s AND s.doc_id = %(doc)s"
+    "        AND s.seq >= p.seq ORDER BY s.seq LIMIT 1) AS at"
+    " FROM (SELECT coalesce((SELECT min(u.seq) FROM doc_updates u"
+    "                        WHERE u.org_id = %(org)s AND u.doc_id = %(doc)s),"
+    "                       doc_last_seq(%(org)s, %(doc)s) + 1) - 1 AS seq) p WHERE p.seq > 0")
 # Every live store of this process: /metrics reads their cache sizes when scraped, so the
 # gauges are current without a call per update.
 _STORES: weakref.WeakSet[DocumentStore] = weakref.WeakSet()
@@ -71,6 +81,7 @@ class Document:
     projected_seq: int
     created_at: datetime
     created_by: UUID | None
+    exact_since: datetime | None = None  # as-of reads before this are the nearest earlier snapshot
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,9 +89,16 @@ class Document:
             "kind": self.kind, "entity_id": None if self.entity_id is None else str(self.entity_id),
             "last_seq": self.last_seq, "projected_seq": self.projected_seq,
             "projection_lag": self.last_seq - self.projected_seq if self.kind == "board" else 0,
+            "exact_since": None if self.exact_since is None else self.exact_since.isoformat(),
             "created_at": self.created_at.isoformat(),
             "created_by": None if self.created_by is None else str(self.created_by),
         }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PastState:
+    update: bytes  # the document as it was, as one Yjs update
+    exact: bool  # False: retention had deleted updates of that moment; this is the snapshot before
 
 
 @dataclass(frozen=True)
@@ -273,7 +291,7 @@ class DocumentStore:
             raise NotFound(f"document {doc_id!r} not found")
         await check_project_access(conn, who, row["project_id"], write=write,
                                    what=f"document {doc_id!r}")
-        return _document(row)
+        return _document(row, await _exact_since(conn, who.org_id, doc_id))
 
     # --- updates ------------------------------------------------------------------------------
 
@@ -370,9 +388,9 @@ class DocumentStore:
                     as_of: datetime | None = None) -> bytes:
         """The document as one Yjs update: all of it, what a peer with ``state_vector`` lacks,
         or (``as_of``) as it was at that moment."""
-        await self.check_access(who, doc_id)
         if as_of is not None:
-            return await self._state_as_of(who.org_id, doc_id, as_of)
+            return (await self.state_as_of(who, doc_id, as_of)).update
+        await self.check_access(who, doc_id)
         peer = yjs.read_state_vector(state_vector) if state_vector else None
         held = await self._held((who.org_id, doc_id))
         if len(held.tail) > _MERGE_MAX:  # merging that many is slower than decoding once
@@ -525,12 +543,15 @@ class DocumentStore:
     def held_documents(self) -> int:
         return len(self._cache)
 
-    async def _state_as_of(self, org_id: UUID, doc_id: str, as_of: datetime) -> bytes:
-        """Exact while the updates up to ``as_of`` are kept; beyond that, the nearest earlier
-        snapshot (retention deletes only updates that a snapshot covers)."""
-        moment = utc(as_of)
+    async def state_as_of(self, who: Principal, doc_id: str, as_of: datetime) -> PastState:
+        """The document as it was at ``as_of``: exact while the updates up to then are kept;
+        beyond that, the nearest earlier snapshot (retention deletes only updates that a
+        snapshot covers), and said so."""
+        await self.check_access(who, doc_id)
+        org_id, moment = who.org_id, utc(as_of)
         doc = Doc(skip_gc=True)
         async with self.db.transaction(org_id) as conn:
+            since = await _exact_since(conn, org_id, doc_id)
             cur = await conn.execute(
                 "SELECT seq, state, blob_sha256 FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
                 " AND at <= %s ORDER BY seq DESC LIMIT 1", (org_id, doc_id, moment), binary=True)
@@ -542,7 +563,7 @@ class DocumentStore:
                 " AND at <= %s ORDER BY seq",
                 (org_id, doc_id, 0 if snapshot is None else snapshot["seq"], moment), binary=True)
             _replay(doc, await cur.fetchall(), doc_id)
-        return doc.get_update()
+        return PastState(doc.get_update(), exact=since is None or moment >= since)
 
     # --- compaction and retention ---------------------------------------------------------------
 
@@ -716,8 +737,14 @@ def _replay(doc: Doc, rows: list[Any], doc_id: str) -> None:
             log.warning("update %s of document %r does not apply; skipped: %s", row["seq"], doc_id, exc)
 
 
-def _document(row: dict[str, Any]) -> Document:
+def _document(row: dict[str, Any], exact_since: datetime | None = None) -> Document:
     return Document(id=row["id"], org_id=row["org_id"], project_id=row["project_id"], kind=row["kind"],
                     entity_id=row["entity_id"], last_seq=row["last_seq"],
                     projected_seq=row["projected_seq"], created_at=row["created_at"],
-                    created_by=row["created_by"])
+                    created_by=row["created_by"], exact_since=exact_since)
+
+
+async def _exact_since(conn: Connection, org_id: UUID, doc_id: str) -> datetime | None:
+    cur = await conn.execute(_EXACT_SINCE, {"org": org_id, "doc": doc_id})
+    row = await cur.fetchone()
+    return None if row is None else row["at"]

@@ -184,7 +184,10 @@ class Database:
         then failed). Past its share an org's work waits for a turn, then for a connection,
         the two within the pool's timeout (then 503): it is entered as the wait left for the
         connection, None if it waited for no turn. Work of a task that holds the org's share
-        already (a read inside one of its transactions) does not wait for it again."""
+        already (a read inside one of its transactions) does not wait for it again. The group
+        commits of entity changes and of the op log take connections outside it: a batch holds
+        several orgs' writes, and waiting for each one's turn would hold up every other org's
+        writes behind the busiest; they hold two connections each at most."""
         return _OrgTurn(self, org_id)
 
     @asynccontextmanager

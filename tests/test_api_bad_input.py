@@ -336,11 +336,15 @@ async def test_nil_uuid_as_client_id_is_refused(client: httpx.AsyncClient, svc: 
 async def test_a_method_not_allowed_says_which_are(client: httpx.AsyncClient, tenant: Tenant,
                                                    entity: dict[str, Any]) -> None:
     """RFC 9110: a 405 lists the methods the resource allows (the problem handler dropped them)."""
-    r = await client.request("TRACE", entity_url(tenant, entity["id"]), headers=tenant.headers)
-    problem(r, 405)
-    assert {"GET", "HEAD", "PUT", "PATCH", "DELETE"} <= {m.strip() for m in r.headers["allow"].split(",")}
-    blob = await client.request("TRACE", f"{org_url(tenant)}/blobs/images/a.png", headers=tenant.headers)
-    assert {"GET", "PUT", "DELETE"} <= {m.strip() for m in problem(blob, 405) and blob.headers["allow"].split(",")}
+    async def allowed(method: str, url: str) -> set[str]:
+        r = await client.request(method, url, headers=tenant.headers)
+        problem(r, 405)
+        return {m.strip() for m in r.headers["allow"].split(",")}
+
+    assert await allowed("TRACE", entity_url(tenant, entity["id"])) == {"GET", "HEAD", "PUT", "PATCH", "DELETE"}
+    assert await allowed("POST", entity_url(tenant, entity["id"]) + "/history") == {"GET", "HEAD"}
+    assert await allowed("TRACE", f"{org_url(tenant)}/blobs/images/a.png") == {"GET", "HEAD", "PUT", "DELETE"}
+    assert await allowed("POST", "/openapi.json") == {"GET", "HEAD"}  # a route outside the document too
 
 
 async def test_relationship_listing_names_its_bad_parameter(client: httpx.AsyncClient, tenant: Tenant) -> None:
@@ -436,6 +440,46 @@ async def test_a_large_body_without_a_valid_token_is_refused_unread(
     data = b" " * 40_000 + as_json({"type": "note", "data": {"s": "y" * 60_000}})  # data under its limit
     ok(await client.post(entities_url(tenant), content=_chunks(data),
                          headers={**tenant.headers, "Content-Type": "application/json"}), 201)
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+async def test_a_large_bodys_token_is_looked_up_once(client: httpx.AsyncClient, svc: Services, tenant: Tenant,
+                                                     monkeypatch: pytest.MonkeyPatch, declared: bool) -> None:
+    """The token of a body over 64 KiB is checked before the body is read, and the route's
+    dependency takes that outcome: it looked the token up a second time. An org's 404 still
+    comes after the body's own errors, as it did."""
+    lookups: list[str] = []
+
+    def counted(name: str) -> Callable[..., Any]:
+        real = getattr(svc.tenancy, name)
+
+        def spy(*args: Any) -> Any:
+            lookups.append(name)
+            return real(*args)
+        return spy
+
+    for name in ("authenticate", "authorize"):
+        monkeypatch.setattr(svc.tenancy, name, counted(name))
+
+    async def post(url: str, body: bytes) -> httpx.Response:
+        lookups.clear()
+        headers = {**tenant.headers, "Content-Type": "application/json"}
+        if declared:
+            headers["Content-Length"] = str(len(body))
+        return await client.post(url, content=_chunks(body), headers=headers)
+
+    padding = b" " * 70_000  # over 64 KiB, valid JSON
+    ok(await post(entities_url(tenant), padding + as_json({"type": "note", "data": {}})), 201)
+    assert lookups == ["authorize"]
+    ok(await post("/v1/orgs", padding + as_json({"slug": unique("big")})), 201)  # a route with no org
+    assert lookups == ["authenticate"]
+    missing = f"/v1/orgs/{unique('nowhere')}/projects/main/entities"
+    problem(await post(missing, padding + as_json({"type": "note", "data": {}})), 404)
+    assert lookups == ["authorize"]
+    problem(await post(missing, padding + b"{not json"), 400)
+    lookups.clear()
+    ok(await client.post(entities_url(tenant), json={"type": "note", "data": {}}, headers=tenant.headers), 201)
+    assert lookups == ["authorize"], "a small body: the route's own lookup, as before"
 
 
 async def test_streamed_body_under_limit_is_accepted(client: httpx.AsyncClient, tenant: Tenant) -> None:

@@ -267,6 +267,41 @@ async def test_one_org_holds_at_most_its_share_of_the_pool(pg_url: str) -> None:
         assert db._shares == {}, "nothing kept for orgs with nothing at the database"
 
 
+async def test_the_waits_for_an_orgs_turn_and_for_a_connection_end_at_one_timeout(pg_url: str) -> None:
+    """A request waited up to the pool's timeout for its org's turn, then up to as long again
+    for a connection (20 s before its 503). The two waits now share one deadline: here the
+    turn comes after 0.8 of the timeout, and the connection it then waits for never does."""
+    busy, other = uuid.uuid4(), uuid.uuid4()
+    timeout = 2.0
+    async with Database(pg_url, min_size=4, max_size=4, timeout=timeout) as db:
+        loop = asyncio.get_running_loop()
+        first_leaves, all_leave = asyncio.Event(), asyncio.Event()
+        held = 0
+
+        async def hold(org: uuid.UUID, until: asyncio.Event) -> None:
+            nonlocal held
+            async with db.transaction(org):
+                held += 1
+                await until.wait()
+
+        holders = [asyncio.create_task(hold(busy, first_leaves))]
+        holders += [asyncio.create_task(hold(org, all_leave)) for org in (busy, busy, other)]
+        while held < 4:  # the pool is full, and the busy org at its share
+            await asyncio.sleep(0.01)
+        holders.append(asyncio.create_task(hold(other, all_leave)))  # will take the next free connection
+        while not db.pool._waiting:
+            await asyncio.sleep(0.01)
+        start = loop.time()
+        waiting = asyncio.create_task(db.read(busy, "SELECT 1", ()))
+        await asyncio.sleep(0.8 * timeout)
+        first_leaves.set()  # its turn goes to `waiting`, its connection to the other org
+        with pytest.raises(Unavailable, match="no database connection available"):
+            await waiting
+        assert loop.time() - start < 1.5 * timeout, "the connection had a wait of its own"
+        all_leave.set()
+        await asyncio.gather(*holders)
+
+
 async def test_a_waiter_for_its_orgs_share_that_leaves_as_a_turn_frees_loses_nothing() -> None:
     """A waiter cancelled in the same turn of the loop as a holder leaves: it is cancelled (a
     ValueError from the queue took the cancellation's place), and every turn is given back."""

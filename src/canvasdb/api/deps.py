@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 from fastapi import Depends, Header, Path, Request
 from pydantic import AfterValidator, Field
+from starlette.types import Scope
 
-from canvasdb.errors import BadRequest, Conflict, InvalidInput, Unauthorized
+from canvasdb.errors import BadRequest, CanvasdbError, Conflict, InvalidInput, Unauthorized
 from canvasdb.services import Services
 from canvasdb.tenancy import Principal
 
@@ -35,17 +36,48 @@ async def bearer(authorization: Annotated[str | None, Header(include_in_schema=F
 
 
 async def current_user(
-    svc: Annotated[Services, Depends(services)], token: Annotated[str, Depends(bearer)]
+    request: Request, svc: Annotated[Services, Depends(services)], token: Annotated[str, Depends(bearer)]
 ) -> UUID:
-    return await svc.tenancy.authenticate(token)
+    return await user_of(request.scope, svc, token)
 
 
 async def org_principal(
+    request: Request,
     svc: Annotated[Services, Depends(services)],
     token: Annotated[str, Depends(bearer)],
     org: Annotated[str, Path(description="the org's slug or id", max_length=100)],
 ) -> Principal:
-    return await svc.tenancy.authorize(token, org)
+    return await member_of(request.scope, svc, token, org)
+
+
+async def user_of(scope: Scope, svc: Services, token: str) -> UUID:
+    """The user behind ``token``, looked up once per request (see ``_once``)."""
+    return await _once(scope, (token, None), lambda: svc.tenancy.authenticate(token))
+
+
+async def member_of(scope: Scope, svc: Services, token: str, org: str) -> Principal:
+    """The caller behind ``token`` as a member of ``org``, looked up once per request."""
+    return await _once(scope, (token, org), lambda: svc.tenancy.authorize(token, org))
+
+
+_CHECKED = "canvasdb_callers"  # in a request's scope["state"]: {(token, org or None): outcome}
+
+
+async def _once(scope: Scope, key: tuple[str, str | None], check: Callable[[], Awaitable[T]]) -> T:
+    """``check()``'s outcome, refusal included, kept in the request's state: a large request's
+    token is checked before its body is read (``limits.CredentialsFirst``), and the route's
+    dependency then takes that outcome instead of looking the token up again."""
+    checked: dict[tuple[str, str | None], Any] = scope.setdefault("state", {}).setdefault(_CHECKED, {})
+    if key not in checked:
+        try:
+            checked[key] = await check()
+        except CanvasdbError as exc:
+            checked[key] = exc
+            raise
+    outcome = checked[key]
+    if isinstance(outcome, CanvasdbError):
+        raise outcome
+    return outcome  # type: ignore[no-any-return]
 
 
 Svc = Annotated[Services, Depends(services)]

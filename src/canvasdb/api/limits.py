@@ -7,11 +7,13 @@ import json
 import re
 from collections.abc import Iterable
 
+from fastapi.routing import iter_route_contexts
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from canvasdb.api.deps import bearer
+from canvasdb.api.deps import bearer, member_of, user_of
 from canvasdb.api.problems import problem_response
-from canvasdb.errors import CanvasdbError
+from canvasdb.errors import CanvasdbError, NotFound
 
 
 class BodySizeLimit:
@@ -81,7 +83,12 @@ class CredentialsFirst:
     before the body is read. FastAPI reads and parses a body before it resolves a route's
     dependencies, the token among them: a client with no token at all could make the server
     read and parse 4 MiB of JSON (170 ms of CPU) for each 401. Smaller bodies cost less than
-    the extra round trip this takes."""
+    the extra round trip this takes.
+
+    The check is the one the route's dependency makes (as a member of the org its path names,
+    if it names one), and its outcome is left in the request's state for that dependency: the
+    token is looked up once. An org's 404 is left for the route to answer, where it always
+    did (after the body's own errors, such as JSON that does not parse)."""
 
     def __init__(self, app: ASGIApp, *, min_bytes: int = 64 * 1024) -> None:
         self.app = app
@@ -96,8 +103,20 @@ class CredentialsFirst:
             if large:
                 try:
                     token = await bearer(headers.get(b"authorization", b"").decode("latin-1"))
-                    await scope["app"].state.services.tenancy.authenticate(token)
+                    svc, org = scope["app"].state.services, _org_of_route(scope)
+                    await (user_of(scope, svc, token) if org is None else member_of(scope, svc, token, org))
+                except NotFound:
+                    pass
                 except CanvasdbError as exc:
                     await problem_response(exc)(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+
+def _org_of_route(scope: Scope) -> str | None:
+    """The org named in the path of the route that will answer ``scope``, if any."""
+    for route in iter_route_contexts(scope["app"].routes):
+        match, child = route.matches(scope)
+        if match is Match.FULL:
+            return child.get("path_params", {}).get("org")  # type: ignore[no-any-return]
+    return None

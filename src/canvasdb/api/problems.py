@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 
 from canvasdb.errors import CanvasdbError
 
@@ -79,24 +80,17 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     titles = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 413: "Payload too large"}
     headers = dict(exc.headers or {})
     if exc.status_code == 405:  # RFC 9110: the methods the resource allows (Starlette names one route's)
-        headers["Allow"] = ", ".join(_allowed(request.app, request.url.path))
+        headers["Allow"] = ", ".join(_allowed(request))
     return problem(exc.status_code, titles.get(exc.status_code, "Error"), str(exc.detail), headers=headers)
 
 
-def _allowed(app: FastAPI, path: str) -> list[str]:
-    """The methods of every operation whose path template matches ``path`` (from the OpenAPI
-    document: FastAPI makes each method of a path a route of its own)."""
-    if not hasattr(app.state, "operations"):
-        paths = app.openapi().get("paths", {})
-        app.state.operations = [  # a parameter is one segment; failing that (a blob key), several
-            [(re.compile(re.sub(r"\\\{[^/]+?\\\}", param, re.escape(template)) + "$"),
-              [m.upper() for m in item]) for template, item in paths.items()]
-            for param in ("[^/]+", ".+")]
-    for operations in app.state.operations:
-        allowed = {m for pattern, methods in operations if pattern.match(path) for m in methods}
-        if allowed:
-            return sorted(allowed | ({"HEAD"} if "GET" in allowed else set()))
-    return []
+def _allowed(request: Request) -> list[str]:
+    """The methods of every route whose path matches the request's (FastAPI makes each method
+    of a path a route of its own)."""
+    allowed = {method for route in iter_route_contexts(request.app.routes)
+               if route.methods and route.matches(request.scope)[0] is not Match.NONE
+               for method in route.methods}
+    return sorted(allowed | ({"HEAD"} if "GET" in allowed else set()))
 
 
 async def _client_gone(request: Request, exc: Exception) -> JSONResponse:

@@ -37,6 +37,7 @@ CHECK_SECONDS = 2.0  # longest a failed request waits for the pool's idle connec
 _TURNS_SPACE = 0x63646233  # "cdb3" (cdb1: blob collection, cdb2: the op log): ``taking_turns``'s locks
 RECONNECT_EVERY = 2.0  # while the server is away, the pool tries to connect again this often at most
 ORG_SHARE = 0.75  # of the pool's connections, the most one org's work holds at once
+_LEAST_WAIT = 0.001  # psycopg_pool fails a wait of 0 s at once, even with a connection idle
 _HOLDING: ContextVar[frozenset[UUID]] = ContextVar("canvasdb_org_shares", default=frozenset())
 _SET_ORG = "SELECT set_config('canvasdb.org_id', %s, true)"
 _SET_ORG_GENERIC = ("SELECT set_config('canvasdb.org_id', %s, true),"
@@ -168,9 +169,9 @@ class Database:
         ``generic_plans`` as in ``transaction()``; ``binary``: results in binary format.
         """
         await self._settled()
-        async with self._org_share(org_id):
+        async with self._org_share(org_id) as wait:
             with self._translated():
-                async with self.pool.connection() as conn, conn.cursor(row_factory=row_factory) as cur:
+                async with self.pool.connection(wait) as conn, conn.cursor(row_factory=row_factory) as cur:
                     async with _pipelined(conn):
                         await cur.execute(_SET_ORG_GENERIC if generic_plans else _SET_ORG, (str(org_id),))
                         await cur.execute(query, params, binary=binary)
@@ -180,9 +181,13 @@ class Database:
         """One of the ``ORG_SHARE`` of the pool's connections that one org's work may hold at
         once, so that an org running heavy queries leaves connections to the others (25 graph
         walks of 3 s each in one org filled the pool, and every other org's reads waited 10 s,
-        then failed). Past its share an org's work waits, at most the pool's timeout (then
-        503). Work of a task that holds the org's share already (a read inside one of its
-        transactions) does not wait for it again."""
+        then failed). Past its share an org's work waits for a turn, then for a connection,
+        the two within the pool's timeout (then 503): it is entered as the wait left for the
+        connection, None if it waited for no turn. Work of a task that holds the org's share
+        already (a read inside one of its transactions) does not wait for it again. The group
+        commits of entity changes and of the op log take connections outside it: a batch holds
+        several orgs' writes, and waiting for each one's turn would hold up every other org's
+        writes behind the busiest; they hold two connections each at most."""
         return _OrgTurn(self, org_id)
 
     @asynccontextmanager
@@ -223,9 +228,9 @@ class Database:
         # with the last one when its result is read after the block (one round trip saved
         # at each end). Code inside the block reads results as usual.
         await self._settled()
-        async with self._org_share(org_id):
+        async with self._org_share(org_id) as wait:
             with self._translated():
-                async with self.pool.connection() as conn, _pipelined(conn):
+                async with self.pool.connection(wait) as conn, _pipelined(conn):
                     await conn.execute(b"BEGIN")
                     if org_id is not None:
                         await conn.execute(_SET_ORG_GENERIC if generic_plans else _SET_ORG, (str(org_id),))
@@ -303,18 +308,21 @@ class _OrgTurn:
         self.share: _Share | None = None
         self.reset: Token[frozenset[UUID]] | None = None
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> float | None:
         org_id, db = self.org_id, self.db
         if org_id is None or org_id in _HOLDING.get():
-            return
+            return None
         share = db._shares.get(org_id)
         if share is None:
             share = db._shares[org_id] = _Share()
+        left = None
         if share.holding >= db._org_limit or share.waiting:
-            turn = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + db.pool.timeout
+            turn = loop.create_future()
             share.waiting.append(turn)
             try:
-                async with asyncio.timeout(db.pool.timeout):
+                async with asyncio.timeout_at(deadline):
                     await turn
             except BaseException as exc:
                 if turn.done() and not turn.cancelled():  # given just as the wait ended: pass it on
@@ -328,10 +336,12 @@ class _OrgTurn:
                     raise Unavailable(f"this org has {db._org_limit} requests at the database at once;"
                                       " try again shortly", retry=True) from None
                 raise
+            left = max(deadline - loop.time(), _LEAST_WAIT)
         else:
             share.holding += 1
         self.share = share
         self.reset = _HOLDING.set(_HOLDING.get() | {org_id})
+        return left
 
     async def __aexit__(self, *exc: object) -> None:
         if self.reset is not None:
@@ -378,8 +388,8 @@ class ConnectionPool(AsyncConnectionPool):  # type: ignore[type-arg]
     _connected_at = -math.inf  # (monotonic) when an attempt last succeeded
 
     async def getconn(self, timeout: float | None = None) -> Any:
-        if timeout is None and self.unreachable and not self._pool:
-            timeout = RECONNECT_EVERY
+        if self.unreachable and not self._pool:
+            timeout = min(self.timeout if timeout is None else timeout, RECONNECT_EVERY)
         return await super().getconn(timeout)
 
     async def _connect(self, timeout: float | None = None) -> Any:

@@ -113,6 +113,23 @@ def test_org_token_entity_round_trip(env: dict[str, str]) -> None:
     assert run(env, "token", "revoke", made["id"]).stdout.strip() == "revoked"
 
 
+def test_entity_put_if_version_never_creates(env: dict[str, str]) -> None:
+    """``--if-version`` says "replace only if at this version": an id that names no entity is
+    refused, not created at version 1 (as PUT with If-Match answers 404)."""
+    slug = f"cli-ifv-{os.getpid()}-{time.time_ns() % 10**6}"
+    run(env, "org", "create", slug)
+    run(env, "project", "create", "--org", slug, "main")
+    new_id = "6f1c2a4e-0000-4000-8000-000000000001"
+    refused = run(env, "entity", "put", "--org", slug, "--project", "main", "--type", "note", "--id", new_id,
+                  "--if-version", "3", '{"title": "x"}', check=False)
+    assert refused.returncode == 1 and refused.stderr.startswith("Error:") and "not found" in refused.stderr
+    missing = run(env, "entity", "get", "--org", slug, new_id, check=False)
+    assert missing.returncode == 1 and "not found" in missing.stderr, "nothing was created"
+    made = json.loads(run(env, "entity", "put", "--org", slug, "--project", "main", "--type", "note",
+                          "--id", new_id, '{"title": "x"}').stdout)  # without it, the id is created
+    assert made["id"] == new_id and made["version"] == 1
+
+
 def test_errors_are_one_clear_line(env: dict[str, str]) -> None:
     bad = run(env, "entity", "get", "--org", "no-such-org", "not-a-uuid", check=False)
     assert bad.returncode == 1 and bad.stderr.startswith("Error:") and "Traceback" not in bad.stderr

@@ -548,7 +548,8 @@ def entity_put(
     project: Annotated[str | None, typer.Option(help="Project slug or id (to create).")] = None,
     type: Annotated[str | None, typer.Option("--type", help="Entity type (to create).")] = None,
     id: Annotated[str | None, typer.Option(help="Entity id: replaced if it exists.")] = None,
-    if_version: Annotated[int | None, typer.Option(help="Refuse unless at this version.")] = None,
+    if_version: Annotated[int | None, typer.Option(
+        help="Refuse unless the entity exists and is at this version.")] = None,
 ) -> None:  # fmt: skip
     """Create an entity, or replace the data of an existing one; prints it as JSON."""
     try:
@@ -565,7 +566,8 @@ def entity_put(
             try:
                 return await svc.entities.replace(who, entity_id, parsed, if_version=if_version)
             except NotFound:
-                pass
+                if if_version is not None:  # a version to match is a replace: never a create
+                    raise
         if not project or not type:
             raise InvalidInput("creating an entity needs --project and --type")
         project_id = await svc.tenancy.resolve_project(who, project, write=True)

@@ -427,7 +427,8 @@ async def _org_role(svc: Services, org_id: UUID, user_id: UUID) -> str | None:
 @token_app.command("revoke")
 def token_revoke(token: Annotated[str, typer.Argument(
         help="The token's id (from token create --json), the token itself, or - to read the token "
-             "from stdin (better: on the command line, other users see it in the process list).")]) -> None:
+             "from stdin (better than the command line, where other users see it in the process "
+             "list).")]) -> None:
     """Revoke a token: requests with it answer 401 from now on."""
     if token == "-":
         token = sys.stdin.readline().strip()

@@ -142,6 +142,23 @@ def test_errors_are_one_clear_line(env: dict[str, str]) -> None:
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and long_name in bad.stderr, bad.stderr
 
 
+def test_bytes_that_are_not_utf8_are_one_clear_line(env: dict[str, str]) -> None:
+    """A byte that is not UTF-8, in an argument or on stdin, reaches Python as a lone surrogate,
+    which the database driver cannot encode: an error line, not a traceback, from every command."""
+    bad = "\udcff"  # what Python makes of b"\xff" in argv (os.fsdecode)
+    nil = "00000000-0000-0000-0000-000000000000"
+    for args in (["entity", "get", "--org", bad, nil], ["org", "create", "ok-name", "--name", bad],
+                 ["user", "create", f"a{bad}@b.io"], ["token", "revoke", bad],
+                 ["token", "create", "--org", bad, "--user", "a@b.io"], ["search", "--org", bad, "x"],
+                 ["search", "--org", bad, "x", "--project", bad]):
+        said = run(env, *args, check=False)
+        assert said.returncode == 1 and said.stderr.startswith("Error:"), (args, said.stderr)
+        assert "Traceback" not in said.stderr and said.stderr.count("\n") == 1, (args, said.stderr)
+    piped = subprocess.run([*CLI, "token", "revoke", "-"], env=env, capture_output=True, input=b"\xff\n",
+                           timeout=120)
+    assert piped.returncode == 1 and piped.stderr.startswith(b"Error:") and b"Traceback" not in piped.stderr
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

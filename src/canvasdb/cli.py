@@ -94,6 +94,9 @@ def _with_services(work: Callable[[Services], Awaitable[T]]) -> T:
     except CanvasdbError as exc:
         _fail(exc)
         raise
+    except UnicodeEncodeError:  # a byte that is not UTF-8 (Python keeps it as a lone surrogate)
+        _fail(InvalidInput("arguments and input must be UTF-8 text"))
+        raise
 
 
 def _print_json(value: Any) -> None:
@@ -614,11 +617,6 @@ def search(
     as_json: JsonOpt = False,
 ) -> None:  # fmt: skip
     """Search an org's entities by words, mistyped words and meaning (as its operator)."""
-    for given in (org, query, *(project or ()), *(type or ()), *(module or ()), *(where or ()), facets or ""):
-        try:
-            given.encode()
-        except UnicodeEncodeError:  # a byte that is not UTF-8 (Python keeps it as a lone surrogate)
-            _fail(InvalidInput("arguments must be UTF-8 text"))
     data = []
     for item in where or []:
         field, sep, value = item.partition("=")

@@ -677,6 +677,24 @@ async def test_as_of_out_of_range(client: httpx.AsyncClient, tenant: Tenant, ent
         assert len(page["items"]) == count
 
 
+async def test_an_as_of_that_takes_only_a_time_says_so(client: httpx.AsyncClient, tenant: Tenant,
+                                                       entity: dict[str, Any]) -> None:
+    """Where a version number means nothing (a listing, the graph, a document), a number and
+    text that is no time get the same answer: a time is what to send. (Garbage was told "a
+    version number or an ISO 8601 time", and the number it then sent was refused.)"""
+    h, eid = tenant.headers, entity["id"]
+    ok(await client.post(f"{org_url(tenant)}/projects/{tenant.project_slug}/docs", json={"id": "as-of-doc"},
+                         headers=h), 201)
+    urls = {entities_url(tenant): {}, f"{org_url(tenant)}/docs/as-of-doc/state": {},
+            **{f"{entity_url(tenant, eid)}/{walk}": {} for walk in ("neighbors", "reachable", "dependents")},
+            f"{entity_url(tenant, eid)}/lineage": {}, f"{org_url(tenant)}/graph/path": {"from": eid, "to": eid}}
+    for url, params in urls.items():
+        for as_of in ("3", "yesterday"):
+            said = problem(await client.get(url, params={**params, "as_of": as_of}, headers=h), 422,
+                           pointer="query:as_of")
+            assert "ISO 8601 time" in said["detail"] and "version" not in said["detail"], (url, said)
+
+
 @pytest.mark.parametrize(("params", "pointer"), [
     ({"limit": "0"}, "query:limit"),
     ({"limit": "-1"}, "query:limit"),

@@ -113,6 +113,23 @@ def test_org_token_entity_round_trip(env: dict[str, str]) -> None:
     assert run(env, "token", "revoke", made["id"]).stdout.strip() == "revoked"
 
 
+def test_entity_put_if_version_never_creates(env: dict[str, str]) -> None:
+    """``--if-version`` says "replace only if at this version": an id that names no entity is
+    refused, not created at version 1 (as PUT with If-Match answers 404)."""
+    slug = f"cli-ifv-{os.getpid()}-{time.time_ns() % 10**6}"
+    run(env, "org", "create", slug)
+    run(env, "project", "create", "--org", slug, "main")
+    new_id = "6f1c2a4e-0000-4000-8000-000000000001"
+    refused = run(env, "entity", "put", "--org", slug, "--project", "main", "--type", "note", "--id", new_id,
+                  "--if-version", "3", '{"title": "x"}', check=False)
+    assert refused.returncode == 1 and refused.stderr.startswith("Error:") and "not found" in refused.stderr
+    missing = run(env, "entity", "get", "--org", slug, new_id, check=False)
+    assert missing.returncode == 1 and "not found" in missing.stderr, "nothing was created"
+    made = json.loads(run(env, "entity", "put", "--org", slug, "--project", "main", "--type", "note",
+                          "--id", new_id, '{"title": "x"}').stdout)  # without it, the id is created
+    assert made["id"] == new_id and made["version"] == 1
+
+
 def test_errors_are_one_clear_line(env: dict[str, str]) -> None:
     bad = run(env, "entity", "get", "--org", "no-such-org", "not-a-uuid", check=False)
     assert bad.returncode == 1 and bad.stderr.startswith("Error:") and "Traceback" not in bad.stderr
@@ -123,6 +140,23 @@ def test_errors_are_one_clear_line(env: dict[str, str]) -> None:
     long_name = "x" * 150  # piped, a long message stays one line (rich wrapped it at 80 columns)
     bad = run(env, "entity", "get", "--org", long_name, "00000000-0000-0000-0000-000000000000", check=False)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and long_name in bad.stderr, bad.stderr
+
+
+def test_bytes_that_are_not_utf8_are_one_clear_line(env: dict[str, str]) -> None:
+    """A byte that is not UTF-8, in an argument or on stdin, reaches Python as a lone surrogate,
+    which the database driver cannot encode: an error line, not a traceback, from every command."""
+    bad = "\udcff"  # what Python makes of b"\xff" in argv (os.fsdecode)
+    nil = "00000000-0000-0000-0000-000000000000"
+    for args in (["entity", "get", "--org", bad, nil], ["org", "create", "ok-name", "--name", bad],
+                 ["user", "create", f"a{bad}@b.io"], ["token", "revoke", bad],
+                 ["token", "create", "--org", bad, "--user", "a@b.io"], ["search", "--org", bad, "x"],
+                 ["search", "--org", bad, "x", "--project", bad]):
+        said = run(env, *args, check=False)
+        assert said.returncode == 1 and said.stderr.startswith("Error:"), (args, said.stderr)
+        assert "Traceback" not in said.stderr and said.stderr.count("\n") == 1, (args, said.stderr)
+    piped = subprocess.run([*CLI, "token", "revoke", "-"], env=env, capture_output=True, input=b"\xff\n",
+                           timeout=120)
+    assert piped.returncode == 1 and piped.stderr.startswith(b"Error:") and b"Traceback" not in piped.stderr
 
 
 def _free_port() -> int:

@@ -94,6 +94,9 @@ def _with_services(work: Callable[[Services], Awaitable[T]]) -> T:
     except CanvasdbError as exc:
         _fail(exc)
         raise
+    except UnicodeEncodeError:  # a byte that is not UTF-8 (Python keeps it as a lone surrogate)
+        _fail(InvalidInput("arguments and input must be UTF-8 text"))
+        raise
 
 
 def _print_json(value: Any) -> None:
@@ -427,7 +430,8 @@ async def _org_role(svc: Services, org_id: UUID, user_id: UUID) -> str | None:
 @token_app.command("revoke")
 def token_revoke(token: Annotated[str, typer.Argument(
         help="The token's id (from token create --json), the token itself, or - to read the token "
-             "from stdin (better: on the command line, other users see it in the process list).")]) -> None:
+             "from stdin (better than the command line, where other users see it in the process "
+             "list).")]) -> None:
     """Revoke a token: requests with it answer 401 from now on."""
     if token == "-":
         token = sys.stdin.readline().strip()
@@ -548,7 +552,8 @@ def entity_put(
     project: Annotated[str | None, typer.Option(help="Project slug or id (to create).")] = None,
     type: Annotated[str | None, typer.Option("--type", help="Entity type (to create).")] = None,
     id: Annotated[str | None, typer.Option(help="Entity id: replaced if it exists.")] = None,
-    if_version: Annotated[int | None, typer.Option(help="Refuse unless at this version.")] = None,
+    if_version: Annotated[int | None, typer.Option(
+        help="Refuse unless the entity exists and is at this version.")] = None,
 ) -> None:  # fmt: skip
     """Create an entity, or replace the data of an existing one; prints it as JSON."""
     try:
@@ -565,7 +570,8 @@ def entity_put(
             try:
                 return await svc.entities.replace(who, entity_id, parsed, if_version=if_version)
             except NotFound:
-                pass
+                if if_version is not None:  # a version to match is a replace: never a create
+                    raise
         if not project or not type:
             raise InvalidInput("creating an entity needs --project and --type")
         project_id = await svc.tenancy.resolve_project(who, project, write=True)
@@ -611,11 +617,6 @@ def search(
     as_json: JsonOpt = False,
 ) -> None:  # fmt: skip
     """Search an org's entities by words, mistyped words and meaning (as its operator)."""
-    for given in (org, query, *(project or ()), *(type or ()), *(module or ()), *(where or ()), facets or ""):
-        try:
-            given.encode()
-        except UnicodeEncodeError:  # a byte that is not UTF-8 (Python keeps it as a lone surrogate)
-            _fail(InvalidInput("arguments must be UTF-8 text"))
     data = []
     for item in where or []:
         field, sep, value = item.partition("=")

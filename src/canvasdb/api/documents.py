@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from canvasdb.api.deps import Svc, Who
-from canvasdb.entities import parse_as_of
+from canvasdb.entities import parse_as_of_time
 from canvasdb.errors import InvalidInput
 
 router = APIRouter(prefix="/v1/orgs/{org}", tags=["documents"])
@@ -52,9 +52,7 @@ async def document_state(
                                               "only what a peer with it lacks")] = None,
 ) -> Response:  # fmt: skip
     """The document as one binary Yjs update (apply it to an empty Y.Doc to get the document)."""
-    moment = parse_as_of(as_of)
-    if isinstance(moment, int):
-        raise InvalidInput("as_of of a document is a time", pointer="query:as_of")
+    moment = parse_as_of_time(as_of)
     vector = None
     if state_vector:
         try:

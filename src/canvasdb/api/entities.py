@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from canvasdb.api.deps import ClientId, Svc, Who, conditionally, parse_id
-from canvasdb.entities import Entity, parse_as_of
+from canvasdb.entities import Entity, parse_as_of, parse_as_of_time
 from canvasdb.entities.store import MAX_IDS
 from canvasdb.errors import InvalidInput
 from canvasdb.services import Services
@@ -63,9 +63,7 @@ async def list_entities(
     as_of: Annotated[str | None, Query(max_length=64, pattern=ASCII, description="ISO 8601 time")] = None,
 ) -> dict[str, Any]:  # fmt: skip
     """One page of the project's entities (of a type), by id; ``as_of`` lists them as they were."""
-    moment = parse_as_of(as_of)
-    if isinstance(moment, int):
-        raise InvalidInput("as_of of a listing must be a time", pointer="query:as_of")
+    moment = parse_as_of_time(as_of)
     project_id = await svc.tenancy.resolve_project(who, project)
     page = await svc.entities.list(who, project_id, type=type, after=after, limit=limit, as_of=moment)
     return {"items": [e.to_json() for e in page.items], "next": page.next}

@@ -11,8 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from canvasdb.api.deps import ClientId, Svc, Who, conditionally, parse_id
-from canvasdb.entities import parse_as_of
-from canvasdb.errors import InvalidInput
+from canvasdb.entities import parse_as_of_time
 from canvasdb.graph import Relationship
 from canvasdb.graph.traverse import MAX_DEPTH, MAX_DEPTH_TO_END, MAX_PAGE, MAX_PATHS, MAX_ROOTS
 
@@ -57,13 +56,6 @@ def _kinds(value: str | None) -> list[str] | None:
     return [k.strip() for k in value.split(",") if k.strip()]
 
 
-def _moment(value: str | None) -> datetime | None:
-    moment = parse_as_of(value)
-    if moment is not None and not isinstance(moment, datetime):
-        raise InvalidInput("as_of is an ISO 8601 time", pointer="query:as_of")
-    return moment
-
-
 @router.post("/relationships", status_code=201)
 async def create_relationship(org: str, body: RelationshipIn, svc: Svc, who: Who) -> JSONResponse:
     """A relationship ``src -> dst`` of a kind; both ends must exist (422)."""
@@ -87,7 +79,7 @@ async def list_relationships(org: str, svc: Svc, who: Who,
 
 @router.get("/relationships/{id}")
 async def get_relationship(org: str, id: str, svc: Svc, who: Who, as_of: AsOf = None) -> JSONResponse:
-    return _one(await svc.relationships.get(who, parse_id(id, "relationship"), as_of=_moment(as_of)))
+    return _one(await svc.relationships.get(who, parse_id(id, "relationship"), as_of=parse_as_of_time(as_of)))
 
 
 @router.patch("/relationships/{id}")
@@ -127,7 +119,7 @@ async def neighbors(org: str, id: str, svc: Svc, who: Who, direction: DirectionQ
                     as_of: AsOf = None) -> dict[str, Any]:
     """Entities within ``depth`` steps, with their depth and the relationship that reached them."""
     return await svc.graph.neighbors(who, parse_id(id), direction=direction, kinds=_kinds(kinds), depth=depth,
-                                     limit=limit, cursor=cursor, as_of=_moment(as_of))
+                                     limit=limit, cursor=cursor, as_of=parse_as_of_time(as_of))
 
 
 @router.get("/entities/{id}/reachable")
@@ -136,7 +128,7 @@ async def reachable(org: str, id: str, svc: Svc, who: Who, direction: DirectionQ
                     as_of: AsOf = None) -> dict[str, Any]:
     """Every entity within ``depth`` steps with its depth: ids only, all of them (capped)."""
     got = await svc.graph.reachable(who, parse_id(id), direction=direction, kinds=_kinds(kinds), depth=depth,
-                                    as_of=_moment(as_of))
+                                    as_of=parse_as_of_time(as_of))
     ordered = sorted(got["found"].items(), key=lambda x: x[1])
     return {"nodes": [{"id": str(n), "depth": d} for n, d in ordered],
             "truncated": got["truncated"]}
@@ -150,7 +142,7 @@ async def dependents(org: str, id: str, svc: Svc, who: Who, kinds: Kinds = None,
                      as_of: AsOf = None) -> dict[str, Any]:
     """What depends on this entity: everything reaching it, to ``depth`` or to the end."""
     return await svc.graph.dependents(who, parse_id(id), kinds=_kinds(kinds), depth=depth, limit=limit,
-                                      cursor=cursor, as_of=_moment(as_of))
+                                      cursor=cursor, as_of=parse_as_of_time(as_of))
 
 
 @router.get("/entities/{id}/lineage")
@@ -158,7 +150,7 @@ async def lineage(org: str, id: str, svc: Svc, who: Who, as_of: AsOf = None,
                   depth: Annotated[int, Query(ge=1, le=MAX_DEPTH_TO_END)] = MAX_DEPTH) -> dict[str, Any]:
     """The ``derived_from`` chain back to the origin, and the copies made from this entity, within
     ``depth`` steps; up to 1,000 of each (``truncated`` when there were more)."""
-    return await svc.graph.lineage(who, parse_id(id), depth=depth, as_of=_moment(as_of))
+    return await svc.graph.lineage(who, parse_id(id), depth=depth, as_of=parse_as_of_time(as_of))
 
 
 @router.get("/graph/path")
@@ -170,7 +162,8 @@ async def path(org: str, svc: Svc, who: Who,
                as_of: AsOf = None) -> dict[str, Any]:
     """The shortest path (or, with ``all=true``, every shortest path up to ``max_paths``)."""
     return await svc.graph.path(who, parse_id(from_), parse_id(to), kinds=_kinds(kinds), max_depth=max_depth,
-                                direction=direction, all_paths=all, max_paths=max_paths, as_of=_moment(as_of))
+                                direction=direction, all_paths=all, max_paths=max_paths,
+                                as_of=parse_as_of_time(as_of))
 
 
 @router.post("/graph/subgraph")

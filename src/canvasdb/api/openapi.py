@@ -40,7 +40,7 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 ERRORS = {
     "400": "Malformed JSON or header",
     "401": "Missing, unknown or revoked token",
-    "403": "The caller's role may read but not write this",
+    "403": "The caller's role does not allow this: a viewer's write, or what only owners and admins do",
     "404": "Not found, or in an org the caller does not belong to",
     "409": "Stale If-Match, or an id that is taken",
     "410": "Deleted: undelete or restore it first",
@@ -48,6 +48,7 @@ ERRORS = {
     "415": "A body sent as another media type than JSON",
     "422": "Invalid input",
     "503": "Database unavailable or statement timeout (retry)",
+    "507": "No room left to store: a full disk or quota under the blobs or the database",
 }
 
 
@@ -91,7 +92,7 @@ def rewrite(doc: dict[str, Any]) -> dict[str, Any]:
             for status in ERRORS:
                 if status in ("413", "415") and "requestBody" not in operation:
                     continue
-                if status == "409" and method == "get":
+                if status in ("409", "507") and method == "get":  # reads neither conflict nor store
                     continue
                 if status == "410" and not any(f"/{what}/{{id}}" in path for what in _DELETABLE):
                     continue

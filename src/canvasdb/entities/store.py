@@ -504,6 +504,20 @@ def parse_as_of(value: str | None) -> AsOf:
     return utc(moment)
 
 
+def parse_as_of_time(value: str | None) -> datetime | None:
+    """``as_of`` where only a moment makes sense (a listing, a relationship, the graph, a
+    document): one message for a version number and for text that is no time at all (the
+    latter was told "a version number or an ISO 8601 time", then refused the number)."""
+    try:
+        moment = parse_as_of(value)
+    except InvalidInput:
+        moment = 0
+    if isinstance(moment, int):
+        raise InvalidInput("as_of is an ISO 8601 time here, such as 2026-11-27T10:00:00Z",
+                           pointer="query:as_of")
+    return moment
+
+
 def _cursor(after: str | None) -> UUID:
     if after is None or after == "":
         return UUID(int=0)
@@ -514,4 +528,4 @@ def _cursor(after: str | None) -> UUID:
                            pointer="/after") from None
 
 
-__all__ = ["Entity", "EntityStore", "Page", "Version", "encode_data", "parse_as_of"]
+__all__ = ["Entity", "EntityStore", "Page", "Version", "encode_data", "parse_as_of", "parse_as_of_time"]

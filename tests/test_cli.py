@@ -19,6 +19,7 @@ import pytest
 import typer
 import websockets.exceptions
 import websockets.sync.client
+from psycopg.conninfo import make_conninfo
 
 from canvasdb.cli import app
 from canvasdb.db import EmbeddedPostgres
@@ -324,6 +325,19 @@ def test_db_start_status_url_stop(tmp_path: Path) -> None:
     finally:
         assert run(env, "db", "stop").stdout.strip() == "stopped"
     assert run(env, "db", "stop").stdout.strip() == "not running"
+
+
+def test_db_status_of_a_database_named_by_url(env: dict[str, str], pg_url: str) -> None:
+    """It connects to say whether the database runs, and never prints the URL's password."""
+    with_password = make_conninfo(pg_url, password="not-to-be-shown")  # (the server trusts local users)
+    up = run({**env, "CANVASDB_DATABASE_URL": with_password}, "db", "status", "--json")
+    status = json.loads(up.stdout)
+    assert status["running"] is True and status["embedded"] is False
+    assert "not-to-be-shown" not in up.stdout and "password=***" in status["url"]
+    away = make_conninfo(pg_url, port=str(_free_port()))
+    down = run({**env, "CANVASDB_DATABASE_URL": away}, "db", "status", check=False)
+    assert down.returncode == 3 and "running: False" in down.stdout and "error: " in down.stdout, down.stdout
+    assert "Traceback" not in down.stderr
 
 
 async def test_search_command(env: dict[str, str], svc: Any, tenant: Any) -> None:

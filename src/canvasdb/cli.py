@@ -15,7 +15,9 @@ from datetime import datetime
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
+import psycopg
 import typer
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -295,11 +297,17 @@ def db_stop() -> None:
 
 @db_app.command("status")
 def db_status(as_json: JsonOpt = False) -> None:
-    """Is the embedded PostgreSQL running? Exit code 0 if it is, 3 if not."""
+    """Is the database running (the embedded one, or the one CANVASDB_DATABASE_URL names, which
+    this connects to)? Exit code 0 if it is, 3 if not."""
     settings = _settings()
     if settings.database_url:
-        info: dict[str, Any] = {"embedded": False, "url": settings.database_url}
-        running = True
+        info: dict[str, Any] = {"embedded": False, "url": _password_hidden(settings.database_url)}
+        try:
+            psycopg.connect(settings.database_url, connect_timeout=5).close()
+            running = info["running"] = True
+        except psycopg.Error as exc:
+            running = info["running"] = False
+            info["error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     else:
         status = runtime.embedded(settings).status()
         running = status.running
@@ -311,6 +319,17 @@ def db_status(as_json: JsonOpt = False) -> None:
         for key, value in info.items():
             out.print(f"{key}: {value}", highlight=False)
     raise typer.Exit(0 if running else 3)
+
+
+def _password_hidden(url: str) -> str:
+    """``url`` with its password, if any, as ``***`` (status output ends up in logs)."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error:
+        return url
+    if "password" not in params:
+        return url
+    return make_conninfo(**{**params, "password": "***"})
 
 
 @db_app.command("url")

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from pycrdt import Array, Doc, Map
 
 from canvasdb.db import Database
-from canvasdb.documents import DocumentStore, UpdateLog
+from canvasdb.documents import DocumentStore, UpdateLog, yjs
 from canvasdb.documents.log import NOTIFY_CHANNEL
 from canvasdb.errors import Conflict, Forbidden, InvalidInput, NotFound
 from canvasdb.gateway import protocol
@@ -422,6 +422,13 @@ async def test_http_round_trip(client: httpx.AsyncClient, tenant: Tenant) -> Non
                                  params={"state_vector": sv})).content) <= 2
     assert (await client.get(f"{base}/docs/board-42/state", headers=h,
                              params={"state_vector": "!!"})).status_code == 422
+    # base64 as URLs carry it: URL-safe, unpadded, or a "+" sent raw (read as a space)
+    vector = next(v for extra in range(1, 10_000)
+                  if {"+", "/", "="} <= set(v := base64.b64encode(yjs.write_state_vector(
+                      {**yjs.read_state_vector(yc.doc.get_state()), extra: 2**40 - extra})).decode()))
+    for form in (vector, vector.replace("+", "-").replace("/", "_").rstrip("="), vector.replace("/", "%2F")):
+        answer = await client.get(f"{base}/docs/board-42/state?state_vector={form}", headers=h)
+        assert answer.status_code == 200 and len(answer.content) <= 2, (form, answer.text)
     changes = (await client.get(f"{base}/docs/board-42/changes", headers=h, params={"limit": 2})).json()
     assert [c["seq"] for c in changes["items"]] == [1, 2] and changes["next"] == "2"
     rest = (await client.get(f"{base}/docs/board-42/changes", headers=h, params={"after": 2, "limit": 1})).json()

@@ -48,15 +48,16 @@ async def document_state(
     org: str, doc: str, svc: Svc, who: Who,
     as_of: Annotated[str | None, Query(max_length=64, description="ISO 8601 time")] = None,
     # (the HTTP server refuses a request line past 64 KiB before canvasdb reads it)
-    state_vector: Annotated[str | None, Query(max_length=60_000, description="base64 Yjs state vector: "
-                                              "only what a peer with it lacks")] = None,
+    state_vector: Annotated[str | None, Query(max_length=60_000,
+                                              description="base64 (standard or URL-safe) Yjs state vector:"
+                                                          " only what a peer with it lacks")] = None,
 ) -> Response:  # fmt: skip
     """The document as one binary Yjs update (apply it to an empty Y.Doc to get the document)."""
     moment = parse_as_of_time(as_of)
     vector = None
     if state_vector:
         try:
-            vector = base64.b64decode(state_vector, validate=True)
+            vector = base64.b64decode(_standard_base64(state_vector), validate=True)
         except (binascii.Error, ValueError):
             raise InvalidInput("state_vector must be base64", pointer="query:state_vector") from None
     if moment is not None:  # with whether it is exact (retention may have taken the updates of then)
@@ -64,6 +65,13 @@ async def document_state(
         return Response(past.update, media_type=YJS_UPDATE,
                         headers={"Canvasdb-Exact": "true" if past.exact else "false"})
     return Response(await svc.documents.state(who, doc, state_vector=vector), media_type=YJS_UPDATE)
+
+
+def _standard_base64(text: str) -> str:
+    """Base64 as clients send it in a URL: the URL-safe alphabet, padding left out, or a "+"
+    sent raw (which a query string reads as a space) are all taken."""
+    text = text.replace(" ", "+").replace("-", "+").replace("_", "/")
+    return text + "=" * (-len(text) % 4)
 
 
 UPDATE_PATHS = r"^/v1/orgs/[^/]+/docs/[^/]+/updates$"  # bodies up to CANVASDB_MAX_UPDATE_BYTES

@@ -693,6 +693,18 @@ async def test_an_as_of_that_takes_only_a_time_says_so(client: httpx.AsyncClient
             said = problem(await client.get(url, params={**params, "as_of": as_of}, headers=h), 422,
                            pointer="query:as_of")
             assert "ISO 8601 time" in said["detail"] and "version" not in said["detail"], (url, said)
+    # a number where a body or a search takes a time is no Unix time (pydantic's reading of it)
+    for number in (5, "5", "1.5e9", " 17 "):
+        said = problem(await client.post(f"{org_url(tenant)}/graph/subgraph", headers=h,
+                                         json={"roots": [eid], "as_of": number}), 422, pointer="/as_of")
+        assert "ISO 8601 time" in said["detail"], said
+        for bound in ("updated_after", "updated_before"):
+            said = problem(await client.get(f"{org_url(tenant)}/search", params={bound: number}, headers=h),
+                           422, pointer=f"query:{bound}")
+            assert "ISO 8601 time" in said["detail"], said
+    for moment in ("2999-11-27T10:00:00Z", "2999-11-27"):
+        ok(await client.post(f"{org_url(tenant)}/graph/subgraph", headers=h, json={"roots": [eid], "as_of": moment}))
+        ok(await client.get(f"{org_url(tenant)}/search", params={"updated_after": moment}, headers=h))
 
 
 @pytest.mark.parametrize(("params", "pointer"), [

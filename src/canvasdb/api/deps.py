@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 from fastapi import Depends, Header, Path, Request
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 from starlette.types import Scope
 
 from canvasdb.errors import BadRequest, CanvasdbError, Conflict, InvalidInput, Unauthorized
@@ -94,6 +96,20 @@ def _not_nil(value: UUID | None) -> UUID | None:
 # An id a client chooses for what it creates (entities, relationships).
 ClientId = Annotated[UUID | None, AfterValidator(_not_nil),
                      Field(description="client-chosen id; generated if absent")]
+
+
+_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+
+
+def _no_number(value: Any) -> Any:
+    """Pydantic reads a number as a Unix time: ``"as_of": "5"``, meant as a version, was 1970."""
+    if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value)):
+        raise ValueError("an ISO 8601 time, such as 2026-11-27T10:00:00Z, not a number")
+    return value
+
+
+# A moment in a body or a query: ISO 8601 only.
+IsoTime = Annotated[datetime, BeforeValidator(_no_number)]
 
 
 def parse_id(value: str, what: str = "entity", *, pointer: str = "path:id") -> UUID:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -10,7 +9,7 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from canvasdb.api.deps import ClientId, Svc, Who, conditionally, parse_id
+from canvasdb.api.deps import ClientId, IsoTime, Svc, Who, conditionally, parse_id
 from canvasdb.entities import parse_as_of_time
 from canvasdb.graph import Relationship
 from canvasdb.graph.traverse import MAX_DEPTH, MAX_DEPTH_TO_END, MAX_PAGE, MAX_PATHS, MAX_ROOTS
@@ -43,7 +42,7 @@ class SubgraphIn(BaseModel):
     kinds: list[str] | None = Field(default=None, max_length=50)
     direction: Literal["out", "in", "both"] = "both"
     limit: int = Field(default=1000, ge=1, le=10 * MAX_PAGE)
-    as_of: datetime | None = None
+    as_of: IsoTime | None = None
 
 
 def _one(rel: Relationship, status: int = 200) -> JSONResponse:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from canvasdb.api.deps import Svc, Who
+from canvasdb.api.deps import IsoTime, Svc, Who
 from canvasdb.errors import InvalidInput
 from canvasdb.search.engine import FACETS, MAX_LIMIT, Filters, Mode
 
@@ -35,8 +34,8 @@ async def search(
     project: List = None,
     type: List = None,
     module: List = None,
-    updated_after: datetime | None = None,
-    updated_before: datetime | None = None,
+    updated_after: IsoTime | None = None,
+    updated_before: IsoTime | None = None,
     facets: Annotated[str | None, Query(max_length=100, description=f"of {', '.join(FACETS)}")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20,
     cursor: Annotated[str | None, Query(max_length=2000)] = None,

@@ -96,6 +96,10 @@ def test_org_token_entity_round_trip(env: dict[str, str]) -> None:
     hist = json.loads(run(env, "entity", "history", "--org", slug, eid, "--json").stdout)
     assert [v["version"] for v in hist] == [2, 1]
     assert "update" in run(env, "entity", "history", "--org", slug, eid).stdout
+    first = run(env, "entity", "history", "--org", slug, eid, "--limit", "1")
+    assert "older versions: --before 2" in first.stderr, first.stderr
+    older = json.loads(run(env, "entity", "history", "--org", slug, eid, "--before", "2", "--json").stdout)
+    assert [v["version"] for v in older] == [1]
 
     # The token works against the API, then stops working once revoked.
     from canvasdb.services import Services  # noqa: F401  (import check: CLI and API share settings)

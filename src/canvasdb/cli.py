@@ -601,13 +601,15 @@ def entity_put(
 
 @entity_app.command("history")
 def entity_history(org: OrgOpt, id: str, limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
+                   before: Annotated[int | None, typer.Option(
+                       min=1, help="Only versions before this one (the next page).")] = None,
                    as_json: JsonOpt = False) -> None:
-    """List an entity's versions, newest first."""
+    """List an entity's versions, newest first, a page at a time."""
     entity_id = _uuid(id)
 
     async def work(svc: Services) -> Any:
         target = await svc.tenancy.resolve_org(org)
-        return await svc.entities.history(runtime.operator(target.id), entity_id, limit=limit)
+        return await svc.entities.history(runtime.operator(target.id), entity_id, before=before, limit=limit)
 
     page = _with_services(work)
     if as_json:
@@ -618,6 +620,8 @@ def entity_history(org: OrgOpt, id: str, limit: Annotated[int, typer.Option(min=
         at = v.at.isoformat(timespec="milliseconds") if isinstance(v.at, datetime) else str(v.at)
         table.add_row(str(v.version), v.op, at, str(v.actor or "operator"), str(len(v.patch or [])))
     out.print(table)
+    if page.next is not None:
+        err.print(f"older versions: --before {page.next}", highlight=False)
 
 
 @app.command()

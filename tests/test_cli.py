@@ -358,6 +358,8 @@ async def test_search_command(env: dict[str, str], svc: Any, tenant: Any) -> Non
     assert "[bold] quarterly plan" in table and "1 shown of 1 matches" in table and "note (1)" in table
     bad = run(env, "search", "--org", tenant.slug, "x", "--where", "status=done", check=False)
     assert bad.returncode == 1 and "data.FIELD=VALUE" in bad.stderr
+    long = run(env, "search", "--org", tenant.slug, "plan " * 2001, check=False)  # as over HTTP
+    assert long.returncode == 1 and "at most 10,000 characters" in long.stderr, long.stderr
 
 
 def test_search_from_the_cli_alone(env: dict[str, str]) -> None:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 
 from canvasdb.api.deps import IsoTime, Svc, Who
 from canvasdb.errors import InvalidInput
-from canvasdb.search.engine import FACETS, MAX_LIMIT, Filters, Mode
+from canvasdb.search.engine import FACETS, MAX_LIMIT, MAX_QUERY_CHARS, Filters, Mode
 
 router = APIRouter(prefix="/v1/orgs/{org}", tags=["search"])
 MAX_VALUES = 100  # of a list parameter (project, type, module), repeated or comma-separated
@@ -28,7 +28,8 @@ def _split(values: list[str] | None, name: str) -> tuple[str, ...]:
 @router.get("/search")
 async def search(
     svc: Svc, who: Who, request: Request,
-    q: Annotated[str, Query(max_length=10_000, description="websearch syntax: \"phrase\", OR, -word")] = "",
+    q: Annotated[str, Query(max_length=MAX_QUERY_CHARS,
+                            description="websearch syntax: \"phrase\", OR, -word")] = "",
     mode: Mode = "hybrid",
     typo: bool = True,
     project: List = None,

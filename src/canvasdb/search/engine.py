@@ -70,6 +70,7 @@ MODES = ("text", "semantic", "hybrid")
 FACETS = ("type", "module", "project", "tag")
 RRF_K = 60
 MAX_LIMIT = 100
+MAX_QUERY_CHARS = 10_000
 MAX_DEPTH = 1000  # semantic and hybrid results end this deep
 HYBRID_WINDOW = 40  # hybrid fuses lists this deep at least (as deep as the page otherwise)
 # Semantic totals and facets cover this many nearest entities, whatever the limit: a page's
@@ -216,6 +217,8 @@ class Search:
         for name in facets:
             if name not in FACETS:
                 raise InvalidInput(f"facets are among {', '.join(FACETS)}", pointer="/facets")
+        if len(text) > MAX_QUERY_CHARS:  # (over HTTP the query parameter's own bound comes first)
+            raise InvalidInput(f"a query is at most {MAX_QUERY_CHARS:,} characters", pointer="/q")
         _check_text(text, "/q", nul=False)
         filters = filters.check()
         parsed = q.parse(text)

@@ -28,6 +28,8 @@ import asyncio
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
 
+from canvasdb.token_bucket import TokenBucket
+
 MAX_FRAGMENTS = 1000  # frames of one message
 PINGS_PER_S, PING_BURST = 10.0, 100  # a client's pings: sustained rate, and burst (then 1008)
 _PONG = b"\x8a"  # the first byte of a server's pong frame (FIN, opcode 0xA)
@@ -39,7 +41,8 @@ class _Bounded(WebSocketsSansIOProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._pong: bytes | None = None  # the answer to the latest ping, held while writes are paused
-        self._pings, self._pings_at = float(PING_BURST), self.loop.time()  # a token bucket
+        # each ping costs a parse and a pong; a browser sends none, a library a few a minute
+        self._pings = TokenBucket(PINGS_PER_S, PING_BURST)
         self._deadline = self.loop.call_later(self.handshake_timeout, self._expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -69,10 +72,7 @@ class _Bounded(WebSocketsSansIOProtocol):
             self.handle_parser_exception()
 
     def handle_ping(self) -> None:
-        now = self.loop.time()
-        self._pings = min(float(PING_BURST), self._pings + (now - self._pings_at) * PINGS_PER_S) - 1
-        self._pings_at = now
-        if self._pings < 0:  # each costs a parse and a pong; a browser sends none, a library a few a minute
+        if not self._pings.try_take():
             if not self.transport.is_closing():
                 self.conn.fail(1008, f"more than {PINGS_PER_S:g} pings a second")
                 self.handle_parser_exception()

@@ -30,6 +30,7 @@ from canvasdb.gateway.hub import CLOSE_GRACE_S, SLOW_CLIENT_BYTES, SLOW_CLIENT_S
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 from canvasdb.tenancy import Principal
+from canvasdb.token_bucket import TokenBucket
 
 log = logging.getLogger("canvasdb.gateway")
 _MAX_IN_FLIGHT = 1000  # updates of one connection waiting for their commit
@@ -77,8 +78,8 @@ class _Closing(Exception):
         self.code, self.reason, self.metric = code, reason, metric
 
 
-class _Bucket:
-    """Token bucket: ``rate`` per second sustained, ``burst`` at once.
+class _Throttle:
+    """A sender's updates: ``rate`` a second sustained, ``burst`` at once (a token bucket).
 
     A sender over the rate is slowed down, not cut off: each update waits for its token, and
     meanwhile its socket is not read, so TCP holds the sender back. Closing instead would
@@ -87,33 +88,24 @@ class _Bucket:
     """
 
     def __init__(self, rate: float, burst: int, grace: float) -> None:
-        self.rate, self.burst, self.grace = rate, burst, grace
-        self.tokens, self.at = float(burst), time.monotonic()
+        self.bucket, self.grace = TokenBucket(rate, burst), grace
         self.over_since: float | None = None  # when the sender last found the bucket empty
 
     async def take(self, n: int = 1) -> bool:
         """Wait for ``n`` tokens (at most a burst's); False if the sender has been over the
         rate for too long."""
-        n = min(n, self.burst)
-        self._refill()
-        if self.tokens >= n:
+        n = min(n, self.bucket.burst)
+        if self.bucket.try_take(n):
             self.over_since = None
-        else:
-            now = time.monotonic()
-            if self.over_since is None:
-                self.over_since = now
-            elif now - self.over_since > self.grace:
-                return False
-            metrics.GATEWAY_THROTTLED.inc()
-            await asyncio.sleep((n - self.tokens) / self.rate)
-            self._refill()
-        self.tokens -= n
-        return True
-
-    def _refill(self) -> None:
+            return True
         now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
+        if self.over_since is None:
+            self.over_since = now
+        elif now - self.over_since > self.grace:
+            return False
+        metrics.GATEWAY_THROTTLED.inc()
+        await self.bucket.take(n)
+        return True
 
 
 def _token(ws: WebSocket) -> str | None:
@@ -250,8 +242,8 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
     in_flight: set[asyncio.Future[object]] = set()
     below_limit = asyncio.Event()  # fewer than _MAX_IN_FLIGHT updates wait for their commit
     below_limit.set()
-    bucket = _Bucket(settings.gateway_max_updates_per_s, settings.gateway_update_burst,
-                     settings.gateway_rate_grace_s)
+    throttle = _Throttle(settings.gateway_max_updates_per_s, settings.gateway_update_burst,
+                         settings.gateway_rate_grace_s)
 
     def settled(commit: asyncio.Future[object]) -> None:
         in_flight.discard(commit)
@@ -266,7 +258,7 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
             metrics.GATEWAY_REJECTED.labels("read_only").inc()
             peer.push(protocol.permission_denied("read-only access: updates are not accepted"))
             return
-        if not await bucket.take():
+        if not await throttle.take():
             raise _Closing(4429, "too many updates for too long; slow down", "rate")
         try:
             await yjs.check_update_off_loop(update)
@@ -306,7 +298,7 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
             metrics.GATEWAY_MESSAGES.inc(_KINDS.get(message.kind, "other"))
             if message.kind == protocol.SYNC and message.step == protocol.STEP1:
                 # a token per KiB of state vector: reading one of 140,000 clients took 0.14 s
-                if not await bucket.take(1 + len(message.payload) // 1024):
+                if not await throttle.take(1 + len(message.payload) // 1024):
                     raise _Closing(4429, "too many sync requests for too long; slow down", "rate")
                 while peer.unsent() > SLOW_CLIENT_BYTES and not peer.closing_stuck():
                     await asyncio.sleep(0.1)  # the last answer first (not reading meanwhile: TCP waits)

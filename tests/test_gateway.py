@@ -48,6 +48,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.asynccontextmanager
+async def served(app, **config: object) -> AsyncIterator[uvicorn.Server]:
+    """``app`` served by uvicorn in this event loop, on a port of its own (``server.config.port``)."""
+    server = uvicorn.Server(uvicorn.Config(app, **{"port": free_port(), "lifespan": "off", "log_config": None,
+                                                   **config}))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        yield server
+    finally:
+        server.should_exit = True
+        await serving
+
+
 class Gateway:
     """A ``canvasdb gateway`` process on its own port."""
 
@@ -548,18 +563,9 @@ async def test_a_websocket_handshake_not_completed_by_the_header_deadline_is_clo
                 pass
             left.set()
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(never_accepts, port=port, ws=with_bounds(0.5), lifespan="off",
-                                           log_config=None))
-    serving = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            await asyncio.sleep(0.05)
-        assert await asyncio.wait_for(asyncio.to_thread(upgrade, port, "/"), 10) == b""  # closed, no answer
+    async with served(never_accepts, ws=with_bounds(0.5)) as server:
+        assert await asyncio.wait_for(asyncio.to_thread(upgrade, server.config.port, "/"), 10) == b""  # no answer
         await asyncio.wait_for(left.wait(), 5)
-    finally:
-        server.should_exit = True
-        await serving
 
 
 async def test_the_idle_bound_is_the_clients_not_the_servers() -> None:
@@ -579,16 +585,11 @@ async def test_the_idle_bound_is_the_clients_not_the_servers() -> None:
             str(size)))]})
         await send({"type": "http.response.body", "body": str(size).encode()})
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, lifespan="off", log_config=None,
-                                           http=with_bounded_requests(header_timeout=5, idle_timeout=1)))
-    serving = asyncio.create_task(server.serve())
-
     def post(path: str, size: int, extra: bytes = b"") -> bytes:
         return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n" % (path.encode(), size, extra)
 
     def exchange(*steps: bytes | float) -> bytes:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with socket.create_connection(("127.0.0.1", server.config.port), timeout=10) as sock:
             for step in steps:
                 if isinstance(step, float):
                     time.sleep(step)
@@ -599,9 +600,7 @@ async def test_the_idle_bound_is_the_clients_not_the_servers() -> None:
             sock.shutdown(socket.SHUT_WR)
             return b"".join(iter(lambda: sock.recv(1 << 16), b""))
 
-    try:
-        while not server.started:
-            await asyncio.sleep(0.05)
+    async with served(app, http=with_bounded_requests(header_timeout=5, idle_timeout=1)) as server:
         body = b"x" * 300_000
         got = await asyncio.to_thread(exchange, post("/slow", len(body)) + body)
         assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"300000"), got[:200]
@@ -612,9 +611,6 @@ async def test_the_idle_bound_is_the_clients_not_the_servers() -> None:
         got = await asyncio.to_thread(exchange, post("/", len(body)) + body[:-1000], 0.2,
                                       body[-1000:] + second + body[:150_000], 0.2, body[150_000:])
         assert got.count(b"HTTP/1.1 200") == 2 and got.endswith(b"300000"), got[:300]
-    finally:
-        server.should_exit = True
-        await serving
 
 
 class _FedTransport(asyncio.Transport):
@@ -903,13 +899,8 @@ async def test_pings_from_a_client_that_never_reads_do_not_pile_up(monkeypatch: 
             while (await receive())["type"] != "websocket.disconnect":
                 pass
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(accepts, port=port, ws=with_bounds(5), lifespan="off", log_config=None))
-    serving = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            await asyncio.sleep(0.05)
-        sock = await asyncio.to_thread(never_reading, port, "/")
+    async with served(accepts, ws=with_bounds(5)) as server:
+        sock = await asyncio.to_thread(never_reading, server.config.port, "/")
         before = rss_mb(os.getpid())
         flood = Frame(Opcode.PING, b"p" * 125).serialize(mask=True) * 8000  # a megabyte of pings
         last = b"the last ping"
@@ -930,9 +921,6 @@ async def test_pings_from_a_client_that_never_reads_do_not_pile_up(monkeypatch: 
 
         assert await asyncio.to_thread(answered)
         sock.close()
-    finally:
-        server.should_exit = True
-        await serving
 
 
 async def test_a_message_of_too_many_frames_is_refused(

@@ -923,6 +923,28 @@ async def test_pings_from_a_client_that_never_reads_do_not_pile_up(monkeypatch: 
         sock.close()
 
 
+async def test_a_close_by_the_websocket_layer_drops_a_client_that_never_reads() -> None:
+    """The WebSocket layer's own closes (here 1007, a text frame that is not UTF-8) waited, as
+    all of uvicorn's do, for the client to read up to the close frame: a client that reads
+    nothing held its connection for good. It is dropped CLOSING_GRACE_S later."""
+    async def sends_a_lot(scope: dict, receive, send) -> None:
+        if scope["type"] == "websocket":
+            await receive()
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.send", "bytes": b"x" * 4_000_000})  # more than the sockets hold
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
+
+    async with served(sends_a_lot, ws=with_bounds(5)) as server:
+        with await asyncio.to_thread(never_reading, server.config.port, "/") as sock:
+            await asyncio.to_thread(sock.sendall, Frame(Opcode.TEXT, b"\xff").serialize(mask=True))
+
+            async def dropped() -> bool:
+                return not server.server_state.connections
+
+            assert await eventually(dropped, 15)  # CLOSING_GRACE_S is 5
+
+
 async def test_a_message_of_too_many_frames_is_refused(
     gateways: list[Gateway], board: tuple[Tenant, str]
 ) -> None:

@@ -19,6 +19,10 @@
   closed with 1008 (policy violation): each ping costs a parse and a pong.
 - A text message that is not UTF-8 is closed with 1007, as before, but without the
   traceback uvicorn logged for each: it is the client's error, not the server's.
+- Closes. Once the close frame is written (whoever closes: uvicorn, these bounds, the
+  gateway), uvicorn waits for the client to read up to it, which a client that reads
+  nothing never does: the connection stayed open for good. It is dropped
+  ``CLOSING_GRACE_S`` later.
 """
 
 from __future__ import annotations
@@ -33,10 +37,24 @@ from canvasdb.token_bucket import TokenBucket
 MAX_FRAGMENTS = 1000  # frames of one message
 PINGS_PER_S, PING_BURST = 10.0, 100  # a client's pings: sustained rate, and burst (then 1008)
 _PONG = b"\x8a"  # the first byte of a server's pong frame (FIN, opcode 0xA)
+CLOSING_GRACE_S = 5.0  # a client gets this long to read up to the close frame; then it is dropped
 
 
 class _Bounded(WebSocketsSansIOProtocol):
     handshake_timeout: float
+    _dropping: asyncio.TimerHandle | None = None  # the drop of a connection whose close frame is written
+
+    @property
+    def close_sent(self) -> bool:
+        return self._close_sent
+
+    @close_sent.setter
+    def close_sent(self, sent: bool) -> None:
+        """Set by every close (uvicorn's, and any code's that writes a close frame itself): the
+        drop is armed here, once for all of them."""
+        self._close_sent = sent
+        if sent and self._dropping is None and not self.disconnected:
+            self._dropping = self.loop.call_later(CLOSING_GRACE_S, self.transport.abort)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -47,6 +65,8 @@ class _Bounded(WebSocketsSansIOProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline.cancel()
+        if self._dropping is not None:
+            self._dropping.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:

@@ -168,17 +168,16 @@ async def serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, s
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
     """A graceful close, within CLOSE_GRACE_S: it waits for room in the socket's buffer, which a
-    client that does not read never makes; then the close frame goes behind what waits."""
+    client that does not read never makes; then the close frame goes behind what waits (and
+    the WebSocket layer drops a client that does not read up to it: api.ws_protocol)."""
     if ws.application_state == WebSocketState.CONNECTED:
-        proto = _direct(ws)
         with contextlib.suppress(Exception):
             try:
                 await asyncio.wait_for(ws.close(code, reason[:120]), CLOSE_GRACE_S)
             except TimeoutError:
+                proto = _direct(ws)
                 if proto is not None and not (proto.close_sent or proto.disconnected):
                     close_now(proto, code, reason[:120])
-        if proto is not None:  # written; uvicorn then waits for the client to read up to it, for good
-            asyncio.get_running_loop().call_later(CLOSE_GRACE_S, proto.transport.abort)
 
 
 async def _authorized(svc: Services, token: str | None, org: str, doc_id: str) -> tuple[Any, bool]:
@@ -222,15 +221,10 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
     async def watch_backlog() -> None:
         """A client that leaves more than SLOW_CLIENT_BYTES unread, and no fewer for
         SLOW_CLIENT_STALL_S, is cut off (the socket's whole buffer counts, what the
-        WebSocket layer wrote too). A connection whose close frame was written (by anyone: uvicorn's keepalive
-        too) and that is still open CLOSE_GRACE_S later is dropped."""
-        before, stalled, stuck = float("inf"), 0, 0
+        WebSocket layer wrote too)."""
+        before, stalled = float("inf"), 0
         while True:
             await asyncio.sleep(1)
-            stuck = stuck + 1 if peer.closing_stuck() else 0
-            if stuck > CLOSE_GRACE_S:
-                peer.direct.transport.abort()
-                return
             now = peer.unsent()
             stalled = stalled + 1 if now > SLOW_CLIENT_BYTES and now >= before else 0
             if stalled >= SLOW_CLIENT_STALL_S:

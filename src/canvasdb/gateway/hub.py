@@ -52,7 +52,7 @@ _GOING_AWAY = b""  # queued last by drain(): the sender closes with 1001 once it
 SLOW_CLIENT_BYTES = 16 * 1024 * 1024
 SLOW_CLIENT_STALL_S = 10
 _UNSENT_LIMIT = 4 * SLOW_CLIENT_BYTES
-CLOSE_GRACE_S = 5.0  # a closing client gets this long to read up to its close frame; then dropped
+CLOSE_GRACE_S = 5.0  # a close waits this long for room in the client's buffer; then it goes behind
 # Awareness is held in memory and sent to every joiner: bounded per connection (the clients
 # it introduced), per room (clients, and bytes of their states) and per state (protocol.py).
 MAX_AWARENESS_CLIENTS_PER_CONNECTION = 64
@@ -83,8 +83,8 @@ def ws_frame(message: bytes) -> bytes:
 
 def close_now(proto: Any, code: int, reason: str) -> None:
     """Close uvicorn's WebSocket ``proto`` without waiting for room in its buffer, which a
-    client that does not read never makes: the close frame goes behind what waits. (Whoever
-    closes also drops the connection if it is still open CLOSE_GRACE_S later.)"""
+    client that does not read never makes: the close frame goes behind what waits. (The
+    WebSocket layer drops a client that does not read up to it: api.ws_protocol.)"""
     proto.conn.fail(code, reason)  # as uvicorn's own keepalive timeout does
     proto.transport.write(b"".join(proto.conn.data_to_send()))
     proto.close_sent = True
@@ -159,8 +159,8 @@ class Peer:
         return buffered + self.pending_bytes - asked
 
     def cut_off(self) -> None:
-        """Close a client too slow to receive (1013: it reconnects and resyncs); its
-        connection's watchdog drops it if the close does not get through."""
+        """Close a client too slow to receive (1013: it reconnects and resyncs); the WebSocket
+        layer drops it if the close does not get through."""
         d = self.direct
         if d is not None and (d.close_sent or d.disconnected):
             return
@@ -173,7 +173,7 @@ class Peer:
 
     def closing_stuck(self) -> bool:
         """Its close frame is written and the connection still open: a client that does not
-        read keeps it so for as long as TCP stays up (uvicorn's own closes wait for that)."""
+        read keeps it so until the WebSocket layer drops it."""
         d = self.direct
         return d is not None and d.close_sent and not d.disconnected
 

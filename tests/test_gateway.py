@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -31,7 +32,7 @@ from relays import Balancer, PgProxy
 from websockets.frames import Frame, Opcode
 from yjs_client import JsClient
 
-from canvasdb.api import ws_protocol
+from canvasdb.api import create_app, ws_protocol
 from canvasdb.api.http_protocol import MAX_HEADER_BYTES, with_bounded_requests
 from canvasdb.api.ws_protocol import MAX_FRAGMENTS, PING_BURST, with_bounds
 from canvasdb.db import Database
@@ -860,6 +861,36 @@ async def test_a_client_that_never_reads_is_cut_off(
             assert 1 <= answers <= 5, answers  # its own relay and one or two answers, not 200
     finally:
         slow.close()
+
+
+async def test_connections_that_keep_up_cost_no_wake_ups(
+    settings: Settings, db: Database, svc: Services, board: tuple[Tenant, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each connection had a task that woke once a second to look at its backlog (20,000
+    connections: 20,000 wake-ups a second); a client is looked at only while more than
+    SLOW_CLIENT_BYTES wait for it now. Idle connections that keep up schedule nothing."""
+    t, doc = board
+    # an app of its own over the test database (its hub takes its document store's log over)
+    app = create_app(settings, services=dataclasses.replace(svc, documents=DocumentStore(db)))
+    async with served(app, ws=with_bounds(10), lifespan="on") as server:
+        url = f"ws://127.0.0.1:{server.config.port}/v1/orgs/{t.slug}/docs/{doc}?token={t.token}"
+        before = asyncio.all_tasks()
+        async with contextlib.AsyncExitStack() as clients:
+            for _ in range(3):
+                await synced(await clients.enter_async_context(websockets.connect(url, ping_interval=None)))
+            theirs = asyncio.all_tasks() - before  # the connections' tasks (uvicorn's, the gateway's)
+            loop = asyncio.get_running_loop()
+            call_at, scheduled_by = loop.call_at, set()
+
+            def recorded(when: float, callback, *args: object, context=None) -> asyncio.TimerHandle:
+                scheduled_by.add(asyncio.current_task())
+                return call_at(when, callback, *args, context=context)
+
+            with monkeypatch.context() as patch:
+                patch.setattr(loop, "call_at", recorded)
+                await asyncio.sleep(2.5)
+        assert theirs and asyncio.current_task() in scheduled_by  # (what a timer looks like)
+        assert not scheduled_by & theirs
 
 
 def rss_mb(pid: int) -> float:

@@ -26,7 +26,7 @@ from canvasdb import metrics
 from canvasdb.documents import yjs
 from canvasdb.errors import InvalidInput, NotFound, PayloadTooLarge, Unauthorized, Unavailable
 from canvasdb.gateway import protocol
-from canvasdb.gateway.hub import CLOSE_GRACE_S, SLOW_CLIENT_BYTES, SLOW_CLIENT_STALL_S, Hub, Peer, close_now
+from canvasdb.gateway.hub import CLOSE_GRACE_S, SLOW_CLIENT_BYTES, Hub, Peer, close_now
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 from canvasdb.tenancy import Principal
@@ -218,21 +218,7 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
             except Exception:
                 log.warning("could not check access to %s again", doc_id, exc_info=True)
 
-    async def watch_backlog() -> None:
-        """A client that leaves more than SLOW_CLIENT_BYTES unread, and no fewer for
-        SLOW_CLIENT_STALL_S, is cut off (the socket's whole buffer counts, what the
-        WebSocket layer wrote too)."""
-        before, stalled = float("inf"), 0
-        while True:
-            await asyncio.sleep(1)
-            now = peer.unsent()
-            stalled = stalled + 1 if now > SLOW_CLIENT_BYTES and now >= before else 0
-            if stalled >= SLOW_CLIENT_STALL_S:
-                peer.cut_off()
-            before = now if now > SLOW_CLIENT_BYTES else float("inf")
-
     checker = asyncio.create_task(recheck())
-    watcher = asyncio.create_task(watch_backlog())
     in_flight: set[asyncio.Future[object]] = set()
     below_limit = asyncio.Event()  # fewer than _MAX_IN_FLIGHT updates wait for their commit
     below_limit.set()
@@ -309,7 +295,6 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
                 peer.push(aware)
     finally:
         checker.cancel()
-        watcher.cancel()
         if in_flight:  # the client left; what it sent is still committed and broadcast
             await asyncio.gather(*in_flight, return_exceptions=True)
         hub.leave(room, peer)

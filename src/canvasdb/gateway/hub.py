@@ -112,6 +112,7 @@ class Peer:
     pending_bytes: int = 0
     written: int = 0  # bytes written to the transport, ever
     asked_end: int = 0  # where (in those) the answer to its last sync request ends
+    backlog_check: asyncio.TimerHandle | None = None  # the next one, while past SLOW_CLIENT_BYTES
 
     def _write(self) -> None:
         frames, self.pending, self.pending_bytes = self.pending, [], 0
@@ -120,6 +121,24 @@ class Peer:
             data = b"".join(frames)
             self.written += len(data)
             d.transport.write(data)
+            if self.backlog_check is None and self.unsent() > SLOW_CLIENT_BYTES:
+                self.backlog_check = asyncio.get_running_loop().call_later(
+                    1, self._check_backlog, float("inf"), 0)
+
+    def _check_backlog(self, before: float, stalled: int) -> None:
+        """Each second while more than SLOW_CLIENT_BYTES wait unread (the socket's whole buffer
+        counts, what the WebSocket layer wrote too): a client that leaves no fewer for
+        SLOW_CLIENT_STALL_S is cut off. The checks start when a write passes that mark and end
+        when the client drains below it, so that a client that keeps up costs no wake-ups."""
+        self.backlog_check = None
+        d, now = self.direct, self.unsent()
+        if d.close_sent or d.disconnected or now <= SLOW_CLIENT_BYTES:
+            return
+        stalled = stalled + 1 if now >= before else 0
+        if stalled >= SLOW_CLIENT_STALL_S:
+            self.cut_off()
+            return
+        self.backlog_check = asyncio.get_running_loop().call_later(1, self._check_backlog, now, stalled)
 
     def push(self, message: bytes, frame: bytes | None = None, *, asked: bool = False) -> None:
         """Send ``message`` (``frame``: the same, framed); ``asked``: the answer to the client's

@@ -1141,11 +1141,12 @@ async def test_awareness_newer_than_held_only_and_owned_by_who_said_it_first(db:
     assert set(room.awareness) == {2}, "a's state went with a; b's stayed when v left"
     hub.relay_awareness(room, protocol.awareness_update([(1, 1, '{"a": 1}')]), b)  # sent back late
     assert set(room.awareness) == {2} and room.owners == {2: b}
-    big = '"' + "x" * 60_000 + '"'
+    hub.relay_awareness(room, protocol.awareness_update([(2, 2, '{"b": "\u00e9"}')]), b)  # replaced
+    big = '"' + "\u00e9" * 30_000 + '"'  # 60,002 bytes: the budget counts bytes, not characters
     for peer, base in ((w1, 100), (w2, 200)):
         hub.relay_awareness(room, protocol.awareness_update([(base + i, 1, big) for i in range(60)]), peer)
     assert len(room.awareness) < 121 and set(room.owners) == set(room.awareness)
-    assert room.awareness_bytes == sum(len(state.encode()) for _, state in room.awareness.values())
+    assert room.awareness_bytes == sum(len(held.state.encode()) for held in room.awareness.values())
     assert room.awareness_bytes <= 4 * 1024 * 1024
 
 

@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import psycopg
@@ -215,6 +215,15 @@ class Peer:
                 self.busy = False
 
 
+class Held(NamedTuple):
+    """An awareness client's state that a room holds, with its size in bytes (UTF-8), counted
+    against the room's budget."""
+
+    clock: int
+    state: str
+    size: int
+
+
 @dataclass(eq=False)
 class Room:
     org_id: UUID
@@ -222,7 +231,7 @@ class Room:
     peers: set[Peer] = field(default_factory=set)
     floor: int = 0  # every update up to here was delivered
     above: set[int] = field(default_factory=set)  # delivered updates past the floor
-    awareness: dict[int, tuple[int, str]] = field(default_factory=dict)  # client id -> (clock, state)
+    awareness: dict[int, Held] = field(default_factory=dict)  # client id -> its state
     awareness_bytes: int = 0  # of the states held
     owners: dict[int, Peer] = field(default_factory=dict)  # awareness client -> its connection here
     gone: dict[int, int] = field(default_factory=dict)  # awareness client -> clock of its removal
@@ -355,7 +364,7 @@ class Hub:
         mine = [c for c in peer.awareness_ids if room.owners.get(c) is peer]
         for client in mine:
             del room.owners[client]
-        gone = [(c, room.awareness[c][0] + 1, "null") for c in mine if c in room.awareness]
+        gone = [(c, room.awareness[c].clock + 1, "null") for c in mine if c in room.awareness]
         if gone:  # tell the others this connection's clients are gone
             self._queue_awareness(room, gone, notify=self._notifier is not None)
         if not room.peers:
@@ -455,7 +464,7 @@ class Hub:
                     metrics.GATEWAY_REJECTED.labels("awareness_full").inc()
                     continue
                 claims.append(client)
-            elif state != "null" and first and len(entries) == 1 and clock > held[0]:
+            elif state != "null" and first and len(entries) == 1 and clock > held.clock:
                 claims.append(client)
             kept.append((client, clock, state))
         accepted = self._queue_awareness(room, kept, notify=self._notifier is not None)
@@ -478,9 +487,9 @@ class Hub:
         accepted: set[int] = set()
         for client, clock, state in entries:
             held = room.awareness.get(client)
-            held_bytes = len(held[1].encode()) if held is not None else 0
+            held_bytes = held.size if held is not None else 0
             if state == "null":
-                if held is None or clock < held[0]:
+                if held is None or clock < held.clock:
                     continue
                 del room.awareness[client]
                 room.owners.pop(client, None)
@@ -489,13 +498,13 @@ class Hub:
                     del room.gone[next(iter(room.gone))]
                 room.awareness_bytes -= held_bytes
             else:
-                if clock <= (held[0] if held is not None else room.gone.get(client, -1)):
+                if clock <= (held.clock if held is not None else room.gone.get(client, -1)):
                     continue
                 size = len(state.encode())
                 if room.awareness_bytes - held_bytes + size > MAX_AWARENESS_BYTES_PER_ROOM:
                     metrics.GATEWAY_REJECTED.labels("awareness_full").inc()
                     continue
-                room.awareness[client] = (clock, state)
+                room.awareness[client] = Held(clock, state, size)
                 room.gone.pop(client, None)
                 room.awareness_bytes += size - held_bytes
             accepted.add(client)
@@ -530,7 +539,7 @@ class Hub:
         if not room.awareness:
             return None
         return protocol.awareness(protocol.awareness_update(
-            [(client, clock, state) for client, (clock, state) in room.awareness.items()]))
+            [(client, held.clock, held.state) for client, held in room.awareness.items()]))
 
     async def _send_notices(self) -> None:
         """Relay queued awareness to the other gateways: all that queued up in one statement,

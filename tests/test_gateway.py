@@ -518,13 +518,17 @@ async def test_stalled_bodies_unread_responses_and_trailers_are_cut_off(
     gw.stop()
 
 
-def upgrade(port: int, path: str, extra: bytes = b"", *, then: bytes = b"") -> bytes:
-    """Send a WebSocket upgrade with ``extra`` header lines (and ``then`` after the headers);
-    all the server answers until it closes the connection."""
+def upgrade(port: int, path: str, extra: bytes = b"", *, then: bytes = b"", more: int = 0) -> bytes:
+    """Send a WebSocket upgrade with ``extra`` header lines (and ``then`` after the headers, and
+    ``more`` bytes after that, a KiB at a time, as a client still sending a body); all the
+    server answers until it closes the connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n%s"
                      % (path.encode(), extra, then))
+        for _ in range(more // 1024):
+            sock.sendall(b"x" * 1024)
+            time.sleep(0.001)
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
@@ -551,6 +555,24 @@ async def test_upgrades_the_websocket_parser_refuses_are_answered_and_closed(
         assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
     async with websockets.connect(f"ws://127.0.0.1:{port}{path}") as ws:  # and it serves on
         await synced(ws)
+
+
+async def test_a_refused_upgrade_is_answered_to_a_client_still_sending(
+    gateways: list[Gateway], board: tuple[Tenant, str]
+) -> None:
+    """The refusal was written and the connection closed at once: closed with bytes still
+    coming, a socket is reset, and the client got the reset instead of the answer (or lost the
+    answer to it). What the client sends is read and dropped for a while first, as after the
+    HTTP layer's own refusals."""
+    t, doc = board
+    path = f"/v1/orgs/{t.slug}/docs/{doc}?token={t.token}"
+    for extra, status in [(b"".join(b"X-H%d: v\r\n" % i for i in range(129)), 431),
+                          (b"Content-Length: 300000\r\n", 400)]:
+        answer = await asyncio.to_thread(upgrade, gateways[0].port, path, extra, more=300_000)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(
+            b"content-length:"))
+        assert head.startswith(b"HTTP/1.1 %d " % status) and len(body) == length > 0, answer[:300]
 
 
 async def test_a_websocket_handshake_not_completed_by_the_header_deadline_is_closed() -> None:

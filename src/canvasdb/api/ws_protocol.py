@@ -4,7 +4,9 @@
   refuses some that it accepted (more than 128 headers, a line over 8 KiB, a request body);
   uvicorn then waited for a request that never came, with no answer and no timer: 2 x 10,000
   such connections took the server's 20,000 file descriptors. The refusal is now written and
-  the connection closed, and any handshake not complete within the header deadline is closed.
+  the connection closed, lingering first as after the HTTP layer's own refusals (what the
+  client still sends is read and dropped for a while: see api.lingering), and any handshake
+  not complete within the header deadline is closed.
 - A message's fragments. uvicorn keeps each one, and websockets counts payload bytes only,
   so endless empty continuation frames grew memory without bound under ``ws_max_size`` and
   stalled the event loop (another client's /healthz took up to 7.8 s). A message of more
@@ -32,6 +34,7 @@ import asyncio
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
 
+from canvasdb.api.lingering import Lingering
 from canvasdb.token_bucket import TokenBucket
 
 MAX_FRAGMENTS = 1000  # frames of one message
@@ -43,6 +46,7 @@ CLOSING_GRACE_S = 5.0  # a client gets this long to read up to the close frame; 
 class _Bounded(WebSocketsSansIOProtocol):
     handshake_timeout: float
     _dropping: asyncio.TimerHandle | None = None  # the drop of a connection whose close frame is written
+    _lingering: Lingering | None = None  # since the handshake was refused
 
     @property
     def close_sent(self) -> bool:
@@ -70,14 +74,16 @@ class _Bounded(WebSocketsSansIOProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:
+            self._lingering.received(data)
+            return
         super().data_received(data)
         refused = self.conn.handshake_exc
         if refused is not None and not self.handshake_initiated and not self.transport.is_closing():
             # websockets answers a 414 or a 431 (uvicorn never wrote it); the rest, nothing
             answer = b"".join(self.conn.data_to_send()) or self.conn.reject(
                 400, f"Failed to open a WebSocket connection: {refused.__cause__ or refused}.\n").serialize()
-            self.transport.write(answer)
-            self.transport.close()
+            self._lingering = Lingering(self.transport, answer)
 
     def _expired(self) -> None:
         if not self.handshake_complete:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -31,7 +32,7 @@ from relays import Balancer, PgProxy
 from websockets.frames import Frame, Opcode
 from yjs_client import JsClient
 
-from canvasdb.api import ws_protocol
+from canvasdb.api import create_app, ws_protocol
 from canvasdb.api.http_protocol import MAX_HEADER_BYTES, with_bounded_requests
 from canvasdb.api.ws_protocol import MAX_FRAGMENTS, PING_BURST, with_bounds
 from canvasdb.db import Database
@@ -46,6 +47,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def served(app, **config: object) -> AsyncIterator[uvicorn.Server]:
+    """``app`` served by uvicorn in this event loop, on a port of its own (``server.config.port``)."""
+    server = uvicorn.Server(uvicorn.Config(app, **{"port": free_port(), "lifespan": "off", "log_config": None,
+                                                   **config}))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        yield server
+    finally:
+        server.should_exit = True
+        await serving
 
 
 class Gateway:
@@ -502,13 +518,17 @@ async def test_stalled_bodies_unread_responses_and_trailers_are_cut_off(
     gw.stop()
 
 
-def upgrade(port: int, path: str, extra: bytes = b"", *, then: bytes = b"") -> bytes:
-    """Send a WebSocket upgrade with ``extra`` header lines (and ``then`` after the headers);
-    all the server answers until it closes the connection."""
+def upgrade(port: int, path: str, extra: bytes = b"", *, then: bytes = b"", more: int = 0) -> bytes:
+    """Send a WebSocket upgrade with ``extra`` header lines (and ``then`` after the headers, and
+    ``more`` bytes after that, a KiB at a time, as a client still sending a body); all the
+    server answers until it closes the connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n%s"
                      % (path.encode(), extra, then))
+        for _ in range(more // 1024):
+            sock.sendall(b"x" * 1024)
+            time.sleep(0.001)
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
@@ -537,6 +557,24 @@ async def test_upgrades_the_websocket_parser_refuses_are_answered_and_closed(
         await synced(ws)
 
 
+async def test_a_refused_upgrade_is_answered_to_a_client_still_sending(
+    gateways: list[Gateway], board: tuple[Tenant, str]
+) -> None:
+    """The refusal was written and the connection closed at once: closed with bytes still
+    coming, a socket is reset, and the client got the reset instead of the answer (or lost the
+    answer to it). What the client sends is read and dropped for a while first, as after the
+    HTTP layer's own refusals."""
+    t, doc = board
+    path = f"/v1/orgs/{t.slug}/docs/{doc}?token={t.token}"
+    for extra, status in [(b"".join(b"X-H%d: v\r\n" % i for i in range(129)), 431),
+                          (b"Content-Length: 300000\r\n", 400)]:
+        answer = await asyncio.to_thread(upgrade, gateways[0].port, path, extra, more=300_000)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(
+            b"content-length:"))
+        assert head.startswith(b"HTTP/1.1 %d " % status) and len(body) == length > 0, answer[:300]
+
+
 async def test_a_websocket_handshake_not_completed_by_the_header_deadline_is_closed() -> None:
     """An application that never accepts (nor refuses) a WebSocket held its connection for
     good; it is closed at the header deadline (CANVASDB_HTTP_HEADER_TIMEOUT_SECONDS)."""
@@ -548,18 +586,9 @@ async def test_a_websocket_handshake_not_completed_by_the_header_deadline_is_clo
                 pass
             left.set()
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(never_accepts, port=port, ws=with_bounds(0.5), lifespan="off",
-                                           log_config=None))
-    serving = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            await asyncio.sleep(0.05)
-        assert await asyncio.wait_for(asyncio.to_thread(upgrade, port, "/"), 10) == b""  # closed, no answer
+    async with served(never_accepts, ws=with_bounds(0.5)) as server:
+        assert await asyncio.wait_for(asyncio.to_thread(upgrade, server.config.port, "/"), 10) == b""  # no answer
         await asyncio.wait_for(left.wait(), 5)
-    finally:
-        server.should_exit = True
-        await serving
 
 
 async def test_the_idle_bound_is_the_clients_not_the_servers() -> None:
@@ -579,16 +608,11 @@ async def test_the_idle_bound_is_the_clients_not_the_servers() -> None:
             str(size)))]})
         await send({"type": "http.response.body", "body": str(size).encode()})
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, lifespan="off", log_config=None,
-                                           http=with_bounded_requests(header_timeout=5, idle_timeout=1)))
-    serving = asyncio.create_task(server.serve())
-
     def post(path: str, size: int, extra: bytes = b"") -> bytes:
         return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n" % (path.encode(), size, extra)
 
     def exchange(*steps: bytes | float) -> bytes:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with socket.create_connection(("127.0.0.1", server.config.port), timeout=10) as sock:
             for step in steps:
                 if isinstance(step, float):
                     time.sleep(step)
@@ -599,9 +623,7 @@ async def test_the_idle_bound_is_the_clients_not_the_servers() -> None:
             sock.shutdown(socket.SHUT_WR)
             return b"".join(iter(lambda: sock.recv(1 << 16), b""))
 
-    try:
-        while not server.started:
-            await asyncio.sleep(0.05)
+    async with served(app, http=with_bounded_requests(header_timeout=5, idle_timeout=1)) as server:
         body = b"x" * 300_000
         got = await asyncio.to_thread(exchange, post("/slow", len(body)) + body)
         assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"300000"), got[:200]
@@ -612,9 +634,6 @@ async def test_the_idle_bound_is_the_clients_not_the_servers() -> None:
         got = await asyncio.to_thread(exchange, post("/", len(body)) + body[:-1000], 0.2,
                                       body[-1000:] + second + body[:150_000], 0.2, body[150_000:])
         assert got.count(b"HTTP/1.1 200") == 2 and got.endswith(b"300000"), got[:300]
-    finally:
-        server.should_exit = True
-        await serving
 
 
 class _FedTransport(asyncio.Transport):
@@ -866,6 +885,36 @@ async def test_a_client_that_never_reads_is_cut_off(
         slow.close()
 
 
+async def test_connections_that_keep_up_cost_no_wake_ups(
+    settings: Settings, db: Database, svc: Services, board: tuple[Tenant, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each connection had a task that woke once a second to look at its backlog (20,000
+    connections: 20,000 wake-ups a second); a client is looked at only while more than
+    SLOW_CLIENT_BYTES wait for it now. Idle connections that keep up schedule nothing."""
+    t, doc = board
+    # an app of its own over the test database (its hub takes its document store's log over)
+    app = create_app(settings, services=dataclasses.replace(svc, documents=DocumentStore(db)))
+    async with served(app, ws=with_bounds(10), lifespan="on") as server:
+        url = f"ws://127.0.0.1:{server.config.port}/v1/orgs/{t.slug}/docs/{doc}?token={t.token}"
+        before = asyncio.all_tasks()
+        async with contextlib.AsyncExitStack() as clients:
+            for _ in range(3):
+                await synced(await clients.enter_async_context(websockets.connect(url, ping_interval=None)))
+            theirs = asyncio.all_tasks() - before  # the connections' tasks (uvicorn's, the gateway's)
+            loop = asyncio.get_running_loop()
+            call_at, scheduled_by = loop.call_at, set()
+
+            def recorded(when: float, callback, *args: object, context=None) -> asyncio.TimerHandle:
+                scheduled_by.add(asyncio.current_task())
+                return call_at(when, callback, *args, context=context)
+
+            with monkeypatch.context() as patch:
+                patch.setattr(loop, "call_at", recorded)
+                await asyncio.sleep(2.5)
+        assert theirs and asyncio.current_task() in scheduled_by  # (what a timer looks like)
+        assert not scheduled_by & theirs
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
@@ -903,13 +952,8 @@ async def test_pings_from_a_client_that_never_reads_do_not_pile_up(monkeypatch: 
             while (await receive())["type"] != "websocket.disconnect":
                 pass
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(accepts, port=port, ws=with_bounds(5), lifespan="off", log_config=None))
-    serving = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            await asyncio.sleep(0.05)
-        sock = await asyncio.to_thread(never_reading, port, "/")
+    async with served(accepts, ws=with_bounds(5)) as server:
+        sock = await asyncio.to_thread(never_reading, server.config.port, "/")
         before = rss_mb(os.getpid())
         flood = Frame(Opcode.PING, b"p" * 125).serialize(mask=True) * 8000  # a megabyte of pings
         last = b"the last ping"
@@ -930,9 +974,28 @@ async def test_pings_from_a_client_that_never_reads_do_not_pile_up(monkeypatch: 
 
         assert await asyncio.to_thread(answered)
         sock.close()
-    finally:
-        server.should_exit = True
-        await serving
+
+
+async def test_a_close_by_the_websocket_layer_drops_a_client_that_never_reads() -> None:
+    """The WebSocket layer's own closes (here 1007, a text frame that is not UTF-8) waited, as
+    all of uvicorn's do, for the client to read up to the close frame: a client that reads
+    nothing held its connection for good. It is dropped CLOSING_GRACE_S later."""
+    async def sends_a_lot(scope: dict, receive, send) -> None:
+        if scope["type"] == "websocket":
+            await receive()
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.send", "bytes": b"x" * 4_000_000})  # more than the sockets hold
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
+
+    async with served(sends_a_lot, ws=with_bounds(5)) as server:
+        with await asyncio.to_thread(never_reading, server.config.port, "/") as sock:
+            await asyncio.to_thread(sock.sendall, Frame(Opcode.TEXT, b"\xff").serialize(mask=True))
+
+            async def dropped() -> bool:
+                return not server.server_state.connections
+
+            assert await eventually(dropped, 15)  # CLOSING_GRACE_S is 5
 
 
 async def test_a_message_of_too_many_frames_is_refused(
@@ -1100,11 +1163,12 @@ async def test_awareness_newer_than_held_only_and_owned_by_who_said_it_first(db:
     assert set(room.awareness) == {2}, "a's state went with a; b's stayed when v left"
     hub.relay_awareness(room, protocol.awareness_update([(1, 1, '{"a": 1}')]), b)  # sent back late
     assert set(room.awareness) == {2} and room.owners == {2: b}
-    big = '"' + "x" * 60_000 + '"'
+    hub.relay_awareness(room, protocol.awareness_update([(2, 2, '{"b": "\u00e9"}')]), b)  # replaced
+    big = '"' + "\u00e9" * 30_000 + '"'  # 60,002 bytes: the budget counts bytes, not characters
     for peer, base in ((w1, 100), (w2, 200)):
         hub.relay_awareness(room, protocol.awareness_update([(base + i, 1, big) for i in range(60)]), peer)
     assert len(room.awareness) < 121 and set(room.owners) == set(room.awareness)
-    assert room.awareness_bytes == sum(len(state.encode()) for _, state in room.awareness.values())
+    assert room.awareness_bytes == sum(len(held.state.encode()) for held in room.awareness.values())
     assert room.awareness_bytes <= 4 * 1024 * 1024
 
 

@@ -4,7 +4,9 @@
   refuses some that it accepted (more than 128 headers, a line over 8 KiB, a request body);
   uvicorn then waited for a request that never came, with no answer and no timer: 2 x 10,000
   such connections took the server's 20,000 file descriptors. The refusal is now written and
-  the connection closed, and any handshake not complete within the header deadline is closed.
+  the connection closed, lingering first as after the HTTP layer's own refusals (what the
+  client still sends is read and dropped for a while: see api.lingering), and any handshake
+  not complete within the header deadline is closed.
 - A message's fragments. uvicorn keeps each one, and websockets counts payload bytes only,
   so endless empty continuation frames grew memory without bound under ``ws_max_size`` and
   stalled the event loop (another client's /healthz took up to 7.8 s). A message of more
@@ -19,6 +21,10 @@
   closed with 1008 (policy violation): each ping costs a parse and a pong.
 - A text message that is not UTF-8 is closed with 1007, as before, but without the
   traceback uvicorn logged for each: it is the client's error, not the server's.
+- Closes. Once the close frame is written (whoever closes: uvicorn, these bounds, the
+  gateway), uvicorn waits for the client to read up to it, which a client that reads
+  nothing never does: the connection stayed open for good. It is dropped
+  ``CLOSING_GRACE_S`` later.
 """
 
 from __future__ import annotations
@@ -28,33 +34,56 @@ import asyncio
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
 
+from canvasdb.api.lingering import Lingering
+from canvasdb.token_bucket import TokenBucket
+
 MAX_FRAGMENTS = 1000  # frames of one message
 PINGS_PER_S, PING_BURST = 10.0, 100  # a client's pings: sustained rate, and burst (then 1008)
 _PONG = b"\x8a"  # the first byte of a server's pong frame (FIN, opcode 0xA)
+CLOSING_GRACE_S = 5.0  # a client gets this long to read up to the close frame; then it is dropped
 
 
 class _Bounded(WebSocketsSansIOProtocol):
     handshake_timeout: float
+    _dropping: asyncio.TimerHandle | None = None  # the drop of a connection whose close frame is written
+    _lingering: Lingering | None = None  # since the handshake was refused
+
+    @property
+    def close_sent(self) -> bool:
+        return self._close_sent
+
+    @close_sent.setter
+    def close_sent(self, sent: bool) -> None:
+        """Set by every close (uvicorn's, and any code's that writes a close frame itself): the
+        drop is armed here, once for all of them."""
+        self._close_sent = sent
+        if sent and self._dropping is None and not self.disconnected:
+            self._dropping = self.loop.call_later(CLOSING_GRACE_S, self.transport.abort)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._pong: bytes | None = None  # the answer to the latest ping, held while writes are paused
-        self._pings, self._pings_at = float(PING_BURST), self.loop.time()  # a token bucket
+        # each ping costs a parse and a pong; a browser sends none, a library a few a minute
+        self._pings = TokenBucket(PINGS_PER_S, PING_BURST)
         self._deadline = self.loop.call_later(self.handshake_timeout, self._expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline.cancel()
+        if self._dropping is not None:
+            self._dropping.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:
+            self._lingering.received(data)
+            return
         super().data_received(data)
         refused = self.conn.handshake_exc
         if refused is not None and not self.handshake_initiated and not self.transport.is_closing():
             # websockets answers a 414 or a 431 (uvicorn never wrote it); the rest, nothing
             answer = b"".join(self.conn.data_to_send()) or self.conn.reject(
                 400, f"Failed to open a WebSocket connection: {refused.__cause__ or refused}.\n").serialize()
-            self.transport.write(answer)
-            self.transport.close()
+            self._lingering = Lingering(self.transport, answer)
 
     def _expired(self) -> None:
         if not self.handshake_complete:
@@ -69,10 +98,7 @@ class _Bounded(WebSocketsSansIOProtocol):
             self.handle_parser_exception()
 
     def handle_ping(self) -> None:
-        now = self.loop.time()
-        self._pings = min(float(PING_BURST), self._pings + (now - self._pings_at) * PINGS_PER_S) - 1
-        self._pings_at = now
-        if self._pings < 0:  # each costs a parse and a pong; a browser sends none, a library a few a minute
+        if not self._pings.try_take():
             if not self.transport.is_closing():
                 self.conn.fail(1008, f"more than {PINGS_PER_S:g} pings a second")
                 self.handle_parser_exception()

@@ -26,10 +26,11 @@ from canvasdb import metrics
 from canvasdb.documents import yjs
 from canvasdb.errors import InvalidInput, NotFound, PayloadTooLarge, Unauthorized, Unavailable
 from canvasdb.gateway import protocol
-from canvasdb.gateway.hub import CLOSE_GRACE_S, SLOW_CLIENT_BYTES, SLOW_CLIENT_STALL_S, Hub, Peer, close_now
+from canvasdb.gateway.hub import CLOSE_GRACE_S, SLOW_CLIENT_BYTES, Hub, Peer, close_now
 from canvasdb.services import Services
 from canvasdb.settings import Settings
 from canvasdb.tenancy import Principal
+from canvasdb.token_bucket import TokenBucket
 
 log = logging.getLogger("canvasdb.gateway")
 _MAX_IN_FLIGHT = 1000  # updates of one connection waiting for their commit
@@ -77,8 +78,8 @@ class _Closing(Exception):
         self.code, self.reason, self.metric = code, reason, metric
 
 
-class _Bucket:
-    """Token bucket: ``rate`` per second sustained, ``burst`` at once.
+class _Throttle:
+    """A sender's updates: ``rate`` a second sustained, ``burst`` at once (a token bucket).
 
     A sender over the rate is slowed down, not cut off: each update waits for its token, and
     meanwhile its socket is not read, so TCP holds the sender back. Closing instead would
@@ -87,33 +88,24 @@ class _Bucket:
     """
 
     def __init__(self, rate: float, burst: int, grace: float) -> None:
-        self.rate, self.burst, self.grace = rate, burst, grace
-        self.tokens, self.at = float(burst), time.monotonic()
+        self.bucket, self.grace = TokenBucket(rate, burst), grace
         self.over_since: float | None = None  # when the sender last found the bucket empty
 
     async def take(self, n: int = 1) -> bool:
         """Wait for ``n`` tokens (at most a burst's); False if the sender has been over the
         rate for too long."""
-        n = min(n, self.burst)
-        self._refill()
-        if self.tokens >= n:
+        n = min(n, self.bucket.burst)
+        if self.bucket.try_take(n):
             self.over_since = None
-        else:
-            now = time.monotonic()
-            if self.over_since is None:
-                self.over_since = now
-            elif now - self.over_since > self.grace:
-                return False
-            metrics.GATEWAY_THROTTLED.inc()
-            await asyncio.sleep((n - self.tokens) / self.rate)
-            self._refill()
-        self.tokens -= n
-        return True
-
-    def _refill(self) -> None:
+            return True
         now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
+        if self.over_since is None:
+            self.over_since = now
+        elif now - self.over_since > self.grace:
+            return False
+        metrics.GATEWAY_THROTTLED.inc()
+        await self.bucket.take(n)
+        return True
 
 
 def _token(ws: WebSocket) -> str | None:
@@ -176,17 +168,16 @@ async def serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, s
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
     """A graceful close, within CLOSE_GRACE_S: it waits for room in the socket's buffer, which a
-    client that does not read never makes; then the close frame goes behind what waits."""
+    client that does not read never makes; then the close frame goes behind what waits (and
+    the WebSocket layer drops a client that does not read up to it: api.ws_protocol)."""
     if ws.application_state == WebSocketState.CONNECTED:
-        proto = _direct(ws)
         with contextlib.suppress(Exception):
             try:
                 await asyncio.wait_for(ws.close(code, reason[:120]), CLOSE_GRACE_S)
             except TimeoutError:
+                proto = _direct(ws)
                 if proto is not None and not (proto.close_sent or proto.disconnected):
                     close_now(proto, code, reason[:120])
-        if proto is not None:  # written; uvicorn then waits for the client to read up to it, for good
-            asyncio.get_running_loop().call_later(CLOSE_GRACE_S, proto.transport.abort)
 
 
 async def _authorized(svc: Services, token: str | None, org: str, doc_id: str) -> tuple[Any, bool]:
@@ -227,31 +218,12 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
             except Exception:
                 log.warning("could not check access to %s again", doc_id, exc_info=True)
 
-    async def watch_backlog() -> None:
-        """A client that leaves more than SLOW_CLIENT_BYTES unread, and no fewer for
-        SLOW_CLIENT_STALL_S, is cut off (the socket's whole buffer counts, what the
-        WebSocket layer wrote too). A connection whose close frame was written (by anyone: uvicorn's keepalive
-        too) and that is still open CLOSE_GRACE_S later is dropped."""
-        before, stalled, stuck = float("inf"), 0, 0
-        while True:
-            await asyncio.sleep(1)
-            stuck = stuck + 1 if peer.closing_stuck() else 0
-            if stuck > CLOSE_GRACE_S:
-                peer.direct.transport.abort()
-                return
-            now = peer.unsent()
-            stalled = stalled + 1 if now > SLOW_CLIENT_BYTES and now >= before else 0
-            if stalled >= SLOW_CLIENT_STALL_S:
-                peer.cut_off()
-            before = now if now > SLOW_CLIENT_BYTES else float("inf")
-
     checker = asyncio.create_task(recheck())
-    watcher = asyncio.create_task(watch_backlog())
     in_flight: set[asyncio.Future[object]] = set()
     below_limit = asyncio.Event()  # fewer than _MAX_IN_FLIGHT updates wait for their commit
     below_limit.set()
-    bucket = _Bucket(settings.gateway_max_updates_per_s, settings.gateway_update_burst,
-                     settings.gateway_rate_grace_s)
+    throttle = _Throttle(settings.gateway_max_updates_per_s, settings.gateway_update_burst,
+                         settings.gateway_rate_grace_s)
 
     def settled(commit: asyncio.Future[object]) -> None:
         in_flight.discard(commit)
@@ -266,7 +238,7 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
             metrics.GATEWAY_REJECTED.labels("read_only").inc()
             peer.push(protocol.permission_denied("read-only access: updates are not accepted"))
             return
-        if not await bucket.take():
+        if not await throttle.take():
             raise _Closing(4429, "too many updates for too long; slow down", "rate")
         try:
             await yjs.check_update_off_loop(update)
@@ -306,7 +278,7 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
             metrics.GATEWAY_MESSAGES.inc(_KINDS.get(message.kind, "other"))
             if message.kind == protocol.SYNC and message.step == protocol.STEP1:
                 # a token per KiB of state vector: reading one of 140,000 clients took 0.14 s
-                if not await bucket.take(1 + len(message.payload) // 1024):
+                if not await throttle.take(1 + len(message.payload) // 1024):
                     raise _Closing(4429, "too many sync requests for too long; slow down", "rate")
                 while peer.unsent() > SLOW_CLIENT_BYTES and not peer.closing_stuck():
                     await asyncio.sleep(0.1)  # the last answer first (not reading meanwhile: TCP waits)
@@ -323,7 +295,6 @@ async def _serve(ws: WebSocket, org: str, doc_id: str, svc: Services, hub: Hub, 
                 peer.push(aware)
     finally:
         checker.cancel()
-        watcher.cancel()
         if in_flight:  # the client left; what it sent is still committed and broadcast
             await asyncio.gather(*in_flight, return_exceptions=True)
         hub.leave(room, peer)

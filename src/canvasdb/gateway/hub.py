@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import psycopg
@@ -52,7 +52,7 @@ _GOING_AWAY = b""  # queued last by drain(): the sender closes with 1001 once it
 SLOW_CLIENT_BYTES = 16 * 1024 * 1024
 SLOW_CLIENT_STALL_S = 10
 _UNSENT_LIMIT = 4 * SLOW_CLIENT_BYTES
-CLOSE_GRACE_S = 5.0  # a closing client gets this long to read up to its close frame; then dropped
+CLOSE_GRACE_S = 5.0  # a close waits this long for room in the client's buffer; then it goes behind
 # Awareness is held in memory and sent to every joiner: bounded per connection (the clients
 # it introduced), per room (clients, and bytes of their states) and per state (protocol.py).
 MAX_AWARENESS_CLIENTS_PER_CONNECTION = 64
@@ -83,8 +83,8 @@ def ws_frame(message: bytes) -> bytes:
 
 def close_now(proto: Any, code: int, reason: str) -> None:
     """Close uvicorn's WebSocket ``proto`` without waiting for room in its buffer, which a
-    client that does not read never makes: the close frame goes behind what waits. (Whoever
-    closes also drops the connection if it is still open CLOSE_GRACE_S later.)"""
+    client that does not read never makes: the close frame goes behind what waits. (The
+    WebSocket layer drops a client that does not read up to it: api.ws_protocol.)"""
     proto.conn.fail(code, reason)  # as uvicorn's own keepalive timeout does
     proto.transport.write(b"".join(proto.conn.data_to_send()))
     proto.close_sent = True
@@ -112,6 +112,7 @@ class Peer:
     pending_bytes: int = 0
     written: int = 0  # bytes written to the transport, ever
     asked_end: int = 0  # where (in those) the answer to its last sync request ends
+    backlog_check: asyncio.TimerHandle | None = None  # the next one, while past SLOW_CLIENT_BYTES
 
     def _write(self) -> None:
         frames, self.pending, self.pending_bytes = self.pending, [], 0
@@ -120,6 +121,24 @@ class Peer:
             data = b"".join(frames)
             self.written += len(data)
             d.transport.write(data)
+            if self.backlog_check is None and self.unsent() > SLOW_CLIENT_BYTES:
+                self.backlog_check = asyncio.get_running_loop().call_later(
+                    1, self._check_backlog, float("inf"), 0)
+
+    def _check_backlog(self, before: float, stalled: int) -> None:
+        """Each second while more than SLOW_CLIENT_BYTES wait unread (the socket's whole buffer
+        counts, what the WebSocket layer wrote too): a client that leaves no fewer for
+        SLOW_CLIENT_STALL_S is cut off. The checks start when a write passes that mark and end
+        when the client drains below it, so that a client that keeps up costs no wake-ups."""
+        self.backlog_check = None
+        d, now = self.direct, self.unsent()
+        if d.close_sent or d.disconnected or now <= SLOW_CLIENT_BYTES:
+            return
+        stalled = stalled + 1 if now >= before else 0
+        if stalled >= SLOW_CLIENT_STALL_S:
+            self.cut_off()
+            return
+        self.backlog_check = asyncio.get_running_loop().call_later(1, self._check_backlog, now, stalled)
 
     def push(self, message: bytes, frame: bytes | None = None, *, asked: bool = False) -> None:
         """Send ``message`` (``frame``: the same, framed); ``asked``: the answer to the client's
@@ -159,8 +178,8 @@ class Peer:
         return buffered + self.pending_bytes - asked
 
     def cut_off(self) -> None:
-        """Close a client too slow to receive (1013: it reconnects and resyncs); its
-        connection's watchdog drops it if the close does not get through."""
+        """Close a client too slow to receive (1013: it reconnects and resyncs); the WebSocket
+        layer drops it if the close does not get through."""
         d = self.direct
         if d is not None and (d.close_sent or d.disconnected):
             return
@@ -173,7 +192,7 @@ class Peer:
 
     def closing_stuck(self) -> bool:
         """Its close frame is written and the connection still open: a client that does not
-        read keeps it so for as long as TCP stays up (uvicorn's own closes wait for that)."""
+        read keeps it so until the WebSocket layer drops it."""
         d = self.direct
         return d is not None and d.close_sent and not d.disconnected
 
@@ -196,6 +215,15 @@ class Peer:
                 self.busy = False
 
 
+class Held(NamedTuple):
+    """An awareness client's state that a room holds, with its size in bytes (UTF-8), counted
+    against the room's budget."""
+
+    clock: int
+    state: str
+    size: int
+
+
 @dataclass(eq=False)
 class Room:
     org_id: UUID
@@ -203,7 +231,7 @@ class Room:
     peers: set[Peer] = field(default_factory=set)
     floor: int = 0  # every update up to here was delivered
     above: set[int] = field(default_factory=set)  # delivered updates past the floor
-    awareness: dict[int, tuple[int, str]] = field(default_factory=dict)  # client id -> (clock, state)
+    awareness: dict[int, Held] = field(default_factory=dict)  # client id -> its state
     awareness_bytes: int = 0  # of the states held
     owners: dict[int, Peer] = field(default_factory=dict)  # awareness client -> its connection here
     gone: dict[int, int] = field(default_factory=dict)  # awareness client -> clock of its removal
@@ -336,7 +364,7 @@ class Hub:
         mine = [c for c in peer.awareness_ids if room.owners.get(c) is peer]
         for client in mine:
             del room.owners[client]
-        gone = [(c, room.awareness[c][0] + 1, "null") for c in mine if c in room.awareness]
+        gone = [(c, room.awareness[c].clock + 1, "null") for c in mine if c in room.awareness]
         if gone:  # tell the others this connection's clients are gone
             self._queue_awareness(room, gone, notify=self._notifier is not None)
         if not room.peers:
@@ -436,7 +464,7 @@ class Hub:
                     metrics.GATEWAY_REJECTED.labels("awareness_full").inc()
                     continue
                 claims.append(client)
-            elif state != "null" and first and len(entries) == 1 and clock > held[0]:
+            elif state != "null" and first and len(entries) == 1 and clock > held.clock:
                 claims.append(client)
             kept.append((client, clock, state))
         accepted = self._queue_awareness(room, kept, notify=self._notifier is not None)
@@ -459,9 +487,9 @@ class Hub:
         accepted: set[int] = set()
         for client, clock, state in entries:
             held = room.awareness.get(client)
-            held_bytes = len(held[1].encode()) if held is not None else 0
+            held_bytes = held.size if held is not None else 0
             if state == "null":
-                if held is None or clock < held[0]:
+                if held is None or clock < held.clock:
                     continue
                 del room.awareness[client]
                 room.owners.pop(client, None)
@@ -470,13 +498,13 @@ class Hub:
                     del room.gone[next(iter(room.gone))]
                 room.awareness_bytes -= held_bytes
             else:
-                if clock <= (held[0] if held is not None else room.gone.get(client, -1)):
+                if clock <= (held.clock if held is not None else room.gone.get(client, -1)):
                     continue
                 size = len(state.encode())
                 if room.awareness_bytes - held_bytes + size > MAX_AWARENESS_BYTES_PER_ROOM:
                     metrics.GATEWAY_REJECTED.labels("awareness_full").inc()
                     continue
-                room.awareness[client] = (clock, state)
+                room.awareness[client] = Held(clock, state, size)
                 room.gone.pop(client, None)
                 room.awareness_bytes += size - held_bytes
             accepted.add(client)
@@ -511,7 +539,7 @@ class Hub:
         if not room.awareness:
             return None
         return protocol.awareness(protocol.awareness_update(
-            [(client, clock, state) for client, (clock, state) in room.awareness.items()]))
+            [(client, held.clock, held.state) for client, held in room.awareness.items()]))
 
     async def _send_notices(self) -> None:
         """Relay queued awareness to the other gateways: all that queued up in one statement,

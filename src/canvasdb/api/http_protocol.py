@@ -25,10 +25,10 @@ import asyncio
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from canvasdb.api.lingering import Lingering
 from canvasdb.api.problems import problem
 
 MAX_HEADER_BYTES = 64 * 1024  # the request line and headers (nginx allows 4 x 8 KiB)
-LINGER_S, LINGER_BYTES = 2.0, 1024 * 1024  # what is read (and dropped) after a refusal
 
 
 def _problem(status: int, title: str, detail: str) -> bytes:
@@ -57,16 +57,14 @@ class _BoundedRequests(HttpToolsProtocol):
         self._body_bytes = self._framing_bytes = 0
         self._body_moved = 0.0  # when the body last made progress (loop time)
         self._server_paused = False  # the server did not read at the body clock's last look
-        self._lingering: int | None = None  # bytes read since the request was refused
+        self._lingering: Lingering | None = None  # since the request was refused
         self._deadline: asyncio.TimerHandle | None = None
         self._send_stall: asyncio.TimerHandle | None = None
         self._arm(self.header_timeout, self._headers_late)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering is not None:
-            self._lingering += len(data)
-            if self._lingering > LINGER_BYTES:
-                self.transport.close()
+            self._lingering.received(data)
             return
         # A read that found the server waiting for a request's headers, completed none and
         # left it waiting held only those headers; one that found it in a body and left it in
@@ -207,19 +205,11 @@ class _BoundedRequests(HttpToolsProtocol):
         self.transport.close()
 
     def _refuse_headers(self, response: bytes) -> None:
-        """Answer and close, reading (and dropping) what the client still sends for a while
-        first: closed with unread bytes, a socket is reset, and a reset client may lose the
-        answer before it reads it (nginx's "lingering close"). Behind a response still being
+        """Answer and close, lingering (see ``Lingering``). Behind a response still being
         written (pipelined requests), no answer fits: just close."""
         self._disarm()
-        self._lingering = 0
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.transport.close()
-            return
-        self.transport.write(response)
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        self.loop.call_later(LINGER_S, self.transport.close)
+        busy = self.cycle is not None and not self.cycle.response_complete
+        self._lingering = Lingering(self.transport, None if busy else response)
 
 
 def with_bounded_requests(*, header_timeout: float, idle_timeout: float) -> type[HttpToolsProtocol]:

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import asyncio
 
-from canvasdb.api.http_protocol import LINGER_BYTES, LINGER_S
+LINGER_S, LINGER_BYTES = 2.0, 1024 * 1024  # what is read (and dropped) after a refusal
 
 
 class Lingering:
-    """Started by a refusal: ``answer`` is written; the protocol hands it what it reads since."""
+    """Started by a refusal: ``answer`` is written; the protocol hands it what it reads since.
+    No answer (none fits, as behind a response still being written): just closed."""
 
-    def __init__(self, transport: asyncio.Transport, answer: bytes) -> None:
+    def __init__(self, transport: asyncio.Transport, answer: bytes | None) -> None:
         self.transport, self.read = transport, 0
+        if answer is None:
+            transport.close()
+            return
         transport.write(answer)
         if transport.can_write_eof():
             transport.write_eof()

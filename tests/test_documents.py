@@ -184,6 +184,28 @@ async def test_two_batches_in_flight_never_share_a_document(db: Database, tenant
     assert peak == 2, "a second batch went while the first was being committed"
 
 
+async def test_a_backlog_is_committed_in_turns_by_org(db: Database, tenant: Tenant, other_tenant: Tenant) -> None:
+    """One org's burst of updates, queued before another org's one update, does not put that
+    one behind the whole burst: batches take a backlog in turns by org, each document's
+    updates still in their order."""
+    log = UpdateLog(db, max_batch=10)
+    store = DocumentStore(db, log)
+    bursts = [f"burst-{i % 30}" for i in range(90)]  # 30 documents, 3 updates each
+    for doc in bursts[:30]:
+        await store.create(tenant.owner, tenant.project_id, doc)
+    await store.create(other_tenant.owner, other_tenant.project_id, "calm")
+    heard: list[tuple[str, int]] = []
+    log.committed = lambda org, doc, seq, payload, tag: heard.append((doc, seq))
+    futures = [log.submit(tenant.org_id, doc, Client().edit(f"k{i}", i)) for i, doc in enumerate(bursts)]
+    futures.append(log.submit(other_tenant.org_id, "calm", Client().edit("k", 1)))
+    await asyncio.gather(*futures)
+    await store.close()
+    assert heard.index(("calm", 1)) < 2 * 10, \
+        f"behind {heard.index(('calm', 1))} updates of the other org (two batches are in flight at once)"
+    for doc in bursts[:30]:
+        assert [seq for d, seq in heard if d == doc] == [1, 2, 3], "each document's in order"
+
+
 async def test_one_commit_spans_orgs_and_skips_a_missing_document(
         db: Database, pg_url: str, tenant: Tenant, other_tenant: Tenant) -> None:
     """A batch is one doc_append call: the same document id in two orgs keeps two logs, each

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from datetime import UTC, datetime, timedelta
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import jsonpatch
 import psycopg
@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 
 from canvasdb.db import Database
 from canvasdb.entities import EntityStore, EntityType, parse_as_of
+from canvasdb.entities.changes import ChangeQueue
 from canvasdb.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound, PayloadTooLarge, Unavailable
 from canvasdb.services import Services
 from canvasdb.settings import Settings
@@ -164,6 +165,29 @@ async def test_waiting_changes_are_shared_evenly_by_the_batches_in_flight(
     await asyncio.gather(*(svc.entities.patch(tenant.owner, e.id, {"m": 1}) for e in made))
     written, small = batches("+Inf") - before[0], batches("20.0") - before[1]
     assert written >= 3 and small == written, "a batch took more than its half of the waiting changes"
+
+
+async def test_a_backlog_of_changes_is_written_in_turns_by_org(
+        svc: Services, tenant: Tenant, other_tenant: Tenant) -> None:
+    """100 changes of one org queued before one of another, batches of 10: that one goes in the
+    first batch taken from the backlog, not after the 100 (each entity's changes keep their
+    order: one per entity per batch)."""
+    many = [await svc.entities.create(tenant.owner, tenant.project_id, "note", {"n": i}) for i in range(100)]
+    one = await svc.entities.create(other_tenant.owner, other_tenant.project_id, "note", {"n": 0})
+    queue = ChangeQueue(svc.db, max_batch=10)
+    finished: list[UUID] = []
+
+    async def merge(who: Principal, id: UUID) -> None:  # what EntityStore.patch queues
+        row = await queue.change({
+            "org": who.org_id, "id": id, "actor": who.user_id, "admin": who.is_org_admin, "op": "merge",
+            "value": '{"m": 1}', "if_version": None, "validated_at": None,
+            "keyframe_interval": svc.entities.keyframe_interval, "max_bytes": svc.entities.max_data_bytes})
+        assert row["outcome"] == "done"
+        finished.append(id)
+
+    # all queued at once, in this order (the first is written alone while the others queue)
+    await asyncio.gather(*(merge(tenant.owner, e.id) for e in many), merge(other_tenant.owner, one.id))
+    assert finished.index(one.id) < 40, f"written after {finished.index(one.id)} changes of the other org"
 
 
 def splits_so_far() -> float:

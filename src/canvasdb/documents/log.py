@@ -33,6 +33,7 @@ from psycopg.rows import tuple_row
 
 from canvasdb import metrics
 from canvasdb.db import Database, translate
+from canvasdb.db.turns import in_turns
 from canvasdb.errors import NotFound
 
 log = logging.getLogger("canvasdb.documents")
@@ -137,9 +138,12 @@ class UpdateLog:
         return True
 
     def _take(self) -> list[_Pending]:
-        """Pending updates in arrival order, up to max_batch, of documents no batch in flight has."""
+        """Pending updates in arrival order, up to max_batch, of documents no batch in flight has;
+        more than that pending, in turns by org (``turns``)."""
         batch: list[_Pending] = []
         left: list[_Pending] = []
+        if len(self._pending) > self.max_batch:
+            self._pending = in_turns(self._pending, _org)
         for item in self._pending:
             if len(batch) < self.max_batch and (item.org_id, item.doc_id) not in self._writing:
                 batch.append(item)
@@ -204,6 +208,10 @@ class UpdateLog:
         for org, doc, seq, at in rows:
             results[by_text[(org, doc)]].append((seq, at))
         return results
+
+
+def _org(item: _Pending) -> UUID:
+    return item.org_id
 
 
 def _rolled_back(exc: psycopg.Error) -> bool:

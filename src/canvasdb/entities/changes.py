@@ -30,6 +30,7 @@ from psycopg import errors as pg_errors
 
 from canvasdb import metrics
 from canvasdb.db import Database
+from canvasdb.db.turns import in_turns
 from canvasdb.errors import CanvasdbError, Unavailable
 
 _CHANGE = """SELECT * FROM entity_change(%(org)s, %(id)s, %(actor)s, %(admin)s, %(op)s,
@@ -101,13 +102,16 @@ class ChangeQueue:
         self._start_flushers()
 
     def _take(self) -> list[_Pending]:
-        """The next batch: pending changes in arrival order, one per entity, within the caps."""
+        """The next batch: pending changes in arrival order, one per entity, within the caps;
+        of a backlog larger than a batch, in turns by org."""
         batch: list[_Pending] = []
         left: list[_Pending] = []
         keys: set[UUID] = set()
         size = 0
         share = -(-(len(self._writing) + len(self._pending)) // self.max_inflight)  # rounded up
         limit = min(self.max_batch, max(share, self.min_company))
+        if len(self._pending) > limit:  # a backlog: in turns by org (see ``turns``)
+            self._pending = in_turns(self._pending, _org)
         for item in self._pending:
             if (len(batch) >= limit or item.key in keys or item.key in self._writing
                     or (batch and size + item.size > self.max_batch_bytes)):
@@ -177,6 +181,10 @@ class ChangeQueue:
         if len(rows) != len(batch):
             raise RuntimeError(f"entity_change answered {len(rows)} rows for {len(batch)} changes")
         return rows
+
+
+def _org(item: _Pending) -> Any:
+    return item.params["org"]
 
 
 def _settle(future: asyncio.Future[dict[str, Any]], outcome: dict[str, Any] | BaseException) -> None:

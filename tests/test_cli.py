@@ -356,6 +356,8 @@ async def test_search_command(env: dict[str, str], svc: Any, tenant: Any) -> Non
     table = run({**env, "COLUMNS": "200"}, "search", "--org", tenant.slug, "plan", "--mode", "text",
                 "--facets", "type").stdout
     assert "[bold] quarterly plan" in table and "1 shown of 1 matches" in table and "note (1)" in table
+    nothing = run(env, "search", "--org", tenant.slug, "zzyzx", "--mode", "text", "--facets", "type").stdout
+    assert "0 shown of 0 matches" in nothing and "type: none" in nothing, nothing
     bad = run(env, "search", "--org", tenant.slug, "x", "--where", "status=done", check=False)
     assert bad.returncode == 1 and "data.FIELD=VALUE" in bad.stderr
     long = run(env, "search", "--org", tenant.slug, "plan " * 2001, check=False)  # as over HTTP

@@ -671,7 +671,7 @@ def search(
     total = f"{results.total}{'+' if results.total_approximate else ''}" if results.total is not None else "?"
     out.print(f"{len(results.hits)} shown of {total} matches")
     for name, counts in (results.facets or {}).items():
-        out.print(f"{name}: " + ", ".join(f"{k} ({n})" for k, n in counts.items()))
+        out.print(f"{name}: " + (", ".join(f"{k} ({n})" for k, n in counts.items()) or "none"))
 
 
 def main() -> None:

@@ -159,9 +159,15 @@ def test_bytes_that_are_not_utf8_are_one_clear_line(env: dict[str, str]) -> None
         said = run(env, *args, check=False)
         assert said.returncode == 1 and said.stderr.startswith("Error:"), (args, said.stderr)
         assert "Traceback" not in said.stderr and said.stderr.count("\n") == 1, (args, said.stderr)
-    piped = subprocess.run([*CLI, "token", "revoke", "-"], env=env, capture_output=True, input=b"\xff\n",
-                           timeout=120)
-    assert piped.returncode == 1 and piped.stderr.startswith(b"Error:") and b"Traceback" not in piped.stderr
+    # stdin as under a UTF-8 locale outside Python's UTF-8 mode (en_US.UTF-8, say), where
+    # reading such a byte fails, and as under the C locale, where it becomes a lone surrogate
+    for io_encoding in ("utf-8:strict", "utf-8:surrogateescape"):
+        for args in (["token", "revoke", "-"], ["type", "register", "--org", "no-such-org", "-"],
+                     ["entity", "put", "--org", "no-such-org", "--id", nil, "-"]):
+            piped = subprocess.run([*CLI, *args], env={**env, "PYTHONIOENCODING": io_encoding},
+                                   capture_output=True, input=b"\xff\n", timeout=120)
+            assert piped.returncode == 1 and piped.stderr.startswith(b"Error:"), (args, io_encoding, piped.stderr)
+            assert b"Traceback" not in piped.stderr, (args, io_encoding, piped.stderr)
 
 
 def _free_port() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import html
+import io
 import json
 import os
 import signal
@@ -675,4 +676,9 @@ def search(
 
 
 def main() -> None:
+    # A byte on stdin that is not UTF-8 becomes a lone surrogate, as in an argument (and as
+    # under the C locale), for the commands' own check to refuse in one line: under another
+    # UTF-8 locale reading it raised, and printed a traceback.
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
     app()

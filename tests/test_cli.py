@@ -348,6 +348,10 @@ def test_db_status_of_a_database_named_by_url(env: dict[str, str], pg_url: str) 
     down = run({**env, "CANVASDB_DATABASE_URL": away}, "db", "status", check=False)
     assert down.returncode == 3 and "running: False" in down.stdout and "error: " in down.stdout, down.stdout
     assert "Traceback" not in down.stderr
+    for unreadable in ("postgresql://me:not-to-be-shown@127.0.0.1/db?no_such_option=1",  # libpq refuses both
+                       "host=127.0.0.1 password=not-to-be-shown no_such_option=1"):
+        said = run({**env, "CANVASDB_DATABASE_URL": unreadable}, "db", "status", check=False)
+        assert said.returncode == 3 and "not-to-be-shown" not in said.stdout + said.stderr, said.stdout
 
 
 async def test_search_command(env: dict[str, str], svc: Any, tenant: Any) -> None:

@@ -323,11 +323,13 @@ def db_status(as_json: JsonOpt = False) -> None:
 
 
 def _password_hidden(url: str) -> str:
-    """``url`` with its password, if any, as ``***`` (status output ends up in logs)."""
+    """``url`` with its password, if any, as ``***`` (status output ends up in logs); one that
+    libpq cannot read is not shown at all, since where its password is cannot be known (the
+    status's error says what is wrong with it)."""
     try:
         params = conninfo_to_dict(url)
     except psycopg.Error:
-        return url
+        return "(not shown: not a connection string libpq reads)"
     if "password" not in params:
         return url
     return make_conninfo(**{**params, "password": "***"})

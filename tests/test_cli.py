@@ -159,9 +159,15 @@ def test_bytes_that_are_not_utf8_are_one_clear_line(env: dict[str, str]) -> None
         said = run(env, *args, check=False)
         assert said.returncode == 1 and said.stderr.startswith("Error:"), (args, said.stderr)
         assert "Traceback" not in said.stderr and said.stderr.count("\n") == 1, (args, said.stderr)
-    piped = subprocess.run([*CLI, "token", "revoke", "-"], env=env, capture_output=True, input=b"\xff\n",
-                           timeout=120)
-    assert piped.returncode == 1 and piped.stderr.startswith(b"Error:") and b"Traceback" not in piped.stderr
+    # stdin as under a UTF-8 locale outside Python's UTF-8 mode (en_US.UTF-8, say), where
+    # reading such a byte fails, and as under the C locale, where it becomes a lone surrogate
+    for io_encoding in ("utf-8:strict", "utf-8:surrogateescape"):
+        for args in (["token", "revoke", "-"], ["type", "register", "--org", "no-such-org", "-"],
+                     ["entity", "put", "--org", "no-such-org", "--id", nil, "-"]):
+            piped = subprocess.run([*CLI, *args], env={**env, "PYTHONIOENCODING": io_encoding},
+                                   capture_output=True, input=b"\xff\n", timeout=120)
+            assert piped.returncode == 1 and piped.stderr.startswith(b"Error:"), (args, io_encoding, piped.stderr)
+            assert b"Traceback" not in piped.stderr, (args, io_encoding, piped.stderr)
 
 
 def _free_port() -> int:
@@ -342,6 +348,10 @@ def test_db_status_of_a_database_named_by_url(env: dict[str, str], pg_url: str) 
     down = run({**env, "CANVASDB_DATABASE_URL": away}, "db", "status", check=False)
     assert down.returncode == 3 and "running: False" in down.stdout and "error: " in down.stdout, down.stdout
     assert "Traceback" not in down.stderr
+    for unreadable in ("postgresql://me:not-to-be-shown@127.0.0.1/db?no_such_option=1",  # libpq refuses both
+                       "host=127.0.0.1 password=not-to-be-shown no_such_option=1"):
+        said = run({**env, "CANVASDB_DATABASE_URL": unreadable}, "db", "status", check=False)
+        assert said.returncode == 3 and "not-to-be-shown" not in said.stdout + said.stderr, said.stdout
 
 
 async def test_search_command(env: dict[str, str], svc: Any, tenant: Any) -> None:

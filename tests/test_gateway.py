@@ -29,7 +29,7 @@ import websockets
 from conftest import Tenant, make_tenant
 from pycrdt import Doc, Map
 from relays import Balancer, PgProxy
-from websockets.frames import Frame, Opcode
+from websockets.frames import Close, Frame, Opcode
 from yjs_client import JsClient
 
 from canvasdb.api import create_app, ws_protocol
@@ -976,10 +976,13 @@ async def test_pings_from_a_client_that_never_reads_do_not_pile_up(monkeypatch: 
         sock.close()
 
 
-async def test_a_close_by_the_websocket_layer_drops_a_client_that_never_reads() -> None:
+@pytest.mark.parametrize("frame", [Frame(Opcode.TEXT, b"\xff"), Frame(Opcode.CLOSE, Close(1000, "bye").serialize())],
+                         ids=["the layer's own close", "the client's close"])
+async def test_a_close_by_the_websocket_layer_drops_a_client_that_never_reads(frame: Frame) -> None:
     """The WebSocket layer's own closes (here 1007, a text frame that is not UTF-8) waited, as
     all of uvicorn's do, for the client to read up to the close frame: a client that reads
-    nothing held its connection for good. It is dropped CLOSING_GRACE_S later."""
+    nothing held its connection for good. It is dropped CLOSING_GRACE_S later; so is one
+    that sends a close frame itself, then reads nothing of the answer to it."""
     async def sends_a_lot(scope: dict, receive, send) -> None:
         if scope["type"] == "websocket":
             await receive()
@@ -990,7 +993,7 @@ async def test_a_close_by_the_websocket_layer_drops_a_client_that_never_reads() 
 
     async with served(sends_a_lot, ws=with_bounds(5)) as server:
         with await asyncio.to_thread(never_reading, server.config.port, "/") as sock:
-            await asyncio.to_thread(sock.sendall, Frame(Opcode.TEXT, b"\xff").serialize(mask=True))
+            await asyncio.to_thread(sock.sendall, frame.serialize(mask=True))
 
             async def dropped() -> bool:
                 return not server.server_state.connections

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import html
+import io
 import json
 import os
 import signal
@@ -322,11 +323,13 @@ def db_status(as_json: JsonOpt = False) -> None:
 
 
 def _password_hidden(url: str) -> str:
-    """``url`` with its password, if any, as ``***`` (status output ends up in logs)."""
+    """``url`` with its password, if any, as ``***`` (status output ends up in logs); one that
+    libpq cannot read is not shown at all, since where its password is cannot be known (the
+    status's error says what is wrong with it)."""
     try:
         params = conninfo_to_dict(url)
     except psycopg.Error:
-        return url
+        return "(not shown: not a connection string libpq reads)"
     if "password" not in params:
         return url
     return make_conninfo(**{**params, "password": "***"})
@@ -675,4 +678,9 @@ def search(
 
 
 def main() -> None:
+    # A byte on stdin that is not UTF-8 becomes a lone surrogate, as in an argument (and as
+    # under the C locale), for the commands' own check to refuse in one line: under another
+    # UTF-8 locale reading it raised, and printed a traceback.
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
     app()

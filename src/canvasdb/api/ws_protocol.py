@@ -22,9 +22,9 @@
 - A text message that is not UTF-8 is closed with 1007, as before, but without the
   traceback uvicorn logged for each: it is the client's error, not the server's.
 - Closes. Once the close frame is written (whoever closes: uvicorn, these bounds, the
-  gateway), uvicorn waits for the client to read up to it, which a client that reads
-  nothing never does: the connection stayed open for good. It is dropped
-  ``CLOSING_GRACE_S`` later.
+  gateway, or the client, whose close is answered with one), uvicorn waits for the client
+  to read up to it, which a client that reads nothing never does: the connection stayed
+  open for good. It is dropped ``CLOSING_GRACE_S`` later.
 """
 
 from __future__ import annotations
@@ -57,7 +57,16 @@ class _Bounded(WebSocketsSansIOProtocol):
         """Set by every close (uvicorn's, and any code's that writes a close frame itself): the
         drop is armed here, once for all of them."""
         self._close_sent = sent
-        if sent and self._dropping is None and not self.disconnected:
+        if sent:
+            self._drop_later()
+
+    def handle_close(self, event: Frame) -> None:
+        super().handle_close(event)
+        if self.transport.is_closing():  # the client's close, answered (close_sent stays unset)
+            self._drop_later()
+
+    def _drop_later(self) -> None:
+        if self._dropping is None and not self.disconnected:
             self._dropping = self.loop.call_later(CLOSING_GRACE_S, self.transport.abort)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

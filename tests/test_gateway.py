@@ -41,6 +41,7 @@ from canvasdb.gateway import protocol
 from canvasdb.gateway.hub import Hub, Peer
 from canvasdb.services import Services
 from canvasdb.settings import Settings
+from canvasdb.token_bucket import TokenBucket
 
 
 def free_port() -> int:
@@ -1556,3 +1557,13 @@ async def test_a_catch_up_that_fails_is_one_line_in_the_log(
     assert [r.getMessage().startswith(f"could not catch {doc} up with the log: ") for r in records] == [True]
     assert records[0].exc_info is None
     assert unhandled == []
+
+
+async def test_a_token_bucket_refuses_more_at_once_than_it_holds() -> None:
+    """Waiting for more tokens than the bucket ever holds would never end."""
+    bucket = TokenBucket(rate=10, burst=5)
+    with pytest.raises(ValueError):
+        async with asyncio.timeout(1):  # (not forever, should it wait)
+            await bucket.take(6)
+    await bucket.take(5)
+    assert not bucket.try_take(1)

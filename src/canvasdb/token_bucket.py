@@ -24,6 +24,9 @@ class TokenBucket:
         return True
 
     async def take(self, n: float = 1) -> None:
-        """Wait until the bucket holds ``n`` tokens (at most ``burst``), then take them."""
+        """Wait until the bucket holds ``n`` tokens, then take them (more than ``burst`` it
+        never holds: refused, rather than waited for forever)."""
+        if n > self.burst:
+            raise ValueError(f"{n} tokens at once from a bucket of {self.burst}")
         while not self.try_take(n):
             await asyncio.sleep((n - self.tokens) / self.rate)

@@ -508,13 +508,14 @@ def parse_as_of_time(value: str | None) -> datetime | None:
     """``as_of`` where only a moment makes sense (a listing, a relationship, the graph, a
     document): one message for a version number and for text that is no time at all (the
     latter was told "a version number or an ISO 8601 time", then refused the number)."""
+    refusal = InvalidInput("as_of is an ISO 8601 time here, such as 2026-11-27T10:00:00Z",
+                           pointer="query:as_of")
     try:
         moment = parse_as_of(value)
     except InvalidInput:
-        moment = 0
+        raise refusal from None
     if isinstance(moment, int):
-        raise InvalidInput("as_of is an ISO 8601 time here, such as 2026-11-27T10:00:00Z",
-                           pointer="query:as_of")
+        raise refusal
     return moment
 
 

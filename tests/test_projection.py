@@ -16,7 +16,7 @@ from pycrdt import Doc, Map
 from canvasdb import jobs
 from canvasdb.db import Database
 from canvasdb.documents import DocumentStore
-from canvasdb.documents.projection import BoardProjection, entity_id
+from canvasdb.documents.projection import BoardProjection, _edge_id, entity_id
 from canvasdb.errors import InvalidInput
 from canvasdb.services import Services
 
@@ -209,6 +209,30 @@ async def test_malformed_boards_and_squatted_ids_stop_nothing_and_leak_nothing(
     assert (await svc.graph.neighbors(tenant.owner, fine, kinds=["board.edge"]))["nodes"] == []
     totals = await jobs.maintain(svc)
     assert totals["failed"] == 0
+
+
+async def test_a_relationship_holding_a_board_edges_id_is_never_written_into(
+        svc: Services, tenant: Tenant) -> None:
+    """A board edge's relationship id is derived from the board and its keys, so whoever
+    guesses them can take it first, for a relationship of their own between entities they
+    can write. The projection leaves such a relationship alone: it wrote the edge's data into
+    it (the label of a board its maker may not read) and brought it back if deleted."""
+    await svc.documents.create(tenant.owner, tenant.project_id, "guarded", "board")
+    side = await svc.tenancy.create_project(tenant.owner, "side", "side")
+    mine = await svc.entities.create(tenant.owner, side["id"], "note", {})
+    taken = await svc.relationships.create(tenant.owner, mine.id, mine.id, "board.edge", {"mine": True},
+                                           id=_edge_id("guarded", "e1", "a", "b"))
+    await svc.relationships.delete(tenant.owner, taken.id)
+    board = Board()
+    board.nodes["a"] = {"type": "sticky", "text": "a"}
+    board.nodes["b"] = {"type": "sticky", "text": "b"}
+    board.edges["e1"] = Map({"from": "a", "to": "b", "label": "TOP SECRET"})
+    await push(svc, tenant, "guarded", board)
+    await svc.projection.project(tenant.org_id, "guarded")
+    versions = await svc.relationships.history(tenant.owner, taken.id)
+    assert [(v["data"], v["live"]) for v in versions] == [({"mine": True}, True), ({"mine": True}, False)]
+    a = entity_id("guarded", "nodes", "a")
+    assert (await svc.graph.neighbors(tenant.owner, a, kinds=["board.edge"]))["nodes"] == []
 
 
 async def test_a_document_names_only_an_entity_its_creator_can_read(

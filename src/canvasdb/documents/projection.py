@@ -157,11 +157,14 @@ class BoardProjection:
             for rid, (src_id, dst_id, data) in keep.items():
                 if src_id not in alive or dst_id not in alive:
                     continue
+                # Only the board's own edge is updated: a relationship made through the API with
+                # the edge's id (derived from the board and its keys, so it can be guessed) would
+                # have received the board's data and come back if deleted, for its maker to read.
                 await conn.execute(
                     "INSERT INTO relationships (org_id, id, src, dst, kind, data, src_project, dst_project,"
                     " origin, end_deleted) VALUES (%s, %s, %s, %s, 'board.edge', %s, %s, %s, 'board', %s)"
                     " ON CONFLICT (org_id, id) DO UPDATE SET data = EXCLUDED.data, deleted = false,"
-                    " end_deleted = EXCLUDED.end_deleted",
+                    " end_deleted = EXCLUDED.end_deleted WHERE relationships.origin = 'board'",
                     (org_id, rid, src_id, dst_id, Jsonb(data), project_id, project_id,
                      not (alive[src_id] and alive[dst_id])))
             await conn.execute(

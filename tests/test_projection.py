@@ -235,6 +235,37 @@ async def test_a_relationship_holding_a_board_edges_id_is_never_written_into(
     assert (await svc.graph.neighbors(tenant.owner, a, kinds=["board.edge"]))["nodes"] == []
 
 
+async def test_an_entity_of_another_project_with_a_nodes_id_stays_out_of_the_board(
+        client: httpx.AsyncClient, svc: Services, tenant: Tenant) -> None:
+    """A node's entity id is derived from the board and the key, so an entity of another
+    project can take it and name the board. It is not the node: an edit of it through the API,
+    even by an owner (who may write both), is not written into the board, and its editor, a
+    viewer of the board's project, is answered for its own write (a 403 after it was stored)."""
+    await svc.documents.create(tenant.owner, tenant.project_id, "walled", "board")
+    side = (await svc.tenancy.create_project(tenant.owner, "side", "side"))["id"]
+    member = await svc.tenancy.ensure_user(f"m-{uuid.uuid4().hex[:8]}@example.com")
+    await svc.tenancy.set_org_role(tenant.org_id, member, "member")
+    await svc.tenancy.set_project_role(tenant.owner, side, member, "editor")
+    await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, member, "viewer")
+    headers = {"Authorization": f"Bearer {(await svc.tenancy.create_token(member))[1]}"}
+    fake = entity_id("walled", "nodes", "n9")
+    created = await client.post(f"/v1/orgs/{tenant.slug}/projects/side/entities", headers=headers, json={
+        "id": str(fake), "type": "board.node", "data": {"doc": "walled", "key": "n9", "text": "planted"}})
+    assert created.status_code == 201
+    url = f"/v1/orgs/{tenant.slug}/entities/{fake}"
+    assert (await client.patch(url, headers=tenant.headers, json={"data": {"x": 5}})).status_code == 200
+    peer = Doc()
+    peer.apply_update(await svc.documents.state(tenant.owner, "walled"))
+    assert peer.get("nodes", type=Map).to_py() == {}
+    mine = await client.patch(url, headers=headers, json={"data": {"x": 6}})
+    assert (mine.status_code, mine.json().get("version")) == (200, 3)
+    odd = entity_id("no board's id!", "nodes", "k")  # nor is one naming what cannot be a board
+    await svc.entities.create(tenant.owner, side, "board.node", {"doc": "no board's id!", "key": "k"}, id=odd)
+    patched = await client.patch(f"/v1/orgs/{tenant.slug}/entities/{odd}", headers=tenant.headers,
+                                 json={"data": {"x": 1}})
+    assert patched.status_code == 200
+
+
 async def test_a_document_names_only_an_entity_its_creator_can_read(
         svc: Services, tenant: Tenant, other_tenant: Tenant) -> None:
     mine = await svc.entities.create(tenant.owner, tenant.project_id, "note", {})

@@ -26,7 +26,7 @@ from pycrdt import Map
 from canvasdb import metrics
 from canvasdb.documents.store import DocumentStore
 from canvasdb.entities import Entity, EntityStore
-from canvasdb.errors import CanvasdbError, Gone, NotFound
+from canvasdb.errors import CanvasdbError, InvalidInput, NotFound
 from canvasdb.tenancy import Principal
 
 log = logging.getLogger("canvasdb.projection")
@@ -192,9 +192,12 @@ class BoardProjection:
         if entity_id(doc_id, collection, key) != entity.id:
             return  # not a projection, just an entity that looks like one
         try:
-            await self.documents.check_access(who, doc_id, write=True)
-        except (NotFound, Gone):
+            board = await self.documents.get(who, doc_id)
+        except (NotFound, InvalidInput):
             return
+        if board.project_id != entity.project_id:
+            return  # an entity of another project that took a node's id (its editor may not write here)
+        await self.documents.check_access(who, doc_id, write=True)
         loaded = await self.documents.loaded(who.org_id, doc_id)
         updates: list[bytes] = []
         async with loaded.lock:

@@ -709,6 +709,26 @@ async def test_undeleting_an_entity_never_closes_a_cycle(svc: Services, tenant: 
     assert [n["id"] for n in (await svc.graph.neighbors(tenant.owner, a, depth=2))["nodes"]] == [str(b), str(c)]
 
 
+async def test_an_undeletion_refused_for_a_cycle_names_no_entity_the_caller_cannot_read(
+        svc: Services, tenant: Tenant) -> None:
+    """The refusal says that a cycle would close (the rule counts every edge of the org), not
+    through which entity: the one at the other end may be in a project the caller cannot read."""
+    await svc.types.register(tenant.owner, EntityType(name="task", reference_fields=["$.depends_on[*]"],
+                                                      acyclic_kinds=["depends_on"]))
+    secret = (await svc.tenancy.create_project(tenant.owner, "secret"))["id"]
+    member_id = await svc.tenancy.ensure_user(f"m-{uuid4().hex[:8]}@example.com")
+    await svc.tenancy.set_org_role(tenant.org_id, member_id, "member")
+    await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, member_id, "editor")
+    member = Principal(org_id=tenant.org_id, user_id=member_id, org_role="member")
+    mine, hidden = await node(svc, tenant, "mine"), await node(svc, tenant, "hidden", project=secret)
+    await svc.relationships.create(tenant.owner, mine, hidden, "depends_on")
+    await svc.entities.delete(member, mine)
+    await svc.entities.patch(tenant.owner, hidden, {"depends_on": [str(mine)]})  # hidden while mine is
+    with pytest.raises(InvalidInput, match="cycle") as refused:
+        await svc.entities.undelete(member, mine)
+    assert str(hidden) not in str(refused.value.detail)
+
+
 async def test_walks_as_of_the_edges_of_time(client: httpx.AsyncClient, svc: Services, tenant: Tenant) -> None:
     """Moments at the ends of what Python can name, with an offset that takes them past it in
     UTC (a page cursor is named after the moment in UTC): before time, nothing; after, now."""

@@ -17,7 +17,8 @@ from canvasdb import jobs
 from canvasdb.db import Database
 from canvasdb.documents import DocumentStore
 from canvasdb.documents.projection import BoardProjection, _edge_id, entity_id
-from canvasdb.errors import InvalidInput
+from canvasdb.entities import EntityType
+from canvasdb.errors import InvalidInput, NotFound
 from canvasdb.services import Services
 
 
@@ -264,6 +265,41 @@ async def test_an_entity_of_another_project_with_a_nodes_id_stays_out_of_the_boa
     patched = await client.patch(f"/v1/orgs/{tenant.slug}/entities/{odd}", headers=tenant.headers,
                                  json={"data": {"x": 1}})
     assert patched.status_code == 200
+
+
+async def test_a_board_references_only_entities_of_its_own_project(svc: Services, tenant: Tenant) -> None:
+    """Reference fields an org declares for board.node are written by the projection, which has
+    no user: a reference drawn on the board to an entity of another project skips the node, as
+    one to a missing entity does, whoever drew it (an editor of the board linked so to entities
+    it cannot read, which the API refuses it, and learnt which ids exist). References within
+    the board's project are kept, and so is one an owner made through the API."""
+    await svc.types.register(tenant.owner, EntityType(name="board.node", module="board",
+                                                      text_fields={"text": "B"}, reference_fields=["$.parent"]))
+    secret = (await svc.tenancy.create_project(tenant.owner, "secret"))["id"]
+    hidden = (await svc.entities.create(tenant.owner, secret, "note", {})).id
+    near = (await svc.entities.create(tenant.owner, tenant.project_id, "note", {})).id
+    await svc.documents.create(tenant.owner, tenant.project_id, "linked", "board")
+    board = Board()
+    board.nodes["near"] = {"type": "sticky", "parent": str(near)}
+    board.nodes["hidden"] = {"type": "sticky", "parent": str(hidden)}
+    board.nodes["missing"] = {"type": "sticky", "parent": str(uuid.uuid4())}
+    await push(svc, tenant, "linked", board)
+    await svc.projection.project(tenant.org_id, "linked")
+    for key in ("hidden", "missing"):
+        with pytest.raises(NotFound):
+            await svc.entities.get(tenant.owner, entity_id("linked", "nodes", key))
+    assert (await svc.graph.dependents(tenant.owner, hidden))["nodes"] == []
+    linked = entity_id("linked", "nodes", "near")
+    assert [n["id"] for n in (await svc.graph.neighbors(tenant.owner, linked))["nodes"]] == [str(near)]
+    await svc.entities.patch(tenant.owner, linked, {"parent": str(hidden)})  # an owner may, through the API
+    await svc.projection.entity_changed(tenant.owner, await svc.entities.get(tenant.owner, linked))
+    board = Board()
+    board.doc.apply_update(await svc.documents.state(tenant.owner, "linked"))
+    board.nodes["near"]["text"] = "renamed"  # an edit on the board keeps the owner's reference
+    await push(svc, tenant, "linked", board)
+    await svc.projection.project(tenant.org_id, "linked")
+    assert (await svc.entities.get(tenant.owner, linked)).data["text"] == "renamed"
+    assert [n["id"] for n in (await svc.graph.neighbors(tenant.owner, linked))["nodes"]] == [str(hidden)]
 
 
 async def test_a_document_names_only_an_entity_its_creator_can_read(

@@ -29,6 +29,14 @@ async def node(svc: Services, t: Tenant, title: str = "n", type: str = "task", p
     return e.id
 
 
+async def editor(svc: Services, t: Tenant) -> Principal:
+    """A new member of the org, editor of the tenant's project and of no other."""
+    user = await svc.tenancy.ensure_user(f"m-{uuid4().hex[:8]}@example.com")
+    await svc.tenancy.set_org_role(t.org_id, user, "member")
+    await svc.tenancy.set_project_role(t.owner, t.project_id, user, "editor")
+    return Principal(org_id=t.org_id, user_id=user, org_role="member")
+
+
 async def test_create_read_update_delete_with_history(svc: Services, tenant: Tenant) -> None:
     a, b = await node(svc, tenant, "a"), await node(svc, tenant, "b")
     rel = await svc.relationships.create(tenant.owner, a, b, "board.edge", {"label": "x"})
@@ -255,10 +263,7 @@ async def test_a_subgraph_of_several_roots(svc: Services, tenant: Tenant, other_
 
 async def test_traversals_never_pass_through_unreadable_projects(svc: Services, tenant: Tenant) -> None:
     secret = (await svc.tenancy.create_project(tenant.owner, "secret"))["id"]
-    member_id = await svc.tenancy.ensure_user(f"m-{uuid4().hex[:8]}@example.com")
-    await svc.tenancy.set_org_role(tenant.org_id, member_id, "member")
-    await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, member_id, "editor")
-    member = Principal(org_id=tenant.org_id, user_id=member_id, org_role="member")
+    member = await editor(svc, tenant)
     a, c = await node(svc, tenant, "a"), await node(svc, tenant, "c")
     hidden = await node(svc, tenant, "hidden", project=secret)
     await svc.relationships.create(tenant.owner, a, hidden, "depends_on")
@@ -281,6 +286,31 @@ async def test_traversals_never_pass_through_unreadable_projects(svc: Services, 
         await svc.graph.neighbors(member, hidden)
     with pytest.raises(InvalidInput):
         await svc.relationships.create(member, a, hidden, "mentions")
+
+
+async def test_the_cycle_question_counts_unreadable_edges_only_for_an_acyclic_kind(
+        svc: Services, tenant: Tenant) -> None:
+    """For a kind the source's type declares acyclic, the answer counts every edge of the org,
+    as creating the edge would be refused for a path through any project; for any other kind
+    nothing would be refused, and the answer is what the caller may read, as a path's is (it
+    told a member whether entities it reads are linked through projects it cannot read)."""
+    await svc.types.register(tenant.owner, EntityType(name="task", acyclic_kinds=["depends_on"]))
+    secret = (await svc.tenancy.create_project(tenant.owner, "secret"))["id"]
+    member = await editor(svc, tenant)
+    a, c = await node(svc, tenant, "a"), await node(svc, tenant, "c")
+    hidden = await node(svc, tenant, "hidden", project=secret)
+    for kind in ("depends_on", "mentions"):
+        await svc.relationships.create(tenant.owner, a, hidden, kind)
+        await svc.relationships.create(tenant.owner, hidden, c, kind)
+    assert await svc.graph.creates_cycle(member, c, a, "depends_on")
+    with pytest.raises(InvalidInput, match="cycle"):
+        await svc.relationships.create(member, c, a, "depends_on")
+    assert not await svc.graph.creates_cycle(member, c, a, "mentions")
+    assert (await svc.graph.path(member, a, c, kinds=["mentions"]))["paths"] == []
+    assert await svc.graph.creates_cycle(tenant.owner, c, a, "mentions")
+    await svc.relationships.create(tenant.owner, a, c, "mentions")  # a path the member reads
+    assert await svc.graph.creates_cycle(member, c, a, "mentions")
+    assert await svc.graph.creates_cycle(member, a, a, "mentions")  # a self-loop is a cycle
 
 
 async def test_queries_as_of_a_past_time(svc: Services, tenant: Tenant) -> None:
@@ -707,6 +737,23 @@ async def test_undeleting_an_entity_never_closes_a_cycle(svc: Services, tenant: 
     await svc.relationships.delete(tenant.owner, back.id)
     assert not (await svc.entities.undelete(tenant.owner, b)).deleted
     assert [n["id"] for n in (await svc.graph.neighbors(tenant.owner, a, depth=2))["nodes"]] == [str(b), str(c)]
+
+
+async def test_an_undeletion_refused_for_a_cycle_names_no_entity_the_caller_cannot_read(
+        svc: Services, tenant: Tenant) -> None:
+    """The refusal says that a cycle would close (the rule counts every edge of the org), not
+    through which entity: the one at the other end may be in a project the caller cannot read."""
+    await svc.types.register(tenant.owner, EntityType(name="task", reference_fields=["$.depends_on[*]"],
+                                                      acyclic_kinds=["depends_on"]))
+    secret = (await svc.tenancy.create_project(tenant.owner, "secret"))["id"]
+    member = await editor(svc, tenant)
+    mine, hidden = await node(svc, tenant, "mine"), await node(svc, tenant, "hidden", project=secret)
+    await svc.relationships.create(tenant.owner, mine, hidden, "depends_on")
+    await svc.entities.delete(member, mine)
+    await svc.entities.patch(tenant.owner, hidden, {"depends_on": [str(mine)]})  # hidden while mine is
+    with pytest.raises(InvalidInput, match="cycle") as refused:
+        await svc.entities.undelete(member, mine)
+    assert str(hidden) not in str(refused.value.detail)
 
 
 async def test_walks_as_of_the_edges_of_time(client: httpx.AsyncClient, svc: Services, tenant: Tenant) -> None:

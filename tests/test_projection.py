@@ -16,8 +16,9 @@ from pycrdt import Doc, Map
 from canvasdb import jobs
 from canvasdb.db import Database
 from canvasdb.documents import DocumentStore
-from canvasdb.documents.projection import BoardProjection, entity_id
-from canvasdb.errors import InvalidInput
+from canvasdb.documents.projection import BoardProjection, _edge_id, entity_id
+from canvasdb.entities import EntityType
+from canvasdb.errors import InvalidInput, NotFound
 from canvasdb.services import Services
 
 
@@ -209,6 +210,96 @@ async def test_malformed_boards_and_squatted_ids_stop_nothing_and_leak_nothing(
     assert (await svc.graph.neighbors(tenant.owner, fine, kinds=["board.edge"]))["nodes"] == []
     totals = await jobs.maintain(svc)
     assert totals["failed"] == 0
+
+
+async def test_a_relationship_holding_a_board_edges_id_is_never_written_into(
+        svc: Services, tenant: Tenant) -> None:
+    """A board edge's relationship id is derived from the board and its keys, so whoever
+    guesses them can take it first, for a relationship of their own between entities they
+    can write. The projection leaves such a relationship alone: it wrote the edge's data into
+    it (the label of a board its maker may not read) and brought it back if deleted."""
+    await svc.documents.create(tenant.owner, tenant.project_id, "guarded", "board")
+    side = await svc.tenancy.create_project(tenant.owner, "side", "side")
+    mine = await svc.entities.create(tenant.owner, side["id"], "note", {})
+    taken = await svc.relationships.create(tenant.owner, mine.id, mine.id, "board.edge", {"mine": True},
+                                           id=_edge_id("guarded", "e1", "a", "b"))
+    await svc.relationships.delete(tenant.owner, taken.id)
+    board = Board()
+    board.nodes["a"] = {"type": "sticky", "text": "a"}
+    board.nodes["b"] = {"type": "sticky", "text": "b"}
+    board.edges["e1"] = Map({"from": "a", "to": "b", "label": "TOP SECRET"})
+    await push(svc, tenant, "guarded", board)
+    await svc.projection.project(tenant.org_id, "guarded")
+    versions = await svc.relationships.history(tenant.owner, taken.id)
+    assert [(v["data"], v["live"]) for v in versions] == [({"mine": True}, True), ({"mine": True}, False)]
+    a = entity_id("guarded", "nodes", "a")
+    assert (await svc.graph.neighbors(tenant.owner, a, kinds=["board.edge"]))["nodes"] == []
+
+
+async def test_an_entity_of_another_project_with_a_nodes_id_stays_out_of_the_board(
+        client: httpx.AsyncClient, svc: Services, tenant: Tenant) -> None:
+    """A node's entity id is derived from the board and the key, so an entity of another
+    project can take it and name the board. It is not the node: an edit of it through the API,
+    even by an owner (who may write both), is not written into the board, and its editor, a
+    viewer of the board's project, is answered for its own write (a 403 after it was stored)."""
+    await svc.documents.create(tenant.owner, tenant.project_id, "walled", "board")
+    side = (await svc.tenancy.create_project(tenant.owner, "side", "side"))["id"]
+    member = await svc.tenancy.ensure_user(f"m-{uuid.uuid4().hex[:8]}@example.com")
+    await svc.tenancy.set_org_role(tenant.org_id, member, "member")
+    await svc.tenancy.set_project_role(tenant.owner, side, member, "editor")
+    await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, member, "viewer")
+    headers = {"Authorization": f"Bearer {(await svc.tenancy.create_token(member))[1]}"}
+    fake = entity_id("walled", "nodes", "n9")
+    created = await client.post(f"/v1/orgs/{tenant.slug}/projects/side/entities", headers=headers, json={
+        "id": str(fake), "type": "board.node", "data": {"doc": "walled", "key": "n9", "text": "planted"}})
+    assert created.status_code == 201
+    url = f"/v1/orgs/{tenant.slug}/entities/{fake}"
+    assert (await client.patch(url, headers=tenant.headers, json={"data": {"x": 5}})).status_code == 200
+    peer = Doc()
+    peer.apply_update(await svc.documents.state(tenant.owner, "walled"))
+    assert peer.get("nodes", type=Map).to_py() == {}
+    mine = await client.patch(url, headers=headers, json={"data": {"x": 6}})
+    assert (mine.status_code, mine.json().get("version")) == (200, 3)
+    odd = entity_id("no board's id!", "nodes", "k")  # nor is one naming what cannot be a board
+    await svc.entities.create(tenant.owner, side, "board.node", {"doc": "no board's id!", "key": "k"}, id=odd)
+    patched = await client.patch(f"/v1/orgs/{tenant.slug}/entities/{odd}", headers=tenant.headers,
+                                 json={"data": {"x": 1}})
+    assert patched.status_code == 200
+
+
+async def test_a_board_references_only_entities_of_its_own_project(svc: Services, tenant: Tenant) -> None:
+    """Reference fields an org declares for board.node are written by the projection, which has
+    no user: a reference drawn on the board to an entity of another project skips the node, as
+    one to a missing entity does, whoever drew it (an editor of the board linked so to entities
+    it cannot read, which the API refuses it, and learnt which ids exist). References within
+    the board's project are kept, and so is one an owner made through the API."""
+    await svc.types.register(tenant.owner, EntityType(name="board.node", module="board",
+                                                      text_fields={"text": "B"}, reference_fields=["$.parent"]))
+    secret = (await svc.tenancy.create_project(tenant.owner, "secret"))["id"]
+    hidden = (await svc.entities.create(tenant.owner, secret, "note", {})).id
+    near = (await svc.entities.create(tenant.owner, tenant.project_id, "note", {})).id
+    await svc.documents.create(tenant.owner, tenant.project_id, "linked", "board")
+    board = Board()
+    board.nodes["near"] = {"type": "sticky", "parent": str(near)}
+    board.nodes["hidden"] = {"type": "sticky", "parent": str(hidden)}
+    board.nodes["missing"] = {"type": "sticky", "parent": str(uuid.uuid4())}
+    await push(svc, tenant, "linked", board)
+    await svc.projection.project(tenant.org_id, "linked")
+    for key in ("hidden", "missing"):
+        with pytest.raises(NotFound):
+            await svc.entities.get(tenant.owner, entity_id("linked", "nodes", key))
+    assert (await svc.graph.dependents(tenant.owner, hidden))["nodes"] == []
+    linked = entity_id("linked", "nodes", "near")
+    assert [n["id"] for n in (await svc.graph.neighbors(tenant.owner, linked))["nodes"]] == [str(near)]
+    await svc.entities.patch(tenant.owner, linked, {"parent": str(hidden)})  # an owner may, through the API
+    await svc.projection.entity_changed(tenant.owner, await svc.entities.get(tenant.owner, linked))
+    board = Board()
+    board.doc.apply_update(await svc.documents.state(tenant.owner, "linked"))
+    board.nodes["near"]["text"] = "renamed"  # an edit on the board keeps the owner's reference
+    await push(svc, tenant, "linked", board)
+    await svc.projection.project(tenant.org_id, "linked")
+    assert (await svc.entities.get(tenant.owner, linked)).data["text"] == "renamed"
+    assert [n["id"] for n in (await svc.graph.neighbors(tenant.owner, linked))["nodes"]] == [str(hidden)]
 
 
 async def test_a_document_names_only_an_entity_its_creator_can_read(

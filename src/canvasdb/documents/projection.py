@@ -26,7 +26,7 @@ from pycrdt import Map
 from canvasdb import metrics
 from canvasdb.documents.store import DocumentStore
 from canvasdb.entities import Entity, EntityStore
-from canvasdb.errors import CanvasdbError, Gone, NotFound
+from canvasdb.errors import CanvasdbError, InvalidInput, NotFound
 from canvasdb.tenancy import Principal
 
 log = logging.getLogger("canvasdb.projection")
@@ -157,11 +157,14 @@ class BoardProjection:
             for rid, (src_id, dst_id, data) in keep.items():
                 if src_id not in alive or dst_id not in alive:
                     continue
+                # Only the board's own edge is updated: a relationship made through the API with
+                # the edge's id (derived from the board and its keys, so it can be guessed) would
+                # have received the board's data and come back if deleted, for its maker to read.
                 await conn.execute(
                     "INSERT INTO relationships (org_id, id, src, dst, kind, data, src_project, dst_project,"
                     " origin, end_deleted) VALUES (%s, %s, %s, %s, 'board.edge', %s, %s, %s, 'board', %s)"
                     " ON CONFLICT (org_id, id) DO UPDATE SET data = EXCLUDED.data, deleted = false,"
-                    " end_deleted = EXCLUDED.end_deleted",
+                    " end_deleted = EXCLUDED.end_deleted WHERE relationships.origin = 'board'",
                     (org_id, rid, src_id, dst_id, Jsonb(data), project_id, project_id,
                      not (alive[src_id] and alive[dst_id])))
             await conn.execute(
@@ -189,9 +192,12 @@ class BoardProjection:
         if entity_id(doc_id, collection, key) != entity.id:
             return  # not a projection, just an entity that looks like one
         try:
-            await self.documents.check_access(who, doc_id, write=True)
-        except (NotFound, Gone):
+            board = await self.documents.get(who, doc_id)
+        except (NotFound, InvalidInput):
             return
+        if board.project_id != entity.project_id:
+            return  # an entity of another project that took a node's id (its editor may not write here)
+        await self.documents.check_access(who, doc_id, write=True)
         loaded = await self.documents.loaded(who.org_id, doc_id)
         updates: list[bytes] = []
         async with loaded.lock:

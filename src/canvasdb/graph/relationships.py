@@ -269,21 +269,41 @@ async def _closes_cycle(conn: Connection, org_id: UUID, src: UUID, dst: UUID, ki
     """Whether an edge ``src -> dst`` of ``kind`` would close a cycle that the source's type
     forbids; when the kind is acyclic, its creations in the org take turns from here to the
     commit (``reaches`` with ``lock``)."""
+    return await declares_acyclic(conn, org_id, src, kind) and \
+        await reaches(conn, org_id, dst, src, kind, lock=True)
+
+
+async def declares_acyclic(conn: Connection, org_id: UUID, src: UUID, kind: str) -> bool:
+    """Does the type of entity ``src`` forbid cycles of ``kind`` (``acyclic_kinds``)?"""
     acyclic = await (await conn.execute(
         "SELECT t.acyclic_kinds ? %s AS yes FROM entities e JOIN entity_types t"
         " ON t.org_id = e.org_id AND t.name = e.type WHERE e.org_id = %s AND e.id = %s",
         (kind, org_id, src))).fetchone()
-    return bool(acyclic and acyclic["yes"]) and await reaches(conn, org_id, dst, src, kind, lock=True)
+    return bool(acyclic and acyclic["yes"])
+
+
+# relationship_reaches through the projects a caller may read: each node once, as there
+_READABLE_REACH = (
+    "WITH RECURSIVE r(id) AS (SELECT %(src)s::uuid UNION SELECT e.dst FROM r JOIN relationships e"
+    " ON e.org_id = %(org)s AND e.src = r.id AND e.kind = %(kind)s AND e.live"
+    " AND e.dst_project = ANY(%(projects)s))"
+    " SELECT EXISTS (SELECT FROM r WHERE r.id = %(dst)s) AS yes")
 
 
 async def reaches(conn: Connection, org_id: UUID, src: UUID, dst: UUID, kind: str, *,
-                  lock: bool = False) -> bool:
-    """Does ``src`` reach ``dst`` through live relationships of ``kind``? The search is exhaustive
-    (each node once, bounded by the statement timeout). With ``lock``, first wait for the org's
-    other creations of this kind to commit and keep them waiting until this transaction ends:
-    the answer then holds until this transaction's own edge is committed."""
+                  lock: bool = False, projects: list[UUID] | None = None) -> bool:
+    """Does ``src`` reach ``dst`` through live relationships of ``kind`` (passing only through
+    entities of ``projects``, if given)? The search is exhaustive (each node once, bounded by
+    the statement timeout). With ``lock``, first wait for the org's other creations of this
+    kind to commit and keep them waiting until this transaction ends: the answer then holds
+    until this transaction's own edge is committed."""
     if lock:
         await conn.execute("SELECT relationship_kind_lock(%s, %s)", (org_id, kind))
-    row = await (await conn.execute("SELECT relationship_reaches(%s, %s, %s, %s) AS yes",
-                                    (org_id, src, dst, kind))).fetchone()
+    if projects is None:
+        cur = await conn.execute("SELECT relationship_reaches(%s, %s, %s, %s) AS yes",
+                                 (org_id, src, dst, kind))
+    else:
+        cur = await conn.execute(_READABLE_REACH, {"org": org_id, "src": src, "dst": dst, "kind": kind,
+                                                   "projects": projects})
+    row = await cur.fetchone()
     return bool(row and row["yes"])

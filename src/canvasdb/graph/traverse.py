@@ -34,7 +34,13 @@ from psycopg.rows import tuple_row
 from canvasdb.db import Database
 from canvasdb.entities import utc
 from canvasdb.errors import InvalidInput, NotFound, Unavailable
-from canvasdb.graph.relationships import check_kind, reaches, readable_projects, require_readable
+from canvasdb.graph.relationships import (
+    check_kind,
+    declares_acyclic,
+    reaches,
+    readable_projects,
+    require_readable,
+)
 from canvasdb.tenancy import Principal
 
 Direction = Literal["out", "in", "both"]
@@ -496,13 +502,17 @@ class Graph:
 
     async def creates_cycle(self, who: Principal, src: UUID, dst: UUID, kind: str) -> bool:
         """Would a new ``src -> dst`` of ``kind`` close a cycle (does ``dst`` reach ``src``)?
-        Every edge counts here, readable or not: a cycle is a cycle."""
+        For a kind that ``src``'s type declares acyclic, every edge counts, readable or not, as
+        it does for the refusal of such an edge; for any other kind nothing would be refused,
+        and the answer passes only through what the caller may read, as ``path`` does."""
         check_kind(kind)
         async with self.db.transaction(who.org_id) as conn:
             projects = await readable_projects(conn, who)
             for end in (src, dst):
                 await require_readable(conn, who, end, projects)
-            return await reaches(conn, who.org_id, dst, src, kind)
+            if projects is not None and await declares_acyclic(conn, who.org_id, src, kind):
+                projects = None
+            return await reaches(conn, who.org_id, dst, src, kind, projects=projects)
 
     async def lineage(self, who: Principal, id: UUID, *, kind: str = "derived_from", depth: int = MAX_DEPTH,
                       as_of: datetime | None = None) -> dict[str, Any]:

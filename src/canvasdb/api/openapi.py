@@ -17,6 +17,7 @@ from canvasdb.api.problems import MEDIA_TYPE
 
 PUBLIC = ("/healthz", "/readyz", "/metrics")  # the only paths that take no token
 _METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
+_READ_BY_POST = ("/v1/orgs/{org}/graph/subgraph",)  # a read whose question is a body
 _DELETABLE = ("entities", "relationships")  # soft-deleted: reading one answers 410
 
 PROBLEM_SCHEMA: dict[str, Any] = {
@@ -92,7 +93,8 @@ def rewrite(doc: dict[str, Any]) -> dict[str, Any]:
             for status in ERRORS:
                 if status in ("413", "415") and "requestBody" not in operation:
                     continue
-                if status in ("409", "507") and method == "get":  # reads neither conflict nor store
+                if status in ("409", "507") and (method == "get" or path in _READ_BY_POST):
+                    # reads neither conflict nor store
                     continue
                 if status == "410" and not any(f"/{what}/{{id}}" in path for what in _DELETABLE):
                     continue

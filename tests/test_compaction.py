@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -242,6 +244,64 @@ async def test_retention_keeps_what_time_travel_needs(svc: Services, tenant: Ten
     assert view(replay([await store.state(tenant.owner, "old")])) == view(editor.doc), \
         "a cached copy catches up across pruned updates"
     assert view(replay([await DocumentStore(svc.db).state(tenant.owner, "old")])) == view(editor.doc)
+
+
+async def test_a_compaction_overtaken_by_another_and_by_retention_saves_nothing(
+        svc: Services, tenant: Tenant) -> None:
+    """Compactor B reads the log's end (8), then A (10); B saves its snapshot, retention then
+    deletes the old updates it covers, and A, which read the older snapshot before all that,
+    finds the updates after it with a hole (6-8 gone, 9-10 kept). Saved, A's snapshot would
+    be the newest and lack 6-8 for good; it is not saved, and B's and the log hold them."""
+    store, editor = svc.documents, Editor(17)
+    await store.create(tenant.owner, tenant.project_id, "raced")
+    for _ in range(5):
+        await store.append(tenant.owner, "raced", editor.step())
+    await store.compact(tenant.org_id, "raced")  # S1, at 5
+    for _ in range(3):
+        await store.append(tenant.owner, "raced", editor.step())
+    async with svc.db.transaction(tenant.org_id) as conn:  # all of it old enough for retention
+        for table in ("doc_updates", "doc_snapshots"):
+            await conn.execute(f"UPDATE {table} SET at = at - interval '30 hours'"  # noqa: S608
+                               " WHERE org_id = %s AND doc_id = 'raced'", (tenant.org_id,))
+
+    class Paused(DocumentStore):
+        """Stops between reading the newest snapshot and reading the updates after it."""
+
+        def __init__(self, meanwhile: Callable[[], Awaitable[None]] | None) -> None:
+            super().__init__(svc.db)
+            self.meanwhile = meanwhile
+
+        async def _snapshot_state(self, row: dict[str, Any]) -> bytes:
+            meanwhile, self.meanwhile = self.meanwhile, None  # once: the first read of the snapshot
+            if meanwhile is not None:
+                await meanwhile()
+            return await super()._snapshot_state(row)
+
+    b_read, b_go = asyncio.Event(), asyncio.Event()
+
+    async def b_waits() -> None:
+        b_read.set()
+        await b_go.wait()
+
+    b = asyncio.create_task(Paused(b_waits).compact(tenant.org_id, "raced"))
+    await b_read.wait()  # B has read the end of the log (8) and S1
+    for _ in range(2):
+        await store.append(tenant.owner, "raced", editor.step())  # 9 and 10, recent
+
+    async def b_saves_then_retention_runs() -> None:
+        b_go.set()
+        assert (await b).seq == 8
+        async with svc.db.transaction(tenant.org_id) as conn:
+            await conn.execute("UPDATE doc_snapshots SET at = at - interval '30 hours'"
+                               " WHERE org_id = %s AND doc_id = 'raced' AND seq = 8", (tenant.org_id,))
+        assert (await store.prune(tenant.org_id, "raced"))[0] == 8  # 1-8: S2 covers them
+
+    assert await Paused(b_saves_then_retention_runs).compact(tenant.org_id, "raced") is None
+    assert view(replay([await DocumentStore(svc.db).state(tenant.owner, "raced")])) == view(editor.doc)
+    async with svc.db.transaction(tenant.org_id) as conn:
+        cur = await conn.execute("SELECT seq FROM doc_snapshots WHERE org_id = %s AND doc_id = 'raced'"
+                                 " ORDER BY seq", (tenant.org_id,))
+        assert [r["seq"] for r in await cur.fetchall()] == [5, 8]
 
 
 async def test_large_snapshots_go_to_the_blob_store(svc: Services, tenant: Tenant) -> None:

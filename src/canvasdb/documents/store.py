@@ -595,7 +595,10 @@ class DocumentStore:
                 "SELECT seq, payload, at FROM doc_updates WHERE org_id = %s AND doc_id = %s"
                 " AND seq > %s AND seq <= %s ORDER BY seq", (org_id, doc_id, since, upto), binary=True)
             rows = await cur.fetchall()
-            if not rows:  # the updates were pruned meanwhile by another compactor
+            if len(rows) != upto - since:
+                # Since the snapshot was read, another compactor saved a newer one and retention
+                # deleted updates it covers: folded with a hole, this snapshot (the newest) would
+                # lose them for good. The other one holds them; the next compaction starts there.
                 return None
             _replay(doc, rows, doc_id)
             at = rows[-1]["at"]

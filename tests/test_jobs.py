@@ -310,3 +310,28 @@ async def test_one_projection_of_a_board_at_a_time(pg_url: str, svc: Services, t
         async with jobs.working(svc, concurrency=2):
             await asyncio.gather(jobs.maintain(svc), until(lambda: watched.runs >= 2))
     assert watched.most == 1
+
+
+async def test_work_asked_for_while_a_flush_defers_is_deferred_too() -> None:
+    """A board changed while the previous batch is being deferred is projected: it was left in
+    the pending set, and the flush that was running ended without taking it (until the next
+    change, maybe an hour later)."""
+    deferred: list[list[Any]] = []
+    deferring, release, second = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def defer(keys: list[Any]) -> None:
+        deferred.append(keys)
+        if len(deferred) == 1:
+            deferring.set()
+            await release.wait()  # the queue's round trip, slow this time
+        else:
+            second.set()
+
+    requests = jobs.Requests(defer, every=0.01)
+    await requests.request("first")
+    await deferring.wait()
+    await requests.request("second")  # arrives while the first batch is in the queue's hands
+    release.set()
+    await asyncio.wait_for(second.wait(), timeout=10)  # a hang guard: with the bug, never set
+    assert deferred == [["first"], ["second"]]
+    await requests.close()

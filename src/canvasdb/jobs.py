@@ -264,6 +264,8 @@ class Requests:
             await self.defer(sorted(batch, key=str))
         except Exception:
             log.warning("could not defer the work for %d keys", len(batch), exc_info=True)
+        if self._pending and wait:  # asked for while this batch was deferred: this task was
+            self._flusher = asyncio.create_task(self._flush())  # not done, so none was started
 
     async def close(self) -> None:
         """Defer what is pending now (the queue must still be connected)."""

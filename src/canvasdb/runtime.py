@@ -11,10 +11,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from canvasdb.blobs import open_blob_store
 from canvasdb.db import Database, EmbeddedPostgres, database_away, migrate
-from canvasdb.errors import one_line
+from canvasdb.errors import NotFound, one_line
 from canvasdb.search.embedders import embedder_from_settings
 from canvasdb.services import Services
 from canvasdb.settings import Settings
@@ -246,18 +247,45 @@ def operator(org_id: object) -> Principal:
 async def bootstrap(svc: Services) -> str | None:
     """On first run: org ``demo``, its project, an owner and an admin token (saved, 0600).
 
-    Returns the admin token: the new one, or the one saved by an earlier run.
+    Returns the admin token: the new one, or the one saved by an earlier run. A first run cut
+    short (killed between its steps) is finished by the next: the demo org without a saved
+    token, when its owner is the demo user, gets what it lacks.
     """
     path = svc.settings.token_file
-    orgs = {o.slug for o in await svc.tenancy.list_orgs()}
-    if DEMO_ORG in orgs:
-        return path.read_text().strip() if path.exists() else None
-    user = await svc.tenancy.ensure_user(DEMO_USER, "Demo admin")
-    org = await svc.tenancy.create_org(DEMO_ORG, "Demo", owner=user)
-    await svc.tenancy.create_project(operator(org.id), DEMO_PROJECT, "Demo project")
+    orgs = {o.slug: o for o in await svc.tenancy.list_orgs()}
+    org = orgs.get(DEMO_ORG)
+    if org is not None and path.exists():
+        return path.read_text().strip() or None
+    if org is None:
+        user = await svc.tenancy.ensure_user(DEMO_USER, "Demo admin")
+        org = await svc.tenancy.create_org(DEMO_ORG, "Demo", owner=user)
+    else:
+        try:
+            user = await svc.tenancy.user_by_email(DEMO_USER)
+            owner = (await svc.tenancy.principal(user, str(org.id))).org_role == "owner"
+        except NotFound:
+            owner = False
+        if not owner:  # an org of someone's own that is called demo: not ours to finish
+            return None
+    if DEMO_PROJECT not in {p["slug"] for p in await svc.tenancy.list_projects(operator(org.id))}:
+        await svc.tenancy.create_project(operator(org.id), DEMO_PROJECT, "Demo project")
     _, token = await svc.tenancy.create_token(user, name="admin (created by canvasdb up)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
+    _write_whole(path, token + "\n")
     return token
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write a file for its owner alone (0600) so that a crash leaves it whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

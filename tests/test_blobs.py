@@ -360,7 +360,14 @@ async def test_filesystem_removes_stale_temporary_files(tmp_path: Path) -> None:
     stale.write_bytes(b"left by a crash")
     fresh.write_bytes(b"another process is writing this")
     os.utime(stale, (1, 1))
-    await FilesystemBlobStore(tmp_path / "blobs").put(b"x")
+    store = FilesystemBlobStore(tmp_path / "blobs")
+    store.sweep_every = 0  # (an hour)
+    await store.put(b"x")
+    assert not stale.exists() and fresh.exists()
+    # one left later by a crashed peer, while this store runs on: a later write removes it
+    stale.write_bytes(b"left by another process's crash")
+    os.utime(stale, (1, 1))
+    await store.put(b"y")
     assert not stale.exists() and fresh.exists()
 
 

@@ -4,8 +4,8 @@ A write goes to a temporary file in ``<root>/tmp/`` (the same file system as the
 so the final rename is atomic), is fsynced, then renamed into place with ``os.replace``
 and the folder fsynced: a blob is either absent or complete, even across a crash. The key
 is hashed while the content streams in, which is why the temporary file cannot already sit
-in its final folder. Temporary files a crash left behind are removed by the next store
-that writes, once they are a day old.
+in its final folder. Temporary files a crash left behind (of this process or another one
+on the same folder) are removed once they are a day old, by a write at most every hour.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from canvasdb.errors import InsufficientStorage, Unavailable
 
 _TMP = "tmp"
 _STALE_TMP_SECONDS = 24 * 3600
+_SWEEP_EVERY_S = 3600.0  # how often a store's writes look for them
 _FULL = (errno.ENOSPC, errno.EDQUOT)  # no room left: 507, not 503
 
 
@@ -44,6 +45,8 @@ class FilesystemBlobStore:
         self._chunk_size = chunk_size
         self._fsync = fsync
         self._prepared = False
+        self.sweep_every = _SWEEP_EVERY_S
+        self._next_sweep = 0.0  # (monotonic) when a write next looks for stale temporary files
 
     def __repr__(self) -> str:
         return f"FilesystemBlobStore({str(self.root)!r})"
@@ -125,8 +128,10 @@ class FilesystemBlobStore:
                 # which tell whether a known file is stored
                 self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
                 tmp_dir.mkdir(mode=0o700, exist_ok=True)
-                self._remove_stale(tmp_dir)
                 self._prepared = True
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + self.sweep_every
+                self._remove_stale(tmp_dir)
             fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="put-", suffix=".part")
         except OSError as exc:
             raise self._failed("write", tmp_dir, exc) from exc

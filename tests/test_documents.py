@@ -350,6 +350,48 @@ async def test_the_cache_keeps_to_its_bytes_and_its_count_is_exact(db: Database,
         await store.close()
 
 
+async def test_a_load_that_a_commit_or_a_drop_meets_midway_keeps_the_count_exact(
+        db: Database, tenant: Tenant) -> None:
+    """A load reads the newest snapshot, then the log after it: the entry grows between the
+    two reads, before its caller counts it. A commit counted meanwhile was counted again,
+    and an entry dropped meanwhile (unloaded, evicted) took off bytes never counted: the
+    count drifted, below zero after a while, which lifted the cache's bound as far."""
+    store, writer = DocumentStore(db, cache_bytes=1024 * 1024), Client()
+    try:
+        await store.create(tenant.owner, tenant.project_id, "midway")
+        for i in range(40):
+            await store.append(tenant.owner, "midway", writer.edit(f"k{i}", "x" * 100))
+        assert await store.compact(tenant.org_id, "midway") is not None
+        store.unload(tenant.org_id, "midway")
+        updates_after = store._updates_after
+        reading, go_on = asyncio.Event(), asyncio.Event()
+
+        async def paused(key, seq, *, gone=False):  # the snapshot is read; the log after it not yet
+            reading.set()
+            await go_on.wait()
+            return await updates_after(key, seq, gone=gone)
+
+        store._updates_after = paused  # type: ignore[method-assign]
+        loading = asyncio.create_task(store.sync(tenant.org_id, "midway"))
+        await reading.wait()
+        await store.submit_checked(tenant.org_id, "midway", writer.edit("during", 1))
+        go_on.set()
+        await loading
+        assert store.held_bytes == sum(held.size for held in store._cache.values())
+
+        store.unload(tenant.org_id, "midway")
+        reading.clear()
+        go_on.clear()
+        loading = asyncio.create_task(store.sync(tenant.org_id, "midway"))
+        await reading.wait()
+        store.unload(tenant.org_id, "midway")  # as the idle sweep, or an eviction, would
+        go_on.set()
+        await loading
+        assert (store.held_documents, store.held_bytes) == (0, 0)
+    finally:
+        await store.close()
+
+
 async def test_a_catch_up_never_echoes_an_update_to_its_sender(db: Database, tenant: Tenant) -> None:
     """An update is visible in the log a moment before its commit reaches the gateway's
     listener; a catch-up in that moment (a peer joining, another gateway's notice) sends it

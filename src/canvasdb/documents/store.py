@@ -136,6 +136,7 @@ class _Held:
         self._clock: yjs.StateVector = {}  # the state vector, counting tail[:_clocked]
         self._clocked = 0
         self.size = _OVERHEAD  # bytes held (a decoded doc counts its bytes once more, as an estimate)
+        self.counted = 0  # of those, what the store's count holds (a load changes size while it reads)
         self.doc: Doc | None = None
         self.doc_seq = 0
         self.lock = asyncio.Lock()
@@ -349,12 +350,10 @@ class DocumentStore:
         held = self._cache.get(key)
         if held is None:  # held from now on (and loaded in full on first use): its counters live here
             held = self._cache[key] = _Held()
-            self._held_bytes += held.size
         else:
             self._cache.move_to_end(key)
-        before = held.size
         held.add(done.seq, payload)  # if another process wrote in between, the next use catches up
-        self._held_bytes += held.size - before
+        self._count(key, held)
         if self._held_bytes > self.cache_bytes:
             self._evict()
         now = time.monotonic()
@@ -445,7 +444,7 @@ class DocumentStore:
         """Forget a held document (its next use loads it again)."""
         held = self._cache.pop((org_id, doc_id), None)
         if held is not None:
-            self._held_bytes -= held.size
+            self._held_bytes -= held.counted
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -453,9 +452,8 @@ class DocumentStore:
         """The document, up to date with the log and decoded (hold ``.lock`` while using ``.doc``)."""
         held = await self._held((org_id, doc_id))
         async with held.lock:
-            before = held.size
             held.decoded()
-            self._grew((org_id, doc_id), held, before)
+            self._count((org_id, doc_id), held)
         self._evict()
         return held
 
@@ -464,20 +462,24 @@ class DocumentStore:
         held = self._cache.get(key)
         if held is None:
             held = self._cache[key] = _Held()
-            self._held_bytes += held.size
+            self._count(key, held)
         self._cache.move_to_end(key)
         async with held.lock:
-            before = held.size
             await self._catch_up(key, held)
-            self._grew(key, held, before)
+            self._count(key, held)
         self._evict()
         return held
 
-    def _grew(self, key: tuple[UUID, str], held: _Held, before: int) -> None:
-        """Count what an entry grew by, unless it left the cache meanwhile (evicted or
-        unloaded while its caller awaited: its bytes are no longer counted at all)."""
+    def _count(self, key: tuple[UUID, str], held: _Held) -> None:
+        """Bring the count up to an entry's size, unless it left the cache meanwhile (evicted
+        or unloaded while its caller awaited: its bytes are no longer counted at all). What
+        is counted is kept per entry, and dropping an entry takes off just that: a load
+        changes the size while it reads the log, and a commit may change it meanwhile (an
+        entry dropped then took off bytes never counted, and the count went below zero,
+        lifting the cache's bound by as much each time)."""
         if self._cache.get(key) is held:
-            self._held_bytes += held.size - before
+            self._held_bytes += held.size - held.counted
+            held.counted = held.size
 
     async def _catch_up(self, key: tuple[UUID, str], held: _Held) -> None:
         """Bring the held copy up to date: usually one statement for the updates past it (a
@@ -532,7 +534,7 @@ class DocumentStore:
         use stays, however large: it is the most recent)."""
         while self._held_bytes > self.cache_bytes and len(self._cache) > 1:
             _, oldest = self._cache.popitem(last=False)
-            self._held_bytes -= oldest.size
+            self._held_bytes -= oldest.counted
 
     @property
     def held_bytes(self) -> int:

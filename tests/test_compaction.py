@@ -384,3 +384,47 @@ async def test_a_copy_held_past_retention_is_read_again(svc: Services, tenant: T
     assert view(replay([await a.state(tenant.owner, "held")])) == view(editor.doc)
     await a.close()
     await b.close()
+
+
+async def test_a_compaction_that_retention_overtakes_writes_no_snapshot(svc: Services, tenant: Tenant) -> None:
+    """Two compactions of one document at once (a worker's job and the hourly pass): the
+    second reads its base snapshot, the first commits a newer one, retention deletes the
+    updates that one covers, and only then does the second read the updates after its base.
+    Folding what is left would make a newest snapshot without the deleted updates, and the
+    document would lose them for good."""
+    store, first = DocumentStore(svc.db), DocumentStore(svc.db)
+    await store.create(tenant.owner, tenant.project_id, "overtaken")
+    editor = Editor(11)
+    for _ in range(3):
+        await store.append(tenant.owner, "overtaken", editor.step())
+    await store.compact(tenant.org_id, "overtaken")  # the base both start from
+    snapshot_state = {}
+    for name, compactor in (("first", first), ("second", store)):
+        read, go_on = asyncio.Event(), asyncio.Event()
+        snapshot_state[name] = (read, go_on)
+
+        async def paused(row, state=compactor._snapshot_state, read=read, go_on=go_on):
+            read.set()  # the last number and the base are read; the updates after it not yet
+            await go_on.wait()
+            return await state(row)
+
+        compactor._snapshot_state = paused  # type: ignore[method-assign]
+    for _ in range(2):
+        await store.append(tenant.owner, "overtaken", editor.step())
+    first_made = asyncio.create_task(first.compact(tenant.org_id, "overtaken"))  # up to 5
+    await snapshot_state["first"][0].wait()
+    await store.append(tenant.owner, "overtaken", editor.step())
+    second_made = asyncio.create_task(store.compact(tenant.org_id, "overtaken"))  # up to 6
+    await snapshot_state["second"][0].wait()
+    snapshot_state["first"][1].set()
+    assert (await first_made).seq == 5
+    await store.prune(tenant.org_id, "overtaken", now=datetime.now(UTC) + timedelta(days=2))
+    snapshot_state["second"][1].set()
+    await second_made
+    fresh = DocumentStore(svc.db)
+    try:
+        assert view(replay([await fresh.state(tenant.owner, "overtaken")])) == view(editor.doc)
+    finally:
+        await fresh.close()
+        await first.close()
+        await store.close()

@@ -574,7 +574,8 @@ class DocumentStore:
 
         Safe beside concurrent appends: it covers exactly the updates committed when it
         read the last sequence number (numbers are taken and written in one transaction),
-        and later ones stay in the log. None when there is nothing new to fold.
+        and later ones stay in the log. None when there is nothing new to fold, or when
+        another compaction's newer snapshot, and retention after it, overtook this one.
         """
         async with self.db.transaction(org_id) as conn:
             cur = await conn.execute("SELECT doc_last_seq(org_id, id) AS last_seq FROM documents"
@@ -597,7 +598,10 @@ class DocumentStore:
                 "SELECT seq, payload, at FROM doc_updates WHERE org_id = %s AND doc_id = %s"
                 " AND seq > %s AND seq <= %s ORDER BY seq", (org_id, doc_id, since, upto), binary=True)
             rows = await cur.fetchall()
-            if not rows:  # the updates were pruned meanwhile by another compactor
+            # Sequence numbers have no gaps: one missing means that another compaction made a
+            # newer snapshot after this one read its base, and retention deleted what that one
+            # covers. Folded, what is left would be a newest snapshot without those updates.
+            if len(rows) != upto - since:
                 return None
             _replay(doc, rows, doc_id)
             at = rows[-1]["at"]

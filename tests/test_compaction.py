@@ -428,3 +428,37 @@ async def test_a_compaction_that_retention_overtakes_writes_no_snapshot(svc: Ser
         await fresh.close()
         await first.close()
         await store.close()
+
+
+async def test_time_travel_that_retention_overtakes_is_still_exact(svc: Services, tenant: Tenant) -> None:
+    """A read as of a moment takes the snapshot before it and then the updates after that
+    one: a compaction and retention between the two reads took updates it had yet to read,
+    and the answer, said to be exact, lacked them."""
+    store = DocumentStore(svc.db)
+    await store.create(tenant.owner, tenant.project_id, "travelled")
+    editor = Editor(12)
+    await store.append(tenant.owner, "travelled", editor.step())
+    await store.compact(tenant.org_id, "travelled")  # the snapshot the read starts from
+    for _ in range(3):
+        await store.append(tenant.owner, "travelled", editor.step())
+    moment, expected = datetime.now(UTC), view(editor.doc)
+    snapshot_state, read, go_on = store._snapshot_state, asyncio.Event(), asyncio.Event()
+
+    async def paused(row):
+        read.set()
+        await go_on.wait()
+        return await snapshot_state(row)
+
+    store._snapshot_state = paused  # type: ignore[method-assign]
+    try:
+        reading = asyncio.create_task(store.state_as_of(tenant.owner, "travelled", moment))
+        await read.wait()
+        await svc.documents.compact(tenant.org_id, "travelled")
+        deleted, _ = await svc.documents.prune(tenant.org_id, "travelled",
+                                               now=datetime.now(UTC) + timedelta(days=2))
+        assert deleted == 4
+        go_on.set()
+        past = await reading
+        assert past.exact and view(replay([past.update])) == expected
+    finally:
+        await store.close()

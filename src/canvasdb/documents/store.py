@@ -60,6 +60,17 @@ _EXACT_SINCE = (
     " FROM (SELECT coalesce((SELECT min(u.seq) FROM doc_updates u"
     "                        WHERE u.org_id = %(org)s AND u.doc_id = %(doc)s),"
     "                       doc_last_seq(%(org)s, %(doc)s) + 1) - 1 AS seq) p WHERE p.seq > 0")
+# The document as of a moment: the newest snapshot at or before it (payload NULL) and the
+# updates after that one up to the moment, in one statement, so that both are read from one
+# view of the database: read one after the other, a compaction and retention in between
+# took updates the second read still needed.
+_AS_OF = (
+    "WITH s AS (SELECT seq, state, blob_sha256 FROM doc_snapshots WHERE org_id = %(org)s AND doc_id = %(doc)s"
+    "           AND at <= %(at)s ORDER BY seq DESC LIMIT 1)"
+    " SELECT seq, state, blob_sha256, NULL::bytea AS payload FROM s"
+    " UNION ALL SELECT u.seq, NULL, NULL, u.payload FROM doc_updates u WHERE u.org_id = %(org)s"
+    "           AND u.doc_id = %(doc)s AND u.seq > coalesce((SELECT seq FROM s), 0) AND u.at <= %(at)s"
+    " ORDER BY seq")  # the snapshot's first: the updates are past it
 # Every live store of this process: /metrics reads their cache sizes when scraped, so the
 # gauges are current without a call per update.
 _STORES: weakref.WeakSet[DocumentStore] = weakref.WeakSet()
@@ -553,18 +564,14 @@ class DocumentStore:
         org_id, moment = who.org_id, utc(as_of)
         doc = Doc(skip_gc=True)
         async with self.db.transaction(org_id) as conn:
+            cur = await conn.execute(_AS_OF, {"org": org_id, "doc": doc_id, "at": moment}, binary=True)
+            rows = await cur.fetchall()
+            # After the read: retention meanwhile makes it later, never earlier (it only says
+            # "not exact" of a moment that was, never the reverse).
             since = await _exact_since(conn, org_id, doc_id)
-            cur = await conn.execute(
-                "SELECT seq, state, blob_sha256 FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
-                " AND at <= %s ORDER BY seq DESC LIMIT 1", (org_id, doc_id, moment), binary=True)
-            snapshot = await cur.fetchone()
-            if snapshot is not None:
-                doc.apply_update(await self._snapshot_state(snapshot))
-            cur = await conn.execute(
-                "SELECT seq, payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s"
-                " AND at <= %s ORDER BY seq",
-                (org_id, doc_id, 0 if snapshot is None else snapshot["seq"], moment), binary=True)
-            _replay(doc, await cur.fetchall(), doc_id)
+        if rows and rows[0]["payload"] is None:
+            doc.apply_update(await self._snapshot_state(rows.pop(0)))
+        _replay(doc, rows, doc_id)
         return PastState(doc.get_update(), exact=since is None or moment >= since)
 
     # --- compaction and retention ---------------------------------------------------------------

@@ -392,6 +392,45 @@ async def test_a_load_that_a_commit_or_a_drop_meets_midway_keeps_the_count_exact
         await store.close()
 
 
+async def test_a_commit_during_a_catch_up_does_not_make_the_copy_start_over(
+        db: Database, tenant: Tenant) -> None:
+    """A commit of this process lands in the held copy while a catch-up reads the log: the
+    log's first new row is then one the copy holds already, not a gap. Taken for one, the
+    copy was read again from the newest snapshot, and a room one update behind sent every
+    peer the whole document instead of that update."""
+    store, other, writer = DocumentStore(db), DocumentStore(db), Client()
+    try:
+        await store.create(tenant.owner, tenant.project_id, "overlap")
+        updates = [writer.edit(f"k{i}", i) for i in range(5)]
+        for update in updates[:3]:
+            await store.append(tenant.owner, "overlap", update)
+        await store.compact(tenant.org_id, "overlap")
+        for update in updates[3:]:
+            await store.append(tenant.owner, "overlap", update)
+        await store.sync(tenant.org_id, "overlap")  # held: the snapshot at 3, then 4 and 5
+        await other.compact(tenant.org_id, "overlap")  # a newer snapshot, at 5
+        updates_after = store._updates_after
+        reading, go_on = asyncio.Event(), asyncio.Event()
+
+        async def paused(key, seq, *, gone=False):
+            reading.set()
+            await go_on.wait()
+            return await updates_after(key, seq, gone=gone)
+
+        store._updates_after = paused  # type: ignore[method-assign]
+        catching_up = asyncio.create_task(store.sync(tenant.org_id, "overlap"))
+        await reading.wait()
+        last = writer.edit("k5", 5)
+        await store.submit_checked(tenant.org_id, "overlap", last)
+        go_on.set()
+        await catching_up
+        store._updates_after = updates_after  # type: ignore[method-assign]
+        assert await store.updates_since(tenant.org_id, "overlap", 4) == [(5, updates[4]), (6, last)]
+    finally:
+        await store.close()
+        await other.close()
+
+
 async def test_a_catch_up_never_echoes_an_update_to_its_sender(db: Database, tenant: Tenant) -> None:
     """An update is visible in the log a moment before its commit reaches the gateway's
     listener; a catch-up in that moment (a peer joining, another gateway's notice) sends it

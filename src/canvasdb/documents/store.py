@@ -497,14 +497,15 @@ class DocumentStore:
         new peer's sync and another gateway's every commit come here), the newest snapshot
         too on the first load, after a gap, or once the tail is long."""
         org_id, doc_id = key
-        rows = [] if held.seq == 0 else await self._updates_after(key, held.seq, gone=True)
+        start = held.seq  # (this process's commits may add to the copy while the log is read)
+        rows = [] if start == 0 else await self._updates_after(key, start, gone=True)
         covered = bool(rows) and rows[-1]["seq"] == -1  # a snapshot is past this copy
         if covered:
             rows.pop()
         # First load, or retention removed updates this copy has not seen (a gap before the
         # first row, or no row at all while a snapshot is past this copy): start again from
-        # the newest snapshot.
-        reload = held.seq == 0 or (rows[0]["seq"] != held.seq + 1 if rows else covered)
+        # the newest snapshot. A row the copy took meanwhile is no gap.
+        reload = start == 0 or (rows[0]["seq"] != start + 1 if rows else covered)
         if not reload and len(held.tail) + len(rows) >= held.rebase_at:
             # A long tail: if a worker compacted meanwhile, start from its snapshot too, so
             # a new peer gets the snapshot and a short tail, and the tail stops growing.

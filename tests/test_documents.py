@@ -350,6 +350,20 @@ async def test_the_cache_keeps_to_its_bytes_and_its_count_is_exact(db: Database,
         await store.close()
 
 
+def pause_log_reads(store: DocumentStore) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the store's reads of the log after its copy wait: the first event is set when one
+    starts, the second lets it (and those after it) go on."""
+    updates_after, reading, go_on = store._updates_after, asyncio.Event(), asyncio.Event()
+
+    async def paused(key, seq, *, gone=False):
+        reading.set()
+        await go_on.wait()
+        return await updates_after(key, seq, gone=gone)
+
+    store._updates_after = paused  # type: ignore[method-assign]
+    return reading, go_on
+
+
 async def test_a_load_that_a_commit_or_a_drop_meets_midway_keeps_the_count_exact(
         db: Database, tenant: Tenant) -> None:
     """A load reads the newest snapshot, then the log after it: the entry grows between the
@@ -363,15 +377,7 @@ async def test_a_load_that_a_commit_or_a_drop_meets_midway_keeps_the_count_exact
             await store.append(tenant.owner, "midway", writer.edit(f"k{i}", "x" * 100))
         assert await store.compact(tenant.org_id, "midway") is not None
         store.unload(tenant.org_id, "midway")
-        updates_after = store._updates_after
-        reading, go_on = asyncio.Event(), asyncio.Event()
-
-        async def paused(key, seq, *, gone=False):  # the snapshot is read; the log after it not yet
-            reading.set()
-            await go_on.wait()
-            return await updates_after(key, seq, gone=gone)
-
-        store._updates_after = paused  # type: ignore[method-assign]
+        reading, go_on = pause_log_reads(store)  # the snapshot is read; the log after it not yet
         loading = asyncio.create_task(store.sync(tenant.org_id, "midway"))
         await reading.wait()
         await store.submit_checked(tenant.org_id, "midway", writer.edit("during", 1))
@@ -410,14 +416,7 @@ async def test_a_commit_during_a_catch_up_does_not_make_the_copy_start_over(
         await store.sync(tenant.org_id, "overlap")  # held: the snapshot at 3, then 4 and 5
         await other.compact(tenant.org_id, "overlap")  # a newer snapshot, at 5
         updates_after = store._updates_after
-        reading, go_on = asyncio.Event(), asyncio.Event()
-
-        async def paused(key, seq, *, gone=False):
-            reading.set()
-            await go_on.wait()
-            return await updates_after(key, seq, gone=gone)
-
-        store._updates_after = paused  # type: ignore[method-assign]
+        reading, go_on = pause_log_reads(store)
         catching_up = asyncio.create_task(store.sync(tenant.org_id, "overlap"))
         await reading.wait()
         last = writer.edit("k5", 5)

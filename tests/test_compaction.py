@@ -386,6 +386,20 @@ async def test_a_copy_held_past_retention_is_read_again(svc: Services, tenant: T
     await b.close()
 
 
+def pause_snapshot_reads(store: DocumentStore) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the store wait each time it has read a snapshot's row, before it takes its bytes:
+    the first event is set when it waits, the second lets it (and those after it) go on."""
+    snapshot_state, read, go_on = store._snapshot_state, asyncio.Event(), asyncio.Event()
+
+    async def paused(row):
+        read.set()
+        await go_on.wait()
+        return await snapshot_state(row)
+
+    store._snapshot_state = paused  # type: ignore[method-assign]
+    return read, go_on
+
+
 async def test_a_compaction_that_retention_overtakes_writes_no_snapshot(svc: Services, tenant: Tenant) -> None:
     """Two compactions of one document at once (a worker's job and the hourly pass): the
     second reads its base snapshot, the first commits a newer one, retention deletes the
@@ -398,17 +412,8 @@ async def test_a_compaction_that_retention_overtakes_writes_no_snapshot(svc: Ser
     for _ in range(3):
         await store.append(tenant.owner, "overtaken", editor.step())
     await store.compact(tenant.org_id, "overtaken")  # the base both start from
-    snapshot_state = {}
-    for name, compactor in (("first", first), ("second", store)):
-        read, go_on = asyncio.Event(), asyncio.Event()
-        snapshot_state[name] = (read, go_on)
-
-        async def paused(row, state=compactor._snapshot_state, read=read, go_on=go_on):
-            read.set()  # the last number and the base are read; the updates after it not yet
-            await go_on.wait()
-            return await state(row)
-
-        compactor._snapshot_state = paused  # type: ignore[method-assign]
+    # each waits once it has read the last number and its base, before the updates after it
+    snapshot_state = {"first": pause_snapshot_reads(first), "second": pause_snapshot_reads(store)}
     for _ in range(2):
         await store.append(tenant.owner, "overtaken", editor.step())
     first_made = asyncio.create_task(first.compact(tenant.org_id, "overtaken"))  # up to 5
@@ -442,14 +447,7 @@ async def test_time_travel_that_retention_overtakes_is_still_exact(svc: Services
     for _ in range(3):
         await store.append(tenant.owner, "travelled", editor.step())
     moment, expected = datetime.now(UTC), view(editor.doc)
-    snapshot_state, read, go_on = store._snapshot_state, asyncio.Event(), asyncio.Event()
-
-    async def paused(row):
-        read.set()
-        await go_on.wait()
-        return await snapshot_state(row)
-
-    store._snapshot_state = paused  # type: ignore[method-assign]
+    read, go_on = pause_snapshot_reads(store)
     try:
         reading = asyncio.create_task(store.state_as_of(tenant.owner, "travelled", moment))
         await read.wait()
@@ -460,5 +458,29 @@ async def test_time_travel_that_retention_overtakes_is_still_exact(svc: Services
         go_on.set()
         past = await reading
         assert past.exact and view(replay([past.update])) == expected
+    finally:
+        await store.close()
+
+
+async def test_a_load_that_retention_overtakes_holds_every_update(svc: Services, tenant: Tenant) -> None:
+    """A load reads the newest snapshot and the updates after it: read one after the other, a
+    compaction and retention in between took updates the second read still needed, and the
+    copy, held without them, served peers a document that lacked them."""
+    store = DocumentStore(svc.db)
+    await store.create(tenant.owner, tenant.project_id, "loaded")
+    editor = Editor(13)
+    await store.append(tenant.owner, "loaded", editor.step())
+    await store.compact(tenant.org_id, "loaded")
+    for _ in range(3):
+        await store.append(tenant.owner, "loaded", editor.step())
+    store.unload(tenant.org_id, "loaded")
+    read, go_on = pause_snapshot_reads(store)
+    try:
+        loading = asyncio.create_task(store.state(tenant.owner, "loaded"))
+        await read.wait()
+        await svc.documents.compact(tenant.org_id, "loaded")
+        await svc.documents.prune(tenant.org_id, "loaded", now=datetime.now(UTC) + timedelta(days=2))
+        go_on.set()
+        assert view(replay([await loading])) == view(editor.doc)
     finally:
         await store.close()

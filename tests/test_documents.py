@@ -355,21 +355,21 @@ def pause_log_reads(store: DocumentStore) -> tuple[asyncio.Event, asyncio.Event]
     starts, the second lets it (and those after it) go on."""
     updates_after, reading, go_on = store._updates_after, asyncio.Event(), asyncio.Event()
 
-    async def paused(key, seq, *, gone=False):
+    async def paused(key, seq):
         reading.set()
         await go_on.wait()
-        return await updates_after(key, seq, gone=gone)
+        return await updates_after(key, seq)
 
     store._updates_after = paused  # type: ignore[method-assign]
     return reading, go_on
 
 
-async def test_a_load_that_a_commit_or_a_drop_meets_midway_keeps_the_count_exact(
+async def test_a_catch_up_that_a_commit_or_a_drop_meets_midway_keeps_the_count_exact(
         db: Database, tenant: Tenant) -> None:
-    """A load reads the newest snapshot, then the log after it: the entry grows between the
-    two reads, before its caller counts it. A commit counted meanwhile was counted again,
-    and an entry dropped meanwhile (unloaded, evicted) took off bytes never counted: the
-    count drifted, below zero after a while, which lifted the cache's bound as far."""
+    """A held copy changes while a catch-up reads the log (a commit of this process lands in
+    it), and is dropped meanwhile (unloaded, evicted): what is counted follows each entry, so
+    neither is counted twice nor taken off uncounted (the count drifted, below zero after a
+    while, which lifted the cache's bound as far)."""
     store, writer = DocumentStore(db, cache_bytes=1024 * 1024), Client()
     try:
         await store.create(tenant.owner, tenant.project_id, "midway")
@@ -377,22 +377,22 @@ async def test_a_load_that_a_commit_or_a_drop_meets_midway_keeps_the_count_exact
             await store.append(tenant.owner, "midway", writer.edit(f"k{i}", "x" * 100))
         assert await store.compact(tenant.org_id, "midway") is not None
         store.unload(tenant.org_id, "midway")
-        reading, go_on = pause_log_reads(store)  # the snapshot is read; the log after it not yet
-        loading = asyncio.create_task(store.sync(tenant.org_id, "midway"))
+        await store.sync(tenant.org_id, "midway")
+        reading, go_on = pause_log_reads(store)
+        catching_up = asyncio.create_task(store.sync(tenant.org_id, "midway"))
         await reading.wait()
         await store.submit_checked(tenant.org_id, "midway", writer.edit("during", 1))
         go_on.set()
-        await loading
+        await catching_up
         assert store.held_bytes == sum(held.size for held in store._cache.values())
 
-        store.unload(tenant.org_id, "midway")
         reading.clear()
         go_on.clear()
-        loading = asyncio.create_task(store.sync(tenant.org_id, "midway"))
+        catching_up = asyncio.create_task(store.sync(tenant.org_id, "midway"))
         await reading.wait()
         store.unload(tenant.org_id, "midway")  # as the idle sweep, or an eviction, would
         go_on.set()
-        await loading
+        await catching_up
         assert (store.held_documents, store.held_bytes) == (0, 0)
     finally:
         await store.close()

@@ -44,8 +44,6 @@ DOC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
 KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_CHANGES_PAGE = 1000
 _MERGE_MAX = 256  # pieces state() merges into one update; beyond, it decodes the document
-_UPDATES_AFTER = ("SELECT seq, payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s"
-                  " ORDER BY seq")
 _UPDATES_AFTER_OR_GONE = (
     "(SELECT seq, payload FROM doc_updates WHERE org_id = %(org)s AND doc_id = %(doc)s AND seq > %(seq)s"
     " ORDER BY seq) UNION ALL (SELECT -1, NULL FROM doc_snapshots"
@@ -60,16 +58,18 @@ _EXACT_SINCE = (
     " FROM (SELECT coalesce((SELECT min(u.seq) FROM doc_updates u"
     "                        WHERE u.org_id = %(org)s AND u.doc_id = %(doc)s),"
     "                       doc_last_seq(%(org)s, %(doc)s) + 1) - 1 AS seq) p WHERE p.seq > 0")
-# The document as of a moment: the newest snapshot at or before it (payload NULL) and the
-# updates after that one up to the moment, in one statement, so that both are read from one
-# view of the database: read one after the other, a compaction and retention in between
-# took updates the second read still needed.
-_AS_OF = (
-    "WITH s AS (SELECT seq, state, blob_sha256 FROM doc_snapshots WHERE org_id = %(org)s AND doc_id = %(doc)s"
-    "           AND at <= %(at)s ORDER BY seq DESC LIMIT 1)"
-    " SELECT seq, state, blob_sha256, NULL::bytea AS payload FROM s"
-    " UNION ALL SELECT u.seq, NULL, NULL, u.payload FROM doc_updates u WHERE u.org_id = %(org)s"
-    "           AND u.doc_id = %(doc)s AND u.seq > coalesce((SELECT seq FROM s), 0) AND u.at <= %(at)s"
+# The newest snapshot (payload NULL), at or before a moment (NULL: any), and the updates after
+# it up to that moment, in one statement, so that both are read from one view of the database:
+# read one after the other, a compaction and retention in between took updates the second
+# read still needed (time travel said "exact" of a document without them; a load held one).
+_SNAPSHOT_AND_AFTER = (
+    "WITH s AS (SELECT seq, state, blob_sha256, state_vector FROM doc_snapshots"
+    "           WHERE org_id = %(org)s AND doc_id = %(doc)s AND (%(at)s::timestamptz IS NULL OR at <= %(at)s)"
+    "           ORDER BY seq DESC LIMIT 1)"
+    " SELECT seq, state, blob_sha256, state_vector, NULL::bytea AS payload FROM s"
+    " UNION ALL SELECT u.seq, NULL, NULL, NULL, u.payload FROM doc_updates u WHERE u.org_id = %(org)s"
+    "           AND u.doc_id = %(doc)s AND u.seq > coalesce((SELECT seq FROM s), 0)"
+    "           AND (%(at)s::timestamptz IS NULL OR u.at <= %(at)s)"
     " ORDER BY seq")  # the snapshot's first: the updates are past it
 # Every live store of this process: /metrics reads their cache sizes when scraped, so the
 # gauges are current without a call per update.
@@ -498,7 +498,7 @@ class DocumentStore:
         too on the first load, after a gap, or once the tail is long."""
         org_id, doc_id = key
         start = held.seq  # (this process's commits may add to the copy while the log is read)
-        rows = [] if start == 0 else await self._updates_after(key, start, gone=True)
+        rows = [] if start == 0 else await self._updates_after(key, start)
         covered = bool(rows) and rows[-1]["seq"] == -1  # a snapshot is past this copy
         if covered:
             rows.pop()
@@ -515,29 +515,24 @@ class DocumentStore:
             reload = bool(newest) and (newest[0]["seq"] or 0) > held.snapshot_seq
         if reload:
             held.rebase_at = 2 * self.compact_after_updates
-            found = await self.db.read(
-                org_id, "SELECT seq, state, blob_sha256, state_vector FROM doc_snapshots"
-                " WHERE org_id = %s AND doc_id = %s ORDER BY seq DESC LIMIT 1", key,
-                generic_plans=True, binary=True)
-            if not found:
+            rows = await self.db.read(org_id, _SNAPSHOT_AND_AFTER, {"org": org_id, "doc": doc_id, "at": None},
+                                      generic_plans=True, binary=True)
+            if not rows or rows[0]["payload"] is not None:
                 held.reset(None, 0, {})
             else:
-                snapshot = found[0]
+                snapshot = rows.pop(0)
                 state = await self._snapshot_state(snapshot)
                 vector = snapshot["state_vector"]
                 held.reset(state, snapshot["seq"],
                            yjs.read_state_vector(bytes(vector) if vector is not None else get_state(state)))
-            rows = await self._updates_after(key, held.seq)
         for row in rows:
             held.add(row["seq"], bytes(row["payload"]))
 
-    async def _updates_after(self, key: tuple[UUID, str], seq: int, *, gone: bool = False) -> list[Any]:
-        """The log after ``seq``. With ``gone``, a last row of seq -1 when a snapshot is past
-        ``seq``: with no update after ``seq`` left, retention took what the copy never saw."""
+    async def _updates_after(self, key: tuple[UUID, str], seq: int) -> list[Any]:
+        """The log after ``seq``, and a last row of seq -1 when a snapshot is past ``seq``: with
+        no update after ``seq`` left, retention took what the copy never saw."""
         # Generic plans: an index range of one document; with ``seq > n`` a constant,
         # PostgreSQL kept planning this read anew.
-        if not gone:
-            return await self.db.read(key[0], _UPDATES_AFTER, (*key, seq), generic_plans=True, binary=True)
         return await self.db.read(key[0], _UPDATES_AFTER_OR_GONE, {"org": key[0], "doc": key[1], "seq": seq},
                                   generic_plans=True, binary=True)
 
@@ -565,7 +560,8 @@ class DocumentStore:
         org_id, moment = who.org_id, utc(as_of)
         doc = Doc(skip_gc=True)
         async with self.db.transaction(org_id) as conn:
-            cur = await conn.execute(_AS_OF, {"org": org_id, "doc": doc_id, "at": moment}, binary=True)
+            cur = await conn.execute(_SNAPSHOT_AND_AFTER, {"org": org_id, "doc": doc_id, "at": moment},
+                                     binary=True)
             rows = await cur.fetchall()
             # After the read: retention meanwhile makes it later, never earlier (it only says
             # "not exact" of a moment that was, never the reverse).

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -246,64 +244,6 @@ async def test_retention_keeps_what_time_travel_needs(svc: Services, tenant: Ten
     assert view(replay([await DocumentStore(svc.db).state(tenant.owner, "old")])) == view(editor.doc)
 
 
-async def test_a_compaction_overtaken_by_another_and_by_retention_saves_nothing(
-        svc: Services, tenant: Tenant) -> None:
-    """Compactor B reads the log's end (8), then A (10); B saves its snapshot, retention then
-    deletes the old updates it covers, and A, which read the older snapshot before all that,
-    finds the updates after it with a hole (6-8 gone, 9-10 kept). Saved, A's snapshot would
-    be the newest and lack 6-8 for good; it is not saved, and B's and the log hold them."""
-    store, editor = svc.documents, Editor(17)
-    await store.create(tenant.owner, tenant.project_id, "raced")
-    for _ in range(5):
-        await store.append(tenant.owner, "raced", editor.step())
-    await store.compact(tenant.org_id, "raced")  # S1, at 5
-    for _ in range(3):
-        await store.append(tenant.owner, "raced", editor.step())
-    async with svc.db.transaction(tenant.org_id) as conn:  # all of it old enough for retention
-        for table in ("doc_updates", "doc_snapshots"):
-            await conn.execute(f"UPDATE {table} SET at = at - interval '30 hours'"  # noqa: S608
-                               " WHERE org_id = %s AND doc_id = 'raced'", (tenant.org_id,))
-
-    class Paused(DocumentStore):
-        """Stops between reading the newest snapshot and reading the updates after it."""
-
-        def __init__(self, meanwhile: Callable[[], Awaitable[None]] | None) -> None:
-            super().__init__(svc.db)
-            self.meanwhile = meanwhile
-
-        async def _snapshot_state(self, row: dict[str, Any]) -> bytes:
-            meanwhile, self.meanwhile = self.meanwhile, None  # once: the first read of the snapshot
-            if meanwhile is not None:
-                await meanwhile()
-            return await super()._snapshot_state(row)
-
-    b_read, b_go = asyncio.Event(), asyncio.Event()
-
-    async def b_waits() -> None:
-        b_read.set()
-        await b_go.wait()
-
-    b = asyncio.create_task(Paused(b_waits).compact(tenant.org_id, "raced"))
-    await b_read.wait()  # B has read the end of the log (8) and S1
-    for _ in range(2):
-        await store.append(tenant.owner, "raced", editor.step())  # 9 and 10, recent
-
-    async def b_saves_then_retention_runs() -> None:
-        b_go.set()
-        assert (await b).seq == 8
-        async with svc.db.transaction(tenant.org_id) as conn:
-            await conn.execute("UPDATE doc_snapshots SET at = at - interval '30 hours'"
-                               " WHERE org_id = %s AND doc_id = 'raced' AND seq = 8", (tenant.org_id,))
-        assert (await store.prune(tenant.org_id, "raced"))[0] == 8  # 1-8: S2 covers them
-
-    assert await Paused(b_saves_then_retention_runs).compact(tenant.org_id, "raced") is None
-    assert view(replay([await DocumentStore(svc.db).state(tenant.owner, "raced")])) == view(editor.doc)
-    async with svc.db.transaction(tenant.org_id) as conn:
-        cur = await conn.execute("SELECT seq FROM doc_snapshots WHERE org_id = %s AND doc_id = 'raced'"
-                                 " ORDER BY seq", (tenant.org_id,))
-        assert [r["seq"] for r in await cur.fetchall()] == [5, 8]
-
-
 async def test_large_snapshots_go_to_the_blob_store(svc: Services, tenant: Tenant) -> None:
     blobs = svc.blobs
     store = DocumentStore(svc.db, blobs=blobs, snapshot_inline_bytes=64)
@@ -444,3 +384,103 @@ async def test_a_copy_held_past_retention_is_read_again(svc: Services, tenant: T
     assert view(replay([await a.state(tenant.owner, "held")])) == view(editor.doc)
     await a.close()
     await b.close()
+
+
+def pause_snapshot_reads(store: DocumentStore) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the store wait each time it has read a snapshot's row, before it takes its bytes:
+    the first event is set when it waits, the second lets it (and those after it) go on."""
+    snapshot_state, read, go_on = store._snapshot_state, asyncio.Event(), asyncio.Event()
+
+    async def paused(row):
+        read.set()
+        await go_on.wait()
+        return await snapshot_state(row)
+
+    store._snapshot_state = paused  # type: ignore[method-assign]
+    return read, go_on
+
+
+async def test_a_compaction_that_retention_overtakes_writes_no_snapshot(svc: Services, tenant: Tenant) -> None:
+    """Two compactions of one document at once (a worker's job and the hourly pass): the
+    second reads its base snapshot, the first commits a newer one, retention deletes the
+    updates that one covers, and only then does the second read the updates after its base.
+    Folding what is left would make a newest snapshot without the deleted updates, and the
+    document would lose them for good."""
+    store, first = DocumentStore(svc.db), DocumentStore(svc.db)
+    await store.create(tenant.owner, tenant.project_id, "overtaken")
+    editor = Editor(11)
+    for _ in range(3):
+        await store.append(tenant.owner, "overtaken", editor.step())
+    await store.compact(tenant.org_id, "overtaken")  # the base both start from
+    # each waits once it has read the last number and its base, before the updates after it
+    snapshot_state = {"first": pause_snapshot_reads(first), "second": pause_snapshot_reads(store)}
+    for _ in range(2):
+        await store.append(tenant.owner, "overtaken", editor.step())
+    first_made = asyncio.create_task(first.compact(tenant.org_id, "overtaken"))  # up to 5
+    await snapshot_state["first"][0].wait()
+    await store.append(tenant.owner, "overtaken", editor.step())
+    second_made = asyncio.create_task(store.compact(tenant.org_id, "overtaken"))  # up to 6
+    await snapshot_state["second"][0].wait()
+    snapshot_state["first"][1].set()
+    assert (await first_made).seq == 5
+    await store.prune(tenant.org_id, "overtaken", now=datetime.now(UTC) + timedelta(days=2))
+    snapshot_state["second"][1].set()
+    await second_made
+    fresh = DocumentStore(svc.db)
+    try:
+        assert view(replay([await fresh.state(tenant.owner, "overtaken")])) == view(editor.doc)
+    finally:
+        await fresh.close()
+        await first.close()
+        await store.close()
+
+
+async def test_time_travel_that_retention_overtakes_is_still_exact(svc: Services, tenant: Tenant) -> None:
+    """A read as of a moment takes the snapshot before it and then the updates after that
+    one: a compaction and retention between the two reads took updates it had yet to read,
+    and the answer, said to be exact, lacked them."""
+    store = DocumentStore(svc.db)
+    await store.create(tenant.owner, tenant.project_id, "travelled")
+    editor = Editor(12)
+    await store.append(tenant.owner, "travelled", editor.step())
+    await store.compact(tenant.org_id, "travelled")  # the snapshot the read starts from
+    for _ in range(3):
+        await store.append(tenant.owner, "travelled", editor.step())
+    moment, expected = datetime.now(UTC), view(editor.doc)
+    read, go_on = pause_snapshot_reads(store)
+    try:
+        reading = asyncio.create_task(store.state_as_of(tenant.owner, "travelled", moment))
+        await read.wait()
+        await svc.documents.compact(tenant.org_id, "travelled")
+        deleted, _ = await svc.documents.prune(tenant.org_id, "travelled",
+                                               now=datetime.now(UTC) + timedelta(days=2))
+        assert deleted == 4
+        go_on.set()
+        past = await reading
+        assert past.exact and view(replay([past.update])) == expected
+    finally:
+        await store.close()
+
+
+async def test_a_load_that_retention_overtakes_holds_every_update(svc: Services, tenant: Tenant) -> None:
+    """A load reads the newest snapshot and the updates after it: read one after the other, a
+    compaction and retention in between took updates the second read still needed, and the
+    copy, held without them, served peers a document that lacked them."""
+    store = DocumentStore(svc.db)
+    await store.create(tenant.owner, tenant.project_id, "loaded")
+    editor = Editor(13)
+    await store.append(tenant.owner, "loaded", editor.step())
+    await store.compact(tenant.org_id, "loaded")
+    for _ in range(3):
+        await store.append(tenant.owner, "loaded", editor.step())
+    store.unload(tenant.org_id, "loaded")
+    read, go_on = pause_snapshot_reads(store)
+    try:
+        loading = asyncio.create_task(store.state(tenant.owner, "loaded"))
+        await read.wait()
+        await svc.documents.compact(tenant.org_id, "loaded")
+        await svc.documents.prune(tenant.org_id, "loaded", now=datetime.now(UTC) + timedelta(days=2))
+        go_on.set()
+        assert view(replay([await loading])) == view(editor.doc)
+    finally:
+        await store.close()

@@ -350,6 +350,86 @@ async def test_the_cache_keeps_to_its_bytes_and_its_count_is_exact(db: Database,
         await store.close()
 
 
+def pause_log_reads(store: DocumentStore) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the store's reads of the log after its copy wait: the first event is set when one
+    starts, the second lets it (and those after it) go on."""
+    updates_after, reading, go_on = store._updates_after, asyncio.Event(), asyncio.Event()
+
+    async def paused(key, seq):
+        reading.set()
+        await go_on.wait()
+        return await updates_after(key, seq)
+
+    store._updates_after = paused  # type: ignore[method-assign]
+    return reading, go_on
+
+
+async def test_a_catch_up_that_a_commit_or_a_drop_meets_midway_keeps_the_count_exact(
+        db: Database, tenant: Tenant) -> None:
+    """A held copy changes while a catch-up reads the log (a commit of this process lands in
+    it), and is dropped meanwhile (unloaded, evicted): what is counted follows each entry, so
+    neither is counted twice nor taken off uncounted (the count drifted, below zero after a
+    while, which lifted the cache's bound as far)."""
+    store, writer = DocumentStore(db, cache_bytes=1024 * 1024), Client()
+    try:
+        await store.create(tenant.owner, tenant.project_id, "midway")
+        for i in range(40):
+            await store.append(tenant.owner, "midway", writer.edit(f"k{i}", "x" * 100))
+        assert await store.compact(tenant.org_id, "midway") is not None
+        store.unload(tenant.org_id, "midway")
+        await store.sync(tenant.org_id, "midway")
+        reading, go_on = pause_log_reads(store)
+        catching_up = asyncio.create_task(store.sync(tenant.org_id, "midway"))
+        await reading.wait()
+        await store.submit_checked(tenant.org_id, "midway", writer.edit("during", 1))
+        go_on.set()
+        await catching_up
+        assert store.held_bytes == sum(held.size for held in store._cache.values())
+
+        reading.clear()
+        go_on.clear()
+        catching_up = asyncio.create_task(store.sync(tenant.org_id, "midway"))
+        await reading.wait()
+        store.unload(tenant.org_id, "midway")  # as the idle sweep, or an eviction, would
+        go_on.set()
+        await catching_up
+        assert (store.held_documents, store.held_bytes) == (0, 0)
+    finally:
+        await store.close()
+
+
+async def test_a_commit_during_a_catch_up_does_not_make_the_copy_start_over(
+        db: Database, tenant: Tenant) -> None:
+    """A commit of this process lands in the held copy while a catch-up reads the log: the
+    log's first new row is then one the copy holds already, not a gap. Taken for one, the
+    copy was read again from the newest snapshot, and a room one update behind sent every
+    peer the whole document instead of that update."""
+    store, other, writer = DocumentStore(db), DocumentStore(db), Client()
+    try:
+        await store.create(tenant.owner, tenant.project_id, "overlap")
+        updates = [writer.edit(f"k{i}", i) for i in range(5)]
+        for update in updates[:3]:
+            await store.append(tenant.owner, "overlap", update)
+        await store.compact(tenant.org_id, "overlap")
+        for update in updates[3:]:
+            await store.append(tenant.owner, "overlap", update)
+        await store.sync(tenant.org_id, "overlap")  # held: the snapshot at 3, then 4 and 5
+        await other.compact(tenant.org_id, "overlap")  # a newer snapshot, at 5
+        updates_after = store._updates_after
+        reading, go_on = pause_log_reads(store)
+        catching_up = asyncio.create_task(store.sync(tenant.org_id, "overlap"))
+        await reading.wait()
+        last = writer.edit("k5", 5)
+        await store.submit_checked(tenant.org_id, "overlap", last)
+        go_on.set()
+        await catching_up
+        store._updates_after = updates_after  # type: ignore[method-assign]
+        assert await store.updates_since(tenant.org_id, "overlap", 4) == [(5, updates[4]), (6, last)]
+    finally:
+        await store.close()
+        await other.close()
+
+
 async def test_a_catch_up_never_echoes_an_update_to_its_sender(db: Database, tenant: Tenant) -> None:
     """An update is visible in the log a moment before its commit reaches the gateway's
     listener; a catch-up in that moment (a peer joining, another gateway's notice) sends it

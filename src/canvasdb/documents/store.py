@@ -44,8 +44,6 @@ DOC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")
 KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_CHANGES_PAGE = 1000
 _MERGE_MAX = 256  # pieces state() merges into one update; beyond, it decodes the document
-_UPDATES_AFTER = ("SELECT seq, payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s"
-                  " ORDER BY seq")
 _UPDATES_AFTER_OR_GONE = (
     "(SELECT seq, payload FROM doc_updates WHERE org_id = %(org)s AND doc_id = %(doc)s AND seq > %(seq)s"
     " ORDER BY seq) UNION ALL (SELECT -1, NULL FROM doc_snapshots"
@@ -60,6 +58,19 @@ _EXACT_SINCE = (
     " FROM (SELECT coalesce((SELECT min(u.seq) FROM doc_updates u"
     "                        WHERE u.org_id = %(org)s AND u.doc_id = %(doc)s),"
     "                       doc_last_seq(%(org)s, %(doc)s) + 1) - 1 AS seq) p WHERE p.seq > 0")
+# The newest snapshot (payload NULL), at or before a moment (NULL: any), and the updates after
+# it up to that moment, in one statement, so that both are read from one view of the database:
+# read one after the other, a compaction and retention in between took updates the second
+# read still needed (time travel said "exact" of a document without them; a load held one).
+_SNAPSHOT_AND_AFTER = (
+    "WITH s AS (SELECT seq, state, blob_sha256, state_vector FROM doc_snapshots"
+    "           WHERE org_id = %(org)s AND doc_id = %(doc)s AND (%(at)s::timestamptz IS NULL OR at <= %(at)s)"
+    "           ORDER BY seq DESC LIMIT 1)"
+    " SELECT seq, state, blob_sha256, state_vector, NULL::bytea AS payload FROM s"
+    " UNION ALL SELECT u.seq, NULL, NULL, NULL, u.payload FROM doc_updates u WHERE u.org_id = %(org)s"
+    "           AND u.doc_id = %(doc)s AND u.seq > coalesce((SELECT seq FROM s), 0)"
+    "           AND (%(at)s::timestamptz IS NULL OR u.at <= %(at)s)"
+    " ORDER BY seq")  # the snapshot's first: the updates are past it
 # Every live store of this process: /metrics reads their cache sizes when scraped, so the
 # gauges are current without a call per update.
 _STORES: weakref.WeakSet[DocumentStore] = weakref.WeakSet()
@@ -136,6 +147,7 @@ class _Held:
         self._clock: yjs.StateVector = {}  # the state vector, counting tail[:_clocked]
         self._clocked = 0
         self.size = _OVERHEAD  # bytes held (a decoded doc counts its bytes once more, as an estimate)
+        self.counted = 0  # of those, what the store's count holds (a load changes size while it reads)
         self.doc: Doc | None = None
         self.doc_seq = 0
         self.lock = asyncio.Lock()
@@ -349,12 +361,10 @@ class DocumentStore:
         held = self._cache.get(key)
         if held is None:  # held from now on (and loaded in full on first use): its counters live here
             held = self._cache[key] = _Held()
-            self._held_bytes += held.size
         else:
             self._cache.move_to_end(key)
-        before = held.size
         held.add(done.seq, payload)  # if another process wrote in between, the next use catches up
-        self._held_bytes += held.size - before
+        self._count(key, held)
         if self._held_bytes > self.cache_bytes:
             self._evict()
         now = time.monotonic()
@@ -445,7 +455,7 @@ class DocumentStore:
         """Forget a held document (its next use loads it again)."""
         held = self._cache.pop((org_id, doc_id), None)
         if held is not None:
-            self._held_bytes -= held.size
+            self._held_bytes -= held.counted
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -453,9 +463,8 @@ class DocumentStore:
         """The document, up to date with the log and decoded (hold ``.lock`` while using ``.doc``)."""
         held = await self._held((org_id, doc_id))
         async with held.lock:
-            before = held.size
             held.decoded()
-            self._grew((org_id, doc_id), held, before)
+            self._count((org_id, doc_id), held)
         self._evict()
         return held
 
@@ -464,34 +473,39 @@ class DocumentStore:
         held = self._cache.get(key)
         if held is None:
             held = self._cache[key] = _Held()
-            self._held_bytes += held.size
+            self._count(key, held)
         self._cache.move_to_end(key)
         async with held.lock:
-            before = held.size
             await self._catch_up(key, held)
-            self._grew(key, held, before)
+            self._count(key, held)
         self._evict()
         return held
 
-    def _grew(self, key: tuple[UUID, str], held: _Held, before: int) -> None:
-        """Count what an entry grew by, unless it left the cache meanwhile (evicted or
-        unloaded while its caller awaited: its bytes are no longer counted at all)."""
+    def _count(self, key: tuple[UUID, str], held: _Held) -> None:
+        """Bring the count up to an entry's size, unless it left the cache meanwhile (evicted
+        or unloaded while its caller awaited: its bytes are no longer counted at all). What
+        is counted is kept per entry, and dropping an entry takes off just that: a load
+        changes the size while it reads the log, and a commit may change it meanwhile (an
+        entry dropped then took off bytes never counted, and the count went below zero,
+        lifting the cache's bound by as much each time)."""
         if self._cache.get(key) is held:
-            self._held_bytes += held.size - before
+            self._held_bytes += held.size - held.counted
+            held.counted = held.size
 
     async def _catch_up(self, key: tuple[UUID, str], held: _Held) -> None:
         """Bring the held copy up to date: usually one statement for the updates past it (a
         new peer's sync and another gateway's every commit come here), the newest snapshot
         too on the first load, after a gap, or once the tail is long."""
         org_id, doc_id = key
-        rows = [] if held.seq == 0 else await self._updates_after(key, held.seq, gone=True)
+        start = held.seq  # (this process's commits may add to the copy while the log is read)
+        rows = [] if start == 0 else await self._updates_after(key, start)
         covered = bool(rows) and rows[-1]["seq"] == -1  # a snapshot is past this copy
         if covered:
             rows.pop()
         # First load, or retention removed updates this copy has not seen (a gap before the
         # first row, or no row at all while a snapshot is past this copy): start again from
-        # the newest snapshot.
-        reload = held.seq == 0 or (rows[0]["seq"] != held.seq + 1 if rows else covered)
+        # the newest snapshot. A row the copy took meanwhile is no gap.
+        reload = start == 0 or (rows[0]["seq"] != start + 1 if rows else covered)
         if not reload and len(held.tail) + len(rows) >= held.rebase_at:
             # A long tail: if a worker compacted meanwhile, start from its snapshot too, so
             # a new peer gets the snapshot and a short tail, and the tail stops growing.
@@ -501,29 +515,24 @@ class DocumentStore:
             reload = bool(newest) and (newest[0]["seq"] or 0) > held.snapshot_seq
         if reload:
             held.rebase_at = 2 * self.compact_after_updates
-            found = await self.db.read(
-                org_id, "SELECT seq, state, blob_sha256, state_vector FROM doc_snapshots"
-                " WHERE org_id = %s AND doc_id = %s ORDER BY seq DESC LIMIT 1", key,
-                generic_plans=True, binary=True)
-            if not found:
+            rows = await self.db.read(org_id, _SNAPSHOT_AND_AFTER, {"org": org_id, "doc": doc_id, "at": None},
+                                      generic_plans=True, binary=True)
+            if not rows or rows[0]["payload"] is not None:
                 held.reset(None, 0, {})
             else:
-                snapshot = found[0]
+                snapshot = rows.pop(0)
                 state = await self._snapshot_state(snapshot)
                 vector = snapshot["state_vector"]
                 held.reset(state, snapshot["seq"],
                            yjs.read_state_vector(bytes(vector) if vector is not None else get_state(state)))
-            rows = await self._updates_after(key, held.seq)
         for row in rows:
             held.add(row["seq"], bytes(row["payload"]))
 
-    async def _updates_after(self, key: tuple[UUID, str], seq: int, *, gone: bool = False) -> list[Any]:
-        """The log after ``seq``. With ``gone``, a last row of seq -1 when a snapshot is past
-        ``seq``: with no update after ``seq`` left, retention took what the copy never saw."""
+    async def _updates_after(self, key: tuple[UUID, str], seq: int) -> list[Any]:
+        """The log after ``seq``, and a last row of seq -1 when a snapshot is past ``seq``: with
+        no update after ``seq`` left, retention took what the copy never saw."""
         # Generic plans: an index range of one document; with ``seq > n`` a constant,
         # PostgreSQL kept planning this read anew.
-        if not gone:
-            return await self.db.read(key[0], _UPDATES_AFTER, (*key, seq), generic_plans=True, binary=True)
         return await self.db.read(key[0], _UPDATES_AFTER_OR_GONE, {"org": key[0], "doc": key[1], "seq": seq},
                                   generic_plans=True, binary=True)
 
@@ -532,7 +541,7 @@ class DocumentStore:
         use stays, however large: it is the most recent)."""
         while self._held_bytes > self.cache_bytes and len(self._cache) > 1:
             _, oldest = self._cache.popitem(last=False)
-            self._held_bytes -= oldest.size
+            self._held_bytes -= oldest.counted
 
     @property
     def held_bytes(self) -> int:
@@ -551,18 +560,15 @@ class DocumentStore:
         org_id, moment = who.org_id, utc(as_of)
         doc = Doc(skip_gc=True)
         async with self.db.transaction(org_id) as conn:
+            cur = await conn.execute(_SNAPSHOT_AND_AFTER, {"org": org_id, "doc": doc_id, "at": moment},
+                                     binary=True)
+            rows = await cur.fetchall()
+            # After the read: retention meanwhile makes it later, never earlier (it only says
+            # "not exact" of a moment that was, never the reverse).
             since = await _exact_since(conn, org_id, doc_id)
-            cur = await conn.execute(
-                "SELECT seq, state, blob_sha256 FROM doc_snapshots WHERE org_id = %s AND doc_id = %s"
-                " AND at <= %s ORDER BY seq DESC LIMIT 1", (org_id, doc_id, moment), binary=True)
-            snapshot = await cur.fetchone()
-            if snapshot is not None:
-                doc.apply_update(await self._snapshot_state(snapshot))
-            cur = await conn.execute(
-                "SELECT seq, payload FROM doc_updates WHERE org_id = %s AND doc_id = %s AND seq > %s"
-                " AND at <= %s ORDER BY seq",
-                (org_id, doc_id, 0 if snapshot is None else snapshot["seq"], moment), binary=True)
-            _replay(doc, await cur.fetchall(), doc_id)
+        if rows and rows[0]["payload"] is None:
+            doc.apply_update(await self._snapshot_state(rows.pop(0)))
+        _replay(doc, rows, doc_id)
         return PastState(doc.get_update(), exact=since is None or moment >= since)
 
     # --- compaction and retention ---------------------------------------------------------------
@@ -572,7 +578,8 @@ class DocumentStore:
 
         Safe beside concurrent appends: it covers exactly the updates committed when it
         read the last sequence number (numbers are taken and written in one transaction),
-        and later ones stay in the log. None when there is nothing new to fold.
+        and later ones stay in the log. None when there is nothing new to fold, or when
+        another compaction's newer snapshot, and retention after it, overtook this one.
         """
         async with self.db.transaction(org_id) as conn:
             cur = await conn.execute("SELECT doc_last_seq(org_id, id) AS last_seq FROM documents"

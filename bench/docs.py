@@ -228,7 +228,7 @@ async def measure_appends(svc: Services, url: str, t: Tenant, writers: int, seco
         if log_only:
             await store.log.append(t.org_id, target[w], payload, user_id=t.owner, client_id=c.client_id)
         else:
-            await store.append_checked(t.org_id, target[w], payload, user_id=t.owner, client_id=c.client_id)
+            await store.append_checked(t.org_id, target[w], payload, user_id=t.owner)
         sent[target[w]].append(payload)
 
     async def warm(w: int) -> None:
@@ -492,7 +492,7 @@ async def measure_board(svc: Services, url: str, t: Tenant, scale: Scale) -> dic
             payload = client.change()
             tail_bytes += len(payload)
             t0 = time.perf_counter()
-            await store.append_checked(t.org_id, doc_id, payload, user_id=t.owner, client_id=client.client_id)
+            await store.append_checked(t.org_id, doc_id, payload, user_id=t.owner)
             latencies.append(time.perf_counter() - t0)
             adv()
         elapsed = time.perf_counter() - start

@@ -231,18 +231,22 @@ def test_up_finishes_a_first_run_that_was_killed(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
     port = _free_port()
     env |= {"CANVASDB_HOME": str(tmp_path / "home"), "CANVASDB_PORT": str(port)}
-    run(env, "org", "create", "demo", "--name", "Demo")  # what the killed run had committed
-    run(env, "user", "create", "admin@demo.local", "--org", "demo", "--role", "owner")
-    proc = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_ready(proc, port)
-        token = (tmp_path / "home" / "admin-token").read_text().strip()
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/orgs/demo/projects/demo/entities",
-                       headers={"Authorization": f"Bearer {token}"}, json={"type": "note", "data": {}})
-        assert r.status_code == 201, r.text
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=60)
+        run(env, "org", "create", "demo", "--name", "Demo")  # what the killed run had committed
+        run(env, "user", "create", "admin@demo.local", "--org", "demo", "--role", "owner")
+        proc = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        try:
+            _wait_ready(proc, port)
+            token = (tmp_path / "home" / "admin-token").read_text().strip()
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/orgs/demo/projects/demo/entities",
+                           headers={"Authorization": f"Bearer {token}"}, json={"type": "note", "data": {}})
+            assert r.status_code == 201, r.text
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            output, _ = proc.communicate(timeout=60)
+    finally:  # the CLI started the database and `up` found it running: it stays until stopped
+        run(env, "db", "stop", check=False)
     assert token in output.split("\n", 3)[1], "the new token is announced"
     assert not list((tmp_path / "home").glob("*.tmp")), "the token file is written whole, nothing left beside"
 

@@ -752,7 +752,7 @@ async def test_control_characters_in_text_are_not_highlights(svc: Services, tena
 
 
 async def test_text_that_is_not_unicode_answers_invalid_input(client: httpx.AsyncClient, svc: Services,
-                                                              tenant: Tenant, tmp_path: Path) -> None:
+                                                              tenant: Tenant, tmp_path: Path, pg_url: str) -> None:
     await _setup(svc, tenant, [("note", {"title": "kitchen", "body": ""})])
     search = svc.search.search
     for text, filters in (("kitchen \ud800", Filters()), ("kitchen", Filters(types=("\ud800",))),
@@ -767,7 +767,7 @@ async def test_text_that_is_not_unicode_answers_invalid_input(client: httpx.Asyn
         assert r.status_code == 422, r.text
     done = subprocess.run([sys.executable, "-m", "canvasdb", "search", "--org", tenant.slug, b"kitchen\xff"],
                           capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "CANVASDB_HOME": str(tmp_path)})
+                          env={**os.environ, "CANVASDB_HOME": str(tmp_path), "CANVASDB_DATABASE_URL": pg_url})
     assert done.returncode == 1 and done.stderr.startswith("Error:"), done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
 

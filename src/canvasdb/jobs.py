@@ -23,8 +23,9 @@ from uuid import UUID
 
 import psycopg
 from procrastinate import App, JobContext, PsycopgConnector, RetryStrategy
-from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
+from procrastinate.exceptions import AlreadyEnqueued, ConnectorException, UniqueViolation
 from procrastinate.jobs import Status
+from procrastinate.worker import Worker
 from prometheus_client import Gauge
 
 from canvasdb.db import ConnectionPool, database_away
@@ -306,13 +307,28 @@ async def connected(conninfo: str) -> AsyncIterator[App]:
             yield queue
 
 
+class _Worker(Worker):
+    """procrastinate's worker, with one log line for a job whose outcome could not be saved (the
+    database went away as it ended). procrastinate leaves that error in the job's task, which
+    nothing awaits: asyncio reported it, whenever the task was collected, as "Task exception
+    was never retrieved" with a traceback. ``_process_job`` is not procrastinate's public API:
+    ``test_jobs`` checks that this still works."""
+
+    async def _process_job(self, context: JobContext) -> None:
+        try:
+            await super()._process_job(context)
+        except ConnectorException as exc:
+            log.warning("job %s ended, but its outcome could not be saved (%s); the stalled-jobs sweep"
+                        " takes it up once this worker is found gone", context.job.call_string, one_line(exc))
+
+
 async def run_worker(services: Any, *, concurrency: int = 2, stop_within: float = STOP_SECONDS) -> None:
     """Work through jobs until cancelled (or until procrastinate stops the worker). Jobs still
     running when it stops get half of ``stop_within`` to finish, then are aborted (and retried as
     their task allows)."""
-    await queue.run_worker_async(concurrency=concurrency, install_signal_handlers=False,
-                                 shutdown_graceful_timeout=stop_within / 2, delete_jobs="successful",
-                                 additional_context={"services": services})
+    await _Worker(app=queue, concurrency=concurrency, install_signal_handlers=False,
+                  shutdown_graceful_timeout=stop_within / 2, delete_jobs="successful",
+                  additional_context={"services": services}).run()
 
 
 @contextlib.asynccontextmanager

@@ -310,13 +310,10 @@ class DocumentStore:
         return await self.append_checked(who.org_id, doc_id, payload, user_id=who.user_id)
 
     async def append_checked(self, org_id: UUID, doc_id: str, payload: bytes, *,
-                             user_id: UUID | None = None, tag: object = None,
-                             validated: bool = False) -> Appended:
-        """``append`` for a caller whose access was checked already. ``validated``: the caller
-        ran ``yjs.check_update`` on these bytes itself."""
+                             user_id: UUID | None = None, tag: object = None) -> Appended:
+        """``append`` for a caller whose access was checked already."""
         self._admit(payload)
-        if not validated:
-            await yjs.check_update_off_loop(payload)
+        await yjs.check_update_off_loop(payload)
         done = await self.log.append(org_id, doc_id, payload, user_id=user_id, client_id=yjs.author(payload),
                                      tag=tag)
         await self._announce(org_id, doc_id, *self._hold(org_id, doc_id, payload, done))

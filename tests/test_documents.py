@@ -494,8 +494,13 @@ async def test_viewers_read_but_do_not_write(svc: Services, tenant: Tenant) -> N
         await svc.documents.get(viewer, "v")
     with pytest.raises(NotFound):
         await svc.documents.check_access(viewer, "v")
+    with pytest.raises(NotFound):  # its access check shares the read's round trip
+        await svc.documents.state_as_of(viewer, "v", datetime.now(UTC))
+    with pytest.raises(NotFound):
+        await svc.documents.state_as_of(tenant.owner, "no-such-doc", datetime.now(UTC))
     await svc.tenancy.set_project_role(tenant.owner, tenant.project_id, uid, "viewer")
     assert (await svc.documents.get(viewer, "v")).id == "v"
+    assert (await svc.documents.state_as_of(viewer, "v", datetime.now(UTC))).exact
     await svc.documents.check_access(viewer, "v")
     with pytest.raises(Forbidden):
         await svc.documents.check_access(viewer, "v", write=True)

@@ -159,10 +159,9 @@ def logged(caplog: pytest.LogCaptureFixture, action: str) -> bool:
 
 @pytest.fixture(autouse=True)
 def collected() -> Iterator[None]:
-    """Collect each test's garbage before the next: a job cut off by a lost database leaves a
-    task whose exception nobody read, and its "never retrieved" report, formatted while a
-    later test parses Python, hits a bug of Python 3.11.7 (SystemError from ``ast``, gh-106905)
-    that crashes pytest."""
+    """Collect each test's garbage before the next: should a lost database leave a task whose
+    exception nobody read, its "never retrieved" report, formatted while a later test parses
+    Python, hits a bug of Python 3.11.7 (SystemError from ``ast``, gh-106905) that crashes pytest."""
     yield
     gc.collect()
 
@@ -206,6 +205,43 @@ async def test_stopping_the_worker_with_the_database_down_is_quick_and_quiet(
     # no exception from the block, and one line saying what happened
     warned = [r for r in caplog.records if r.name == "canvasdb.jobs" and r.levelno == logging.WARNING]
     assert warned and all(r.exc_info is None for r in warned)
+
+
+async def test_a_job_whose_outcome_cannot_be_saved_is_one_line_in_the_log(
+        pg_url: str, svc: Services, tenant: Tenant, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that ends as the database goes away (its server killed): procrastinate cannot save
+    its outcome and left the error in the job's task, which nothing awaited; asyncio reported
+    it later as "Task exception was never retrieved", with a traceback. Now one line says it."""
+    running, finish = asyncio.Event(), asyncio.Event()
+
+    async def compact(org_id: UUID, doc_id: str) -> None:
+        running.set()
+        await finish.wait()
+
+    def reported() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "canvasdb.jobs" and "could not be saved" in r.getMessage()]
+
+    monkeypatch.setattr(svc.documents, "compact", compact)
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    unhandled: list[str] = []
+    loop.set_exception_handler(lambda _, context: unhandled.append(context["message"]))
+    try:
+        # stopping, the worker waits for its job long enough for the saving to fail first
+        async with (PgProxy(pg_url) as relay, jobs.connected(relay.url),
+                    jobs.working(svc, stop_within=20)):
+            await jobs.defer_compaction(tenant.org_id, "outcome-lost")
+            await until(running.is_set)
+            relay.cut()
+            finish.set()
+            await until(reported)
+        gc.collect()  # (a task whose exception nobody read reports it as it is collected)
+    finally:
+        loop.set_exception_handler(previous)
+    [record] = reported()
+    assert record.getMessage().startswith("job compact_document[") and record.exc_info is None
+    assert unhandled == []
 
 
 async def dead_worker(pg_url: str) -> int:

@@ -23,8 +23,9 @@ from uuid import UUID
 
 import psycopg
 from procrastinate import App, JobContext, PsycopgConnector, RetryStrategy
-from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
+from procrastinate.exceptions import AlreadyEnqueued, ConnectorException, UniqueViolation
 from procrastinate.jobs import Status
+from procrastinate.worker import Worker
 from prometheus_client import Gauge
 
 from canvasdb.db import ConnectionPool, database_away
@@ -146,8 +147,8 @@ class WorkerGone(Exception):
     """What a stalled job is retried for (its task's retry strategy decides whether it is)."""
 
 
-async def recover_stalled_jobs(*, silent_for: float = STALLED_SECONDS) -> int:
-    """Jobs left in ``doing`` by a worker silent for ``silent_for`` s, back in the queue; how many.
+async def recover_stalled_jobs() -> int:
+    """Jobs left in ``doing`` by a worker silent for ``STALLED_SECONDS``, back in the queue; how many.
 
     Such a job would stay there for ever, and one with a lock (an org's indexing, a board's
     projection) would hold back every later job of its lock. Each is retried as its task's
@@ -155,7 +156,7 @@ async def recover_stalled_jobs(*, silent_for: float = STALLED_SECONDS) -> int:
     whose twin already waits (the same queueing lock) is marked failed: the twin does its work.
     """
     manager = queue.job_manager
-    stalled = await manager.get_stalled_jobs(seconds_since_heartbeat=silent_for)
+    stalled = await manager.get_stalled_jobs(seconds_since_heartbeat=STALLED_SECONDS)
     for job in stalled:
         task = queue.tasks.get(job.task_name)
         again = task.get_retry_exception(exception=WorkerGone(), job=job) if task else None
@@ -306,22 +307,37 @@ async def connected(conninfo: str) -> AsyncIterator[App]:
             yield queue
 
 
+class _Worker(Worker):
+    """procrastinate's worker, with one log line for a job whose outcome could not be saved (the
+    database went away as it ended). procrastinate leaves that error in the job's task, which
+    nothing awaits: asyncio reported it, whenever the task was collected, as "Task exception
+    was never retrieved" with a traceback. ``_process_job`` is not procrastinate's public API:
+    ``test_jobs`` checks that this still works."""
+
+    async def _process_job(self, context: JobContext) -> None:
+        try:
+            await super()._process_job(context)
+        except ConnectorException as exc:
+            log.warning("job %s ended, but its outcome could not be saved (%s); the stalled-jobs sweep"
+                        " takes it up once this worker is found gone", context.job.call_string, one_line(exc))
+
+
 async def run_worker(services: Any, *, concurrency: int = 2, stop_within: float = STOP_SECONDS) -> None:
     """Work through jobs until cancelled (or until procrastinate stops the worker). Jobs still
     running when it stops get half of ``stop_within`` to finish, then are aborted (and retried as
     their task allows)."""
-    await queue.run_worker_async(concurrency=concurrency, install_signal_handlers=False,
-                                 shutdown_graceful_timeout=stop_within / 2, delete_jobs="successful",
-                                 additional_context={"services": services})
+    await _Worker(app=queue, concurrency=concurrency, install_signal_handlers=False,
+                  shutdown_graceful_timeout=stop_within / 2, delete_jobs="successful",
+                  additional_context={"services": services}).run()
 
 
 @contextlib.asynccontextmanager
-async def working(services: Any, *, concurrency: int = 2, restart_wait: tuple[float, float] = RESTART_WAIT,
+async def working(services: Any, *, concurrency: int = 2,
                   stop_within: float = STOP_SECONDS) -> AsyncIterator[None]:
     """A worker running in this process for the length of the block (the queue is connected),
     started again whenever it stops on its own."""
     stopping = asyncio.Event()
-    worker = asyncio.create_task(_supervise(services, concurrency, restart_wait, stop_within, stopping))
+    worker = asyncio.create_task(_supervise(services, concurrency, stop_within, stopping))
     try:
         yield
     finally:
@@ -329,13 +345,12 @@ async def working(services: Any, *, concurrency: int = 2, restart_wait: tuple[fl
         await _stop(worker, stop_within)
 
 
-async def _supervise(services: Any, concurrency: int, restart_wait: tuple[float, float],
-                     stop_within: float, stopping: asyncio.Event) -> None:
+async def _supervise(services: Any, concurrency: int, stop_within: float, stopping: asyncio.Event) -> None:
     """Run a worker until ``stopping``, starting it again after a growing wait each time it ends:
     procrastinate stops its worker when the listener or the heartbeat fails (a PostgreSQL restart),
     and nothing else would start it again."""
     loop = asyncio.get_running_loop()
-    first, longest = restart_wait
+    first, longest = RESTART_WAIT
     wait = first
     while True:
         started = loop.time()

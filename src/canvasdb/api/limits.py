@@ -7,12 +7,12 @@ import json
 import re
 from collections.abc import Iterable
 
-from fastapi.routing import iter_route_contexts
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from canvasdb.api.deps import bearer, member_of, user_of
 from canvasdb.api.problems import problem_response
+from canvasdb.api.route_match import matching_routes
 from canvasdb.errors import CanvasdbError, NotFound
 
 
@@ -115,8 +115,7 @@ class CredentialsFirst:
 
 def _org_of_route(scope: Scope) -> str | None:
     """The org named in the path of the route that will answer ``scope``, if any."""
-    for route in iter_route_contexts(scope["app"].routes):
-        match, child = route.matches(scope)
+    for _, match, child in matching_routes(scope):
         if match is Match.FULL:
             return child.get("path_params", {}).get("org")  # type: ignore[no-any-return]
     return None

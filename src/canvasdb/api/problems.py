@@ -7,12 +7,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
-from starlette.routing import Match
 
+from canvasdb.api.route_match import matching_routes
 from canvasdb.errors import CanvasdbError
 
 log = logging.getLogger("canvasdb.api")
@@ -87,9 +86,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 def _allowed(request: Request) -> list[str]:
     """The methods of every route whose path matches the request's (FastAPI makes each method
     of a path a route of its own)."""
-    allowed = {method for route in iter_route_contexts(request.app.routes)
-               if route.methods and route.matches(request.scope)[0] is not Match.NONE
-               for method in route.methods}
+    allowed = {method for route, _, _ in matching_routes(request.scope) for method in route.methods or ()}
     return sorted(allowed | ({"HEAD"} if "GET" in allowed else set()))
 
 

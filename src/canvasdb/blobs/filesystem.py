@@ -40,10 +40,9 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)  # no room left: 507, not 503
 class FilesystemBlobStore:
     """A ``BlobStore`` in a local folder (created on first write)."""
 
-    def __init__(self, root: Path | str, *, chunk_size: int = CHUNK_SIZE, fsync: bool = True) -> None:
+    def __init__(self, root: Path | str, *, chunk_size: int = CHUNK_SIZE) -> None:
         self.root = Path(root).expanduser().resolve()
         self._chunk_size = chunk_size
-        self._fsync = fsync
         self._prepared = False
         self.sweep_every = _SWEEP_EVERY_S
         self._next_sweep = 0.0  # (monotonic) when a write next looks for stale temporary files
@@ -149,8 +148,7 @@ class FilesystemBlobStore:
         """Flush, fsync and close the temporary file."""
         try:
             fh.flush()
-            if self._fsync:
-                os.fsync(fh.fileno())
+            os.fsync(fh.fileno())
             fh.close()
         except OSError as exc:
             raise self._failed("write", self.root / _TMP, exc) from exc
@@ -161,10 +159,9 @@ class FilesystemBlobStore:
             final.parent.mkdir(mode=0o700, exist_ok=True)
             # Same content under the same name: replacing is harmless, and repairs a damaged copy.
             os.replace(tmp, final)
-            if self._fsync:
-                _fsync_dir(final.parent)
-                if created:
-                    _fsync_dir(self.root)
+            _fsync_dir(final.parent)
+            if created:
+                _fsync_dir(self.root)
         except OSError as exc:
             raise self._failed("write", final, exc) from exc
 

@@ -288,12 +288,8 @@ class DocumentStore:
         caller may not read the document, Forbidden if ``write`` and it may only read;
         otherwise whether it may write (a gateway asks once what a connection may do)."""
         check_doc_id(doc_id)
-        rows = await self.db.read(who.org_id, _ACCESS, (who.user_id, who.org_id, doc_id))
-        if not rows:
-            raise NotFound(f"document {doc_id!r} not found")
-        role = rows[0]["role"]
-        require_project_role(who, role, write=write, what=f"document {doc_id!r}")
-        return who.is_org_admin or role != "viewer"
+        access = await self.db.read(who.org_id, _ACCESS, (who.user_id, who.org_id, doc_id))
+        return _judge_access(who, doc_id, access, write=write)
 
     async def _meta(self, conn: Connection, who: Principal, doc_id: str, *, write: bool) -> Document:
         cur = await conn.execute("SELECT *, doc_last_seq(org_id, id) AS last_seq FROM documents"
@@ -314,13 +310,10 @@ class DocumentStore:
         return await self.append_checked(who.org_id, doc_id, payload, user_id=who.user_id)
 
     async def append_checked(self, org_id: UUID, doc_id: str, payload: bytes, *,
-                             user_id: UUID | None = None, tag: object = None,
-                             validated: bool = False) -> Appended:
-        """``append`` for a caller whose access was checked already. ``validated``: the caller
-        ran ``yjs.check_update`` on these bytes itself."""
+                             user_id: UUID | None = None, tag: object = None) -> Appended:
+        """``append`` for a caller whose access was checked already."""
         self._admit(payload)
-        if not validated:
-            await yjs.check_update_off_loop(payload)
+        await yjs.check_update_off_loop(payload)
         done = await self.log.append(org_id, doc_id, payload, user_id=user_id, client_id=yjs.author(payload),
                                      tag=tag)
         await self._announce(org_id, doc_id, *self._hold(org_id, doc_id, payload, done))
@@ -556,12 +549,16 @@ class DocumentStore:
         """The document as it was at ``as_of``: exact while the updates up to then are kept;
         beyond that, the nearest earlier snapshot (retention deletes only updates that a
         snapshot covers), and said so."""
-        await self.check_access(who, doc_id)
+        check_doc_id(doc_id)
         org_id, moment = who.org_id, utc(as_of)
         doc = Doc(skip_gc=True)
         async with self.db.transaction(org_id) as conn:
+            # The access check and the read go in one round trip (pipelined); the rows read
+            # are used only once the check passed.
+            access = await conn.execute(_ACCESS, (who.user_id, org_id, doc_id))
             cur = await conn.execute(_SNAPSHOT_AND_AFTER, {"org": org_id, "doc": doc_id, "at": moment},
                                      binary=True)
+            _judge_access(who, doc_id, await access.fetchall(), write=False)
             rows = await cur.fetchall()
             # After the read: retention meanwhile makes it later, never earlier (it only says
             # "not exact" of a moment that was, never the reverse).
@@ -745,6 +742,16 @@ def _replay(doc: Doc, rows: list[Any], doc_id: str) -> None:
             yjs.apply(doc, bytes(row["payload"]))
         except ValueError as exc:
             log.warning("update %s of document %r does not apply; skipped: %s", row["seq"], doc_id, exc)
+
+
+def _judge_access(who: Principal, doc_id: str, access: list[Any], *, write: bool) -> bool:
+    """From the rows of ``_ACCESS``: NotFound if the caller may not read the document,
+    Forbidden if ``write`` and it may only read; otherwise whether it may write."""
+    if not access:
+        raise NotFound(f"document {doc_id!r} not found")
+    role = access[0]["role"]
+    require_project_role(who, role, write=write, what=f"document {doc_id!r}")
+    return who.is_org_admin or role != "viewer"
 
 
 def _document(row: dict[str, Any], exact_since: datetime | None = None) -> Document:

@@ -137,60 +137,65 @@ def clock_ranges(update: bytes) -> list[tuple[int, int, int]]:
 
     Raises ValueError when the bytes are not a v1 update this reader understands.
     """
-    return _read(update, deletions=False)[0]
+    try:
+        return _read_structs(Reader(update))[0]
+    except IndexError:
+        raise ValueError("truncated update") from None
 
 
 def highest_clock(update: bytes) -> int:
     """The highest clock an update names (as an end: an item's clock + 1): its structs' ends
     (skipped ranges included), the items they refer to, its deletions' ends. Raises
     ValueError when the bytes cannot be read."""
-    return _read(update, deletions=True)[1]
-
-
-def _read(update: bytes, *, deletions: bool) -> tuple[list[tuple[int, int, int]], int]:
     r = Reader(update)
-    ranges = []
-    highest = 0
     try:
-        for _ in range(r.uint()):
-            count, client, clock = r.uint(), r.uint(), r.uint()
-            start = clock
-            for _ in range(count):
-                info = r.byte()
-                ref = info & 0x1F
-                if ref in (_GC, _SKIP):
-                    length = r.uint()
-                    if ref == _SKIP:
-                        if clock > start:
-                            ranges.append((client, start, clock))
-                        start = clock + length
-                    clock += length
-                    continue
-                if info & 0x80:  # origin: an item's (client, clock)
-                    r.uint()
-                    highest = max(highest, r.uint() + 1)
-                if info & 0x40:  # right origin
-                    r.uint()
-                    highest = max(highest, r.uint() + 1)
-                if not info & 0xC0:  # parent: a root type's name or an item's id
-                    if r.uint() == 1:
-                        r.skip_string()
-                    else:
-                        r.uint()
-                        highest = max(highest, r.uint() + 1)
-                    if info & 0x20:
-                        r.skip_string()
-                clock += _content_length(r, ref)
-            if clock > start:
-                ranges.append((client, start, clock))
-            highest = max(highest, clock)
-        if deletions:
+        _, highest = _read_structs(r)
+        for _ in range(r.uint()):  # the delete set, after the structs
+            r.uint()  # the client
             for _ in range(r.uint()):
-                r.uint()  # the client
-                for _ in range(r.uint()):
-                    highest = max(highest, r.uint() + r.uint())
+                highest = max(highest, r.uint() + r.uint())
     except IndexError:
         raise ValueError("truncated update") from None
+    return highest
+
+
+def _read_structs(r: Reader) -> tuple[list[tuple[int, int, int]], int]:
+    """Reads an update's structs: the clock ranges they carry, and the highest clock they name
+    (ends and the items they refer to). Leaves ``r`` at the update's delete set."""
+    ranges = []
+    highest = 0
+    for _ in range(r.uint()):
+        count, client, clock = r.uint(), r.uint(), r.uint()
+        start = clock
+        for _ in range(count):
+            info = r.byte()
+            ref = info & 0x1F
+            if ref in (_GC, _SKIP):
+                length = r.uint()
+                if ref == _SKIP:
+                    if clock > start:
+                        ranges.append((client, start, clock))
+                    start = clock + length
+                clock += length
+                continue
+            if info & 0x80:  # origin: an item's (client, clock)
+                r.uint()
+                highest = max(highest, r.uint() + 1)
+            if info & 0x40:  # right origin
+                r.uint()
+                highest = max(highest, r.uint() + 1)
+            if not info & 0xC0:  # parent: a root type's name or an item's id
+                if r.uint() == 1:
+                    r.skip_string()
+                else:
+                    r.uint()
+                    highest = max(highest, r.uint() + 1)
+                if info & 0x20:
+                    r.skip_string()
+            clock += _content_length(r, ref)
+        if clock > start:
+            ranges.append((client, start, clock))
+        highest = max(highest, clock)
     return ranges, highest
 
 

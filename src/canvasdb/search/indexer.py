@@ -24,6 +24,7 @@ from canvasdb.search.models import ModelInfo, Models
 log = logging.getLogger("canvasdb.search")
 TERMS_BATCH = 500
 EMBED_BATCH = 64
+DRAIN_SECONDS = 60.0  # the longest one drain() works; what is left stays queued for the next
 
 
 class Indexer:
@@ -31,13 +32,13 @@ class Indexer:
         self.db = db
         self.models = models
 
-    async def drain(self, org_id: UUID, *, budget_s: float = 60.0) -> dict[str, int]:
-        """Empty the org's queue (or work for ``budget_s``); returns what was done.
+    async def drain(self, org_id: UUID) -> dict[str, int]:
+        """Empty the org's queue (or work for ``DRAIN_SECONDS``); returns what was done.
 
         Raises ``EmbedderUnavailable`` when the embedder fails: what is left stays queued.
         """
         done = {"terms": 0, "embedded": 0}
-        deadline = time.monotonic() + budget_s
+        deadline = time.monotonic() + DRAIN_SECONDS
         while time.monotonic() < deadline:
             n = await self._terms(org_id)
             done["terms"] += n

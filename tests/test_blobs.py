@@ -16,6 +16,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from moto.server import ThreadedMotoServer
 
 from canvasdb.blobs import BlobCorrupt, BlobNotFound, BlobStore, FilesystemBlobStore, open_blob_store
 from canvasdb.blobs.s3 import S3BlobStore
-from canvasdb.blobs.store import CHUNK_SIZE
+from canvasdb.blobs.store import CHUNK_SIZE, StoredBlob
 from canvasdb.errors import CanvasdbError, InsufficientStorage, InvalidInput, PayloadTooLarge, Unavailable
 from canvasdb.settings import Settings
 
@@ -89,6 +90,24 @@ class Backend:
         return sorted([o["Key"] for o in listing.get("Contents", [])]
                       + [f"upload:{u['Key']}" for u in uploads.get("Uploads", [])])
 
+    def place(self, name: str, content: bytes) -> None:
+        """Put a file or an object at ``name`` under the store's root, behind the store's back."""
+        if isinstance(self.store, FilesystemBlobStore):
+            path = self.store.root / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+        else:
+            assert isinstance(self.store, S3BlobStore)
+            self.s3.put_object(Bucket=S3_BUCKET, Key=self.store.prefix + name, Body=content)
+
+    def reopened(self, **kwargs: Any) -> BlobStore:
+        """Another store over the same folder or prefix, with other options."""
+        if isinstance(self.store, FilesystemBlobStore):
+            return FilesystemBlobStore(self.store.root, **kwargs)
+        assert isinstance(self.store, S3BlobStore)
+        return S3BlobStore(S3_BUCKET, endpoint_url=self.store.endpoint_url, access_key_id="testing",
+                           secret_access_key="testing", prefix=self.store.prefix, **kwargs)
+
     def overwrite(self, key: str, content: bytes) -> None:
         """Replace a blob's stored bytes behind the store's back."""
         if isinstance(self.store, FilesystemBlobStore):
@@ -125,6 +144,10 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 
 def sha(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
+
+
+async def scanned(store: BlobStore) -> list[StoredBlob]:
+    return sorted([blob async for blob in store.scan()], key=lambda blob: blob.key)
 
 
 async def chunked(content: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
@@ -339,6 +362,42 @@ async def test_a_cancelled_upload_leaves_nothing(backend: Backend) -> None:
     assert backend.visible() == []
 
 
+# --- listing -------------------------------------------------------------------------------------
+
+async def test_scan_lists_every_blob_with_its_size_and_when_it_was_written(backend: Backend) -> None:
+    assert await scanned(backend.store) == []
+    before = datetime.now(UTC).replace(microsecond=0)  # S3 gives whole seconds
+    contents = [os.urandom(100 + i) for i in range(5)] + [b""]
+    for content in contents:
+        await backend.store.put(content)
+    after = datetime.now(UTC)
+    listed = await scanned(backend.store)
+    assert [(blob.key, blob.size) for blob in listed] == sorted((sha(c), len(c)) for c in contents)
+    assert all(before <= blob.modified <= after for blob in listed), listed
+    await backend.store.delete(sha(contents[0]))
+    assert sha(contents[0]) not in [blob.key for blob in await scanned(backend.store)]
+
+
+async def test_scan_skips_what_is_not_a_blob(backend: Backend) -> None:
+    info = await backend.store.put(b"a blob")
+    other = sha(b"elsewhere")
+    for name in ("README", f"{info.key[:2]}/not-a-key", other, f"{info.key[:2]}/{other}",
+                 f"{other[:2]}/{other.upper()}", f"tmp/{other}", "tmp/put-x.part", f"{other[:2]}/{other}/x"):
+        backend.place(name, b"stray")
+    assert [blob.key for blob in await scanned(backend.store)] == [info.key]
+
+
+async def test_scan_goes_page_by_page(backend: Backend) -> None:
+    keys = sorted(f"ab{sha(bytes([i]))[2:]}" for i in range(5)) + [sha(b"another folder")]
+    for key in keys:
+        backend.place(f"{key[:2]}/{key}", b"x")
+    store = backend.reopened(list_page_size=2)
+    try:
+        assert [blob.key for blob in await scanned(store)] == sorted(keys)
+    finally:
+        await store.close()
+
+
 # --- the filesystem backend ---------------------------------------------------------------------
 
 async def test_filesystem_layout_and_permissions(tmp_path: Path) -> None:
@@ -427,9 +486,10 @@ async def test_s3_missing_bucket_is_unavailable_with_a_hint(s3_endpoint: str) ->
     store = S3BlobStore("no-such-bucket", endpoint_url=s3_endpoint, access_key_id="testing",
                         secret_access_key="testing")
     try:
-        with pytest.raises(Unavailable) as raised:
-            await store.put(b"x")
-        assert "no-such-bucket" in raised.value.fields["hint"]
+        for call in (lambda: store.put(b"x"), lambda: scanned(store)):
+            with pytest.raises(Unavailable) as raised:
+                await call()
+            assert "no-such-bucket" in raised.value.fields["hint"]
     finally:
         await store.close()
 
@@ -441,7 +501,8 @@ async def test_s3_unreachable_endpoint_is_unavailable(s3_endpoint: str) -> None:
     store = S3BlobStore(S3_BUCKET, endpoint_url=f"http://127.0.0.1:{port}", access_key_id="testing",
                         secret_access_key="testing", max_attempts=1, connect_timeout=2)
     try:
-        calls = [lambda: store.put(b"x"), lambda: store.exists(sha(b"x")), lambda: store.get(sha(b"x"))]
+        calls = [lambda: store.put(b"x"), lambda: store.exists(sha(b"x")), lambda: store.get(sha(b"x")),
+                 lambda: scanned(store)]
         for call in calls:
             with pytest.raises(Unavailable) as raised:
                 await call()

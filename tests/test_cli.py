@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -56,7 +57,7 @@ def test_every_command_has_help() -> None:
                                    ("db", "migrate"), ("org", "create"), ("org", "list"), ("user", "create"),
                                    ("token", "create"), ("token", "revoke"), ("entity", "get"),
                                    ("entity", "put"), ("entity", "history"), ("type", "register"),
-                                   ("type", "list"), ("up",)]}
+                                   ("type", "list"), ("blobs", "sweep"), ("up",)]}
     for name in names:
         cmd: Any = group
         for part in name.split():
@@ -347,6 +348,27 @@ def test_bad_settings_are_named_in_one_line(tmp_path: Path) -> None:
         assert done.stderr.splitlines() == [
             f"Error: cannot keep the embedded database in {tmp_path / 'a-file'}: it is not a folder",
             "Try: set CANVASDB_HOME to a folder this user can write"]
+
+
+def test_blobs_sweep_removes_old_orphans(env: dict[str, str], tmp_path: Path) -> None:
+    """Content no row points at, written longer ago than the grace period, goes; the rest stays."""
+    env = {**env, "CANVASDB_BLOBS_DIR": str(tmp_path / "blobs")}
+    paths = {}
+    for content in (b"an old orphan", b"a young orphan"):
+        key = hashlib.sha256(content).hexdigest()
+        paths[content] = tmp_path / "blobs" / key[:2] / key
+        paths[content].parent.mkdir(parents=True, exist_ok=True)
+        paths[content].write_bytes(content)
+    os.utime(paths[b"an old orphan"], (time.time() - 25 * 3600,) * 2)
+    done = run(env, "blobs", "sweep")
+    assert done.stdout == "blobs listed: 2, past the grace period: 1, orphans removed: 1 (13 bytes)\n"
+    assert done.stderr == "", "no progress bar when not on a terminal"
+    assert not paths[b"an old orphan"].exists() and paths[b"a young orphan"].exists()
+    assert json.loads(run({**env, "CANVASDB_BLOB_ORPHAN_GRACE_S": "0"}, "blobs", "sweep", "--json").stdout) == {
+        "listed": 1, "old": 1, "removed": 1, "removed_bytes": 14}
+    assert not paths[b"a young orphan"].exists()
+    refused = run(env, "blobs", "sweep", "--grace", "-1", check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
 
 
 def test_db_start_status_url_stop(tmp_path: Path) -> None:

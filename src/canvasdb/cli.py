@@ -12,7 +12,8 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from dataclasses import asdict
+from datetime import datetime, timedelta
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
@@ -22,9 +23,11 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from canvasdb import __version__, runtime
+from canvasdb.blobs.sweep import SweepTotals, sweep
 from canvasdb.entities import parse_as_of
 from canvasdb.errors import CanvasdbError, InvalidInput, NotFound, Unavailable
 from canvasdb.search.engine import Filters
@@ -43,8 +46,9 @@ project_app = typer.Typer(help="Projects.", no_args_is_help=True)
 entity_app = typer.Typer(help="Entities and their history.", no_args_is_help=True)
 type_app = typer.Typer(help="The entity type registry (what search reads, references, schemas).",
                        no_args_is_help=True)
+blobs_app = typer.Typer(help="The blob store (attachments, large snapshots).", no_args_is_help=True)
 for sub, name in [(db_app, "db"), (org_app, "org"), (user_app, "user"), (token_app, "token"),
-                  (project_app, "project"), (entity_app, "entity"), (type_app, "type")]:
+                  (project_app, "project"), (entity_app, "entity"), (type_app, "type"), (blobs_app, "blobs")]:
     app.add_typer(sub, name=name)
 
 out = Console(soft_wrap=True)  # a line stays one line when piped (80 columns otherwise)
@@ -362,6 +366,36 @@ def db_migrate() -> None:
         out.print(f"applied {name}")
     if not applied:
         out.print("up to date")
+
+
+# --- blobs --------------------------------------------------------------------------------------
+
+
+@blobs_app.command("sweep")
+def blobs_sweep(
+    grace: Annotated[float | None, typer.Option(
+        min=0, help="Seconds: content written more recently is left alone [CANVASDB_BLOB_ORPHAN_GRACE_S].",
+    )] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove content that no attachment or snapshot points at: what writers that died between
+    storing it and committing their row left behind (the job worker does this once a day)."""
+    settings = _settings()
+    seconds = settings.blob_orphan_grace_s if grace is None else grace
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed} blobs listed"), TimeElapsedColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        listing = bar.add_task("sweeping", total=None)
+
+        def show(totals: SweepTotals) -> None:
+            bar.update(listing, completed=totals.listed, description=f"{totals.removed} removed")
+
+        totals = _with_services(lambda svc: sweep(svc.db, svc.blobs, grace=timedelta(seconds=seconds),
+                                                  progress=show))
+    if as_json:
+        _print_json(asdict(totals))
+    else:
+        out.print(totals.summary(), highlight=False)
 
 
 # --- orgs, users, tokens, projects --------------------------------------------------------------

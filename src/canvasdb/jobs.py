@@ -1,5 +1,5 @@
 """Background work on a PostgreSQL-backed job queue (procrastinate): compaction, retention,
-projection, search indexing.
+projection, search indexing, the blob store's orphan sweep.
 
 Jobs live in PostgreSQL beside the data, so one backup covers them and they outlive
 any process. ``canvasdb up`` runs a worker; ``canvasdb worker`` runs one on its own,
@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -28,6 +29,7 @@ from procrastinate.jobs import Status
 from procrastinate.worker import Worker
 from prometheus_client import Gauge
 
+from canvasdb.blobs.sweep import sweep
 from canvasdb.db import ConnectionPool, database_away
 from canvasdb.db.migrate import LOCK_KEY
 from canvasdb.errors import CanvasdbError, NotFound, one_line
@@ -134,6 +136,23 @@ async def stalled_jobs_sweep(context: JobContext, timestamp: int) -> int:
 async def old_jobs_sweep(context: JobContext, timestamp: int) -> None:
     """Every hour: drop old jobs that did not succeed (see ``drop_old_jobs``)."""
     await drop_old_jobs(context.app)
+
+
+@queue.periodic(cron="23 4 * * *", periodic_id="blob_orphans")
+@queue.task(name="blob_orphan_sweep", pass_context=True, queueing_lock="blob_orphan_sweep",
+            lock="blob_orphan_sweep")
+async def blob_orphan_sweep(context: JobContext, timestamp: int) -> dict[str, int]:
+    """Every day: remove blobs whose writer died before committing its row (``blobs/sweep.py``).
+    One at a time in the cluster (its lock): a long one delays the next, which never overlaps it."""
+    return await sweep_orphan_blobs(context.additional_context["services"])
+
+
+async def sweep_orphan_blobs(services: Any) -> dict[str, int]:
+    """The orphan sweep over the services' blob store, with the configured grace period."""
+    grace = timedelta(seconds=services.settings.blob_orphan_grace_s)
+    totals = await sweep(services.db, services.blobs, grace=grace)
+    log.info("blob orphan sweep: %s", totals.summary())
+    return asdict(totals)
 
 
 async def drop_old_jobs(app: App) -> None:

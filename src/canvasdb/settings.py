@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     s3_region: str = Field(default="us-east-1", description="S3 region (MinIO accepts the default)")
     max_attachment_bytes: int = Field(default=100 * 1024 * 1024, ge=1,
                                       description="Largest attachment upload")
+    blob_orphan_grace_s: float = Field(default=24 * 3600, ge=0, description="The orphan sweep leaves "
+                                       "content written more recently alone: longer than any upload "
+                                       "and its commit take")
     embedder: Literal["local", "ollama", "openai"] = Field(
         default="local", description="What turns text into vectors for semantic search")
     embedder_model: str | None = Field(default=None, description="Model; unset = the kind's default")

@@ -14,8 +14,12 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
+import stat
 import tempfile
 import time
+from collections.abc import AsyncIterator, Generator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,8 +30,11 @@ from canvasdb.blobs.store import (
     BlobReader,
     Block,
     Source,
+    StoredBlob,
     check_key,
     consume,
+    is_key,
+    stream_pages,
 )
 from canvasdb.errors import InsufficientStorage, Unavailable
 
@@ -35,14 +42,16 @@ _TMP = "tmp"
 _STALE_TMP_SECONDS = 24 * 3600
 _SWEEP_EVERY_S = 3600.0  # how often a store's writes look for them
 _FULL = (errno.ENOSPC, errno.EDQUOT)  # no room left: 507, not 503
+_FOLDER = re.compile(r"[0-9a-f]{2}")  # a blob's folder: its key's first two hex digits
 
 
 class FilesystemBlobStore:
     """A ``BlobStore`` in a local folder (created on first write)."""
 
-    def __init__(self, root: Path | str, *, chunk_size: int = CHUNK_SIZE) -> None:
+    def __init__(self, root: Path | str, *, chunk_size: int = CHUNK_SIZE, list_page_size: int = 1000) -> None:
         self.root = Path(root).expanduser().resolve()
         self._chunk_size = chunk_size
+        self._list_page_size = list_page_size  # blobs ``scan`` lists per worker-thread hop
         self._prepared = False
         self.sweep_every = _SWEEP_EVERY_S
         self._next_sweep = 0.0  # (monotonic) when a write next looks for stale temporary files
@@ -114,6 +123,9 @@ class FilesystemBlobStore:
         except OSError as exc:
             raise self._failed("delete", path, exc) from exc
 
+    def scan(self) -> AsyncIterator[StoredBlob]:
+        return stream_pages(self._scanned())
+
     async def close(self) -> None:
         pass
 
@@ -143,6 +155,37 @@ class FilesystemBlobStore:
             with contextlib.suppress(OSError):
                 if entry.stat().st_mtime < cutoff:
                     entry.unlink()
+
+    def _scanned(self) -> Generator[list[StoredBlob], None, None]:
+        """The blobs, a page at a time: the two-digit folders in order, each read as it goes."""
+        try:
+            folders = sorted(name for name in os.listdir(self.root) if _FOLDER.fullmatch(name))
+        except FileNotFoundError:  # nothing was ever written
+            return
+        except OSError as exc:
+            raise self._failed("list", self.root, exc) from exc
+        for folder in folders:
+            path = self.root / folder
+            page: list[StoredBlob] = []
+            try:
+                with os.scandir(path) as entries:
+                    for entry in entries:
+                        if not (is_key(entry.name) and entry.name.startswith(folder)):
+                            continue
+                        try:
+                            info = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:  # deleted since the folder was read
+                            continue
+                        if stat.S_ISREG(info.st_mode):
+                            page.append(StoredBlob(entry.name, info.st_size,
+                                                   datetime.fromtimestamp(info.st_mtime, UTC)))
+                        if len(page) >= self._list_page_size:
+                            yield page
+                            page = []
+            except OSError as exc:
+                raise self._failed("list", path, exc) from exc
+            if page:
+                yield page
 
     def _sync_file(self, fh: BinaryIO) -> None:
         """Flush, fsync and close the temporary file."""

@@ -10,7 +10,8 @@ goes, without a table of reference counts, by two advisory locks per content has
   0019), and deletes it only if none does, before it lets go of the lock.
 
 So content is never deleted under a row that is being committed. What is left is a leak,
-never a loss: content whose writer died between the upload and the commit stays behind.
+never a loss: content whose writer died between the upload and the commit stays behind,
+until the orphan sweep (``canvasdb.blobs.sweep``) collects it once it is old enough.
 """
 
 from __future__ import annotations
@@ -36,16 +37,20 @@ async def hold(conn: Connection, sha256: str) -> None:
     await (await conn.execute("SELECT pg_advisory_xact_lock_shared(%s, %s)", lock_key(sha256))).fetchone()
 
 
-async def collect(db: Database, blobs: BlobStore, sha256: str) -> None:
-    """Delete the content if no row of any org points at it. Never raises: a failure here
-    leaves unreferenced content behind (logged), which costs space and nothing else."""
+async def collect(db: Database, blobs: BlobStore, sha256: str) -> bool:
+    """Delete the content if no row of any org points at it; True if it did. Never raises: a
+    failure here leaves unreferenced content behind (logged), which costs space and nothing
+    else (the orphan sweep, ``canvasdb.blobs.sweep``, tries again later)."""
     try:
         async with db.transaction() as conn:
             # Pipelined: the lock is taken before the question is asked, and both have been
             # answered (the lock held) once the fetch returns.
             await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", lock_key(sha256))
             row = await (await conn.execute("SELECT blob_in_use(%s) AS used", (sha256,))).fetchone()
-            if row is not None and not row["used"]:
-                await blobs.delete(sha256)
+            if row is None or row["used"]:
+                return False
+            await blobs.delete(sha256)
+            return True
     except CanvasdbError as exc:
         log.warning("blob %s was left in the store: %s", sha256, exc.detail)
+        return False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,8 +28,11 @@ from canvasdb.blobs.store import (
     BlobNotFound,
     BlobReader,
     Source,
+    StoredBlob,
     check_key,
     consume,
+    is_key,
+    stream_pages,
 )
 from canvasdb.errors import CanvasdbError, Unavailable
 
@@ -52,6 +56,7 @@ class S3BlobStore:
         spool_dir: Path | None = None,
         multipart_threshold: int = 64 * 1024 * 1024,
         multipart_chunksize: int = 16 * 1024 * 1024,
+        list_page_size: int = 1000,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         max_attempts: int = 3,
@@ -62,6 +67,7 @@ class S3BlobStore:
         self._chunk_size = chunk_size
         self._spool_bytes = spool_bytes
         self._spool_dir = spool_dir
+        self._list_page_size = list_page_size  # objects per ListObjectsV2 request (1,000 at most)
         self._transfer = TransferConfig(multipart_threshold=multipart_threshold,
                                         multipart_chunksize=multipart_chunksize)
         # Credentials left unset fall back to boto3's own chain (AWS_* variables, profiles, roles).
@@ -137,8 +143,28 @@ class S3BlobStore:
         except (BotoCoreError, ClientError) as exc:
             raise self._error("delete", name, exc) from exc
 
+    def scan(self) -> AsyncIterator[StoredBlob]:
+        return stream_pages(self._scanned())
+
     async def close(self) -> None:
         await asyncio.to_thread(self._client.close)
+
+    def _scanned(self) -> Generator[list[StoredBlob], None, None]:
+        """The blobs under the prefix, a ListObjectsV2 page at a time."""
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix, PaginationConfig={"PageSize": self._list_page_size})
+        try:
+            for page in pages:
+                yield [StoredBlob(key, int(item["Size"]), item["LastModified"])
+                       for item in page.get("Contents", [])
+                       if (key := self._key_of(item["Key"])) is not None]
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error("list", self.prefix, exc) from exc
+
+    def _key_of(self, name: str) -> str | None:
+        """The key an object name stands for (``object_name``'s inverse); None for other objects."""
+        key = name.rpartition("/")[2]
+        return key if is_key(key) and name == f"{self.prefix}{key[:2]}/{key}" else None
 
     def _error(self, op: str, name: str, exc: BotoCoreError | ClientError) -> CanvasdbError:
         where = f"s3://{self.bucket}/{name}"

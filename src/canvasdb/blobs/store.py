@@ -8,11 +8,13 @@ below, and one contract test suite runs against each of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import datetime
+from typing import Protocol, TypeVar
 
 from canvasdb.errors import CanvasdbError, InvalidInput, NotFound, PayloadTooLarge
 
@@ -20,6 +22,7 @@ CHUNK_SIZE = 1024 * 1024  # read and write granularity: one worker-thread hop pe
 _KEY = re.compile(r"[0-9a-f]{64}")
 _RESTORE = "restore the object from a backup, or store the same content again"
 
+T = TypeVar("T")
 Block = bytes | bytearray | memoryview
 Source = Block | AsyncIterable[bytes]
 """What ``put`` stores: bytes in memory, or an async stream of byte chunks."""
@@ -46,9 +49,23 @@ class BlobInfo:
     size: int
 
 
+@dataclass(frozen=True)
+class StoredBlob:
+    """A blob as ``scan`` lists it: its key, its size, and when it was last written (aware)."""
+
+    key: str
+    size: int
+    modified: datetime
+
+
+def is_key(name: str) -> bool:
+    """Whether ``name`` is a blob key: 64 lowercase hex digits."""
+    return isinstance(name, str) and _KEY.fullmatch(name) is not None
+
+
 def check_key(key: str) -> str:
     """The key itself, or InvalidInput: 64 lowercase hex digits, so never a path of any kind."""
-    if not isinstance(key, str) or not _KEY.fullmatch(key):
+    if not is_key(key):
         raise InvalidInput(f"blob key {str(key)[:80]!r} is not a SHA-256 in lowercase hex")
     return key
 
@@ -96,6 +113,16 @@ class BlobStore(Protocol):
 
         Content is shared by everything that stored the same bytes: callers decide when no
         one needs it any more (see ``canvasdb.blobs.attachments``).
+        """
+        ...
+
+    def scan(self) -> AsyncIterator[StoredBlob]:
+        """Every blob in the store, in no particular order, with when it was last written (a
+        ``put`` of content already stored counts as a write).
+
+        Streamed a page (a folder's entries, an S3 listing page) at a time: memory stays
+        bounded however many blobs there are. A blob stored or deleted during the scan may
+        or may not be listed. Anything in the store that is not a blob is skipped.
         """
         ...
 
@@ -176,6 +203,15 @@ class BlobReader:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+async def stream_pages(pages: Generator[list[T], None, None]) -> AsyncIterator[T]:
+    """The items of a blocking generator of pages, each page made in a worker thread (one at
+    a time); the generator is closed with the stream, so it lets go of what it holds."""
+    with contextlib.closing(pages):
+        while (page := await asyncio.to_thread(next, pages, None)) is not None:
+            for item in page:
+                yield item
 
 
 async def consume(source: Source, write: Callable[[Block], object], *,

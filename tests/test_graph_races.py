@@ -6,8 +6,9 @@ from uuid import UUID
 
 import pytest
 from conftest import Tenant
-from races import held, second
+from races import change, held, second
 
+from canvasdb.entities import EntityType
 from canvasdb.errors import Conflict
 from canvasdb.services import Services
 
@@ -23,6 +24,40 @@ async def live(pg_url: str, t: Tenant, src: UUID, dst: UUID) -> bool:
         row = await cur.fetchone()
     assert row is not None and row[0] is not None, "no relationship"
     return bool(row[0])
+
+
+async def test_a_reference_written_while_its_target_is_undeleted_is_live(
+        svc: Services, pg_url: str, tenant: Tenant) -> None:
+    """The reference's relationship is made hidden (its target is deleted when it is written);
+    the undeletion of the target, if it does not wait, never sees that relationship to bring
+    it back."""
+    await svc.types.register(tenant.owner, EntityType(name="task", reference_fields=["$.parent"]))
+    for _ in range(3):
+        a, b = await node(svc, tenant, "a"), await node(svc, tenant, "b")
+        await svc.entities.delete(tenant.owner, b)
+        async with held(pg_url, tenant) as first:
+            await change(first, tenant, a, "merge", f'{{"parent": "{b}"}}')
+            await second(pg_url, first, svc.entities.undelete(tenant.owner, b))
+        assert await live(pg_url, tenant, a, b), "both ends are live, the relationship is hidden"
+
+
+@pytest.mark.parametrize("first_op", ["delete", "undelete"])
+async def test_the_ends_of_a_relationship_deleted_and_undeleted_at_once(
+        svc: Services, pg_url: str, tenant: Tenant, first_op: str) -> None:
+    """Undeleting one end while the other end is deleted (or undeleted) at the same time: each
+    decided whether the relationship is hidden from what it saw of the other end before that
+    one committed."""
+    for _ in range(3):
+        a, b = await node(svc, tenant, "a"), await node(svc, tenant, "b")
+        await svc.relationships.create(tenant.owner, a, b, "mentions")
+        await svc.entities.delete(tenant.owner, a)
+        if first_op == "undelete":
+            await svc.entities.delete(tenant.owner, b)
+        async with held(pg_url, tenant) as first:
+            await change(first, tenant, b, first_op)
+            await second(pg_url, first, svc.entities.undelete(tenant.owner, a))
+        # b deleted by the first: hidden; b undeleted by the first: both ends live, and so is it
+        assert await live(pg_url, tenant, a, b) == (first_op == "undelete")
 
 
 async def test_if_match_updates_of_a_relationship_never_both_win(

@@ -72,3 +72,16 @@ async def test_if_match_updates_of_a_relationship_never_both_win(
                                                                  if_version=1))
     assert info.value.fields["current_version"] == 2
     assert (await svc.relationships.get(tenant.owner, rel.id)).data == {"label": "first"}
+
+
+async def test_two_writes_of_one_entity_leave_the_references_of_the_last(
+        svc: Services, pg_url: str, tenant: Tenant) -> None:
+    """What held: the second write waits for the first (the entity's row lock) and its
+    trigger sees the first's relationships, so what is live matches the data written last."""
+    await svc.types.register(tenant.owner, EntityType(name="task", reference_fields=["$.parent"]))
+    a, b, c = await node(svc, tenant, "a"), await node(svc, tenant, "b"), await node(svc, tenant, "c")
+    async with held(pg_url, tenant) as first:
+        await change(first, tenant, a, "merge", f'{{"parent": "{b}"}}')
+        written = await second(pg_url, first, svc.entities.patch(tenant.owner, a, {"parent": str(c)}))
+    assert written.version == 3 and written.data["parent"] == str(c)
+    assert not await live(pg_url, tenant, a, b) and await live(pg_url, tenant, a, c)

@@ -3,7 +3,11 @@
 -- 1. An undeletion did not wait for the makers of relationships (0018 made only a deletion
 --    wait): a reference written to an entity while it was being undeleted was made hidden
 --    (its target was deleted when read), and the undeletion, not seeing it, never brought it
---    back. A change of `deleted` either way now locks the entity FOR UPDATE first.
+--    back. A change of `deleted` either way now locks the entity FOR UPDATE first. (A write
+--    adding references of an acyclic kind to two entities, one being undeleted and having
+--    edges of that kind, can now deadlock with that undeletion: the writer holds the kind's
+--    turn while it waits for the second target, which the undeletion holds while it waits
+--    for the turn. PostgreSQL cancels one of them, which answers 409 with `retry`.)
 -- 2. Whether a relationship is hidden was decided from the other end as the change's
 --    statement first saw it: undeleting one end while the other was deleted (or undeleted) at
 --    once, the second to update the relationship waited for the first's row lock, then wrote

@@ -186,6 +186,11 @@ class TypeRegistry:
         from psycopg.types.json import Jsonb
 
         async with self.db.transaction(who.org_id) as conn:
+            # Alone on the type until the commit: its entities are indexed holding this lock
+            # shared (migration 0025), so writes before this one are committed for the reindex
+            # below, and writes after it read the new declaration.
+            await conn.execute("SELECT pg_advisory_xact_lock(entity_type_lock_key(%s, %s))",
+                               (who.org_id, spec.name))
             old = await (await conn.execute(
                 "SELECT module, text_fields, embed_fields, tag_field FROM entity_types"
                 " WHERE org_id = %s AND name = %s FOR UPDATE", (who.org_id, spec.name))).fetchone()

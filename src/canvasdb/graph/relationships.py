@@ -230,7 +230,10 @@ class RelationshipStore:
 
     async def _row(self, conn: Connection, who: Principal, id: UUID, *,
                    write: bool = False) -> dict[str, Any]:
-        row = await (await conn.execute("SELECT * FROM relationships WHERE org_id = %s AND id = %s",
+        """The relationship, if the caller may read it (or change it); for a change, locked until
+        the commit, so that its version (If-Match) and what is checked of it hold for the write."""
+        lock = " FOR NO KEY UPDATE" if write else ""
+        row = await (await conn.execute(f"SELECT * FROM relationships WHERE org_id = %s AND id = %s{lock}",
                                         (who.org_id, id))).fetchone()
         if row is None:
             raise NotFound(f"relationship {id} not found")

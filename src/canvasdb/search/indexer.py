@@ -95,7 +95,11 @@ class Indexer:
         vectors = await self.models.configured.embed([row["text"] for row in rows])
         started = time.monotonic()
         async with self.db.transaction(org_id) as conn:
-            # Only where the entity's text is still the one embedded (the md5 matches).
+            # Only where the entity's text is still the one embedded (the md5 matches), its search
+            # row locked (in id order, as writes lock them): a write under way is waited for and
+            # then seen, and one that follows waits for this transaction, then deletes what is stale.
+            await conn.execute("SELECT FROM search_docs WHERE org_id = %s AND entity_id = ANY(%s)"
+                               " ORDER BY entity_id FOR SHARE", (org_id, [r["entity_id"] for r in rows]))
             await conn.execute(
                 "INSERT INTO search_vectors"
                 " (org_id, model, entity_id, project_id, type, embed_md5, embedding)"

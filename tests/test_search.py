@@ -531,6 +531,26 @@ async def test_a_worker_indexes_writes_within_seconds(pg_url: str, svc: Services
     assert (await _ids(svc, tenant.owner, "car", mode="semantic")) == [note.id]
 
 
+async def test_a_type_redeclared_over_http_asks_for_indexing(client: httpx.AsyncClient, svc: Services,
+                                                             tenant: Tenant) -> None:
+    """Its entities' words and vectors are queued again: a worker is asked at once, not at the
+    next sweep (up to a minute)."""
+    await _setup(svc, tenant, [("note", {"title": "Sticky note", "body": "buy a new vehicle"})])
+    asked: list[UUID] = []
+
+    async def request(org_id: UUID) -> None:
+        asked.append(org_id)
+
+    svc.entities.changed = request
+    try:
+        res = await client.post(f"/v1/orgs/{tenant.slug}/entity-types", headers=tenant.headers,
+                                json={"name": "note", "module": "notes", "text_fields": {"title": "A"}})
+    finally:
+        svc.entities.changed = None
+    assert res.status_code == 201
+    assert (await svc.indexer.backlog(tenant.org_id))["embeddings"] == 1 and asked == [tenant.org_id]
+
+
 async def test_a_new_model_builds_in_the_background_then_takes_over(pg_url: str, settings: Settings) -> None:
     """In a database of its own: the active model is one choice for the whole deployment."""
 

@@ -29,8 +29,9 @@ from canvasdb.documents.projection import entity_id
 from canvasdb.entities import EntityType
 from canvasdb.errors import InvalidInput, NotFound
 from canvasdb.runtime import prepare_schema
-from canvasdb.search.embedders import make_embedder
+from canvasdb.search.embedders import EmbedderUnavailable, make_embedder
 from canvasdb.search.engine import Filters, Search
+from canvasdb.search.indexer import Indexer
 from canvasdb.search.models import Models
 from canvasdb.search.query import allowed_typos, corrections, parse, slip, typo_cost
 from canvasdb.services import Services
@@ -314,6 +315,35 @@ async def test_slow_or_stopped_embedder_degrades_to_text(svc: Services, tenant: 
         assert [h.id for h in res.hits] == [note], mode
         assert res.degraded and res.to_json()["degraded"] is True
     await down.aclose()
+
+
+class _Refusing:
+    """The configured embedder, except that it fails any batch with a text that says "refused"."""
+
+    def __init__(self, embedder: Any) -> None:
+        self.embedder = embedder
+        self.model, self.kind, self.dimension = embedder.model, embedder.kind, embedder.dimension
+
+    async def embed(self, texts: list[str], **kw: Any) -> Any:
+        if any("refused" in text for text in texts):
+            raise EmbedderUnavailable("HTTP 400: this text is refused")
+        return await self.embedder.embed(texts, **kw)
+
+
+async def test_texts_the_embedder_refuses_hold_back_no_other(svc: Services, tenant: Tenant) -> None:
+    """The queue is taken oldest first: a text the embedder fails every time (too long for a
+    service, say) failed every batch it was in, and the org's later changes waited for ever."""
+    await svc.types.register(tenant.owner, NOTE)
+    await svc.models.register()
+    _, _, vehicle, fruit = [
+        (await svc.entities.create(tenant.owner, tenant.project_id, "note", {"title": title, "body": ""})).id
+        for title in ("refused first", "refused second", "buy a new vehicle", "bananas and pears")]
+    indexer = Indexer(svc.db, Models(svc.db, _Refusing(svc.models.configured)))  # type: ignore[arg-type]
+    with pytest.raises(EmbedderUnavailable):  # the first two alone: it may as well be down
+        await indexer.drain(tenant.org_id)
+    await indexer.drain(tenant.org_id)
+    assert (await indexer.backlog(tenant.org_id))["embeddings"] == 2
+    assert await _ids(svc, tenant.owner, "car", mode="semantic") == [vehicle, fruit]
 
 
 # --- filters, facets, pages ------------------------------------------------------------------------

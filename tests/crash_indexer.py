@@ -32,8 +32,8 @@ class StallsOnSecondBatch:
 
 async def main(url: str, org: str) -> None:
     async with Database(url, min_size=1, max_size=2) as db:
-        models = Models(db, StallsOnSecondBatch(embedder_from_settings(Settings(database_url=url))))
-        await Indexer(db, models).drain(UUID(org))  # type: ignore[arg-type]
+        embedder = StallsOnSecondBatch(embedder_from_settings(Settings(database_url=url)))
+        await Indexer(db, Models(db, embedder)).drain(UUID(org))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

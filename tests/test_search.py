@@ -29,8 +29,9 @@ from canvasdb.documents.projection import entity_id
 from canvasdb.entities import EntityType
 from canvasdb.errors import InvalidInput, NotFound
 from canvasdb.runtime import prepare_schema
-from canvasdb.search.embedders import make_embedder
+from canvasdb.search.embedders import EmbedderUnavailable, make_embedder
 from canvasdb.search.engine import Filters, Search
+from canvasdb.search.indexer import Indexer
 from canvasdb.search.models import Models
 from canvasdb.search.query import allowed_typos, corrections, parse, slip, typo_cost
 from canvasdb.services import Services
@@ -316,6 +317,35 @@ async def test_slow_or_stopped_embedder_degrades_to_text(svc: Services, tenant: 
     await down.aclose()
 
 
+class _Refusing:
+    """The configured embedder, except that it fails any batch with a text that says "refused"."""
+
+    def __init__(self, embedder: Any) -> None:
+        self.embedder = embedder
+        self.model, self.kind, self.dimension = embedder.model, embedder.kind, embedder.dimension
+
+    async def embed(self, texts: list[str], **kw: Any) -> Any:
+        if any("refused" in text for text in texts):
+            raise EmbedderUnavailable("HTTP 400: this text is refused")
+        return await self.embedder.embed(texts, **kw)
+
+
+async def test_texts_the_embedder_refuses_hold_back_no_other(svc: Services, tenant: Tenant) -> None:
+    """The queue is taken oldest first: a text the embedder fails every time (too long for a
+    service, say) failed every batch it was in, and the org's later changes waited for ever."""
+    await svc.types.register(tenant.owner, NOTE)
+    await svc.models.register()
+    _, _, vehicle, fruit = [
+        (await svc.entities.create(tenant.owner, tenant.project_id, "note", {"title": title, "body": ""})).id
+        for title in ("refused first", "refused second", "buy a new vehicle", "bananas and pears")]
+    indexer = Indexer(svc.db, Models(svc.db, _Refusing(svc.models.configured)))  # type: ignore[arg-type]
+    with pytest.raises(EmbedderUnavailable):  # the first two alone: it may as well be down
+        await indexer.drain(tenant.org_id)
+    await indexer.drain(tenant.org_id)
+    assert (await indexer.backlog(tenant.org_id))["embeddings"] == 2
+    assert await _ids(svc, tenant.owner, "car", mode="semantic") == [vehicle, fruit]
+
+
 # --- filters, facets, pages ------------------------------------------------------------------------
 
 async def test_filters_and_facets(svc: Services, tenant: Tenant) -> None:
@@ -529,6 +559,26 @@ async def test_a_worker_indexes_writes_within_seconds(pg_url: str, svc: Services
     finally:
         svc.entities.changed = None
     assert (await _ids(svc, tenant.owner, "car", mode="semantic")) == [note.id]
+
+
+async def test_a_type_redeclared_over_http_asks_for_indexing(client: httpx.AsyncClient, svc: Services,
+                                                             tenant: Tenant) -> None:
+    """Its entities' words and vectors are queued again: a worker is asked at once, not at the
+    next sweep (up to a minute)."""
+    await _setup(svc, tenant, [("note", {"title": "Sticky note", "body": "buy a new vehicle"})])
+    asked: list[UUID] = []
+
+    async def request(org_id: UUID) -> None:
+        asked.append(org_id)
+
+    svc.entities.changed = request
+    try:
+        res = await client.post(f"/v1/orgs/{tenant.slug}/entity-types", headers=tenant.headers,
+                                json={"name": "note", "module": "notes", "text_fields": {"title": "A"}})
+    finally:
+        svc.entities.changed = None
+    assert res.status_code == 201
+    assert (await svc.indexer.backlog(tenant.org_id))["embeddings"] == 1 and asked == [tenant.org_id]
 
 
 async def test_a_new_model_builds_in_the_background_then_takes_over(pg_url: str, settings: Settings) -> None:

@@ -107,6 +107,8 @@ async def list_entity_types(org: str, svc: Svc, who: Who) -> dict[str, Any]:
 async def register_entity_type(org: str, body: EntityTypeIn, svc: Svc, who: Who) -> dict[str, Any]:
     """Register (or replace) an entity type: schema, text, reference and embedding fields."""
     spec = await svc.types.register(who, EntityType(**body.model_dump()))
+    if svc.entities.changed is not None:  # its entities' words and vectors, if it re-indexed them
+        await svc.entities.changed(who.org_id)
     return spec.to_json()
 
 

@@ -210,10 +210,11 @@ class TypeRegistry:
             )).fetchone()
             assert row is not None
             if old != {k: row[k] for k in ("module", "text_fields", "embed_fields", "tag_field")}:
+                # In id order, as writes and the indexer lock search rows.
                 await conn.execute(
                     "SELECT count(*) FROM (SELECT search_index_entity(org_id, id, project_id, type, data,"
-                    " deleted, updated_at) FROM entities WHERE org_id = %s AND type = %s) AS reindexed",
-                    (who.org_id, spec.name))
+                    " deleted, updated_at) FROM entities WHERE org_id = %s AND type = %s ORDER BY id)"
+                    " AS reindexed", (who.org_id, spec.name))
         return _from_row(row)
 
     async def list(self, who: Principal) -> list[EntityType]:

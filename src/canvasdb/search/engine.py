@@ -736,7 +736,7 @@ def _data_filter(fields: Sequence[tuple[str, str]]) -> Jsonb:
         options: list[Any] = [raw]
         try:
             parsed = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: [[[[... nested too deep
             parsed = raw
         if parsed != raw and not isinstance(parsed, dict | list) and _finite(parsed):
             options.append(parsed)

@@ -6,8 +6,9 @@ empties an org's queue: first the words, which go into the org's term dictionary
 (typo corrections), then the vectors, made in batches by the configured embedder. A
 vector is stored only if the entity's text is still the one that was embedded;
 otherwise the newer change stays queued. If the embedder fails, the rows stay queued
-and the job is retried later. ``backfill`` walks every entity when a new model is
-building, then makes it the active one.
+and the job is retried later; if it fails a batch but not each of its entities alone, those
+it fails wait at the back of the queue, so that one text it refuses holds back no other.
+``backfill`` walks every entity when a new model is building, then makes it the active one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from uuid import UUID
 
 from canvasdb import metrics
 from canvasdb.db import Database
+from canvasdb.search.embedders import EmbedderUnavailable
 from canvasdb.search.models import ModelInfo, Models
 
 log = logging.getLogger("canvasdb.search")
@@ -87,16 +89,52 @@ class Indexer:
                 " WHERE q.org_id = %s AND q.embed_md5 IS NOT NULL ORDER BY q.queued_at LIMIT %s",
                 (org_id, EMBED_BATCH))
             rows = await cur.fetchall()
-        if rows:
+        if not rows:
+            return 0
+        try:
             await self._store(org_id, model, rows, clear_queue=True)
+        except EmbedderUnavailable:
+            if len(rows) == 1:
+                raise
+            await self._one_by_one(org_id, model, rows)
         return len(rows)
+
+    async def _one_by_one(self, org_id: UUID, model: ModelInfo, rows: list[dict[str, Any]]) -> None:
+        """A batch the embedder failed, embedded one entity at a time: a text it refuses (too long
+        for a service's limit, say) must not hold back the org's queue for ever. Those it fails
+        go to the back of the queue. Two failures before any success say it is down: then the
+        error is raised (they went to the back too, in case it was them)."""
+        failed: list[UUID] = []
+        stored = 0
+        error: EmbedderUnavailable | None = None
+        for row in rows:
+            try:
+                await self._store(org_id, model, [row], clear_queue=True)
+                stored += 1
+            except EmbedderUnavailable as exc:
+                failed.append(row["entity_id"])
+                error = exc
+                if not stored and len(failed) == 2:
+                    break
+        async with self.db.transaction(org_id) as conn:
+            await conn.execute("UPDATE search_queue SET queued_at = clock_timestamp()"
+                               " WHERE org_id = %s AND entity_id = ANY(%s)", (org_id, failed))
+        if not stored and error is not None:
+            raise error
+        if failed:
+            log.warning("the embedder failed %d of %d entities of org %s alone (%s); they wait at the back"
+                        " of the queue", len(failed), len(rows), org_id, error)
 
     async def _store(self, org_id: UUID, model: ModelInfo, rows: list[dict[str, Any]], *,
                      clear_queue: bool) -> None:
         vectors = await self.models.configured.embed([row["text"] for row in rows])
         started = time.monotonic()
         async with self.db.transaction(org_id) as conn:
-            # Only where the entity's text is still the one embedded (the md5 matches).
+            # Only where the entity's text is still the one embedded (the md5 matches), its search
+            # row locked (in id order, as writes lock them): a write under way is waited for and
+            # then seen, and one that follows waits for this transaction, then deletes what is stale.
+            await conn.execute("SELECT FROM search_docs WHERE org_id = %s AND entity_id = ANY(%s)"
+                               " ORDER BY entity_id FOR SHARE", (org_id, [r["entity_id"] for r in rows]))
             await conn.execute(
                 "INSERT INTO search_vectors"
                 " (org_id, model, entity_id, project_id, type, embed_md5, embedding)"

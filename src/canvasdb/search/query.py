@@ -36,7 +36,7 @@ TOKENISH = re.compile(r"[0-9A-Za-z_]|[^\x00-\x7f]")
 # ("./run.sh"): a term that starts so is also asked for as it reads after a space.
 AFTER_SPACE = (".", "~")
 TOKEN = re.compile(r'-?"[^"]*"?|\S+')
-MAX_GROUPS = 10  # like Meilisearch, words beyond the tenth are ignored
+MAX_GROUPS = 10  # like Meilisearch, words beyond the tenth are ignored (each costs the SQL a match)
 MAX_WORD_CHARS = 40
 MAX_CORRECTIONS = 8  # per word
 
@@ -83,7 +83,7 @@ class Group:
 class ParsedQuery:
     groups: list[Group] = field(default_factory=list)
     excluded: list[Term] = field(default_factory=list)
-    ignored: int = 0  # groups beyond MAX_GROUPS
+    ignored: int = 0  # words beyond the first MAX_GROUPS
     meaning: str = ""  # the text without its -exclusions: what semantic search embeds
 
     @property
@@ -104,6 +104,7 @@ def parse(text: str) -> ParsedQuery:
     """Read a query in websearch syntax: quotes for phrases, OR, and -word to exclude."""
     out = ParsedQuery()
     pending_or = False
+    taken = 0  # words, of every term: alternatives, phrases and exclusions too
     tokens = TOKEN.findall(text)
     open_end = bool(text) and not text[-1].isspace() and text[-1] != '"'  # still typing the last word
     meant = []
@@ -123,6 +124,14 @@ def parse(text: str) -> ParsedQuery:
         if not tokenish:
             continue
         words = tuple(w.lower()[:MAX_WORD_CHARS] for w in WORD.findall(said))
+        left = MAX_GROUPS - taken
+        if left <= 0 or len(words) > left:  # past the tenth word: a phrase keeps those before it
+            out.ignored += max(1, len(words)) - max(0, left)
+            if left <= 0:
+                pending_or = False
+                continue
+            words, said = words[:left], " ".join(words[:left])
+        taken += max(1, len(words))
         phrase = len(words) > 1  # "red car", and also e-mail or don't, as websearch_to_tsquery reads them
         last = i == len(tokens) - 1
         # A prefix applies to each token of the term: "e-mai" finds "e-mail".
@@ -135,9 +144,6 @@ def parse(text: str) -> ParsedQuery:
             out.groups.append(Group((term,)))
         pending_or = False
     out.meaning = " ".join(meant)
-    if len(out.groups) > MAX_GROUPS:
-        out.ignored = len(out.groups) - MAX_GROUPS
-        del out.groups[MAX_GROUPS:]
     return out
 
 

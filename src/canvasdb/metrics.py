@@ -70,6 +70,8 @@ ENTITY_BATCH_CHANGES = Histogram("canvasdb_entity_commit_batch_changes",
                                  buckets=(1, 2, 5, 10, 20, 50, 100, 200))
 ENTITY_BATCH_SPLITS = Counter("canvasdb_entity_commit_batch_splits_total",
                               "Batches that failed as a whole and were written again change by change")
+AS_OF_WAITS = Counter("canvasdb_as_of_waits_total",
+                      "As-of reads of a recent moment that waited for a transaction still writing at it")
 DOCS_LOADED = Gauge("canvasdb_docs_loaded", "Documents held in memory by this process")
 DOC_CACHE_BYTES = Gauge("canvasdb_doc_cache_bytes", "Approximate bytes of the loaded documents")
 PROJECTION_LAG_SECONDS = Histogram(

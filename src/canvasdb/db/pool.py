@@ -29,6 +29,7 @@ from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
 
+from canvasdb.db.horizon import Horizon
 from canvasdb.errors import CanvasdbError, Conflict, InsufficientStorage, InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger("canvasdb.db")
@@ -72,6 +73,7 @@ class Database:
         self._checking: asyncio.Task[None] | None = None
         self._org_limit = max(1, int(max_size * ORG_SHARE))
         self._shares: dict[UUID, _Share] = {}
+        self.horizon = Horizon(self, statement_timeout_ms / 1000)  # as-of reads wait on it (``settle``)
 
     async def _configure(self, conn: Connection) -> None:
         set_json_loads(read_json, conn)

@@ -551,6 +551,7 @@ class DocumentStore:
         snapshot covers), and said so."""
         check_doc_id(doc_id)
         org_id, moment = who.org_id, utc(as_of)
+        await self.db.horizon.settle(moment)
         doc = Doc(skip_gc=True)
         async with self.db.transaction(org_id) as conn:
             # The access check and the read go in one round trip (pipelined); the rows read

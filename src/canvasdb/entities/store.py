@@ -343,6 +343,8 @@ class EntityStore:
             if row["deleted"]:
                 raise Gone(f"entity {id} is deleted", version=row["version"])
             return _entity(row)
+        if isinstance(as_of, datetime):
+            await self.db.horizon.settle(utc(as_of))
         async with self.db.transaction(who.org_id) as conn:
             version = await self._version_at(conn, who, id, as_of, latest=row["version"])
             if version is None:
@@ -385,6 +387,7 @@ class EntityStore:
         cursor = _cursor(after)
         if as_of is None:
             return await self._page_now(who, project_id, type, cursor, limit)
+        await self.db.horizon.settle(utc(as_of))
         async with self.db.transaction(who.org_id) as conn:
             await check_project_access(conn, who, project_id, write=False)
             return await self._page_as_of(conn, who, project_id, type, cursor, limit, as_of)

@@ -151,8 +151,9 @@ class RelationshipStore:
         return _relationship(row)
 
     async def get(self, who: Principal, id: UUID, *, as_of: datetime | None = None) -> Relationship:
-        as_of = utc(as_of)
         """The relationship now (deleted ones answer 410), or as it was at a moment."""
+        as_of = utc(as_of)
+        await self.db.horizon.settle(as_of)
         async with self.db.transaction(who.org_id) as conn:
             row = await self._row(conn, who, id)
             if as_of is not None:

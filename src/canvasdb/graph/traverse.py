@@ -313,8 +313,11 @@ class Graph:
         self.db = db
         self.max_nodes = max_nodes
 
-    def _params(self, who: Principal, *, as_of: datetime | None = None, **more: Any) -> dict[str, Any]:
-        return {"org": who.org_id, "user": who.user_id, "as_of": utc(as_of), **more}
+    async def _params(self, who: Principal, *, as_of: datetime | None = None, **more: Any) -> dict[str, Any]:
+        """A query's parameters; as of a past moment, once that moment is settled (``Horizon``)."""
+        moment = utc(as_of)
+        await self.db.horizon.settle(moment)
+        return {"org": who.org_id, "user": who.user_id, "as_of": moment, **more}
 
     async def _walk(self, who: Principal, starts: list[UUID], direction: Direction, kinds: list[str] | None,
                     depth: int, as_of: datetime | None, *, limit: int, cursor: str | None,
@@ -334,7 +337,7 @@ class Graph:
         levels = depth > MAX_DEPTH and as_of is None and direction != "both"
         sql = _walk_sql(direction, as_of is not None, kinds is not None, not who.is_org_admin, via, levels)
         # one node more than the page: whether another page follows
-        params = self._params(who, starts=starts, kinds=kinds, as_of=as_of, depth=depth, cap=cap,
+        params = await self._params(who, starts=starts, kinds=kinds, as_of=as_of, depth=depth, cap=cap,
                               limit=limit + 1, after_depth=after_depth, after_id=after_id)
         # (row, id, depth, type, project_id, title, rel, frm, kind, total, truncated, too): tuples;
         # at most one 'v' row per page node, and only the page becomes dicts
@@ -391,7 +394,7 @@ class Graph:
         kinds_ = _kinds(kinds)
         acl = not who.is_org_admin
         fallback = as_of is None and direction != "both" and self.max_nodes > REACH_FAST_CAP
-        params = self._params(who, starts=[id], kinds=kinds_, as_of=as_of, depth=depth,
+        params = await self._params(who, starts=[id], kinds=kinds_, as_of=as_of, depth=depth,
                               cap=REACH_FAST_CAP if fallback else self.max_nodes)
         sql = _reach_sql(direction, as_of is not None, kinds_ is not None, acl)
         rows = await self.db.read(who.org_id, sql, params, generic_plans=True, row_factory=tuple_row)
@@ -435,7 +438,7 @@ class Graph:
         # The recursion keeps a node once per depth it reaches it at: with room for every node
         # of the limit at every depth, hitting the cap means more nodes than the limit (with
         # four rows a node, a small clique walked ten deep said truncated of a whole answer).
-        params = self._params(who, starts=roots, kinds=kinds_, as_of=as_of, depth=depth,
+        params = await self._params(who, starts=roots, kinds=kinds_, as_of=as_of, depth=depth,
                               cap=limit * (depth + 1) + 1, limit=max(limit - len(roots), 0))
         # (row, id, depth, type, project_id, title, rel, frm, kind, total, truncated)
         rows = await self.db.read(who.org_id, sql, params, generic_plans=True, row_factory=tuple_row)
@@ -462,11 +465,11 @@ class Graph:
         kinds_ = _kinds(kinds)
         paths_cap = check_depth(max_paths, cap=MAX_PATHS, name="max_paths") if all_paths else 1
         variant = (direction, as_of is not None, kinds_ is not None, not who.is_org_admin)
-        params = self._params(who, src=src, dst=dst, kinds=kinds_, as_of=as_of, depth=max_depth,
+        params = await self._params(who, src=src, dst=dst, kinds=kinds_, as_of=as_of, depth=max_depth,
                               paths=paths_cap * 4 if all_paths else 1)
         async def summaries(conn: Any, hits: list[dict[str, Any]]) -> dict[UUID, dict[str, Any]]:
             ids = list({n for r in hits for n in r["nodes"]})
-            cur = await conn.execute(_SUMMARIES, self._params(who, ids=ids))
+            cur = await conn.execute(_SUMMARIES, await self._params(who, ids=ids))
             return {r["id"]: _summary(r) for r in await cur.fetchall()}
 
         try:

@@ -822,6 +822,21 @@ async def test_text_that_is_not_unicode_answers_invalid_input(client: httpx.Asyn
     assert done.stderr.count("\n") == 1, done.stderr
 
 
+@pytest.mark.parametrize(("params", "parameter"), [
+    ({"project": "\x00"}, "project"), ({"type": "note,a\x00"}, "type"), ({"module": "\x00"}, "module"),
+    ({"data.status": "\x00"}, "data.status"), ({"data.st\x00tus": "done"}, "data.st\x00tus"),
+    ({"updated_after": "\x00"}, "updated_after"), ({"cursor": "\x00"}, "cursor"), ({"facets": "\x00"}, "facets"),
+    ({"updated_after": "2030-01-01T00:00:00Z", "updated_before": "2020-01-01T00:00:00Z"}, "updated_after"),
+    ({"q": "x" * 10_001}, "q"), ({"colour": "\x00"}, "colour"),
+])
+async def test_a_bad_search_parameter_is_named(client: httpx.AsyncClient, tenant: Tenant, params: dict[str, str],
+                                               parameter: str) -> None:
+    """A NUL in a project was refused by psycopg on its way to PostgreSQL: 422, with no word of which
+    parameter; each search parameter's 422 names it as other query parameters' do."""
+    r = await client.get(f"/v1/orgs/{tenant.slug}/search", headers=tenant.headers, params={"q": "x", **params})
+    assert r.status_code == 422 and r.json().get("pointer") == f"query:{parameter}", r.text
+
+
 async def test_exclusions_apply_in_every_mode(svc: Services, tenant: Tenant) -> None:
     draft, final, budget = await _setup(svc, tenant, [("note", {"title": "draft report", "body": ""}),
                                                       ("note", {"title": "final report", "body": ""}),

@@ -10,6 +10,8 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -318,11 +320,13 @@ async def test_slow_or_stopped_embedder_degrades_to_text(svc: Services, tenant: 
 
 
 class _Refusing:
-    """The configured embedder, except that it fails any batch with a text that says "refused"."""
+    """An embedder, except that it fails any batch with a text that says "refused"."""
 
     def __init__(self, embedder: Any) -> None:
         self.embedder = embedder
-        self.model, self.kind, self.dimension = embedder.model, embedder.kind, embedder.dimension
+
+    def __getattr__(self, name: str) -> Any:  # model, kind, dimension (a remote one's, once learnt)...
+        return getattr(self.embedder, name)
 
     async def embed(self, texts: list[str], **kw: Any) -> Any:
         if any("refused" in text for text in texts):
@@ -581,20 +585,29 @@ async def test_a_type_redeclared_over_http_asks_for_indexing(client: httpx.Async
     assert (await svc.indexer.backlog(tenant.org_id))["embeddings"] == 1 and asked == [tenant.org_id]
 
 
-async def test_a_new_model_builds_in_the_background_then_takes_over(pg_url: str, settings: Settings) -> None:
-    """In a database of its own: the active model is one choice for the whole deployment."""
-
+@asynccontextmanager
+async def _database_of_its_own(pg_url: str) -> AsyncIterator[Database]:
+    """For a change of model: the active model is one choice for the whole deployment."""
     name = unique("models").replace("-", "_")
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     url = psycopg.conninfo.make_conninfo(pg_url, dbname=name)
-    prepare_schema(url)
+    try:
+        prepare_schema(url)
+        async with Database(url, min_size=1, max_size=4) as db:
+            yield db
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+async def test_a_new_model_builds_in_the_background_then_takes_over(pg_url: str, settings: Settings) -> None:
     fake = FakeService()
 
     def asked() -> list[str]:
         return [text for _, _, body in fake.requests for text in body["input"]]
     try:
-        async with Database(url, min_size=1, max_size=4) as db:
+        async with _database_of_its_own(pg_url) as db:
             old = Services.build(settings, db)
             tenant = await make_tenant(old)
             (vehicle, _) = await _setup(old, tenant, [("note", {"title": "Sticky note", "body": "buy a new vehicle"}),
@@ -623,8 +636,40 @@ async def test_a_new_model_builds_in_the_background_then_takes_over(pg_url: str,
             await old.models.close()
     finally:
         fake.close()
-        with psycopg.connect(pg_url, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+async def test_a_new_model_is_built_past_the_texts_its_embedder_refuses(pg_url: str, settings: Settings) -> None:
+    """A text the new model's embedder fails every time (too long for a service, say) failed every
+    build, and the new model never became active. Those it fails alone are left to the queue; when
+    the first two fail alone, it may be down: the build fails, and goes on past them when retried."""
+    fake = FakeService()
+    try:
+        async with _database_of_its_own(pg_url) as db:
+            old = Services.build(settings, db)
+            tenant = await make_tenant(old)
+            await old.types.register(tenant.owner, NOTE)
+            titles = ["refused first", "refused second", "buy a new vehicle", "refused later", "bananas"]
+            ids = [(await old.entities.create(tenant.owner, tenant.project_id, "note", {"title": title, "body": ""},
+                                              id=UUID(int=n + 1))).id for n, title in enumerate(titles)]
+            await old.indexer.drain(tenant.org_id)
+            new = Services.build(settings, db, embedder=_Refusing(make_embedder(  # type: ignore[arg-type]
+                "openai", model="fake-8", url=fake.url + "/v1")))
+            assert (await new.models.register()).state == "building"
+            with pytest.raises(EmbedderUnavailable):
+                await new.indexer.backfill([tenant.org_id])
+            assert (await new.models.active()).model == "all-MiniLM-L6-v2"
+            assert await new.indexer.backfill([tenant.org_id]) == 2
+            assert (await new.models.active()).model == "fake-8"
+            async with db.transaction(tenant.org_id) as conn:
+                cur = await conn.execute("SELECT entity_id FROM search_vectors ORDER BY entity_id")
+                assert [r["entity_id"] for r in await cur.fetchall()] == [ids[2], ids[4]]
+                cur = await conn.execute("SELECT entity_id FROM search_queue WHERE embed_md5 IS NOT NULL"
+                                         " ORDER BY queued_at")
+                assert [r["entity_id"] for r in await cur.fetchall()] == [ids[0], ids[1], ids[3]]
+            await new.models.close()
+            await old.models.close()
+    finally:
+        fake.close()
 
 
 async def test_board_nodes_are_searchable(svc: Services, tenant: Tenant) -> None:
@@ -820,6 +865,21 @@ async def test_text_that_is_not_unicode_answers_invalid_input(client: httpx.Asyn
                           env={**os.environ, "CANVASDB_HOME": str(tmp_path), "CANVASDB_DATABASE_URL": pg_url})
     assert done.returncode == 1 and done.stderr.startswith("Error:"), done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
+
+
+@pytest.mark.parametrize(("params", "parameter"), [
+    ({"project": "\x00"}, "project"), ({"type": "note,a\x00"}, "type"), ({"module": "\x00"}, "module"),
+    ({"data.status": "\x00"}, "data.status"), ({"data.st\x00tus": "done"}, "data.st\x00tus"),
+    ({"updated_after": "\x00"}, "updated_after"), ({"cursor": "\x00"}, "cursor"), ({"facets": "\x00"}, "facets"),
+    ({"updated_after": "2030-01-01T00:00:00Z", "updated_before": "2020-01-01T00:00:00Z"}, "updated_after"),
+    ({"q": "x" * 10_001}, "q"), ({"colour": "\x00"}, "colour"),
+])
+async def test_a_bad_search_parameter_is_named(client: httpx.AsyncClient, tenant: Tenant, params: dict[str, str],
+                                               parameter: str) -> None:
+    """A NUL in a project was refused by psycopg on its way to PostgreSQL: 422, with no word of which
+    parameter; each search parameter's 422 names it as other query parameters' do."""
+    r = await client.get(f"/v1/orgs/{tenant.slug}/search", headers=tenant.headers, params={"q": "x", **params})
+    assert r.status_code == 422 and r.json().get("pointer") == f"query:{parameter}", r.text
 
 
 async def test_exclusions_apply_in_every_mode(svc: Services, tenant: Tenant) -> None:

@@ -17,6 +17,8 @@ from canvasdb.db import Connection
 from canvasdb.entities import EntityType
 from canvasdb.entities.changes import _CHANGE
 from canvasdb.entities.store import _INSERT
+from canvasdb.search.indexer import Indexer
+from canvasdb.search.models import Models
 from canvasdb.services import Services
 
 T = TypeVar("T")
@@ -130,3 +132,18 @@ async def test_an_entity_created_while_its_type_is_redeclared_is_indexed_by_the_
         register = await until_blocked_or_done(svc, svc.types.register(tenant.owner, with_body))
     await register
     assert [h.id for h in (await svc.search.search(tenant.owner, "okapi ", mode="text")).hits] == [memo]
+
+
+async def test_a_new_process_indexes_without_waiting_for_writes_on_the_vectors(svc: Services,
+                                                                              tenant: Tenant) -> None:
+    """A process's first drain registers its model and asks for the model's index, which is there:
+    CREATE INDEX IF NOT EXISTS took search_vectors' SHARE lock before finding it, so each process
+    start waited for the writes under way (and held up those that came after)."""
+    await svc.models.register()
+    new_process = Indexer(svc.db, Models(svc.db, svc.models.configured))
+    async with svc.db.transaction(tenant.org_id) as conn:
+        await conn.execute("LOCK TABLE search_vectors IN ROW EXCLUSIVE MODE")  # as a write under way
+        drain = await until_blocked_or_done(svc, new_process.drain(tenant.org_id))
+        waited = not drain.done()
+    await drain
+    assert not waited

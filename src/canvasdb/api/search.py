@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 
 from canvasdb.api.deps import IsoTime, Svc, Who
 from canvasdb.errors import InvalidInput
-from canvasdb.search.engine import FACETS, MAX_LIMIT, MAX_QUERY_CHARS, Filters, Mode
+from canvasdb.search.engine import FACETS, MAX_LIMIT, MAX_QUERY_CHARS, Filters, Mode, check_text
 
 router = APIRouter(prefix="/v1/orgs/{org}", tags=["search"])
 MAX_VALUES = 100  # of a list parameter (project, type, module), repeated or comma-separated
@@ -22,7 +22,18 @@ def _split(values: list[str] | None, name: str) -> tuple[str, ...]:
     out = tuple(dict.fromkeys(v.strip() for value in values or () for v in value.split(",") if v.strip()))
     if len(out) > MAX_VALUES:
         raise InvalidInput(f"at most {MAX_VALUES} values of {name}", pointer=f"query:{name}")
+    for value in out:
+        check_text(value, f"query:{name}")
     return out
+
+
+def _named_parameter(exc: InvalidInput) -> InvalidInput:
+    """A refusal of the search engine, whose pointer names its argument (``/type``), made to name
+    the query parameter (``query:type``), as every other 422 of a query parameter does."""
+    pointer = exc.fields.get("pointer")
+    if isinstance(pointer, str) and pointer.startswith("/"):
+        exc.fields["pointer"] = "query:" + pointer[1:]
+    return exc
 
 
 @router.get("/search")
@@ -49,13 +60,16 @@ async def search(
             data.append((key[5:], value))
         elif key not in _KNOWN:
             raise InvalidInput(f"unknown parameter {key!r}; filters on data are written data.FIELD=VALUE",
-                               pointer=f"/{key}")
+                               pointer=f"query:{key}")
     projects = tuple([await svc.tenancy.resolve_project(who, ref) for ref in _split(project, "project")])
     filters = Filters(projects=projects, types=_split(type, "type"), modules=_split(module, "module"),
                       updated_after=updated_after, updated_before=updated_before, data=tuple(data))
-    results = await svc.search.search(who, q, mode=mode, typo=typo, filters=filters,
-                                      facets=_split([facets] if facets else None, "facets"), limit=limit,
-                                      cursor=cursor)
+    try:
+        results = await svc.search.search(who, q, mode=mode, typo=typo, filters=filters,
+                                          facets=_split([facets] if facets else None, "facets"), limit=limit,
+                                          cursor=cursor)
+    except InvalidInput as exc:
+        raise _named_parameter(exc) from None
     return results.to_json()
 
 

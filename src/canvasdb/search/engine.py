@@ -105,11 +105,11 @@ class Filters:
         for name, value in self.data:
             if not isinstance(name, str) or not DATA_FIELD.fullmatch(name):
                 raise InvalidInput(f"bad filter field data.{name!r}: dotted names of letters, digits and _",
-                                   pointer="/data")
-            _check_text(value, f"/data.{name}")
+                                   pointer=f"/data.{name}")
+            check_text(value, f"/data.{name}")
         for pointer, values in (("/type", self.types), ("/module", self.modules)):
             for value in values:
-                _check_text(value, pointer)
+                check_text(value, pointer)
         after, before = utc(self.updated_after), utc(self.updated_before)
         if after and before and after >= before:
             raise InvalidInput("updated_after must be before updated_before", pointer="/updated_after")
@@ -219,7 +219,7 @@ class Search:
                 raise InvalidInput(f"facets are among {', '.join(FACETS)}", pointer="/facets")
         if len(text) > MAX_QUERY_CHARS:  # (over HTTP the query parameter's own bound comes first)
             raise InvalidInput(f"a query is at most {MAX_QUERY_CHARS:,} characters", pointer="/q")
-        _check_text(text, "/q", nul=False)
+        check_text(text, "/q", nul=False)
         filters = filters.check()
         parsed = q.parse(text)
         fingerprint = _fingerprint(mode, typo, text, filters)
@@ -831,7 +831,7 @@ _CURSOR_KEYS: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _check_text(value: Any, pointer: str, *, nul: bool = True) -> None:
+def check_text(value: Any, pointer: str, *, nul: bool = True) -> None:
     """A string that can be sent to PostgreSQL: UTF-8 (no lone surrogate) and, unless ``nul``
     is false (the query: its words are read out of it), without NUL."""
     if not isinstance(value, str):

@@ -8,7 +8,8 @@ vector is stored only if the entity's text is still the one that was embedded;
 otherwise the newer change stays queued. If the embedder fails, the rows stay queued
 and the job is retried later; if it fails a batch but not each of its entities alone, those
 it fails wait at the back of the queue, so that one text it refuses holds back no other.
-``backfill`` walks every entity when a new model is building, then makes it the active one.
+``backfill`` walks every entity when a new model is building, then makes it the active one;
+the texts it fails alone are left to the queue in the same way, so that they hold back no build.
 """
 
 from __future__ import annotations
@@ -91,39 +92,63 @@ class Indexer:
             rows = await cur.fetchall()
         if not rows:
             return 0
-        try:
-            await self._store(org_id, model, rows, clear_queue=True)
-        except EmbedderUnavailable:
-            if len(rows) == 1:
-                raise
-            await self._one_by_one(org_id, model, rows)
+        await self._store_each_if_need_be(org_id, model, rows, clear_queue=True)
         return len(rows)
 
-    async def _one_by_one(self, org_id: UUID, model: ModelInfo, rows: list[dict[str, Any]]) -> None:
+    async def _store_each_if_need_be(self, org_id: UUID, model: ModelInfo, rows: list[dict[str, Any]], *,
+                                     clear_queue: bool) -> int:
+        """Embed and store ``rows`` in one batch, or one at a time if the embedder fails the batch;
+        returns how many were stored."""
+        try:
+            await self._store(org_id, model, rows, clear_queue=clear_queue)
+        except EmbedderUnavailable:
+            if len(rows) == 1:
+                await self._to_back_of_queue(org_id, [rows[0]["entity_id"]])
+                raise
+            return await self._one_by_one(org_id, model, rows, clear_queue=clear_queue)
+        return len(rows)
+
+    async def _one_by_one(self, org_id: UUID, model: ModelInfo, rows: list[dict[str, Any]], *,
+                          clear_queue: bool) -> int:
         """A batch the embedder failed, embedded one entity at a time: a text it refuses (too long
-        for a service's limit, say) must not hold back the org's queue for ever. Those it fails
-        go to the back of the queue. Two failures before any success say it is down: then the
-        error is raised (they went to the back too, in case it was them)."""
+        for a service's limit, say) must not hold back the org's queue, or a new model's build,
+        for ever. Those it fails go to the back of the queue. Two failures before any success
+        say it is down: then the error is raised (they went to the back too, in case it was
+        them). Returns how many were stored."""
         failed: list[UUID] = []
         stored = 0
         error: EmbedderUnavailable | None = None
         for row in rows:
             try:
-                await self._store(org_id, model, [row], clear_queue=True)
+                await self._store(org_id, model, [row], clear_queue=clear_queue)
                 stored += 1
             except EmbedderUnavailable as exc:
                 failed.append(row["entity_id"])
                 error = exc
                 if not stored and len(failed) == 2:
                     break
-        async with self.db.transaction(org_id) as conn:
-            await conn.execute("UPDATE search_queue SET queued_at = clock_timestamp()"
-                               " WHERE org_id = %s AND entity_id = ANY(%s)", (org_id, failed))
+        await self._to_back_of_queue(org_id, failed)
         if not stored and error is not None:
             raise error
         if failed:
             log.warning("the embedder failed %d of %d entities of org %s alone (%s); they wait at the back"
-                        " of the queue", len(failed), len(rows), org_id, error)
+                        " of the queue: %s", len(failed), len(rows), org_id, error,
+                        ", ".join(str(entity) for entity in failed))
+        return stored
+
+    async def _to_back_of_queue(self, org_id: UUID, entity_ids: list[UUID]) -> None:
+        """Queue these entities' texts for embedding (a new model's build leaves them to the queue)
+        behind everything queued so far. A text queued already stays queued as it is: it may be one
+        a write just made, newer than the text that failed."""
+        if not entity_ids:
+            return
+        async with self.db.transaction(org_id) as conn:
+            await conn.execute(
+                "INSERT INTO search_queue (org_id, entity_id, needs_terms, embed_md5, queued_at)"
+                " SELECT org_id, entity_id, false, embed_md5, clock_timestamp() FROM search_docs"
+                " WHERE org_id = %s AND entity_id = ANY(%s) AND embed_md5 IS NOT NULL"
+                " ON CONFLICT (org_id, entity_id) DO UPDATE SET queued_at = EXCLUDED.queued_at,"
+                "   embed_md5 = coalesce(search_queue.embed_md5, EXCLUDED.embed_md5)", (org_id, entity_ids))
 
     async def _store(self, org_id: UUID, model: ModelInfo, rows: list[dict[str, Any]], *,
                      clear_queue: bool) -> None:
@@ -190,7 +215,10 @@ class Indexer:
         """Give every entity a vector of the configured model if it is building, then activate it.
 
         Walks each org's search rows in id order and embeds those without a current vector
-        of that model. Returns how many were embedded.
+        of that model, but for those waiting in the queue: the queue embeds them with this
+        same model. Those the embedder fails alone are left to the queue (``_one_by_one``), so a
+        text it always refuses holds back no build; if it seems down, the error is raised and
+        the build is retried later. Returns how many were embedded.
         """
         model = await self.models.register()
         if model.state != "building":
@@ -203,23 +231,23 @@ class Indexer:
                     cur = await conn.execute(
                         "SELECT s.entity_id, s.embed_md5, s.project_id, s.type,"
                         "       search_embed_text(e.data, t.text_fields, t.embed_fields) AS text,"
-                        "       v.embed_md5 AS embedded_md5"
+                        "       v.embed_md5 AS embedded_md5, q.embed_md5 AS queued_md5"
                         " FROM (SELECT * FROM search_docs WHERE org_id = %(org)s AND entity_id > %(after)s"
                         "       AND embed_md5 IS NOT NULL ORDER BY entity_id LIMIT %(n)s) s"
                         " JOIN entities e ON e.org_id = s.org_id AND e.id = s.entity_id"
                         " JOIN entity_types t ON t.org_id = e.org_id AND t.name = e.type"
                         " LEFT JOIN search_vectors v ON v.org_id = s.org_id AND v.model = %(model)s"
                         "      AND v.entity_id = s.entity_id"
+                        " LEFT JOIN search_queue q ON q.org_id = s.org_id AND q.entity_id = s.entity_id"
                         " ORDER BY s.entity_id", {"org": org_id, "after": after, "n": EMBED_BATCH * 4,
                                                   "model": model.model})
                     rows = await cur.fetchall()
                 if not rows:
                     break
                 after = rows[-1]["entity_id"]
-                todo = [r for r in rows if r["embedded_md5"] != r["embed_md5"]]
+                todo = [r for r in rows if r["embed_md5"] not in (r["embedded_md5"], r["queued_md5"])]
                 if todo:
-                    await self._store(org_id, model, todo, clear_queue=False)
-                    total += len(todo)
+                    total += await self._store_each_if_need_be(org_id, model, todo, clear_queue=False)
         await self.models.activate(model.model)
         for org_id in org_ids:  # the old vectors: no query uses them any more
             async with self.db.transaction(org_id) as conn:

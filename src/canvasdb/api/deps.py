@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
@@ -106,6 +107,19 @@ def _no_number(value: Any) -> Any:
     if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value)):
         raise ValueError("an ISO 8601 time, such as 2026-11-27T10:00:00Z, not a number")
     return value
+
+
+@contextlib.contextmanager
+def query_parameters() -> Iterator[None]:
+    """Refusals of a store, whose pointers name its arguments (``/type``), made to name the query
+    parameters (``query:type``), as every other 422 of a query parameter does."""
+    try:
+        yield
+    except InvalidInput as exc:
+        pointer = exc.fields.get("pointer")
+        if isinstance(pointer, str) and pointer.startswith("/"):
+            exc.fields["pointer"] = "query:" + pointer[1:]
+        raise
 
 
 # A moment in a body or a query: ISO 8601 only.

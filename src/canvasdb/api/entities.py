@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from canvasdb.api.deps import ClientId, Svc, Who, conditionally, parse_id
+from canvasdb.api.deps import ClientId, Svc, Who, conditionally, parse_id, query_parameters
 from canvasdb.entities import Entity, parse_as_of, parse_as_of_time
 from canvasdb.entities.store import MAX_IDS
 from canvasdb.errors import InvalidInput
@@ -65,7 +65,8 @@ async def list_entities(
     """One page of the project's entities (of a type), by id; ``as_of`` lists them as they were."""
     moment = parse_as_of_time(as_of)
     project_id = await svc.tenancy.resolve_project(who, project)
-    page = await svc.entities.list(who, project_id, type=type, after=after, limit=limit, as_of=moment)
+    with query_parameters():
+        page = await svc.entities.list(who, project_id, type=type, after=after, limit=limit, as_of=moment)
     return {"items": [e.to_json() for e in page.items], "next": page.next}
 
 

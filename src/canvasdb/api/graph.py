@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from canvasdb.api.deps import ClientId, IsoTime, Svc, Who, conditionally, parse_id
+from canvasdb.api.deps import ClientId, IsoTime, Svc, Who, conditionally, parse_id, query_parameters
 from canvasdb.entities import parse_as_of_time
 from canvasdb.graph import Relationship
 from canvasdb.graph.traverse import MAX_DEPTH, MAX_DEPTH_TO_END, MAX_PAGE, MAX_PATHS, MAX_ROOTS
@@ -117,8 +117,10 @@ async def neighbors(org: str, id: str, svc: Svc, who: Who, direction: DirectionQ
                     cursor: Annotated[str | None, Query(max_length=100)] = None,
                     as_of: AsOf = None) -> dict[str, Any]:
     """Entities within ``depth`` steps, with their depth and the relationship that reached them."""
-    return await svc.graph.neighbors(who, parse_id(id), direction=direction, kinds=_kinds(kinds), depth=depth,
-                                     limit=limit, cursor=cursor, as_of=parse_as_of_time(as_of))
+    with query_parameters():
+        return await svc.graph.neighbors(who, parse_id(id), direction=direction, kinds=_kinds(kinds),
+                                         depth=depth, limit=limit, cursor=cursor,
+                                         as_of=parse_as_of_time(as_of))
 
 
 @router.get("/entities/{id}/reachable")
@@ -140,8 +142,9 @@ async def dependents(org: str, id: str, svc: Svc, who: Who, kinds: Kinds = None,
                      cursor: Annotated[str | None, Query(max_length=100)] = None,
                      as_of: AsOf = None) -> dict[str, Any]:
     """What depends on this entity: everything reaching it, to ``depth`` or to the end."""
-    return await svc.graph.dependents(who, parse_id(id), kinds=_kinds(kinds), depth=depth, limit=limit,
-                                      cursor=cursor, as_of=parse_as_of_time(as_of))
+    with query_parameters():
+        return await svc.graph.dependents(who, parse_id(id), kinds=_kinds(kinds), depth=depth, limit=limit,
+                                          cursor=cursor, as_of=parse_as_of_time(as_of))
 
 
 @router.get("/entities/{id}/lineage")

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from canvasdb.api.deps import IsoTime, Svc, Who
+from canvasdb.api.deps import IsoTime, Svc, Who, query_parameters
 from canvasdb.errors import InvalidInput
 from canvasdb.search.engine import FACETS, MAX_LIMIT, MAX_QUERY_CHARS, Filters, Mode, check_text
 
@@ -25,15 +25,6 @@ def _split(values: list[str] | None, name: str) -> tuple[str, ...]:
     for value in out:
         check_text(value, f"query:{name}")
     return out
-
-
-def _named_parameter(exc: InvalidInput) -> InvalidInput:
-    """A refusal of the search engine, whose pointer names its argument (``/type``), made to name
-    the query parameter (``query:type``), as every other 422 of a query parameter does."""
-    pointer = exc.fields.get("pointer")
-    if isinstance(pointer, str) and pointer.startswith("/"):
-        exc.fields["pointer"] = "query:" + pointer[1:]
-    return exc
 
 
 @router.get("/search")
@@ -64,12 +55,10 @@ async def search(
     projects = tuple([await svc.tenancy.resolve_project(who, ref) for ref in _split(project, "project")])
     filters = Filters(projects=projects, types=_split(type, "type"), modules=_split(module, "module"),
                       updated_after=updated_after, updated_before=updated_before, data=tuple(data))
-    try:
+    with query_parameters():
         results = await svc.search.search(who, q, mode=mode, typo=typo, filters=filters,
                                           facets=_split([facets] if facets else None, "facets"), limit=limit,
                                           cursor=cursor)
-    except InvalidInput as exc:
-        raise _named_parameter(exc) from None
     return results.to_json()
 
 

@@ -342,7 +342,7 @@ def test_bad_settings_are_named_in_one_line(tmp_path: Path) -> None:
             assert "serving" not in done.stdout and "Traceback" not in done.stderr
     assert not (tmp_path / "home" / "pgdata").exists()
     (tmp_path / "a-file").write_text("not a folder")
-    for args in (["up"], ["db", "start"]):
+    for args in (["up", "--port", str(_free_port())], ["db", "start"]):  # (a port in use is said first)
         done = run({**env, "CANVASDB_HOME": str(tmp_path / "a-file")}, *args, check=False)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
         assert done.stderr.splitlines() == [

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
+import signal
+import subprocess
 import tempfile
 import time
 import uuid
@@ -24,7 +27,7 @@ from starlette.requests import Request
 from canvasdb import runtime
 from canvasdb.api import problems
 from canvasdb.db import Database, EmbeddedPostgres, migrate
-from canvasdb.db.embedded import _memory_tuning
+from canvasdb.db.embedded import _SOCKET_PATH_MAX, _memory_tuning
 from canvasdb.db.migrate import Migration, applied, available
 from canvasdb.db.pool import ConnectionPool, translate
 from canvasdb.errors import CanvasdbError, MigrationError, Unavailable
@@ -514,3 +517,70 @@ def test_a_socket_folder_made_by_someone_else_is_refused(tmp_path: Path) -> None
             server._prepare_runtime_dirs()
     finally:
         folder.unlink()
+
+
+@pytest.mark.parametrize("folder", ["a b'&#%20", "a,b", "two-byte letters"])
+def test_any_home_holds_the_embedded_server(tmp_path: Path, folder: str) -> None:
+    """A space or a '&' in the home's path broke its connection URL (a traceback), a quote its
+    configuration, a comma its host list; letters of two bytes made its socket path longer
+    than counted (the server did not start)."""
+    if folder == "two-byte letters":  # as many as fit the socket path if each were one byte
+        folder = "ü" * (_SOCKET_PATH_MAX - len(str(tmp_path / "run")) - len("/.s.PGSQL.65535") - 2)
+    server = EmbeddedPostgres(tmp_path / folder / "pgdata")
+    try:
+        with psycopg.connect(server.start()) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == ("canvasdb",)
+    finally:
+        server.stop()
+
+
+def test_a_home_the_shell_would_read_is_refused_in_one_line(tmp_path: Path) -> None:
+    """pg_ctl starts the server through the shell, in double quotes: a path with one of
+    '"$`\\' is refused before anything is made."""
+    home = tmp_path / 'say "hi"'
+    with pytest.raises(Unavailable, match='cannot start from a path with " in it') as refused:
+        EmbeddedPostgres(home / "pgdata").start()
+    assert "\n" not in refused.value.detail and not home.exists()
+
+
+def test_a_lock_file_naming_another_process_is_stale(tmp_path: Path) -> None:
+    """The server died with its machine, and its pid is another process's now: it was taken
+    for the server (every start failed to connect, and a stop signalled that process)."""
+    server = EmbeddedPostgres(tmp_path / "pgdata")
+    server.start()
+    lock = tmp_path / "pgdata" / "postmaster.pid"
+    killed = server.status().pid
+    os.kill(killed, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        while True:  # until it has gone (reaped, not a zombie)
+            os.kill(killed, 0)
+            time.sleep(0.05)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        lines = lock.read_text().split("\n")
+        lock.write_text("\n".join([str(other.pid), *lines[1:]]))
+        assert server.status().running is False
+        assert server.stop() is False and other.poll() is None, "no signal for a process not ours"
+        with psycopg.connect(server.start()) as conn:
+            conn.execute("SELECT 1")
+    finally:
+        other.kill()
+        other.wait()
+        server.stop()
+
+
+def test_a_data_folder_of_another_major_version_is_one_line(tmp_path: Path) -> None:
+    """pg_ctl said only "could not start server. Examine the log output.", then the log's
+    last lines: the reason PostgreSQL logged is the error."""
+    server = EmbeddedPostgres(tmp_path / "pgdata")
+    server.start()
+    server.stop()
+    (tmp_path / "pgdata" / "PG_VERSION").write_text("14\n")
+    with pytest.raises(Unavailable) as refused:
+        server.start()
+    assert refused.value.detail == (
+        "the embedded PostgreSQL did not start: database files are incompatible with server: The data "
+        f"directory was initialized by PostgreSQL version 14, which is not compatible with this version "
+        f"{refused.value.detail.rsplit('this version ', 1)[1]}")
+    assert refused.value.fields["hint"] == f"see its log, {tmp_path / 'postgres.log'}"
+    assert not server.status().running

@@ -9,6 +9,7 @@ we are root the cluster belongs to an unprivileged system user.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -23,6 +24,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 from urllib.parse import quote
 
 from canvasdb.errors import Unavailable, one_line
@@ -88,6 +90,28 @@ class EmbeddedPostgres:
                               f"cannot start from a path with {' '.join(awkward)} in it",
                               hint="set CANVASDB_HOME to a folder without them")
         try:
+            lock = self._start_lock()
+        except OSError as exc:
+            raise self._unusable_home(exc) from None
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released as it closes
+            return self._start(timeout)
+
+    def _start_lock(self) -> TextIO:
+        """One start at a time per home, across processes: two `canvasdb up` at once on a new
+        home both ran initdb (the second failed to put its copy in place, and left it behind),
+        and a start could take the lock file of a server another was starting for stale."""
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        return (self.pgdata.parent / "start.lock").open("a")
+
+    def _unusable_home(self, exc: OSError) -> Unavailable:
+        home = self.pgdata.parent
+        reason = "it is not a folder" if home.exists() and not home.is_dir() else exc.strerror or exc
+        return Unavailable(f"cannot keep the embedded database in {home}: {str(reason).lower()}",
+                           hint="set CANVASDB_HOME to a folder this user can write")
+
+    def _start(self, timeout: int) -> str:
+        try:
             if not (self.pgdata / "PG_VERSION").exists():
                 self._initdb()
             running = self.status().running
@@ -100,10 +124,7 @@ class EmbeddedPostgres:
                     log.warning("removing the stale lock file %s (its server is gone)", self._lock_file)
                     self._lock_file.unlink()
         except OSError as exc:  # CANVASDB_HOME is a file, read-only, or not ours
-            home = self.pgdata.parent
-            reason = "it is not a folder" if home.exists() and not home.is_dir() else exc.strerror or exc
-            raise Unavailable(f"cannot keep the embedded database in {home}: {str(reason).lower()}",
-                              hint="set CANVASDB_HOME to a folder this user can write") from None
+            raise self._unusable_home(exc) from None
         if not running:
             logged_before = self._log_size()
             try:
@@ -222,19 +243,26 @@ class EmbeddedPostgres:
         if self._as_root:
             self._prepare_root()
         # initdb wants an empty or missing folder; build in a sibling and rename, so an
-        # interrupted initdb never leaves a half-made cluster that looks real.
+        # interrupted initdb never leaves a half-made cluster that looks real. What one cut
+        # short by a kill left (40 MB each) goes now: under the start lock, no other is running.
+        for left in self.pgdata.parent.glob(".pgdata-*"):
+            shutil.rmtree(left, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=".pgdata-", dir=self.pgdata.parent))
-        self._chown(staging)
-        self._run(
-            "initdb", "-D", str(staging), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8",
-            "--locale=C", "--data-checksums",
-        )  # fmt: skip
-        self._write_conf(staging, _free_port())
-        with (staging / "postgresql.conf").open("a") as fh:
-            fh.write(f"\ninclude_if_exists = '{_CONF_NAME}'\n")
-        if self.pgdata.exists() and not any(self.pgdata.iterdir()):
-            self.pgdata.rmdir()
-        staging.rename(self.pgdata)
+        try:
+            self._chown(staging)
+            self._run(
+                "initdb", "-D", str(staging), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8",
+                "--locale=C", "--data-checksums",
+            )  # fmt: skip
+            self._write_conf(staging, _free_port())
+            with (staging / "postgresql.conf").open("a") as fh:
+                fh.write(f"\ninclude_if_exists = '{_CONF_NAME}'\n")
+            if self.pgdata.exists() and not any(self.pgdata.iterdir()):
+                self.pgdata.rmdir()
+            staging.rename(self.pgdata)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def _write_conf(self, pgdata: Path, port: int) -> None:
         """The settings canvasdb owns, in their own include file; the port is kept for good."""

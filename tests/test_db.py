@@ -584,3 +584,15 @@ def test_a_data_folder_of_another_major_version_is_one_line(tmp_path: Path) -> N
         f"{refused.value.detail.rsplit('this version ', 1)[1]}")
     assert refused.value.fields["hint"] == f"see its log, {tmp_path / 'postgres.log'}"
     assert not server.status().running
+
+
+def test_a_database_url_without_connect_timeout_gets_one(tmp_path: Path) -> None:
+    """libpq waits for ever by default: a host that drops packets hung `up` and every command,
+    with nothing said. One of the URL's own is kept."""
+    from canvasdb.settings import Settings
+
+    for url, expected in (("postgresql://me@db.example:5432/canvasdb", str(runtime.CONNECT_TIMEOUT_S)),
+                          ("postgresql://me@db.example/canvasdb?connect_timeout=3&sslmode=require", "3")):
+        target = runtime.database(Settings(home=tmp_path, database_url=url), run_migrations=False)
+        params = conninfo_to_dict(target.url)
+        assert (params["host"], params["connect_timeout"]) == ("db.example", expected)

@@ -551,3 +551,24 @@ def test_two_starts_at_once_on_a_new_home(tmp_path: Path) -> None:
         assert not list((tmp_path / "home").glob(".pgdata-*")), "nothing left beside the data folder"
     finally:
         run(env, "db", "stop", check=False)
+
+
+def test_up_stopped_during_start_up_leaves_nothing_running(tmp_path: Path) -> None:
+    """SIGTERM once `up` has started the embedded server, before it serves (migrations,
+    bootstrap): Python's default ended it at once, and the server ran on with no one to stop
+    it. The next start works."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
+    env |= {"CANVASDB_HOME": str(tmp_path / "home"), "CANVASDB_PORT": str(_free_port())}
+    pg = EmbeddedPostgres(tmp_path / "home" / "pgdata")
+    proc = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        while not (tmp_path / "home" / "pgdata" / "postmaster.pid").exists():
+            assert proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+        assert "Traceback" not in output, output
+        assert not pg.status().running, "the server `up` started is stopped with it"
+        assert "running: " in run(env, "db", "start").stdout
+    finally:
+        run(env, "db", "stop", check=False)

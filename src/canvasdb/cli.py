@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import html
 import io
@@ -130,13 +131,16 @@ def up(
     settings = _settings()
     host = host or settings.host
     port = port if port is not None else settings.port
-    target = None
     try:
         runtime.check_components(settings)
         listener = _listen(host, port)  # before the database: a port in use costs nothing
     except CanvasdbError as exc:
         _fail(exc)
         return
+    # Stopped during start-up (SIGTERM: Python's default ended it at once; Ctrl-C), or failed:
+    # the embedded server it started is stopped, as after serving.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    embedded_ran = bool(settings.database_url) or runtime.embedded(settings).status().running
     try:
         target = runtime.database(settings)
 
@@ -145,12 +149,14 @@ def up(
                 return await runtime.bootstrap(svc)
 
         token = asyncio.run(boot())
-    except CanvasdbError as exc:
+    except BaseException as exc:
         listener.close()
-        if target is not None and target.started_here:  # leave nothing running for a failed start
-            runtime.embedded(settings).stop()
-        _fail(exc)
-        return
+        if not embedded_ran:  # leave nothing running for a failed start
+            with contextlib.suppress(CanvasdbError):
+                runtime.embedded(settings).stop()
+        if isinstance(exc, CanvasdbError):
+            _fail(exc)
+        raise
     out.print(f"canvasdb {__version__} serving http://{host}:{port}  (OpenAPI: /docs)")
     if token:
         out.print(f"admin token (org '{runtime.DEMO_ORG}'): {token}")

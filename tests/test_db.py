@@ -596,3 +596,34 @@ def test_a_database_url_without_connect_timeout_gets_one(tmp_path: Path) -> None
         target = runtime.database(Settings(home=tmp_path, database_url=url), run_migrations=False)
         params = conninfo_to_dict(target.url)
         assert (params["host"], params["connect_timeout"]) == ("db.example", expected)
+
+
+def test_a_user_that_may_not_create_the_extensions_is_told_what_to_do(fresh_db: str) -> None:
+    """A database user without the right to create pgvector's extension was told only to "own
+    the schema and create roles"."""
+    role = f"weak_{uuid.uuid4().hex[:8]}"
+    dbname = conninfo_to_dict(fresh_db)["dbname"]
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        migrate(fresh_db)  # the cluster's roles exist; the new user may grant them
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT canvasdb_app, canvasdb_blob_gc TO {role} WITH ADMIN OPTION")
+        conn.execute(f'CREATE DATABASE "{dbname}_w" OWNER {role}')
+    try:
+        with pytest.raises(MigrationError) as refused:
+            migrate(make_conninfo(fresh_db, user=role, dbname=f"{dbname}_w"))
+        assert 'permission denied to create extension "vector"' in refused.value.detail
+        assert "CREATE EXTENSION vector" in refused.value.fields["hint"]
+        assert "Must be superuser" in refused.value.fields["hint"]
+    finally:
+        with psycopg.connect(fresh_db, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{dbname}_w" WITH (FORCE)')
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
+def test_an_extension_the_server_lacks_is_to_be_installed_not_granted(fresh_db: str) -> None:
+    missing = Migration(9002, "needs_missing", "CREATE EXTENSION no_such_extension;")
+    with pytest.raises(MigrationError) as refused:
+        migrate(fresh_db, migrations=[missing])
+    assert 'extension "no_such_extension" is not available' in refused.value.detail
+    assert refused.value.fields["hint"].startswith("install pgvector on the database server")

@@ -76,13 +76,27 @@ def migrate(conninfo: str, *, migrations: list[Migration] | None = None) -> list
                 except psycopg.Error as exc:
                     raise MigrationError(
                         f"migration {migration.version:04d}_{migration.name} failed and was rolled "
-                        f"back: {exc.diag.message_primary or exc}",
-                        hint="the database user needs to own the schema and create roles",
+                        f"back: {exc.diag.message_primary or exc}", hint=_what_to_do(exc),
                     ) from exc
                 applied_now.append(migration)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
     return applied_now
+
+
+_NEEDS = ("the database user needs to own the schema and create roles, and the vector and pg_trgm "
+          "extensions need creating once by a superuser (CREATE EXTENSION vector; CREATE EXTENSION "
+          "pg_trgm) unless the user may")
+
+
+def _what_to_do(exc: psycopg.Error) -> str:
+    """The hint for a failed migration: an extension the server lacks is installed on it, not
+    granted; PostgreSQL's own hint, when it gives one, follows."""
+    if exc.sqlstate == "0A000":  # feature_not_supported: "extension ... is not available"
+        return "install pgvector on the database server (canvasdb needs PostgreSQL 15+ with the vector " \
+               "and pg_trgm extensions), or unset CANVASDB_DATABASE_URL for the embedded server"
+    said = exc.diag.message_hint
+    return f"{_NEEDS} (PostgreSQL says: {said})" if said else _NEEDS
 
 
 def _connect(conninfo: str) -> psycopg.Connection:

@@ -14,7 +14,7 @@ from importlib import resources
 
 import psycopg
 
-from canvasdb.errors import MigrationError, Unavailable
+from canvasdb.errors import MigrationError, Unavailable, one_line
 
 LOCK_KEY = 0x63616E7644420001  # "canvDB" + 1: one advisory lock for every schema change
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -103,7 +103,7 @@ def _connect(conninfo: str) -> psycopg.Connection:
     try:
         return psycopg.connect(conninfo, autocommit=True)
     except psycopg.OperationalError as exc:
-        raise Unavailable(f"cannot connect to PostgreSQL: {str(exc).strip()}",
+        raise Unavailable(f"cannot connect to PostgreSQL: {one_line(exc)}",
                           hint="check CANVASDB_DATABASE_URL, or unset it for the embedded server") from None
 
 

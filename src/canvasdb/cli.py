@@ -140,7 +140,7 @@ def up(
     # Stopped during start-up (SIGTERM: Python's default ended it at once; Ctrl-C), or failed:
     # the embedded server it started is stopped, as after serving.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    embedded_ran = bool(settings.database_url) or runtime.embedded(settings).status().running
+    leave_running = bool(settings.database_url) or runtime.embedded(settings).status().running
     try:
         target = runtime.database(settings)
 
@@ -151,7 +151,7 @@ def up(
         token = asyncio.run(boot())
     except BaseException as exc:
         listener.close()
-        if not embedded_ran:  # leave nothing running for a failed start
+        if not leave_running:  # leave nothing running for a failed start
             with contextlib.suppress(CanvasdbError):
                 runtime.embedded(settings).stop()
         if isinstance(exc, CanvasdbError):

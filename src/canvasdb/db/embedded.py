@@ -412,8 +412,8 @@ def _open_for_others(path: Path, *, recursive: bool) -> None:
 
 
 def _conf_string(value: str) -> str:
-    """A quoted string for postgresql.conf, whatever the folder's name holds (a quote, a backslash)."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    """A quoted string for postgresql.conf, a quote in the folder's name doubled."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _free_port() -> int:

@@ -400,7 +400,8 @@ def test_db_status_of_a_database_named_by_url(env: dict[str, str], pg_url: str) 
     for unreadable in ("postgresql://me:not-to-be-shown@127.0.0.1/db?no_such_option=1",  # libpq refuses both
                        "host=127.0.0.1 password=not-to-be-shown no_such_option=1"):
         said = run({**env, "CANVASDB_DATABASE_URL": unreadable}, "db", "status", check=False)
-        assert said.returncode == 3 and "not-to-be-shown" not in said.stdout + said.stderr, said.stdout
+        assert said.returncode == 1 and "not-to-be-shown" not in said.stdout + said.stderr, said.stdout
+        assert said.stderr.startswith("Error: invalid setting CANVASDB_DATABASE_URL (value not shown)")
 
 
 async def test_search_command(env: dict[str, str], svc: Any, tenant: Any) -> None:
@@ -446,3 +447,128 @@ def test_search_from_the_cli_alone(env: dict[str, str]) -> None:
         assert "Traceback" not in bad.stderr
     assert [t["name"] for t in json.loads(run(env, "type", "list", "--org", slug, "--json").stdout)] == [
         "kanban.card"], "a refused declaration writes nothing"
+
+
+def test_settings_that_fail_only_in_use_are_refused_at_start(tmp_path: Path) -> None:
+    """A connection string libpq cannot read was a traceback at the first connection (and its
+    message quotes the string, password and all); infinite or overflowing periods failed in
+    the daily sweep or retention job, a statement timeout over PostgreSQL's range in every
+    connection the pool tried (the server never answered)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
+    env["CANVASDB_HOME"] = str(tmp_path / "home")
+    unreadable = "postgresql://me:not-to-be-shown@[::1:5432/db"
+    for args in (["db", "migrate"], ["org", "list"], ["up", "--port", str(_free_port())]):
+        done = run({**env, "CANVASDB_DATABASE_URL": unreadable}, *args, check=False)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        first, hint = done.stderr.splitlines()
+        assert first.startswith("Error: invalid setting CANVASDB_DATABASE_URL (value not shown): not a "
+                                "connection string PostgreSQL reads"), first
+        assert "not-to-be-shown" not in done.stderr and hint.startswith("Try: ")
+    cases = {("CANVASDB_BLOB_ORPHAN_GRACE_S", "inf"): "input should be a finite number",
+             ("CANVASDB_UPDATE_RETENTION_HOURS", "1e300"): "input should be less than or equal to 876000",
+             ("CANVASDB_STATEMENT_TIMEOUT_MS", str(2**31)): "input should be less than or equal to 2147483647"}
+    for (name, value), expected in cases.items():
+        done = run({**env, name: value}, "db", "status", check=False)
+        assert done.returncode == 1 and f"{name}='{value}': {expected}" in done.stderr, done.stderr
+    refused = run(env, "blobs", "sweep", "--grace", "inf", check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert not (tmp_path / "home").exists(), "nothing was made"
+
+
+def test_an_empty_variable_is_unset_and_an_unknown_one_is_named(tmp_path: Path) -> None:
+    """CANVASDB_BLOBS_DIR= kept blobs in the current folder, CANVASDB_PORT= was an error while
+    unset was not; a misspelt name was ignored without a word."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
+    env |= {"CANVASDB_HOME": str(tmp_path / "home"), "CANVASDB_BLOBS_DIR": "", "CANVASDB_PORT": ""}
+    done = subprocess.run([*CLI, "db", "status"], env={**env, "CANVASDB_PROT": "9000", "CANVASDB_NOISE": "1"},
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 3, done.stderr  # not running: the settings were fine
+    assert done.stderr.splitlines() == [
+        "Warning: CANVASDB_NOISE is not a canvasdb setting; it is ignored",
+        "Warning: CANVASDB_PROT is not a canvasdb setting (did you mean CANVASDB_PORT?); it is ignored"]
+    from canvasdb.settings import Settings
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("CANVASDB_HOME", "CANVASDB_BLOBS_DIR"):
+            patch.setenv(name, env[name])
+        assert Settings().blobs_path == tmp_path / "home" / "blobs"
+
+
+def test_a_port_out_of_range_is_refused_not_replaced(tmp_path: Path) -> None:
+    """`--port 0` served on CANVASDB_PORT (8080) without a word."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
+    env |= {"CANVASDB_HOME": str(tmp_path / "home")}
+    for port in ("65536", "0"):  # (too large was a traceback)
+        for command in ("up", "gateway"):
+            done = run(env, command, "--port", port, check=False)
+            assert done.returncode == 2 and "--port" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "home").exists()
+
+
+def test_a_privileged_port_says_so() -> None:
+    """A port below 1024 for a user who may not bind it was told to "choose an address of this
+    machine". Run as nobody when the tests run as root (root may bind any port)."""
+    from canvasdb.cli import _listen
+    from canvasdb.errors import Unavailable
+
+    "127.0.0.1".encode("idna")  # (the codec getaddrinfo needs, loaded while its files can be read)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through the pipe)
+        os.close(read)
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            _listen("127.0.0.1", 1).close()
+            said = "listening"
+        except Unavailable as exc:
+            said = f"{exc.detail}\n{exc.fields['hint']}"
+        os.write(write, said.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        said = pipe.read()
+    os.waitpid(child, 0)
+    assert said.splitlines() == ["cannot listen on 127.0.0.1:1: permission denied",
+                                 "ports below 1024 need root (or CAP_NET_BIND_SERVICE): choose another "
+                                 "with --port or CANVASDB_PORT"]
+
+
+def test_two_starts_at_once_on_a_new_home(tmp_path: Path) -> None:
+    """Two `db start` (or `up`) at once on a new home both ran initdb: the second failed to put
+    its copy in place ("directory not empty") and left it behind, as a start killed during
+    initdb left its own; both are gone now, and both starts use the one server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
+    env["CANVASDB_HOME"] = str(tmp_path / "home")
+    (tmp_path / "home" / ".pgdata-killed" / "base").mkdir(parents=True)  # an initdb cut short
+    starts = [subprocess.Popen([*CLI, "db", "start"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    try:
+        said = [start.communicate(timeout=120) for start in starts]
+        assert [start.returncode for start in starts] == [0, 0], said
+        assert said[0][0] == said[1][0] and said[0][0].startswith("running: "), said
+        assert not list((tmp_path / "home").glob(".pgdata-*")), "nothing left beside the data folder"
+    finally:
+        run(env, "db", "stop", check=False)
+
+
+def test_up_stopped_during_start_up_leaves_nothing_running(tmp_path: Path) -> None:
+    """SIGTERM once `up` has started the embedded server, before it serves (migrations,
+    bootstrap): Python's default ended it at once, and the server ran on with no one to stop
+    it. The next start works."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
+    env |= {"CANVASDB_HOME": str(tmp_path / "home"), "CANVASDB_PORT": str(_free_port())}
+    pg = EmbeddedPostgres(tmp_path / "home" / "pgdata")
+    proc = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        while not (tmp_path / "home" / "pgdata" / "postmaster.pid").exists():
+            assert proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+        assert "Traceback" not in output, output
+        assert not pg.status().running, "the server `up` started is stopped with it"
+        assert "running: " in run(env, "db", "start").stdout
+    finally:
+        run(env, "db", "stop", check=False)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
+import signal
+import subprocess
 import tempfile
 import time
 import uuid
@@ -24,7 +27,7 @@ from starlette.requests import Request
 from canvasdb import runtime
 from canvasdb.api import problems
 from canvasdb.db import Database, EmbeddedPostgres, migrate
-from canvasdb.db.embedded import _memory_tuning
+from canvasdb.db.embedded import _SOCKET_PATH_MAX, _memory_tuning
 from canvasdb.db.migrate import Migration, applied, available
 from canvasdb.db.pool import ConnectionPool, translate
 from canvasdb.errors import CanvasdbError, MigrationError, Unavailable
@@ -70,8 +73,9 @@ def test_failed_migration_leaves_nothing(fresh_db: str) -> None:
 def test_unreachable_database_is_a_clear_error() -> None:
     from canvasdb.errors import Unavailable
 
-    with pytest.raises(Unavailable, match="cannot connect"):
+    with pytest.raises(Unavailable, match="cannot connect") as refused:
         migrate("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+    assert "\n" not in refused.value.detail, "one line (libpq's message is two)"
 
 
 def test_the_embedded_server_is_sized_to_the_machine(pg_url: str) -> None:
@@ -514,3 +518,113 @@ def test_a_socket_folder_made_by_someone_else_is_refused(tmp_path: Path) -> None
             server._prepare_runtime_dirs()
     finally:
         folder.unlink()
+
+
+@pytest.mark.parametrize("folder", ["a b'&#%20", "a,b", "two-byte letters"])
+def test_any_home_holds_the_embedded_server(tmp_path: Path, folder: str) -> None:
+    """A space or a '&' in the home's path broke its connection URL (a traceback), a quote its
+    configuration, a comma its host list; letters of two bytes made its socket path longer
+    than counted (the server did not start)."""
+    if folder == "two-byte letters":  # as many as fit the socket path if each were one byte
+        folder = "ü" * (_SOCKET_PATH_MAX - len(str(tmp_path / "run")) - len("/.s.PGSQL.65535") - 2)
+    server = EmbeddedPostgres(tmp_path / folder / "pgdata")
+    try:
+        with psycopg.connect(server.start()) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == ("canvasdb",)
+    finally:
+        server.stop()
+
+
+def test_a_home_the_shell_would_read_is_refused_in_one_line(tmp_path: Path) -> None:
+    """pg_ctl starts the server through the shell, in double quotes: a path with one of
+    '"$`\\' is refused before anything is made."""
+    home = tmp_path / 'say "hi"'
+    with pytest.raises(Unavailable, match='cannot start from a path with " in it') as refused:
+        EmbeddedPostgres(home / "pgdata").start()
+    assert "\n" not in refused.value.detail and not home.exists()
+
+
+def test_a_lock_file_naming_another_process_is_stale(tmp_path: Path) -> None:
+    """The server died with its machine, and its pid is another process's now: it was taken
+    for the server (every start failed to connect, and a stop signalled that process)."""
+    server = EmbeddedPostgres(tmp_path / "pgdata")
+    server.start()
+    lock = tmp_path / "pgdata" / "postmaster.pid"
+    killed = server.status().pid
+    os.kill(killed, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        while True:  # until it has gone (reaped, not a zombie)
+            os.kill(killed, 0)
+            time.sleep(0.05)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        lines = lock.read_text().split("\n")
+        lock.write_text("\n".join([str(other.pid), *lines[1:]]))
+        assert server.status().running is False
+        assert server.stop() is False and other.poll() is None, "no signal for a process not ours"
+        with psycopg.connect(server.start()) as conn:
+            conn.execute("SELECT 1")
+    finally:
+        other.kill()
+        other.wait()
+        server.stop()
+
+
+def test_a_data_folder_of_another_major_version_is_one_line(tmp_path: Path) -> None:
+    """pg_ctl said only "could not start server. Examine the log output.", then the log's
+    last lines: the reason PostgreSQL logged is the error."""
+    server = EmbeddedPostgres(tmp_path / "pgdata")
+    server.start()
+    server.stop()
+    (tmp_path / "pgdata" / "PG_VERSION").write_text("14\n")
+    with pytest.raises(Unavailable) as refused:
+        server.start()
+    assert refused.value.detail == (
+        "the embedded PostgreSQL did not start: database files are incompatible with server: The data "
+        f"directory was initialized by PostgreSQL version 14, which is not compatible with this version "
+        f"{refused.value.detail.rsplit('this version ', 1)[1]}")
+    assert refused.value.fields["hint"] == f"see its log, {tmp_path / 'postgres.log'}"
+    assert not server.status().running
+
+
+def test_a_database_url_without_connect_timeout_gets_one(tmp_path: Path) -> None:
+    """libpq waits for ever by default: a host that drops packets hung `up` and every command,
+    with nothing said. One of the URL's own is kept."""
+    from canvasdb.settings import Settings
+
+    for url, expected in (("postgresql://me@db.example:5432/canvasdb", str(runtime.CONNECT_TIMEOUT_S)),
+                          ("postgresql://me@db.example/canvasdb?connect_timeout=3&sslmode=require", "3")):
+        target = runtime.database(Settings(home=tmp_path, database_url=url), run_migrations=False)
+        params = conninfo_to_dict(target.url)
+        assert (params["host"], params["connect_timeout"]) == ("db.example", expected)
+
+
+def test_a_user_that_may_not_create_the_extensions_is_told_what_to_do(fresh_db: str) -> None:
+    """A database user without the right to create pgvector's extension was told only to "own
+    the schema and create roles"."""
+    role = f"weak_{uuid.uuid4().hex[:8]}"
+    dbname = conninfo_to_dict(fresh_db)["dbname"]
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        migrate(fresh_db)  # the cluster's roles exist; the new user may grant them
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT canvasdb_app, canvasdb_blob_gc TO {role} WITH ADMIN OPTION")
+        conn.execute(f'CREATE DATABASE "{dbname}_w" OWNER {role}')
+    try:
+        with pytest.raises(MigrationError) as refused:
+            migrate(make_conninfo(fresh_db, user=role, dbname=f"{dbname}_w"))
+        assert 'permission denied to create extension "vector"' in refused.value.detail
+        assert "CREATE EXTENSION vector" in refused.value.fields["hint"]
+        assert "Must be superuser" in refused.value.fields["hint"]
+    finally:
+        with psycopg.connect(fresh_db, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{dbname}_w" WITH (FORCE)')
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
+def test_an_extension_the_server_lacks_is_to_be_installed_not_granted(fresh_db: str) -> None:
+    missing = Migration(9002, "needs_missing", "CREATE EXTENSION no_such_extension;")
+    with pytest.raises(MigrationError) as refused:
+        migrate(fresh_db, migrations=[missing])
+    assert 'extension "no_such_extension" is not available' in refused.value.detail
+    assert refused.value.fields["hint"].startswith("install pgvector on the database server")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import html
 import io
@@ -32,7 +33,7 @@ from canvasdb.entities import parse_as_of
 from canvasdb.errors import CanvasdbError, InvalidInput, NotFound, Unavailable
 from canvasdb.search.engine import Filters
 from canvasdb.services import Services
-from canvasdb.settings import Settings
+from canvasdb.settings import CENTURY_S, SECRET, Settings, unknown_variables
 from canvasdb.tenancy import ORG_ROLES
 
 T = TypeVar("T")
@@ -55,9 +56,12 @@ out = Console(soft_wrap=True)  # a line stays one line when piped (80 columns ot
 err = Console(stderr=True, soft_wrap=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 OrgOpt = Annotated[str, typer.Option("--org", help="Org slug or id.")]
+PortOpt = Annotated[int | None, typer.Option(min=1, max=65535, help="Port [CANVASDB_PORT].")]
 
 
 def _settings() -> Settings:
+    for warning in unknown_variables(os.environ):
+        err.print(f"[yellow]Warning:[/yellow] {warning}", highlight=False)
     try:
         return Settings()
     except ValidationError as exc:  # a bad CANVASDB_* value: name it, in one line
@@ -76,6 +80,8 @@ def _setting_problem(error: Any) -> str:
     if not error["loc"]:
         return message
     name = "CANVASDB_" + "_".join(str(part) for part in error["loc"]).upper()
+    if error["loc"][0] in SECRET:  # (a connection string holds its password)
+        return f"{name} (value not shown): {message}"
     return f"{name}={error['input']!r}: {message}"
 
 
@@ -116,7 +122,7 @@ def _print_json(value: Any) -> None:
 @app.command()
 def up(
     host: Annotated[str | None, typer.Option(help="Address to listen on [CANVASDB_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [CANVASDB_PORT].")] = None,
+    port: PortOpt = None,
 ) -> None:
     """Start the database (embedded unless CANVASDB_DATABASE_URL is set, then started again
     whenever it exits) and serve the API."""
@@ -124,14 +130,17 @@ def up(
 
     settings = _settings()
     host = host or settings.host
-    port = port or settings.port
-    target = None
+    port = port if port is not None else settings.port
     try:
         runtime.check_components(settings)
         listener = _listen(host, port)  # before the database: a port in use costs nothing
     except CanvasdbError as exc:
         _fail(exc)
         return
+    # Stopped during start-up (SIGTERM: Python's default ended it at once; Ctrl-C), or failed:
+    # the embedded server it started is stopped, as after serving.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    leave_running = bool(settings.database_url) or runtime.embedded(settings).status().running
     try:
         target = runtime.database(settings)
 
@@ -140,12 +149,14 @@ def up(
                 return await runtime.bootstrap(svc)
 
         token = asyncio.run(boot())
-    except CanvasdbError as exc:
+    except BaseException as exc:
         listener.close()
-        if target is not None and target.started_here:  # leave nothing running for a failed start
-            runtime.embedded(settings).stop()
-        _fail(exc)
-        return
+        if not leave_running:  # leave nothing running for a failed start
+            with contextlib.suppress(CanvasdbError):
+                runtime.embedded(settings).stop()
+        if isinstance(exc, CanvasdbError):
+            _fail(exc)
+        raise
     out.print(f"canvasdb {__version__} serving http://{host}:{port}  (OpenAPI: /docs)")
     if token:
         out.print(f"admin token (org '{runtime.DEMO_ORG}'): {token}")
@@ -162,14 +173,14 @@ def up(
 @app.command()
 def gateway(
     host: Annotated[str | None, typer.Option(help="Address to listen on [CANVASDB_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [CANVASDB_PORT].")] = None,
+    port: PortOpt = None,
 ) -> None:
     """Serve the API and the real-time gateway only (no worker, no bootstrap): run several,
     behind a load balancer, over one database (CANVASDB_DATABASE_URL)."""
     from canvasdb.api import create_app
 
     settings = _settings()
-    host, port = host or settings.host, port or settings.port
+    host, port = host or settings.host, port if port is not None else settings.port
     try:
         runtime.check_components(settings)
         listener = _listen(host, port)
@@ -188,12 +199,13 @@ def _listen(host: str, port: int) -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
-        in_use = exc.errno == errno.EADDRINUSE
         gai = isinstance(exc, socket.gaierror)  # its errno is a resolver code, not an OS one
         reason = exc.strerror if gai or not exc.errno else os.strerror(exc.errno)
-        raise Unavailable(f"cannot listen on {host}:{port}: {reason.lower()}",
-                          hint="choose another port with --port or CANVASDB_PORT" if in_use else
-                          "choose an address of this machine with --host or CANVASDB_HOST") from None
+        hint = {errno.EADDRINUSE: "choose another port with --port or CANVASDB_PORT",
+                errno.EACCES: "ports below 1024 need root (or CAP_NET_BIND_SERVICE): choose another "
+                              "with --port or CANVASDB_PORT"}.get(-1 if gai else exc.errno or -1)
+        hint = hint or "choose an address of this machine with --host or CANVASDB_HOST"
+        raise Unavailable(f"cannot listen on {host}:{port}: {reason.lower()}", hint=hint) from None
 
 
 def _serve(api: object, settings: Settings, listener: socket.socket) -> None:
@@ -327,13 +339,8 @@ def db_status(as_json: JsonOpt = False) -> None:
 
 
 def _password_hidden(url: str) -> str:
-    """``url`` with its password, if any, as ``***`` (status output ends up in logs); one that
-    libpq cannot read is not shown at all, since where its password is cannot be known (the
-    status's error says what is wrong with it)."""
-    try:
-        params = conninfo_to_dict(url)
-    except psycopg.Error:
-        return "(not shown: not a connection string libpq reads)"
+    """``url`` with its password, if any, as ``***`` (status output ends up in logs)."""
+    params = conninfo_to_dict(url)  # (one libpq cannot read is refused with the settings)
     if "password" not in params:
         return url
     return make_conninfo(**{**params, "password": "***"})
@@ -374,7 +381,8 @@ def db_migrate() -> None:
 @blobs_app.command("sweep")
 def blobs_sweep(
     grace: Annotated[float | None, typer.Option(
-        min=0, help="Seconds: content written more recently is left alone [CANVASDB_BLOB_ORPHAN_GRACE_S].",
+        min=0, max=CENTURY_S,
+        help="Seconds: content written more recently is left alone [CANVASDB_BLOB_ORPHAN_GRACE_S].",
     )] = None,
     as_json: JsonOpt = False,
 ) -> None:

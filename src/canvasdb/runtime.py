@@ -13,6 +13,8 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
 from canvasdb.blobs import open_blob_store
 from canvasdb.db import Database, EmbeddedPostgres, database_away, migrate
 from canvasdb.errors import NotFound, one_line
@@ -32,6 +34,7 @@ class Target:
     started_here: bool  # True when this call started the embedded server
 
 
+CONNECT_TIMEOUT_S = 10  # for a CANVASDB_DATABASE_URL that sets no connect_timeout
 OUTAGE_LOG_EVERY = 30.0  # s: while the database is away, each kind of complaint once this often
 GC_THRESHOLDS = (20_000, 20, 20)  # Python's defaults: (700, 10, 10)
 
@@ -185,7 +188,7 @@ def embedded(settings: Settings) -> EmbeddedPostgres:
 def database(settings: Settings, *, start: bool = True, run_migrations: bool = True) -> Target:
     """The database URL: ``CANVASDB_DATABASE_URL``, or the embedded server (started if needed)."""
     if settings.database_url:
-        target = Target(settings.database_url, started_here=False)
+        target = Target(with_connect_timeout(settings.database_url), started_here=False)
     else:
         pg = embedded(settings)
         was_running = pg.status().running
@@ -194,6 +197,15 @@ def database(settings: Settings, *, start: bool = True, run_migrations: bool = T
     if run_migrations:
         prepare_schema(target.url)
     return target
+
+
+def with_connect_timeout(url: str) -> str:
+    """``url`` with ``connect_timeout`` if it has none: libpq waits for ever by default, and a
+    host that drops packets (a firewall, a wrong address) hung every command, and `up`, with
+    nothing said."""
+    if "connect_timeout" in conninfo_to_dict(url):
+        return url
+    return make_conninfo(url, connect_timeout=str(CONNECT_TIMEOUT_S))
 
 
 @contextmanager

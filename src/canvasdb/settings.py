@@ -6,11 +6,15 @@ Library code never reads the environment itself: the CLI and the server build a
 
 from __future__ import annotations
 
+import difflib
 import resource
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -22,10 +26,20 @@ def _most_gateway_connections() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0] * 3 // 4
 
 
+_PG_INT_MAX = 2**31 - 1  # PostgreSQL's largest statement_timeout (ms)
+CENTURY_S = 100 * 365 * 86400  # longer periods overflow date arithmetic; none is meant
+SECRET = frozenset({"database_url", "s3_secret_access_key", "embedder_api_key"})  # values never shown
+# CANVASDB_* variables that are not settings: the test suite's own
+NOT_SETTINGS = frozenset({"CANVASDB_TEST_DATABASE_URL", "CANVASDB_JS_CACHE"})
+
+
 class Settings(BaseSettings):
     """Every knob of canvasdb, with its default. See the README's settings table."""
 
-    model_config = SettingsConfigDict(env_prefix="CANVASDB_", frozen=True, extra="ignore")
+    # An empty variable counts as unset (CANVASDB_BLOBS_DIR= meant the current folder); infinity
+    # and NaN are no durations or sizes (an infinite grace period failed only in the daily sweep).
+    model_config = SettingsConfigDict(env_prefix="CANVASDB_", frozen=True, extra="ignore",
+                                      env_ignore_empty=True, allow_inf_nan=False)
 
     home: Path = Field(default=Path(".canvasdb"), description="Folder for embedded data and secrets")
     database_url: str | None = Field(default=None, description="External PostgreSQL; unset = embedded")
@@ -39,7 +53,7 @@ class Settings(BaseSettings):
                                              "response being sent, may stall this long at most")
     pool_min_size: int = Field(default=2, ge=1)
     pool_max_size: int = Field(default=20, ge=1)
-    statement_timeout_ms: int = Field(default=10_000, ge=0)
+    statement_timeout_ms: int = Field(default=10_000, ge=0, le=_PG_INT_MAX)
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         default="info", description="Server log level")
     group_commit_window_ms: float = Field(default=0.0, ge=0, le=1000,
@@ -65,8 +79,10 @@ class Settings(BaseSettings):
                                          "1013); default three quarters of its open-file limit")
     compact_after_updates: int = Field(default=1000, ge=1, description="Compact early after N updates")
     compact_after_bytes: int = Field(default=1024 * 1024, ge=1, description="... or after N bytes")
-    update_retention_hours: float = Field(default=24, gt=0, description="Keep updates (time travel)")
-    snapshot_retention_days: float = Field(default=30, gt=0, description="Keep hourly snapshots")
+    update_retention_hours: float = Field(default=24, gt=0, le=CENTURY_S / 3600,
+                                          description="Keep updates (time travel)")
+    snapshot_retention_days: float = Field(default=30, gt=0, le=CENTURY_S / 86400,
+                                           description="Keep hourly snapshots")
     snapshot_inline_bytes: int = Field(default=1024 * 1024, ge=0,
                                        description="Larger snapshots go to the blob store")
     blob_backend: Literal["filesystem", "s3"] = Field(
@@ -80,9 +96,9 @@ class Settings(BaseSettings):
     s3_region: str = Field(default="us-east-1", description="S3 region (MinIO accepts the default)")
     max_attachment_bytes: int = Field(default=100 * 1024 * 1024, ge=1,
                                       description="Largest attachment upload")
-    blob_orphan_grace_s: float = Field(default=24 * 3600, ge=0, description="The orphan sweep leaves "
-                                       "content written more recently alone: longer than any upload "
-                                       "and its commit take")
+    blob_orphan_grace_s: float = Field(default=24 * 3600, ge=0, le=CENTURY_S, description="The orphan "
+                                       "sweep leaves content written more recently alone: longer than "
+                                       "any upload and its commit take")
     embedder: Literal["local", "ollama", "openai"] = Field(
         default="local", description="What turns text into vectors for semantic search")
     embedder_model: str | None = Field(default=None, description="Model; unset = the kind's default")
@@ -101,6 +117,19 @@ class Settings(BaseSettings):
     search_exact_below: int = Field(default=10_000, ge=0, description="An org with fewer vectors is "
                                     "searched exactly (no HNSW)")
     search_ef_search: int = Field(default=100, ge=10, le=1000, description="HNSW candidate list size")
+
+    @field_validator("database_url")
+    @classmethod
+    def _libpq_reads_it(cls, value: str | None) -> str | None:
+        """Refused here, not as a traceback where the first connection is made. libpq's own
+        message is left out: it quotes the string, password and all."""
+        if value is not None:
+            try:
+                conninfo_to_dict(value)
+            except psycopg.Error:
+                raise ValueError("not a connection string PostgreSQL reads: postgresql://user:password@"
+                                 "host:port/database, or key=value pairs (host=... dbname=...)") from None
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -129,3 +158,20 @@ class Settings(BaseSettings):
     @property
     def blobs_path(self) -> Path:
         return self.blobs_dir.expanduser().resolve() if self.blobs_dir else self.home_dir / "blobs"
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each ``CANVASDB_*`` variable that names no setting (a misspelt name is
+    otherwise ignored without a word), with the setting it was likely meant to be."""
+    known = {name.upper() for name in Settings.model_fields}
+    warnings = []
+    for name in sorted(environ):
+        upper = name.upper()  # (names are read in any case)
+        if not upper.startswith("CANVASDB_") or upper in NOT_SETTINGS:
+            continue
+        setting = upper.removeprefix("CANVASDB_")
+        if setting not in known:
+            close = difflib.get_close_matches(setting, known, n=1, cutoff=0.7)
+            meant = f" (did you mean CANVASDB_{close[0]}?)" if close else ""
+            warnings.append(f"{name} is not a canvasdb setting{meant}; it is ignored")
+    return warnings

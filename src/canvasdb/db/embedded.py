@@ -9,11 +9,13 @@ we are root the cluster belongs to an unprivileged system user.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import logging
 import os
 import pwd
+import re
 import shutil
 import socket
 import stat
@@ -22,6 +24,8 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
+from urllib.parse import quote
 
 from canvasdb.errors import Unavailable, one_line
 
@@ -30,6 +34,8 @@ DATABASE = "canvasdb"
 SUPERUSER = "postgres"
 SYSTEM_USER = "canvasdb-pg"  # owner of the cluster when canvasdb runs as root
 _CONF_NAME = "canvasdb.conf"
+_LOG_LEVEL = re.compile(r"\b(FATAL|PANIC|DETAIL|HINT):\s+(.*)")  # a line of PostgreSQL's log
+_SHELL_SPECIAL = '"$`\\'  # what a shell reads within double quotes
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for "/.s.PGSQL.NNNNN"
 
 _TUNING = {
@@ -78,6 +84,33 @@ class EmbeddedPostgres:
 
     def start(self, *, timeout: int = 60) -> str:
         """Initialise the cluster if needed, start it unless running; return its URL."""
+        awkward = sorted(set(_SHELL_SPECIAL) & set(str(self.pgdata.parent)))
+        if awkward:  # pg_ctl starts the server through the shell, in double quotes
+            raise Unavailable(f"cannot keep the embedded database in {self.pgdata.parent}: PostgreSQL "
+                              f"cannot start from a path with {' '.join(awkward)} in it",
+                              hint="set CANVASDB_HOME to a folder without them")
+        try:
+            lock = self._start_lock()
+        except OSError as exc:
+            raise self._unusable_home(exc) from None
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released as it closes
+            return self._start(timeout)
+
+    def _start_lock(self) -> TextIO:
+        """One start at a time per home, across processes: two `canvasdb up` at once on a new
+        home both ran initdb (the second failed to put its copy in place, and left it behind),
+        and a start could take the lock file of a server another was starting for stale."""
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        return (self.pgdata.parent / "start.lock").open("a")
+
+    def _unusable_home(self, exc: OSError) -> Unavailable:
+        home = self.pgdata.parent
+        reason = "it is not a folder" if home.exists() and not home.is_dir() else exc.strerror or exc
+        return Unavailable(f"cannot keep the embedded database in {home}: {str(reason).lower()}",
+                           hint="set CANVASDB_HOME to a folder this user can write")
+
+    def _start(self, timeout: int) -> str:
         try:
             if not (self.pgdata / "PG_VERSION").exists():
                 self._initdb()
@@ -87,16 +120,20 @@ class EmbeddedPostgres:
                 if port is not None:
                     self._write_conf(self.pgdata, port)  # a newer canvasdb may tune differently
                 self._prepare_runtime_dirs()
+                if self._lock_file.exists():  # no server runs on it: PostgreSQL would refuse to start
+                    log.warning("removing the stale lock file %s (its server is gone)", self._lock_file)
+                    self._lock_file.unlink()
         except OSError as exc:  # CANVASDB_HOME is a file, read-only, or not ours
-            home = self.pgdata.parent
-            reason = "it is not a folder" if home.exists() and not home.is_dir() else exc.strerror or exc
-            raise Unavailable(f"cannot keep the embedded database in {home}: {str(reason).lower()}",
-                              hint="set CANVASDB_HOME to a folder this user can write") from None
+            raise self._unusable_home(exc) from None
         if not running:
-            self._run(
-                "pg_ctl", "-D", str(self.pgdata), "-l", str(self.log_file), "-w", "-t", str(timeout),
-                "start", timeout=timeout + 5,
-            )  # fmt: skip
+            logged_before = self._log_size()
+            try:
+                self._run(
+                    "pg_ctl", "-D", str(self.pgdata), "-l", str(self.log_file), "-w", "-t", str(timeout),
+                    "start", timeout=timeout + 5,
+                )  # fmt: skip
+            except Unavailable as exc:
+                raise self._why_not_started(logged_before) or exc from None
         self._ensure_database()
         return self.url()
 
@@ -144,7 +181,8 @@ class EmbeddedPostgres:
         port = self._conf_port()
         if port is None:
             raise Unavailable(f"no embedded PostgreSQL in {self.pgdata}", hint="run: canvasdb db start")
-        return f"postgresql://{SUPERUSER}@/{database}?host={self._socket_dir()}&port={port}"
+        # (percent-encoded: a home with a space, a '&' or '#' in its path is a folder like any other)
+        return f"postgresql://{SUPERUSER}@/{database}?host={quote(self._socket_dir(), safe='/')}&port={port}"
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -169,6 +207,31 @@ class EmbeddedPostgres:
             raise Unavailable(f"{exe} timed out after {timeout}s", hint=f"see {self.log_file}") from None
         return done.stdout
 
+    def _log_size(self) -> int:
+        try:
+            return self.log_file.stat().st_size
+        except OSError:
+            return 0
+
+    def _why_not_started(self, logged_before: int) -> Unavailable | None:
+        """The reason PostgreSQL logged for refusing to start (a data folder of another major
+        version, a bad setting, a socket it could not make), in one line: pg_ctl says only
+        "could not start server, examine the log output". None if it logged none."""
+        try:
+            with self.log_file.open("rb") as fh:
+                fh.seek(logged_before)
+                lines = fh.read().decode(errors="replace").splitlines()
+        except OSError:
+            return None
+        said = [match.groups() for match in map(_LOG_LEVEL.search, lines) if match]
+        fatal = next((at for at, (level, _) in enumerate(said) if level in ("FATAL", "PANIC")), None)
+        if fatal is None:
+            return None
+        reason = [said[fatal][1]] + [text for level, text in said[fatal + 1:fatal + 3]
+                                     if level in ("DETAIL", "HINT")]
+        return Unavailable(f"the embedded PostgreSQL did not start: {': '.join(reason)}",
+                           hint=f"see its log, {self.log_file}")
+
     def _log_tail(self, lines: int = 15) -> str:
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
@@ -180,19 +243,26 @@ class EmbeddedPostgres:
         if self._as_root:
             self._prepare_root()
         # initdb wants an empty or missing folder; build in a sibling and rename, so an
-        # interrupted initdb never leaves a half-made cluster that looks real.
+        # interrupted initdb never leaves a half-made cluster that looks real. What one cut
+        # short by a kill left (40 MB each) goes now: under the start lock, no other is running.
+        for left in self.pgdata.parent.glob(".pgdata-*"):
+            shutil.rmtree(left, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=".pgdata-", dir=self.pgdata.parent))
-        self._chown(staging)
-        self._run(
-            "initdb", "-D", str(staging), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8",
-            "--locale=C", "--data-checksums",
-        )  # fmt: skip
-        self._write_conf(staging, _free_port())
-        with (staging / "postgresql.conf").open("a") as fh:
-            fh.write(f"\ninclude_if_exists = '{_CONF_NAME}'\n")
-        if self.pgdata.exists() and not any(self.pgdata.iterdir()):
-            self.pgdata.rmdir()
-        staging.rename(self.pgdata)
+        try:
+            self._chown(staging)
+            self._run(
+                "initdb", "-D", str(staging), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8",
+                "--locale=C", "--data-checksums",
+            )  # fmt: skip
+            self._write_conf(staging, _free_port())
+            with (staging / "postgresql.conf").open("a") as fh:
+                fh.write(f"\ninclude_if_exists = '{_CONF_NAME}'\n")
+            if self.pgdata.exists() and not any(self.pgdata.iterdir()):
+                self.pgdata.rmdir()
+            staging.rename(self.pgdata)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def _write_conf(self, pgdata: Path, port: int) -> None:
         """The settings canvasdb owns, in their own include file; the port is kept for good."""
@@ -203,7 +273,7 @@ class EmbeddedPostgres:
             # TCP (any local user could reach 127.0.0.1) and a socket for its owner alone.
             "listen_addresses": "''",
             "port": str(port),
-            "unix_socket_directories": f"'{self._socket_dir(port)}'",
+            "unix_socket_directories": _conf_string(self._socket_dir(port)),
             "unix_socket_permissions": "0700",
         }
         (pgdata / _CONF_NAME).write_text("".join(f"{k} = {v}\n" for k, v in conf.items()))
@@ -263,7 +333,8 @@ class EmbeddedPostgres:
     def _socket_dir(self, port: int | None = None) -> str:
         port = port or self._conf_port() or 5432
         near = self.pgdata.parent / "run"
-        if len(str(near)) + len(f"/.s.PGSQL.{port}") < _SOCKET_PATH_MAX:
+        fits = len(os.fsencode(near)) + len(f"/.s.PGSQL.{port}") < _SOCKET_PATH_MAX  # bytes, not letters
+        if fits and "," not in str(near):  # (a comma separates hosts in a connection string)
             return str(near)
         digest = hashlib.sha256(str(self.pgdata).encode()).hexdigest()[:12]
         return str(Path(tempfile.gettempdir()) / f"canvasdb-{digest}")
@@ -280,7 +351,7 @@ class EmbeddedPostgres:
 
     def _running_pid(self) -> int | None:
         try:
-            pid = int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+            pid = int(self._lock_file.read_text().split("\n", 1)[0])
         except (OSError, ValueError):
             return None
         try:
@@ -289,7 +360,27 @@ class EmbeddedPostgres:
             return None
         except PermissionError:
             pass  # alive, owned by another user
-        return pid
+        return pid if self._runs_this_server(pid) else None
+
+    @property
+    def _lock_file(self) -> Path:
+        return self.pgdata / "postmaster.pid"
+
+    def _runs_this_server(self, pid: int) -> bool:
+        """Whether ``pid`` is PostgreSQL on this data folder. The lock file of a server that
+        died with its machine or container names a pid that another process may have now (a
+        container's few pids come back at every start): taken for the server, it made every
+        start fail to connect, and a stop signal that process. Where /proc tells (Linux);
+        elsewhere a live pid is all there is to go by."""
+        if not Path("/proc/self/cmdline").exists():
+            return True
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:  # exited meanwhile
+            return False
+        except OSError:  # /proc mounted with hidepid: cannot tell
+            return True
+        return os.path.basename(argv[0]) == b"postgres" and os.fsencode(self.pgdata) in argv
 
 
 def _postgres_bin_path() -> Path:
@@ -318,6 +409,11 @@ def _open_for_others(path: Path, *, recursive: bool) -> None:
                 p = Path(root, name)
                 mode = p.stat().st_mode
                 p.chmod(mode | stat.S_IRGRP | stat.S_IROTH | (rx if mode & stat.S_IXUSR else 0))
+
+
+def _conf_string(value: str) -> str:
+    """A quoted string for postgresql.conf, a quote in the folder's name doubled."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _free_port() -> int:

@@ -14,7 +14,7 @@ from importlib import resources
 
 import psycopg
 
-from canvasdb.errors import MigrationError, Unavailable
+from canvasdb.errors import MigrationError, Unavailable, one_line
 
 LOCK_KEY = 0x63616E7644420001  # "canvDB" + 1: one advisory lock for every schema change
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -76,8 +76,7 @@ def migrate(conninfo: str, *, migrations: list[Migration] | None = None) -> list
                 except psycopg.Error as exc:
                     raise MigrationError(
                         f"migration {migration.version:04d}_{migration.name} failed and was rolled "
-                        f"back: {exc.diag.message_primary or exc}",
-                        hint="the database user needs to own the schema and create roles",
+                        f"back: {exc.diag.message_primary or exc}", hint=_what_to_do(exc),
                     ) from exc
                 applied_now.append(migration)
         finally:
@@ -85,11 +84,26 @@ def migrate(conninfo: str, *, migrations: list[Migration] | None = None) -> list
     return applied_now
 
 
+_NEEDS = ("the database user needs to own the schema and create roles, and the vector and pg_trgm "
+          "extensions need creating once by a superuser (CREATE EXTENSION vector; CREATE EXTENSION "
+          "pg_trgm) unless the user may")
+
+
+def _what_to_do(exc: psycopg.Error) -> str:
+    """The hint for a failed migration: an extension the server lacks is installed on it, not
+    granted; PostgreSQL's own hint, when it gives one, follows."""
+    if exc.sqlstate == "0A000":  # feature_not_supported: "extension ... is not available"
+        return "install pgvector on the database server (canvasdb needs PostgreSQL 15+ with the vector " \
+               "and pg_trgm extensions), or unset CANVASDB_DATABASE_URL for the embedded server"
+    said = exc.diag.message_hint
+    return f"{_NEEDS} (PostgreSQL says: {said})" if said else _NEEDS
+
+
 def _connect(conninfo: str) -> psycopg.Connection:
     try:
         return psycopg.connect(conninfo, autocommit=True)
     except psycopg.OperationalError as exc:
-        raise Unavailable(f"cannot connect to PostgreSQL: {str(exc).strip()}",
+        raise Unavailable(f"cannot connect to PostgreSQL: {one_line(exc)}",
                           hint="check CANVASDB_DATABASE_URL, or unset it for the embedded server") from None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import re
@@ -28,7 +29,7 @@ from canvasdb import runtime
 from canvasdb.api import problems
 from canvasdb.db import Database, EmbeddedPostgres, migrate
 from canvasdb.db.embedded import _SOCKET_PATH_MAX, _memory_tuning
-from canvasdb.db.migrate import Migration, applied, available
+from canvasdb.db.migrate import Migration, applied, available, check_server_version
 from canvasdb.db.pool import ConnectionPool, translate
 from canvasdb.errors import CanvasdbError, MigrationError, Unavailable
 
@@ -76,6 +77,33 @@ def test_unreachable_database_is_a_clear_error() -> None:
     with pytest.raises(Unavailable, match="cannot connect") as refused:
         migrate("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
     assert "\n" not in refused.value.detail, "one line (libpq's message is two)"
+
+
+@pytest.mark.parametrize(("found", "named"), [(140009, "14.9"), (90624, "9.6.24")])
+def test_a_server_older_than_15_is_refused_in_one_line(found: int, named: str) -> None:
+    """README says PostgreSQL 15+, and nothing checked it: an older server failed somewhere in
+    the migrations, with an error that did not say why."""
+    with pytest.raises(MigrationError) as refused:
+        check_server_version(found)
+    assert refused.value.detail == f"the database server runs PostgreSQL {named}; canvasdb needs " \
+                                   "PostgreSQL 15 or newer"
+    check_server_version(150000)
+    check_server_version(180001)
+
+
+def test_the_server_version_is_checked_before_any_migration_runs(
+        fresh_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check runs on the server migrated: this one, taken as too old by asking for one newer."""
+    with psycopg.connect(fresh_db) as conn:
+        running = conn.info.server_version
+    module = importlib.import_module("canvasdb.db.migrate")  # (canvasdb.db.migrate is also the function)
+    monkeypatch.setattr(module, "OLDEST_SERVER", running + 10000)
+    probe = Migration(9003, "probe", "CREATE TABLE version_probe (x int);")
+    with pytest.raises(MigrationError, match=f"canvasdb needs PostgreSQL {running // 10000 + 1} or newer"):
+        migrate(fresh_db, migrations=[probe])
+    with psycopg.connect(fresh_db) as conn:
+        assert conn.execute("SELECT to_regclass('version_probe'), to_regclass('schema_migrations')"
+                            ).fetchone() == (None, None)
 
 
 def test_the_embedded_server_is_sized_to_the_machine(pg_url: str) -> None:

@@ -8,6 +8,7 @@ import importlib
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -546,6 +547,25 @@ def test_a_socket_folder_made_by_someone_else_is_refused(tmp_path: Path) -> None
             server._prepare_runtime_dirs()
     finally:
         folder.unlink()
+
+
+def test_a_stop_removes_the_socket_folder_it_leaves_empty(tmp_path: Path) -> None:
+    """With a long home, the socket folder is /tmp/canvasdb-<hash of the home>: every home that
+    ever ran left one behind. One with something else in it is left as it is."""
+    server = EmbeddedPostgres(tmp_path / ("long-" + "x" * 120) / "pgdata")
+    server.start()
+    folder = Path(server._socket_dir())
+    try:
+        assert folder.parent == Path(tempfile.gettempdir()) and folder.is_dir()
+        assert server.stop() is True
+        assert not folder.exists()
+        server.start()
+        (folder / "kept").touch()
+        server.stop()
+        assert (folder / "kept").exists()
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.parametrize("folder", ["a b'&#%20", "a,b", "two-byte letters"])

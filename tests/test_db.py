@@ -642,8 +642,8 @@ def test_a_database_url_without_connect_timeout_gets_one(tmp_path: Path) -> None
 
     for url, expected in (("postgresql://me@db.example:5432/canvasdb", str(runtime.CONNECT_TIMEOUT_S)),
                           ("postgresql://me@db.example/canvasdb?connect_timeout=3&sslmode=require", "3")):
-        target = runtime.database(Settings(home=tmp_path, database_url=url), run_migrations=False)
-        params = conninfo_to_dict(target.url)
+        params = conninfo_to_dict(runtime.database(Settings(home=tmp_path, database_url=url),
+                                                   run_migrations=False))
         assert (params["host"], params["connect_timeout"]) == ("db.example", expected)
 
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,23 @@ def test_up_finishes_a_first_run_that_was_killed(tmp_path: Path) -> None:
     assert not list((tmp_path / "home").glob("*.tmp")), "the token file is written whole, nothing left beside"
 
 
+def _kill_the_server_and_wait_until(works_again: Callable[[], bool], pg: EmbeddedPostgres,
+                                    proc: subprocess.Popen) -> None:
+    """Kill the embedded server (its postmaster), wait until ``proc`` has started another, then
+    until ``works_again``."""
+    killed = pg.status().pid
+    assert killed is not None
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while not (pg.status().running and pg.status().pid != killed):
+        assert time.monotonic() < deadline, "the embedded PostgreSQL was not started again"
+        assert proc.poll() is None
+        time.sleep(0.5)
+    while not works_again():
+        assert time.monotonic() < deadline, "requests did not work again"
+        time.sleep(0.5)
+
+
 def test_up_starts_its_embedded_database_again_when_it_exits(tmp_path: Path) -> None:
     """A full disk makes PostgreSQL PANIC and exit (here: the postmaster killed): `canvasdb up`
     says so in its log, with the end of PostgreSQL's, and starts it again; requests work again
@@ -271,23 +289,34 @@ def test_up_starts_its_embedded_database_again_when_it_exits(tmp_path: Path) -> 
                               json={"type": "note", "data": {}}, timeout=30).status_code
 
         assert create() == 201
-        killed = pg.status().pid
-        assert killed is not None
-        os.kill(killed, signal.SIGKILL)
-        deadline = time.monotonic() + 90
-        while not (pg.status().running and pg.status().pid != killed):
-            assert time.monotonic() < deadline, "the embedded PostgreSQL was not started again"
-            assert proc.poll() is None
-            time.sleep(0.5)
-        while create() != 201:
-            assert time.monotonic() < deadline, "requests did not work again"
-            time.sleep(0.5)
+        _kill_the_server_and_wait_until(lambda: create() == 201, pg, proc)
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     [exited] = [line for line in output.splitlines() if "has exited" in line]
     assert exited.startswith("the embedded PostgreSQL has exited; starting it again. The end of its log ")
+    assert "the embedded PostgreSQL runs again" in output and "Traceback" not in output
+    assert "embedded PostgreSQL stopped" in output and not pg.status().running
+
+
+def test_gateway_starts_its_embedded_database_again_when_it_exits(tmp_path: Path) -> None:
+    """As `up` does: a gateway alone on the embedded server answered 503 for good once the
+    server had exited (a full disk; here the postmaster killed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
+    port = _free_port()
+    env |= {"CANVASDB_HOME": str(tmp_path / "home"), "CANVASDB_PORT": str(port)}
+    pg = EmbeddedPostgres(tmp_path / "home" / "pgdata")
+    proc = subprocess.Popen([*CLI, "gateway"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        _wait_ready(proc, port)
+        _kill_the_server_and_wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).status_code == 200, pg, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
     assert "the embedded PostgreSQL runs again" in output and "Traceback" not in output
     assert "embedded PostgreSQL stopped" in output and not pg.status().running
 
@@ -553,14 +582,16 @@ def test_two_starts_at_once_on_a_new_home(tmp_path: Path) -> None:
         run(env, "db", "stop", check=False)
 
 
-def test_up_stopped_during_start_up_leaves_nothing_running(tmp_path: Path) -> None:
-    """SIGTERM once `up` has started the embedded server, before it serves (migrations,
+@pytest.mark.parametrize("command", ["up", "gateway", "worker"])
+def test_stopped_during_start_up_leaves_nothing_running(tmp_path: Path, command: str) -> None:
+    """SIGTERM once the command has started the embedded server, before it serves (migrations,
     bootstrap): Python's default ended it at once, and the server ran on with no one to stop
     it. The next start works."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
     env |= {"CANVASDB_HOME": str(tmp_path / "home"), "CANVASDB_PORT": str(_free_port())}
     pg = EmbeddedPostgres(tmp_path / "home" / "pgdata")
-    proc = subprocess.Popen([*CLI, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([*CLI, command], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
         while not (tmp_path / "home" / "pgdata" / "postmaster.pid").exists():
             assert proc.poll() is None, proc.communicate()[0]
@@ -568,7 +599,38 @@ def test_up_stopped_during_start_up_leaves_nothing_running(tmp_path: Path) -> No
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
         assert "Traceback" not in output, output
-        assert not pg.status().running, "the server `up` started is stopped with it"
+        assert not pg.status().running, f"the server `{command}` started is stopped with it"
         assert "running: " in run(env, "db", "start").stdout
+    finally:
+        run(env, "db", "stop", check=False)
+
+
+@pytest.mark.parametrize("command", ["gateway", "worker"])
+def test_gateway_and_worker_stop_the_embedded_server_they_started(tmp_path: Path, command: str) -> None:
+    """`gateway` and `worker` start the embedded server on a home where none runs, and never
+    stopped it: after a SIGTERM it ran on. As `up`, each stops the one it started and leaves
+    one it found running."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CANVASDB_")}
+    port = _free_port()
+    env |= {"CANVASDB_HOME": str(tmp_path / "home"), "CANVASDB_PORT": str(port)}
+    pg = EmbeddedPostgres(tmp_path / "home" / "pgdata")
+    try:
+        for found_running in (False, True):
+            if found_running:
+                run(env, "db", "start")
+            proc = subprocess.Popen([*CLI, command], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+            try:
+                if command == "gateway":
+                    _wait_ready(proc, port)
+                else:
+                    assert proc.stdout is not None
+                    assert any(line.startswith("canvasdb worker running") for line in proc.stdout)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                output, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0 and "Traceback" not in output, output
+            assert pg.status().running is found_running, output
+            assert ("embedded PostgreSQL stopped" in output) is not found_running, output
     finally:
         run(env, "db", "stop", check=False)

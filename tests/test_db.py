@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -28,7 +30,7 @@ from canvasdb import runtime
 from canvasdb.api import problems
 from canvasdb.db import Database, EmbeddedPostgres, migrate
 from canvasdb.db.embedded import _SOCKET_PATH_MAX, _memory_tuning
-from canvasdb.db.migrate import Migration, applied, available
+from canvasdb.db.migrate import Migration, applied, available, check_server_version
 from canvasdb.db.pool import ConnectionPool, translate
 from canvasdb.errors import CanvasdbError, MigrationError, Unavailable
 
@@ -76,6 +78,33 @@ def test_unreachable_database_is_a_clear_error() -> None:
     with pytest.raises(Unavailable, match="cannot connect") as refused:
         migrate("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
     assert "\n" not in refused.value.detail, "one line (libpq's message is two)"
+
+
+@pytest.mark.parametrize(("found", "named"), [(140009, "14.9"), (90624, "9.6.24")])
+def test_a_server_older_than_15_is_refused_in_one_line(found: int, named: str) -> None:
+    """README says PostgreSQL 15+, and nothing checked it: an older server failed somewhere in
+    the migrations, with an error that did not say why."""
+    with pytest.raises(MigrationError) as refused:
+        check_server_version(found)
+    assert refused.value.detail == f"the database server runs PostgreSQL {named}; canvasdb needs " \
+                                   "PostgreSQL 15 or newer"
+    check_server_version(150000)
+    check_server_version(180001)
+
+
+def test_the_server_version_is_checked_before_any_migration_runs(
+        fresh_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check runs on the server migrated: this one, taken as too old by asking for one newer."""
+    with psycopg.connect(fresh_db) as conn:
+        running = conn.info.server_version
+    module = importlib.import_module("canvasdb.db.migrate")  # (canvasdb.db.migrate is also the function)
+    monkeypatch.setattr(module, "OLDEST_SERVER", running + 10000)
+    probe = Migration(9003, "probe", "CREATE TABLE version_probe (x int);")
+    with pytest.raises(MigrationError, match=f"canvasdb needs PostgreSQL {running // 10000 + 1} or newer"):
+        migrate(fresh_db, migrations=[probe])
+    with psycopg.connect(fresh_db) as conn:
+        assert conn.execute("SELECT to_regclass('version_probe'), to_regclass('schema_migrations')"
+                            ).fetchone() == (None, None)
 
 
 def test_the_embedded_server_is_sized_to_the_machine(pg_url: str) -> None:
@@ -520,6 +549,25 @@ def test_a_socket_folder_made_by_someone_else_is_refused(tmp_path: Path) -> None
         folder.unlink()
 
 
+def test_a_stop_removes_the_socket_folder_it_leaves_empty(tmp_path: Path) -> None:
+    """With a long home, the socket folder is /tmp/canvasdb-<hash of the home>: every home that
+    ever ran left one behind. One with something else in it is left as it is."""
+    server = EmbeddedPostgres(tmp_path / ("long-" + "x" * 120) / "pgdata")
+    server.start()
+    folder = Path(server._socket_dir())
+    try:
+        assert folder.parent == Path(tempfile.gettempdir()) and folder.is_dir()
+        assert server.stop() is True
+        assert not folder.exists()
+        server.start()
+        (folder / "kept").touch()
+        server.stop()
+        assert (folder / "kept").exists()
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.parametrize("folder", ["a b'&#%20", "a,b", "two-byte letters"])
 def test_any_home_holds_the_embedded_server(tmp_path: Path, folder: str) -> None:
     """A space or a '&' in the home's path broke its connection URL (a traceback), a quote its
@@ -594,8 +642,8 @@ def test_a_database_url_without_connect_timeout_gets_one(tmp_path: Path) -> None
 
     for url, expected in (("postgresql://me@db.example:5432/canvasdb", str(runtime.CONNECT_TIMEOUT_S)),
                           ("postgresql://me@db.example/canvasdb?connect_timeout=3&sslmode=require", "3")):
-        target = runtime.database(Settings(home=tmp_path, database_url=url), run_migrations=False)
-        params = conninfo_to_dict(target.url)
+        params = conninfo_to_dict(runtime.database(Settings(home=tmp_path, database_url=url),
+                                                   run_migrations=False))
         assert (params["host"], params["connect_timeout"]) == ("db.example", expected)
 
 

@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Annotated, Any, TypeVar
@@ -98,8 +98,8 @@ def _with_services(work: Callable[[Services], Awaitable[T]]) -> T:
     settings = _settings()
 
     async def main() -> T:
-        target = runtime.database(settings)
-        async with runtime.open_services(settings, target.url) as svc:
+        url = runtime.database(settings)
+        async with runtime.open_services(settings, url) as svc:
             return await work(svc)
 
     try:
@@ -137,37 +137,21 @@ def up(
     except CanvasdbError as exc:
         _fail(exc)
         return
-    # Stopped during start-up (SIGTERM: Python's default ended it at once; Ctrl-C), or failed:
-    # the embedded server it started is stopped, as after serving.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    leave_running = bool(settings.database_url) or runtime.embedded(settings).status().running
-    try:
-        target = runtime.database(settings)
 
-        async def boot() -> str | None:
-            async with runtime.open_services(settings, target.url) as svc:
-                return await runtime.bootstrap(svc)
+    async def boot(url: str) -> str | None:
+        async with runtime.open_services(settings, url) as svc:
+            return await runtime.bootstrap(svc)
 
-        token = asyncio.run(boot())
-    except BaseException as exc:
-        listener.close()
-        if not leave_running:  # leave nothing running for a failed start
-            with contextlib.suppress(CanvasdbError):
-                runtime.embedded(settings).stop()
-        if isinstance(exc, CanvasdbError):
-            _fail(exc)
-        raise
-    out.print(f"canvasdb {__version__} serving http://{host}:{port}  (OpenAPI: /docs)")
-    if token:
-        out.print(f"admin token (org '{runtime.DEMO_ORG}'): {token}")
-        out.print(f"  saved in {settings.token_file}")
     try:
-        with runtime.embedded_kept_running(settings):
-            _serve(create_app(settings, database_url=target.url, run_worker=True), settings, listener)
-    finally:
-        if target.started_here:
-            runtime.embedded(settings).stop()
-            out.print("embedded PostgreSQL stopped")
+        with _database_of_this_run(settings) as url, contextlib.closing(listener):
+            token = asyncio.run(boot(url))
+            out.print(f"canvasdb {__version__} serving http://{host}:{port}  (OpenAPI: /docs)")
+            if token:
+                out.print(f"admin token (org '{runtime.DEMO_ORG}'): {token}")
+                out.print(f"  saved in {settings.token_file}")
+            _serve(create_app(settings, database_url=url, run_worker=True), settings, listener)
+    except CanvasdbError as exc:
+        _fail(exc)
 
 
 @app.command()
@@ -184,12 +168,29 @@ def gateway(
     try:
         runtime.check_components(settings)
         listener = _listen(host, port)
-        target = runtime.database(settings)
+        with _database_of_this_run(settings) as url, contextlib.closing(listener):
+            out.print(f"canvasdb gateway {__version__} serving http://{host}:{port}")
+            _serve(create_app(settings, database_url=url), settings, listener)
     except CanvasdbError as exc:
         _fail(exc)
-        return
-    out.print(f"canvasdb gateway {__version__} serving http://{host}:{port}")
-    _serve(create_app(settings, database_url=target.url), settings, listener)
+
+
+@contextlib.contextmanager
+def _database_of_this_run(settings: Settings) -> Iterator[str]:
+    """The URL of the database a server or a worker runs on (the embedded one started and
+    migrated if need be), until the process ends. The embedded server it started is stopped then, however it
+    ends: after serving, on a failed start, on SIGTERM or Ctrl-C during start-up (SIGTERM ended
+    the process at once, and `gateway` and `worker` never stopped it: it ran on with no one to
+    stop it). One it found running, or one CANVASDB_DATABASE_URL names, is left running."""
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    starts_it = not settings.database_url and not runtime.embedded(settings).status().running
+    try:
+        yield runtime.database(settings)
+    finally:
+        if starts_it:
+            with contextlib.suppress(CanvasdbError):
+                if runtime.embedded(settings).stop():
+                    out.print("embedded PostgreSQL stopped")
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -244,7 +245,8 @@ def _serve(api: object, settings: Settings, listener: socket.socket) -> None:
     # signal to the handler it found: make that one a clean exit so the finally block runs.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_cleanly)
-    Server(config).run(sockets=[listener])
+    with runtime.embedded_kept_running(settings):
+        Server(config).run(sockets=[listener])
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -260,20 +262,20 @@ def worker(concurrency: Annotated[int, typer.Option(min=1, max=64, help="Jobs at
     settings = _settings()
     runtime.quiet_outage_logs()
 
-    async def main() -> None:
-        target = runtime.database(settings)
+    async def main(url: str) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with (runtime.open_services(settings, target.url) as svc, jobs.connected(target.url),
+        async with (runtime.open_services(settings, url) as svc, jobs.connected(url),
                     jobs.working(svc, concurrency=concurrency)):
             out.print("canvasdb worker running (Ctrl-C to stop)")
             await stop.wait()
         out.print("canvasdb worker stopped")
 
     try:
-        asyncio.run(main())
+        with _database_of_this_run(settings) as url:
+            asyncio.run(main(url))
     except CanvasdbError as exc:
         _fail(exc)
 
@@ -294,11 +296,11 @@ def db_start() -> None:
     if settings.database_url:
         _fail(CanvasdbError("CANVASDB_DATABASE_URL is set: there is no embedded server to start"))
     try:
-        target = runtime.database(settings)
+        url = runtime.database(settings)
     except CanvasdbError as exc:
         _fail(exc)
         return
-    out.print(f"running: {target.url}")
+    out.print(f"running: {url}")
 
 
 @db_app.command("stop")
@@ -364,8 +366,7 @@ def db_migrate() -> None:
     """Apply pending schema migrations (safe to run from several processes at once)."""
     settings = _settings()
     try:
-        target = runtime.database(settings, run_migrations=False)
-        applied = runtime.prepare_schema(target.url)
+        applied = runtime.prepare_schema(runtime.database(settings, run_migrations=False))
     except CanvasdbError as exc:
         _fail(exc)
         return

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -26,12 +25,6 @@ from canvasdb.tenancy import Principal
 DEMO_ORG = "demo"
 DEMO_PROJECT = "demo"
 DEMO_USER = "admin@demo.local"
-
-
-@dataclass(frozen=True)
-class Target:
-    url: str
-    started_here: bool  # True when this call started the embedded server
 
 
 CONNECT_TIMEOUT_S = 10  # for a CANVASDB_DATABASE_URL that sets no connect_timeout
@@ -185,18 +178,15 @@ def embedded(settings: Settings) -> EmbeddedPostgres:
     return EmbeddedPostgres(settings.pgdata)
 
 
-def database(settings: Settings, *, start: bool = True, run_migrations: bool = True) -> Target:
+def database(settings: Settings, *, start: bool = True, run_migrations: bool = True) -> str:
     """The database URL: ``CANVASDB_DATABASE_URL``, or the embedded server (started if needed)."""
     if settings.database_url:
-        target = Target(with_connect_timeout(settings.database_url), started_here=False)
+        url = with_connect_timeout(settings.database_url)
     else:
-        pg = embedded(settings)
-        was_running = pg.status().running
-        url = pg.start() if start else pg.url()
-        target = Target(url, started_here=not was_running)
+        url = embedded(settings).start() if start else embedded(settings).url()
     if run_migrations:
-        prepare_schema(target.url)
-    return target
+        prepare_schema(url)
+    return url
 
 
 def with_connect_timeout(url: str) -> str:

@@ -142,7 +142,18 @@ class EmbeddedPostgres:
         if not self.status().running:
             return False
         self._run("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", str(timeout), "stop")
+        self._remove_socket_dir()
         return True
+
+    def _remove_socket_dir(self) -> None:
+        """The socket folder the start made, once the server has left it empty: under /tmp, every
+        home that ever ran left a ``canvasdb-<hash>`` behind. Only a folder of ours, and under the
+        start lock: a start makes the folder before its server puts its socket there."""
+        sock = Path(self._socket_dir())
+        with contextlib.suppress(OSError), self._start_lock() as lock:  # (not empty: left as it is)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self._is_ours(sock):
+                sock.rmdir()
 
     def watch(self, stop: threading.Event, *, every: float = 2.0, retry: float = 5.0,
               longest: float = 60.0) -> None:
@@ -319,11 +330,15 @@ class EmbeddedPostgres:
         """The socket folder (under /tmp when the home's path is long: a name anyone can
         compute) must be a folder of this user's or the server's: one made by another user
         could have the socket swapped for theirs, and hear every query."""
-        info = sock.lstat()
-        owners = {os.geteuid()} | ({pwd.getpwnam(SYSTEM_USER).pw_uid} if self._as_root else set())
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid not in owners:
+        if not self._is_ours(sock):
             raise Unavailable(f"the socket folder {sock} belongs to someone else",
                               hint="remove it, or set CANVASDB_HOME to a shorter path")
+
+    def _is_ours(self, folder: Path) -> bool:
+        """Whether ``folder`` is a folder (not a link to one) of this user's or the server's."""
+        info = folder.lstat()
+        owners = {os.geteuid()} | ({pwd.getpwnam(SYSTEM_USER).pw_uid} if self._as_root else set())
+        return stat.S_ISDIR(info.st_mode) and info.st_uid in owners
 
     def _chown(self, path: Path) -> None:
         if self._as_root:

@@ -17,6 +17,7 @@ import psycopg
 from canvasdb.errors import MigrationError, Unavailable, one_line
 
 LOCK_KEY = 0x63616E7644420001  # "canvDB" + 1: one advisory lock for every schema change
+OLDEST_SERVER = 150000  # PostgreSQL 15, as ``server_version_num`` gives it
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -47,6 +48,7 @@ def migrate(conninfo: str, *, migrations: list[Migration] | None = None) -> list
     todo = available() if migrations is None else migrations
     applied_now = []
     with _connect(conninfo) as conn:
+        check_server_version(conn.info.server_version)
         conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
         try:
             conn.execute(
@@ -82,6 +84,26 @@ def migrate(conninfo: str, *, migrations: list[Migration] | None = None) -> list
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
     return applied_now
+
+
+def check_server_version(server_version_num: int) -> None:
+    """Refuse a server older than ``OLDEST_SERVER`` before any migration runs: canvasdb is made
+    for 15+, and on an older one a migration (or later a query) would fail with an error that
+    does not name the cause, perhaps with part of the schema applied."""
+    if server_version_num < OLDEST_SERVER:
+        raise MigrationError(
+            f"the database server runs PostgreSQL {_version_name(server_version_num)}; canvasdb needs "
+            f"PostgreSQL {OLDEST_SERVER // 10000} or newer",
+            hint="upgrade the server CANVASDB_DATABASE_URL names, or unset it for the embedded one",
+        )
+
+
+def _version_name(server_version_num: int) -> str:
+    """``140009`` as ``14.9``, ``90624`` as ``9.6.24`` (three numbers before PostgreSQL 10)."""
+    major, minor = divmod(server_version_num, 10000)
+    if major >= 10:
+        return f"{major}.{minor}"
+    return f"{major}.{minor // 100}.{minor % 100}"
 
 
 _NEEDS = ("the database user needs to own the schema and create roles, and the vector and pg_trgm "

@@ -466,6 +466,19 @@ async def test_keys_of_every_allowed_shape(api: Api, tenant: Tenant) -> None:
     assert [r["key"] for r in await rows(api, tenant)] == sorted(keys)
 
 
+async def test_keys_differing_only_in_case_are_distinct(api: Api, tenant: Tenant) -> None:
+    # Keys live in PostgreSQL rows; the store names content by its lowercase hash, so a
+    # case-insensitive file system cannot make two keys one.
+    keys = ["Logo.PNG", "logo.png", "LOGO.png"]
+    for key in keys:
+        await put(api, tenant, key, key.encode())
+    await api.http.delete(url(tenant, "logo.png"), headers=tenant.headers)
+    problem(await api.http.get(url(tenant, "logo.png"), headers=tenant.headers), 404)
+    for key in ("Logo.PNG", "LOGO.png"):
+        assert (await api.http.get(url(tenant, key), headers=tenant.headers)).content == key.encode()
+    assert [r["key"] for r in await rows(api, tenant)] == ["LOGO.png", "Logo.PNG"]
+
+
 # --- access --------------------------------------------------------------------------------------
 
 async def test_another_org_cannot_see_or_delete_your_key(api: Api, tenant: Tenant,
@@ -566,6 +579,26 @@ async def test_deleting_the_last_key_while_the_same_content_is_stored_never_dang
         got = await api.http.get(url(other_tenant, f"racing-{round_}"), headers=other_tenant.headers)
         assert got.content == content
         assert await api.backend.store.exists(sha(content))
+
+
+async def test_an_upload_racing_a_delete_of_the_same_key_never_dangles(api: Api, tenant: Tenant) -> None:
+    # Whichever goes first, a key that is left always serves its content, and content that
+    # no key holds any more is collected.
+    for round_ in range(8):
+        old, new = os.urandom(30_000), os.urandom(30_000) if round_ % 2 else None
+        await put(api, tenant, "contested", old)
+        uploaded = new or old  # odd rounds replace the content, even ones store the same again
+        r, deleted = await asyncio.gather(put(api, tenant, "contested", uploaded, status=None),
+                                          api.http.delete(url(tenant, "contested"), headers=tenant.headers))
+        assert r.status_code in (200, 201, 409) and deleted.status_code in (204, 404)
+        got = await api.http.get(url(tenant, "contested"), headers=tenant.headers)
+        if got.status_code == 200:
+            assert got.content == uploaded and r.status_code in (200, 201)
+        else:
+            assert got.status_code == 404
+        kept = {sha(got.content)} if got.status_code == 200 else set()
+        assert {sha(c) for c in (old, uploaded) if await api.backend.store.exists(sha(c))} == kept
+        await api.http.delete(url(tenant, "contested"), headers=tenant.headers)
 
 
 async def test_a_write_whose_content_is_collected_meanwhile_is_refused(api: Api, tenant: Tenant) -> None:

@@ -181,6 +181,24 @@ async def test_content_type_round_trips_exactly(api: Api, tenant: Tenant, conten
     assert got.headers["content-type"] == content_type
 
 
+ACTIVE_TYPES = ["text/html", "text/html; charset=utf-8", "image/svg+xml", "application/javascript",
+                "text/javascript", "application/xhtml+xml", "text/xml", "application/xml"]
+
+
+@pytest.mark.parametrize("content_type", ACTIVE_TYPES)
+async def test_content_a_browser_would_run_is_served_as_a_download(api: Api, tenant: Tenant,
+                                                                   content_type: str) -> None:
+    # Uploaded content comes from the API's origin: opened in a browser, it must never be a
+    # page (stored XSS), whatever type its uploader declared.
+    script = b"<svg xmlns='http://www.w3.org/2000/svg' onload='alert(document.domain)'/>"
+    await put(api, tenant, "pages/evil.html", script, headers={"Content-Type": content_type})
+    for method in ("GET", "HEAD"):
+        got = await api.http.request(method, url(tenant, "pages/evil.html"), headers=tenant.headers)
+        assert got.headers["content-disposition"] == 'attachment; filename="evil.html"', method
+        assert got.headers["x-content-type-options"] == "nosniff", method
+        assert "sandbox" in got.headers["content-security-policy"], method
+
+
 async def test_content_type_defaults_to_bytes(api: Api, tenant: Tenant) -> None:
     r = await put(api, tenant, "untyped", b"\x00\x01")
     assert "content-type" not in r.request.headers
@@ -236,6 +254,37 @@ async def test_unknown_key_is_404(api: Api, tenant: Tenant) -> None:
         problem(await api.http.request(method, url(tenant, "nothing/here"), headers=tenant.headers), 404)
 
 
+async def test_head_answers_the_headers_of_get_without_the_content(api: Api, tenant: Tenant,
+                                                                    other_tenant: Tenant) -> None:
+    content = os.urandom(1234)
+    await put(api, tenant, "docs/report.pdf", content, headers={"Content-Type": "application/pdf"})
+    got = await api.http.get(url(tenant, "docs/report.pdf"), headers=tenant.headers)
+    head = await api.http.head(url(tenant, "docs/report.pdf"), headers=tenant.headers)
+    assert head.status_code == 200 and head.content == b""
+    assert {k: v for k, v in head.headers.items() if k != "content-length"} == {
+        k: v for k, v in got.headers.items() if k != "content-length"}
+    assert head.headers["content-length"] == str(len(content))
+    etag = head.headers["etag"]
+    r = await api.http.head(url(tenant, "docs/report.pdf"), headers={**tenant.headers, "If-None-Match": etag})
+    assert r.status_code == 304 and r.headers["etag"] == etag
+    assert (await api.http.head(url(tenant, "nothing"), headers=tenant.headers)).status_code == 404
+    member = await member_headers(api, tenant)
+    assert (await api.http.head(url(tenant, "docs/report.pdf"), headers=member)).status_code == 200
+    r = await api.http.head(url(tenant, "docs/report.pdf"), headers=other_tenant.headers)
+    assert r.status_code == 404 and "etag" not in r.headers
+
+
+@pytest.mark.parametrize("ranges", ["bytes=0-3", "bytes=5-", "bytes=-2", "bytes=9-3", "bytes=100-200", "lines=1-2"])
+async def test_a_range_request_gets_the_whole_content(api: Api, tenant: Tenant, ranges: str) -> None:
+    # Ranges are not served, and the answer says so: a Range header is ignored (RFC 9110 allows
+    # it), never a 206 of the wrong part nor an error.
+    content = b"0123456789"
+    await put(api, tenant, "digits", content)
+    r = await api.http.get(url(tenant, "digits"), headers={**tenant.headers, "Range": ranges})
+    assert r.status_code == 200 and r.content == content
+    assert r.headers["accept-ranges"] == "none" and "content-range" not in r.headers
+
+
 async def test_if_none_match(api: Api, tenant: Tenant) -> None:
     content = b"cache me"
     etag = (await put(api, tenant, "cached", content)).headers["etag"]
@@ -283,6 +332,30 @@ async def test_over_the_limit_is_413_and_nothing_is_stored(api: Api, tenant: Ten
     assert await rows(api, tenant) == before and api.backend.visible() == stored
     problem(await api.http.get(url(tenant, "new-key"), headers=tenant.headers), 404)
     assert (await api.http.get(url(tenant, "kept"), headers=tenant.headers)).content == kept
+
+
+@pytest.mark.parametrize("declared", [5, 3 * MiB])  # under what it carries, over it
+async def test_a_body_that_is_not_its_content_length_is_refused(api: Api, tenant: Tenant,
+                                                                 declared: int) -> None:
+    # A server frames bodies by their Content-Length; were one to hand over another count, the
+    # content is not what the client sent: stored, it would pass for the whole file.
+    before = api.backend.visible()
+    body = os.urandom(MiB)
+    status, answer = await _raw_asgi(api.app, "PUT", url(tenant, "framed"),
+                                     {**tenant.headers, "content-length": str(declared)}, body)
+    assert status == 400, answer
+    assert f"{declared}" in json.loads(answer)["detail"]
+    assert await rows(api, tenant) == [] and api.backend.visible() == before
+
+
+async def test_a_client_that_stops_mid_body_stores_nothing(api: Api, tenant: Tenant) -> None:
+    # It said 3 MiB, sent 2 and went away: no row, no blob, no temporary file nor multipart upload.
+    before = api.backend.visible()
+    status, answer = await _raw_asgi(api.app, "PUT", url(tenant, "abandoned"),
+                                     {**tenant.headers, "content-length": str(LIMIT)},
+                                     os.urandom(2 * MiB), more_body=True)
+    assert status == 400 and "stopped" in json.loads(answer)["detail"]
+    assert await rows(api, tenant) == [] and api.backend.visible() == before
 
 
 async def test_other_routes_keep_the_small_body_limit(api: Api, tenant: Tenant) -> None:
@@ -347,8 +420,9 @@ async def test_line_breaks_in_a_key_are_refused(api: Api, tenant: Tenant, key: s
 
 
 async def _raw_asgi(app: FastAPI, method: str, path: str, headers: dict[str, str],
-                    body: bytes = b"") -> tuple[int, bytes]:
-    """One request straight to the app, with a path no HTTP client would send unnormalised."""
+                    body: bytes = b"", *, more_body: bool = False) -> tuple[int, bytes]:
+    """One request straight to the app, with a path no HTTP client would send unnormalised;
+    ``more_body``: the client then goes away instead of finishing the body."""
     scope = {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
         "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
@@ -356,7 +430,7 @@ async def _raw_asgi(app: FastAPI, method: str, path: str, headers: dict[str, str
         "headers": [(k.lower().encode(), v.encode()) for k, v in
                     {"host": "canvasdb.test", "content-length": str(len(body)), **headers}.items()],
     }  # fmt: skip
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    messages = [{"type": "http.request", "body": body, "more_body": more_body}]
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -390,6 +464,19 @@ async def test_keys_of_every_allowed_shape(api: Api, tenant: Tenant) -> None:
         got = await api.http.get(url(tenant, key), headers=tenant.headers)
         assert got.content == key.encode(), key
     assert [r["key"] for r in await rows(api, tenant)] == sorted(keys)
+
+
+async def test_keys_differing_only_in_case_are_distinct(api: Api, tenant: Tenant) -> None:
+    # Keys live in PostgreSQL rows; the store names content by its lowercase hash, so a
+    # case-insensitive file system cannot make two keys one.
+    keys = ["Logo.PNG", "logo.png", "LOGO.png"]
+    for key in keys:
+        await put(api, tenant, key, key.encode())
+    await api.http.delete(url(tenant, "logo.png"), headers=tenant.headers)
+    problem(await api.http.get(url(tenant, "logo.png"), headers=tenant.headers), 404)
+    for key in ("Logo.PNG", "LOGO.png"):
+        assert (await api.http.get(url(tenant, key), headers=tenant.headers)).content == key.encode()
+    assert [r["key"] for r in await rows(api, tenant)] == ["LOGO.png", "Logo.PNG"]
 
 
 # --- access --------------------------------------------------------------------------------------
@@ -492,6 +579,26 @@ async def test_deleting_the_last_key_while_the_same_content_is_stored_never_dang
         got = await api.http.get(url(other_tenant, f"racing-{round_}"), headers=other_tenant.headers)
         assert got.content == content
         assert await api.backend.store.exists(sha(content))
+
+
+async def test_an_upload_racing_a_delete_of_the_same_key_never_dangles(api: Api, tenant: Tenant) -> None:
+    # Whichever goes first, a key that is left always serves its content, and content that
+    # no key holds any more is collected.
+    for round_ in range(8):
+        old, new = os.urandom(30_000), os.urandom(30_000) if round_ % 2 else None
+        await put(api, tenant, "contested", old)
+        uploaded = new or old  # odd rounds replace the content, even ones store the same again
+        r, deleted = await asyncio.gather(put(api, tenant, "contested", uploaded, status=None),
+                                          api.http.delete(url(tenant, "contested"), headers=tenant.headers))
+        assert r.status_code in (200, 201, 409) and deleted.status_code in (204, 404)
+        got = await api.http.get(url(tenant, "contested"), headers=tenant.headers)
+        if got.status_code == 200:
+            assert got.content == uploaded and r.status_code in (200, 201)
+        else:
+            assert got.status_code == 404
+        kept = {sha(got.content)} if got.status_code == 200 else set()
+        assert {sha(c) for c in (old, uploaded) if await api.backend.store.exists(sha(c))} == kept
+        await api.http.delete(url(tenant, "contested"), headers=tenant.headers)
 
 
 async def test_a_write_whose_content_is_collected_meanwhile_is_refused(api: Api, tenant: Tenant) -> None:
@@ -600,4 +707,4 @@ async def test_the_default_app_keeps_blobs_under_home(client: httpx.AsyncClient,
 
 async def test_openapi_describes_the_routes(api: Api) -> None:
     spec = (await api.http.get("/openapi.json")).json()
-    assert set(spec["paths"]["/v1/orgs/{org}/blobs/{key}"]) == {"put", "get", "delete"}
+    assert set(spec["paths"]["/v1/orgs/{org}/blobs/{key}"]) == {"put", "get", "head", "delete"}

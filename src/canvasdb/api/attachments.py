@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect
 
 from canvasdb.api.deps import Svc, Who, etags
 from canvasdb.blobs import BlobCorrupt
+from canvasdb.blobs.attachments import Attachment
 from canvasdb.errors import BadRequest, CanvasdbError, PayloadTooLarge
 
 log = logging.getLogger("canvasdb.api")
@@ -23,18 +24,24 @@ router = APIRouter(prefix="/v1/orgs/{org}", tags=["attachments"])
 # Requests on these paths may carry bodies up to CANVASDB_MAX_ATTACHMENT_BYTES (see create_app).
 UPLOAD_PATHS = r"^/v1/orgs/[^/]+/blobs/"
 BINARY = {"schema": {"type": "string", "format": "binary"}}
-# The content is the uploader's, served from the API's origin: never let a browser run it.
-_SAFE = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
 
 
 async def _body(request: Request) -> AsyncIterator[bytes]:
+    declared = request.headers.get("content-length", "")
+    received = 0
     try:
         async for chunk in request.stream():
             if chunk:
+                received += len(chunk)
                 yield chunk
     except ClientDisconnect:
         # Also how BodySizeLimit cuts a body that grew too large: it then answers 413 itself.
         raise BadRequest("the client stopped before the body was complete; nothing was stored") from None
+    # The server frames bodies by their Content-Length; should one ever hand over another
+    # count, the content is not what the client sent: refuse it rather than store it as whole.
+    if declared.isdigit() and int(declared) != received:
+        raise BadRequest(f"the body held {received} bytes, not the {int(declared)} its Content-Length "
+                         "declared; nothing was stored")
 
 
 async def _key_as_sent(request: Request, key: Annotated[str, Path(
@@ -51,6 +58,28 @@ Key = Annotated[str, Depends(_key_as_sent)]
 
 def _etag(sha256: str) -> str:
     return f'"{sha256}"'
+
+
+def _not_modified(attachment: Attachment, if_none_match: str | None) -> Response | None:
+    """304 when If-None-Match names the attachment's content (or ``*``), else None."""
+    if {"*", attachment.sha256} & (etags(if_none_match) or set()):
+        return Response(status_code=304, headers={"ETag": _etag(attachment.sha256)})
+    return None
+
+
+def _content_headers(attachment: Attachment) -> dict[str, str]:
+    """What GET and HEAD tell of the content. Ranges are not served (a Range header gets the
+    whole content, 200).
+
+    The content is the uploader's, served from the API's origin: a browser must never run it
+    nor show it as a page of this origin, whatever its declared type (a navigation downloads
+    it, under the key's last segment, whose characters need no quoting; <img> is unaffected).
+    """
+    filename = attachment.key.rpartition("/")[2]
+    return {"Content-Type": attachment.content_type, "Content-Length": str(attachment.size),
+            "ETag": _etag(attachment.sha256), "Accept-Ranges": "none",
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
 
 
 @router.put("/blobs/{key:path}", status_code=201,
@@ -89,9 +118,8 @@ async def get_attachment(
     matches, so a client never receives a complete, wrong body (the connection is cut).
     """
     attachment = await svc.attachments.get(who, key)
-    etag = _etag(attachment.sha256)
-    if {"*", attachment.sha256} & (etags(if_none_match) or set()):
-        return Response(status_code=304, headers={"ETag": etag})
+    if (not_modified := _not_modified(attachment, if_none_match)) is not None:
+        return not_modified
     attachment, reader = await svc.attachments.open(who, attachment)
     chunks = aiter(reader)
     try:
@@ -118,9 +146,20 @@ async def get_attachment(
         finally:
             await reader.aclose()
 
-    headers = {"Content-Type": attachment.content_type, "Content-Length": str(attachment.size),
-               "ETag": _etag(attachment.sha256), **_SAFE}
-    return StreamingResponse(body(), headers=headers)
+    return StreamingResponse(body(), headers=_content_headers(attachment))
+
+
+@router.head("/blobs/{key:path}", response_class=Response,
+             responses={200: {"description": "the content's headers, no body"},
+                        304: {"description": "If-None-Match matched"}})
+async def head_attachment(
+    org: str, key: Key, svc: Svc, who: Who,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+) -> Response:  # fmt: skip
+    """GET's headers without the content, from the attachment's row: the content is neither
+    read nor verified (a GET is what finds damage)."""
+    attachment = await svc.attachments.get(who, key)
+    return _not_modified(attachment, if_none_match) or Response(headers=_content_headers(attachment))
 
 
 @router.delete("/blobs/{key:path}", status_code=204, response_class=Response)

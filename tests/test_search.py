@@ -34,6 +34,7 @@ from canvasdb.runtime import prepare_schema
 from canvasdb.search.embedders import EmbedderUnavailable, make_embedder
 from canvasdb.search.engine import Filters, Search
 from canvasdb.search.indexer import Indexer
+from canvasdb.search.model_index import ModelIndexes
 from canvasdb.search.models import Models
 from canvasdb.search.query import allowed_typos, corrections, parse, slip, typo_cost
 from canvasdb.services import Services
@@ -795,6 +796,24 @@ async def test_an_invalid_index_left_by_an_earlier_build_is_built_again(pg_url: 
         assert await new.indexer.backfill([tenant.org_id]) == 1
         assert (await new.models.active()).model == "fake-8"
         assert await _index_state(db, "fake-8") == (True, True)
+
+
+async def test_a_login_that_does_not_own_the_vectors_is_told_why_no_index_is_built(pg_url: str,
+                                                                                   settings: Settings) -> None:
+    async with _a_change_of_model(pg_url, settings, "buy a new vehicle") as (db, *_):
+        role = unique("not_owner").replace("-", "_")
+        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+            await conn.execute(f"CREATE ROLE {role} LOGIN IN ROLE canvasdb_app")
+        try:
+            async with Database(psycopg.conninfo.make_conninfo(db.conninfo, user=role), min_size=1) as other:
+                with pytest.raises(Unavailable) as refused:
+                    await ModelIndexes(other).build("fake-8", 8)
+            assert "only the owner of search_vectors may" in refused.value.detail
+            assert refused.value.fields["hint"] == "apply the migrations as the login the application connects as"
+            assert await _index_state(db, "fake-8") == (None, False)
+        finally:
+            async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+                await conn.execute(f"DROP ROLE {role}")
 
 
 async def test_board_nodes_are_searchable(svc: Services, tenant: Tenant) -> None:

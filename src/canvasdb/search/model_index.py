@@ -23,6 +23,7 @@ import psycopg
 from psycopg import sql
 
 from canvasdb.db import Database, translate
+from canvasdb.errors import Unavailable
 
 
 def index_name(model: str) -> str:
@@ -79,5 +80,10 @@ class ModelIndexes:
         async with self.db.login_session(statement_timeout_ms=0) as conn:
             try:
                 yield conn
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise Unavailable("the database login may not build search indexes: only the owner of"
+                                  " search_vectors may (CREATE INDEX CONCURRENTLY)",
+                                  hint="apply the migrations as the login the application connects as",
+                                  ) from exc
             except psycopg.Error as exc:
                 raise translate(exc) from exc

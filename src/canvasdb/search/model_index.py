@@ -25,6 +25,8 @@ from psycopg import sql
 from canvasdb.db import Database, translate
 from canvasdb.errors import Unavailable
 
+_VALID = "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)"  # no row: no index
+
 
 def index_name(model: str) -> str:
     """The name of the model's index (as migration 0010 named it)."""
@@ -37,8 +39,7 @@ class ModelIndexes:
 
     async def is_valid(self, model: str) -> bool:
         """Whether the model's index exists and queries may use it (a catalog read, no lock)."""
-        row = await self.db.one("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
-                                (f"public.{index_name(model)}",))
+        row = await self.db.one(_VALID, (f"public.{index_name(model)}",))
         return bool(row and row["indisvalid"])
 
     async def build(self, model: str, dimension: int) -> bool:
@@ -50,8 +51,7 @@ class ModelIndexes:
             if not mine:
                 return False
             async with self._as_owner() as conn:
-                cur = await conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
-                                         (f"public.{index_name(model)}",))
+                cur = await conn.execute(_VALID, (f"public.{index_name(model)}",))
                 row = await cur.fetchone()
                 if row is not None and row[0]:
                     return True

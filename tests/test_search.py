@@ -10,11 +10,11 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import httpx
@@ -29,11 +29,12 @@ from canvasdb import jobs
 from canvasdb.db import Database
 from canvasdb.documents.projection import entity_id
 from canvasdb.entities import EntityType
-from canvasdb.errors import InvalidInput, NotFound
+from canvasdb.errors import InvalidInput, NotFound, Unavailable
 from canvasdb.runtime import prepare_schema
 from canvasdb.search.embedders import EmbedderUnavailable, make_embedder
 from canvasdb.search.engine import Filters, Search
 from canvasdb.search.indexer import Indexer
+from canvasdb.search.model_index import ModelIndexes
 from canvasdb.search.models import Models
 from canvasdb.search.query import allowed_typos, corrections, parse, slip, typo_cost
 from canvasdb.services import Services
@@ -42,6 +43,7 @@ from canvasdb.tenancy import Principal
 
 NOTE = EntityType(name="note", module="notes", text_fields={"title": "A", "body": "B"}, tag_field="tags")
 CARD = EntityType(name="kanban.card", module="kanban", text_fields={"title": "A"}, tag_field="labels")
+T = TypeVar("T")
 
 
 async def _setup(svc: Services, tenant: Tenant, docs: list[tuple[str, dict[str, Any]]]) -> list[UUID]:
@@ -670,6 +672,148 @@ async def test_a_new_model_is_built_past_the_texts_its_embedder_refuses(pg_url: 
             await old.models.close()
     finally:
         fake.close()
+
+
+async def _blocked_or_done(db: Database, work: Awaitable[T], *, waiting: int = 1) -> asyncio.Task[T]:
+    """``work`` started, once it has finished or ``waiting`` sessions (its own included) wait for a lock."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        row = await db.one("SELECT count(DISTINCT pid) AS n FROM pg_locks WHERE NOT granted", ())
+        if row and row["n"] >= waiting:
+            break
+        await asyncio.sleep(0.01)
+    return task
+
+
+@asynccontextmanager
+async def _vector_write_left_open(db: Database, tenant: Tenant, entity: UUID) -> AsyncIterator[Any]:
+    """A transaction that has written the entity's vector row, committed when the block ends."""
+    async with db.transaction(tenant.org_id) as held:
+        await held.execute("UPDATE search_vectors SET embedded_at = clock_timestamp()"
+                           " WHERE org_id = %s AND entity_id = %s", (tenant.org_id, entity))
+        yield held
+
+
+async def _cancelled_behind_an_open_write(db: Database, tenant: Tenant, entity: UUID, work: Awaitable[Any],
+                                          error: type[BaseException]) -> None:
+    """Start ``work`` while a write of the entity's vector is open; once it waits for that write,
+    cancel it (as a build fails, or its process dies): it raises ``error``."""
+    async with _vector_write_left_open(db, tenant, entity) as held:
+        task = await _blocked_or_done(db, work)
+        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+            await conn.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
+                               " WHERE %s = ANY(pg_blocking_pids(pid))", (held.info.backend_pid,))
+        with pytest.raises(error):
+            await task
+
+
+async def _index_state(db: Database, model: str) -> tuple[bool | None, bool]:
+    """Whether the model's HNSW index is valid (None: there is none), and whether a nearest-vector
+    query of the model uses it (with sequential scans made dear)."""
+    row = await db.one("SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+                       " WHERE c.relname = %s", ("search_vectors_hnsw_" + hashlib.md5(model.encode()).hexdigest()[:16],))
+    async with db.transaction() as conn:
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        cur = await conn.execute(psycopg.sql.SQL(
+            "EXPLAIN SELECT entity_id FROM search_vectors WHERE model = {m}"
+            " ORDER BY embedding::halfvec(8) <=> '[1,0,0,0,0,0,0,0]'::halfvec(8) LIMIT 5").format(
+                m=psycopg.sql.Literal(model)))
+        plan = " ".join(r["QUERY PLAN"] for r in await cur.fetchall())
+    return (row["indisvalid"] if row else None), "search_vectors_hnsw_" in plan
+
+
+@asynccontextmanager
+async def _a_change_of_model(pg_url: str, settings: Settings, *texts: str
+                             ) -> AsyncIterator[tuple[Database, Tenant, list[UUID], Services, Services]]:
+    """A database of its own whose notes (``texts``) have vectors of the default model, with
+    services of that model (old) and of another one, not yet registered (new)."""
+    fake = FakeService()
+    try:
+        async with _database_of_its_own(pg_url) as db:
+            old = Services.build(settings, db)
+            tenant = await make_tenant(old)
+            ids = await _setup(old, tenant, [("note", {"title": "Note", "body": text}) for text in texts])
+            new = Services.build(settings, db, embedder=make_embedder("openai", model="fake-8",
+                                                                         url=fake.url + "/v1"))
+            try:
+                yield db, tenant, ids, old, new
+            finally:
+                await new.models.close()
+                await old.models.close()
+    finally:
+        fake.close()
+
+
+async def test_a_new_models_index_is_built_without_holding_up_writes(pg_url: str, settings: Settings) -> None:
+    """A plain CREATE INDEX held search_vectors' SHARE lock for the whole build: behind a build
+    waiting for one open write, every vector the indexer stored and every write that deletes a
+    vector waited, for as long as the build then took (minutes, for millions of vectors)."""
+    async with _a_change_of_model(pg_url, settings, "buy a new vehicle", "bananas") as (
+            db, tenant, (vehicle, groceries), old, new):
+        async with _vector_write_left_open(db, tenant, vehicle):
+            build = await _blocked_or_done(db, new.indexer.backfill([tenant.org_id]))
+            assert not build.done()  # the build waits for the open write...
+            emptied = await _blocked_or_done(
+                db, old.entities.replace(tenant.owner, groceries, {"title": "", "body": ""}), waiting=2)
+            assert emptied.done()  # ...but a write deleting a vector goes on meanwhile
+            await emptied
+            await old.entities.create(tenant.owner, tenant.project_id, "note",
+                                      {"title": "Memo", "body": "tidal energy"})
+            drain = await _blocked_or_done(db, old.indexer.drain(tenant.org_id), waiting=2)
+            assert drain.done()  # and so does storing a vector
+            assert (await drain)["embedded"] == 1
+            assert (await old.models.active()).model == "all-MiniLM-L6-v2"  # not before its index
+        await build
+        assert (await new.models.active()).model == "fake-8"
+        assert await _index_state(db, "fake-8") == (True, True)
+        res = await new.search.search(tenant.owner, "car", mode="semantic")
+        assert res.hits[0].id == vehicle and res.degraded is None
+
+
+async def test_a_failed_index_build_is_never_used_and_is_built_again(pg_url: str, settings: Settings) -> None:
+    """A concurrent build that fails (cancelled, or its process gone) leaves its index INVALID;
+    the model stays building, and the next build drops that index and makes it again."""
+    async with _a_change_of_model(pg_url, settings, "buy a new vehicle") as (db, tenant, (vehicle,), _, new):
+        await _cancelled_behind_an_open_write(db, tenant, vehicle, new.indexer.backfill([tenant.org_id]),
+                                              Unavailable)
+        assert (await new.models.active()).model == "all-MiniLM-L6-v2"
+        assert await _index_state(db, "fake-8") == (False, False)
+        assert await new.indexer.backfill([tenant.org_id]) == 0  # (its vectors were made)
+        assert (await new.models.active()).model == "fake-8"
+        assert await _index_state(db, "fake-8") == (True, True)
+
+
+async def test_an_invalid_index_left_by_an_earlier_build_is_built_again(pg_url: str, settings: Settings) -> None:
+    """The index a concurrent build left INVALID (its process died) was taken as there: the model
+    became active with an index no query may use."""
+    async with _a_change_of_model(pg_url, settings, "buy a new vehicle") as (db, tenant, (vehicle,), _, new):
+        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as builder:
+            await _cancelled_behind_an_open_write(db, tenant, vehicle, builder.execute(
+                "CREATE INDEX CONCURRENTLY search_vectors_hnsw_" + hashlib.md5(b"fake-8").hexdigest()[:16]
+                + " ON search_vectors USING hnsw ((embedding::halfvec(8)) halfvec_cosine_ops)"
+                " WHERE model = 'fake-8'"), psycopg.errors.QueryCanceled)
+        assert await _index_state(db, "fake-8") == (False, False)
+        assert await new.indexer.backfill([tenant.org_id]) == 1
+        assert (await new.models.active()).model == "fake-8"
+        assert await _index_state(db, "fake-8") == (True, True)
+
+
+async def test_a_login_that_does_not_own_the_vectors_is_told_why_no_index_is_built(pg_url: str,
+                                                                                   settings: Settings) -> None:
+    async with _a_change_of_model(pg_url, settings, "buy a new vehicle") as (db, *_):
+        role = unique("not_owner").replace("-", "_")
+        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+            await conn.execute(f"CREATE ROLE {role} LOGIN IN ROLE canvasdb_app")
+        try:
+            async with Database(psycopg.conninfo.make_conninfo(db.conninfo, user=role), min_size=1) as other:
+                with pytest.raises(Unavailable) as refused:
+                    await ModelIndexes(other).build("fake-8", 8)
+            assert "only the owner of search_vectors may" in refused.value.detail
+            assert refused.value.fields["hint"] == "apply the migrations as the login the application connects as"
+            assert await _index_state(db, "fake-8") == (None, False)
+        finally:
+            async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+                await conn.execute(f"DROP ROLE {role}")
 
 
 async def test_board_nodes_are_searchable(svc: Services, tenant: Tenant) -> None:

@@ -203,17 +203,28 @@ class Database:
         (the server frees a closed session's locks, however the block ended, cancelled while
         waiting included): held on a pooled connection it could go back to the pool still
         held, and the block, needing connections of the pool, could starve it."""
-        with self._translated():
-            conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, connect_timeout=10)
-        try:
+        async with self.login_session() as conn:
             with self._translated():
-                await conn.execute("SELECT set_config('statement_timeout', %s, false)",
-                                   (str(self._statement_timeout_ms),))
                 cur = await conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s)), true" if wait else
                                          "SELECT null, pg_try_advisory_lock(%s, hashtext(%s))",
                                          (_TURNS_SPACE, name))
                 row = await cur.fetchone()
             yield bool(row and row[1])
+
+    @asynccontextmanager
+    async def login_session(self, *, statement_timeout_ms: int | None = None
+                            ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection of its own, outside the pool, in autocommit mode, as the login user (the
+        one that ran the migrations, not ``canvasdb_app``), closed at the end: for a session's
+        state (advisory locks) and for what runs outside any transaction as the tables' owner.
+        ``statement_timeout_ms``: the pool's unless given (0: none)."""
+        with self._translated():
+            conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, connect_timeout=10)
+        try:
+            timeout = self._statement_timeout_ms if statement_timeout_ms is None else statement_timeout_ms
+            with self._translated():
+                await conn.execute("SELECT set_config('statement_timeout', %s, false)", (str(timeout),))
+            yield conn
         finally:
             await conn.close()
 

@@ -8,7 +8,8 @@ vector is stored only if the entity's text is still the one that was embedded;
 otherwise the newer change stays queued. If the embedder fails, the rows stay queued
 and the job is retried later; if it fails a batch but not each of its entities alone, those
 it fails wait at the back of the queue, so that one text it refuses holds back no other.
-``backfill`` walks every entity when a new model is building, then makes it the active one;
+``backfill`` walks every entity when a new model is building, then builds the model's index
+(concurrently: writes go on meanwhile) and makes it the active one;
 the texts it fails alone are left to the queue in the same way, so that they hold back no build.
 """
 
@@ -248,7 +249,7 @@ class Indexer:
                 todo = [r for r in rows if r["embed_md5"] not in (r["embedded_md5"], r["queued_md5"])]
                 if todo:
                     total += await self._store_each_if_need_be(org_id, model, todo, clear_queue=False)
-        await self.models.activate(model.model)
+        await self.models.activate(model)
         for org_id in org_ids:  # the old vectors: no query uses them any more
             async with self.db.transaction(org_id) as conn:
                 await conn.execute("DELETE FROM search_vectors WHERE org_id = %s AND model <> %s",

@@ -5,8 +5,9 @@ embedded by that same model. The active model is the one queries use. When the
 settings name another model, it is registered as ``building``; workers then embed
 every entity with it in the background. Meanwhile, search keeps using the old
 vectors, embedding queries with the old model (rebuilt from its stored kind and url).
-Once every org is covered, the new model becomes active, and the old vectors and
-their index are dropped.
+Once every org is covered and its HNSW index is built (without holding up writes, see
+``model_index``), the new model becomes active, and the old vectors and their index are
+dropped.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import time
 from dataclasses import dataclass
 
 from canvasdb.db import Database
+from canvasdb.errors import Unavailable
 from canvasdb.search.embedders import Embedder, make_embedder
+from canvasdb.search.model_index import ModelIndexes
 
 _ACTIVE_TTL = 5.0  # seconds a process trusts its idea of the active model
 
@@ -39,6 +42,7 @@ class Models:
         self._others: dict[str, Embedder] = {}
         self._active: tuple[float, ModelInfo | None] = (0.0, None)
         self._registered: ModelInfo | None = None
+        self.indexes = ModelIndexes(db)
 
     async def active(self) -> ModelInfo | None:
         """The model queries use (None until a first model is registered)."""
@@ -66,7 +70,10 @@ class Models:
     async def register(self) -> ModelInfo:
         """Record the configured model: active if there is none yet, else building.
 
-        A remote model's dimension is learnt from one call, so this may raise
+        A first model, active at once, gets its index here (an empty table's, or nearly:
+        quick); a building one gets it from its build (``activate``). While another process
+        builds the active model's index, this one stores vectors meanwhile and asks again
+        next time. A remote model's dimension is learnt from one call, so this may raise
         ``EmbedderUnavailable``; workers call it and retry later.
         """
         if self._registered is not None:
@@ -93,13 +100,20 @@ class Models:
                 {"model": self.configured.model, "kind": self.configured.kind, "url": url, "dim": dimension})
             row = await cur.fetchone()
             assert row is not None
-            await conn.execute("SELECT search_model_index(%s, %s)", (row["model"], row["dimension"]))
-        self._registered = ModelInfo(**row)
+        info = ModelInfo(**row)
         self.forget()
-        return self._registered
+        if info.state == "active" and not await self.indexes.build(info.model, info.dimension):
+            return info
+        self._registered = info
+        return info
 
-    async def activate(self, model: str) -> None:
-        """Make a fully built model the active one and retire (and drop) the others."""
+    async def activate(self, info: ModelInfo) -> None:
+        """Make a fully embedded model the active one, once its index is valid (built here
+        if need be), and retire (and drop) the others."""
+        model = info.model
+        if not await self.indexes.build(model, info.dimension):
+            raise Unavailable(f"the index of embedding model {model} is being built by another process",
+                              retry=True)
         async with self.db.transaction() as conn:
             await conn.execute("LOCK TABLE search_models IN SHARE ROW EXCLUSIVE MODE")
             cur = await conn.execute("UPDATE search_models SET state = 'retired' WHERE state = 'active'"
@@ -110,7 +124,7 @@ class Models:
         self._registered = None
         self.forget()
         for old in retired:
-            await self.db.one("SELECT search_model_drop_index(%s)", (old,))
+            await self.indexes.drop(old)
 
     async def close(self) -> None:
         for embedder in (self.configured, *self._others.values()):

@@ -35,7 +35,7 @@ from canvasdb.search.embedders import EmbedderUnavailable, make_embedder
 from canvasdb.search.engine import Filters, Search
 from canvasdb.search.indexer import Indexer
 from canvasdb.search.model_index import ModelIndexes
-from canvasdb.search.models import Models
+from canvasdb.search.models import ModelInfo, Models
 from canvasdb.search.query import allowed_typos, corrections, parse, slip, typo_cost
 from canvasdb.services import Services
 from canvasdb.settings import Settings
@@ -742,6 +742,34 @@ async def _a_change_of_model(pg_url: str, settings: Settings, *texts: str
                 await old.models.close()
     finally:
         fake.close()
+
+
+async def test_entities_embedded_by_the_old_model_during_a_build_are_queued_at_activation(
+        pg_url: str, settings: Settings) -> None:
+    """An entity written once the build's walk had passed it, or one the new model's embedder failed
+    alone (left to the queue), and embedded meanwhile by a process still configured with the old
+    model, had only an old vector: deleted at activation, it left the entity out of semantic search
+    until its next edit. Activation queues them for the new model."""
+    async with _a_change_of_model(pg_url, settings, "buy a new vehicle", "refused for now") as (
+            db, tenant, (vehicle, refused), old, new):
+        activate = new.models.activate
+        written: list[UUID] = []
+
+        async def written_behind_the_walk(info: ModelInfo) -> None:
+            written.append((await old.entities.create(tenant.owner, tenant.project_id, "note",
+                                                      {"title": "Memo", "body": "bananas"})).id)
+            assert (await old.indexer.drain(tenant.org_id))["embedded"] == 2  # the memo and the refused
+            await activate(info)
+
+        new.models.activate = written_behind_the_walk  # type: ignore[method-assign]
+        embedder = new.models.configured
+        new.models.configured = _Refusing(embedder)  # type: ignore[assignment]
+        assert await new.indexer.backfill([tenant.org_id]) == 1
+        assert (await new.models.active()).model == "fake-8"
+        assert (await new.indexer.backlog(tenant.org_id))["embeddings"] == 2
+        new.models.configured = embedder  # (the service takes that text now)
+        assert (await new.indexer.drain(tenant.org_id))["embedded"] == 2
+        assert set(await _ids(new, tenant.owner, "bananas", mode="semantic")) == {vehicle, refused, *written}
 
 
 async def test_a_new_models_index_is_built_without_holding_up_writes(pg_url: str, settings: Settings) -> None:

@@ -12,6 +12,7 @@ dropped.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from canvasdb.errors import Unavailable
 from canvasdb.search.embedders import Embedder, make_embedder
 from canvasdb.search.model_index import ModelIndexes
 
+log = logging.getLogger("canvasdb.search")
 _ACTIVE_TTL = 5.0  # seconds a process trusts its idea of the active model
 
 
@@ -109,7 +111,9 @@ class Models:
 
     async def activate(self, info: ModelInfo) -> None:
         """Make a fully embedded model the active one, once its index is valid (built here
-        if need be), and retire (and drop) the others."""
+        if need be), and retire (and drop) the others. Entities left with no vector of it (embedded
+        during its build by a process still configured with the old model) are queued in the same
+        transaction, so the queue gives them one."""
         model = info.model
         if not await self.indexes.build(model, info.dimension):
             raise Unavailable(f"the index of embedding model {model} is being built by another process",
@@ -121,8 +125,13 @@ class Models:
             retired = [row["model"] for row in await cur.fetchall()]
             await conn.execute("UPDATE search_models SET state = 'active', activated_at = now()"
                                " WHERE model = %s", (model,))
+            cur = await conn.execute("SELECT search_queue_unembedded(%s) AS n", (model,))
+            queued = await cur.fetchone()
         self._registered = None
         self.forget()
+        if queued and queued["n"]:
+            log.info("%d entities with no vector of embedding model %s are queued for one",
+                     queued["n"], model)
         for old in retired:
             await self.indexes.drop(old)
 

@@ -137,8 +137,9 @@ async def test_an_entity_created_while_its_type_is_redeclared_is_indexed_by_the_
 async def test_a_new_process_indexes_without_waiting_for_writes_on_the_vectors(svc: Services,
                                                                               tenant: Tenant) -> None:
     """A process's first drain registers its model and asks for the model's index, which is there:
-    CREATE INDEX IF NOT EXISTS took search_vectors' SHARE lock before finding it, so each process
-    start waited for the writes under way (and held up those that came after)."""
+    it reads the catalog (model_index.py), where CREATE INDEX IF NOT EXISTS took search_vectors'
+    SHARE lock before finding it, so each process start waited for the writes under way (and
+    held up those that came after)."""
     await svc.models.register()
     new_process = Indexer(svc.db, Models(svc.db, svc.models.configured))
     async with svc.db.transaction(tenant.org_id) as conn:

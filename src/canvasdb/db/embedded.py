@@ -22,9 +22,9 @@ import stat
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 from urllib.parse import quote
 
 from canvasdb.errors import Unavailable, one_line
@@ -90,19 +90,20 @@ class EmbeddedPostgres:
                               f"cannot start from a path with {' '.join(awkward)} in it",
                               hint="set CANVASDB_HOME to a folder without them")
         try:
-            lock = self._start_lock()
-        except OSError as exc:
+            with self._start_lock():
+                return self._start(timeout)
+        except OSError as exc:  # CANVASDB_HOME is a file, read-only, or not ours
             raise self._unusable_home(exc) from None
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released as it closes
-            return self._start(timeout)
 
-    def _start_lock(self) -> TextIO:
+    @contextlib.contextmanager
+    def _start_lock(self) -> Iterator[None]:
         """One start at a time per home, across processes: two `canvasdb up` at once on a new
         home both ran initdb (the second failed to put its copy in place, and left it behind),
         and a start could take the lock file of a server another was starting for stale."""
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        return (self.pgdata.parent / "start.lock").open("a")
+        with (self.pgdata.parent / "start.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released as it closes
+            yield
 
     def _unusable_home(self, exc: OSError) -> Unavailable:
         home = self.pgdata.parent
@@ -111,20 +112,17 @@ class EmbeddedPostgres:
                            hint="set CANVASDB_HOME to a folder this user can write")
 
     def _start(self, timeout: int) -> str:
-        try:
-            if not (self.pgdata / "PG_VERSION").exists():
-                self._initdb()
-            running = self.status().running
-            if not running:
-                port = self._conf_port()
-                if port is not None:
-                    self._write_conf(self.pgdata, port)  # a newer canvasdb may tune differently
-                self._prepare_runtime_dirs()
-                if self._lock_file.exists():  # no server runs on it: PostgreSQL would refuse to start
-                    log.warning("removing the stale lock file %s (its server is gone)", self._lock_file)
-                    self._lock_file.unlink()
-        except OSError as exc:  # CANVASDB_HOME is a file, read-only, or not ours
-            raise self._unusable_home(exc) from None
+        if not (self.pgdata / "PG_VERSION").exists():
+            self._initdb()
+        running = self.status().running
+        if not running:
+            port = self._conf_port()
+            if port is not None:
+                self._write_conf(self.pgdata, port)  # a newer canvasdb may tune differently
+            self._prepare_runtime_dirs()
+            if self._lock_file.exists():  # no server runs on it: PostgreSQL would refuse to start
+                log.warning("removing the stale lock file %s (its server is gone)", self._lock_file)
+                self._lock_file.unlink()
         if not running:
             logged_before = self._log_size()
             try:
@@ -150,8 +148,7 @@ class EmbeddedPostgres:
         home that ever ran left a ``canvasdb-<hash>`` behind. Only a folder of ours, and under the
         start lock: a start makes the folder before its server puts its socket there."""
         sock = Path(self._socket_dir())
-        with contextlib.suppress(OSError), self._start_lock() as lock:  # (not empty: left as it is)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError), self._start_lock():  # (not empty: left as it is)
             if self._is_ours(sock):
                 sock.rmdir()
 

@@ -773,6 +773,49 @@ async def test_entities_embedded_by_the_old_model_during_a_build_are_queued_at_a
         assert set(await _ids(new, tenant.owner, "bananas", mode="semantic")) == {vehicle, refused, *written}
 
 
+async def test_the_switch_of_model_queues_behind_what_is_queued_leaving_it_in_place(
+        pg_url: str, settings: Settings) -> None:
+    """The entities with no vector of the new model are queued at activation behind those queued
+    already, which keep their place (a text the embedder failed alone goes to the back instead)."""
+    async with _a_change_of_model(pg_url, settings, "buy a new vehicle") as (db, tenant, (vehicle,), old, new):
+        memo = (await old.entities.create(tenant.owner, tenant.project_id, "note",
+                                          {"title": "Memo", "body": "bananas"})).id
+
+        async def queue() -> list[tuple[UUID, datetime]]:
+            async with db.transaction(tenant.org_id) as conn:
+                cur = await conn.execute("SELECT entity_id, queued_at FROM search_queue"
+                                         " WHERE embed_md5 IS NOT NULL ORDER BY queued_at")
+                return [(r["entity_id"], r["queued_at"]) for r in await cur.fetchall()]
+
+        before = await queue()
+        assert [entity for entity, _ in before] == [memo]
+        await new.models.activate(await new.models.register())
+        after = await queue()
+        assert after[0] == before[0] and [entity for entity, _ in after[1:]] == [vehicle]
+
+
+async def test_the_switch_of_model_queues_entities_in_the_order_writes_lock_them(
+        pg_url: str, settings: Settings) -> None:
+    """A write changes two entities (in id order, as writes do) while the switch queues the entities
+    with no vector of the new model. The switch took them in the table's order, here the second one
+    first: it waited for the first one's queue row, held by the write, and the write for the second
+    one's, held by the switch: a deadlock, and one of the two failed."""
+    async with _a_change_of_model(pg_url, settings) as (db, tenant, _, old, new):
+        second, first = [(await old.entities.create(tenant.owner, tenant.project_id, "note",
+                                                    {"title": "Note", "body": body}, id=UUID(int=n))).id
+                         for n, body in ((2**128 - 1, "tidal energy"), (1, "bananas"))]
+        await old.indexer.drain(tenant.org_id)
+        info = await new.models.register()
+        assert await new.models.indexes.build(info.model, info.dimension)
+        async with held(db.conninfo, tenant) as write:
+            await change(write, tenant, first, "replace", '{"title": "Note", "body": "pears"}')
+            activation = await _blocked_or_done(db, new.models.activate(info))
+            await change(write, tenant, second, "replace", '{"title": "Note", "body": "tides"}')
+            await write.commit()
+        await activation
+        assert (await new.indexer.drain(tenant.org_id))["embedded"] == 2
+
+
 class _SwitchingMeanwhile:
     """An embedder, except that the first batch it embeds waits for ``switch`` (the activation of
     another model by another process) before it answers."""

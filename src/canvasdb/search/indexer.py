@@ -150,16 +150,12 @@ class Indexer:
     async def _to_back_of_queue(self, org_id: UUID, entity_ids: list[UUID]) -> None:
         """Queue these entities' texts for embedding (a new model's build leaves them to the queue)
         behind everything queued so far. A text queued already stays queued as it is: it may be one
-        a write just made, newer than the text that failed."""
+        a write just made, newer than the text that failed. (``search_queue_texts``, migration 0036:
+        the activation of a new model queues with it too, leaving queued texts in their place.)"""
         if not entity_ids:
             return
         async with self.db.transaction(org_id) as conn:
-            await conn.execute(
-                "INSERT INTO search_queue (org_id, entity_id, needs_terms, embed_md5, queued_at)"
-                " SELECT org_id, entity_id, false, embed_md5, clock_timestamp() FROM search_docs"
-                " WHERE org_id = %s AND entity_id = ANY(%s) AND embed_md5 IS NOT NULL"
-                " ON CONFLICT (org_id, entity_id) DO UPDATE SET queued_at = EXCLUDED.queued_at,"
-                "   embed_md5 = coalesce(search_queue.embed_md5, EXCLUDED.embed_md5)", (org_id, entity_ids))
+            await conn.execute("SELECT search_queue_texts(%s, %s, true)", (org_id, entity_ids))
 
     async def _store(self, org_id: UUID, model: ModelInfo, rows: list[dict[str, Any]], *,
                      clear_queue: bool) -> None:

@@ -21,7 +21,8 @@ Loading: entities by COPY with triggers off (superuser, replica role); search_do
 INSERT ... SELECT per half of the ids (two connections, two cores) with the trigger's own
 functions, then its two GIN indexes built (dropped around the insert: same names and definitions);
 search_terms from search_words, then its trigram index; vectors by COPY (halfvec text), then the
-HNSW index by search_model_index() after the load; then VACUUM ANALYZE. Every phase is timed.
+HNSW index after the load, as the application builds it (model_index.py: CREATE INDEX CONCURRENTLY
+on a connection of its own); then VACUUM ANALYZE. Every phase is timed.
 
 Queries (median and p95 ms, warm, through svc.search.search as an org admin; 200 of each, 50 at
 small scale): two-word text (two mid-frequency words, ranks 100-2,000, of one random body), one
@@ -70,6 +71,7 @@ from uuid import UUID, uuid4
 import numpy as np
 import psycopg
 from harness import Tenant, machine_facts, make_tenant, phase, print_footer, print_targets, run, stats, timed
+from psycopg.conninfo import make_conninfo
 from rich.console import Console
 from rich.table import Table
 
@@ -78,6 +80,7 @@ from canvasdb.entities import EntityType
 from canvasdb.runtime import prepare_schema
 from canvasdb.search.embedders import make_embedder
 from canvasdb.search.engine import Filters, Mode, Results, Search
+from canvasdb.search.model_index import ModelIndexes, index_name
 from canvasdb.search.query import typo_cost
 from canvasdb.services import Services
 from canvasdb.settings import Settings
@@ -400,13 +403,16 @@ def copy_vectors(url: str, t: Tenant, projects: list[UUID], corpus: Corpus, subs
             advance(c)
 
 
-def hnsw_build(url: str, scale: Scale) -> float:
-    with psycopg.connect(url, autocommit=True) as conn, phase("CREATE INDEX (HNSW) via search_model_index"):
-        conn.execute(f"SET maintenance_work_mem = '{scale.maintenance_work_mem}'")
-        conn.execute("SET max_parallel_maintenance_workers = 1")
-        t0 = time.perf_counter()
-        conn.execute("SELECT search_model_index(%s, %s)", (MODEL, DIM))
-        return time.perf_counter() - t0
+async def hnsw_build(url: str, scale: Scale) -> float:
+    """The model's index built by the application's own path (``ModelIndexes.build``), its session
+    given the bench's maintenance memory and one parallel worker by its connection options."""
+    options = f"-c maintenance_work_mem={scale.maintenance_work_mem} -c max_parallel_maintenance_workers=1"
+    async with Database(make_conninfo(url, options=options), min_size=1, max_size=1) as db:
+        with phase("CREATE INDEX CONCURRENTLY (HNSW) via model_index"):
+            t0 = time.perf_counter()
+            if not await ModelIndexes(db).build(MODEL, DIM):
+                raise RuntimeError(f"another process is building the index of {MODEL}")
+            return time.perf_counter() - t0
 
 
 def vacuum_analyze(url: str) -> float:
@@ -422,7 +428,7 @@ def sizes(url: str, t: Tenant, corpus: Corpus) -> dict[str, Any]:
         def one(sql: str, *params: Any) -> Any:
             return conn.execute(sql, params).fetchone()[0]  # type: ignore[index]
 
-        hnsw = one("SELECT search_model_index(%s, %s)", MODEL, DIM)  # exists: returns its name
+        hnsw = index_name(MODEL)
         out = {
             "raw_text": corpus.raw_bytes,
             "entities_total": one("SELECT pg_total_relation_size('entities')"),
@@ -651,8 +657,7 @@ async def build(url: str, svc: Services, scale: Scale, report: dict[str, Any]) -
     # The model row through the API (active: the first one). Registering builds an empty HNSW
     # index: dropped, to be built once after the load.
     model = await svc.models.register()
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SELECT search_model_drop_index(%s)", (MODEL,))
+    await svc.models.indexes.drop(MODEL)
     rng = np.random.default_rng(9)
     subset = np.sort(rng.choice(corpus.n, min(scale.real_vectors, corpus.n), replace=False))
     real, seconds = await embed_subset(svc, corpus, subset)
@@ -660,7 +665,7 @@ async def build(url: str, svc: Services, scale: Scale, report: dict[str, Any]) -
     t0 = time.perf_counter()
     await asyncio.to_thread(copy_vectors, url, t, projects, corpus, subset, real)
     timings["copy_vectors"] = time.perf_counter() - t0
-    timings["hnsw_build"] = await asyncio.to_thread(hnsw_build, url, scale)
+    timings["hnsw_build"] = await hnsw_build(url, scale)
     timings["vacuum_analyze"] = await asyncio.to_thread(vacuum_analyze, url)
     report["data"] = {"entities": corpus.n, "projects": len(projects), "types": TYPES, "tags": TAGS,
                       "vocabulary": VOCAB, "zipf": ZIPF, "real_vectors": len(subset),
@@ -998,7 +1003,7 @@ PHASES = {"vocabulary": "vocabulary (stems checked in PostgreSQL)",
           "trigram_build": "trigram index search_terms_trgm",
           "embed_real": "embed the real subset (local model)",
           "copy_vectors": "synthetic vectors + COPY",
-          "hnsw_build": "HNSW index (search_model_index)",
+          "hnsw_build": "HNSW index (model_index, concurrently)",
           "vacuum_analyze": "VACUUM ANALYZE"}
 
 

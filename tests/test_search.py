@@ -10,7 +10,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +22,7 @@ import psycopg
 import pytest
 from conftest import Tenant, make_tenant, unique
 from pycrdt import Map
+from races import change, held
 from test_embedders import FakeService
 from test_projection import Board, push
 
@@ -770,6 +771,146 @@ async def test_entities_embedded_by_the_old_model_during_a_build_are_queued_at_a
         new.models.configured = embedder  # (the service takes that text now)
         assert (await new.indexer.drain(tenant.org_id))["embedded"] == 2
         assert set(await _ids(new, tenant.owner, "bananas", mode="semantic")) == {vehicle, refused, *written}
+
+
+async def test_the_switch_of_model_queues_behind_what_is_queued_leaving_it_in_place(
+        pg_url: str, settings: Settings) -> None:
+    """The entities with no vector of the new model are queued at activation behind those queued
+    already, which keep their place (a text the embedder failed alone goes to the back instead)."""
+    async with _a_change_of_model(pg_url, settings, "buy a new vehicle") as (db, tenant, (vehicle,), old, new):
+        memo = (await old.entities.create(tenant.owner, tenant.project_id, "note",
+                                          {"title": "Memo", "body": "bananas"})).id
+
+        async def queue() -> list[tuple[UUID, datetime]]:
+            async with db.transaction(tenant.org_id) as conn:
+                cur = await conn.execute("SELECT entity_id, queued_at FROM search_queue"
+                                         " WHERE embed_md5 IS NOT NULL ORDER BY queued_at")
+                return [(r["entity_id"], r["queued_at"]) for r in await cur.fetchall()]
+
+        before = await queue()
+        assert [entity for entity, _ in before] == [memo]
+        await new.models.activate(await new.models.register())
+        after = await queue()
+        assert after[0] == before[0] and [entity for entity, _ in after[1:]] == [vehicle]
+
+
+async def test_the_switch_of_model_queues_entities_in_the_order_writes_lock_them(
+        pg_url: str, settings: Settings) -> None:
+    """A write changes two entities (in id order, as writes do) while the switch queues the entities
+    with no vector of the new model. The switch took them in the table's order, here the second one
+    first: it waited for the first one's queue row, held by the write, and the write for the second
+    one's, held by the switch: a deadlock, and one of the two failed."""
+    async with _a_change_of_model(pg_url, settings) as (db, tenant, _, old, new):
+        second, first = [(await old.entities.create(tenant.owner, tenant.project_id, "note",
+                                                    {"title": "Note", "body": body}, id=UUID(int=n))).id
+                         for n, body in ((2**128 - 1, "tidal energy"), (1, "bananas"))]
+        await old.indexer.drain(tenant.org_id)
+        info = await new.models.register()
+        assert await new.models.indexes.build(info.model, info.dimension)
+        async with held(db.conninfo, tenant) as write:
+            await change(write, tenant, first, "replace", '{"title": "Note", "body": "pears"}')
+            activation = await _blocked_or_done(db, new.models.activate(info))
+            await change(write, tenant, second, "replace", '{"title": "Note", "body": "tides"}')
+            await write.commit()
+        await activation
+        assert (await new.indexer.drain(tenant.org_id))["embedded"] == 2
+
+
+class _SwitchingMeanwhile:
+    """An embedder, except that the first batch it embeds waits for ``switch`` (the activation of
+    another model by another process) before it answers."""
+
+    def __init__(self, embedder: Any, switch: Callable[[], Awaitable[Any]]) -> None:
+        self.embedder = embedder
+        self.switch: Callable[[], Awaitable[Any]] | None = switch
+        self.batches = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.embedder, name)
+
+    async def embed(self, texts: list[str], **kw: Any) -> Any:
+        self.batches += 1
+        vectors = await self.embedder.embed(texts, **kw)
+        if self.switch is not None:
+            switch, self.switch = self.switch, None
+            await switch()
+        return vectors
+
+
+async def test_a_drain_of_the_old_model_leaves_to_the_new_one_what_it_embedded_as_the_new_one_took_over(
+        pg_url: str, settings: Settings) -> None:
+    """A process still configured with the old model embeds a queued entity; the new model becomes
+    active before it stores the vector. The retired model's vector was stored and the queue row
+    cleared (the one the activation had left for the new model), so the entity had no vector of
+    the active model and nothing queued: out of semantic search until its next edit. The drain
+    now stops there, and the process's later drains embed nothing."""
+    async with _a_change_of_model(pg_url, settings, "buy a new vehicle") as (db, tenant, (vehicle,), old, new):
+        memo = (await old.entities.create(tenant.owner, tenant.project_id, "note",
+                                          {"title": "Memo", "body": "bananas"})).id
+
+        async def new_model_built() -> None:
+            assert await new.indexer.backfill([tenant.org_id]) == 1  # the vehicle (the memo is queued)
+
+        embedder = _SwitchingMeanwhile(old.models.configured, new_model_built)
+        old.models.configured = embedder  # type: ignore[assignment]
+        assert (await old.indexer.drain(tenant.org_id))["embedded"] == 0
+        assert (await new.models.active()).model == "fake-8"
+        assert (await new.indexer.backlog(tenant.org_id))["embeddings"] == 1
+        later = (await old.entities.create(tenant.owner, tenant.project_id, "note",
+                                           {"title": "Fruit", "body": "bananas and pears"})).id
+        assert (await old.indexer.drain(tenant.org_id))["embedded"] == 0
+        assert embedder.batches == 1
+        assert (await new.indexer.drain(tenant.org_id))["embedded"] == 2
+        assert set(await _ids(new, tenant.owner, "bananas", mode="semantic")) == {vehicle, memo, later}
+        async with db.transaction(tenant.org_id) as conn:
+            cur = await conn.execute("SELECT DISTINCT model FROM search_vectors")
+            assert [r["model"] for r in await cur.fetchall()] == ["fake-8"]
+
+
+async def test_vectors_stored_during_the_switch_of_model_wait_for_it(pg_url: str, settings: Settings) -> None:
+    """The old model's vector is stored while the activation's transaction is under way (its queueing
+    of the entities with no vector of the new model waits for a lock). The store cleared the queue row
+    the activation left, once the activation committed; it now waits for the activation, sees its
+    model retired, and stores nothing."""
+    async with _a_change_of_model(pg_url, settings, "buy a new vehicle") as (db, tenant, (vehicle,), old, new):
+        memo = (await old.entities.create(tenant.owner, tenant.project_id, "note",
+                                          {"title": "Memo", "body": "bananas"})).id
+        info = await new.models.register()
+        assert await new.models.indexes.build(info.model, info.dimension)
+        async with db.transaction(tenant.org_id) as held:
+            await held.execute("SELECT FROM search_queue WHERE org_id = %s AND entity_id = %s FOR UPDATE",
+                               (tenant.org_id, memo))
+            activation = await _blocked_or_done(db, new.models.activate(info))
+            drain = await _blocked_or_done(db, old.indexer.drain(tenant.org_id), waiting=2)
+            assert not activation.done() and not drain.done()
+        await activation
+        assert (await drain)["embedded"] == 0
+        assert (await new.indexer.backlog(tenant.org_id))["embeddings"] == 2  # the vehicle and the memo
+        assert (await new.indexer.drain(tenant.org_id))["embedded"] == 2
+        assert set(await _ids(new, tenant.owner, "bananas", mode="semantic")) == {vehicle, memo}
+
+
+async def test_a_vector_store_waits_for_the_switch_of_model_before_it_locks_search_rows(
+        pg_url: str, settings: Settings) -> None:
+    """A write changes two entities; the switch's queueing waits for the first one's queue row; a store
+    of the second one's vector waits for the switch. Had the store locked that entity's search row
+    before waiting, the write, changing it next, would wait for the store: a deadlock, and one of the
+    three would fail."""
+    async with _a_change_of_model(pg_url, settings, "bananas") as (db, tenant, (fruit,), old, new):
+        memo = (await old.entities.create(tenant.owner, tenant.project_id, "note", {"title": "Memo", "body": "tide"},
+                                          id=UUID(int=2**128 - 1))).id  # after the fruit in id order
+        info = await new.models.register()
+        assert await new.models.indexes.build(info.model, info.dimension)
+        async with held(db.conninfo, tenant) as write:
+            await change(write, tenant, fruit, "replace", '{"title": "Fruit", "body": "pears"}')
+            activation = await _blocked_or_done(db, new.models.activate(info))
+            drain = await _blocked_or_done(db, old.indexer.drain(tenant.org_id), waiting=2)
+            await change(write, tenant, memo, "replace", '{"title": "Memo", "body": "tidal energy"}')
+            await write.commit()
+        await activation
+        assert (await drain)["embedded"] == 0
+        assert (await new.indexer.drain(tenant.org_id))["embedded"] == 2
+        assert set(await _ids(new, tenant.owner, "tidal energy", mode="semantic")) == {fruit, memo}
 
 
 async def test_a_new_models_index_is_built_without_holding_up_writes(pg_url: str, settings: Settings) -> None:

@@ -11,6 +11,10 @@ it fails wait at the back of the queue, so that one text it refuses holds back n
 ``backfill`` walks every entity when a new model is building, then builds the model's index
 (concurrently: writes go on meanwhile) and makes it the active one;
 the texts it fails alone are left to the queue in the same way, so that they hold back no build.
+A vector is stored (and its entity taken off the queue) only while its model is active or
+building, checked in the store's transaction under the lock the switch takes: a drain of a
+process still configured with a model that was retired meanwhile stops, and leaves the queue
+to the processes of the active model.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from uuid import UUID
 from canvasdb import metrics
 from canvasdb.db import Database
 from canvasdb.search.embedders import EmbedderUnavailable
-from canvasdb.search.models import ModelInfo, Models
+from canvasdb.search.models import ModelInfo, ModelRetired, Models
 
 log = logging.getLogger("canvasdb.search")
 TERMS_BATCH = 500
@@ -39,7 +43,9 @@ class Indexer:
     async def drain(self, org_id: UUID) -> dict[str, int]:
         """Empty the org's queue (or work for ``DRAIN_SECONDS``); returns what was done.
 
-        Raises ``EmbedderUnavailable`` when the embedder fails: what is left stays queued.
+        Raises ``EmbedderUnavailable`` when the embedder fails: what is left stays queued. Embeds
+        nothing once the configured model is retired (another one is active): what is queued is
+        left to the processes configured with the active model.
         """
         done = {"terms": 0, "embedded": 0}
         deadline = time.monotonic() + DRAIN_SECONDS
@@ -50,11 +56,15 @@ class Indexer:
                 break
         model = await self.models.register()
         try:
-            while time.monotonic() < deadline:
+            while model.state != "retired" and time.monotonic() < deadline:
                 n = await self._embed_queued(org_id, model)
                 done["embedded"] += n
                 if n < EMBED_BATCH:
                     break
+        except ModelRetired:
+            log.warning("embedding model %s, which this process is configured with, was retired: it"
+                        " embeds nothing more, and leaves the queue to the processes of the active model",
+                        model.model)
         finally:
             await self.report_backlog(org_id)
         return done
@@ -140,22 +150,23 @@ class Indexer:
     async def _to_back_of_queue(self, org_id: UUID, entity_ids: list[UUID]) -> None:
         """Queue these entities' texts for embedding (a new model's build leaves them to the queue)
         behind everything queued so far. A text queued already stays queued as it is: it may be one
-        a write just made, newer than the text that failed."""
+        a write just made, newer than the text that failed. (``search_queue_texts``, migration 0036:
+        the activation of a new model queues with it too, leaving queued texts in their place.)"""
         if not entity_ids:
             return
         async with self.db.transaction(org_id) as conn:
-            await conn.execute(
-                "INSERT INTO search_queue (org_id, entity_id, needs_terms, embed_md5, queued_at)"
-                " SELECT org_id, entity_id, false, embed_md5, clock_timestamp() FROM search_docs"
-                " WHERE org_id = %s AND entity_id = ANY(%s) AND embed_md5 IS NOT NULL"
-                " ON CONFLICT (org_id, entity_id) DO UPDATE SET queued_at = EXCLUDED.queued_at,"
-                "   embed_md5 = coalesce(search_queue.embed_md5, EXCLUDED.embed_md5)", (org_id, entity_ids))
+            await conn.execute("SELECT search_queue_texts(%s, %s, true)", (org_id, entity_ids))
 
     async def _store(self, org_id: UUID, model: ModelInfo, rows: list[dict[str, Any]], *,
                      clear_queue: bool) -> None:
         vectors = await self.models.configured.embed([row["text"] for row in rows])
         started = time.monotonic()
         async with self.db.transaction(org_id) as conn:
+            # Only while the model is active or building, until the commit: a retired model's vector
+            # would take off the queue an entity left there for the active model's. (First: holding
+            # a search row while waiting for a switch that waits for a write waiting for that row
+            # would deadlock.)
+            await self.models.hold_switch(conn, model)
             # Only where the entity's text is still the one embedded (the md5 matches), its search
             # row locked (in id order, as writes lock them): a write under way is waited for and
             # then seen, and one that follows waits for this transaction, then deletes what is stale.

@@ -7,22 +7,29 @@ every entity with it in the background. Meanwhile, search keeps using the old
 vectors, embedding queries with the old model (rebuilt from its stored kind and url).
 Once every org is covered and its HNSW index is built (without holding up writes, see
 ``model_index``), the new model becomes active, and the old vectors and their index are
-dropped.
+dropped. Each store of vectors and the switch take turns on the registry (``hold_switch``):
+a process still configured with the old model stores nothing once it is retired, and
+leaves what is queued to the processes of the active one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from canvasdb.db import Database
+from canvasdb.db import Connection, Database
 from canvasdb.errors import Unavailable
 from canvasdb.search.embedders import Embedder, make_embedder
 from canvasdb.search.model_index import ModelIndexes
 
 log = logging.getLogger("canvasdb.search")
 _ACTIVE_TTL = 5.0  # seconds a process trusts its idea of the active model
+
+
+class ModelRetired(Exception):
+    """The model a process embeds with was retired by another's activation: no query would use
+    its vectors, and only a vector of the active model may take an entity off the queue."""
 
 
 @dataclass(frozen=True)
@@ -109,11 +116,26 @@ class Models:
         self._registered = info
         return info
 
+    async def hold_switch(self, conn: Connection, info: ModelInfo) -> None:
+        """Hold off any switch of model until ``conn``'s transaction ends (an activation under way is
+        waited for), and raise ``ModelRetired`` if ``info``'s model is retired by then. Vectors stored
+        in that transaction are of a model that is active, or building (to become active): an
+        activation that follows sees them, or queues their entities (``activate``). Once retired,
+        the model is what ``register`` answers in this process, which embeds nothing more: registered
+        again, it would be building again, and a build would bring it back."""
+        await conn.execute("LOCK TABLE search_models IN SHARE MODE")
+        cur = await conn.execute("SELECT state FROM search_models WHERE model = %s", (info.model,))
+        row = await cur.fetchone()
+        if row is None or row["state"] == "retired":
+            self._registered = replace(info, state="retired")
+            raise ModelRetired(f"embedding model {info.model} is retired")
+
     async def activate(self, info: ModelInfo) -> None:
         """Make a fully embedded model the active one, once its index is valid (built here
         if need be), and retire (and drop) the others. Entities left with no vector of it (embedded
         during its build by a process still configured with the old model) are queued in the same
-        transaction, so the queue gives them one."""
+        transaction, so the queue gives them one. Its lock waits for the vectors being stored
+        (``hold_switch``), which see the switch once it is made."""
         model = info.model
         if not await self.indexes.build(model, info.dimension):
             raise Unavailable(f"the index of embedding model {model} is being built by another process",

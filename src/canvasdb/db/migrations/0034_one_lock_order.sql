@@ -20,17 +20,21 @@
 --   a. entity rows: the entity written, deleted, undeleted or restored (its own row, FOR
 --      UPDATE when `deleted` changes); then the entities it newly references, or a new
 --      relationship's two ends, FOR KEY SHARE, in id order;
---   b. relationship rows: a deletion's or undeletion's, in id order (0025), and those that
---      a write of references deletes, brings back or makes;
+--   b. relationship rows: a deletion's or undeletion's, in id order (0025), those that a
+--      write of references deletes, brings back or makes, and the one the API changes
+--      (PATCH, DELETE, undelete: locked before If-Match is checked);
 --   c. the turns of acyclic kinds (relationship_kind_lock), in kind order, each taken
---      before the cycle checks of its kind. A new relationship is checked after it is
---      written, which finds the same cycles: a path from its target back to its source
---      never needs the new edge, which leaves the source.
--- An entity write takes its type's search lock, shared, in between (0025, point 3); only
--- a type's registration takes it alone, and it holds nothing of the above. A group commit
--- changes its entities one after the other (in (org, id) order), so one change's turns
--- may come before the next one's rows: a deadlock there fails the batch, and each change
--- is written again alone (entities/changes.py).
+--      before the cycle checks of its kind. A new relationship of a reference is checked
+--      after it is written, which finds the same cycles: a path from its target back to
+--      its source never needs the new edge, which leaves the source. (The API's creation
+--      takes the turn, then inserts: a new row, which no one else can be waiting for.)
+-- An entity write also takes its type's search lock (0025, point 3), shared: writers never
+-- wait for each other on it, and a type's registration, which takes it alone, holds none
+-- of the locks above (a shared request queued behind a waiting registration is let pass by
+-- PostgreSQL's deadlock check, not cancelled). A group commit changes its entities one
+-- after the other (in (org, id) order), so one change's turns may come before the next
+-- one's rows: a deadlock there fails the batch, and each change is written again alone
+-- (entities/changes.py).
 
 -- The references of `p_data` under the reference fields `p_refs`: the kind (the field's
 -- last name, lower case), the value as text (an entity id, unchecked) and the field.

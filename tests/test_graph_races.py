@@ -115,10 +115,10 @@ async def test_a_write_referencing_an_entity_being_undeleted_waits_for_it_withou
         # having locked b, waits for it before its cycle check
         await first.execute("UPDATE relationships SET data = '{\"label\": \"x\"}' WHERE org_id = %s"
                             " AND id = %s", (tenant.org_id, edge.id))
-        undeleting, undeleter = await waiting(pg_url, first.info.backend_pid,
+        undeleting, undeleter = await waiting(pg_url, [first.info.backend_pid],
                                               svc.entities.undelete(tenant.owner, b))
         assert undeleter is not None
-        writing, _ = await waiting(pg_url, undeleter, svc.entities.create(
+        writing, _ = await waiting(pg_url, [undeleter], svc.entities.create(
             tenant.owner, tenant.project_id, "task", {"title": "w", "depends_on": [str(a), str(b)]}))
         await first.commit()
         undeleted, written = await both(undeleting, writing)
@@ -137,10 +137,10 @@ async def test_writes_referencing_two_acyclic_kinds_in_opposite_id_orders_both_s
     n1, n2, n3, n4 = await nodes_in_id_order(svc, tenant, 4)
     async with held(pg_url, tenant) as first:  # a deletion of n3 in flight
         await change(first, tenant, n3, "delete")
-        one, waiter = await waiting(pg_url, first.info.backend_pid, svc.entities.create(
+        one, waiter = await waiting(pg_url, [first.info.backend_pid], svc.entities.create(
             tenant.owner, tenant.project_id, "task", {"title": "one", "depends_on": [str(n1)], "blocks": [str(n3)]}))
         assert waiter is not None
-        other, _ = await waiting(pg_url, waiter, svc.entities.create(
+        other, _ = await waiting(pg_url, [waiter], svc.entities.create(
             tenant.owner, tenant.project_id, "task", {"title": "other", "blocks": [str(n2)], "depends_on": [str(n4)]}))
         await first.commit()
         w1, w2 = await both(one, other)
@@ -156,7 +156,7 @@ async def test_a_relationship_made_while_a_batch_deletes_both_ends_answers_gone(
     low, high = await nodes_in_id_order(svc, tenant, 2)
     async with held(pg_url, tenant) as first:  # a batch of two deletions, the first written
         await change(first, tenant, low, "delete")
-        creating, _ = await waiting(pg_url, first.info.backend_pid,
+        creating, _ = await waiting(pg_url, [first.info.backend_pid],
                                     svc.relationships.create(tenant.owner, high, low, "mentions"))
         await change(first, tenant, high, "delete")
         await first.commit()
@@ -181,12 +181,40 @@ async def test_a_restore_referencing_an_entity_being_deleted_waits_for_it_withou
     async with held(pg_url, tenant) as first, held(pg_url, tenant) as deleting:
         await first.execute("UPDATE relationships SET data = '{\"label\": \"x\"}' WHERE org_id = %s"
                             " AND id = %s", (tenant.org_id, first_of_t.id))
-        deletion, deleter = await waiting(pg_url, first.info.backend_pid, change(deleting, tenant, t, "delete"))
+        deletion, deleter = await waiting(pg_url, [first.info.backend_pid], change(deleting, tenant, t, "delete"))
         assert deleter is not None
-        restoring, _ = await waiting(pg_url, deleter, svc.entities.restore(tenant.owner, w, 2))
+        restoring, _ = await waiting(pg_url, [deleter], svc.entities.restore(tenant.owner, w, 2))
         await first.commit()
         await deletion
         await deleting.commit()
         restored = await restoring
     assert not restored.deleted and restored.data["parent"] == str(t)
     assert not await live(pg_url, tenant, w, t)  # t is deleted
+
+
+async def test_a_restore_and_a_write_taking_the_turns_of_two_acyclic_kinds_both_succeed(
+        svc: Services, pg_url: str, tenant: Tenant) -> None:
+    """A restore took the turn of its new reference's kind (depends_on), then those of its
+    relationships' kinds (blocks) for the undeletion's cycle check, while a write took blocks
+    then depends_on. The restore's turns are now all taken in kind order."""
+    await svc.types.register(tenant.owner, EntityType(
+        name="task", reference_fields=["$.blocks[*]", "$.depends_on[*]"], acyclic_kinds=["blocks", "depends_on"]))
+    w, a = await node(svc, tenant, "w"), await node(svc, tenant, "a")
+    await svc.entities.patch(tenant.owner, w, {"depends_on": [str(a)]})  # version 2
+    await svc.entities.patch(tenant.owner, w, {"depends_on": None})
+    await svc.relationships.create(tenant.owner, w, await node(svc, tenant, "z"), "blocks")
+    await svc.entities.delete(tenant.owner, w)
+    b, c = await nodes_in_id_order(svc, tenant, 2)  # (b first: blocks' turn first, as ever)
+    async with held(pg_url, tenant) as first:  # a registration of the type in flight: a write of
+        # a task waits for it after its relationships (the search index reads the type)
+        await first.execute("SELECT pg_advisory_xact_lock(entity_type_lock_key(%s, 'task'))", (tenant.org_id,))
+        restoring, restorer = await waiting(pg_url, [first.info.backend_pid], svc.entities.restore(tenant.owner, w, 2))
+        assert restorer is not None
+        # the write waits for the restore (a kind's turn) or, having taken its turns, for the
+        # registration too
+        writing, _ = await waiting(pg_url, [restorer, first.info.backend_pid], svc.entities.create(
+            tenant.owner, tenant.project_id, "task", {"title": "x", "blocks": [str(b)], "depends_on": [str(c)]}))
+        await first.commit()
+        restored, written = await both(restoring, writing)
+    assert not restored.deleted and await live(pg_url, tenant, w, a)
+    assert await live(pg_url, tenant, written.id, b) and await live(pg_url, tenant, written.id, c)

@@ -11,7 +11,9 @@
 --    the kinds in opposite orders).
 -- 3. Restoring a deleted entity to a version with references (an undeletion and a write at
 --    once) locked its relationships first (0025, point 2), then the targets: a deletion or
---    undeletion of a target, holding it, waited for a relationship between the two.
+--    undeletion of a target, holding it, waited for a relationship between the two. And it
+--    took the turns of its new references' kinds, then those of its relationships' (0022),
+--    each set in kind order but not the two together.
 -- (A relationship made through the API locked its source, then its target: a group commit
 -- deleting both, in id order, deadlocked with one from the later to the earlier. The
 -- application now locks the two ends in id order.)
@@ -174,8 +176,10 @@ BEGIN
         FROM unnest(new_kinds, new_dsts, new_projects, new_deleted) x(kind, dst, project, deleted);
     END IF;
     -- c. Each acyclic kind's turn, in kind order, then its cycle checks: does the target
-    -- reach this entity?
-    IF cardinality(check_dsts) > 0 THEN
+    -- reach this entity? Not for a restore: entity_undelete_keeps_acyclic, next, checks every
+    -- live relationship of the entity, the new ones among them, taking all its kinds' turns in
+    -- one kind order (taken here first, one could come after another kind's, in its order).
+    IF cardinality(check_dsts) > 0 AND NOT (TG_OP = 'UPDATE' AND OLD.deleted AND NOT NEW.deleted) THEN
         FOR w IN
             SELECT x.kind, x.dst, x.path FROM unnest(check_kinds, check_dsts, check_paths) x(kind, dst, path)
             ORDER BY x.kind, x.dst

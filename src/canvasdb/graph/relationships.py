@@ -116,6 +116,7 @@ async def _require_ends(conn: Connection, who: Principal, src: UUID,
 
 async def _end(conn: Connection, who: Principal, row: dict[str, Any] | None, id: UUID, pointer: str, *,
                write: bool) -> dict[str, Any]:
+    """One end, as read: 422 when it does not exist or the caller cannot read its project."""
     role = None if row is None else await project_role(conn, who, row["project_id"])
     if row is None or role is None:
         raise InvalidInput(f"entity {id} does not exist", pointer=pointer)

@@ -2,7 +2,8 @@
 
 A race test holds a transaction of its own open after its write (the first of the two),
 starts the second through the application, waits until that one has finished or waits on
-a lock of the first, then commits the first and looks at what both left.
+a lock of the first, then commits the first and looks at what both left. A race of three
+(a deadlock) chains ``waiting``: the third starts once the second waits on the first.
 """
 
 from __future__ import annotations
@@ -40,18 +41,26 @@ async def change(conn: psycopg.AsyncConnection[Any], t: Tenant, id: UUID, op: st
     assert row is not None and row[0] == "done", row
 
 
-async def second(pg_url: str, first: psycopg.AsyncConnection[Any], work: Awaitable[T]) -> T:
-    """Run ``work`` while ``first``'s transaction is open; once it is done or waits on a lock
-    ``first`` holds, commit ``first``, and return what ``work`` returns (or raise what it raises)."""
+async def waiting(pg_url: str, holders: list[int], work: Awaitable[T]) -> tuple[asyncio.Future[T], int | None]:
+    """Start ``work`` and return it once it is done or its backend waits on a lock that one of
+    the backends ``holders`` holds (and is not one of them), with the waiting backend's pid
+    (None if it is done)."""
     task = asyncio.ensure_future(work)
-    pid = first.info.backend_pid
     async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as watcher:
         while not task.done():
             cur = await watcher.execute(
-                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE %s = ANY (pg_blocking_pids(pid)))", (pid,))
+                "SELECT pid FROM pg_stat_activity WHERE pg_blocking_pids(pid) && %(h)s::integer[]"
+                " AND NOT pid = ANY(%(h)s::integer[])", {"h": holders})
             row = await cur.fetchone()
-            if row is not None and row[0]:
-                break
+            if row is not None:
+                return task, row[0]
             await asyncio.sleep(0.005)
+    return task, None
+
+
+async def second(pg_url: str, first: psycopg.AsyncConnection[Any], work: Awaitable[T]) -> T:
+    """Run ``work`` while ``first``'s transaction is open; once it is done or waits on a lock
+    ``first`` holds, commit ``first``, and return what ``work`` returns (or raise what it raises)."""
+    task, _ = await waiting(pg_url, [first.info.backend_pid], work)
     await first.commit()
     return await task

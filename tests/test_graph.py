@@ -739,6 +739,27 @@ async def test_undeleting_an_entity_never_closes_a_cycle(svc: Services, tenant: 
     assert [n["id"] for n in (await svc.graph.neighbors(tenant.owner, a, depth=2))["nodes"]] == [str(b), str(c)]
 
 
+async def test_restoring_an_entity_to_a_reference_that_closes_a_cycle_is_refused(
+        svc: Services, tenant: Tenant) -> None:
+    """A restore of a deleted entity is an undeletion and a write at once: its references and
+    the relationships that come back with it are checked together, by the undeletion (422)."""
+    await svc.types.register(tenant.owner, EntityType(name="task", reference_fields=["$.depends_on[*]"],
+                                                      acyclic_kinds=["depends_on"]))
+    a, b = await node(svc, tenant, "a"), await node(svc, tenant, "b")
+    await svc.entities.patch(tenant.owner, a, {"depends_on": [str(b)]})  # version 2
+    await svc.entities.patch(tenant.owner, a, {"depends_on": None})
+    await svc.entities.delete(tenant.owner, a)
+    await svc.entities.patch(tenant.owner, b, {"depends_on": [str(a)]})  # hidden while a is deleted
+    with pytest.raises(InvalidInput, match=f"undeleting entity {a} would close a depends_on cycle"):
+        await svc.entities.restore(tenant.owner, a, 2)
+    with pytest.raises(Gone):
+        await svc.entities.get(tenant.owner, a)
+    await svc.entities.patch(tenant.owner, b, {"depends_on": None})
+    restored = await svc.entities.restore(tenant.owner, a, 2)
+    assert not restored.deleted and restored.data["depends_on"] == [str(b)]
+    assert [n["id"] for n in (await svc.graph.neighbors(tenant.owner, a))["nodes"]] == [str(b)]
+
+
 async def test_an_undeletion_refused_for_a_cycle_names_no_entity_the_caller_cannot_read(
         svc: Services, tenant: Tenant) -> None:
     """The refusal says that a cycle would close (the rule counts every edge of the org), not

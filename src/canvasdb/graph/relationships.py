@@ -95,17 +95,28 @@ async def require_readable(conn: Connection, who: Principal, id: UUID, projects:
         raise NotFound(f"entity {id} not found")
 
 
-async def _require_end(conn: Connection, who: Principal, id: UUID, pointer: str, *,
-                       write: bool) -> dict[str, Any]:
-    """An end entity the caller may read (or write): 422 when it does not exist or is hidden.
+async def _require_ends(conn: Connection, who: Principal, src: UUID,
+                        dst: UUID) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two ends of a new relationship: the source one the caller may write, the target
+    one it may read (422 when either does not exist or is hidden).
 
-    The row is locked FOR KEY SHARE until the transaction ends, so that whether it is deleted
-    stays true until the relationship is committed: deleting an entity locks it FOR UPDATE
-    first (migration 0018), which waits for this lock, and a delete that came first makes
-    this read wait for it and see the entity deleted. Edits of the entity do not wait."""
-    row = await (await conn.execute(
-        "SELECT id, project_id, type, deleted FROM entities WHERE org_id = %s AND id = %s FOR KEY SHARE",
-        (who.org_id, id))).fetchone()
+    The rows are locked FOR KEY SHARE until the transaction ends, so that whether each is
+    deleted stays true until the relationship is committed: deleting an entity locks it FOR
+    UPDATE first (migration 0018), which waits for this lock, and a delete that came first
+    makes this read wait for it and see the entity deleted. Edits of the entity do not wait.
+    They are locked in id order, before the kind's turn, as every maker and deleter of
+    relationships locks entities (migration 0034), so that none of them deadlocks with this."""
+    cur = await conn.execute(
+        "SELECT id, project_id, type, deleted FROM entities WHERE org_id = %s AND id = ANY(%s)"
+        " ORDER BY id FOR KEY SHARE", (who.org_id, [src, dst]))
+    rows = {row["id"]: row for row in await cur.fetchall()}
+    return (await _end(conn, who, rows.get(src), src, "/src", write=True),
+            await _end(conn, who, rows.get(dst), dst, "/dst", write=False))
+
+
+async def _end(conn: Connection, who: Principal, row: dict[str, Any] | None, id: UUID, pointer: str, *,
+               write: bool) -> dict[str, Any]:
+    """One end, as read: 422 when it does not exist or the caller cannot read its project."""
     role = None if row is None else await project_role(conn, who, row["project_id"])
     if row is None or role is None:
         raise InvalidInput(f"entity {id} does not exist", pointer=pointer)
@@ -132,8 +143,7 @@ class RelationshipStore:
         encode_data(data, MAX_DATA_BYTES)
         rel_id = id or uuid4()
         async with self.db.transaction(who.org_id) as conn:
-            s = await _require_end(conn, who, src, "/src", write=True)
-            d = await _require_end(conn, who, dst, "/dst", write=False)
+            s, d = await _require_ends(conn, who, src, dst)
             if s["deleted"] or d["deleted"]:
                 raise Gone("an end of the relationship is deleted; undelete it first")
             if await _closes_cycle(conn, who.org_id, src, dst, kind):

@@ -112,6 +112,13 @@ async def test_the_graph_as_of_a_past_moment_reads_the_same_before_and_after_a_c
     assert before_ids == after_ids == []
 
 
+async def _nodes_as_of(svc: Services, tenant: Tenant, doc_id: str, moment: datetime) -> dict[str, Any]:
+    """The document's map ``nodes`` as of ``moment``."""
+    read = Doc()
+    read.apply_update((await svc.documents.state_as_of(tenant.owner, doc_id, moment)).update)
+    return read.get("nodes", type=Map).to_py() or {}
+
+
 async def test_a_document_as_of_a_past_moment_reads_the_same_before_and_after_a_commit(
         svc: Services, pg_url: str, tenant: Tenant) -> None:
     await svc.documents.create(tenant.owner, tenant.project_id, "asof-doc", "board")
@@ -124,12 +131,7 @@ async def test_a_document_as_of_a_past_moment_reads_the_same_before_and_after_a_
         moment = await _value(first, "SELECT max(at) FROM doc_updates WHERE org_id = %s AND doc_id = 'asof-doc'",
                               tenant.org_id)
 
-        async def state() -> dict[str, Any]:
-            past = await svc.documents.state_as_of(tenant.owner, "asof-doc", moment)
-            read = Doc()
-            read.apply_update(past.update)
-            return read.get("nodes", type=Map).to_py() or {}
-        before, after = await _across_commit(first.commit, state)
+        before, after = await _across_commit(first.commit, lambda: _nodes_as_of(svc, tenant, "asof-doc", moment))
     assert before == after == {"a": 1}
 
 
@@ -228,21 +230,22 @@ async def _stalled(pg_url: str, tenant: Tenant, table: str, event: str,
             await gate.execute("DROP FUNCTION test_stall()")
 
 
-# A version's time is taken once its transaction holds an id (migration 0035), which a horizon
-# waits for: a write stalled between its time and its row (where an INSERT's column default
-# is computed before the row, and the id, exist) is waited for, as a sleeping read is not.
+# A version's time is taken once its transaction holds an id, which the horizon waits for
+# (migration 0035): a write stalled between its time and its row (where an INSERT computes
+# its column defaults, before the row and the id exist) is waited for, as a sleeping read is
+# not. An entity's or a relationship's change stamps a row it has locked (a lock takes the id).
 
 async def test_an_entity_created_after_its_time_was_taken_is_waited_for(
         svc: Services, pg_url: str, tenant: Tenant) -> None:
-    id = uuid4()
+    new_id = uuid4()
     async with _stalled(pg_url, tenant, "entities", "INSERT",
-                        svc.entities.create(tenant.owner, tenant.project_id, "note", {"n": 1}, id=id)) as (
+                        svc.entities.create(tenant.owner, tenant.project_id, "note", {"n": 1}, id=new_id)) as (
             moment, go_on):
 
         async def listed() -> list[UUID]:
             return [x.id for x in (await svc.entities.list(tenant.owner, tenant.project_id, as_of=moment)).items]
         before, after = await _across_commit(go_on, listed)
-    assert before == after == [id]
+    assert before == after == [new_id]
 
 
 async def test_an_entity_changed_after_its_time_was_taken_is_waited_for(
@@ -269,12 +272,7 @@ async def test_a_document_update_appended_after_its_time_was_taken_is_waited_for
     await svc.documents.create(tenant.owner, tenant.project_id, "stalled-doc", "board")
     doc = Doc()
     doc.get("nodes", type=Map)["a"] = 1
-
-    async def state(moment: datetime) -> dict[str, Any]:
-        read = Doc()
-        read.apply_update((await svc.documents.state_as_of(tenant.owner, "stalled-doc", moment)).update)
-        return read.get("nodes", type=Map).to_py() or {}
     async with _stalled(pg_url, tenant, "doc_updates", "INSERT",
                         svc.documents.append(tenant.owner, "stalled-doc", doc.get_update())) as (moment, go_on):
-        before, after = await _across_commit(go_on, lambda: state(moment))
+        before, after = await _across_commit(go_on, lambda: _nodes_as_of(svc, tenant, "stalled-doc", moment))
     assert before == after == {"a": 1}

@@ -5,12 +5,14 @@ before the commit, and a commit may come well after (a group commit, a slow tran
 read as of a moment after such a stamp while its transaction was still open, the version
 was missing, and read again after the commit, there. So an as-of read of a past moment
 waits until every transaction that may still commit a version stamped at or before it has
-ended: the SQL function ``as_of_horizon`` (migration 0028) answers the moment before which
-nothing can still appear, from the sessions in progress. Every moment before a horizon
-once seen stays settled, so each process keeps the latest one, and a read of an older
-moment (most are) costs nothing; one of a recent moment costs a statement, and waits for
-the writers that were in progress at that moment. A moment not yet past (now, or later)
-is read as now, as before: nothing is promised of it.
+ended: the SQL function ``as_of_horizon`` (migrations 0028, 0035) answers the moment before
+which nothing can still appear, from the sessions holding a transaction id. A version's time
+is taken only once its transaction has one (``version_time()``), so a session without one (a
+long read, say) can only stamp a time later than the check, and is not waited for. Every
+moment before a horizon once seen stays settled, so each process keeps the latest one, and a
+read of an older moment (most are) costs nothing; one of a recent moment costs a statement,
+and waits for the writers that were in progress at that moment. A moment not yet past (now,
+or later) is read as now, as before: nothing is promised of it.
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ WITH e AS (
                           created_at, updated_at, created_by, updated_by)
     SELECT %(org)s, %(id)s, %(project)s, %(type)s, %(data)s::jsonb, 1, 1, false,
            now.t, now.t, %(actor)s, %(actor)s
-    FROM (SELECT clock_timestamp() AS t) now
+    FROM (SELECT version_time() AS t) now  -- (migration 0035: the time once the transaction has its id)
     ON CONFLICT (org_id, id) DO NOTHING
     RETURNING *
 ), v AS (

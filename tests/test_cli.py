@@ -66,6 +66,41 @@ def test_every_command_has_help() -> None:
         assert cmd.help
 
 
+def _help_pages() -> dict[str, str]:
+    """Every group's and command's ``--help``, rendered wide enough that nothing wraps."""
+    from typer.testing import CliRunner
+
+    pages: dict[str, str] = {}
+
+    def walk(cmd: Any, path: list[str]) -> None:
+        shown = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "250"})
+        assert shown.exit_code == 0, shown.output
+        pages[" ".join(["canvasdb", *path])] = shown.output
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return pages
+
+
+def test_help_breaks_no_sentence_in_two() -> None:
+    """A command's summary is one line in its group's list, and each paragraph of its page
+    one line on a wide terminal: rich keeps the line breaks of a docstring wrapped in the
+    source, which cut `canvasdb --help`'s rows in two mid-sentence."""
+    for page, shown in _help_pages().items():
+        lines = shown.splitlines()
+        if "─ Commands ─" in shown:
+            start = next(i for i, line in enumerate(lines) if "─ Commands ─" in line) + 1
+            rows = [line.removeprefix("│ ") for line in lines[start:] if line.startswith("│")]
+            continued = [row.strip() for row in rows if row.startswith(" ")]
+            assert not continued, (page, continued)
+        start = next(i for i, line in enumerate(lines) if "Usage:" in line) + 1
+        end = next(i for i, line in enumerate(lines) if line.startswith("╭"))
+        about = [line.strip() for line in lines[start:end]]
+        broken = [(a, b) for a, b in zip(about, about[1:], strict=False) if a and b]
+        assert not broken, (page, broken)
+
+
 def test_org_token_entity_round_trip(env: dict[str, str]) -> None:
     slug = f"cli-{os.getpid()}-{time.time_ns() % 10**6}"
     run(env, "org", "create", slug, "--name", "CLI org")

@@ -135,6 +135,9 @@ def test_org_token_entity_round_trip(env: dict[str, str]) -> None:
     assert "update" in run(env, "entity", "history", "--org", slug, eid).stdout
     first = run(env, "entity", "history", "--org", slug, eid, "--limit", "1")
     assert "older versions: --before 2" in first.stderr, first.stderr
+    first = run(env, "entity", "history", "--org", slug, eid, "--limit", "1", "--json")  # stdout: JSON alone
+    assert [v["version"] for v in json.loads(first.stdout)] == [2]
+    assert "older versions: --before 2" in first.stderr, "a script learns there is a next page"
     older = json.loads(run(env, "entity", "history", "--org", slug, eid, "--before", "2", "--json").stdout)
     assert [v["version"] for v in older] == [1]
 

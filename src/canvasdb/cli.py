@@ -691,13 +691,13 @@ def entity_history(org: OrgOpt, id: Annotated[str, typer.Argument(help="The enti
     page = _with_services(work)
     if as_json:
         _print_json([v.to_json() for v in page.items])
-        return
-    table = Table("version", "op", "at", "actor", "changes")
-    for v in page.items:
-        at = v.at.isoformat(timespec="milliseconds") if isinstance(v.at, datetime) else str(v.at)
-        table.add_row(str(v.version), v.op, at, str(v.actor or "operator"), str(len(v.patch or [])))
-    out.print(table)
-    if page.next is not None:
+    else:
+        table = Table("version", "op", "at", "actor", "changes")
+        for v in page.items:
+            at = v.at.isoformat(timespec="milliseconds") if isinstance(v.at, datetime) else str(v.at)
+            table.add_row(str(v.version), v.op, at, str(v.actor or "operator"), str(len(v.patch or [])))
+        out.print(table)
+    if page.next is not None:  # on stderr: with --json too, stdout stays the page's JSON
         err.print(f"older versions: --before {page.next}", highlight=False)
 
 

@@ -84,7 +84,7 @@ def create_app(settings: Settings, *, database_url: str | None = None,
             return
         await connection.serve(websocket, org, doc, websocket.app.state.services, hub, settings)
 
-    @app.get("/readyz", tags=["operations"])
+    @app.get("/readyz", tags=["operations"], summary="Readiness")
     async def readyz(svc: Svc, request: Request) -> JSONResponse:
         """Ready for traffic: the database answers and the gateway hears other processes."""
         hub: Hub | None = getattr(request.app.state, "hub", None)
@@ -97,8 +97,9 @@ def create_app(settings: Settings, *, database_url: str | None = None,
         return problems.problem(503, "Unavailable", detail, state="stopping" if stopping else "starting",
                                 retry=not stopping)
 
-    @app.get("/healthz", tags=["operations"])
+    @app.get("/healthz", tags=["operations"], summary="Liveness")
     async def healthz(svc: Svc) -> dict[str, Any]:
+        """The process answers and reaches its database (503 when it does not); and its version."""
         await svc.db.ping()
         return {"status": "ok", "version": __version__}
 

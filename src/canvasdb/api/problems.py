@@ -60,8 +60,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         {"pointer": _pointer(tuple(e.get("loc", ()))), "detail": e.get("msg", "invalid")}
         for e in exc.errors()
     ]
-    if any(e.get("type") == "json_invalid" for e in exc.errors()):
-        return problem(400, "Bad request", "the body is not valid JSON", errors=errors)
+    unparsed = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
+    if unparsed is not None:
+        return problem(400, "Bad request", _json_error(unparsed, exc.body))
     first = errors[0] if errors else {"pointer": "", "detail": "invalid"}
     if first["pointer"] == "":  # the body as a whole: missing, or not an object
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -72,6 +73,18 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         return problem(422, "Invalid input", "the body must be a JSON object", pointer="", errors=errors)
     return problem(422, "Invalid input", f"{first['pointer']}: {first['detail']}",
                    pointer=first["pointer"], errors=errors)
+
+
+def _json_error(error: dict[str, Any], text: Any) -> str:
+    """What the JSON parser met, and where as a line and column: FastAPI gives the character's
+    offset as the error's location, which read as a JSON pointer (``/36``) into the body."""
+    reason = str(error.get("ctx", {}).get("error", "")).strip()
+    detail = "the body is not valid JSON" + (f": {reason[:1].lower()}{reason[1:]}" if reason else "")
+    offset = error["loc"][-1]
+    if isinstance(text, str) and isinstance(offset, int):
+        line, column = text.count("\n", 0, offset) + 1, offset - text.rfind("\n", 0, offset)
+        detail += f" at line {line}, column {column}"
+    return detail
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

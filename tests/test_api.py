@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import uuid
 
 import httpx
 from conftest import Tenant
@@ -163,6 +164,21 @@ async def test_entity_crud_with_etags(client: httpx.AsyncClient, tenant: Tenant)
     assert stale.status_code == 409 and stale.json()["current_version"] == 5
     restored = await client.post(url + "/restore", headers={**h, "If-Match": '"5"'}, params={"version": 1})
     assert restored.json()["data"] == {"title": "a", "status": "todo"} and restored.json()["version"] == 6
+
+
+async def test_head_answers_wherever_get_does(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    """RFC 9110: a server supports HEAD wherever it supports GET, and a 405's ``Allow`` listed
+    HEAD beside GET, but FastAPI routed a GET handler for GET alone (HEAD /healthz was 405)."""
+    entity = await _entity(client, tenant, {"title": "a"})
+    for url, headers in [("/healthz", {}), (f"/v1/orgs/{tenant.slug}/entities/{entity['id']}", tenant.headers),
+                         (f"/v1/orgs/{tenant.slug}/projects", tenant.headers)]:
+        got, head = await client.get(url, headers=headers), await client.head(url, headers=headers)
+        assert head.status_code == got.status_code == 200, (url, head.text)
+        for name in ("content-type", "content-length", "etag"):
+            assert head.headers.get(name) == got.headers.get(name), (url, name)
+    missing = await client.head(f"/v1/orgs/{tenant.slug}/entities/{uuid.uuid4()}", headers=tenant.headers)
+    assert missing.status_code == 404
+    assert (await client.head(f"/v1/orgs/{tenant.slug}/projects")).status_code == 401, "a token, as for GET"
 
 
 async def test_listing_pages_and_as_of(client: httpx.AsyncClient, tenant: Tenant) -> None:

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from canvasdb import __version__, jobs, runtime
 from canvasdb.api import attachments, documents, entities, graph, openapi, problems, search, tenants
 from canvasdb.api.deps import Svc
+from canvasdb.api.head import HeadAsGet
 from canvasdb.api.limits import BodySizeLimit, CredentialsFirst
 from canvasdb.db import Database
 from canvasdb.gateway import Hub, connection
@@ -106,6 +107,7 @@ def create_app(settings: Settings, *, database_url: str | None = None,
     # JSON may legitimately be larger than the compact form counted against max_data_bytes.
     # Attachment uploads stream into the blob store and have their own, larger limit; Yjs
     # updates theirs (the store answers 413 over it, naming the setting).
+    app.add_middleware(HeadAsGet)
     app.add_middleware(connection.KeepRawSend)
     app.add_middleware(CredentialsFirst)
     app.add_middleware(BodySizeLimit, max_bytes=4 * settings.max_data_bytes + 64 * 1024,

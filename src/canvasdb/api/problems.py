@@ -87,9 +87,16 @@ def _json_error(error: dict[str, Any], text: Any) -> str:
     return detail
 
 
+# What FastAPI's JSON read raised, when not a JSONDecodeError (it answers them all alike)
+_UNREADABLE_JSON = {UnicodeDecodeError: "it is not UTF-8 text", RecursionError: "it is nested too deeply"}
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     titles = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 413: "Payload too large"}
+    unreadable = _UNREADABLE_JSON.get(type(exc.__cause__))  # FastAPI's "error parsing the body"
+    if exc.status_code == 400 and unreadable:
+        return problem(400, "Bad request", f"the body is not valid JSON: {unreadable}")
     headers = dict(exc.headers or {})
     if exc.status_code == 405:  # RFC 9110: the methods the resource allows (Starlette names one route's)
         headers["Allow"] = ", ".join(_allowed(request))

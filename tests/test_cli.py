@@ -160,7 +160,8 @@ def test_org_token_entity_round_trip(env: dict[str, str]) -> None:
 
 def test_entity_put_if_version_never_creates(env: dict[str, str]) -> None:
     """``--if-version`` says "replace only if at this version": an id that names no entity is
-    refused, not created at version 1 (as PUT with If-Match answers 404)."""
+    refused, not created at version 1 (as PUT with If-Match answers 404), and so is no id at all
+    (an entity was created, the option ignored)."""
     slug = f"cli-ifv-{os.getpid()}-{time.time_ns() % 10**6}"
     run(env, "org", "create", slug)
     run(env, "project", "create", "--org", slug, "main")
@@ -170,6 +171,9 @@ def test_entity_put_if_version_never_creates(env: dict[str, str]) -> None:
     assert refused.returncode == 1 and refused.stderr.startswith("Error:") and "not found" in refused.stderr
     missing = run(env, "entity", "get", "--org", slug, new_id, check=False)
     assert missing.returncode == 1 and "not found" in missing.stderr, "nothing was created"
+    no_id = run(env, "entity", "put", "--org", slug, "--project", "main", "--type", "note",
+                "--if-version", "1", '{"title": "x"}', check=False)  # a replace of nothing named
+    assert no_id.returncode == 1 and no_id.stderr.startswith("Error:") and "--id" in no_id.stderr, no_id.stderr
     made = json.loads(run(env, "entity", "put", "--org", slug, "--project", "main", "--type", "note",
                           "--id", new_id, '{"title": "x"}').stdout)  # without it, the id is created
     assert made["id"] == new_id and made["version"] == 1

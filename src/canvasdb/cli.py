@@ -657,6 +657,8 @@ def entity_put(
         _fail(InvalidInput(f"data is not valid JSON: {exc}"))
         return
     entity_id = _uuid(id) if id else None
+    if if_version is not None and entity_id is None:
+        _fail(InvalidInput("--if-version replaces an entity: name it with --id"))
 
     async def work(svc: Services) -> Any:
         target = await svc.tenancy.resolve_org(org)

@@ -101,6 +101,17 @@ def test_help_breaks_no_sentence_in_two() -> None:
         assert not broken, (page, broken)
 
 
+def test_version_as_a_command_and_as_an_option() -> None:
+    """``canvasdb --version``, what most commands answer, was "No such option" (exit 2)."""
+    from typer.testing import CliRunner
+
+    from canvasdb import __version__
+
+    for args in (["version"], ["--version"]):
+        said = CliRunner().invoke(app, args)
+        assert (said.exit_code, said.output) == (0, f"{__version__}\n"), (args, said.output)
+
+
 def test_org_token_entity_round_trip(env: dict[str, str]) -> None:
     slug = f"cli-{os.getpid()}-{time.time_ns() % 10**6}"
     run(env, "org", "create", slug, "--name", "CLI org")

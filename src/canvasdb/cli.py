@@ -37,8 +37,7 @@ from canvasdb.settings import CENTURY_S, SECRET, Settings, unknown_variables
 from canvasdb.tenancy import ORG_ROLES
 
 T = TypeVar("T")
-app = typer.Typer(help="canvasdb: database-first persistence for collaborative whiteboards.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)  # its help: _options' docstring
 db_app = typer.Typer(help="The embedded PostgreSQL server and migrations.", no_args_is_help=True)
 org_app = typer.Typer(help="Orgs (tenants).", no_args_is_help=True)
 user_app = typer.Typer(help="Users.", no_args_is_help=True)
@@ -292,6 +291,18 @@ def worker(concurrency: Annotated[int, typer.Option(min=1, max=64, help="Jobs at
 def version() -> None:
     """Print the version."""
     out.print(__version__)
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        version()
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(_: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                             help="Print the version and exit.")] = False) -> None:
+    """canvasdb: database-first persistence for collaborative whiteboards."""
 
 
 # --- db -----------------------------------------------------------------------------------------

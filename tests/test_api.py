@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import uuid
 
 import httpx
 from conftest import Tenant
@@ -68,6 +69,19 @@ async def test_openapi_tells_clients_how_to_authenticate_and_what_errors_look_li
     assert set(spec["components"]["schemas"]["Problem"]["required"]) <= set(body)
     anonymous = await client.get(f"/v1/orgs/{tenant.slug}/projects")
     assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_every_operation_says_what_it_does(client: httpx.AsyncClient) -> None:
+    """/docs and generated clients show each operation's summary and description: a dozen
+    had no description, and three were summed up by their function's name alone ("Healthz",
+    "Readyz", and "Status" for the search index's)."""
+    spec = (await client.get("/openapi.json")).json()
+    ops = {f"{method.upper()} {path}": op for path, item in spec["paths"].items() for method, op in item.items()}
+    assert [name for name, op in ops.items() if not op.get("description", "").strip()] == []
+    summaries = [op["summary"] for op in ops.values()]
+    assert len(set(summaries)) == len(summaries), "each names its own operation"
+    assert (ops["GET /healthz"]["summary"], ops["GET /readyz"]["summary"],
+            ops["GET /v1/orgs/{org}/search/status"]["summary"]) == ("Liveness", "Readiness", "Search Status")
 
 
 async def test_a_database_that_is_away_is_a_503_with_retry_after(settings: Settings) -> None:
@@ -150,6 +164,21 @@ async def test_entity_crud_with_etags(client: httpx.AsyncClient, tenant: Tenant)
     assert stale.status_code == 409 and stale.json()["current_version"] == 5
     restored = await client.post(url + "/restore", headers={**h, "If-Match": '"5"'}, params={"version": 1})
     assert restored.json()["data"] == {"title": "a", "status": "todo"} and restored.json()["version"] == 6
+
+
+async def test_head_answers_wherever_get_does(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    """RFC 9110: a server supports HEAD wherever it supports GET, and a 405's ``Allow`` listed
+    HEAD beside GET, but FastAPI routed a GET handler for GET alone (HEAD /healthz was 405)."""
+    entity = await _entity(client, tenant, {"title": "a"})
+    for url, headers in [("/healthz", {}), (f"/v1/orgs/{tenant.slug}/entities/{entity['id']}", tenant.headers),
+                         (f"/v1/orgs/{tenant.slug}/projects", tenant.headers)]:
+        got, head = await client.get(url, headers=headers), await client.head(url, headers=headers)
+        assert head.status_code == got.status_code == 200, (url, head.text)
+        for name in ("content-type", "content-length", "etag"):
+            assert head.headers.get(name) == got.headers.get(name), (url, name)
+    missing = await client.head(f"/v1/orgs/{tenant.slug}/entities/{uuid.uuid4()}", headers=tenant.headers)
+    assert missing.status_code == 404
+    assert (await client.head(f"/v1/orgs/{tenant.slug}/projects")).status_code == 401, "a token, as for GET"
 
 
 async def test_listing_pages_and_as_of(client: httpx.AsyncClient, tenant: Tenant) -> None:

@@ -209,6 +209,25 @@ async def test_malformed_json_is_refused(client: httpx.AsyncClient, svc: Service
     assert await state(client, svc, tenant) == before
 
 
+async def test_json_that_does_not_parse_says_what_and_where(client: httpx.AsyncClient, tenant: Tenant) -> None:
+    """The 400 says what the parser met and where; it gave the character's offset as a JSON
+    pointer (`/36`, as if the body had a member "36") and no reason."""
+    content = b'{"type": "note",\n "data": {"a": [1, 2 3]}}'
+    body = problem(await send(client, "POST", entities_url(tenant), content, headers=tenant.headers), 400)
+    assert body["detail"] == "the body is not valid JSON: expecting ',' delimiter at line 2, column 22"
+    assert "pointer" not in body and "errors" not in body
+
+
+@pytest.mark.parametrize(("body", "reason"), [("invalid utf-8", "it is not UTF-8 text"),
+                                              ("nested 100000 levels", "it is nested too deeply")])
+async def test_json_the_parser_gives_up_on_says_why(client: httpx.AsyncClient, tenant: Tenant,
+                                                    body: str, reason: str) -> None:
+    """Bytes that are not UTF-8 and nesting past the parser's depth answered FastAPI's
+    "There was an error parsing the body", which named neither JSON nor the reason."""
+    r = await send(client, "POST", entities_url(tenant), MALFORMED[body][0], headers=tenant.headers)
+    assert problem(r, 400)["detail"] == f"the body is not valid JSON: {reason}"
+
+
 @pytest.mark.parametrize("body", ["empty body", "array", "null"])
 async def test_a_body_that_is_not_an_object_says_so(client: httpx.AsyncClient, tenant: Tenant,
                                                      body: str) -> None:

@@ -66,6 +66,52 @@ def test_every_command_has_help() -> None:
         assert cmd.help
 
 
+def _help_pages() -> dict[str, str]:
+    """Every group's and command's ``--help``, rendered wide enough that nothing wraps."""
+    from typer.testing import CliRunner
+
+    pages: dict[str, str] = {}
+
+    def walk(cmd: Any, path: list[str]) -> None:
+        shown = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "250"})
+        assert shown.exit_code == 0, shown.output
+        pages[" ".join(["canvasdb", *path])] = shown.output
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return pages
+
+
+def test_help_breaks_no_sentence_in_two() -> None:
+    """A command's summary is one line in its group's list, and each paragraph of its page
+    one line on a wide terminal: rich keeps the line breaks of a docstring wrapped in the
+    source, which cut `canvasdb --help`'s rows in two mid-sentence."""
+    for page, shown in _help_pages().items():
+        lines = shown.splitlines()
+        if "─ Commands ─" in shown:
+            start = next(i for i, line in enumerate(lines) if "─ Commands ─" in line) + 1
+            rows = [line.removeprefix("│ ") for line in lines[start:] if line.startswith("│")]
+            continued = [row.strip() for row in rows if row.startswith(" ")]
+            assert not continued, (page, continued)
+        start = next(i for i, line in enumerate(lines) if "Usage:" in line) + 1
+        end = next(i for i, line in enumerate(lines) if line.startswith("╭"))
+        about = [line.strip() for line in lines[start:end]]
+        broken = [(a, b) for a, b in zip(about, about[1:], strict=False) if a and b]
+        assert not broken, (page, broken)
+
+
+def test_version_as_a_command_and_as_an_option() -> None:
+    """``canvasdb --version``, what most commands answer, was "No such option" (exit 2)."""
+    from typer.testing import CliRunner
+
+    from canvasdb import __version__
+
+    for args in (["version"], ["--version"]):
+        said = CliRunner().invoke(app, args)
+        assert (said.exit_code, said.output) == (0, f"{__version__}\n"), (args, said.output)
+
+
 def test_org_token_entity_round_trip(env: dict[str, str]) -> None:
     slug = f"cli-{os.getpid()}-{time.time_ns() % 10**6}"
     run(env, "org", "create", slug, "--name", "CLI org")
@@ -100,6 +146,9 @@ def test_org_token_entity_round_trip(env: dict[str, str]) -> None:
     assert "update" in run(env, "entity", "history", "--org", slug, eid).stdout
     first = run(env, "entity", "history", "--org", slug, eid, "--limit", "1")
     assert "older versions: --before 2" in first.stderr, first.stderr
+    first = run(env, "entity", "history", "--org", slug, eid, "--limit", "1", "--json")  # stdout: JSON alone
+    assert [v["version"] for v in json.loads(first.stdout)] == [2]
+    assert "older versions: --before 2" in first.stderr, "a script learns there is a next page"
     older = json.loads(run(env, "entity", "history", "--org", slug, eid, "--before", "2", "--json").stdout)
     assert [v["version"] for v in older] == [1]
 
@@ -122,7 +171,8 @@ def test_org_token_entity_round_trip(env: dict[str, str]) -> None:
 
 def test_entity_put_if_version_never_creates(env: dict[str, str]) -> None:
     """``--if-version`` says "replace only if at this version": an id that names no entity is
-    refused, not created at version 1 (as PUT with If-Match answers 404)."""
+    refused, not created at version 1 (as PUT with If-Match answers 404), and so is no id at all
+    (an entity was created, the option ignored)."""
     slug = f"cli-ifv-{os.getpid()}-{time.time_ns() % 10**6}"
     run(env, "org", "create", slug)
     run(env, "project", "create", "--org", slug, "main")
@@ -132,6 +182,9 @@ def test_entity_put_if_version_never_creates(env: dict[str, str]) -> None:
     assert refused.returncode == 1 and refused.stderr.startswith("Error:") and "not found" in refused.stderr
     missing = run(env, "entity", "get", "--org", slug, new_id, check=False)
     assert missing.returncode == 1 and "not found" in missing.stderr, "nothing was created"
+    no_id = run(env, "entity", "put", "--org", slug, "--project", "main", "--type", "note",
+                "--if-version", "1", '{"title": "x"}', check=False)  # a replace of nothing named
+    assert no_id.returncode == 1 and no_id.stderr.startswith("Error:") and "--id" in no_id.stderr, no_id.stderr
     made = json.loads(run(env, "entity", "put", "--org", slug, "--project", "main", "--type", "note",
                           "--id", new_id, '{"title": "x"}').stdout)  # without it, the id is created
     assert made["id"] == new_id and made["version"] == 1

@@ -37,8 +37,7 @@ from canvasdb.settings import CENTURY_S, SECRET, Settings, unknown_variables
 from canvasdb.tenancy import ORG_ROLES
 
 T = TypeVar("T")
-app = typer.Typer(help="canvasdb: database-first persistence for collaborative whiteboards.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)  # its help: _options' docstring
 db_app = typer.Typer(help="The embedded PostgreSQL server and migrations.", no_args_is_help=True)
 org_app = typer.Typer(help="Orgs (tenants).", no_args_is_help=True)
 user_app = typer.Typer(help="Users.", no_args_is_help=True)
@@ -54,8 +53,10 @@ for sub, name in [(db_app, "db"), (org_app, "org"), (user_app, "user"), (token_a
 
 out = Console(soft_wrap=True)  # a line stays one line when piped (80 columns otherwise)
 err = Console(stderr=True, soft_wrap=True)
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
 OrgOpt = Annotated[str, typer.Option("--org", help="Org slug or id.")]
+SlugArg = Annotated[str, typer.Argument(help="Lowercase letters, digits and '-'.")]
+NameOpt = Annotated[str | None, typer.Option(help="Display name (default: the slug).")]
 PortOpt = Annotated[int | None, typer.Option(min=1, max=65535, help="Port [CANVASDB_PORT].")]
 
 
@@ -124,8 +125,10 @@ def up(
     host: Annotated[str | None, typer.Option(help="Address to listen on [CANVASDB_HOST].")] = None,
     port: PortOpt = None,
 ) -> None:
-    """Start the database (embedded unless CANVASDB_DATABASE_URL is set, then started again
-    whenever it exits) and serve the API."""
+    """Start the database and serve the API, the real-time gateway and a job worker.
+
+    The database: CANVASDB_DATABASE_URL's, or the embedded PostgreSQL, started again whenever it exits.
+    """
     from canvasdb.api import create_app
 
     settings = _settings()
@@ -159,8 +162,10 @@ def gateway(
     host: Annotated[str | None, typer.Option(help="Address to listen on [CANVASDB_HOST].")] = None,
     port: PortOpt = None,
 ) -> None:
-    """Serve the API and the real-time gateway only (no worker, no bootstrap): run several,
-    behind a load balancer, over one database (CANVASDB_DATABASE_URL)."""
+    """Serve the API and the real-time gateway only: no job worker, no demo org.
+
+    Run several of them behind a load balancer, over one database (CANVASDB_DATABASE_URL).
+    """
     from canvasdb.api import create_app
 
     settings = _settings()
@@ -255,8 +260,10 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 
 @app.command()
 def worker(concurrency: Annotated[int, typer.Option(min=1, max=64, help="Jobs at once.")] = 2) -> None:
-    """Run background jobs (compaction, retention, projection, search indexing) on their own,
-    next to any number of servers."""
+    """Run background jobs on their own, next to any number of servers.
+
+    The jobs: compaction and retention of documents, board projection, search indexing, blob sweeps.
+    """
     from canvasdb import jobs
 
     settings = _settings()
@@ -284,6 +291,18 @@ def worker(concurrency: Annotated[int, typer.Option(min=1, max=64, help="Jobs at
 def version() -> None:
     """Print the version."""
     out.print(__version__)
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        version()
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(_: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                             help="Print the version and exit.")] = False) -> None:
+    """canvasdb: database-first persistence for collaborative whiteboards."""
 
 
 # --- db -----------------------------------------------------------------------------------------
@@ -316,8 +335,10 @@ def db_stop() -> None:
 
 @db_app.command("status")
 def db_status(as_json: JsonOpt = False) -> None:
-    """Is the database running (the embedded one, or the one CANVASDB_DATABASE_URL names, which
-    this connects to)? Exit code 0 if it is, 3 if not."""
+    """Say whether the database runs: exit code 0 if it does, 3 if not.
+
+    The embedded server, or the one CANVASDB_DATABASE_URL names (this connects to it to find out).
+    """
     settings = _settings()
     if settings.database_url:
         info: dict[str, Any] = {"embedded": False, "url": _password_hidden(settings.database_url)}
@@ -387,8 +408,10 @@ def blobs_sweep(
     )] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Remove content that no attachment or snapshot points at: what writers that died between
-    storing it and committing their row left behind (the job worker does this once a day)."""
+    """Remove blob content that no attachment or snapshot points at (the worker does it daily).
+
+    Such content is what a writer that died between storing it and committing its row left behind.
+    """
     settings = _settings()
     seconds = settings.blob_orphan_grace_s if grace is None else grace
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
@@ -411,9 +434,11 @@ def blobs_sweep(
 
 
 @org_app.command("create")
-def org_create(slug: str, name: Annotated[str | None, typer.Option()] = None,
-               as_json: JsonOpt = False) -> None:
-    """Create an org."""
+def org_create(slug: SlugArg, name: NameOpt = None, as_json: JsonOpt = False) -> None:
+    """Create an org.
+
+    Example: canvasdb org create acme --name "Acme Inc."
+    """
     org = _with_services(lambda svc: svc.tenancy.create_org(slug, name))
     if as_json:
         _print_json({"id": str(org.id), "slug": org.slug, "name": org.name})
@@ -435,10 +460,13 @@ def org_list(as_json: JsonOpt = False) -> None:
 
 
 @user_app.command("create")
-def user_create(email: str, name: Annotated[str, typer.Option()] = "",
+def user_create(email: str, name: Annotated[str, typer.Option(help="Display name.")] = "",
                 org: Annotated[str | None, typer.Option(help="Also add to this org.")] = None,
                 role: Annotated[str, typer.Option(help="Org role with --org.")] = "member") -> None:
-    """Create a user (or find it by email), optionally adding it to an org."""
+    """Create a user (or find it by email), optionally adding it to an org; prints its id.
+
+    Example: canvasdb user create bob@acme.io --name Bob --org acme --role member
+    """
 
     async def work(svc: Services) -> UUID:
         target = await svc.tenancy.resolve_org(org) if org else None  # refused before anything is written
@@ -454,12 +482,16 @@ def user_create(email: str, name: Annotated[str, typer.Option()] = "",
 @token_app.command("create")
 def token_create(
     org: OrgOpt, user: Annotated[str, typer.Option("--user", help="The user's email.")],
-    role: Annotated[str | None, typer.Option(help=f"Org role: {', '.join(ORG_ROLES)}.")] = None,
+    role: Annotated[str | None, typer.Option(help=f"Org role: {', '.join(ORG_ROLES)} (default: the "
+                                                  "user's current one, member for a new member).")] = None,
     name: Annotated[str, typer.Option(help="A label for the token.")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print the token with its id (to revoke it "
                                                          "by), user, org and role, as JSON.")] = False,
 ) -> None:  # fmt: skip
-    """Create an API token; prints only the token. Creates the user and membership if missing."""
+    """Create an API token; prints only the token. Creates the user and membership if missing.
+
+    Example: TOKEN=$(canvasdb token create --org acme --user ci@acme.io --role admin)
+    """
 
     async def work(svc: Services) -> dict[str, str]:
         target = await svc.tenancy.resolve_org(org)
@@ -506,8 +538,11 @@ def token_revoke(token: Annotated[str, typer.Argument(
 
 
 @project_app.command("create")
-def project_create(org: OrgOpt, slug: str, name: Annotated[str | None, typer.Option()] = None) -> None:
-    """Create a project in an org; prints its id."""
+def project_create(org: OrgOpt, slug: SlugArg, name: NameOpt = None) -> None:
+    """Create a project in an org; prints its id.
+
+    Example: canvasdb project create --org acme roadmap --name Roadmap
+    """
 
     async def work(svc: Services) -> Any:
         target = await svc.tenancy.resolve_org(org)
@@ -598,9 +633,12 @@ def _uuid(value: str) -> UUID:
 
 
 @entity_app.command("get")
-def entity_get(org: OrgOpt, id: str,
+def entity_get(org: OrgOpt, id: Annotated[str, typer.Argument(help="The entity's id.")],
                as_of: Annotated[str | None, typer.Option(help="Version or ISO time.")] = None) -> None:
-    """Print an entity as JSON (now, or as of a version or time)."""
+    """Print an entity as JSON (now, or as of a version or time).
+
+    Example: canvasdb entity get --org acme 0b5e... --as-of 2026-11-27T10:00:00Z
+    """
     entity_id = _uuid(id)
 
     async def work(svc: Services) -> Any:
@@ -620,13 +658,18 @@ def entity_put(
     if_version: Annotated[int | None, typer.Option(
         help="Refuse unless the entity exists and is at this version.")] = None,
 ) -> None:  # fmt: skip
-    """Create an entity, or replace the data of an existing one; prints it as JSON."""
+    """Create an entity, or replace the data of an existing one; prints it as JSON.
+
+    Example: canvasdb entity put --org acme --project roadmap --type kanban.card '{"title": "Ship"}'
+    """
     try:
         parsed = json.loads(sys.stdin.read() if data == "-" else data)
     except (ValueError, RecursionError) as exc:
         _fail(InvalidInput(f"data is not valid JSON: {exc}"))
         return
     entity_id = _uuid(id) if id else None
+    if if_version is not None and entity_id is None:
+        _fail(InvalidInput("--if-version replaces an entity: name it with --id"))
 
     async def work(svc: Services) -> Any:
         target = await svc.tenancy.resolve_org(org)
@@ -646,7 +689,8 @@ def entity_put(
 
 
 @entity_app.command("history")
-def entity_history(org: OrgOpt, id: str, limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
+def entity_history(org: OrgOpt, id: Annotated[str, typer.Argument(help="The entity's id.")],
+                   limit: Annotated[int, typer.Option(min=1, max=1000, help="Versions per page.")] = 100,
                    before: Annotated[int | None, typer.Option(
                        min=1, help="Only versions before this one (the next page).")] = None,
                    as_json: JsonOpt = False) -> None:
@@ -660,13 +704,13 @@ def entity_history(org: OrgOpt, id: str, limit: Annotated[int, typer.Option(min=
     page = _with_services(work)
     if as_json:
         _print_json([v.to_json() for v in page.items])
-        return
-    table = Table("version", "op", "at", "actor", "changes")
-    for v in page.items:
-        at = v.at.isoformat(timespec="milliseconds") if isinstance(v.at, datetime) else str(v.at)
-        table.add_row(str(v.version), v.op, at, str(v.actor or "operator"), str(len(v.patch or [])))
-    out.print(table)
-    if page.next is not None:
+    else:
+        table = Table("version", "op", "at", "actor", "changes")
+        for v in page.items:
+            at = v.at.isoformat(timespec="milliseconds") if isinstance(v.at, datetime) else str(v.at)
+            table.add_row(str(v.version), v.op, at, str(v.actor or "operator"), str(len(v.patch or [])))
+        out.print(table)
+    if page.next is not None:  # on stderr: with --json too, stdout stays the page's JSON
         err.print(f"older versions: --before {page.next}", highlight=False)
 
 
@@ -682,10 +726,13 @@ def search(
         "--where", help="data.FIELD=VALUE: equality on a data field (repeat).")] = None,
     facets: Annotated[str | None, typer.Option(help="Comma-separated: type,module,project,tag.")] = None,
     typo: Annotated[bool, typer.Option(help="Correct typos in words of 5+ letters.")] = True,
-    limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
+    limit: Annotated[int, typer.Option(min=1, max=100, help="Hits to show.")] = 20,
     as_json: JsonOpt = False,
 ) -> None:  # fmt: skip
-    """Search an org's entities by words, mistyped words and meaning (as its operator)."""
+    """Search an org's entities by words, mistyped words and meaning (as its operator).
+
+    Example: canvasdb search --org acme "ship -draft" --type kanban.card --where data.status=done
+    """
     data = []
     for item in where or []:
         field, sep, value = item.partition("=")

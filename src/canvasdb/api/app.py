@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from canvasdb import __version__, jobs, runtime
 from canvasdb.api import attachments, documents, entities, graph, openapi, problems, search, tenants
 from canvasdb.api.deps import Svc
+from canvasdb.api.head import HeadAsGet
 from canvasdb.api.limits import BodySizeLimit, CredentialsFirst
 from canvasdb.db import Database
 from canvasdb.gateway import Hub, connection
@@ -84,7 +85,7 @@ def create_app(settings: Settings, *, database_url: str | None = None,
             return
         await connection.serve(websocket, org, doc, websocket.app.state.services, hub, settings)
 
-    @app.get("/readyz", tags=["operations"])
+    @app.get("/readyz", tags=["operations"], summary="Readiness")
     async def readyz(svc: Svc, request: Request) -> JSONResponse:
         """Ready for traffic: the database answers and the gateway hears other processes."""
         hub: Hub | None = getattr(request.app.state, "hub", None)
@@ -97,14 +98,16 @@ def create_app(settings: Settings, *, database_url: str | None = None,
         return problems.problem(503, "Unavailable", detail, state="stopping" if stopping else "starting",
                                 retry=not stopping)
 
-    @app.get("/healthz", tags=["operations"])
+    @app.get("/healthz", tags=["operations"], summary="Liveness")
     async def healthz(svc: Svc) -> dict[str, Any]:
+        """The process answers and reaches its database (503 when it does not); and its version."""
         await svc.db.ping()
         return {"status": "ok", "version": __version__}
 
     # JSON may legitimately be larger than the compact form counted against max_data_bytes.
     # Attachment uploads stream into the blob store and have their own, larger limit; Yjs
     # updates theirs (the store answers 413 over it, naming the setting).
+    app.add_middleware(HeadAsGet)
     app.add_middleware(connection.KeepRawSend)
     app.add_middleware(CredentialsFirst)
     app.add_middleware(BodySizeLimit, max_bytes=4 * settings.max_data_bytes + 64 * 1024,

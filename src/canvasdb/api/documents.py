@@ -35,6 +35,7 @@ async def create_document(org: str, project: str, body: DocumentIn, svc: Svc, wh
 
 @router.get("/docs/{doc}")
 async def get_document(org: str, doc: str, svc: Svc, who: Who) -> dict[str, Any]:
+    """The document's metadata: its last sequence number, projection lag and ``exact_since``."""
     return (await svc.documents.get(who, doc)).to_json()
 
 

@@ -49,6 +49,7 @@ async def _written(svc: Services, who: Principal, entity: Entity) -> JSONRespons
 
 @router.post("/projects/{project}/entities", status_code=201)
 async def create_entity(org: str, project: str, body: EntityIn, svc: Svc, who: Who) -> JSONResponse:
+    """Create an entity at version 1 (its ``id`` may be the client's); answers its ETag and Location."""
     project_id = await svc.tenancy.resolve_project(who, project, write=True)
     entity = await svc.entities.create(who, project_id, body.type, body.data, id=body.id)
     return _one(entity, 201, location=True)
@@ -89,6 +90,7 @@ async def get_entity(
     as_of: Annotated[str | None, Query(max_length=64, pattern=ASCII,
                                        description="version or ISO 8601 time")] = None,
 ) -> JSONResponse:  # fmt: skip
+    """The entity now, or as of a version or a time (``as_of``), with its version as the ETag."""
     return _one(await svc.entities.get(who, parse_id(id), as_of=parse_as_of(as_of)))
 
 
@@ -119,6 +121,7 @@ async def delete_entity(org: str, id: str, svc: Svc, who: Who, if_match: IfMatch
 
 @router.post("/entities/{id}/undelete")
 async def undelete_entity(org: str, id: str, svc: Svc, who: Who, if_match: IfMatch = None) -> JSONResponse:
+    """Bring a deleted entity back as it was, as a new version (its relationships come back too)."""
     entity = await conditionally(lambda v: svc.entities.undelete(who, parse_id(id), if_version=v), if_match)
     return await _written(svc, who, entity)
 

@@ -78,6 +78,7 @@ async def list_relationships(org: str, svc: Svc, who: Who,
 
 @router.get("/relationships/{id}")
 async def get_relationship(org: str, id: str, svc: Svc, who: Who, as_of: AsOf = None) -> JSONResponse:
+    """The relationship now, or as of a time (``as_of``), with its version as the ETag."""
     return _one(await svc.relationships.get(who, parse_id(id, "relationship"), as_of=parse_as_of_time(as_of)))
 
 
@@ -94,6 +95,7 @@ async def update_relationship(org: str, id: str, body: RelationshipDataIn, svc: 
 @router.delete("/relationships/{id}")
 async def delete_relationship(org: str, id: str, svc: Svc, who: Who,
                               if_match: IfMatch = None) -> JSONResponse:
+    """Soft delete: a new version, not live; ``undelete`` brings it back."""
     return _one(await conditionally(
         lambda v: svc.relationships.delete(who, parse_id(id, "relationship"), if_version=v), if_match))
 
@@ -101,12 +103,14 @@ async def delete_relationship(org: str, id: str, svc: Svc, who: Who,
 @router.post("/relationships/{id}/undelete")
 async def undelete_relationship(org: str, id: str, svc: Svc, who: Who,
                                 if_match: IfMatch = None) -> JSONResponse:
+    """Bring a deleted relationship back (422 if it would close a cycle of an acyclic kind)."""
     return _one(await conditionally(
         lambda v: svc.relationships.undelete(who, parse_id(id, "relationship"), if_version=v), if_match))
 
 
 @router.get("/relationships/{id}/history")
 async def relationship_history(org: str, id: str, svc: Svc, who: Who) -> dict[str, Any]:
+    """Every version of the relationship, oldest first, each with its data and whether it was live."""
     return {"versions": await svc.relationships.history(who, parse_id(id, "relationship"))}
 
 

@@ -29,7 +29,8 @@ PROBLEM_SCHEMA: dict[str, Any] = {
         "type": {"type": "string", "example": "about:blank"},
         "title": {"type": "string", "example": "Invalid input"},
         "status": {"type": "integer", "example": 422},
-        "detail": {"type": "string", "example": "/data/status: 'nope' is not one of ['todo', 'done']"},
+        "detail": {"type": "string", "example": "data does not match the schema of kanban.card: "
+                                                "\"nope\" is not one of \"todo\" or \"done\""},
         "pointer": {"type": "string", "description": "JSON pointer of the bad field (`query:NAME`, "
                                                     "`path:NAME` or `header:NAME` outside the body)"},
         "errors": {"type": "array", "items": {"type": "object", "properties": {

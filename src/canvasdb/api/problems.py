@@ -60,8 +60,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         {"pointer": _pointer(tuple(e.get("loc", ()))), "detail": e.get("msg", "invalid")}
         for e in exc.errors()
     ]
-    if any(e.get("type") == "json_invalid" for e in exc.errors()):
-        return problem(400, "Bad request", "the body is not valid JSON", errors=errors)
+    unparsed = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
+    if unparsed is not None:
+        return problem(400, "Bad request", _json_error(unparsed, exc.body))
     first = errors[0] if errors else {"pointer": "", "detail": "invalid"}
     if first["pointer"] == "":  # the body as a whole: missing, or not an object
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -74,9 +75,28 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
                    pointer=first["pointer"], errors=errors)
 
 
+def _json_error(error: dict[str, Any], text: Any) -> str:
+    """What the JSON parser met, and where as a line and column: FastAPI gives the character's
+    offset as the error's location, which read as a JSON pointer (``/36``) into the body."""
+    reason = str(error.get("ctx", {}).get("error", "")).strip()
+    detail = "the body is not valid JSON" + (f": {reason[:1].lower()}{reason[1:]}" if reason else "")
+    offset = error["loc"][-1]
+    if isinstance(text, str) and isinstance(offset, int):
+        line, column = text.count("\n", 0, offset) + 1, offset - text.rfind("\n", 0, offset)
+        detail += f" at line {line}, column {column}"
+    return detail
+
+
+# What FastAPI's JSON read raised, when not a JSONDecodeError (it answers them all alike)
+_UNREADABLE_JSON = {UnicodeDecodeError: "it is not UTF-8 text", RecursionError: "it is nested too deeply"}
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     titles = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 413: "Payload too large"}
+    unreadable = _UNREADABLE_JSON.get(type(exc.__cause__))  # FastAPI's "error parsing the body"
+    if exc.status_code == 400 and unreadable:
+        return problem(400, "Bad request", f"the body is not valid JSON: {unreadable}")
     headers = dict(exc.headers or {})
     if exc.status_code == 405:  # RFC 9110: the methods the resource allows (Starlette names one route's)
         headers["Allow"] = ", ".join(_allowed(request))

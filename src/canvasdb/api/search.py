@@ -63,7 +63,7 @@ async def search(
 
 
 @router.get("/search/status")
-async def status(svc: Svc, who: Who) -> dict[str, Any]:
+async def search_status(svc: Svc, who: Who) -> dict[str, Any]:
     """Indexing backlog of the org (entities waiting for their words and vectors) and the models:
     for the org's owners and admins (403 otherwise), as the backlog is the whole org's."""
     who.require_org_admin()

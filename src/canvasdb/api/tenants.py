@@ -72,12 +72,14 @@ async def add_member(org: str, body: MemberIn, svc: Svc, who: Who) -> JSONRespon
 
 @router.post("/orgs/{org}/projects", status_code=201, tags=["tenancy"])
 async def create_project(org: str, body: ProjectIn, svc: Svc, who: Who) -> dict[str, Any]:
+    """Create a project in the org (owners and admins); its slug is unique in the org (409)."""
     row = await svc.tenancy.create_project(who, body.slug, body.name)
     return {**row, "id": str(row["id"]), "created_at": row["created_at"].isoformat()}
 
 
 @router.get("/orgs/{org}/projects", tags=["tenancy"])
 async def list_projects(org: str, svc: Svc, who: Who) -> dict[str, Any]:
+    """The org's projects the caller may read, whole (no pages)."""
     rows = await svc.tenancy.list_projects(who)
     return {"items": [{**r, "id": str(r["id"]), "created_at": r["created_at"].isoformat()}
                       for r in rows]}
@@ -100,6 +102,7 @@ async def set_project_member(
 
 @router.get("/orgs/{org}/entity-types", tags=["entity types"])
 async def list_entity_types(org: str, svc: Svc, who: Who) -> dict[str, Any]:
+    """Every entity type registered in the org, whole (no pages)."""
     return {"items": [t.to_json() for t in await svc.types.list(who)]}
 
 
@@ -114,4 +117,5 @@ async def register_entity_type(org: str, body: EntityTypeIn, svc: Svc, who: Who)
 
 @router.get("/orgs/{org}/entity-types/{name}", tags=["entity types"])
 async def get_entity_type(org: str, name: str, svc: Svc, who: Who) -> dict[str, Any]:
+    """One registered entity type by name (404 if it is not registered)."""
     return (await svc.types.get(who, name)).to_json()

@@ -190,6 +190,25 @@ def test_entity_put_if_version_never_creates(env: dict[str, str]) -> None:
     assert made["id"] == new_id and made["version"] == 1
 
 
+def test_entity_put_does_not_pretend_to_change_type_or_project(env: dict[str, str]) -> None:
+    """A replacement writes data only: a ``--type`` or ``--project`` other than the entity's is
+    refused, not dropped without a word; the same ones are accepted."""
+    slug = f"cli-place-{os.getpid()}-{time.time_ns() % 10**6}"
+    run(env, "org", "create", slug)
+    run(env, "project", "create", "--org", slug, "main")
+    run(env, "project", "create", "--org", slug, "other")
+    made = json.loads(run(env, "entity", "put", "--org", slug, "--project", "main", "--type", "note",
+                          '{"title": "x"}').stdout)
+    for option, value, said in (("--type", "task", "--type"), ("--project", "other", "--project")):
+        refused = run(env, "entity", "put", "--org", slug, "--id", made["id"], option, value, '{"title": "y"}',
+                      check=False)
+        assert refused.returncode == 1 and refused.stderr.startswith("Error:") and said in refused.stderr
+    assert json.loads(run(env, "entity", "get", "--org", slug, made["id"]).stdout)["version"] == 1
+    same = json.loads(run(env, "entity", "put", "--org", slug, "--id", made["id"], "--project", "main",
+                          "--type", "note", '{"title": "y"}').stdout)
+    assert (same["version"], same["data"]) == (2, {"title": "y"})
+
+
 def test_errors_are_one_clear_line(env: dict[str, str]) -> None:
     bad = run(env, "entity", "get", "--org", "no-such-org", "not-a-uuid", check=False)
     assert bad.returncode == 1 and bad.stderr.startswith("Error:") and "Traceback" not in bad.stderr
@@ -477,7 +496,8 @@ def test_db_status_of_a_database_named_by_url(env: dict[str, str], pg_url: str) 
     assert "not-to-be-shown" not in up.stdout and "password=***" in status["url"]
     away = make_conninfo(pg_url, port=str(_free_port()))
     down = run({**env, "CANVASDB_DATABASE_URL": away}, "db", "status", check=False)
-    assert down.returncode == 3 and "running: False" in down.stdout and "error: " in down.stdout, down.stdout
+    assert down.returncode == 3 and "running: false" in down.stdout and "embedded: false" in down.stdout \
+        and "error: " in down.stdout, down.stdout
     assert "Traceback" not in down.stderr
     for unreadable in ("postgresql://me:not-to-be-shown@127.0.0.1/db?no_such_option=1",  # libpq refuses both
                        "host=127.0.0.1 password=not-to-be-shown no_such_option=1"):

@@ -356,8 +356,8 @@ def db_status(as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(info)
     else:
-        for key, value in info.items():
-            out.print(f"{key}: {value}", highlight=False)
+        for key, value in info.items():  # spelt as in --json (false, null), not as Python does
+            out.print(f"{key}: {value if isinstance(value, str) else json.dumps(value)}", highlight=False)
     raise typer.Exit(0 if running else 3)
 
 
@@ -674,18 +674,31 @@ def entity_put(
     async def work(svc: Services) -> Any:
         target = await svc.tenancy.resolve_org(org)
         who = runtime.operator(target.id)
+        project_id = await svc.tenancy.resolve_project(who, project, write=True) if project else None
         if entity_id is not None:
             try:
+                if project_id is not None or type is not None:  # a replacement changes data only
+                    _same_place(await svc.entities.get(who, entity_id), project_id, type)
                 return await svc.entities.replace(who, entity_id, parsed, if_version=if_version)
             except NotFound:
                 if if_version is not None:  # a version to match is a replace: never a create
                     raise
-        if not project or not type:
+        if project_id is None or not type:
             raise InvalidInput("creating an entity needs --project and --type")
-        project_id = await svc.tenancy.resolve_project(who, project, write=True)
         return await svc.entities.create(who, project_id, type, parsed, id=entity_id)
 
     _print_json(_with_services(work).to_json())
+
+
+def _same_place(entity: Any, project_id: UUID | None, type: str | None) -> None:
+    """Refuse a replacement whose --project or --type differs from the entity's: it would
+    write the data and leave both as they are."""
+    if type is not None and type != entity.type:
+        raise InvalidInput(f"entity {entity.id} is a {entity.type}: --type cannot change it",
+                           hint="create a new entity of that type instead")
+    if project_id is not None and project_id != entity.project_id:
+        raise InvalidInput(f"entity {entity.id} belongs to another project: --project cannot move it",
+                           hint="leave out --project to replace its data")
 
 
 @entity_app.command("history")

@@ -16,7 +16,9 @@ from typing import TypeVar
 from uuid import UUID
 
 import httpx
+import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from canvasdb.api import create_app
 from canvasdb.db import Database, EmbeddedPostgres
@@ -45,6 +47,17 @@ def pg_url(pg_home: Path) -> Iterator[str]:
     prepare_schema(url)
     yield url
     server.stop()
+
+
+@pytest.fixture
+def fresh_db(pg_url: str) -> Iterator[str]:
+    """An empty database in the test cluster."""
+    name = f"mig_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield make_conninfo(**{**conninfo_to_dict(pg_url), "dbname": name})
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

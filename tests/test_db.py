@@ -14,7 +14,6 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,17 +32,6 @@ from canvasdb.db.embedded import _SOCKET_PATH_MAX, _memory_tuning
 from canvasdb.db.migrate import Migration, applied, available, check_server_version
 from canvasdb.db.pool import ConnectionPool, translate
 from canvasdb.errors import CanvasdbError, MigrationError, Unavailable
-
-
-@pytest.fixture
-def fresh_db(pg_url: str) -> Iterator[str]:
-    """An empty database in the test cluster."""
-    name = f"mig_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(**{**conninfo_to_dict(pg_url), "dbname": name})
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def test_concurrent_starts_apply_each_migration_once(fresh_db: str) -> None:

@@ -209,10 +209,11 @@ class Models:
             row = await cur.fetchone()
             if row is None or row["state"] == "retired":
                 raise ModelRetired(f"embedding model {model} was retired before its build finished")
-            await conn.execute("UPDATE search_models SET state = 'retired'"
-                               " WHERE state IN ('active', 'building') AND model <> %s", (model,))
-            await conn.execute("UPDATE search_models SET state = 'active', activated_at = now()"
-                               " WHERE model = %s AND state = 'building'", (model,))
+            if row["state"] == "building":  # (active: another process's build of it got there first)
+                await conn.execute("UPDATE search_models SET state = 'retired'"
+                                   " WHERE state IN ('active', 'building') AND model <> %s", (model,))
+                await conn.execute("UPDATE search_models SET state = 'active', activated_at = now()"
+                                   " WHERE model = %s", (model,))
             cur = await conn.execute("SELECT search_queue_unembedded(%s, %s) AS n", (model, first_pass))
             meanwhile = await cur.fetchone()
         self._registered = None

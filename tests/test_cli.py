@@ -58,7 +58,8 @@ def test_every_command_has_help() -> None:
                                    ("db", "migrate"), ("org", "create"), ("org", "list"), ("user", "create"),
                                    ("token", "create"), ("token", "revoke"), ("entity", "get"),
                                    ("entity", "put"), ("entity", "history"), ("type", "register"),
-                                   ("type", "list"), ("blobs", "sweep"), ("up",)]}
+                                   ("type", "list"), ("blobs", "sweep"), ("embedder", "list"),
+                                   ("embedder", "use"), ("up",)]}
     for name in names:
         cmd: Any = group
         for part in name.split():
@@ -524,6 +525,36 @@ async def test_search_command(env: dict[str, str], svc: Any, tenant: Any) -> Non
     assert bad.returncode == 1 and "data.FIELD=VALUE" in bad.stderr
     long = run(env, "search", "--org", tenant.slug, "plan " * 2001, check=False)  # as over HTTP
     assert long.returncode == 1 and "at most 10,000 characters" in long.stderr, long.stderr
+
+
+def test_embedder_use_switches_back_to_a_retired_model(env: dict[str, str], pg_url: str) -> None:
+    """A retired model comes back only on the operator's word: ``embedder use`` makes it building (its
+    processes build it, then it takes over) and stops any other build; an unknown name is one line."""
+    name = f"cli_models_{os.getpid()}_{time.time_ns() % 10**6}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    own = {**env, "CANVASDB_DATABASE_URL": make_conninfo(pg_url, dbname=name)}
+    try:
+        run(own, "db", "migrate")
+        with psycopg.connect(own["CANVASDB_DATABASE_URL"], autocommit=True) as conn:
+            conn.execute("INSERT INTO search_models (model, kind, url, dimension, state) VALUES"
+                         " ('new-model', 'ollama', 'http://127.0.0.1:1', 8, 'active'),"
+                         " ('old-model', 'local', NULL, 384, 'retired'),"
+                         " ('mistaken-model', 'ollama', 'http://127.0.0.1:1', 4, 'building')")
+        said = run(own, "embedder", "use", "old-model").stdout
+        assert "embedding model old-model is building" in said, said
+        assert "the build of embedding model mistaken-model stopped" in said, said
+        listed = json.loads(run(own, "embedder", "list", "--json").stdout)
+        assert [(m["model"], m["state"]) for m in listed] == [
+            ("new-model", "active"), ("old-model", "building"), ("mistaken-model", "retired")]
+        assert "old-model" in run({**own, "COLUMNS": "200"}, "embedder", "list").stdout
+        assert "is active" in run(own, "embedder", "use", "new-model").stdout
+        unknown = run(own, "embedder", "use", "no-such-model", check=False)
+        assert unknown.returncode == 1 and unknown.stderr.startswith(
+            "Error: no embedding model no-such-model is registered"), unknown.stderr
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 def test_search_from_the_cli_alone(env: dict[str, str]) -> None:

@@ -867,19 +867,25 @@ async def test_a_drain_of_the_old_model_leaves_to_the_new_one_what_it_embedded_a
             assert [r["model"] for r in await cur.fetchall()] == ["fake-8"]
 
 
+@asynccontextmanager
+async def _switch_held_up(db: Database, tenant: Tenant) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A transaction of the org holding the new model's registry row: an activation that follows
+    makes its first pass, then waits there with the registry's lock (as on a large deployment)."""
+    async with held(db.conninfo, tenant) as conn:
+        await conn.execute("SELECT FROM search_models WHERE model = 'fake-8' FOR UPDATE")
+        yield conn
+
+
 async def test_vectors_stored_during_the_switch_of_model_wait_for_it(pg_url: str, settings: Settings) -> None:
-    """The old model's vector is stored while the activation's transaction is under way (its queueing
-    of the entities with no vector of the new model waits for a lock). The store cleared the queue row
-    the activation left, once the activation committed; it now waits for the activation, sees its
-    model retired, and stores nothing."""
+    """The old model's vector is stored while the activation's transaction is under way. The store
+    cleared the queue row the activation left, once the activation committed; it now waits for the
+    activation, sees its model retired, and stores nothing."""
     async with _a_change_of_model(pg_url, settings, "buy a new vehicle") as (db, tenant, (vehicle,), old, new):
         memo = (await old.entities.create(tenant.owner, tenant.project_id, "note",
                                           {"title": "Memo", "body": "bananas"})).id
         info = await new.models.register()
         assert await new.models.indexes.build(info.model, info.dimension)
-        async with db.transaction(tenant.org_id) as held:
-            await held.execute("SELECT FROM search_queue WHERE org_id = %s AND entity_id = %s FOR UPDATE",
-                               (tenant.org_id, memo))
+        async with _switch_held_up(db, tenant):
             activation = await _blocked_or_done(db, new.models.activate(info))
             drain = await _blocked_or_done(db, old.indexer.drain(tenant.org_id), waiting=2)
             assert not activation.done() and not drain.done()
@@ -892,18 +898,18 @@ async def test_vectors_stored_during_the_switch_of_model_wait_for_it(pg_url: str
 
 async def test_a_vector_store_waits_for_the_switch_of_model_before_it_locks_search_rows(
         pg_url: str, settings: Settings) -> None:
-    """A write changes two entities; the switch's queueing waits for the first one's queue row; a store
-    of the second one's vector waits for the switch. Had the store locked that entity's search row
-    before waiting, the write, changing it next, would wait for the store: a deadlock, and one of the
-    three would fail."""
+    """A write changes an entity while the switch of model is under way; a store of a second entity's
+    vector waits for the switch; the write then changes that second entity too. Had the store locked
+    that entity's search row before waiting, the write would wait for the store: a deadlock, and one
+    of the three would fail."""
     async with _a_change_of_model(pg_url, settings, "bananas") as (db, tenant, (fruit,), old, new):
         memo = (await old.entities.create(tenant.owner, tenant.project_id, "note", {"title": "Memo", "body": "tide"},
                                           id=UUID(int=2**128 - 1))).id  # after the fruit in id order
         info = await new.models.register()
         assert await new.models.indexes.build(info.model, info.dimension)
-        async with held(db.conninfo, tenant) as write:
-            await change(write, tenant, fruit, "replace", '{"title": "Fruit", "body": "pears"}')
+        async with _switch_held_up(db, tenant) as write:
             activation = await _blocked_or_done(db, new.models.activate(info))
+            await change(write, tenant, fruit, "replace", '{"title": "Fruit", "body": "pears"}')
             drain = await _blocked_or_done(db, old.indexer.drain(tenant.org_id), waiting=2)
             await change(write, tenant, memo, "replace", '{"title": "Memo", "body": "tidal energy"}')
             await write.commit()
@@ -911,6 +917,134 @@ async def test_a_vector_store_waits_for_the_switch_of_model_before_it_locks_sear
         assert (await drain)["embedded"] == 0
         assert (await new.indexer.drain(tenant.org_id))["embedded"] == 2
         assert set(await _ids(new, tenant.owner, "tidal energy", mode="semantic")) == {fruit, memo}
+
+
+async def test_the_switch_of_model_holds_up_no_store_while_it_queues_what_it_lacks(
+        pg_url: str, settings: Settings) -> None:
+    """The activation queued the entities with no vector of the new model (a scan of every org's search
+    rows) while it held the lock every store of vectors waits for. It now does most of that first,
+    without the lock: a store goes on meanwhile, and what it took off the queue (a vector of the old
+    model, for an entity written after that first pass began) is queued under the lock."""
+    async with _a_change_of_model(pg_url, settings, "buy a new vehicle") as (db, tenant, (vehicle,), old, new):
+        info = await new.models.register()
+        assert await new.models.indexes.build(info.model, info.dimension)
+        async with db.transaction(tenant.org_id) as held_row:  # the first pass waits for the vehicle's
+            await held_row.execute("SELECT search_queue_texts(%s, %s, false)", (tenant.org_id, [vehicle]))
+            activation = await _blocked_or_done(db, new.models.activate(info))
+            memo = (await old.entities.create(tenant.owner, tenant.project_id, "note",
+                                              {"title": "Memo", "body": "bananas"})).id
+            drain = await _blocked_or_done(db, old.indexer.drain(tenant.org_id), waiting=2)
+            assert drain.done() and not activation.done()
+            assert (await drain)["embedded"] == 1  # the memo, by the old model
+        await activation
+        assert (await new.models.active()).model == "fake-8"
+        assert (await new.indexer.drain(tenant.org_id))["embedded"] == 2
+        assert set(await _ids(new, tenant.owner, "bananas", mode="semantic")) == {vehicle, memo}
+
+
+async def _queueing_waited_past(db: Database, interval: str) -> bool:
+    """Whether a statement queueing the entities with no vector of a model has waited for a lock
+    longer than ``interval`` (read as the login: the application's role sees no other's statements)."""
+    async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+        cur = await conn.execute("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                 " AND query LIKE '%%search_queue_unembedded%%'"
+                                 " AND clock_timestamp() - query_start > %s::interval)", (interval,))
+        row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def test_the_switch_of_model_outlasts_a_requests_statement_timeout(pg_url: str, settings: Settings) -> None:
+    """The queueing of the entities with no vector of the new model ran with a request's statement
+    timeout: on a large deployment, cut short at every attempt, and the model never became active. It
+    runs with a background job's."""
+    async with _a_change_of_model(pg_url, settings, "buy a new vehicle") as (db, tenant, (vehicle,), _, new):
+        async with Database(db.conninfo, min_size=1, max_size=2, statement_timeout_ms=300) as hasty:
+            models = Models(hasty, new.models.configured)
+            info = await models.register()
+            assert await models.indexes.build(info.model, info.dimension)
+            async with db.transaction(tenant.org_id) as held_row:
+                await held_row.execute("SELECT search_queue_texts(%s, %s, false)", (tenant.org_id, [vehicle]))
+                activation = asyncio.ensure_future(models.activate(info))
+                while not activation.done() and not await _queueing_waited_past(db, "1 second"):
+                    await asyncio.sleep(0.05)
+            await activation
+        assert (await new.models.active()).model == "fake-8"
+        assert (await new.indexer.drain(tenant.org_id))["embedded"] == 1
+
+
+async def test_a_retired_model_registered_again_stays_retired_until_it_is_chosen(
+        pg_url: str, settings: Settings) -> None:
+    """A process started again with the old model's settings, once the new model had taken over,
+    registered the old one as building again: its build switched back, and the processes of the new
+    model would then switch forward again. It stays retired (such a process embeds nothing) until
+    the operator chooses it (``canvasdb embedder use``): then its build switches back."""
+    async with _a_change_of_model(pg_url, settings, "buy a new vehicle") as (db, tenant, (vehicle,), old, new):
+        assert await new.indexer.backfill([tenant.org_id]) == 1
+        again = Services.build(settings, db)  # the old model's settings, in a process started again
+        try:
+            assert (await again.models.register()).state == "retired"
+            assert await again.indexer.backfill([tenant.org_id]) == 0
+            later = (await again.entities.create(tenant.owner, tenant.project_id, "note",
+                                                 {"title": "Memo", "body": "bananas"})).id
+            assert (await again.indexer.drain(tenant.org_id))["embedded"] == 0
+            assert (await again.models.active()).model == "fake-8"
+            assert (await new.indexer.drain(tenant.org_id))["embedded"] == 1
+            assert await new.models.use("all-MiniLM-L6-v2") == []
+            assert (await again.models.register()).state == "building"
+            assert await again.indexer.backfill([tenant.org_id]) == 2
+            assert [(m.model, m.state) for m in await again.models.registered()] == [
+                ("all-MiniLM-L6-v2", "active"), ("fake-8", "retired")]
+            assert set(await _ids(again, tenant.owner, "car", mode="semantic")) == {vehicle, later}
+        finally:
+            await again.models.close()
+
+
+async def test_of_two_models_built_at_once_the_first_to_finish_takes_over_for_good(
+        pg_url: str, settings: Settings) -> None:
+    """Two new models building at once: each activation retired only the active model, so the second
+    build to finish switched to its model after the first one had. The first to finish retires the
+    other, whose build stops."""
+    fake = FakeService()
+    try:
+        async with _a_change_of_model(pg_url, settings, "buy a new vehicle") as (db, tenant, _, old, new):
+            other = Services.build(settings, db, embedder=make_embedder("openai", model="fake-other",
+                                                                           url=fake.url + "/v1"))
+            try:
+                assert (await new.models.register()).state == "building"
+                assert (await other.models.register()).state == "building"
+                assert await new.indexer.backfill([tenant.org_id]) == 1
+                assert await other.indexer.backfill([tenant.org_id]) == 0
+                assert [(m.model, m.state) for m in await new.models.registered()] == [
+                    ("fake-8", "active"), ("all-MiniLM-L6-v2", "retired"), ("fake-other", "retired")]
+            finally:
+                await other.models.close()
+    finally:
+        fake.close()
+
+
+async def test_choosing_the_active_model_stops_a_build(pg_url: str, settings: Settings) -> None:
+    """A process started with a model by mistake starts its build; the operator's choice of the active
+    model stops it, and its vectors go."""
+    async with _a_change_of_model(pg_url, settings, "buy a new vehicle") as (db, tenant, (vehicle,), old, new):
+        assert (await new.models.register()).state == "building"
+        made = asyncio.Event()
+
+        async def build_stopped_midway(info: ModelInfo) -> None:
+            made.set()
+            assert await old.models.use("all-MiniLM-L6-v2") == ["fake-8"]
+            await activate(info)
+
+        activate = new.models.activate
+        new.models.activate = build_stopped_midway  # type: ignore[method-assign]
+        assert await new.indexer.backfill([tenant.org_id]) == 1
+        assert made.is_set() and (await new.models.active()).model == "all-MiniLM-L6-v2"
+        await old.indexer.drop_retired([tenant.org_id])
+        async with db.transaction(tenant.org_id) as conn:
+            cur = await conn.execute("SELECT DISTINCT model FROM search_vectors")
+            assert [r["model"] for r in await cur.fetchall()] == ["all-MiniLM-L6-v2"]
+        with pytest.raises(NotFound):
+            await old.models.use("no-such-model")
+        assert (await _ids(old, tenant.owner, "car", mode="semantic")) == [vehicle]
 
 
 async def test_a_new_models_index_is_built_without_holding_up_writes(pg_url: str, settings: Settings) -> None:

@@ -47,8 +47,11 @@ entity_app = typer.Typer(help="Entities and their history.", no_args_is_help=Tru
 type_app = typer.Typer(help="The entity type registry (what search reads, references, schemas).",
                        no_args_is_help=True)
 blobs_app = typer.Typer(help="The blob store (attachments, large snapshots).", no_args_is_help=True)
+embedder_app = typer.Typer(help="The embedding models of semantic search: which one is active, and a "
+                                "deliberate switch back.", no_args_is_help=True)
 for sub, name in [(db_app, "db"), (org_app, "org"), (user_app, "user"), (token_app, "token"),
-                  (project_app, "project"), (entity_app, "entity"), (type_app, "type"), (blobs_app, "blobs")]:
+                  (project_app, "project"), (entity_app, "entity"), (type_app, "type"), (blobs_app, "blobs"),
+                  (embedder_app, "embedder")]:
     app.add_typer(sub, name=name)
 
 out = Console(soft_wrap=True)  # a line stays one line when piped (80 columns otherwise)
@@ -778,6 +781,47 @@ def search(
     out.print(f"{len(results.hits)} shown of {total} matches")
     for name, counts in (results.facets or {}).items():
         out.print(f"{name}: " + (", ".join(f"{k} ({n})" for k, n in counts.items()) or "none"))
+
+
+# --- embedding models ------------------------------------------------------------------------------
+
+
+@embedder_app.command("list")
+def embedder_list(as_json: JsonOpt = False) -> None:
+    """List the embedding models search has known: active (queries use it), building (being embedded,
+    to take over), retired."""
+    models = _with_services(lambda svc: svc.models.registered())
+    if as_json:
+        _print_json([asdict(m) for m in models])
+        return
+    table = Table("model", "state", "kind", "dimension", "url")
+    for m in models:
+        table.add_row(m.model, m.state, m.kind, str(m.dimension), m.url or "")
+    out.print(table)
+
+
+@embedder_app.command("use")
+def embedder_use(model: Annotated[str, typer.Argument(help="The model's name, as `embedder list` shows it.")],
+                 ) -> None:
+    """Switch to MODEL on purpose: a retired model is built again by the processes configured with it
+    (CANVASDB_EMBEDDER, CANVASDB_EMBEDDER_MODEL), then becomes active; the active model stays. Either
+    way, the build of any other model stops. A process started with a retired model's settings does
+    not bring it back by itself."""
+
+    async def work(svc: Services) -> tuple[list[str], str | None]:
+        stopped = await svc.models.use(model)
+        await svc.indexer.drop_retired([org.id for org in await svc.tenancy.list_orgs()])
+        state = next((m.state for m in await svc.models.registered() if m.model == model), None)
+        return stopped, state
+
+    stopped, state = _with_services(work)
+    if state == "building":
+        out.print(f"embedding model {model} is building: the processes configured with it embed every entity,"
+                  " then it becomes active", highlight=False)
+    else:
+        out.print(f"embedding model {model} is {state}", highlight=False)
+    for other in stopped:
+        out.print(f"the build of embedding model {other} stopped (retired)", highlight=False)
 
 
 def main() -> None:

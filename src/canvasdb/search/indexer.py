@@ -9,7 +9,8 @@ otherwise the newer change stays queued. If the embedder fails, the rows stay qu
 and the job is retried later; if it fails a batch but not each of its entities alone, those
 it fails wait at the back of the queue, so that one text it refuses holds back no other.
 ``backfill`` walks every entity when a new model is building, then builds the model's index
-(concurrently: writes go on meanwhile) and makes it the active one;
+(concurrently: writes go on meanwhile) and makes it the active one (unless another model
+was made active first: then its build stops);
 the texts it fails alone are left to the queue in the same way, so that they hold back no build.
 A vector is stored (and its entity taken off the queue) only while its model is active or
 building, checked in the store's transaction under the lock the switch takes: a drain of a
@@ -125,7 +126,13 @@ class Indexer:
         for a service's limit, say) must not hold back the org's queue, or a new model's build,
         for ever. Those it fails go to the back of the queue. Two failures before any success
         say it is down: then the error is raised (they went to the back too, in case it was
-        them). Returns how many were stored."""
+        them). Returns how many were stored.
+
+        ``ModelRetired`` (the model was retired by another's activation, one row's store apart)
+        is raised as it comes, those that failed left where they were: the queue is now the
+        active model's, whose embedder did not fail them (for a build's walk, they were not
+        queued at all: the retired model's build has stopped, and the active model holds their
+        vectors, or the activation queued them)."""
         failed: list[UUID] = []
         stored = 0
         error: EmbedderUnavailable | None = None
@@ -236,34 +243,53 @@ class Indexer:
         if model.state != "building":
             return 0
         total = 0
-        for org_id in org_ids:
-            after = UUID(int=0)
-            while True:
-                async with self.db.transaction(org_id) as conn:
-                    cur = await conn.execute(
-                        "SELECT s.entity_id, s.embed_md5, s.project_id, s.type,"
-                        "       search_embed_text(e.data, t.text_fields, t.embed_fields) AS text,"
-                        "       v.embed_md5 AS embedded_md5, q.embed_md5 AS queued_md5"
-                        " FROM (SELECT * FROM search_docs WHERE org_id = %(org)s AND entity_id > %(after)s"
-                        "       AND embed_md5 IS NOT NULL ORDER BY entity_id LIMIT %(n)s) s"
-                        " JOIN entities e ON e.org_id = s.org_id AND e.id = s.entity_id"
-                        " JOIN entity_types t ON t.org_id = e.org_id AND t.name = e.type"
-                        " LEFT JOIN search_vectors v ON v.org_id = s.org_id AND v.model = %(model)s"
-                        "      AND v.entity_id = s.entity_id"
-                        " LEFT JOIN search_queue q ON q.org_id = s.org_id AND q.entity_id = s.entity_id"
-                        " ORDER BY s.entity_id", {"org": org_id, "after": after, "n": EMBED_BATCH * 4,
-                                                  "model": model.model})
-                    rows = await cur.fetchall()
-                if not rows:
-                    break
-                after = rows[-1]["entity_id"]
-                todo = [r for r in rows if r["embed_md5"] not in (r["embedded_md5"], r["queued_md5"])]
-                if todo:
-                    total += await self._store_each_if_need_be(org_id, model, todo, clear_queue=False)
-        await self.models.activate(model)
-        for org_id in org_ids:  # the old vectors: no query uses them any more
-            async with self.db.transaction(org_id) as conn:
-                await conn.execute("DELETE FROM search_vectors WHERE org_id = %s AND model <> %s",
-                                   (org_id, model.model))
+        try:
+            for org_id in org_ids:
+                total += await self._embed_all(org_id, model)
+            await self.models.activate(model)
+        except ModelRetired:
+            log.warning("embedding model %s was retired before its build finished (another model was made"
+                        " active, or another chosen): its build stops", model.model)
+            return total
+        await self.drop_retired(org_ids)
         log.info("embedding model %s is active (%d vectors made)", model.model, total)
         return total
+
+    async def _embed_all(self, org_id: UUID, model: ModelInfo) -> int:
+        """The backfill's walk of one org's search rows; returns how many were embedded."""
+        total = 0
+        after = UUID(int=0)
+        while True:
+            async with self.db.transaction(org_id) as conn:
+                cur = await conn.execute(
+                    "SELECT s.entity_id, s.embed_md5, s.project_id, s.type,"
+                    "       search_embed_text(e.data, t.text_fields, t.embed_fields) AS text,"
+                    "       v.embed_md5 AS embedded_md5, q.embed_md5 AS queued_md5"
+                    " FROM (SELECT * FROM search_docs WHERE org_id = %(org)s AND entity_id > %(after)s"
+                    "       AND embed_md5 IS NOT NULL ORDER BY entity_id LIMIT %(n)s) s"
+                    " JOIN entities e ON e.org_id = s.org_id AND e.id = s.entity_id"
+                    " JOIN entity_types t ON t.org_id = e.org_id AND t.name = e.type"
+                    " LEFT JOIN search_vectors v ON v.org_id = s.org_id AND v.model = %(model)s"
+                    "      AND v.entity_id = s.entity_id"
+                    " LEFT JOIN search_queue q ON q.org_id = s.org_id AND q.entity_id = s.entity_id"
+                    " ORDER BY s.entity_id", {"org": org_id, "after": after, "n": EMBED_BATCH * 4,
+                                              "model": model.model})
+                rows = await cur.fetchall()
+            if not rows:
+                return total
+            after = rows[-1]["entity_id"]
+            todo = [r for r in rows if r["embed_md5"] not in (r["embedded_md5"], r["queued_md5"])]
+            if todo:
+                total += await self._store_each_if_need_be(org_id, model, todo, clear_queue=False)
+
+    async def drop_retired(self, org_ids: list[UUID]) -> None:
+        """Delete the vectors of the retired models (no query uses them), then drop their indexes."""
+        retired = [info.model for info in await self.models.registered() if info.state == "retired"]
+        if not retired:
+            return
+        for org_id in org_ids:
+            async with self.db.transaction(org_id) as conn:
+                await conn.execute("DELETE FROM search_vectors WHERE org_id = %s AND model = ANY(%s)",
+                                   (org_id, retired))
+        for model in retired:
+            await self.models.indexes.drop(model)

@@ -67,6 +67,9 @@ class ModelIndexes:
     async def drop(self, model: str) -> None:
         """Drop a retired model's index, without the table's exclusive lock (its vectors are
         deleted by the application); not while a process builds it (registering it again)."""
+        row = await self.db.one("SELECT to_regclass(%s) IS NULL AS gone", (f"public.{index_name(model)}",))
+        if row is None or row["gone"]:
+            return
         async with self.db.taking_turns(f"search index {model}", wait=False) as mine:
             if not mine:
                 return

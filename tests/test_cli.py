@@ -294,7 +294,7 @@ def test_up_with_embedded_database(tmp_path: Path) -> None:
         assert token not in logs, "an API token was written to the log"
         tokens.append(token)
         status = run(env, "db", "status", check=False)
-        assert status.returncode == 3 and "running: False" in status.stdout
+        assert status.returncode == 3 and "running: false" in status.stdout
     assert tokens[0] == tokens[1], "the second run prints the saved token again"
     assert oct((tmp_path / "home" / "admin-token").stat().st_mode & 0o777) == "0o600"
 

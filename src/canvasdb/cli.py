@@ -788,8 +788,9 @@ def search(
 
 @embedder_app.command("list")
 def embedder_list(as_json: JsonOpt = False) -> None:
-    """List the embedding models search has known: active (queries use it), building (being embedded,
-    to take over), retired."""
+    """List the embedding models search has known, and their states.
+
+    active: queries use it; building: being embedded, to take over; retired: no longer used."""
     models = _with_services(lambda svc: svc.models.registered())
     if as_json:
         _print_json([asdict(m) for m in models])
@@ -803,10 +804,14 @@ def embedder_list(as_json: JsonOpt = False) -> None:
 @embedder_app.command("use")
 def embedder_use(model: Annotated[str, typer.Argument(help="The model's name, as `embedder list` shows it.")],
                  ) -> None:
-    """Switch to MODEL on purpose: a retired model is built again by the processes configured with it
-    (CANVASDB_EMBEDDER, CANVASDB_EMBEDDER_MODEL), then becomes active; the active model stays. Either
-    way, the build of any other model stops. A process started with a retired model's settings does
-    not bring it back by itself."""
+    """Switch to MODEL on purpose (a retired one, or the active one to stop a build).
+
+    A retired model is built again by the processes configured with it, then becomes active.
+
+    Either way, the build of any other model stops.
+
+    A process started with a retired model's settings (CANVASDB_EMBEDDER*) does not bring it back.
+    """
 
     async def work(svc: Services) -> tuple[list[str], str | None]:
         stopped = await svc.models.use(model)

@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 from procrastinate.exceptions import ConnectorException
+from prometheus_client import REGISTRY
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from relays import PgProxy
 from starlette.requests import Request
@@ -171,6 +172,28 @@ async def test_the_pool_hands_out_the_connection_returned_last(pg_url: str) -> N
             pair = {(await (await conn.execute("SELECT pg_backend_pid() AS pid")).fetchone())["pid"]
                     for conn in (first, second)}
         assert pair == {held[0], held[1]}, "two at once: the two most recently returned"
+
+
+async def test_metrics_show_the_pool_in_use_and_the_requests_waiting(pg_url: str) -> None:
+    """Without them, a pool worn out by slow queries showed first as the 503s it ends in."""
+    def sample(name: str, **labels: str) -> float:
+        value = REGISTRY.get_sample_value(name, labels)
+        assert value is not None, f"{name} {labels} is not in /metrics"
+        return value
+
+    before = {state: sample("canvasdb_db_pool_connections", state=state) for state in ("open", "idle")}
+    waiting = sample("canvasdb_db_pool_waiting")
+    async with Database(pg_url, min_size=2, max_size=2) as db:
+        assert sample("canvasdb_db_pool_connections", state="open") == before["open"] + 2
+        async with db.pool.connection(), db.pool.connection():
+            assert sample("canvasdb_db_pool_connections", state="idle") == before["idle"]
+            third = asyncio.create_task(db.one("SELECT 1", None))
+            while sample("canvasdb_db_pool_waiting") == waiting:
+                await asyncio.sleep(0.01)
+            assert sample("canvasdb_db_pool_waiting") == waiting + 1
+        await third
+        assert sample("canvasdb_db_pool_connections", state="idle") == before["idle"] + 2
+    assert sample("canvasdb_db_pool_connections", state="open") == before["open"]
 
 
 async def test_after_a_restart_one_request_fails_not_one_per_dead_connection(pg_url: str) -> None:

@@ -622,6 +622,27 @@ async def test_compaction_is_asked_for_at_most_every_interval(svc: Services, ten
     assert asked.count("asks-each-time") == 5
 
 
+async def test_compaction_counts_updates_from_the_snapshot_across_unloads(svc: Services, tenant: Tenant) -> None:
+    """A board whose clients come and go is unloaded after each idle spell (the gateway's sweep);
+    the count toward an early compaction began again at each load, so a board reopened every
+    few minutes went on growing its tail (and every new client's sync) until the hourly pass."""
+    asked: list[str] = []
+
+    async def due(org_id: object, doc_id: str) -> None:
+        asked.append(doc_id)
+
+    store = DocumentStore(svc.db, compact_after_updates=4, compaction_due=due)
+    await store.create(tenant.owner, tenant.project_id, "reopened")
+    client = Client()
+    for i in range(6):  # three updates per visit, two visits: no visit alone reaches four
+        await store.append(tenant.owner, "reopened", client.edit(f"k{i}", i))
+        if i % 3 == 2:
+            store.unload(tenant.org_id, "reopened")
+            await store.sync(tenant.org_id, "reopened")  # the next client's connection loads it
+    await store.close()
+    assert asked == ["reopened"]
+
+
 async def test_a_batch_whose_reply_is_lost_is_never_written_twice(db: Database, tenant: Tenant) -> None:
     """The connection breaks after the commit, before its reply: the batch may be stored, so it
     is not written again document by document (that stored each update twice); its callers

@@ -21,6 +21,7 @@ import httpx
 import psycopg
 import pytest
 from conftest import Tenant, make_tenant, unique
+from prometheus_client import REGISTRY
 from pycrdt import Map
 from races import change, held
 from test_embedders import FakeService
@@ -300,6 +301,18 @@ async def test_meaning_changes_are_searchable_after_indexing(svc: Services, tena
     await svc.indexer.drain(tenant.org_id)
     assert (await svc.indexer.backlog(tenant.org_id)) == {"terms": 0, "embeddings": 0}
     assert (await _ids(svc, tenant.owner, "soccer", mode="semantic"))[0] == note
+
+
+async def test_backlog_metric_lists_only_orgs_with_a_backlog(svc: Services, tenant: Tenant) -> None:
+    """One series per org ever indexed, kept for good, grew /metrics with every tenant."""
+    (note,) = await _setup(svc, tenant, [("note", {"title": "Weekly plan", "body": "piano lessons"})])
+    series = {"org": str(tenant.org_id)}
+    assert REGISTRY.get_sample_value("canvasdb_search_embedding_backlog", series) is None
+    await svc.entities.patch(tenant.owner, note, {"body": "football training"})
+    await svc.indexer.report_backlog(tenant.org_id)
+    assert REGISTRY.get_sample_value("canvasdb_search_embedding_backlog", series) == 1
+    await svc.indexer.drain(tenant.org_id)
+    assert REGISTRY.get_sample_value("canvasdb_search_embedding_backlog", series) is None
 
 
 async def test_slow_or_stopped_embedder_degrades_to_text(svc: Services, tenant: Tenant) -> None:

@@ -83,6 +83,11 @@ PROJECTION_SKIPPED = Counter("canvasdb_projection_skipped_total",
 PROJECTED_ENTITIES = Counter("canvasdb_projection_entity_writes_total",
                              "Entity versions written by the projection of boards")
 
+DB_POOL_CONNECTIONS = Gauge("canvasdb_db_pool_connections",
+                            "Connections of the request pool, by state: open (idle or in use) and idle",
+                            ["state"])
+DB_POOL_WAITING = Gauge("canvasdb_db_pool_waiting", "Requests waiting for a connection of the request pool")
+
 GATEWAY_CONNECTIONS = Gauge("canvasdb_gateway_connections", "Open WebSocket connections")
 GATEWAY_DOCS = Gauge("canvasdb_gateway_open_documents", "Documents with at least one connection here")
 GATEWAY_MESSAGES = LoopCounter("canvasdb_gateway_messages", "Messages received, by kind", "kind")

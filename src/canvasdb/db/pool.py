@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -29,6 +30,7 @@ from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
 
+from canvasdb import metrics
 from canvasdb.db.horizon import Horizon
 from canvasdb.errors import CanvasdbError, Conflict, InsufficientStorage, InvalidInput, NotFound, Unavailable
 
@@ -44,6 +46,18 @@ _SET_ORG = "SELECT set_config('canvasdb.org_id', %s, true)"
 _SET_ORG_GENERIC = ("SELECT set_config('canvasdb.org_id', %s, true),"
                     " set_config('plan_cache_mode', 'force_generic_plan', true)")
 Connection = psycopg.AsyncConnection[dict[str, Any]]
+# The request pools of this process, read when /metrics is scraped: a pool whose connections
+# are all in use, and requests waiting for one, come before the 503s they end in.
+_POOLS: weakref.WeakSet[AsyncConnectionPool[Any]] = weakref.WeakSet()
+
+
+def _pool_measure(name: str) -> int:
+    return sum(pool.get_stats().get(name, 0) for pool in list(_POOLS) if not pool.closed)
+
+
+metrics.DB_POOL_CONNECTIONS.labels("open").set_function(lambda: _pool_measure("pool_size"))
+metrics.DB_POOL_CONNECTIONS.labels("idle").set_function(lambda: _pool_measure("pool_available"))
+metrics.DB_POOL_WAITING.set_function(lambda: _pool_measure("requests_waiting"))
 
 
 class Database:
@@ -70,6 +84,7 @@ class Database:
             kwargs={"autocommit": True, "row_factory": dict_row},
         )
         self.pool._pool = _MostRecentFirst(self.pool._pool)
+        _POOLS.add(self.pool)
         self._checking: asyncio.Task[None] | None = None
         self._org_limit = max(1, int(max_size * ORG_SHARE))
         self._shares: dict[UUID, _Share] = {}

@@ -151,7 +151,7 @@ class _Held:
         self.doc: Doc | None = None
         self.doc_seq = 0
         self.lock = asyncio.Lock()
-        self.unsnapshotted = 0  # updates (and their bytes) appended here since compaction was asked
+        self.unsnapshotted = 0  # updates (and bytes) after the loaded snapshot or since compaction was asked
         self.unsnapshotted_bytes = 0
         self.compaction_asked = -math.inf  # when compaction was last asked for (monotonic)
         self.announced = -1.0  # when `changed` was last called for this document (monotonic)
@@ -520,6 +520,9 @@ class DocumentStore:
                            yjs.read_state_vector(bytes(vector) if vector is not None else get_state(state)))
         for row in rows:
             held.add(row["seq"], bytes(row["payload"]))
+        if reload:  # the count toward an early compaction starts at the snapshot, not at this load
+            held.unsnapshotted = len(held.tail)
+            held.unsnapshotted_bytes = sum(len(update) for _, update in held.tail)
 
     async def _updates_after(self, key: tuple[UUID, str], seq: int) -> list[Any]:
         """The log after ``seq``, and a last row of seq -1 when a snapshot is past ``seq``: with

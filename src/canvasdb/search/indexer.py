@@ -20,6 +20,7 @@ to the processes of the active model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -215,8 +216,14 @@ class Indexer:
         return {"terms": row["terms"], "embeddings": row["embeddings"]} if row else {}
 
     async def report_backlog(self, org_id: UUID) -> None:
-        left = await self.backlog(org_id)
-        metrics.SEARCH_BACKLOG.labels(org=str(org_id)).set(left.get("embeddings", 0))
+        """Set the org's backlog gauge, or remove its series once the backlog is empty: a series
+        kept for every org ever indexed grew /metrics (and this process) with every tenant."""
+        waiting = (await self.backlog(org_id)).get("embeddings", 0)
+        if waiting:
+            metrics.SEARCH_BACKLOG.labels(org=str(org_id)).set(waiting)
+        else:
+            with contextlib.suppress(KeyError):  # no series: the org had no backlog
+                metrics.SEARCH_BACKLOG.remove(str(org_id))
 
     async def queued_orgs(self, org_ids: list[UUID]) -> list[UUID]:
         """The orgs among ``org_ids`` with anything queued."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 import httpx
@@ -641,6 +641,37 @@ async def test_compaction_counts_updates_from_the_snapshot_across_unloads(svc: S
             await store.sync(tenant.org_id, "reopened")  # the next client's connection loads it
     await store.close()
     assert asked == ["reopened"]
+
+
+@pytest.mark.parametrize("threshold", ["updates", "bytes"])
+async def test_compaction_counts_every_process_updates(svc: Services, tenant: Tenant, threshold: str) -> None:
+    """Two gateways serving one board, each appending half of the threshold: each counted only
+    its own updates, so neither asked (N gateways: N times the threshold). Every update past
+    the snapshot counts, and only the process whose update crosses the threshold asks."""
+    client = Client()
+    made = [client.edit(f"k{i}", i) for i in range(8)]
+    asked: list[str] = []
+
+    def asker(name: str) -> Callable[[object, str], Awaitable[None]]:
+        async def due(org_id: object, doc_id: str) -> None:
+            asked.append(name)
+        return due
+
+    limits = ({"compact_after_updates": 4} if threshold == "updates"
+              else {"compact_after_updates": 1000, "compact_after_bytes": sum(map(len, made[:4]))})
+    a, b = (DocumentStore(svc.db, compaction_due=asker(name), compaction_every=0.0, **limits)
+            for name in ("a", "b"))
+    await a.create(tenant.owner, tenant.project_id, "shared")
+    for store in (a, b):  # each gateway's first client loads the board
+        await store.sync(tenant.org_id, "shared")
+    for round_ in range(2):
+        for store, pair in ((a, made[4 * round_:4 * round_ + 2]), (b, made[4 * round_ + 2:4 * round_ + 4])):
+            await store.sync(tenant.org_id, "shared")  # the other's updates, as the hub's catch-up reads them
+            for update in pair:
+                await store.append(tenant.owner, "shared", update)
+        assert asked == ["b"] * (round_ + 1), "asked once per threshold, by the process that crossed it"
+    await a.close()
+    await b.close()
 
 
 async def test_a_batch_whose_reply_is_lost_is_never_written_twice(db: Database, tenant: Tenant) -> None:

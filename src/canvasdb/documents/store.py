@@ -151,8 +151,11 @@ class _Held:
         self.doc: Doc | None = None
         self.doc_seq = 0
         self.lock = asyncio.Lock()
-        self.unsnapshotted = 0  # updates (and bytes) after the loaded snapshot or since compaction was asked
-        self.unsnapshotted_bytes = 0
+        # Toward an early compaction count every update past the loaded snapshot, whichever
+        # process committed it: updates from its sequence number, bytes as they are held.
+        self.count_from = 0  # the loaded snapshot's seq
+        self.unsnapshotted_bytes = 0  # bytes of the updates held past it
+        self.compaction_wanted = False  # a threshold was crossed by this process's update
         self.compaction_asked = -math.inf  # when compaction was last asked for (monotonic)
         self.announced = -1.0  # when `changed` was last called for this document (monotonic)
         self.rebase_at = 0  # tail length at which to look for a newer snapshot
@@ -163,6 +166,7 @@ class _Held:
             return False
         self.tail.append((seq, update))
         self.seq = seq
+        self.unsnapshotted_bytes += len(update)
         self.size += len(update) * (2 if self.doc is not None else 1)
         return True
 
@@ -179,6 +183,7 @@ class _Held:
     def reset(self, snapshot: bytes | None, seq: int, clock: yjs.StateVector) -> None:
         self.snapshot, self.snapshot_seq, self.seq, self._clock = snapshot, seq, seq, dict(clock)
         self.tail, self.doc, self.doc_seq, self._clocked = [], None, 0, 0
+        self.count_from, self.unsnapshotted_bytes = seq, 0
         self.size = _OVERHEAD + len(snapshot or b"")
 
     def decoded(self) -> Doc:
@@ -356,7 +361,11 @@ class DocumentStore:
             held = self._cache[key] = _Held()
         else:
             self._cache.move_to_end(key)
-        held.add(done.seq, payload)  # if another process wrote in between, the next use catches up
+        held_before = held.unsnapshotted_bytes
+        # if another process wrote in between, the next use catches up
+        in_order = held.add(done.seq, payload)
+        if self._crosses_threshold(held, done.seq, held_before if in_order else None):
+            held.compaction_wanted = True
         self._count(key, held)
         if self._held_bytes > self.cache_bytes:
             self._evict()
@@ -364,15 +373,26 @@ class DocumentStore:
         changed = self.changed is not None and now - held.announced >= self.changed_every
         if changed:
             held.announced = now
-        held.unsnapshotted += 1
-        held.unsnapshotted_bytes += len(payload)
-        compaction = (self.compaction_due is not None and now - held.compaction_asked >= self.compaction_every
-                      and (held.unsnapshotted >= self.compact_after_updates
-                           or held.unsnapshotted_bytes >= self.compact_after_bytes))
+        compaction = (self.compaction_due is not None and held.compaction_wanted
+                      and now - held.compaction_asked >= self.compaction_every)
         if compaction:
-            held.unsnapshotted = held.unsnapshotted_bytes = 0
+            held.compaction_wanted = False
             held.compaction_asked = now
         return changed, compaction
+
+    def _crosses_threshold(self, held: _Held, seq: int, bytes_before: int | None) -> bool:
+        """Whether this process's update ``seq`` takes the count past the loaded snapshot to a
+        multiple of ``compact_after_updates``, or (held in order, ``bytes_before`` the bytes
+        held before it) across a multiple of ``compact_after_bytes``. Every process counts
+        every update from the same snapshot, and each update has one committer: one process
+        asks per threshold crossed, however many gateways serve the document. (Processes that
+        loaded different snapshots may both ask: the job's queueing lock and an idempotent
+        compaction make that harmless.)"""
+        updates = seq - held.count_from
+        if updates > 0 and updates % self.compact_after_updates == 0:
+            return True
+        every = self.compact_after_bytes
+        return bytes_before is not None and bytes_before // every < held.unsnapshotted_bytes // every
 
     async def _announce(self, org_id: UUID, doc_id: str, changed: bool, compaction: bool) -> None:
         """Call the ``changed`` and ``compaction_due`` hooks that are due."""
@@ -518,11 +538,8 @@ class DocumentStore:
                 vector = snapshot["state_vector"]
                 held.reset(state, snapshot["seq"],
                            yjs.read_state_vector(bytes(vector) if vector is not None else get_state(state)))
-        for row in rows:
+        for row in rows:  # counted toward an early compaction from the snapshot, not from this load
             held.add(row["seq"], bytes(row["payload"]))
-        if reload:  # the count toward an early compaction starts at the snapshot, not at this load
-            held.unsnapshotted = len(held.tail)
-            held.unsnapshotted_bytes = sum(len(update) for _, update in held.tail)
 
     async def _updates_after(self, key: tuple[UUID, str], seq: int) -> list[Any]:
         """The log after ``seq``, and a last row of seq -1 when a snapshot is past ``seq``: with

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import httpx
 import psycopg
 import pytest
 from conftest import Tenant
@@ -20,7 +21,7 @@ from psycopg.errors import DiskFull, ProgramLimitExceeded, QueryCanceled
 from pycrdt import Doc, Map
 from relays import PgProxy
 
-from canvasdb import jobs
+from canvasdb import job_metrics, jobs
 from canvasdb.db import ConnectionPool, translate
 from canvasdb.documents import DocumentStore
 from canvasdb.errors import CanvasdbError, Unavailable
@@ -375,3 +376,57 @@ async def test_work_asked_for_while_a_flush_defers_is_deferred_too() -> None:
     await asyncio.wait_for(second.wait(), timeout=10)  # a hang guard: with the bug, never set
     assert deferred == [["first"], ["second"]]
     await requests.close()
+
+
+def queue_gauge(task: str, status: str) -> float | None:
+    return REGISTRY.get_sample_value("canvasdb_jobs", {"task": task, "status": status})
+
+
+async def defer_and_scrape(pg_url: str, client: httpx.AsyncClient, tenant: Tenant, doc_id: str) -> int:
+    """Defer a compaction, then scrape until /metrics shows the compactions waiting; how many."""
+    await jobs.defer_compaction(tenant.org_id, doc_id)
+    waiting = len(await job_rows(pg_url, "task_name = 'compact_document' AND status = 'todo'"))
+
+    async def shown() -> bool:
+        await client.get("/metrics")
+        return queue_gauge("compact_document", "todo") == waiting
+
+    await until(shown)
+    return waiting
+
+
+async def test_metrics_show_the_jobs_waiting_by_task(pg_url: str, client: httpx.AsyncClient, tenant: Tenant,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queue piling up showed only to SQL. Every task has its series (at 0 when it has no such
+    job), and a deferred job shows as ``todo`` once a scrape's read in the background is done."""
+    monkeypatch.setattr(job_metrics.JOB_COUNTS, "every", 0.0)  # each scrape may read (15 s in production)
+    async with jobs.connected(pg_url):
+        waiting = await defer_and_scrape(pg_url, client, tenant, "queued")
+    assert waiting >= 1
+    for task in ("compact_document", "hourly_maintenance", "blob_orphan_sweep"):
+        assert all(queue_gauge(task, status) is not None for status in ("todo", "doing", "failed")), task
+
+
+async def test_metrics_serve_the_last_job_counts_while_the_database_is_away(
+        pg_url: str, client: httpx.AsyncClient, tenant: Tenant, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A scrape never waits for the database: it starts a read in the background and serves
+    what was read last; a failed read leaves the counts as they were, in one log line."""
+    monkeypatch.setattr(job_metrics.JOB_COUNTS, "every", 0.0)
+    async with PgProxy(pg_url) as relay, jobs.connected(relay.url):
+        waiting = await defer_and_scrape(pg_url, client, tenant, "counted")
+        relay.cut()
+
+        def failures() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "canvasdb.jobs"]
+
+        async def read_failed() -> bool:
+            await client.get("/metrics")
+            return bool(failures())
+
+        with caplog.at_level(logging.WARNING, "canvasdb.jobs"):
+            await until(read_failed)
+            assert "could not read the job queue's counts for /metrics" in failures()[0]
+            assert (await client.get("/metrics")).status_code == 200
+            assert queue_gauge("compact_document", "todo") == waiting, "the last counts, served meanwhile"
+        relay.restore()

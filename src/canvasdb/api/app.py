@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from canvasdb import __version__, jobs, runtime
+from canvasdb import __version__, job_metrics, jobs, runtime
 from canvasdb.api import attachments, documents, entities, graph, openapi, problems, search, tenants
 from canvasdb.api.deps import Svc
 from canvasdb.api.head import HeadAsGet
@@ -74,6 +74,7 @@ def create_app(settings: Settings, *, database_url: str | None = None,
     @app.get("/metrics", tags=["operations"], response_class=Response)
     async def metrics() -> Response:
         """Prometheus exposition of this process's metrics."""
+        job_metrics.JOB_COUNTS.read_soon()  # in the background: this scrape serves the last counts
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.websocket("/v1/orgs/{org}/docs/{doc}")

@@ -361,10 +361,10 @@ class DocumentStore:
             held = self._cache[key] = _Held()
         else:
             self._cache.move_to_end(key)
-        held_before = held.unsnapshotted_bytes
+        bytes_before = held.unsnapshotted_bytes
         # if another process wrote in between, the next use catches up
         in_order = held.add(done.seq, payload)
-        if self._crosses_threshold(held, done.seq, held_before if in_order else None):
+        if self._crosses_threshold(held, done.seq, bytes_before if in_order else None):
             held.compaction_wanted = True
         self._count(key, held)
         if self._held_bytes > self.cache_bytes:

@@ -822,10 +822,11 @@ def run(minutes: float, rate: float, workdir: Path) -> dict[str, Any]:
     report["load_avg_at_end"] = os.getloadavg()
     report["total_seconds"] = time.perf_counter() - started
     report["notes"] = [
-        f"RSS bound: a server at a steady load should plateau once its caches are warm (the first half); "
-        f"{RSS_SLOPE_MB_PER_10_MIN:g} MB per 10 min is above the sampling noise of a least-squares slope "
-        "over several minutes, and is what a leak of about 10 KB per WebSocket session or 1 KB per request "
-        "at this load would show; over a week it would be 1 GB.",
+        f"RSS bound: at a steady load a server should plateau once its pools and caches are warm (the "
+        f"first half); {RSS_SLOPE_MB_PER_10_MIN:g} MB per 10 min is what a leak of about 0.5 KB per request "
+        "(about 1,000 a minute at rate 1) or 20 KB per WebSocket session (about 25 a minute) would show, "
+        "5 GB in a week. Fitted over a few samples with 1-2 MB of jitter between them, the slope of a run "
+        "shorter than 20 minutes is uncertain to about that bound: soak longer for a verdict.",
         "Server, load, sampler and PostgreSQL share the machine: probe latencies include the load's CPU.",
     ]
     return report

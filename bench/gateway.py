@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 import time
 import urllib.request
@@ -45,7 +44,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
-from harness import Tenant, machine_facts, make_tenant, phase, print_footer, print_targets, run
+from harness import Tenant, free_port, machine_facts, make_tenant, phase, print_footer, print_targets, run
 from rich.console import Console
 from rich.table import Table
 
@@ -99,12 +98,6 @@ SCALES = {
 # Targets (issue 4): at least the peers' throughput and latency, every update durable first.
 LATENCY_SLACK = 1.0  # canvasdb's p99 may not exceed the best peer's by more than this many ms...
 LATENCY_RATIO = 1.25  # ...or by more than this factor, whichever is larger
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:

@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,13 @@ async def timed(cases: list[Any], fn: Callable[[Any], Awaitable[int]], title: st
             ms.append((time.perf_counter() - t0) * 1000)
             advance()
     return stats(ms, answers)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server a benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def source_revision() -> str:

@@ -36,6 +36,8 @@ _ACTIVE_TTL = 5.0  # seconds a process trusts its idea of the active model
 # The activation's first pass over every org's search rows runs outside the registry's lock: it may
 # take minutes on a large deployment, far past a request's statement timeout; this bounds a runaway.
 QUEUE_PASS_TIMEOUT_MS = 30 * 60 * 1000
+# Changes of the registry, one at a time; a store of vectors (``hold_switch``, SHARE) waits for them
+_CHANGES_ALONE = "LOCK TABLE search_models IN SHARE ROW EXCLUSIVE MODE"
 
 
 class ModelRetired(Exception):
@@ -99,8 +101,12 @@ class Models:
         may raise ``EmbedderUnavailable``; workers call it and retry later.
         """
         known = self._registered
-        if known is not None and (known.state != "retired" or await self._state(known.model) == "retired"):
+        if known is not None and known.state != "retired":
             return known
+        if known is not None:
+            async with self.db.transaction() as conn:
+                if await _state(conn, known.model) == "retired":
+                    return known
         dimension = self.configured.dimension
         if dimension is None:
             await self.configured.embed(["dimension probe"])
@@ -108,7 +114,7 @@ class Models:
         assert dimension is not None
         url = getattr(self.configured, "url", None)
         async with self.db.transaction() as conn:
-            await conn.execute("LOCK TABLE search_models IN SHARE ROW EXCLUSIVE MODE")
+            await conn.execute(_CHANGES_ALONE)
             cur = await conn.execute(
                 "INSERT INTO search_models (model, kind, url, dimension, state, activated_at)"
                 " SELECT %(model)s, %(kind)s, %(url)s, %(dim)s,"
@@ -132,9 +138,6 @@ class Models:
         self._registered = info
         return info
 
-    async def _state(self, model: str) -> str | None:
-        row = await self.db.one("SELECT state FROM search_models WHERE model = %s", (model,))
-        return row["state"] if row else None
 
     async def registered(self) -> list[ModelInfo]:
         """Every model of the registry: the active one first, then those building, then the retired."""
@@ -149,16 +152,14 @@ class Models:
         any other model stop (retired, so that none of them takes over instead). Returns the models
         whose build stopped; their vectors and indexes are dropped (``Indexer.drop_retired``)."""
         async with self.db.transaction() as conn:
-            await conn.execute("LOCK TABLE search_models IN SHARE ROW EXCLUSIVE MODE")
+            await conn.execute(_CHANGES_ALONE)
             cur = await conn.execute("UPDATE search_models SET state = 'building' WHERE model = %s"
                                      " AND state = 'retired' RETURNING model", (model,))
-            if await cur.fetchone() is None:
-                cur = await conn.execute("SELECT FROM search_models WHERE model = %s", (model,))
-                if await cur.fetchone() is None:
-                    raise NotFound(f"no embedding model {model} is registered",
-                                   hint="a process configured with it (CANVASDB_EMBEDDER,"
-                                        " CANVASDB_EMBEDDER_MODEL) registers it; canvasdb embedder list"
-                                        " shows those registered")
+            if await cur.fetchone() is None and await _state(conn, model) is None:
+                raise NotFound(f"no embedding model {model} is registered",
+                               hint="a process configured with it (CANVASDB_EMBEDDER,"
+                                    " CANVASDB_EMBEDDER_MODEL) registers it; canvasdb embedder list"
+                                    " shows those registered")
             cur = await conn.execute("UPDATE search_models SET state = 'retired' WHERE state = 'building'"
                                      " AND model <> %s RETURNING model", (model,))
             stopped = [row["model"] for row in await cur.fetchall()]
@@ -173,9 +174,7 @@ class Models:
         activation that follows sees them, or queues their entities (``activate``). Once retired,
         the model is what ``register`` answers in this process, which embeds nothing more."""
         await conn.execute("LOCK TABLE search_models IN SHARE MODE")
-        cur = await conn.execute("SELECT state FROM search_models WHERE model = %s", (info.model,))
-        row = await cur.fetchone()
-        if row is None or row["state"] == "retired":
+        if await _state(conn, info.model) in (None, "retired"):
             self._registered = replace(info, state="retired")
             raise ModelRetired(f"embedding model {info.model} is retired")
 
@@ -204,12 +203,11 @@ class Models:
             cur = await conn.execute("SELECT search_queue_unembedded(%s) AS n", (model,))
             queued = await cur.fetchone()
         async with self.db.transaction() as conn:
-            await conn.execute("LOCK TABLE search_models IN SHARE ROW EXCLUSIVE MODE")
-            cur = await conn.execute("SELECT state FROM search_models WHERE model = %s", (model,))
-            row = await cur.fetchone()
-            if row is None or row["state"] == "retired":
+            await conn.execute(_CHANGES_ALONE)
+            state = await _state(conn, model)
+            if state in (None, "retired"):
                 raise ModelRetired(f"embedding model {model} was retired before its build finished")
-            if row["state"] == "building":  # (active: another process's build of it got there first)
+            if state == "building":  # (active: another process's build of it got there first)
                 await conn.execute("UPDATE search_models SET state = 'retired'"
                                    " WHERE state IN ('active', 'building') AND model <> %s", (model,))
                 await conn.execute("UPDATE search_models SET state = 'active', activated_at = now()"
@@ -227,7 +225,7 @@ class Models:
         for them, then is let go): any store not seen by a statement that starts after this
         stamps its vectors later (``hold_switch`` is its first statement)."""
         async with self.db.transaction() as conn:
-            await conn.execute("LOCK TABLE search_models IN SHARE ROW EXCLUSIVE MODE")
+            await conn.execute(_CHANGES_ALONE)
             cur = await conn.execute("SELECT clock_timestamp() AS at")
             row = await cur.fetchone()
         assert row is not None
@@ -236,3 +234,10 @@ class Models:
     async def close(self) -> None:
         for embedder in (self.configured, *self._others.values()):
             await embedder.aclose()
+
+
+async def _state(conn: Connection, model: str) -> str | None:
+    """The model's state in the registry (None: never registered)."""
+    cur = await conn.execute("SELECT state FROM search_models WHERE model = %s", (model,))
+    row = await cur.fetchone()
+    return row["state"] if row else None

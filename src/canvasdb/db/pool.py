@@ -39,6 +39,10 @@ APP_ROLE = "canvasdb_app"
 CHECK_SECONDS = 2.0  # longest a failed request waits for the pool's idle connections to be checked
 _TURNS_SPACE = 0x63646233  # "cdb3" (cdb1: blob collection, cdb2: the op log): ``taking_turns``'s locks
 RECONNECT_EVERY = 2.0  # while the server is away, the pool tries to connect again this often at most
+# What a request waiting for that next attempt allows the attempt itself (it starts up to
+# RECONNECT_EVERY s later, and then connects): waiting RECONNECT_EVERY alone, one could give
+# up just as the attempt that would have served it was connecting.
+ATTEMPT_ALLOWANCE = 1.0
 ORG_SHARE = 0.75  # of the pool's connections, the most one org's work holds at once
 _LEAST_WAIT = 0.001  # psycopg_pool fails a wait of 0 s at once, even with a connection idle
 _HOLDING: ContextVar[frozenset[UUID]] = ContextVar("canvasdb_org_shares", default=frozenset())
@@ -406,10 +410,11 @@ class ConnectionPool(AsyncConnectionPool):  # type: ignore[type-arg]
     While the server is away, every request waited the pool's whole timeout (10 s) for a
     connection that could not come. Now an attempt that fails to reach the server
     (``unreachable``) fails the requests waiting, and while no connection is idle, a new
-    request waits only ``RECONNECT_EVERY`` s: either way a request waits for the next
-    attempt at most, and gets its connection if the server is back, else its 503. A pool
-    whose connections are all busy (slow queries, a server that answers) keeps its full
-    wait. The job queue's pool is one too.
+    request waits only for the next attempt (``RECONNECT_EVERY`` s, and ``ATTEMPT_ALLOWANCE``
+    for the attempt itself): either way a request waits for the next attempt at most, and
+    gets its connection if the server is back, else its 503. A pool whose connections are
+    all busy (slow queries, a server that answers) keeps its full wait. The job queue's
+    pool is one too.
     """
 
     unreachable = False  # the last attempt to connect failed to reach the server
@@ -417,7 +422,7 @@ class ConnectionPool(AsyncConnectionPool):  # type: ignore[type-arg]
 
     async def getconn(self, timeout: float | None = None) -> Any:
         if self.unreachable and not self._pool:
-            timeout = min(self.timeout if timeout is None else timeout, RECONNECT_EVERY)
+            timeout = min(self.timeout if timeout is None else timeout, RECONNECT_EVERY + ATTEMPT_ALLOWANCE)
         return await super().getconn(timeout)
 
     async def _connect(self, timeout: float | None = None) -> Any:
